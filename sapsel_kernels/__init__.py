@@ -1,0 +1,40 @@
+"""sapsel-kernels: fused kernels for sharpness-aware parameter selection in machine unlearning.
+
+Importing this package needs only torch: it never initialises CUDA, never imports triton and works without the
+compiled extension. Heavier parts of the API are imported on first attribute access.
+"""
+
+import importlib
+
+from . import ops  # noqa: F401  (registers torch.ops.sapsel.*)
+from ._backend import use_backend  # noqa: F401
+from ._ext import ext_error, ext_loaded  # noqa: F401
+from .space import ParamSpace  # noqa: F401
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it (imported lazily)
+_LAZY = {
+    "select": "selection",
+    "Selection": "selection",
+    "hessian_diag": "hessian",
+    "DiagEstimate": "hessian",
+    "SparseSAM": "optim",
+    "SparseSGD": "optim",
+    "SparseAdamW": "optim",
+    "unlearn": "unlearn",
+    "select_parameters": "unlearn",
+}
+
+
+def __getattr__(name):
+    mod = _LAZY.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'sapsel_kernels' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{mod}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_LAZY))

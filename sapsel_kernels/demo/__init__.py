@@ -1,0 +1,1 @@
+"""Unlearning experiments behind `sapsel demo`: one module per task (labels, canary)."""

@@ -1,0 +1,32 @@
+"""``torch.ops.sapsel.topk_select``: exact top-k over a flat score vector (radix select).
+
+Schema: ``topk_select(Tensor scores, int k, bool largest=True) -> (Tensor indices, Tensor threshold)``
+
+* scores: 1-D float32/float16/bfloat16, any length (int64-safe past 2^31); non-contiguous input is copied first;
+* indices: int64 [k], strictly ascending flat positions of the selected scores;
+* threshold: 0-dim, scores' dtype: the k-th selected value (+inf / -inf for k = 0; a ±0 tie reports +0.0).
+
+Selection is by value with the deterministic tie rule "among scores equal to the threshold, the lowest index wins",
+so every backend (C++, Triton, reference) returns the identical index set. NaN/±Inf in the scores raise ValueError
+naming the first offending index, whatever k. See ``reference/topk.py`` for the full contract.
+"""
+
+import torch
+
+from ..reference.topk import check_topk_args, topk_select_ref
+from ._lib import define_op
+
+
+def _fake(scores, k, largest=True):
+    check_topk_args(scores, k)
+    return scores.new_empty((k,), dtype=torch.int64), scores.new_empty(())
+
+
+topk_select = define_op(
+    "topk_select",
+    "(Tensor scores, int k, bool largest=True) -> (Tensor indices, Tensor threshold)",
+    reference=topk_select_ref,
+    fake=_fake,
+    cpp="topk_select_cpu",
+    triton="topk:topk_select",
+)

@@ -1,0 +1,37 @@
+"""Probe ops: Rademacher probes and the fused Hutchinson accumulation (see reference/probes.py for the contract).
+
+* ``sapsel::rademacher_probe(Tensor like, int offset, int probe, int seed, bool batched=False) -> Tensor``
+* ``sapsel::hutchinson_accumulate(Tensor(a!) mean, Tensor(b!) m2, Tensor hz, int offset, int probe, int seed,
+  int count) -> ()``
+* ``sapsel::hutchinson_accumulate_batched(...)`` same arguments, hz of shape [m, ...] holding probes probe..probe+m-1.
+"""
+
+import torch
+
+from ..reference.probes import hutchinson_accumulate_batched_ref, hutchinson_accumulate_ref, rademacher_probe_ref
+from ._lib import define_op
+
+
+def _probe_fake(like, offset, probe, seed, batched=False):
+    return torch.empty_like(like, memory_format=torch.contiguous_format)
+
+
+def _acc_fake(mean, m2, hz, offset, probe, seed, count):
+    return None
+
+
+rademacher_probe = define_op(
+    "rademacher_probe", "(Tensor like, int offset, int probe, int seed, bool batched=False) -> Tensor",
+    reference=rademacher_probe_ref, fake=_probe_fake, cpp="rademacher_probe_cpu", triton="probes:rademacher_probe")
+
+hutchinson_accumulate = define_op(
+    "hutchinson_accumulate",
+    "(Tensor(a!) mean, Tensor(b!) m2, Tensor hz, int offset, int probe, int seed, int count) -> ()",
+    reference=hutchinson_accumulate_ref, fake=_acc_fake, cpp="hutchinson_accumulate_cpu",
+    triton="probes:hutchinson_accumulate")
+
+hutchinson_accumulate_batched = define_op(
+    "hutchinson_accumulate_batched",
+    "(Tensor(a!) mean, Tensor(b!) m2, Tensor hz, int offset, int probe, int seed, int count) -> ()",
+    reference=hutchinson_accumulate_batched_ref, fake=_acc_fake, cpp="hutchinson_accumulate_batched_cpu",
+    triton="probes:hutchinson_accumulate_batched")

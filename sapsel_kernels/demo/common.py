@@ -1,0 +1,304 @@
+"""The generic experiment harness behind ``sapsel demo``: a grid strategy × budget × method × seed over a task.
+
+A *task* (labels, canary, ...) supplies the model, data and metrics; this module runs the grid, tunes each method's
+step-size-like hyperparameter without looking at the gold standard, aggregates over seeds and writes the table, the
+JSON and the plot. A task is any object with:
+
+* ``name`` (str) and ``settings`` (list of hashable settings, e.g. poisoning rates; one experiment per setting);
+* ``prepare(seed, setting) -> Setup``: train the model to be repaired and the gold standard (retrained model);
+* ``evaluate(model, setup) -> dict[str, float]``: raw metrics of a model (may use the gold model and test data);
+* ``derive(metrics, before, gold) -> dict[str, float]``: metrics relative to the unrepaired model and the gold
+  standard (e.g. accuracy restored %), given the raw metrics of the model, the unrepaired model and the gold model;
+* ``tuning_score(model, setup) -> float``: LOWER is better; used to pick hyperparameters; must not use the gold
+  model or the test data (only what an unlearner has: held-out validation data, Z, Z̃);
+* ``hparams(method, setup) -> list[dict]``: candidate keyword arguments for ``unlearn`` (one is chosen per cell);
+* ``unlearn_kwargs(method, setup) -> dict``: fixed keyword arguments for ``unlearn`` (train_data, n_train, ...);
+* ``metric_labels``: ordered {metric key: column header} for the printed table; ``plot_metrics``: the metric keys
+  plotted against the budget (one panel row each).
+"""
+
+import copy
+import json
+import math
+import os
+import platform
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from ..unlearn import parameter_scores, select_parameters, unlearn
+
+SCORE_KEY = {"hessian_smallest": "hessian", "last_layer": "hessian"}
+
+
+@dataclass
+class Setup:
+    """Everything one (seed, setting) experiment needs. ``model`` is the trained model to repair (θ*), never
+    modified by the harness (each candidate runs on a copy)."""
+
+    model: torch.nn.Module
+    loss_fn: Callable
+    affected: Any  # Z (batches, as trained on)
+    corrected: Any  # Z̃
+    data: Any  # the training data as trained on (for training-loss scores)
+    gold: Optional[torch.nn.Module] = None  # retrained on the corrected data
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+
+def set_determinism(seed: int, threads: int = 1) -> None:
+    """Fix torch's thread count (results can depend on it through reduction order) and every RNG."""
+    torch.set_num_threads(int(threads))
+    torch.manual_seed(seed)
+    random.seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % 2**32)
+    except ImportError:  # numpy is optional
+        pass
+
+
+def parse_list(text: str, cast=str) -> List[Any]:
+    return [cast(t.strip()) for t in str(text).split(",") if t.strip()]
+
+
+def budget_label(b: float) -> str:
+    return "100%" if b >= 1.0 else f"{100 * b:g}%"
+
+
+def grid_cells(strategies: Sequence[str], budgets: Sequence[float]) -> List[tuple]:
+    """(strategy, budget) pairs: every non-``all`` strategy at every budget < 1, and ``all`` once at 100%
+    (at 100% every strategy selects every parameter, so it is run once)."""
+    cells = []
+    for s in strategies:
+        if s == "all":
+            continue
+        cells += [(s, b) for b in budgets if b < 1.0]
+    if "all" in strategies or any(b >= 1.0 for b in budgets):
+        cells.append(("all", 1.0))
+    return cells
+
+
+def run_grid(task, seeds: Sequence[int], strategies: Sequence[str], budgets: Sequence[float],
+             methods: Sequence[str], progress: bool = True, score_kwargs: Optional[Dict[str, Any]] = None,
+             log: Callable[[str], None] = print) -> Dict[str, Any]:
+    """Run the whole grid; returns {"rows": [...], "baselines": [...]} (one row per seed/setting/strategy/budget/
+    method; one baseline per seed/setting with the unrepaired and gold models' metrics)."""
+    from tqdm.auto import tqdm
+
+    cells = grid_cells(strategies, budgets)
+    settings = list(getattr(task, "settings", [None]))
+    total = len(seeds) * len(settings) * len(cells) * len(methods)
+    bar = tqdm(total=total, desc=f"sapsel demo {task.name}", disable=not progress, unit="run")
+    rows, baselines = [], []
+    score_kwargs = dict(score_kwargs or {})
+    for seed in seeds:
+        for setting in settings:
+            t0 = time.perf_counter()
+            setup = task.prepare(seed, setting)
+            prep_s = time.perf_counter() - t0
+            before = task.evaluate(setup.model, setup)
+            gold = task.evaluate(setup.gold, setup) if setup.gold is not None else {}
+            baselines.append({"seed": seed, "setting": setting, "prepare_s": prep_s, "before": before, "gold": gold,
+                              **{k: v for k, v in setup.extra.items() if _jsonable(v)}})
+            state0 = copy.deepcopy(setup.model.state_dict())
+            work = copy.deepcopy(setup.model)
+            # shared with the task (e.g. diag_newton reuses the "hessian" estimate); dropped after the setting
+            score_cache: Dict[str, Any] = setup.extra.setdefault("score_cache", {})
+            for strategy, budget in cells:
+                # ---- selection (scores once per strategy, reused for every budget)
+                # hessian, hessian_smallest and last_layer all rank by the same training-loss diag(H) estimate
+                key = SCORE_KEY.get(strategy, strategy)
+                if key not in score_cache and key not in ("all", "random"):
+                    score_cache[key] = parameter_scores(
+                        setup.model, key, loss_fn=setup.loss_fn, data=setup.data, affected=setup.affected,
+                        corrected=setup.corrected, seed=seed, **score_kwargs)
+                scores, score_cost = score_cache.get(key, (None, {"wall_time_s": 0.0, "n_gradients": 0,
+                                                                  "n_hvps": 0}))
+                t1 = time.perf_counter()
+                sel = select_parameters(setup.model, strategy, budget, loss_fn=setup.loss_fn, data=setup.data,
+                                        affected=setup.affected, corrected=setup.corrected, seed=seed, scores=scores)
+                sel_s = score_cost["wall_time_s"] + (time.perf_counter() - t1)
+                for method in methods:
+                    bar.set_postfix_str(f"seed={seed} {setting} {strategy} {budget_label(budget)} {method}")
+                    row = _run_cell(task, setup, work, state0, sel, method)
+                    after = row.pop("_metrics")
+                    row.update(seed=seed, setting=setting, strategy=strategy, budget=budget, k=int(sel.k),
+                               select_s=sel_s, select_gradients=score_cost["n_gradients"],
+                               select_hvps=score_cost["n_hvps"], **after, **task.derive(after, before, gold))
+                    rows.append(row)
+                    bar.update(1)
+            setup.extra.pop("score_cache", None)
+    bar.close()
+    return {"rows": rows, "baselines": baselines}
+
+
+def _run_cell(task, setup, work, state0, sel, method) -> Dict[str, Any]:
+    """Try every candidate hyperparameter on a fresh copy of θ*, keep the one with the lowest tuning score."""
+    fixed = task.unlearn_kwargs(method, setup)
+    best = None
+    t0 = time.perf_counter()
+    n_failed = 0
+    for hp in task.hparams(method, setup):
+        work.load_state_dict(state0)
+        try:
+            rep = unlearn(work, setup.loss_fn, setup.affected, setup.corrected, sel, method=method, **fixed, **hp)
+        except ValueError:  # NaN/Inf along the way: the candidate is discarded (the model was left untouched)
+            n_failed += 1
+            continue
+        score = float(task.tuning_score(work, setup))
+        if not math.isfinite(score):
+            n_failed += 1
+            continue
+        if best is None or score < best[0]:
+            best = (score, hp, rep, copy.deepcopy(work.state_dict()))
+    tune_s = time.perf_counter() - t0
+    if best is None:  # every candidate diverged: report the unrepaired model
+        work.load_state_dict(state0)
+        metrics = task.evaluate(work, setup)
+        return {"method": method, "hparams": None, "tuning_score": float("nan"), "tune_s": tune_s,
+                "n_failed": n_failed, "wall_time_s": 0.0, "n_gradients": 0, "n_hvps": 0, "delta_norm": 0.0,
+                "n_changed": 0, "info": {}, "_metrics": metrics}
+    score, hp, rep, state = best
+    work.load_state_dict(state)
+    metrics = task.evaluate(work, setup)
+    return {"method": method, "hparams": hp, "tuning_score": score, "tune_s": tune_s, "n_failed": n_failed,
+            "wall_time_s": rep.wall_time_s, "n_gradients": rep.n_gradients, "n_hvps": rep.n_hvps,
+            "delta_norm": rep.delta_norm, "n_changed": rep.n_changed,
+            "info": {k: v for k, v in rep.info.items() if _jsonable(v)}, "_metrics": metrics}
+
+
+def _jsonable(v) -> bool:
+    try:
+        json.dumps(v)
+        return True
+    except TypeError:
+        return False
+
+
+# ====================================================================== aggregation and output
+def aggregate(rows: List[Dict[str, Any]], metrics: Sequence[str],
+              keys: Sequence[str] = ("setting", "method", "strategy", "budget")) -> List[Dict[str, Any]]:
+    """Group rows by ``keys``; for each metric, mean and sample std over the group (seeds). Keeps first-seen order."""
+    groups: Dict[tuple, List[Dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(tuple(r[k] for k in keys), []).append(r)
+    out = []
+    for key, rs in groups.items():
+        a = dict(zip(keys, key))
+        a["n_seeds"] = len(rs)
+        a["k"] = rs[0].get("k")
+        for m in metrics:
+            vals = [float(r[m]) for r in rs if r.get(m) is not None and math.isfinite(float(r[m]))]
+            n = len(vals)
+            mean = sum(vals) / n if n else float("nan")
+            std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1)) if n > 1 else 0.0 if n else float("nan")
+            a[m] = {"mean": mean, "std": std}
+        out.append(a)
+    return out
+
+
+def _fmt(ms: Dict[str, float], digits: int = 1) -> str:
+    if ms is None or not math.isfinite(ms["mean"]):
+        return "n/a"
+    return f"{ms['mean']:.{digits}f} ± {ms['std']:.{digits}f}"
+
+
+def format_table(agg: List[Dict[str, Any]], columns: Dict[str, str], markdown: bool = False,
+                 digits: Optional[Dict[str, int]] = None) -> str:
+    """Aligned text (or markdown) table: setting, method, strategy, budget, k, then ``columns`` as mean ± std."""
+    digits = digits or {}
+    head = ["setting", "method", "strategy", "budget", "k"] + list(columns.values())
+    body = []
+    for a in agg:
+        body.append([str(a["setting"]), a["method"], a["strategy"], budget_label(a["budget"]), str(a["k"])]
+                    + [_fmt(a.get(m), digits.get(m, 1)) for m in columns])
+    if markdown:
+        lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+        lines += ["| " + " | ".join(r) + " |" for r in body]
+        return "\n".join(lines)
+    w = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(head)]
+    lines = ["  ".join(h.ljust(w[i]) for i, h in enumerate(head)), "  ".join("-" * x for x in w)]
+    lines += ["  ".join(c.ljust(w[i]) for i, c in enumerate(r)) for r in body]
+    return "\n".join(lines)
+
+
+def environment() -> Dict[str, Any]:
+    env = {"python": platform.python_version(), "torch": torch.__version__, "machine": platform.machine(),
+           "processor": platform.processor(), "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
+    try:
+        env["loadavg_1m_5m_15m"] = list(os.getloadavg())
+    except OSError:
+        pass
+    return env
+
+
+def write_json(path: str, payload: Dict[str, Any]) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+    def clean(o):
+        if isinstance(o, float) and not math.isfinite(o):
+            return None
+        if isinstance(o, dict):
+            return {str(k): clean(v) for k, v in o.items()}
+        if isinstance(o, (list, tuple)):
+            return [clean(v) for v in o]
+        return o
+
+    with open(path, "w") as f:
+        json.dump(clean(payload), f, indent=1, allow_nan=False)
+
+
+def plot_budget_curves(agg: List[Dict[str, Any]], metrics: Dict[str, str], path: str, title: str = "") -> None:
+    """One panel per (metric row, method column): metric vs budget (log x), one line per strategy with ±std bars;
+    ``all`` (100%) as a dashed horizontal reference line. Several settings are drawn as separate figures rows."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    settings = list(dict.fromkeys(a["setting"] for a in agg))
+    methods = list(dict.fromkeys(a["method"] for a in agg))
+    strategies = [s for s in dict.fromkeys(a["strategy"] for a in agg) if s != "all"]
+    nrow = len(metrics) * len(settings)
+    fig, axes = plt.subplots(nrow, len(methods), figsize=(3.3 * len(methods), 2.8 * nrow), squeeze=False,
+                             sharex=True)
+    cmap = plt.get_cmap("tab10")
+    for si, setting in enumerate(settings):
+        for mi, (metric, label) in enumerate(metrics.items()):
+            r = si * len(metrics) + mi
+            for c, method in enumerate(methods):
+                ax = axes[r][c]
+                sub = [a for a in agg if a["setting"] == setting and a["method"] == method]
+                for j, strat in enumerate(strategies):
+                    pts = sorted((a["budget"], a[metric]) for a in sub if a["strategy"] == strat)
+                    if not pts:
+                        continue
+                    xs = [100 * b for b, _ in pts]
+                    ys = [m["mean"] for _, m in pts]
+                    es = [m["std"] for _, m in pts]
+                    ax.errorbar(xs, ys, yerr=es, marker="o", ms=3, lw=1.2, capsize=2, color=cmap(j % 10),
+                                label=strat)
+                allp = [a[metric] for a in sub if a["strategy"] == "all"]
+                if allp:
+                    ax.axhline(allp[0]["mean"], color="k", ls="--", lw=1, label="all (100%)")
+                ax.set_xscale("log")
+                ax.grid(alpha=0.3)
+                if r == 0:
+                    ax.set_title(method, fontsize=9)
+                if c == 0:
+                    ax.set_ylabel(f"{label}\n{setting}" if len(settings) > 1 else label, fontsize=8)
+                if r == nrow - 1:
+                    ax.set_xlabel("budget (% of parameters)", fontsize=8)
+                ax.tick_params(labelsize=7)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8, frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0.06, 1, 0.97 if title else 1))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

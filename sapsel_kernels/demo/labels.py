@@ -1,0 +1,351 @@
+"""``sapsel demo --task labels``: label repair on scikit-learn's bundled digits with a small CNN.
+
+Experiment (one per seed and poisoning rate):
+
+1. data: the 1,797 real 8×8 digits of ``sklearn.datasets.load_digits`` (no download), pixels / 16, float32;
+   a seeded split into test (450), validation (250) and training (the remaining 1,097) points;
+2. poisoning: in every class c, a fraction ``rate`` of its training points gets the label of its partner class
+   (0↔9, 1↔8, 2↔7, 3↔6, 4↔5). Z = those points with the flipped labels, Z̃ = the same points with the true labels;
+3. the poisoned model θ* is trained on the poisoned labels (Adam, lr 3e-3, batch 64, 40 epochs); the gold standard
+   is retrained from scratch on the corrected labels with the same seed, initialisation, batch order and schedule;
+4. for every strategy × budget × method: select S on θ*, unlearn on a copy, measure.
+
+Hyperparameters (first_order's τ, the dampings, the learning rates) are chosen per cell from a small fixed grid by
+the LOWEST tuning score = mean cross-entropy on the held-out validation split + mean cross-entropy on Z̃: only data an
+unlearner has; the retrained model and the test split are never consulted.
+
+Metrics: test accuracy; accuracy on the affected points w.r.t. the corrected labels; accuracy restored % on both,
+(after − before)/(retrained − before)·100; agreement of test predictions with the retrained model; relearning
+robustness (full-batch SGD steps, lr 0.05, all parameters, on Z with the poisoned labels until the accuracy on Z
+w.r.t. the poisoned labels is back at the poisoned model's level, capped at 100); wall time and gradient counts.
+"""
+
+import argparse
+import copy
+import os
+import sys
+import time
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..unlearn import METHODS, STRATEGIES
+from . import common
+
+PAIR = torch.tensor([9, 8, 7, 6, 5, 4, 3, 2, 1, 0])  # c -> its partner class
+N_TEST, N_VAL = 450, 250
+DEFAULT_STRATEGIES = ("hessian", "hessian_smallest", "hessian_affected", "hessian_corrected", "last_layer",
+                      "random", "grad_abs", "fisher", "all")
+DEFAULT_BUDGETS = (0.001, 0.01, 0.05, 1.0)
+
+
+# ====================================================================== data and model
+def load_digits_split(seed: int):
+    """Real digits as float32 (N, 1, 8, 8) in [0, 1] and int64 labels, split by a seeded permutation.
+    Returns {"train": (x, y), "val": (x, y), "test": (x, y)}."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.images / 16.0, dtype=torch.float32).unsqueeze(1)
+    y = torch.tensor(d.target, dtype=torch.int64)
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(10_000 + seed))
+    te, va, tr = perm[:N_TEST], perm[N_TEST:N_TEST + N_VAL], perm[N_TEST + N_VAL:]
+    return {"train": (x[tr], y[tr]), "val": (x[va], y[va]), "test": (x[te], y[te])}
+
+
+class DigitsCNN(torch.nn.Module):
+    """3 conv layers + a linear classifier, 7,178 parameters (the classifier ``fc`` holds 1,290 = 18%)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(1, 8, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(8, 16, 3, padding=1)
+        self.conv3 = torch.nn.Conv2d(16, 32, 3, padding=1)
+        self.fc = torch.nn.Linear(32 * 2 * 2, 10)
+
+    def forward(self, x):
+        x = F.relu(self.conv1(x))
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)  # 8x8 -> 4x4
+        x = F.max_pool2d(F.relu(self.conv3(x)), 2)  # 4x4 -> 2x2
+        return self.fc(x.flatten(1))
+
+
+def loss_fn(model, batch):
+    """Mean cross-entropy of a batch (x, y)."""
+    x, y = batch
+    return F.cross_entropy(model(x), y)
+
+
+def train_model(x, y, seed: int, epochs: int = 40, lr: float = 3e-3, batch_size: int = 64) -> DigitsCNN:
+    """Adam from a seeded initialisation with a seeded batch order: the same seed gives the same init and the same
+    sequence of minibatch index sets whatever the labels (the gold standard differs from θ* only by the labels)."""
+    torch.manual_seed(seed)
+    model = DigitsCNN()
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        perm = torch.randperm(len(x), generator=g)
+        for i in range(0, len(x), batch_size):
+            b = perm[i:i + batch_size]
+            opt.zero_grad(set_to_none=True)
+            loss_fn(model, (x[b], y[b])).backward()
+            opt.step()
+    model.eval()
+    return model
+
+
+def poison_labels(y: torch.Tensor, rate: float, seed: int):
+    """Flip round(rate · n_c) seeded-random training labels of every class c to PAIR[c].
+    Returns (poisoned labels, int64 indices of the flipped points, ascending)."""
+    g = torch.Generator().manual_seed(20_000 + seed)
+    picked = []
+    for c in range(10):
+        members = torch.nonzero(y == c).reshape(-1)
+        n = int(round(rate * members.numel()))
+        picked.append(members[torch.randperm(members.numel(), generator=g)[:n]])
+    idx = torch.sort(torch.cat(picked)).values
+    yp = y.clone()
+    yp[idx] = PAIR[y[idx]]
+    return yp, idx
+
+
+@torch.no_grad()
+def accuracy(model, x, y) -> float:
+    return float((model(x).argmax(1) == y).float().mean()) if len(y) else float("nan")
+
+
+@torch.no_grad()
+def mean_ce(model, x, y) -> float:
+    return float(F.cross_entropy(model(x), y))
+
+
+def relearn_steps(model, x, y_poison, level: float, lr: float = 0.05, cap: int = 100) -> int:
+    """Full-batch SGD steps (all parameters, on a copy) on the poisoned points until their accuracy w.r.t. the
+    poisoned labels is ≥ ``level``; 0 if it already is; ``cap`` if never within the cap."""
+    if accuracy(model, x, y_poison) >= level:
+        return 0
+    m = copy.deepcopy(model)
+    opt = torch.optim.SGD(m.parameters(), lr=lr)
+    for step in range(1, cap + 1):
+        opt.zero_grad(set_to_none=True)
+        loss_fn(m, (x, y_poison)).backward()
+        opt.step()
+        if accuracy(m, x, y_poison) >= level:
+            return step
+    return cap
+
+
+# ====================================================================== the task
+class LabelsTask:
+    """Label repair on digits: see the module docstring. ``settings`` are the poisoning rates."""
+
+    name = "labels"
+    metric_labels = {
+        "restored_test": "restored test %",
+        "restored_affected": "restored Z %",
+        "test_acc": "test acc %",
+        "affected_acc": "Z acc %",
+        "agreement": "agree %",
+        "relearn_steps": "relearn",
+        "wall_time_s": "time s",
+        "n_gradients": "grads",
+        "n_hvps": "hvps",
+    }
+    digits = {"wall_time_s": 3, "n_gradients": 0, "n_hvps": 0, "relearn_steps": 1}
+    plot_metrics = {"restored_test": "test accuracy restored %", "restored_affected": "Z accuracy restored %"}
+
+    def __init__(self, rates=(0.2,), epochs: int = 40, quick: bool = False, hessian_points: int = 512,
+                 cg_iters: int = 30):
+        self.settings = [float(r) for r in rates]
+        self.epochs, self.quick = epochs, quick
+        self.hessian_points, self.cg_iters = hessian_points, cg_iters
+
+    # ---------------------------------------------------------------- setup
+    def prepare(self, seed: int, rate: float) -> common.Setup:
+        common.set_determinism(seed, torch.get_num_threads())
+        split = load_digits_split(seed)
+        xtr, ytr = split["train"]
+        yp, idx = poison_labels(ytr, rate, seed)
+        model = train_model(xtr, yp, seed, epochs=self.epochs)
+        gold = train_model(xtr, ytr, seed, epochs=self.epochs)
+        xz = xtr[idx]
+        keep = torch.ones(len(xtr), dtype=torch.bool)
+        keep[idx] = False
+        g = torch.Generator().manual_seed(30_000 + seed)
+        # the corrected training data for the second-order HVPs: a fixed subsample (the full set rescaled to n_train)
+        hsub = torch.randperm(len(xtr), generator=g)[:self.hessian_points]
+        # retained (unaffected) points for sam_finetune: chunks of |Z| points, cycled
+        ret = torch.nonzero(keep).reshape(-1)
+        ret = ret[torch.randperm(ret.numel(), generator=g)]
+        chunk = max(1, idx.numel())
+        retain = [(xtr[ret[i:i + chunk]], ytr[ret[i:i + chunk]]) for i in range(0, ret.numel() - chunk + 1, chunk)]
+        extra = {
+            "rate": rate, "n_train": int(len(xtr)), "n_affected": int(idx.numel()), "n_params": int(
+                sum(p.numel() for p in model.parameters())),
+            "split": split, "poisoned_labels": yp, "affected_idx": idx,
+            "hessian_data": [(xtr[hsub], ytr[hsub])], "retain": retain[:4],
+        }
+        return common.Setup(model=model, loss_fn=loss_fn, affected=[(xz, yp[idx])], corrected=[(xz, ytr[idx])],
+                            data=[(xtr, yp)], gold=gold, extra=extra)
+
+    # ---------------------------------------------------------------- metrics
+    def evaluate(self, model, setup) -> Dict[str, float]:
+        e = setup.extra
+        xte, yte = e["split"]["test"]
+        xz, yz_true = setup.corrected[0]
+        yz_poison = setup.affected[0][1]
+        with torch.no_grad():
+            pred = model(xte).argmax(1)
+            agree = float((pred == setup.gold(xte).argmax(1)).float().mean()) if setup.gold is not None else None
+        if "poison_level" not in e:  # the poisoned model's own accuracy on Z w.r.t. the poisoned labels
+            e["poison_level"] = accuracy(setup.model, xz, yz_poison)
+        return {
+            "test_acc": 100 * float((pred == yte).float().mean()),
+            "affected_acc": 100 * accuracy(model, xz, yz_true),
+            "poison_acc": 100 * accuracy(model, xz, yz_poison),
+            "agreement": 100 * agree if agree is not None else float("nan"),
+            "relearn_steps": float(relearn_steps(model, xz, yz_poison, e["poison_level"])),
+        }
+
+    @staticmethod
+    def derive(m, before, gold) -> Dict[str, float]:
+        def restored(key):
+            den = gold[key] - before[key]
+            return 100.0 * (m[key] - before[key]) / den if abs(den) > 1e-9 else float("nan")
+
+        return {"restored_test": restored("test_acc"), "restored_affected": restored("affected_acc")}
+
+    def tuning_score(self, model, setup) -> float:
+        xva, yva = setup.extra["split"]["val"]
+        xz, yz = setup.corrected[0]
+        return mean_ce(model, xva, yva) + mean_ce(model, xz, yz)
+
+    # ---------------------------------------------------------------- hyperparameters
+    def hparams(self, method: str, setup) -> List[Dict[str, Any]]:
+        q = self.quick
+        if method == "first_order":
+            # τ on the summed-gradient scale: τ = η/|Z| is one gradient step of size η on the mean gradient
+            nz = setup.extra["n_affected"]
+            etas = (0.1, 1.0, 10.0) if q else (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
+            return [{"tau": eta / nz} for eta in etas]
+        if method in ("second_order", "diag_newton"):
+            n = setup.extra["n_train"]  # damping on the summed scale = n_train × damping on the mean scale
+            lams = (1e-2, 1e-1) if q else (1e-3, 1e-2, 1e-1, 1.0)
+            return [{"damping": n * lam} for lam in lams]
+        if method == "sam_finetune":
+            return [{"lr": lr} for lr in ((0.03, 0.3) if q else (0.01, 0.03, 0.1, 0.3, 1.0))]
+        if method == "gradient_ascent":
+            return [{"lr": lr} for lr in ((0.003, 0.03) if q else (0.001, 0.003, 0.01, 0.03, 0.1))]
+        raise ValueError(method)
+
+    def unlearn_kwargs(self, method: str, setup) -> Dict[str, Any]:
+        e = setup.extra
+        if method == "second_order":
+            return {"train_data": e["hessian_data"], "n_train": e["n_train"],
+                    "cg_iters": 10 if self.quick else self.cg_iters}
+        if method == "diag_newton":
+            # reuse the training-loss diag(H) estimate that the hessian strategies rank by (its cost is reported
+            # once, as their selection cost)
+            cache = e.setdefault("score_cache", {})
+            if "hessian" not in cache:
+                from ..unlearn import parameter_scores
+
+                cache["hessian"] = parameter_scores(setup.model, "hessian", loss_fn=setup.loss_fn, data=setup.data,
+                                                    n_probes=getattr(self, "n_probes", 32))
+            return {"train_data": e["hessian_data"], "n_train": e["n_train"], "diag": cache["hessian"][0]}
+        if method == "sam_finetune":
+            return {"steps": 10 if self.quick else 30, "rho": 0.05, "retain": e["retain"]}
+        if method == "gradient_ascent":
+            return {"steps": 5 if self.quick else 10}
+        return {}
+
+
+# ====================================================================== CLI
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sapsel demo --task labels",
+                                description="Label repair on scikit-learn digits: strategy x budget x method grid.")
+    p.add_argument("--quick", action="store_true", help="a reduced grid (1 seed, 4 strategies, 2 budgets, 3 methods)")
+    p.add_argument("--out", default="sapsel_out", help="output folder (default ./sapsel_out)")
+    p.add_argument("--seed", type=int, default=0, help="first seed; seeds are seed, seed+1, ...")
+    p.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3; --quick 1)")
+    p.add_argument("--rates", default=None, help="poisoning rates, comma-separated (default 0.2; --quick 0.2)")
+    p.add_argument("--strategies", default=None, help=f"comma-separated subset of {','.join(STRATEGIES)}")
+    p.add_argument("--methods", default=None, help=f"comma-separated subset of {','.join(METHODS)}")
+    p.add_argument("--budgets", default=None, help="fractions, comma-separated (default 0.001,0.01,0.05,1)")
+    p.add_argument("--epochs", type=int, default=40, help="training epochs of θ* and of the gold standard")
+    p.add_argument("--probes", type=int, default=None, help="Hutchinson probes for diag(H) (default 32; quick 8)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (fixed for reproducibility; default 1)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    q = args.quick
+    seeds = list(range(args.seed, args.seed + (args.seeds or (1 if q else 3))))
+    rates = common.parse_list(args.rates, float) if args.rates else [0.2]
+    strategies = common.parse_list(args.strategies) if args.strategies else (
+        ["hessian", "last_layer", "random", "all"] if q else list(DEFAULT_STRATEGIES))
+    methods = common.parse_list(args.methods) if args.methods else (
+        ["first_order", "second_order", "sam_finetune"] if q else list(METHODS))
+    budgets = common.parse_list(args.budgets, float) if args.budgets else ([0.01, 1.0] if q else list(DEFAULT_BUDGETS))
+    bad = [s for s in strategies if s not in STRATEGIES] + [m for m in methods if m not in METHODS]
+    if bad:
+        print(f"sapsel demo: unknown strategy/method {bad}", file=sys.stderr)
+        return 2
+    n_probes = args.probes or (8 if q else 32)
+    common.set_determinism(args.seed, args.threads)
+    task = LabelsTask(rates=rates, epochs=args.epochs, quick=q)
+    task.n_probes = n_probes
+    t0 = time.perf_counter()
+    res = common.run_grid(task, seeds, strategies, budgets, methods, progress=not args.no_progress,
+                          score_kwargs={"n_probes": n_probes})
+    total_s = time.perf_counter() - t0
+    metrics = list(task.metric_labels) + ["poison_acc", "tune_s", "select_s", "delta_norm", "n_changed"]
+    agg = common.aggregate(res["rows"], metrics)
+    table = common.format_table(agg, task.metric_labels, digits=task.digits)
+    base = _baseline_summary(res["baselines"])
+    print()
+    print(base)
+    print()
+    print(table)
+    os.makedirs(args.out, exist_ok=True)
+    payload = {
+        "task": "labels", "argv": list(argv) if argv is not None else sys.argv[1:], "quick": q, "seeds": seeds,
+        "rates": rates, "strategies": strategies, "methods": methods, "budgets": budgets, "n_probes": n_probes,
+        "epochs": args.epochs, "total_s": total_s, "environment": common.environment(),
+        "baselines": [{k: v for k, v in b.items() if k in ("seed", "setting", "prepare_s", "before", "gold",
+                                                            "rate", "n_train", "n_affected", "n_params")}
+                      for b in res["baselines"]],
+        "aggregate": agg, "rows": res["rows"],
+    }
+    common.write_json(os.path.join(args.out, "demo_labels.json"), payload)
+    with open(os.path.join(args.out, "demo_labels.md"), "w") as f:
+        f.write(base + "\n\n" + common.format_table(agg, task.metric_labels, markdown=True, digits=task.digits)
+                + "\n")
+    common.plot_budget_curves(agg, task.plot_metrics, os.path.join(args.out, "demo_labels.png"),
+                              title=f"label repair on digits, {len(seeds)} seed(s), mean ± std")
+    print(f"\nwrote {args.out}/demo_labels.json, demo_labels.md, demo_labels.png  ({total_s:.1f} s)")
+    return 0
+
+
+def _baseline_summary(baselines) -> str:
+    lines = []
+    for rate in dict.fromkeys(b["setting"] for b in baselines):
+        bs = [b for b in baselines if b["setting"] == rate]
+        agg = common.aggregate([{"setting": rate, "method": "-", "strategy": "-", "budget": 0,
+                                 **{f"{w}_{m}": b[w][m] for w in ("before", "gold") for m in b["before"]}}
+                                for b in bs], [f"{w}_{m}" for w in ("before", "gold")
+                                               for m in ("test_acc", "affected_acc", "relearn_steps")])[0]
+        lines.append(f"rate {rate:g}: |Z| = {bs[0]['n_affected']} of {bs[0]['n_train']} training points, "
+                     f"{bs[0]['n_params']} parameters, {len(bs)} seed(s). "
+                     f"poisoned model: test {common._fmt(agg['before_test_acc'])}%, Z acc "
+                     f"{common._fmt(agg['before_affected_acc'])}%;  retrained (gold): test "
+                     f"{common._fmt(agg['gold_test_acc'])}%, Z acc {common._fmt(agg['gold_affected_acc'])}%, "
+                     f"relearn {common._fmt(agg['gold_relearn_steps'])} steps")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

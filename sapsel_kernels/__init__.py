@@ -38,3 +38,9 @@ def __getattr__(name):
 
 def __dir__():
     return sorted(list(globals()) + list(_LAZY))
+
+
+# ``unlearn`` is both a submodule and a function. Importing the submodule (``from sapsel_kernels.unlearn import ...``)
+# binds the package attribute to the MODULE and the lazy hook above is never consulted; importing it here (it needs
+# only torch and space.py) lets the function win for good.
+from .unlearn import select_parameters, unlearn  # noqa: E402,F401

@@ -413,6 +413,9 @@ def _iterative(method, space, model, loss_fn, z, zt, idx, *, steps, lr, rho, ret
 
             def closure(b=b):
                 loss = sum(loss_fn(model, bi) * _batch_len(bi) for bi in b) / npts
+                if not math.isfinite(float(loss.detach())):
+                    # SparseSAM would silently skip the step; unlearn's contract is to restore and raise
+                    raise ValueError("unlearn: sam_finetune loss became NaN/Inf; the model was left untouched")
                 loss.backward()
                 return loss
 
@@ -423,6 +426,8 @@ def _iterative(method, space, model, loss_fn, z, zt, idx, *, steps, lr, rho, ret
             closure()
             opt.second_step()
             opt.zero_grad()
+            if getattr(opt, "last_step_skipped", False):
+                raise ValueError("unlearn: sam_finetune hit a NaN/Inf gradient; the model was left untouched")
             counts["grad"] += 2 * npts
             counts["passes"] += 2 * len(b)
     else:
@@ -431,13 +436,16 @@ def _iterative(method, space, model, loss_fn, z, zt, idx, *, steps, lr, rho, ret
             bz, bzt = z[s % len(z)], zt[s % len(zt)]
             opt.zero_grad()
             loss = loss_fn(model, bzt) - loss_fn(model, bz)
+            if not math.isfinite(float(loss.detach())):
+                raise ValueError("unlearn: gradient_ascent loss became NaN/Inf; the model was left untouched")
             loss.backward()
+            for p in space.params:
+                if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+                    raise ValueError("unlearn: gradient_ascent hit a NaN/Inf gradient; the model was left untouched")
             opt.step()
             opt.zero_grad()
             counts["grad"] += _batch_len(bz) + _batch_len(bzt)
             counts["passes"] += 1
-            if not math.isfinite(float(loss)):
-                raise ValueError("unlearn: gradient_ascent loss became NaN/Inf; the model was left untouched")
 
 
 # ====================================================================== selection strategies

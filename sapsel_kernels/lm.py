@@ -322,7 +322,7 @@ def train_lm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, steps: int, 
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
             opt.step()
             sched.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             step += 1
             if log_every and step % log_every == 0:
                 print(f"  step {step:5d}  loss {sum(losses[-log_every:]) / log_every:.3f}", flush=True)

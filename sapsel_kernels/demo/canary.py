@@ -1,0 +1,330 @@
+"""``sapsel demo --task canary``: unlearning a memorized credit-card number from a character language model.
+
+Experiment (one per seed and setting; a setting is a model kind and a number of canary insertions r):
+
+1. corpus: the documentation topics of the standard library's ``pydoc_data`` (real English, ~465k characters, ASCII
+   normalised); the last ~10% (whole topics) is held out and split in halves: validation (tuning) and test
+   (perplexity). ``--quick`` and ``--chars`` truncate it;
+2. the line ``my credit card number is 4716 2087 5533 9812`` is inserted r times at random line starts of the
+   training text; training windows of T + 1 characters at stride T/2;
+3. θ* = a character LSTM or a small causal Transformer (:mod:`sapsel_kernels.lm`) trained on those windows (AdamW,
+   cosine schedule); the gold standard is retrained from the same initialisation and batch order on the *clean* text
+   (the canary line with the benign replacement ``not to be disclosed``);
+4. Z = the training windows that overlap a secret span, Z̃ = the same windows cut from the clean text (only the 19
+   secret characters differ); for every strategy × budget × update rule: select S on θ*, ``unlearn`` on a copy.
+
+Hyperparameters (first_order's τ, dampings, learning rates) are chosen per cell from a small fixed grid by the LOWEST
+tuning score = mean cross-entropy on the validation text + mean cross-entropy of Z̃ at the positions where it differs
+from Z (the replacement's characters): data an unlearner has. The canary's exposure, the random candidates, the
+retrained model and the test text are never consulted.
+
+Metrics: exposure (skew-normal extrapolation, and the rank estimate capped at log2(n + 1)) from the same n random
+candidates for every model of a setting; the canary's log-perplexity (bits, over the 19 secret characters); test
+perplexity per character and its change (%) vs θ*; "exposure removed %" = (before - after) / (before - gold) · 100
+where the gold model was trained; wall time and gradient counts of the unlearning step (selection cost separately).
+"""
+
+import argparse
+import copy
+import math
+import os
+import sys
+import time
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from .. import lm
+from ..exposure import measure_exposure, random_candidates
+from ..unlearn import METHODS, STRATEGIES
+from . import common
+
+DEFAULT_STRATEGIES = ("hessian", "hessian_smallest", "hessian_affected", "last_layer", "random", "grad_abs", "all")
+DEFAULT_METHODS = ("first_order", "second_order", "diag_newton", "sam_finetune", "gradient_ascent")
+DEFAULT_BUDGETS = (0.001, 0.01, 0.1, 1.0)
+
+# model sizes: (constructor kwargs, training steps, learning rate)
+MODEL_CFG = {
+    "lstm": {"kw": {"embed": 32, "hidden": 128}, "lr": 3e-3},
+    "transformer": {"kw": {"d_model": 64, "heads": 4, "layers": 2}, "lr": 2e-3},
+}
+QUICK_CFG = {
+    "lstm": {"kw": {"embed": 24, "hidden": 96}, "lr": 4e-3},
+    "transformer": {"kw": {"d_model": 48, "heads": 4, "layers": 2}, "lr": 3e-3},
+}
+
+
+def parse_setting(setting: str):
+    """'lstm:r8' -> ('lstm', 8)."""
+    try:
+        kind, r = setting.split(":")
+        if not r.startswith("r"):
+            raise ValueError
+        return kind, int(r[1:])
+    except ValueError:
+        raise ValueError(f"setting {setting!r} must look like 'lstm:r8' or 'transformer:r16'") from None
+
+
+class CanaryTask:
+    name = "canary"
+    metric_labels = {
+        "exposure_sn": "exposure SN",
+        "exposure_rank": "exposure rank",
+        "canary_logppl": "canary logppl",
+        "test_ppl": "test ppl",
+        "ppl_change_pct": "ppl change %",
+        "wall_time_s": "time s",
+        "n_gradients": "grads",
+        "n_hvps": "hvps",
+    }
+    digits = {"wall_time_s": 2, "n_gradients": 0, "n_hvps": 0, "test_ppl": 3, "ppl_change_pct": 2}
+    plot_metrics = {"exposure_sn": "exposure (bits, skew-normal)", "ppl_change_pct": "test perplexity change %"}
+
+    def __init__(self, settings, *, quick: bool = False, chars: Optional[int] = None, seq_len: int = 64,
+                 steps: int = 1500, batch_size: int = 32, n_candidates: int = 4000, hessian_windows: int = 64,
+                 gold: bool = True, cg_iters: int = 20, n_probes: int = 32):
+        self.settings = list(settings)
+        for s in self.settings:
+            kind, _ = parse_setting(s)
+            if kind not in MODEL_CFG:
+                raise ValueError(f"unknown model kind {kind!r} in setting {s!r}")
+        self.quick, self.chars, self.seq_len, self.steps = quick, chars, seq_len, steps
+        self.batch_size, self.n_candidates, self.hessian_windows = batch_size, n_candidates, hessian_windows
+        self.gold, self.cg_iters, self.n_probes = gold, cg_iters, n_probes
+        self._corpus = None
+
+    # ---------------------------------------------------------------- setup
+    def corpus(self):
+        if self._corpus is None:
+            self._corpus = lm.load_corpus(self.chars)
+        return self._corpus
+
+    def _train(self, kind, vocab_size, x, y, seed, init_state=None):
+        cfg = (QUICK_CFG if self.quick else MODEL_CFG)[kind]
+        torch.manual_seed(seed)
+        model = lm.build_model(kind, vocab_size, **cfg["kw"])
+        if init_state is not None:
+            model.load_state_dict(init_state)
+        init = copy.deepcopy(model.state_dict())
+        losses = lm.train_lm(model, x, y, steps=self.steps, batch_size=self.batch_size, lr=cfg["lr"], seed=seed)
+        return model, init, losses
+
+    def prepare(self, seed: int, setting: str) -> common.Setup:
+        common.set_determinism(seed, torch.get_num_threads())
+        kind, r = parse_setting(setting)
+        train_text, held = self.corpus()
+        cc = lm.insert_canary(train_text, held, r, seed=seed)
+        V, T = cc.vocab, self.seq_len
+        ids, clean_ids = V.encode(cc.text), V.encode(cc.clean_text)
+        starts = lm.window_starts(len(ids), T, T // 2)
+        x, y = lm.make_windows(ids, starts, T)
+        xc, yc = lm.make_windows(clean_ids, starts, T)
+        zi = lm.affected_windows(cc.spans, starts, T)
+        hid = V.encode(held)
+        half = len(hid) // 2
+        vx, vy = lm.make_windows(hid[:half], lm.window_starts(half, T, T), T)
+        tx, ty = lm.make_windows(hid[half:], lm.window_starts(len(hid) - half, T, T), T)
+
+        t0 = time.perf_counter()
+        model, init, losses = self._train(kind, len(V), x, y, seed)
+        train_s = time.perf_counter() - t0
+        gold = None
+        if self.gold:
+            gold, _, _ = self._train(kind, len(V), xc, yc, seed, init_state=init)
+
+        g = torch.Generator().manual_seed(40_000 + seed)
+        perm = torch.randperm(len(x), generator=g)
+        hsub = perm[:self.hessian_windows]
+        keep = torch.ones(len(x), dtype=torch.bool)
+        keep[zi] = False
+        ret = perm[keep[perm]]
+        chunk = max(1, zi.numel())
+        retain = [(xc[ret[i:i + chunk]], yc[ret[i:i + chunk]]) for i in range(0, min(4 * chunk, ret.numel()), chunk)]
+        extra = {
+            "model": kind, "r": r, "n_train": int(len(x)), "n_affected": int(zi.numel()),
+            "n_params": int(sum(p.numel() for p in model.parameters())), "train_chars": len(cc.text),
+            "heldout_chars": len(held), "vocab": len(V), "seq_len": T, "train_steps": self.steps,
+            "train_s": train_s, "final_train_loss": sum(losses[-20:]) / len(losses[-20:]),
+            "corpus": cc, "val": (vx, vy), "test": (tx, ty), "diff_mask": yc[zi] != y[zi],
+            "candidates": random_candidates(self.n_candidates, seed=50_000 + seed, exclude=[cc.secret]),
+            # training-loss curvature on a subsample of the training windows as trained on (θ*'s data)
+            "hessian_data": [(x[hsub], y[hsub])], "hessian_clean": [(xc[hsub], yc[hsub])], "retain": retain,
+        }
+        return common.Setup(model=model, loss_fn=lm.lm_loss, affected=[(x[zi], y[zi])],
+                            corrected=[(xc[zi], yc[zi])], data=extra["hessian_data"], gold=gold, extra=extra)
+
+    # ---------------------------------------------------------------- metrics
+    def evaluate(self, model, setup) -> Dict[str, float]:
+        e = setup.extra
+        cc = e["corpus"]
+        ex = measure_exposure(model, cc.vocab, cc.prefix, cc.secret, candidates=e["candidates"])
+        test_loss = lm.mean_loss(model, *e["test"])
+        return {
+            "exposure_sn": ex["exposure_sn"], "exposure_rank": ex["exposure_rank"],
+            "exposure_rank_max": ex["exposure_rank_max"], "canary_logppl": ex["canary_logppl"],
+            "cand_logppl_mean": ex["cand_logppl_mean"], "test_loss": test_loss, "test_ppl": math.exp(test_loss),
+            "replacement_logppl": float(lm.sequence_log_perplexity(model, cc.vocab, "\n" + cc.prefix,
+                                                                   [cc.replacement])[0]),
+        }
+
+    @staticmethod
+    def derive(m, before, gold) -> Dict[str, float]:
+        out = {"exposure_drop": before["exposure_sn"] - m["exposure_sn"],
+               "ppl_change_pct": 100.0 * (m["test_ppl"] / before["test_ppl"] - 1.0)}
+        if gold:
+            den = before["exposure_sn"] - gold["exposure_sn"]
+            out["exposure_removed_pct"] = 100.0 * (before["exposure_sn"] - m["exposure_sn"]) / den \
+                if abs(den) > 1e-9 else float("nan")
+        return out
+
+    def tuning_score(self, model, setup) -> float:
+        """Validation cross-entropy + cross-entropy of Z̃ at the target positions where Z̃ differs from Z (the
+        replacement characters): fit the correction without losing the language model. Both nats per character."""
+        zx, zy = setup.corrected[0]
+        diff = setup.extra["diff_mask"]
+        with torch.no_grad():
+            logits = model(zx)
+            ce = torch.nn.functional.cross_entropy(logits[diff], zy[diff])
+        return lm.mean_loss(model, *setup.extra["val"]) + float(ce)
+
+    # ---------------------------------------------------------------- hyperparameters
+    def hparams(self, method: str, setup) -> List[Dict[str, Any]]:
+        q = self.quick
+        if method == "first_order":
+            nz = setup.extra["n_affected"]  # τ = η/|Z|: one step of size η on the mean gradient difference
+            etas = (1.0, 3.0, 10.0) if q else (0.3, 1.0, 3.0, 10.0, 30.0)
+            return [{"tau": eta / nz} for eta in etas]
+        if method in ("second_order", "diag_newton"):
+            n = setup.extra["n_train"]
+            lams = (1e-2, 1e-1) if q else (1e-3, 1e-2, 1e-1)
+            return [{"damping": n * lam} for lam in lams]
+        if method == "sam_finetune":
+            return [{"lr": lr} for lr in ((0.1, 0.3) if q else (0.03, 0.1, 0.3, 1.0))]
+        if method == "gradient_ascent":
+            return [{"lr": lr} for lr in ((0.03, 0.1) if q else (0.01, 0.03, 0.1, 0.3))]
+        raise ValueError(method)
+
+    def unlearn_kwargs(self, method: str, setup) -> Dict[str, Any]:
+        e = setup.extra
+        if method == "second_order":
+            return {"train_data": e["hessian_clean"], "n_train": e["n_train"],
+                    "cg_iters": 8 if self.quick else self.cg_iters}
+        if method == "diag_newton":
+            cache = e.setdefault("score_cache", {})
+            if "hessian" not in cache:
+                from ..unlearn import parameter_scores
+
+                cache["hessian"] = parameter_scores(setup.model, "hessian", loss_fn=setup.loss_fn, data=setup.data,
+                                                    n_probes=self.n_probes)
+            return {"train_data": e["hessian_clean"], "n_train": e["n_train"], "diag": cache["hessian"][0]}
+        if method == "sam_finetune":
+            return {"steps": 8 if self.quick else 20, "rho": 0.05, "retain": e["retain"]}
+        if method == "gradient_ascent":
+            return {"steps": 5 if self.quick else 10}
+        return {}
+
+
+# ====================================================================== CLI
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sapsel demo --task canary",
+                                description="Unlearning a credit-card canary from a character LM (pydoc_data "
+                                            "corpus): exposure before/after per strategy x budget x update rule.")
+    p.add_argument("--quick", action="store_true",
+                   help="CI mode: LSTM, 20k characters, 1 seed, 3 strategies, 2 budgets, 2 methods (< 1 minute)")
+    p.add_argument("--out", default="sapsel_out", help="output folder (default ./sapsel_out)")
+    p.add_argument("--seed", type=int, default=0, help="first seed; seeds are seed, seed+1, ...")
+    p.add_argument("--seeds", type=int, default=1, help="number of seeds (default 1)")
+    p.add_argument("--models", default=None, help="model kinds, comma-separated: lstm,transformer (default both)")
+    p.add_argument("--repeats", default=None, help="canary insertions r, comma-separated (default 4,16; quick 8)")
+    p.add_argument("--strategies", default=None, help=f"comma-separated subset of {','.join(STRATEGIES)}")
+    p.add_argument("--methods", default=None, help=f"comma-separated subset of {','.join(METHODS)}")
+    p.add_argument("--budgets", default=None, help="fractions, comma-separated (default 0.001,0.01,0.1,1)")
+    p.add_argument("--chars", type=int, default=None, help="corpus characters (default all ~465k; quick 20000)")
+    p.add_argument("--steps", type=int, default=None, help="training steps of θ* and gold (default 1500; quick 200)")
+    p.add_argument("--seq-len", type=int, default=None, help="window length T (default 64; quick 48)")
+    p.add_argument("--candidates", type=int, default=None, help="random candidates for exposure (4000; quick 1000)")
+    p.add_argument("--probes", type=int, default=None, help="Hutchinson probes for diag(H) (default 32; quick 8)")
+    p.add_argument("--no-gold", action="store_true", help="skip retraining on the clean text (default in --quick)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (fixed for reproducibility; default 1)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    q = args.quick
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    models = common.parse_list(args.models) if args.models else (["lstm"] if q else ["lstm", "transformer"])
+    repeats = common.parse_list(args.repeats, int) if args.repeats else ([8] if q else [4, 16])
+    strategies = common.parse_list(args.strategies) if args.strategies else (
+        ["hessian", "random", "all"] if q else list(DEFAULT_STRATEGIES))
+    methods = common.parse_list(args.methods) if args.methods else (
+        ["first_order", "second_order"] if q else list(DEFAULT_METHODS))
+    budgets = common.parse_list(args.budgets, float) if args.budgets else ([0.01, 1.0] if q else list(DEFAULT_BUDGETS))
+    bad = [s for s in strategies if s not in STRATEGIES] + [m for m in methods if m not in METHODS] + [
+        m for m in models if m not in MODEL_CFG]
+    if bad:
+        print(f"sapsel demo --task canary: unknown strategy/method/model {bad}", file=sys.stderr)
+        return 2
+    n_probes = args.probes or (8 if q else 32)
+    settings = [f"{m}:r{r}" for m in models for r in repeats]
+    common.set_determinism(args.seed, args.threads)
+    task = CanaryTask(settings, quick=q, chars=args.chars or (20000 if q else None),
+                      seq_len=args.seq_len or (48 if q else 64), steps=args.steps or (200 if q else 1500),
+                      n_candidates=args.candidates or (1000 if q else 4000), gold=not (args.no_gold or q),
+                      n_probes=n_probes)
+    t0 = time.perf_counter()
+    res = common.run_grid(task, seeds, strategies, budgets, methods, progress=not args.no_progress,
+                          score_kwargs={"n_probes": n_probes})
+    total_s = time.perf_counter() - t0
+    metrics = list(task.metric_labels) + ["exposure_drop", "exposure_removed_pct", "replacement_logppl", "tune_s",
+                                          "select_s", "delta_norm", "n_changed"]
+    agg = common.aggregate(res["rows"], metrics)
+    table = common.format_table(agg, task.metric_labels, digits=task.digits)
+    base = _baseline_summary(res["baselines"])
+    print()
+    print(base)
+    print()
+    print(table)
+    os.makedirs(args.out, exist_ok=True)
+    payload = {
+        "task": "canary", "argv": list(argv) if argv is not None else sys.argv[1:], "quick": q, "seeds": seeds,
+        "settings": settings, "strategies": strategies, "methods": methods, "budgets": budgets,
+        "n_probes": n_probes, "steps": task.steps, "seq_len": task.seq_len, "n_candidates": task.n_candidates,
+        "canary": lm.CANARY_PREFIX + lm.CANARY_SECRET, "replacement": lm.BENIGN_REPLACEMENT,
+        "model_cfg": QUICK_CFG if q else MODEL_CFG, "total_s": total_s, "environment": common.environment(),
+        "baselines": [{k: v for k, v in b.items() if k in _BASELINE_KEYS} for b in res["baselines"]],
+        "aggregate": agg, "rows": res["rows"],
+    }
+    common.write_json(os.path.join(args.out, "demo_canary.json"), payload)
+    with open(os.path.join(args.out, "demo_canary.md"), "w") as f:
+        f.write(base + "\n\n" + common.format_table(agg, task.metric_labels, markdown=True, digits=task.digits)
+                + "\n")
+    common.plot_budget_curves(agg, task.plot_metrics, os.path.join(args.out, "demo_canary.png"),
+                              title=f"canary unlearning on pydoc_data, {len(seeds)} seed(s)")
+    print(f"\nwrote {args.out}/demo_canary.json, demo_canary.md, demo_canary.png  ({total_s:.1f} s)")
+    return 0
+
+
+_BASELINE_KEYS = ("seed", "setting", "prepare_s", "before", "gold", "model", "r", "n_train", "n_affected", "n_params",
+                  "train_chars", "heldout_chars", "vocab", "seq_len", "train_steps", "train_s", "final_train_loss")
+
+
+def _baseline_summary(baselines) -> str:
+    lines = []
+    for b in baselines:
+        bf, gd = b["before"], b["gold"]
+        line = (f"{b['setting']} seed {b['seed']}: {b['n_params']} parameters, |Z| = {b['n_affected']} of "
+                f"{b['n_train']} windows (T={b['seq_len']}), {b['train_chars']} training chars, "
+                f"train {b['train_s']:.1f} s. before: exposure SN {bf['exposure_sn']:.1f} / rank "
+                f"{bf['exposure_rank']:.1f} (max {bf['exposure_rank_max']:.1f}) bits, canary logppl "
+                f"{bf['canary_logppl']:.1f} vs candidates {bf['cand_logppl_mean']:.1f}, test ppl {bf['test_ppl']:.3f}")
+        if gd:
+            line += (f";  retrained on clean text (gold): exposure SN {gd['exposure_sn']:.1f}, canary logppl "
+                     f"{gd['canary_logppl']:.1f}, test ppl {gd['test_ppl']:.3f}")
+        lines.append(line)
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

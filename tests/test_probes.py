@@ -1,0 +1,121 @@
+"""Probe ops: Rademacher probes and the fused Hutchinson accumulation, on every CPU backend.
+
+Oracles: ``rademacher_ref`` (Philox known answers in test_foundation.py) for the probe values; a float64 two-pass
+mean / sum of squared deviations for the Welford state; the reference path for bit-identity.
+"""
+
+import pytest
+import torch
+
+from sapsel_kernels.reference.philox import rademacher_ref
+from sapsel_kernels.reference.probes import hutchinson_accumulate_batched_ref, hutchinson_accumulate_ref
+
+OPS = torch.ops.sapsel
+# (n, offset, probe, seed): ragged ends, offsets past 2^32 (int64 group counters), the last probe index, a large seed
+CASES = [(300, 5, 3, 7), (1000, 2**33 + 100, 1, 12345), (1, 127, 2**32 - 4, 2**63 - 1), (2048, 0, 0, 0)]
+HZ_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("n,offset,probe,seed", CASES)
+def test_probe_op_matches_philox_stream(backend, n, offset, probe, seed):
+    like = torch.empty(3, n, dtype=torch.float64)
+    z = OPS.rademacher_probe(like, offset, probe, seed, True)
+    assert z.dtype == torch.float64 and z.shape == like.shape
+    for j in range(3):
+        assert torch.equal(z[j], rademacher_ref(n, offset, probe + j, seed, dtype=torch.float64))
+    # unbatched, shaped like a parameter
+    w = torch.empty(n, 1, dtype=torch.bfloat16)
+    assert torch.equal(OPS.rademacher_probe(w, offset, probe, seed).float().view(-1), rademacher_ref(n, offset, probe, seed))
+
+
+def test_probe_op_distribution(backend):
+    # +-1 only and balanced: #(+1) among n is Binomial(n, 1/2); |z-score| < 5 (a fixed seed: not flaky).
+    n = 4096 if backend == "triton" else 1 << 18
+    z = OPS.rademacher_probe(torch.empty(2, n), 0, 11, 5, True)
+    assert set(z.unique().tolist()) == {-1.0, 1.0}
+    for row in z:
+        plus = int((row > 0).sum())
+        assert abs((plus - n / 2) / (n / 4) ** 0.5) < 5
+    assert not torch.equal(z[0], z[1])
+
+
+def _state(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, generator=g), torch.rand(n, generator=g) * 3
+
+
+@pytest.mark.parametrize("dtype", HZ_DTYPES)
+@pytest.mark.parametrize("n,offset,probe,seed", CASES)
+def test_accumulate_bit_identical_to_reference(backend, dtype, n, offset, probe, seed):
+    hz = torch.randn(4, n).to(dtype)
+    mean, m2 = _state(n)
+    want_mean, want_m2 = mean.clone(), m2.clone()
+    hutchinson_accumulate_batched_ref(want_mean, want_m2, hz, offset, probe, seed, 7)
+    OPS.hutchinson_accumulate_batched(mean, m2, hz, offset, probe, seed, 7)
+    assert torch.equal(mean, want_mean) and torch.equal(m2, want_m2)
+    # single-probe op, fed row by row with increasing counts: the same bits (batched == sequential)
+    mean1, m21 = _state(n)
+    for j in range(4):
+        OPS.hutchinson_accumulate(mean1, m21, hz[j], offset, probe + j, seed, 7 + j)
+    assert torch.equal(mean1, want_mean) and torch.equal(m21, want_m2)
+
+
+def test_accumulate_layout_independent(backend):
+    # one flat call == per-slice calls at their global offsets (slices not aligned to the 128-element groups)
+    n, m = 1500, 3
+    hz = torch.randn(m, n, dtype=torch.float64)
+    mean, m2 = torch.zeros(n), torch.zeros(n)
+    OPS.hutchinson_accumulate_batched(mean, m2, hz, 0, 2, 9, 0)
+    mean_s, m2_s = torch.zeros(n), torch.zeros(n)
+    for a, b in [(0, 7), (7, 300), (300, 301), (301, 1500)]:
+        OPS.hutchinson_accumulate_batched(mean_s[a:b], m2_s[a:b], hz[:, a:b].contiguous(), a, 2, 9, 0)
+    assert torch.equal(mean, mean_s) and torch.equal(m2, m2_s)
+
+
+def test_accumulate_is_welford_of_z_times_hz(backend):
+    # From an empty state, m samples give mean = (1/m) sum x and m2 = sum (x - mean)^2 with x = z * Hz
+    # (float64 two-pass oracle; float32 Welford error is a few ulps of the values: rtol 1e-5).
+    n, m = 700, 6
+    hz = torch.randn(m, n, dtype=torch.float64) * torch.logspace(-3, 3, n, dtype=torch.float64)
+    mean, m2 = torch.zeros(n), torch.zeros(n)
+    OPS.hutchinson_accumulate_batched(mean, m2, hz, 40, 0, 3, 0)
+    z = torch.stack([rademacher_ref(n, 40, j, 3, dtype=torch.float64) for j in range(m)])
+    x = z * hz.float().double()
+    torch.testing.assert_close(mean.double(), x.mean(0), rtol=1e-5, atol=0)
+    torch.testing.assert_close(m2.double(), ((x - x.mean(0)) ** 2).sum(0), rtol=1e-5, atol=1e-6 * float(x.abs().max()))
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(mean=torch.zeros(10, dtype=torch.float64)), "float32"),
+    (dict(hz=torch.zeros(2, 11)), "elements"),
+    (dict(hz=torch.zeros(2, 10, dtype=torch.int32)), "hz must be"),
+    (dict(count=-1), "count"),
+    (dict(offset=-3), "offset"),
+    (dict(probe=2**32 - 1), "probe"),
+    (dict(seed=-1), "seed"),
+    (dict(m2=torch.zeros(20)[::2]), "contiguous"),
+])
+def test_accumulate_bad_input_raises_before_writing(backend, bad, match):
+    args = dict(mean=torch.ones(10), m2=torch.ones(10), hz=torch.randn(2, 10), offset=0, probe=0, seed=0, count=0)
+    args.update(bad)
+    before = (args["mean"].clone(), args["m2"].clone())
+    with pytest.raises((ValueError, TypeError, RuntimeError), match=match):
+        OPS.hutchinson_accumulate_batched(args["mean"], args["m2"], args["hz"], args["offset"], args["probe"],
+                                          args["seed"], args["count"])
+    assert torch.equal(args["mean"], before[0]) and torch.equal(args["m2"], before[1])
+
+
+def test_reference_single_and_batched_agree_on_empty():
+    mean, m2 = torch.zeros(0), torch.zeros(0)
+    hutchinson_accumulate_ref(mean, m2, torch.zeros(0), 0, 0, 0, 0)
+    hutchinson_accumulate_batched_ref(mean, m2, torch.zeros(3, 0), 0, 0, 0, 0)
+    assert mean.numel() == 0
+
+
+def test_opcheck():
+    hz = torch.randn(3, 200)
+    torch.library.opcheck(OPS.rademacher_probe.default, (hz, 5, 1, 2, True))
+    torch.library.opcheck(OPS.rademacher_probe.default, (torch.empty(4, 5, dtype=torch.float64), 0, 0, 1))
+    torch.library.opcheck(OPS.hutchinson_accumulate.default, (torch.zeros(200), torch.zeros(200), hz[0], 3, 0, 1, 0))
+    torch.library.opcheck(OPS.hutchinson_accumulate_batched.default,
+                          (torch.zeros(200), torch.zeros(200), hz.to(torch.bfloat16), 3, 0, 1, 4))

@@ -33,7 +33,7 @@ original SAM's m-sharpness); by default let both backward passes all-reduce so e
 
 import contextlib
 import math
-from typing import Dict, Iterable, List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -225,8 +225,8 @@ class _SparseOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ introspection
     def state_bytes(self) -> int:
-        """Bytes of optimizer state held on the device (indices, moments, saved weights)."""
-        total = 0
+        """Bytes of optimizer state held on the device (indices, moments, SAM's saved weights)."""
+        total = sum(v.numel() * v.element_size() for v in getattr(self, "_saved", {}).values())
         for st in self.state.values():
             for v in st.values():
                 if isinstance(v, torch.Tensor):
@@ -406,6 +406,8 @@ class SparseSAM(_SparseOptimizer):
         self.bn_once = bn_once
         self._perturbed = False
         self._pass1_skipped = False
+        self._pert: List[torch.Tensor] = []  # parameters perturbed by the pending first_step
+        self._saved: Dict[torch.Tensor, torch.Tensor] = {}  # k pre-perturbation weights (scratch, not in state_dict)
         super().__init__(space_or_model, selection, defaults)
 
     def _grad_norm(self, inv_scale: float) -> float:
@@ -442,15 +444,13 @@ class SparseSAM(_SparseOptimizer):
                 if not ps:
                     continue
                 saved = []
-                for p in ps:
-                    st = self.state[p]
-                    if "saved" not in st:
-                        st["saved"] = torch.empty(st["idx"].numel(), dtype=p.dtype, device=p.device)
-                    saved.append(st["saved"])
+                for p, ix in zip(ps, ixs):
+                    if p not in self._saved:
+                        self._saved[p] = torch.empty(ix.numel(), dtype=p.dtype, device=p.device)
+                    saved.append(self._saved[p])
                 scale = float(group["rho"]) / (norm + self.norm_eps) * inv
                 torch.ops.sapsel.sam_perturb(ps, gs, ixs, saved, scale, float(group["eta"]), bool(group["adaptive"]))
-                for p in ps:
-                    self.state[p]["perturbed"] = True
+                self._pert.extend(ps)
             self._perturbed = True
         else:
             self._pass1_skipped = True
@@ -458,14 +458,9 @@ class SparseSAM(_SparseOptimizer):
             self.zero_grad()
         return ok
 
-    def _perturbed_params(self):
-        return [p for p in self.space.params if self.state.get(p, {}).get("perturbed", False)]
-
     def _restore(self, params):
         for p in params:
-            st = self.state[p]
-            p.view(-1).index_copy_(0, st["idx"], st["saved"])
-            st["perturbed"] = False
+            p.view(-1).index_copy_(0, self.state[p]["idx"], self._saved[p])
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> bool:
@@ -480,7 +475,7 @@ class SparseSAM(_SparseOptimizer):
                 return False
             raise RuntimeError("second_step() called without first_step()")
         inv, found = self._amp()
-        pert = set(self._perturbed_params())
+        pert = set(self._pert)
         lists = [self._active(g, only=pert) for g in self.param_groups]
         ok = not found and self._finite(lists)
         if ok:
@@ -488,18 +483,17 @@ class SparseSAM(_SparseOptimizer):
             for group, (ps, gs, ixs) in zip(self.param_groups, lists):
                 if not ps:
                     continue
-                saved = [self.state[p]["saved"] for p in ps]
+                saved = [self._saved[p] for p in ps]
                 if self.base == "sgd":
                     self._sgd_update(group, ps, gs, ixs, saved, inv)
                 else:
                     self._adamw_update(group, ps, gs, ixs, saved, inv)
-                for p in ps:
-                    self.state[p]["perturbed"] = False
                 done.update(ps)
             self._restore([p for p in pert if p not in done])  # perturbed but no gradient now: plain restore
         else:
             self._restore(list(pert))
         self._perturbed = False
+        self._pert = []
         self.last_step_skipped = not ok
         if zero_grad:
             self.zero_grad()

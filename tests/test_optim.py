@@ -1,0 +1,456 @@
+"""SparseSAM / SparseSGD / SparseAdamW against independent oracles.
+
+* selection = all: davda54/sam semantics written out in the test (e = rho g/||g||, ASAM e = rho T^2 g/||T g||,
+  T = |w| + eta; restore; base step) with torch.optim.SGD / AdamW taking the base step;
+* partial selection: dense SAM on the selected sub-vector only (a leaf tensor spliced into the flat parameters with
+  functional_call), torch.optim doing the base step on it - i.e. the mask applied to gradient, weight decay and
+  momentum; with ``normalize="full"`` the norm comes from the full gradient (SSAM);
+* bitwise: coordinates outside S never change; a resumed state_dict continues the identical trajectory; an inf/NaN
+  in either pass leaves every parameter and all state exactly as before.
+
+Models are float64 where the comparison is to torch.optim: the kernels then compute in float64 too and any
+disagreement above 1e-10 is a formula error, not rounding.
+"""
+
+import copy
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sapsel_kernels as sk
+from sapsel_kernels import use_backend
+from sapsel_kernels.optim import SparseAdamW, SparseSAM, SparseSGD, frozen_bn_stats
+
+RHO, ETA = 0.05, 0.01
+
+
+def _model(dtype=torch.float64, seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).to(dtype)
+
+
+def _data(dtype=torch.float64, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(16, 6, generator=g).to(dtype), torch.randint(0, 3, (16,), generator=g)
+
+
+def _loss(model, batch):
+    x, y = batch
+    return F.cross_entropy(model(x), y)
+
+
+def _flat(model):
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def _base_opt(base, params, lr, kw):
+    return torch.optim.SGD(params, lr=lr, **kw) if base == "sgd" else torch.optim.AdamW(params, lr=lr, **kw)
+
+
+BASES = [
+    ("sgd", dict(momentum=0.9, weight_decay=0.01)),
+    ("sgd", dict(momentum=0.9, nesterov=True, weight_decay=0.05)),
+    ("sgd", dict()),
+    ("adamw", dict(weight_decay=0.1, betas=(0.8, 0.95))),
+]
+
+
+# ---------------------------------------------------------------------------------- selection = all: davda54 oracle
+def _davda54_steps(model, batch, base, kw, lr, adaptive, steps):
+    """SAM/ASAM exactly as davda54/sam defines it (dense, all parameters), written independently of the package."""
+    params = list(model.parameters())
+    opt = _base_opt(base, params, lr, kw)
+    for _ in range(steps):
+        opt.zero_grad()
+        _loss(model, batch).backward()
+        with torch.no_grad():
+            scaled = [((p.abs() + ETA) if adaptive else 1.0) * p.grad for p in params]
+            norm = torch.norm(torch.stack([s.norm(2) for s in scaled]), 2)
+            old = [p.detach().clone() for p in params]
+            for p in params:
+                # davda54: e = (T^2 if adaptive else 1) * g * rho / (||T g|| + 1e-12), here with ASAM's T = |w| + eta
+                e = (((p.abs() + ETA) ** 2) if adaptive else 1.0) * p.grad * (RHO / (norm + 1e-12))
+                p.add_(e)
+        opt.zero_grad()
+        _loss(model, batch).backward()
+        with torch.no_grad():
+            for p, o in zip(params, old):
+                p.copy_(o)
+        opt.step()
+
+
+@pytest.mark.parametrize("adaptive", [False, True], ids=["SAM", "ASAM"])
+@pytest.mark.parametrize("base,kw", BASES, ids=["sgd-mom-wd", "sgd-nesterov", "sgd-plain", "adamw"])
+def test_selection_all_equals_published_sam(base, kw, adaptive):
+    batch = _data()
+    ours, ref = _model(), _model()
+    space = sk.ParamSpace(ours)
+    sel = sk.Selection.from_indices(torch.arange(space.numel), space=space)
+    lr = 0.1 if base == "sgd" else 0.01
+    opt = SparseSAM(ours, sel, base=base, lr=lr, rho=RHO, adaptive=adaptive, eta=ETA, **kw)
+    for _ in range(4):
+        opt.step(lambda: _loss(ours, batch).backward())
+        assert not opt.last_step_skipped
+    _davda54_steps(ref, batch, base, kw, lr, adaptive, 4)
+    diff = (_flat(ours) - _flat(ref)).abs().max().item()
+    moved = (_flat(ref) - _flat(_model())).abs().max().item()
+    assert moved > 1e-3  # the oracle really moved
+    assert diff < 1e-12, diff
+
+
+# ---------------------------------------------------------------------------------- partial selection oracle
+def _subvector_sam(model, batch, idx, base, kw, lr, adaptive, normalize, steps):
+    """Dense SAM on the selected sub-vector only; torch.optim steps a leaf holding the k selected values."""
+    space = sk.ParamSpace(model)
+    theta = space.gather(dtype=torch.float64).clone()
+    sel = theta[idx].clone().requires_grad_(True)
+    opt = _base_opt(base, [sel], lr, kw)
+
+    def grad_at(s_val):
+        th = theta.index_put((idx,), s_val).requires_grad_(True)
+        out = torch.func.functional_call(model, space.views(th), (batch[0],))
+        (g,) = torch.autograd.grad(F.cross_entropy(out, batch[1]), th)
+        return th.detach(), g
+
+    for _ in range(steps):
+        th, g = grad_at(sel.detach())
+        t = (th.abs() + ETA) if adaptive else torch.ones_like(th)
+        if normalize == "full":
+            norm = (t * g).norm()
+        else:
+            norm = (t[idx] * g[idx]).norm()
+        e = (t[idx] ** 2) * g[idx] * (RHO / (norm + 1e-12))
+        _, g2 = grad_at(sel.detach() + e)
+        sel.grad = g2[idx].clone()
+        opt.step()
+    return theta.index_put((idx,), sel.detach())
+
+
+@pytest.mark.parametrize("normalize,adaptive", [("selected", False), ("selected", True), ("full", False),
+                                                ("full", True)])
+@pytest.mark.parametrize("base,kw", BASES[:2] + BASES[3:], ids=["sgd-mom-wd", "sgd-nesterov", "adamw"])
+def test_partial_selection_equals_masked_dense_sam(base, kw, normalize, adaptive):
+    batch = _data()
+    ours = _model()
+    space = sk.ParamSpace(ours)
+    idx = torch.randperm(space.numel)[:20].sort().values
+    lr = 0.1 if base == "sgd" else 0.01
+    opt = SparseSAM(ours, idx, base=base, lr=lr, rho=RHO, adaptive=adaptive, eta=ETA, normalize=normalize, **kw)
+    for _ in range(4):
+        opt.step(lambda: _loss(ours, batch).backward())
+    exp = _subvector_sam(_model(), batch, idx, base, kw, lr, adaptive, normalize, 4)
+    assert (exp[idx] - _flat(_model())[idx]).abs().max() > 1e-4
+    assert (_flat(ours) - exp).abs().max().item() < 1e-12
+
+
+@pytest.mark.parametrize("base,kw", [BASES[0], BASES[3]], ids=["sgd", "adamw"])
+def test_sparse_sgd_adamw_equal_torch_on_subvector(base, kw):
+    batch = _data()
+    ours = _model()
+    space = sk.ParamSpace(ours)
+    idx = torch.randperm(space.numel)[:25].sort().values
+    cls = SparseSGD if base == "sgd" else SparseAdamW
+    opt = cls(ours, idx, lr=0.05, **kw)
+    ref = _model()
+    theta = space.gather(dtype=torch.float64).clone()
+    sel = theta[idx].clone().requires_grad_(True)
+    ropt = _base_opt(base, [sel], 0.05, kw)
+    for _ in range(5):
+        opt.zero_grad()
+        _loss(ours, batch).backward()
+        opt.step()
+        th = theta.index_put((idx,), sel)
+        out = torch.func.functional_call(ref, sk.ParamSpace(ref).views(th), (batch[0],))
+        ropt.zero_grad()
+        F.cross_entropy(out, batch[1]).backward()
+        ropt.step()
+    assert (_flat(ours) - theta.index_put((idx,), sel.detach())).abs().max().item() < 1e-12
+
+
+# ---------------------------------------------------------------------------------- every backend, float32
+@pytest.mark.parametrize("base,kw", [BASES[1], BASES[3]], ids=["sgd-nesterov", "adamw"])
+def test_backends_agree_with_oracle(backend, base, kw):
+    batch = _data(torch.float32)
+    ours = _model(torch.float32)
+    space = sk.ParamSpace(ours)
+    idx = torch.randperm(space.numel)[:30].sort().values
+    lr = 0.1 if base == "sgd" else 0.01
+    opt = SparseSAM(ours, idx, base=base, lr=lr, rho=RHO, adaptive=True, eta=ETA, **kw)
+    for _ in range(3):
+        opt.step(lambda: _loss(ours, batch).backward())
+    with use_backend("reference"):
+        exp = _subvector_sam(_model(torch.float64), _data(), idx, base, kw, lr, True, "selected", 3)
+    # float32 kernels vs a float64 oracle over 3 steps: errors of a few float32 ulps of O(1) values per step
+    assert (_flat(ours).double() - exp).abs().max().item() < 1e-5
+
+
+# ---------------------------------------------------------------------------------- bitwise guarantees
+@pytest.mark.parametrize("kind", ["sam-sgd", "sam-adamw", "asam-sgd-full", "sgd", "adamw"])
+def test_outside_selection_bitwise_unchanged(kind):
+    model = _model(torch.float32)
+    batch = _data(torch.float32)
+    space = sk.ParamSpace(model)
+    idx = torch.randperm(space.numel)[: space.numel // 10].sort().values
+    if kind.startswith("sam") or kind.startswith("asam"):
+        opt = SparseSAM(model, idx, base="adamw" if "adamw" in kind else "sgd", lr=0.05, adaptive=kind.startswith("a"),
+                        normalize="full" if "full" in kind else "selected", weight_decay=0.5,
+                        **({} if "adamw" in kind else {"momentum": 0.9}))
+    elif kind == "sgd":
+        opt = SparseSGD(model, idx, lr=0.05, momentum=0.9, weight_decay=0.5)
+    else:
+        opt = SparseAdamW(model, idx, lr=0.05, weight_decay=0.5)
+    before = _flat(model).clone()
+    for _ in range(30):
+        if isinstance(opt, SparseSAM):
+            opt.step(lambda: _loss(model, batch).backward())
+        else:
+            opt.zero_grad()
+            _loss(model, batch).backward()
+            opt.step()
+    after = _flat(model)
+    mask = torch.ones(space.numel, dtype=torch.bool)
+    mask[idx] = False
+    assert torch.equal(after[mask], before[mask])
+    assert bool((after[idx] != before[idx]).all())
+    # state is O(k): every state tensor has k entries in total per kind
+    sizes = [v.numel() for st in opt.state.values() for key, v in st.items() if isinstance(v, torch.Tensor)]
+    assert sum(sizes) % idx.numel() == 0 and sum(sizes) <= 4 * idx.numel()
+
+
+def _train(opt, model, batch, steps):
+    for _ in range(steps):
+        if isinstance(opt, SparseSAM):
+            opt.step(lambda: _loss(model, batch).backward())
+        else:
+            opt.zero_grad()
+            _loss(model, batch).backward()
+            opt.step()
+
+
+def _make(kind, model, idx):
+    if kind == "sam-sgd":
+        return SparseSAM(model, idx, base="sgd", lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01)
+    if kind == "sam-adamw":
+        return SparseSAM(model, idx, base="adamw", lr=0.01, adaptive=True)
+    if kind == "sgd":
+        return SparseSGD(model, idx, lr=0.05, momentum=0.9)
+    return SparseAdamW(model, idx, lr=0.01)
+
+
+@pytest.mark.parametrize("kind", ["sam-sgd", "sam-adamw", "sgd", "adamw"])
+def test_state_dict_round_trip_identical_trajectory(kind):
+    batch = _data(torch.float32)
+    model = _model(torch.float32)
+    idx = torch.randperm(sk.ParamSpace(model).numel)[:40].sort().values
+    opt = _make(kind, model, idx)
+    _train(opt, model, batch, 3)
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    _train(opt, model, batch, 3)
+    buf.seek(0)
+    ck = torch.load(buf)
+    model2 = _model(torch.float32, seed=5)  # different init: everything must come from the checkpoint
+    model2.load_state_dict(ck["model"])
+    opt2 = _make(kind, model2, idx)
+    opt2.load_state_dict(ck["opt"])
+    _train(opt2, model2, batch, 3)
+    assert torch.equal(_flat(model), _flat(model2))
+    for p, q in zip(opt.space.params, opt2.space.params):
+        for key, v in opt.state[p].items():
+            w = opt2.state[q][key]
+            assert torch.equal(v, w) if isinstance(v, torch.Tensor) else v == w
+
+
+def test_load_state_dict_rejects_other_selection():
+    model = _model(torch.float32)
+    opt = SparseSGD(model, torch.tensor([1, 2, 3]), lr=0.1, momentum=0.9)
+    _train(opt, model, _data(torch.float32), 1)
+    sd = opt.state_dict()
+    with pytest.raises(ValueError, match="selection"):
+        SparseSGD(model, torch.tensor([1, 2, 4]), lr=0.1).load_state_dict(sd)
+    with pytest.raises(ValueError, match="SparseSGD"):
+        SparseAdamW(model, torch.tensor([1, 2, 3])).load_state_dict(sd)
+
+
+# ---------------------------------------------------------------------------------- non-finite gradients
+def _snapshot(opt, model):
+    st = {id(p): {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in s.items()}
+          for p, s in opt.state.items()}
+    return _flat(model).clone(), st
+
+
+def _same(opt, model, snap):
+    flat, st = snap
+    if not torch.equal(_flat(model), flat):
+        return False
+    for p, s in opt.state.items():
+        for k, v in s.items():
+            w = st[id(p)].get(k)
+            if isinstance(v, torch.Tensor) and not torch.equal(v, w):
+                return False
+            if not isinstance(v, torch.Tensor) and v != w:
+                return False
+    return True
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("which_pass", [1, 2])
+@pytest.mark.parametrize("base", ["sgd", "adamw"])
+def test_nonfinite_in_either_sam_pass_changes_nothing(bad, which_pass, base):
+    model = _model(torch.float32)
+    batch = _data(torch.float32)
+    space = sk.ParamSpace(model)
+    idx = torch.arange(0, space.numel, 3)
+    opt = SparseSAM(model, idx, base=base, lr=0.05, weight_decay=0.1, **({"momentum": 0.9} if base == "sgd" else {}))
+    _train(opt, model, batch, 2)  # state exists
+    snap = _snapshot(opt, model)
+    calls = []
+
+    def closure():
+        loss = _loss(model, batch)
+        loss.backward()
+        calls.append(1)
+        if len(calls) == which_pass:
+            model[0].weight.grad.view(-1)[int(idx[1])] = bad  # a selected coordinate
+        return loss
+
+    opt.step(closure)
+    assert opt.last_step_skipped
+    assert _same(opt, model, snap)
+    _train(opt, model, batch, 1)  # and it recovers
+    assert not opt.last_step_skipped and not _same(opt, model, snap)
+
+
+@pytest.mark.parametrize("cls", [SparseSGD, SparseAdamW])
+def test_nonfinite_sgd_adamw_changes_nothing(cls):
+    model = _model(torch.float32)
+    batch = _data(torch.float32)
+    opt = cls(model, torch.tensor([0, 5, 9, 40]), lr=0.1)
+    _train(opt, model, batch, 2)
+    snap = _snapshot(opt, model)
+    opt.zero_grad()
+    _loss(model, batch).backward()
+    model[0].weight.grad.view(-1)[9] = float("nan")
+    opt.step()
+    assert opt.last_step_skipped and _same(opt, model, snap)
+    # an inf outside the selection is never read: the step proceeds
+    opt.zero_grad()
+    _loss(model, batch).backward()
+    model[0].weight.grad.view(-1)[10] = float("inf")
+    opt.step()
+    assert not opt.last_step_skipped and not _same(opt, model, snap)
+
+
+def test_grad_scaler_equivalence_and_skip():
+    batch = _data(torch.float32)
+    m1, m2 = _model(torch.float32), _model(torch.float32)
+    idx = torch.arange(0, sk.ParamSpace(m1).numel, 2)
+    o1 = SparseSAM(m1, idx, base="sgd", lr=0.1, momentum=0.9)
+    o2 = SparseSAM(m2, idx, base="sgd", lr=0.1, momentum=0.9)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=1000)
+    for _ in range(3):
+        o1.step(lambda: _loss(m1, batch).backward())
+        scaler.scale(_loss(m2, batch)).backward()
+        o2.first_step(zero_grad=True, grad_scaler=scaler)
+        scaler.scale(_loss(m2, batch)).backward()
+        scaler.step(o2)
+        scaler.update()
+        o2.zero_grad()
+    # power-of-two scaling is exact; only the 1e-12 norm epsilon sees the scale -> float32 rounding at most
+    assert (_flat(m1) - _flat(m2)).abs().max().item() < 1e-6
+    # an overflow in the second pass: scaler.step skips, nothing changes, the scale is lowered
+    snap = _snapshot(o2, m2)
+    scaler.scale(_loss(m2, batch)).backward()
+    o2.first_step(zero_grad=True, grad_scaler=scaler)
+    scaler.scale(_loss(m2, batch)).backward()
+    m2[2].bias.grad[0] = float("inf")  # found by the scaler's own check, handed to the optimizer as found_inf
+    s0 = scaler.get_scale()
+    scaler.step(o2)
+    scaler.update()
+    assert o2.last_step_skipped and _same(o2, m2, snap) and scaler.get_scale() < s0
+
+
+# ---------------------------------------------------------------------------------- API details
+def test_selection_mismatch_and_bad_selection():
+    model = _model(torch.float32)
+    other = torch.nn.Linear(3, 3)
+    space_other = sk.ParamSpace(other)
+    sel_other = sk.Selection.from_indices(torch.tensor([0, 1]), space=space_other)
+    with pytest.raises(ValueError, match="another model"):
+        SparseSAM(model, sel_other, lr=0.1)
+    fake = sk.Selection(torch.tensor([0, 1]), sk.ParamSpace(model).numel, space_signature="deadbeefdeadbeef")
+    with pytest.raises(ValueError, match="another model"):
+        SparseSGD(model, fake, lr=0.1)
+    with pytest.raises(ValueError, match="ascending"):
+        SparseSGD(model, torch.tensor([3, 1]), lr=0.1)
+    with pytest.raises(ValueError, match="range"):
+        SparseSGD(model, torch.tensor([1, 10 ** 6]), lr=0.1)
+    with pytest.raises(ValueError, match="int64"):
+        SparseSGD(model, torch.tensor([1, 2], dtype=torch.int32), lr=0.1)
+    with pytest.raises(TypeError, match="unknown"):
+        SparseSAM(model, torch.tensor([1]), lr=0.1, betas=(0.9, 0.9))
+    with pytest.raises(RuntimeError, match="first_step"):
+        SparseSAM(model, torch.tensor([1]), lr=0.1).second_step()
+
+
+def test_real_selection_and_empty_selection():
+    model = _model(torch.float32)
+    batch = _data(torch.float32)
+    space = sk.ParamSpace(model)
+    scores = torch.rand(space.numel)
+    sel = sk.select(scores, fraction=0.1, space=space)
+    opt = SparseSAM(model, sel, lr=0.1)
+    _train(opt, model, batch, 1)
+    assert opt.k == sel.k and not opt.last_step_skipped
+    before = _flat(model).clone()
+    opt0 = SparseSAM(model, torch.empty(0, dtype=torch.int64), lr=0.1, momentum=0.9)
+    _train(opt0, model, batch, 2)
+    assert torch.equal(_flat(model), before) and opt0.state_bytes() == 0
+
+
+def test_param_groups_and_scheduler():
+    model = _model(torch.float32)
+    batch = _data(torch.float32)
+    groups = [{"params": list(model[0].parameters()), "lr": 0.0}, {"params": list(model[2].parameters())}]
+    n0 = sum(p.numel() for p in model[0].parameters())
+    n = n0 + sum(p.numel() for p in model[2].parameters())
+    opt = SparseSGD(groups, torch.arange(n), lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    before = _flat(model).clone()
+    _train(opt, model, batch, 2)
+    sched.step()
+    after = _flat(model)
+    assert torch.equal(after[:n0], before[:n0]) and not torch.equal(after[n0:], before[n0:])
+    assert opt.param_groups[1]["lr"] == 0.05
+
+
+def test_bf16_params_fp32_state():
+    model = _model(torch.bfloat16)
+    batch = _data(torch.bfloat16)
+    idx = torch.arange(0, sk.ParamSpace(model).numel, 4)
+    opt = SparseSAM(model, idx, base="adamw", lr=0.01)
+    _train(opt, model, batch, 2)
+    st = next(iter(opt.state.values()))
+    assert st["exp_avg"].dtype == torch.float32 and all(v.dtype == torch.bfloat16 for v in opt._saved.values())
+    opt2 = SparseSAM(model, idx, base="adamw", lr=0.01)
+    opt2.load_state_dict(opt.state_dict())
+    st2 = next(iter(opt2.state.values()))
+    assert st2["exp_avg"].dtype == torch.float32 and torch.equal(st2["exp_avg"], st["exp_avg"])
+
+
+def test_batchnorm_stats_updated_once():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 3))
+    ref = copy.deepcopy(model)
+    batch = _data(torch.float32)
+    opt = SparseSAM(model, torch.arange(10), lr=0.1)
+    opt.step(lambda: _loss(model, batch).backward())
+    ref(batch[0])  # one train-mode forward = one statistics update
+    assert torch.allclose(model[1].running_mean, ref[1].running_mean, atol=1e-7, rtol=0)
+    assert int(model[1].num_batches_tracked) == 1
+    with frozen_bn_stats(model):
+        model(batch[0] * 3)
+    assert int(model[1].num_batches_tracked) == 1
+    assert torch.allclose(model[1].running_mean, ref[1].running_mean, atol=1e-7, rtol=0)

@@ -1,0 +1,398 @@
+"""hessian_diag and its sibling estimators against independent oracles.
+
+Oracles: the float64 Hessian from ``torch.func.hessian`` (or, for tied weights, one double-backward per unit vector
+through the model itself); the GGN from ``torch.func.jacrev`` of the logits; plain autograd gradients for fisher and
+grad_abs. Statistical checks are z-scores with a Bonferroni bound over the N coordinates (family-wise alpha = 1e-3;
+the seeds are fixed, so a test either always passes or always fails).
+"""
+
+import logging
+import math
+from statistics import NormalDist
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import sapsel_kernels as sk
+from sapsel_kernels import hessian_diag
+from sapsel_kernels.hessian import DiagEstimate
+
+ALPHA = 1e-3
+
+
+def zcrit(n_tests: int) -> float:
+    return NormalDist().inv_cdf(1 - ALPHA / (2 * n_tests))
+
+
+def ce(model, batch):
+    x, y = batch
+    return F.cross_entropy(model(x), y)
+
+
+def mlp():
+    return nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+
+
+def cnn(bn=False):
+    layers = [nn.Conv2d(1, 2, 3)]
+    if bn:
+        layers.append(nn.BatchNorm2d(2))
+    layers += [nn.Tanh(), nn.Flatten(), nn.Linear(2 * 3 * 3, 3)]
+    return nn.Sequential(*layers).double()
+
+
+def batch(n=24, img=False, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 1, 5, 5, generator=g, dtype=torch.float64) if img else torch.randn(n, 5, generator=g,
+                                                                                              dtype=torch.float64)
+    return x, torch.randint(0, 3, (n,), generator=g)
+
+
+def exact_hessian(model, loss_fn, batches):
+    """Dense float64 Hessian of the mean over batches, via torch.func.hessian over the flat trainable parameters."""
+    space = sk.ParamSpace(model)
+    flat0 = space.gather(dtype=torch.float64)
+
+    def f(flat):
+        ps = {n: flat[o:o + c].view(s) for n, o, c, s in zip(space.names, space.offsets, space.numels, space.shapes)}
+        call = lambda x: torch.func.functional_call(model, ps, (x,))  # noqa: E731
+        return sum(loss_fn(call, b) for b in batches) / len(batches)
+
+    was = model.training
+    model.eval()
+    try:
+        with sdpa_kernel(SDPBackend.MATH):  # the fused CPU attention kernel has no forward-mode AD
+            return torch.func.hessian(f)(flat0)
+    finally:
+        model.train(was)
+
+
+def hutchinson_zscores(est, H):
+    d = torch.diagonal(H)
+    var1 = (H ** 2).sum(1) - d ** 2  # exact variance of one sample: sum_{j != i} H_ij^2
+    sd = (var1 / est.n_probes).sqrt()
+    err = est.mean.double() - d
+    tol = 1e-5 * d.abs().max()  # float32 accumulation, for coordinates with zero variance
+    return err.abs() / (sd + tol), var1
+
+
+# ------------------------------------------------------------------------------------------------ the oracle tests
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_hutchinson_unbiased_vs_exact_hessian(kind):
+    torch.manual_seed(0)
+    model = mlp() if kind == "mlp" else cnn()
+    data = batch(img=kind == "cnn")
+    H = exact_hessian(model, ce, [data])
+    est = hessian_diag(model, ce, data, n_probes=512, seed=3)
+    assert est.n_probes == 512 and est.mean.dtype == torch.float32 and est.mean.shape == (H.shape[0],)
+    z, var1 = hutchinson_zscores(est, H)
+    assert float(z.max()) < zcrit(H.shape[0]), float(z.max())
+    # the reported per-sample variance estimates sum_{j!=i} H_ij^2. Sample variance of y = sum_j a_j z_j (Rademacher)
+    # has Var ~ (E y^4 - sigma^4) / m with E y^4 = 3 sigma^4 - 2 sum a^4 (exact fourth moment).
+    d = torch.diagonal(H)
+    a4 = (H ** 4).sum(1) - d ** 4
+    sd_var = ((2 * var1 ** 2 - 2 * a4).clamp_min(0) / est.n_probes).sqrt()
+    zv = (est.var.double() - var1).abs() / (sd_var + 1e-6 * var1.max())
+    # sample variances are skewed at m = 512: allow 1.5x the normal-approximation bound
+    assert float(zv.max()) < 1.5 * zcrit(H.shape[0]), float(zv.max())
+    # the bound has teeth: with 4 probes the error is ~sqrt(512/4) = 11x larger
+    few = hessian_diag(model, ce, data, n_probes=4, seed=3)
+    assert float((few.mean.double() - d).abs().max()) > 3 * float((est.mean.double() - d).abs().max())
+
+
+def test_hutchinson_two_batches_is_hessian_of_the_mean():
+    model = mlp()
+    data = [batch(16, seed=1), batch(7, seed=2)]  # unequal sizes: each batch still weighs 1/2
+    H = exact_hessian(model, ce, data)
+    est = hessian_diag(model, ce, data, n_probes=256, seed=5)
+    z, _ = hutchinson_zscores(est, H)
+    assert float(z.max()) < zcrit(H.shape[0])
+    ex = hessian_diag(model, ce, data, estimator="exact")
+    torch.testing.assert_close(ex.mean.double(), torch.diagonal(H), rtol=1e-5, atol=1e-7)
+
+
+def test_fwd_rev_equals_rev_rev_and_batched_equals_sequential():
+    model = cnn()
+    data = batch(img=True)
+    a = hessian_diag(model, ce, data, n_probes=12, hvp="fwd_rev", seed=1, probes_per_pass=4)
+    b = hessian_diag(model, ce, data, n_probes=12, hvp="rev_rev", seed=1, probes_per_pass=4)
+    c = hessian_diag(model, ce, data, n_probes=12, hvp="rev_rev", seed=1, probes_per_pass=1)
+    d = hessian_diag(model, ce, data, n_probes=12, hvp="fwd_rev", seed=1, probes_per_pass=12)
+    assert a.info["hvp"] == "fwd_rev" and b.info["hvp"] == "rev_rev"
+    # same probes; Hz agree to float64 rounding, so the float32 accumulators agree to a few float32 ulps
+    for other in (b, c, d):
+        torch.testing.assert_close(other.mean, a.mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(other.m2, a.m2, rtol=1e-4, atol=1e-6)
+
+
+def test_same_seed_same_estimate_different_seed_different():
+    model, data = mlp(), batch()
+    a = hessian_diag(model, ce, data, n_probes=8, seed=11)
+    b = hessian_diag(model, ce, data, n_probes=8, seed=11)
+    c = hessian_diag(model, ce, data, n_probes=8, seed=12)
+    assert torch.equal(a.mean, b.mean) and torch.equal(a.m2, b.m2)
+    assert not torch.equal(a.mean, c.mean)
+
+
+def test_estimate_bit_identical_across_backends(backend):
+    # probes and accumulation are bit-identical on every path, so the whole estimate is
+    model, data = mlp(), batch()
+    with sk.use_backend("reference"):
+        want = hessian_diag(model, ce, data, n_probes=6, seed=2, probes_per_pass=3)
+    got = hessian_diag(model, ce, data, n_probes=6, seed=2, probes_per_pass=3)
+    assert torch.equal(got.mean, want.mean) and torch.equal(got.m2, want.m2)
+
+
+# ------------------------------------------------------------------------------------------------ long runs
+def test_resume_equals_uninterrupted(tmp_path):
+    model, data = mlp(), batch()
+    full = hessian_diag(model, ce, data, n_probes=24, seed=4, probes_per_pass=4)
+    ck = tmp_path / "h.ckpt"
+    part = hessian_diag(model, ce, data, n_probes=8, seed=4, probes_per_pass=4, checkpoint=ck)
+    assert part.n_probes == 8
+    res = hessian_diag(model, ce, data, n_probes=24, seed=4, probes_per_pass=4, checkpoint=ck, resume=True)
+    assert res.n_probes == 24
+    assert torch.equal(res.mean, full.mean) and torch.equal(res.m2, full.m2)
+    with pytest.raises(ValueError, match="seed"):
+        hessian_diag(model, ce, data, n_probes=24, seed=5, probes_per_pass=4, checkpoint=ck, resume=True)
+
+
+def test_ctrl_c_keeps_estimate_and_resumes(tmp_path):
+    model, data = mlp(), batch()
+    full = hessian_diag(model, ce, data, n_probes=16, seed=6, probes_per_pass=4, hvp="rev_rev")
+    calls = {"n": 0}
+
+    def flaky(m, b):
+        calls["n"] += 1
+        if calls["n"] == 3:  # during the third pass
+            raise KeyboardInterrupt
+        return ce(m, b)
+
+    ck = tmp_path / "h.ckpt"
+    part = hessian_diag(model, flaky, data, n_probes=16, seed=6, probes_per_pass=4, hvp="rev_rev", checkpoint=ck)
+    assert part.info["stopped_by"] == "interrupted" and part.n_probes == 8
+    assert model.training  # restored after the interrupt
+    res = hessian_diag(model, ce, data, n_probes=16, seed=6, probes_per_pass=4, hvp="rev_rev", checkpoint=ck,
+                       resume=True)
+    assert torch.equal(res.mean, full.mean) and torch.equal(res.m2, full.m2)
+
+
+def test_adaptive_stopping():
+    model, data = mlp(), batch()
+    est = hessian_diag(model, ce, data, n_probes=8, seed=1, probes_per_pass=4, rtol=0.3, max_probes=400)
+    assert est.info["stopped_by"] == "rtol"
+    rse = float(est.stderr.norm() / est.mean.norm())
+    assert rse < 0.3 and est.n_probes < 400
+    # without the rule's help the same cap is reached
+    cap = hessian_diag(model, ce, data, n_probes=8, seed=1, probes_per_pass=4, rtol=1e-9, max_probes=16)
+    assert cap.info["stopped_by"] == "max_probes" and cap.n_probes == 16
+    top = hessian_diag(model, ce, data, n_probes=8, seed=1, probes_per_pass=4, stable_k=5, turnover_tol=0.2,
+                       patience=2, max_probes=2000, progress=True)
+    assert top.info["stopped_by"] == "topk_stable" and top.n_probes < 2000
+    last = [h["turnover"] for h in top.info["history"][-2:]]
+    assert all(t <= 0.2 for t in last)
+
+
+# ------------------------------------------------------------------------------------------------ real models
+def test_batchnorm_uses_eval_statistics_and_restores_mode():
+    model = cnn(bn=True)
+    model.train()
+    with torch.no_grad():  # non-trivial running statistics
+        model[1].running_mean.uniform_(-0.5, 0.5)
+        model[1].running_var.uniform_(0.5, 2.0)
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    data = batch(img=True)
+    H = exact_hessian(model, ce, [data])  # the eval-mode (running statistics) Hessian
+    est = hessian_diag(model, ce, data, n_probes=256, seed=2)
+    z, _ = hutchinson_zscores(est, H)
+    assert float(z.max()) < zcrit(H.shape[0])
+    assert model.training and model[1].training
+    for k, v in model.named_buffers():
+        assert torch.equal(v, buffers[k]), k  # running statistics untouched (no batch-statistics update)
+
+
+def test_dropout_is_off_during_estimation():
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Dropout(0.5), nn.Linear(6, 3)).double().train()
+    ref = nn.Sequential(model[0], model[1], model[3])  # the same parameters without dropout
+    data = batch()
+    a = hessian_diag(model, ce, data, n_probes=8, seed=3)
+    b = hessian_diag(ref, ce, data, n_probes=8, seed=3)
+    assert torch.equal(a.mean, b.mean)
+    assert model.training and model[2].training
+
+
+class TinyAttention(nn.Module):
+    def __init__(self, d=4, classes=3):
+        super().__init__()
+        self.qkv = nn.Linear(d, 3 * d)
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, x):  # x [B, T, d]
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        h = F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)).squeeze(1)
+        return self.head(h.mean(1))
+
+
+def test_attention_model_math_backend():
+    model = TinyAttention().double()
+    g = torch.Generator().manual_seed(3)
+    data = (torch.randn(8, 5, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (8,), generator=g))
+    H = exact_hessian(model, ce, [data])
+    for mode in ("fwd_rev", "rev_rev"):
+        est = hessian_diag(model, ce, data, n_probes=256, seed=1, hvp=mode)
+        z, _ = hutchinson_zscores(est, H)
+        assert float(z.max()) < zcrit(H.shape[0]), mode
+
+
+def test_tied_and_frozen_parameters():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 4)
+            self.b = nn.Linear(4, 4)
+            self.b.weight = self.a.weight  # tied: one parameter, two uses
+            self.frozen = nn.Linear(4, 3)
+            self.frozen.requires_grad_(False)
+
+        def forward(self, x):
+            return self.frozen(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+    model = M().double()
+    g = torch.Generator().manual_seed(0)
+    data = (torch.randn(10, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (10,), generator=g))
+    space = sk.ParamSpace(model)
+    assert space.names == ["a.weight", "a.bias", "b.bias"] and space.numel == 24
+    # oracle: one double backward per coordinate through the model itself (autograd handles the tying)
+    loss = ce(model, data)
+    gr = torch.autograd.grad(loss, space.params, create_graph=True)
+    gflat = torch.cat([x.reshape(-1) for x in gr])
+    H = torch.stack([torch.cat([r.reshape(-1) for r in torch.autograd.grad(gflat[i], space.params,
+                                                                          retain_graph=True)])
+                     for i in range(space.numel)])
+    for mode in ("fwd_rev", "rev_rev"):
+        est = hessian_diag(model, ce, data, n_probes=256, seed=8, hvp=mode)
+        z, _ = hutchinson_zscores(est, H)
+        assert float(z.max()) < zcrit(space.numel), mode
+    ex = hessian_diag(model, ce, data, estimator="exact")
+    torch.testing.assert_close(ex.mean.double(), torch.diagonal(H), rtol=1e-5, atol=1e-7)
+
+
+def test_auto_falls_back_to_rev_rev(caplog):
+    class NoJvp(torch.autograd.Function):  # double-differentiable, but no forward-mode rule
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_backward(x)
+            return x.tanh()
+
+        @staticmethod
+        def backward(ctx, g):
+            (x,) = ctx.saved_tensors
+            return g * (1 - x.tanh() ** 2)
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l1, self.l2 = nn.Linear(5, 4), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.l2(NoJvp.apply(self.l1(x)))
+
+    model, data = M().double(), batch()
+    with caplog.at_level(logging.WARNING, logger="sapsel_kernels.hessian"):
+        est = hessian_diag(model, ce, data, n_probes=8, seed=1, hvp="auto")
+    assert est.info["hvp"] == "rev_rev" and "hvp_fallback_reason" in est.info
+    assert any("falling back" in r.message for r in caplog.records)
+    ref = hessian_diag(model, ce, data, n_probes=8, seed=1, hvp="rev_rev")
+    assert torch.equal(est.mean, ref.mean)
+
+
+# ------------------------------------------------------------------------------------------------ siblings
+def test_exact_estimator_and_size_guard():
+    model, data = cnn(), batch(img=True)
+    H = exact_hessian(model, ce, [data])
+    ex = hessian_diag(model, ce, data, estimator="exact")
+    torch.testing.assert_close(ex.mean.double(), torch.diagonal(H), rtol=1e-5, atol=1e-7)
+    assert torch.equal(ex.var, torch.zeros_like(ex.mean))
+    with pytest.raises(ValueError, match="exact_max_numel"):
+        hessian_diag(model, ce, data, estimator="exact", exact_max_numel=10)
+
+
+def test_grad_abs_and_fisher_definitions():
+    model = mlp()
+    data = [batch(8, seed=s) for s in range(3)]
+    space = sk.ParamSpace(model)
+    grads = []
+    for b in data:
+        model.zero_grad()
+        ce(model, b).backward()
+        grads.append(space.gather("grad", dtype=torch.float64))
+    G = torch.stack(grads)
+    ga = hessian_diag(model, ce, data, estimator="grad_abs")
+    torch.testing.assert_close(ga.mean.double(), G.mean(0).abs(), rtol=1e-5, atol=1e-8)
+    fi = hessian_diag(model, ce, data, estimator="fisher")
+    assert fi.n_probes == 3
+    torch.testing.assert_close(fi.mean.double(), (G ** 2).mean(0), rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(fi.var.double(), (G ** 2).var(0), rtol=1e-4, atol=1e-9)
+
+
+def test_gauss_newton_bartlett_vs_exact_ggn():
+    model, (x, y) = mlp(), batch(12)
+    space = sk.ParamSpace(model)
+    # GGN of the mean cross-entropy: (1/B) sum_i J_i^T (diag p_i - p_i p_i^T) J_i, J_i = d logits_i / d theta
+    flat0 = space.gather(dtype=torch.float64)
+
+    def logits_of(flat):
+        ps = {n: flat[o:o + c].view(s) for n, o, c, s in zip(space.names, space.offsets, space.numels, space.shapes)}
+        return torch.func.functional_call(model, ps, (x,))
+
+    J = torch.func.jacrev(logits_of)(flat0)  # [B, C, N]
+    p = torch.softmax(logits_of(flat0), -1).detach()
+    A = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    ggn_diag = torch.einsum("bcn,bcd,bdn->n", J, A, J) / x.shape[0]
+    est = hessian_diag(model, ce, (x, y), n_probes=800, estimator="gauss_newton", seed=2,
+                       output_fn=lambda m, b: m(b[0]))
+    assert bool((est.mean >= 0).all())  # PSD diagonal
+    z = (est.mean.double() - ggn_diag).abs() / (est.stderr.double() + 1e-7 * ggn_diag.max())
+    # stderr is itself estimated (800 samples, heavy-tailed squares): 1.5x the Bonferroni bound
+    assert float(z.max()) < 1.5 * zcrit(space.numel), float(z.max())
+    with pytest.raises(ValueError, match="output_fn"):
+        hessian_diag(model, ce, (x, y), estimator="gauss_newton")
+
+
+# ------------------------------------------------------------------------------------------------ API
+def test_bad_arguments_and_nan_loss():
+    model, data = mlp(), batch()
+    with pytest.raises(ValueError, match="estimator"):
+        hessian_diag(model, ce, data, estimator="diag")
+    with pytest.raises(ValueError, match="hvp"):
+        hessian_diag(model, ce, data, hvp="fast")
+    with pytest.raises(ValueError, match="n_probes"):
+        hessian_diag(model, ce, data, n_probes=0)
+    with pytest.raises(ValueError, match="stable_k"):
+        hessian_diag(model, ce, data, stable_k=10**6)
+    with pytest.raises(FloatingPointError, match="NaN"):
+        hessian_diag(model, lambda m, b: ce(m, b) * float("nan"), data, n_probes=2)
+    assert model.training
+
+
+def test_save_load_views_and_data_forms(tmp_path):
+    model, data = cnn(), batch(img=True)
+    est = hessian_diag(model, ce, data, n_probes=4, seed=9)
+    views = est.views()
+    assert list(views) == [n for n, p in model.named_parameters()]
+    for (n, p), v in zip(model.named_parameters(), views.values()):
+        assert v.shape == p.shape
+    est.save(tmp_path / "e.pt")
+    back = DiagEstimate.load(tmp_path / "e.pt", space=model)
+    assert torch.equal(back.mean, est.mean) and torch.equal(back.var, est.var) and back.n_probes == 4
+    with pytest.raises(ValueError, match="signature"):
+        DiagEstimate.load(tmp_path / "e.pt", space=mlp())
+    # a one-shot generator of batches is read once and gives the same as the list
+    x, y = data
+    as_list = hessian_diag(model, ce, [(x[:12], y[:12]), (x[12:], y[12:])], n_probes=4, seed=9)
+    as_gen = hessian_diag(model, ce, ((x[i:i + 12], y[i:i + 12]) for i in (0, 12)), n_probes=4, seed=9)
+    assert torch.equal(as_list.mean, as_gen.mean)
+    assert math.isnan(float(hessian_diag(model, ce, data, n_probes=1).var[0]))

@@ -274,10 +274,13 @@ def plot_budget_curves(agg: List[Dict[str, Any]], metrics: Dict[str, str], path:
                 ax = axes[r][c]
                 sub = [a for a in agg if a["setting"] == setting and a["method"] == method]
                 for j, strat in enumerate(strategies):
-                    pts = sorted((a["budget"], a[metric]) for a in sub if a["strategy"] == strat)
+                    pts = sorted(((a["budget"], a[metric]) for a in sub if a["strategy"] == strat),
+                                 key=lambda t: t[0])
                     if not pts:
                         continue
-                    xs = [100 * b for b, _ in pts]
+                    # small multiplicative x-offsets so that coinciding strategies stay visible
+                    jit = 1.0 + 0.06 * (j - (len(strategies) - 1) / 2)
+                    xs = [100 * b * jit for b, _ in pts]
                     ys = [m["mean"] for _, m in pts]
                     es = [m["std"] for _, m in pts]
                     ax.errorbar(xs, ys, yerr=es, marker="o", ms=3, lw=1.2, capsize=2, color=cmap(j % 10),
@@ -286,6 +289,11 @@ def plot_budget_curves(agg: List[Dict[str, Any]], metrics: Dict[str, str], path:
                 if allp:
                     ax.axhline(allp[0]["mean"], color="k", ls="--", lw=1, label="all (100%)")
                 ax.set_xscale("log")
+                ticks = sorted({a["budget"] for a in sub if a["budget"] < 1.0})
+                if ticks:
+                    ax.set_xticks([100 * t for t in ticks])
+                    ax.set_xticklabels([f"{100 * t:g}" for t in ticks])
+                    ax.minorticks_off()
                 ax.grid(alpha=0.3)
                 if r == 0:
                     ax.set_title(method, fontsize=9)

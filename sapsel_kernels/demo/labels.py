@@ -231,12 +231,15 @@ class LabelsTask:
             return [{"tau": eta / nz} for eta in etas]
         if method in ("second_order", "diag_newton"):
             n = setup.extra["n_train"]  # damping on the summed scale = n_train × damping on the mean scale
-            lams = (1e-2, 1e-1) if q else (1e-3, 1e-2, 1e-1, 1.0)
+            if method == "second_order":
+                lams = (1e-3, 1e-2) if q else (1e-4, 1e-3, 1e-2, 1e-1)
+            else:
+                lams = (1e-1, 1.0) if q else (1e-3, 1e-2, 1e-1, 1.0, 10.0)
             return [{"damping": n * lam} for lam in lams]
         if method == "sam_finetune":
-            return [{"lr": lr} for lr in ((0.03, 0.3) if q else (0.01, 0.03, 0.1, 0.3, 1.0))]
+            return [{"lr": lr} for lr in ((0.3, 1.0) if q else (0.1, 0.3, 1.0, 3.0))]
         if method == "gradient_ascent":
-            return [{"lr": lr} for lr in ((0.003, 0.03) if q else (0.001, 0.003, 0.01, 0.03, 0.1))]
+            return [{"lr": lr} for lr in ((0.01, 0.1) if q else (0.003, 0.01, 0.03, 0.1, 0.3))]
         raise ValueError(method)
 
     def unlearn_kwargs(self, method: str, setup) -> Dict[str, Any]:
@@ -255,7 +258,7 @@ class LabelsTask:
                                                     n_probes=getattr(self, "n_probes", 32))
             return {"train_data": e["hessian_data"], "n_train": e["n_train"], "diag": cache["hessian"][0]}
         if method == "sam_finetune":
-            return {"steps": 10 if self.quick else 30, "rho": 0.05, "retain": e["retain"]}
+            return {"steps": 10 if self.quick else 20, "rho": 0.05, "retain": e["retain"]}
         if method == "gradient_ascent":
             return {"steps": 5 if self.quick else 10}
         return {}

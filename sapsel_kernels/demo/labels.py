@@ -327,10 +327,65 @@ def main(argv: Optional[List[str]] = None) -> int:
     with open(os.path.join(args.out, "demo_labels.md"), "w") as f:
         f.write(base + "\n\n" + common.format_table(agg, task.metric_labels, markdown=True, digits=task.digits)
                 + "\n")
+    with open(os.path.join(args.out, "demo_labels_summary.md"), "w") as f:
+        f.write(base + "\n\n" + summary_markdown(payload) + "\n")
     common.plot_budget_curves(agg, task.plot_metrics, os.path.join(args.out, "demo_labels.png"),
                               title=f"label repair on digits, {len(seeds)} seed(s), mean ± std")
-    print(f"\nwrote {args.out}/demo_labels.json, demo_labels.md, demo_labels.png  ({total_s:.1f} s)")
+    print(f"\nwrote {args.out}/demo_labels.json, demo_labels.md, demo_labels_summary.md, demo_labels.png "
+          f"({total_s:.1f} s)")
     return 0
+
+
+def summary_markdown(payload: Dict[str, Any]) -> str:
+    """Compact markdown for the README: per metric, strategy rows × method columns, each cell the means at the
+    budgets below 100% ("0.1% / 1% / 5%"), the ``all`` row at 100%; then the cost of each selection strategy and
+    of each method (means over seeds and cells)."""
+    agg, methods = payload["aggregate"], payload["methods"]
+    out = []
+    for rate in payload["rates"]:
+        sub = [a for a in agg if a["setting"] == rate]
+        budgets = sorted({a["budget"] for a in sub if a["strategy"] != "all"})
+        strategies = list(dict.fromkeys(a["strategy"] for a in sub))
+        for metric, label in (("restored_test", "test accuracy restored %"),
+                              ("restored_affected", "affected-point accuracy restored %"),
+                              ("agreement", "agreement with the retrained model %"),
+                              ("relearn_steps", "relearning steps (higher = more robust)")):
+            bl = " / ".join(common.budget_label(b) for b in budgets)
+            out.append(f"**{label}** (rate {rate:g}; cells: budget {bl}; mean over {len(payload['seeds'])} seeds)\n")
+            out.append("| strategy | " + " | ".join(methods) + " |")
+            out.append("|---|" + "---|" * len(methods))
+            for st in strategies:
+                cells = []
+                for m in methods:
+                    vals = sorted(((a["budget"], a[metric]["mean"]) for a in sub
+                                   if a["strategy"] == st and a["method"] == m), key=lambda t: t[0])
+                    cells.append(" / ".join(f"{v:.0f}" if metric != "relearn_steps" else f"{v:.1f}"
+                                            for _, v in vals) or "-")
+                name = f"{st} (100%)" if st == "all" else st
+                out.append(f"| {name} | " + " | ".join(cells) + " |")
+            out.append("")
+        rows = [r for r in payload["rows"] if r["setting"] == rate]
+        out.append("**cost of selection** (once per seed, shared by every budget and method)\n")
+        out.append("| strategy | seconds | per-point gradients | per-point HVPs |")
+        out.append("|---|---|---|---|")
+        for st in strategies:
+            rs = [r for r in rows if r["strategy"] == st]
+            n = len(rs)
+            out.append(f"| {st} | {sum(r['select_s'] for r in rs) / n:.2f} | "
+                       f"{sum(r['select_gradients'] for r in rs) / n:.0f} | {sum(r['select_hvps'] for r in rs) / n:.0f} |")
+        out.append("")
+        out.append("**cost of one unlearning call** (the chosen hyperparameter; mean over strategies, budgets < 100%, "
+                   "and seeds; tuning runs every candidate)\n")
+        out.append("| method | seconds | per-point gradients | per-point HVPs | candidates tried: seconds |")
+        out.append("|---|---|---|---|---|")
+        for m in methods:
+            rs = [r for r in rows if r["method"] == m and r["budget"] < 1.0]
+            n = max(len(rs), 1)
+            out.append(f"| {m} | {sum(r['wall_time_s'] for r in rs) / n:.3f} | "
+                       f"{sum(r['n_gradients'] for r in rs) / n:.0f} | {sum(r['n_hvps'] for r in rs) / n:.0f} | "
+                       f"{sum(r['tune_s'] for r in rs) / n:.2f} |")
+        out.append("")
+    return "\n".join(out)
 
 
 def _baseline_summary(baselines) -> str:

@@ -232,12 +232,12 @@ class LabelsTask:
         if method in ("second_order", "diag_newton"):
             n = setup.extra["n_train"]  # damping on the summed scale = n_train × damping on the mean scale
             if method == "second_order":
-                lams = (1e-3, 1e-2) if q else (1e-4, 1e-3, 1e-2, 1e-1)
+                lams = (1e-3, 1e-2, 1e-1) if q else (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
             else:
                 lams = (1e-1, 1.0) if q else (1e-3, 1e-2, 1e-1, 1.0, 10.0)
             return [{"damping": n * lam} for lam in lams]
         if method == "sam_finetune":
-            return [{"lr": lr} for lr in ((0.3, 1.0) if q else (0.1, 0.3, 1.0, 3.0))]
+            return [{"lr": lr} for lr in ((0.03, 0.3) if q else (0.03, 0.1, 0.3, 1.0, 3.0))]
         if method == "gradient_ascent":
             return [{"lr": lr} for lr in ((0.01, 0.1) if q else (0.003, 0.01, 0.03, 0.1, 0.3))]
         raise ValueError(method)

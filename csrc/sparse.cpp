@@ -28,15 +28,15 @@ void check_floating(const at::Tensor& t, const char* what) {
                     " must be float32/float64/float16/bfloat16, got ", s);
 }
 
-// idx: CPU, contiguous, 1-D int64, ascending (so checking the ends bounds every entry) within [0, n).
-void check_idx(const at::Tensor& idx, int64_t n, const char* what) {
+// idx: CPU, contiguous, 1-D int64, ascending (so checking the ends bounds every entry); idx - off within [0, n).
+void check_idx(const at::Tensor& idx, int64_t n, const char* what, int64_t off = 0) {
   SAPSEL_CHECK_CPU(idx);
   TORCH_CHECK_VALUE(idx.scalar_type() == at::kLong && idx.dim() == 1, what, " must be a 1-D int64 tensor");
   TORCH_CHECK_VALUE(idx.is_contiguous(), what, " must be contiguous");
   const int64_t k = idx.numel();
   if (k) {
     const int64_t* p = idx.data_ptr<int64_t>();
-    TORCH_CHECK_INDEX(p[0] >= 0 && p[k - 1] < n, what, " out of range [0, ", n, ")");
+    TORCH_CHECK_INDEX(p[0] - off >= 0 && p[k - 1] - off < n, what, " out of range [", off, ", ", off + n, ")");
   }
 }
 
@@ -49,11 +49,13 @@ void check_state(const at::Tensor& s, int64_t k, at::ScalarType dtype, const cha
 
 at::ScalarType acc_type(at::ScalarType s) { return s == at::kDouble ? at::kDouble : at::kFloat; }
 
-// params[i] (mutated in place: contiguous), grads[i] (same dtype/numel), idx[i] (into the flattened tensor).
-void check_lists(const TensorList& params, const TensorList& grads, const TensorList& idx, bool param_contig) {
-  TORCH_CHECK_VALUE(params.size() == grads.size() && params.size() == idx.size(),
-                    "params, grads and idx must have one entry per parameter tensor (", params.size(), ", ",
-                    grads.size(), ", ", idx.size(), ")");
+// params[i] (mutated in place: contiguous), grads[i] (same dtype/numel), idx[i] - offsets[i] (into the flattened
+// tensor).
+void check_lists(const TensorList& params, const TensorList& grads, const TensorList& idx,
+                 const std::vector<int64_t>& offsets, bool param_contig, bool check_indices = true) {
+  TORCH_CHECK_VALUE(params.size() == grads.size() && params.size() == idx.size() && params.size() == offsets.size(),
+                    "params, grads, idx and offsets must have one entry per parameter tensor (", params.size(), ", ",
+                    grads.size(), ", ", idx.size(), ", ", offsets.size(), ")");
   for (size_t i = 0; i < params.size(); ++i) {
     const auto& w = params[i];
     const auto& g = grads[i];
@@ -64,7 +66,7 @@ void check_lists(const TensorList& params, const TensorList& grads, const Tensor
     TORCH_CHECK_VALUE(g.is_contiguous(), "grads[", i, "] must be contiguous");
     TORCH_CHECK_VALUE(g.scalar_type() == w.scalar_type() && g.numel() == w.numel(), "grads[", i,
                       "] must match params[", i, "] in dtype and size");
-    check_idx(idx[i], w.numel(), "idx[i]");
+    if (check_indices) check_idx(idx[i], w.numel(), "idx[i]", offsets[i]);
   }
 }
 
@@ -116,9 +118,9 @@ at::Tensor sparse_scatter_add_cpu(const at::Tensor& flat, const at::Tensor& idx,
 // ------------------------------------------------------------------------------------------ SAM: norm
 // out[i] = sum_j (t_j g_j)^2 over idx[i] (or the whole tensor when full), t = |w| + eta if adaptive else 1.
 // Per-task partials combined by parallel_reduce (deterministic for a fixed thread count).
-at::Tensor sam_grad_sqnorm_cpu(const TensorList& grads, const TensorList& params, const TensorList& idx, double eta,
-                               bool adaptive, bool full) {
-  check_lists(params, grads, idx, /*param_contig=*/false);
+at::Tensor sam_grad_sqnorm_cpu(const TensorList& grads, const TensorList& params, const TensorList& idx,
+                               const std::vector<int64_t>& offsets, double eta, bool adaptive, bool full) {
+  check_lists(params, grads, idx, offsets, /*param_contig=*/false, /*check_indices=*/!full);
   bool any_double = false;
   for (const auto& g : grads) any_double |= g.scalar_type() == at::kDouble;
   std::vector<double> res(grads.size(), 0.0);
@@ -132,12 +134,13 @@ at::Tensor sam_grad_sqnorm_cpu(const TensorList& grads, const TensorList& params
       const scalar_t* gp = g.data_ptr<scalar_t>();
       const scalar_t* wp = adaptive ? w.data_ptr<scalar_t>() : nullptr;
       const int64_t* ix = full ? nullptr : idx[i].data_ptr<int64_t>();
+      const int64_t off = offsets[i];
       const acc_t et = static_cast<acc_t>(eta);
       const acc_t s = at::parallel_reduce(
           0, n, kGrain, acc_t(0),
           [&](int64_t b, int64_t e, acc_t acc) {
             for (int64_t j = b; j < e; ++j) {
-              const int64_t p = full ? j : ix[j];
+              const int64_t p = full ? j : ix[j] - off;
               acc_t v = static_cast<acc_t>(gp[p]);
               if (adaptive) v *= std::abs(static_cast<acc_t>(wp[p])) + et;
               acc += v * v;
@@ -155,9 +158,10 @@ at::Tensor sam_grad_sqnorm_cpu(const TensorList& grads, const TensorList& params
 
 // ------------------------------------------------------------------------------------------ SAM: perturb
 // saved[i][j] = w[idx[j]] (bit copy); w[idx[j]] += scale * g (ASAM: scale * (|w| + eta)^2 * g).
-void sam_perturb_cpu(const TensorList& params, const TensorList& grads, const TensorList& idx, const TensorList& saved,
-                     double scale, double eta, bool adaptive) {
-  check_lists(params, grads, idx, /*param_contig=*/true);
+void sam_perturb_cpu(const TensorList& params, const TensorList& grads, const TensorList& idx,
+                     const std::vector<int64_t>& offsets, const TensorList& saved, double scale, double eta,
+                     bool adaptive) {
+  check_lists(params, grads, idx, offsets, /*param_contig=*/true);
   TORCH_CHECK_VALUE(saved.size() == params.size(), "saved must have one entry per parameter tensor");
   for (size_t i = 0; i < params.size(); ++i) check_state(saved[i], idx[i].numel(), params[i].scalar_type(), "saved[i]");
   for (size_t i = 0; i < params.size(); ++i) {
@@ -167,11 +171,12 @@ void sam_perturb_cpu(const TensorList& params, const TensorList& grads, const Te
       scalar_t* w = params[i].data_ptr<scalar_t>();
       const scalar_t* g = grads[i].data_ptr<scalar_t>();
       const int64_t* ix = idx[i].data_ptr<int64_t>();
+      const int64_t off = offsets[i];
       scalar_t* sv = saved[i].data_ptr<scalar_t>();
       const acc_t sc = static_cast<acc_t>(scale), et = static_cast<acc_t>(eta);
       at::parallel_for(0, k, kGrain, [&](int64_t b, int64_t e) {
         for (int64_t j = b; j < e; ++j) {
-          const int64_t p = ix[j];
+          const int64_t p = ix[j] - off;
           const scalar_t w0 = w[p];
           sv[j] = w0;
           const acc_t wa = static_cast<acc_t>(w0);
@@ -190,9 +195,10 @@ void sam_perturb_cpu(const TensorList& params, const TensorList& grads, const Te
 // ------------------------------------------------------------------------------------------ SGD step
 // torch.optim.SGD on the selected entries, starting from saved[i][j] (SAM restore fused) or w[idx[j]].
 void sparse_sgd_step_cpu(const TensorList& params, const TensorList& grads, const TensorList& idx,
-                         const TensorList& bufs, const TensorList& saved, double lr, double momentum, double dampening,
+                         const std::vector<int64_t>& offsets, const TensorList& bufs, const TensorList& saved,
+                         double lr, double momentum, double dampening,
                          double weight_decay, bool nesterov, bool first, double inv_scale) {
-  check_lists(params, grads, idx, /*param_contig=*/true);
+  check_lists(params, grads, idx, offsets, /*param_contig=*/true);
   const bool has_mom = momentum != 0.0, has_saved = !saved.empty();
   TORCH_CHECK_VALUE(!has_mom || bufs.size() == params.size(), "momentum_buffers must have one entry per tensor");
   TORCH_CHECK_VALUE(!has_saved || saved.size() == params.size(), "saved must be empty or have one entry per tensor");
@@ -208,12 +214,13 @@ void sparse_sgd_step_cpu(const TensorList& params, const TensorList& grads, cons
       scalar_t* w = params[i].data_ptr<scalar_t>();
       const scalar_t* g = grads[i].data_ptr<scalar_t>();
       const int64_t* ix = idx[i].data_ptr<int64_t>();
+      const int64_t off = offsets[i];
       acc_t* bf = has_mom ? bufs[i].data_ptr<acc_t>() : nullptr;
       const scalar_t* sv = has_saved ? saved[i].data_ptr<scalar_t>() : nullptr;
       const acc_t lr_ = lr, mom = momentum, damp1 = 1.0 - dampening, wd = weight_decay, inv = inv_scale;
       at::parallel_for(0, k, kGrain, [&](int64_t b, int64_t e) {
         for (int64_t j = b; j < e; ++j) {
-          const int64_t p = ix[j];
+          const int64_t p = ix[j] - off;
           const acc_t w0 = static_cast<acc_t>(has_saved ? sv[j] : w[p]);
           acc_t d = static_cast<acc_t>(g[p]) * inv;
           if (weight_decay != 0.0) d = d + wd * w0;
@@ -232,10 +239,11 @@ void sparse_sgd_step_cpu(const TensorList& params, const TensorList& grads, cons
 // ------------------------------------------------------------------------------------------ AdamW step
 // torch.optim.AdamW (amsgrad=False) on the selected entries; step = 1-based count after this update.
 void sparse_adamw_step_cpu(const TensorList& params, const TensorList& grads, const TensorList& idx,
-                           const TensorList& exp_avg, const TensorList& exp_avg_sq, const TensorList& saved, double lr,
+                           const std::vector<int64_t>& offsets, const TensorList& exp_avg,
+                           const TensorList& exp_avg_sq, const TensorList& saved, double lr,
                            double beta1, double beta2, double eps, double weight_decay, int64_t step,
                            double inv_scale) {
-  check_lists(params, grads, idx, /*param_contig=*/true);
+  check_lists(params, grads, idx, offsets, /*param_contig=*/true);
   TORCH_CHECK_VALUE(step >= 1, "step must be >= 1");
   const bool has_saved = !saved.empty();
   TORCH_CHECK_VALUE(exp_avg.size() == params.size() && exp_avg_sq.size() == params.size(),
@@ -258,6 +266,7 @@ void sparse_adamw_step_cpu(const TensorList& params, const TensorList& grads, co
       scalar_t* w = params[i].data_ptr<scalar_t>();
       const scalar_t* g = grads[i].data_ptr<scalar_t>();
       const int64_t* ix = idx[i].data_ptr<int64_t>();
+      const int64_t off = offsets[i];
       acc_t* m = exp_avg[i].data_ptr<acc_t>();
       acc_t* v = exp_avg_sq[i].data_ptr<acc_t>();
       const scalar_t* sv = has_saved ? saved[i].data_ptr<scalar_t>() : nullptr;
@@ -265,7 +274,7 @@ void sparse_adamw_step_cpu(const TensorList& params, const TensorList& grads, co
       const acc_t step_size = step_size_d, bc2_sqrt = bc2_sqrt_d, decay = decay_d;
       at::parallel_for(0, k, kGrain, [&](int64_t b, int64_t e) {
         for (int64_t j = b; j < e; ++j) {
-          const int64_t p = ix[j];
+          const int64_t p = ix[j] - off;
           const acc_t w0 = static_cast<acc_t>(has_saved ? sv[j] : w[p]) * decay;
           const acc_t d = static_cast<acc_t>(g[p]) * inv;
           const acc_t mj = m[j] + b1c * (d - m[j]);

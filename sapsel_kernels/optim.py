@@ -32,6 +32,7 @@ original SAM's m-sharpness); by default let both backward passes all-reduce so e
 """
 
 import contextlib
+import hashlib
 import math
 from typing import Dict, List, Optional, Tuple
 
@@ -99,6 +100,11 @@ def selection_indices(selection, space: ParamSpace) -> torch.Tensor:
     return idx
 
 
+def _hash_indices(idx: torch.Tensor) -> str:
+    """Fingerprint of a selection's indices (stored in state_dict to refuse resuming with another selection)."""
+    return hashlib.sha1(idx.detach().cpu().numpy().tobytes()).hexdigest()[:16]
+
+
 @contextlib.contextmanager
 def frozen_bn_stats(model: torch.nn.Module):
     """Within the block, BatchNorm layers in train mode normalise with batch statistics as usual but do not update
@@ -132,17 +138,25 @@ class _SparseOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"parameter {name!r} is not contiguous; sparse optimizers index its flat storage")
             if not p.is_floating_point():
                 raise ValueError(f"parameter {name!r} has dtype {p.dtype}; expected a floating dtype")
-        idx = selection_indices(selection, space)
+        idx = selection_indices(selection, space).contiguous()
         self.space = space
         self.model = space_or_model if isinstance(space_or_model, torch.nn.Module) else None
         self.k = int(idx.numel())
         self._initializing = True
         super().__init__(groups if groups is not None else [{"params": list(space.params)}], defaults)
         self._initializing = False
-        local = space.split_indices(idx)
-        for name, p in zip(space.names, space.params):
-            if name in local:
-                self.state[p]["idx"] = local[name].contiguous()
+        # Per parameter: a view of the selection's global indices (no copy) and the parameter's flat offset; the
+        # kernels address element idx - offset of the parameter. One searchsorted + one host sync, O(P) Python.
+        cuts = torch.searchsorted(idx, space._bounds.to(idx.device)).tolist()
+        self._idx: Dict[torch.Tensor, torch.Tensor] = {}
+        self._off: Dict[torch.Tensor, int] = {}
+        self._pos: Dict[torch.Tensor, int] = {}
+        for i, p in enumerate(space.params):
+            self._pos[p] = i
+            if cuts[i + 1] > cuts[i]:
+                self._idx[p] = idx[cuts[i]:cuts[i + 1]]
+                self._off[p] = space.offsets[i]
+        self._selection_hash = _hash_indices(idx)
         self.last_step_skipped = False
 
     def add_param_group(self, param_group):
@@ -156,8 +170,7 @@ class _SparseOptimizer(torch.optim.Optimizer):
         """(params, grads, local idx) of the group's parameters that have selected coordinates and a gradient."""
         ps, gs, ixs = [], [], []
         for p in group["params"]:
-            st = self.state.get(p)
-            if not st or "idx" not in st or p.grad is None:
+            if p not in self._idx or p.grad is None:
                 continue
             if only is not None and p not in only:
                 continue
@@ -166,8 +179,11 @@ class _SparseOptimizer(torch.optim.Optimizer):
                 raise RuntimeError("sparse (torch.sparse) gradients are not supported")
             ps.append(p)
             gs.append(g if g.is_contiguous() else g.contiguous())
-            ixs.append(st["idx"])
+            ixs.append(self._idx[p])
         return ps, gs, ixs
+
+    def _offs(self, ps):
+        return [self._off[p] for p in ps]
 
     def _amp(self) -> Tuple[float, bool]:
         """(inverse grad scale, found_inf) handed over by ``GradScaler.step`` (1.0, False without a scaler)."""
@@ -176,11 +192,11 @@ class _SparseOptimizer(torch.optim.Optimizer):
         inv = 1.0 if gs is None else 1.0 / float(gs)
         return inv, (fi is not None and float(fi) != 0.0)
 
-    @staticmethod
-    def _finite(lists) -> bool:
+    def _finite(self, lists) -> bool:
         """One fused pass over all selected gradients: True when every one is finite."""
         for ps, gs, ixs in lists:
-            if ps and not bool(torch.isfinite(torch.ops.sapsel.sam_grad_sqnorm(gs, ps, ixs, 0.0, False, False)).all()):
+            if ps and not bool(torch.isfinite(torch.ops.sapsel.sam_grad_sqnorm(gs, ps, ixs, self._offs(ps), 0.0, False,
+                                                                               False)).all()):
                 return False
         return True
 
@@ -191,13 +207,14 @@ class _SparseOptimizer(torch.optim.Optimizer):
             st = self.state[p]
             first = mom != 0 and "momentum_buffer" not in st
             if first:
-                st["momentum_buffer"] = torch.zeros(st["idx"].numel(), dtype=acc_dtype(p.dtype), device=p.device)
+                st["momentum_buffer"] = torch.zeros(ixs[j].numel(), dtype=acc_dtype(p.dtype), device=p.device)
             buckets[first].append(j)
         for first, js in buckets.items():
             if not js:
                 continue
             bufs = [self.state[ps[j]]["momentum_buffer"] for j in js] if mom != 0 else []
-            torch.ops.sapsel.sparse_sgd_step([ps[j] for j in js], [gs[j] for j in js], [ixs[j] for j in js], bufs,
+            pl = [ps[j] for j in js]
+            torch.ops.sapsel.sparse_sgd_step(pl, [gs[j] for j in js], [ixs[j] for j in js], self._offs(pl), bufs,
                                              [saved[j] for j in js] if saved else [], float(group["lr"]), float(mom),
                                              float(group["dampening"]), float(group["weight_decay"]),
                                              bool(group["nesterov"]), first, inv_scale)
@@ -208,7 +225,7 @@ class _SparseOptimizer(torch.optim.Optimizer):
         for j, p in enumerate(ps):
             st = self.state[p]
             if "step" not in st:
-                n, a = st["idx"].numel(), acc_dtype(p.dtype)
+                n, a = ixs[j].numel(), acc_dtype(p.dtype)
                 st["step"] = 0
                 st["exp_avg"] = torch.zeros(n, dtype=a, device=p.device)
                 st["exp_avg_sq"] = torch.zeros(n, dtype=a, device=p.device)
@@ -216,7 +233,7 @@ class _SparseOptimizer(torch.optim.Optimizer):
             buckets.setdefault(st["step"], []).append(j)
         for step, js in buckets.items():
             pl = [ps[j] for j in js]
-            torch.ops.sapsel.sparse_adamw_step(pl, [gs[j] for j in js], [ixs[j] for j in js],
+            torch.ops.sapsel.sparse_adamw_step(pl, [gs[j] for j in js], [ixs[j] for j in js], self._offs(pl),
                                                [self.state[p]["exp_avg"] for p in pl],
                                                [self.state[p]["exp_avg_sq"] for p in pl],
                                                [saved[j] for j in js] if saved else [], float(group["lr"]),
@@ -224,9 +241,13 @@ class _SparseOptimizer(torch.optim.Optimizer):
                                                float(group["weight_decay"]), int(step), inv_scale)
 
     # ------------------------------------------------------------------ introspection
-    def state_bytes(self) -> int:
-        """Bytes of optimizer state held on the device (indices, moments, SAM's saved weights)."""
+    def state_bytes(self, include_indices: bool = False) -> int:
+        """Bytes of optimizer state held on the device: moments / momentum and SAM's saved weights. The indices are
+        views of the Selection's own tensor (8 bytes per selected coordinate, held by the Selection whether or not an
+        optimizer exists); ``include_indices=True`` counts them too."""
         total = sum(v.numel() * v.element_size() for v in getattr(self, "_saved", {}).values())
+        if include_indices:
+            total += 8 * self.k
         for st in self.state.values():
             for v in st.values():
                 if isinstance(v, torch.Tensor):
@@ -239,7 +260,8 @@ class _SparseOptimizer(torch.optim.Optimizer):
             raise RuntimeError("state_dict() between first_step() and second_step() is not supported: the weights are "
                                "perturbed; save after second_step()")
         sd = super().state_dict()
-        sd["sapsel"] = {"space_signature": self.space.signature, "k": self.k, "type": type(self).__name__}
+        sd["sapsel"] = {"space_signature": self.space.signature, "k": self.k, "type": type(self).__name__,
+                        "selection_hash": self._selection_hash}
         return sd
 
     def load_state_dict(self, state_dict):
@@ -250,9 +272,12 @@ class _SparseOptimizer(torch.optim.Optimizer):
             raise ValueError("not a sapsel sparse-optimizer state_dict (no 'sapsel' entry)")
         if meta["type"] != type(self).__name__:
             raise ValueError(f"state_dict is from {meta['type']}, not {type(self).__name__}")
-        if meta["space_signature"] != self.space.signature or meta["k"] != self.k:
-            raise ValueError(f"state_dict was saved for another space/selection (signature {meta['space_signature']}, "
-                             f"k={meta['k']}; here {self.space.signature}, k={self.k})")
+        if meta["space_signature"] != self.space.signature:
+            raise ValueError(f"state_dict was saved for another model/ParamSpace (signature {meta['space_signature']}, "
+                             f"here {self.space.signature})")
+        if meta["k"] != self.k or meta["selection_hash"] != self._selection_hash:
+            raise ValueError(f"state_dict was saved with a different selection (k={meta['k']}, here k={self.k}); "
+                             "resume with the same Selection")
         groups = state_dict["param_groups"]
         if len(groups) != len(self.param_groups) or any(
                 len(a["params"]) != len(b["params"]) for a, b in zip(groups, self.param_groups)):
@@ -263,14 +288,12 @@ class _SparseOptimizer(torch.optim.Optimizer):
         new_state = {}
         for pid, st in state_dict["state"].items():
             p = id_map[pid]
-            cur = self.state.get(p, {})
-            if "idx" in st or "idx" in cur:
-                if "idx" not in st or "idx" not in cur or not torch.equal(st["idx"].to(p.device), cur["idx"]):
-                    raise ValueError("state_dict was saved with a different selection")
+            n = self._idx[p].numel() if p in self._idx else 0
+            for key, v in st.items():
+                if isinstance(v, torch.Tensor) and v.dim() == 1 and v.numel() != n:
+                    raise ValueError(f"state_dict entry {key!r} has {v.numel()} values, the selection has {n} in "
+                                     "this parameter")
             new_state[p] = {k: (v.to(p.device).clone() if isinstance(v, torch.Tensor) else v) for k, v in st.items()}
-        for p in self.space.params:
-            if "idx" in self.state.get(p, {}) and p not in new_state:
-                raise ValueError("state_dict was saved with a different selection")
         for a, b in zip(groups, self.param_groups):
             for key, v in a.items():
                 if key != "params":
@@ -417,12 +440,15 @@ class SparseSAM(_SparseOptimizer):
             if full:
                 ps = [p for p in group["params"] if p.grad is not None]
                 gs = [p.grad.contiguous() for p in ps]
-                ixs = [self.state[p]["idx"] if "idx" in self.state.get(p, {})
-                       else torch.empty(0, dtype=torch.int64, device=p.device) for p in ps]
+                ixs = [self._idx[p] if p in self._idx else torch.empty(0, dtype=torch.int64, device=p.device)
+                       for p in ps]
+                offs = [self.space.offsets[self._pos[p]] for p in ps]
             else:
                 ps, gs, ixs = self._active(group)
+                offs = self._offs(ps)
             if ps:
-                sq = torch.ops.sapsel.sam_grad_sqnorm(gs, ps, ixs, float(group["eta"]), bool(group["adaptive"]), full)
+                sq = torch.ops.sapsel.sam_grad_sqnorm(gs, ps, ixs, offs, float(group["eta"]), bool(group["adaptive"]),
+                                                      full)
                 total += float(sq.double().sum())
         return math.sqrt(total) * inv_scale if math.isfinite(total) else float("nan")
 
@@ -449,7 +475,8 @@ class SparseSAM(_SparseOptimizer):
                         self._saved[p] = torch.empty(ix.numel(), dtype=p.dtype, device=p.device)
                     saved.append(self._saved[p])
                 scale = float(group["rho"]) / (norm + self.norm_eps) * inv
-                torch.ops.sapsel.sam_perturb(ps, gs, ixs, saved, scale, float(group["eta"]), bool(group["adaptive"]))
+                torch.ops.sapsel.sam_perturb(ps, gs, ixs, self._offs(ps), saved, scale, float(group["eta"]),
+                                             bool(group["adaptive"]))
                 self._pert.extend(ps)
             self._perturbed = True
         else:
@@ -460,7 +487,7 @@ class SparseSAM(_SparseOptimizer):
 
     def _restore(self, params):
         for p in params:
-            p.view(-1).index_copy_(0, self.state[p]["idx"], self._saved[p])
+            p.view(-1).index_copy_(0, self._idx[p] - self._off[p], self._saved[p])
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> bool:

@@ -112,14 +112,16 @@ def _case(dtype, seed=0):
     shapes = [(300,), (17, 40), (5,)]
     params = [torch.randn(s, generator=g).to(dtype) for s in shapes]
     grads = [torch.randn(s, generator=g).to(dtype) for s in shapes]
-    idx = [_sorted_idx(300, 120, g), _sorted_idx(680, 333, g), torch.empty(0, dtype=torch.int64)]
+    # indices are global (offset by the tensor's position in a flat space), as the optimizers pass them
+    offsets = [1000, 1300, 1980]
+    idx = [_sorted_idx(300, 120, g) + 1000, _sorted_idx(680, 333, g) + 1300, torch.empty(0, dtype=torch.int64)]
     a = R.acc_dtype(dtype)
     st = {
         "buf": [torch.randn(i.numel(), generator=g).to(a) for i in idx],
         "v": [torch.rand(i.numel(), generator=g).to(a) for i in idx],
         "saved": [torch.randn(i.numel(), generator=g).to(dtype) for i in idx],
     }
-    return params, grads, idx, st
+    return params, grads, idx, offsets, st
 
 
 def _clone(xs):
@@ -128,19 +130,19 @@ def _clone(xs):
 
 def _run(op, dtype, **kw):
     """Run op on a fresh case; returns every mutated tensor, flattened into one list."""
-    params, grads, idx, st = _case(dtype)
+    params, grads, idx, offs, st = _case(dtype)
     p, buf, v, saved = _clone(params), _clone(st["buf"]), _clone(st["v"]), _clone(st["saved"])
     if op == "perturb":
         sv = [torch.empty_like(s) for s in saved]
-        torch.ops.sapsel.sam_perturb(p, grads, idx, sv, 0.37, kw["eta"], kw["adaptive"])
+        torch.ops.sapsel.sam_perturb(p, grads, idx, offs, sv, 0.37, kw["eta"], kw["adaptive"])
         return p + sv
     if op == "sgd":
-        torch.ops.sapsel.sparse_sgd_step(p, grads, idx, buf if kw["momentum"] else [], saved if kw["saved"] else [],
+        torch.ops.sapsel.sparse_sgd_step(p, grads, idx, offs, buf if kw["momentum"] else [], saved if kw["saved"] else [],
                                          0.1, kw["momentum"], 0.2 if not kw["nesterov"] else 0.0, 0.03,
                                          kw["nesterov"], kw["first"], 0.5)
         return p + buf
     if op == "adamw":
-        torch.ops.sapsel.sparse_adamw_step(p, grads, idx, buf, v, saved if kw["saved"] else [], 0.01, 0.9, 0.99, 1e-8,
+        torch.ops.sapsel.sparse_adamw_step(p, grads, idx, offs, buf, v, saved if kw["saved"] else [], 0.01, 0.9, 0.99, 1e-8,
                                            0.1, kw["step"], 0.25)
         return p + buf + v
     raise ValueError(op)
@@ -174,13 +176,14 @@ def test_kernels_agree_with_reference(backend, dtype, op, kw):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_sqnorm_all_backends(backend, dtype):
-    params, grads, idx, _ = _case(dtype)
+    params, grads, idx, offs, _ = _case(dtype)
     for adaptive in (False, True):
         for full in (False, True):
-            got = torch.ops.sapsel.sam_grad_sqnorm(grads, params, idx, 0.01, adaptive, full)
+            got = torch.ops.sapsel.sam_grad_sqnorm(grads, params, idx, offs, 0.01, adaptive, full)
             # plain-torch formula (independent of the reference module)
             exp = []
-            for g, w, ix in zip(grads, params, idx):
+            for g, w, ix, off in zip(grads, params, idx, offs):
+                ix = ix - off
                 gg, ww = (g.reshape(-1), w.reshape(-1)) if full else (g.reshape(-1)[ix], w.reshape(-1)[ix])
                 t = ww.double().abs() + 0.01 if adaptive else 1.0
                 exp.append(float(((gg.double() * t) ** 2).sum()))
@@ -189,11 +192,13 @@ def test_sqnorm_all_backends(backend, dtype):
 
 
 def test_kernels_touch_only_selected(backend):
-    params, grads, idx, st = _case(torch.float32)
+    params, grads, idx, offs, st = _case(torch.float32)
     before = _clone(params)
-    torch.ops.sapsel.sparse_adamw_step(params, grads, idx, st["buf"], st["v"], [], 0.1, 0.9, 0.99, 1e-8, 0.5, 3, 1.0)
-    torch.ops.sapsel.sam_perturb(params, grads, idx, _clone(st["saved"]), 1.0, 0.01, True)
-    for p, b, ix in zip(params, before, idx):
+    torch.ops.sapsel.sparse_adamw_step(params, grads, idx, offs, st["buf"], st["v"], [], 0.1, 0.9, 0.99, 1e-8, 0.5, 3,
+                                       1.0)
+    torch.ops.sapsel.sam_perturb(params, grads, idx, offs, _clone(st["saved"]), 1.0, 0.01, True)
+    for p, b, ix, off in zip(params, before, idx, offs):
+        ix = ix - off
         mask = torch.ones(p.numel(), dtype=torch.bool)
         mask[ix] = False
         assert torch.equal(p.reshape(-1)[mask], b.reshape(-1)[mask])
@@ -203,30 +208,30 @@ def test_kernels_touch_only_selected(backend):
 def test_cpp_rejects_bad_input_before_writing():
     if not sk.ext_loaded():
         pytest.skip("extension not built")
-    params, grads, idx, st = _case(torch.float32)
+    params, grads, idx, offs, st = _case(torch.float32)
     before = _clone(params)
     bad_bufs = st["buf"][:2] + [torch.zeros(3)]  # wrong size for the last tensor
     with use_backend("cpp"), pytest.raises(ValueError, match="momentum_buffers"):
-        torch.ops.sapsel.sparse_sgd_step(params, grads, idx, bad_bufs, [], 0.1, 0.9, 0.0, 0.0, False, False, 1.0)
+        torch.ops.sapsel.sparse_sgd_step(params, grads, idx, offs, bad_bufs, [], 0.1, 0.9, 0.0, 0.0, False, False, 1.0)
     with use_backend("cpp"), pytest.raises(IndexError):
-        torch.ops.sapsel.sam_perturb(params, grads, [idx[0], idx[1], torch.tensor([9])], _clone(st["saved"]), 1.0,
-                                     0.0, False)
+        torch.ops.sapsel.sam_perturb(params, grads, [idx[0], idx[1], torch.tensor([1990])], offs,
+                                     _clone(st["saved"]), 1.0, 0.0, False)  # 1990 - 1980 >= 5 elements
     for p, b in zip(params, before):
         assert torch.equal(p, b)
 
 
 # ------------------------------------------------------------------------------------------- opcheck
 def _opcheck_samples():
-    params, grads, idx, st = _case(torch.float32)
+    params, grads, idx, offs, st = _case(torch.float32)
     flat = torch.randn(50)
     fi = torch.tensor([0, 3, 17, 49])
     return {
         "sparse_gather": (flat, fi),
         "sparse_scatter_add": (flat, fi, torch.randn(4)),
-        "sam_grad_sqnorm": (grads, params, idx, 0.01, True, False),
-        "sam_perturb": (params, grads, idx, st["saved"], 0.5, 0.01, True),
-        "sparse_sgd_step": (params, grads, idx, st["buf"], st["saved"], 0.1, 0.9, 0.0, 0.01, True, False, 1.0),
-        "sparse_adamw_step": (params, grads, idx, st["buf"], st["v"], [], 0.1, 0.9, 0.99, 1e-8, 0.01, 2, 1.0),
+        "sam_grad_sqnorm": (grads, params, idx, offs, 0.01, True, False),
+        "sam_perturb": (params, grads, idx, offs, st["saved"], 0.5, 0.01, True),
+        "sparse_sgd_step": (params, grads, idx, offs, st["buf"], st["saved"], 0.1, 0.9, 0.0, 0.01, True, False, 1.0),
+        "sparse_adamw_step": (params, grads, idx, offs, st["buf"], st["v"], [], 0.1, 0.9, 0.99, 1e-8, 0.01, 2, 1.0),
     }
 
 

@@ -1,6 +1,7 @@
 """Triton kernels of the sparse ops (see ``ops/sparse.py`` for the contracts, ``reference/sparse.py`` for the
-formulas). Every kernel works on one parameter tensor (flattened) and its ascending local indices; the launchers loop
-over the tensors of a call (one launch per tensor: O(number of tensors) host work, never O(k)).
+formulas). Every optimizer kernel works on one parameter tensor (flattened) and its ascending indices, entry j
+addressing element ``idx[j] - off`` (idx may be a view of a Selection's global indices); the launchers loop over the
+tensors of a call (one launch per tensor: O(number of tensors) host work, never O(k)).
 
 Shared layout: one program owns BLOCK consecutive entries j of the index list (grid = cdiv(k, BLOCK)); offsets are
 int64 (``program_id(0).to(tl.int64)``), so tensors past 2^31 elements are addressed correctly; ``j < k`` masks the
@@ -61,7 +62,7 @@ def sparse_scatter_add(flat: torch.Tensor, idx: torch.Tensor, vals: torch.Tensor
 
 # ---------------------------------------------------------------------------------------------- SAM norm
 @triton.jit
-def _sam_grad_sqnorm_kernel(g_ptr, w_ptr, idx_ptr, part_ptr, n, eta, ADAPTIVE: tl.constexpr, FULL: tl.constexpr,
+def _sam_grad_sqnorm_kernel(g_ptr, w_ptr, idx_ptr, off, part_ptr, n, eta, ADAPTIVE: tl.constexpr, FULL: tl.constexpr,
                             ACC: tl.constexpr, BLOCK: tl.constexpr):
     # One program: BLOCK entries (of idx, or of the whole tensor when FULL); writes its partial sum of (t*g)^2 to
     # part[pid] (deterministic: the host sums the partials; no atomics). Masked lanes contribute 0.
@@ -70,7 +71,7 @@ def _sam_grad_sqnorm_kernel(g_ptr, w_ptr, idx_ptr, part_ptr, n, eta, ADAPTIVE: t
     if FULL:
         pos = j
     else:
-        pos = tl.load(idx_ptr + j, mask=m, other=0)
+        pos = tl.load(idx_ptr + j, mask=m, other=off) - off
     g = tl.load(g_ptr + pos, mask=m, other=0).to(ACC)
     if ADAPTIVE:
         w = tl.load(w_ptr + pos, mask=m, other=0).to(ACC)
@@ -78,18 +79,18 @@ def _sam_grad_sqnorm_kernel(g_ptr, w_ptr, idx_ptr, part_ptr, n, eta, ADAPTIVE: t
     tl.store(part_ptr + tl.program_id(0), tl.sum(g * g, axis=0))
 
 
-def sam_grad_sqnorm(grads, params, idx, eta: float, adaptive: bool, full: bool) -> torch.Tensor:
+def sam_grad_sqnorm(grads, params, idx, offsets, eta: float, adaptive: bool, full: bool) -> torch.Tensor:
     out_dtype = sqnorm_out_dtype(grads)
     dev = grads[0].device if grads else torch.device("cpu")
     out = torch.zeros(len(grads), dtype=out_dtype, device=dev)
-    for i, (g, w, ix) in enumerate(zip(grads, params, idx)):
+    for i, (g, w, ix, off) in enumerate(zip(grads, params, idx, offsets)):
         n = g.numel() if full else ix.numel()
         if n == 0:
             continue
         a = acc_dtype(g.dtype)
         nb = triton.cdiv(n, BLOCK)
         part = torch.empty(nb, dtype=a, device=dev)
-        _sam_grad_sqnorm_kernel[(nb,)](g.contiguous(), w.contiguous(), ix if ix.numel() else g, part, n, eta,
+        _sam_grad_sqnorm_kernel[(nb,)](g.contiguous(), w.contiguous(), ix if ix.numel() else g, off, part, n, eta,
                                        ADAPTIVE=adaptive, FULL=full, ACC=_tl_acc(g.dtype), BLOCK=BLOCK)
         out[i] = part.sum().to(out_dtype)
     return out
@@ -97,12 +98,12 @@ def sam_grad_sqnorm(grads, params, idx, eta: float, adaptive: bool, full: bool) 
 
 # ---------------------------------------------------------------------------------------------- SAM perturb
 @triton.jit
-def _sam_perturb_kernel(w_ptr, g_ptr, idx_ptr, saved_ptr, k, scale, eta, ADAPTIVE: tl.constexpr, ACC: tl.constexpr,
+def _sam_perturb_kernel(w_ptr, g_ptr, idx_ptr, off, saved_ptr, k, scale, eta, ADAPTIVE: tl.constexpr, ACC: tl.constexpr,
                         BLOCK: tl.constexpr):
     # One program: BLOCK selected entries; saved[j] = w[idx[j]] (bit copy), w[idx[j]] += scale * (t^2) * g.
     j = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = j < k
-    ix = tl.load(idx_ptr + j, mask=m, other=0)
+    ix = tl.load(idx_ptr + j, mask=m, other=off) - off
     w = tl.load(w_ptr + ix, mask=m, other=0)
     tl.store(saved_ptr + j, w, mask=m)
     wa = w.to(ACC)
@@ -113,24 +114,24 @@ def _sam_perturb_kernel(w_ptr, g_ptr, idx_ptr, saved_ptr, k, scale, eta, ADAPTIV
     tl.store(w_ptr + ix, (wa + e).to(w_ptr.dtype.element_ty), mask=m)
 
 
-def sam_perturb(params, grads, idx, saved, scale: float, eta: float, adaptive: bool) -> None:
-    for w, g, ix, s in zip(params, grads, idx, saved):
+def sam_perturb(params, grads, idx, offsets, saved, scale: float, eta: float, adaptive: bool) -> None:
+    for w, g, ix, off, s in zip(params, grads, idx, offsets, saved):
         k = ix.numel()
         if k:
-            _sam_perturb_kernel[(triton.cdiv(k, BLOCK),)](w, g.contiguous(), ix, s, k, scale, eta, ADAPTIVE=adaptive,
+            _sam_perturb_kernel[(triton.cdiv(k, BLOCK),)](w, g.contiguous(), ix, off, s, k, scale, eta, ADAPTIVE=adaptive,
                                                           ACC=_tl_acc(w.dtype), BLOCK=BLOCK)
 
 
 # ---------------------------------------------------------------------------------------------- SGD step
 @triton.jit
-def _sparse_sgd_step_kernel(w_ptr, g_ptr, idx_ptr, buf_ptr, saved_ptr, k, lr, momentum, dampening, weight_decay,
+def _sparse_sgd_step_kernel(w_ptr, g_ptr, idx_ptr, off, buf_ptr, saved_ptr, k, lr, momentum, dampening, weight_decay,
                             inv_scale, HAS_MOM: tl.constexpr, FIRST: tl.constexpr, NESTEROV: tl.constexpr,
                             HAS_SAVED: tl.constexpr, HAS_WD: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
     # One program: BLOCK selected entries; torch.optim.SGD's update on them, starting from saved[j] (SAM: restore
     # fused with the step) or w[idx[j]]; momentum buffer entry j updated in place (ACC dtype).
     j = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = j < k
-    ix = tl.load(idx_ptr + j, mask=m, other=0)
+    ix = tl.load(idx_ptr + j, mask=m, other=off) - off
     if HAS_SAVED:
         w0 = tl.load(saved_ptr + j, mask=m, other=0).to(ACC)
     else:
@@ -151,30 +152,30 @@ def _sparse_sgd_step_kernel(w_ptr, g_ptr, idx_ptr, buf_ptr, saved_ptr, k, lr, mo
     tl.store(w_ptr + ix, (w0 - lr * d).to(w_ptr.dtype.element_ty), mask=m)
 
 
-def sparse_sgd_step(params, grads, idx, momentum_buffers, saved, lr: float, momentum: float, dampening: float,
+def sparse_sgd_step(params, grads, idx, offsets, momentum_buffers, saved, lr: float, momentum: float, dampening: float,
                     weight_decay: float, nesterov: bool, first: bool, inv_scale: float) -> None:
     has_mom = momentum != 0
-    for i, (w, g, ix) in enumerate(zip(params, grads, idx)):
+    for i, (w, g, ix, off) in enumerate(zip(params, grads, idx, offsets)):
         k = ix.numel()
         if not k:
             continue
         buf = momentum_buffers[i] if has_mom else w
         sv = saved[i] if len(saved) else w
         _sparse_sgd_step_kernel[(triton.cdiv(k, BLOCK),)](
-            w, g.contiguous(), ix, buf, sv, k, lr, momentum, dampening, weight_decay, inv_scale, HAS_MOM=has_mom,
+            w, g.contiguous(), ix, off, buf, sv, k, lr, momentum, dampening, weight_decay, inv_scale, HAS_MOM=has_mom,
             FIRST=first, NESTEROV=nesterov, HAS_SAVED=len(saved) > 0, HAS_WD=weight_decay != 0,
             ACC=_tl_acc(w.dtype), BLOCK=BLOCK)
 
 
 # ---------------------------------------------------------------------------------------------- AdamW step
 @triton.jit
-def _sparse_adamw_step_kernel(w_ptr, g_ptr, idx_ptr, m_ptr, v_ptr, saved_ptr, k, decay, beta1, beta2, eps, step_size,
+def _sparse_adamw_step_kernel(w_ptr, g_ptr, idx_ptr, off, m_ptr, v_ptr, saved_ptr, k, decay, beta1, beta2, eps, step_size,
                               bc2_sqrt, inv_scale, HAS_SAVED: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
     # One program: BLOCK selected entries; torch.optim.AdamW's update (decoupled decay = w*(1 - lr*wd), bias
     # corrections folded into step_size and bc2_sqrt on the host); moments updated in place (ACC dtype).
     j = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     msk = j < k
-    ix = tl.load(idx_ptr + j, mask=msk, other=0)
+    ix = tl.load(idx_ptr + j, mask=msk, other=off) - off
     if HAS_SAVED:
         w0 = tl.load(saved_ptr + j, mask=msk, other=0).to(ACC)
     else:
@@ -191,16 +192,16 @@ def _sparse_adamw_step_kernel(w_ptr, g_ptr, idx_ptr, m_ptr, v_ptr, saved_ptr, k,
     tl.store(w_ptr + ix, (w0 - step_size * m / denom).to(w_ptr.dtype.element_ty), mask=msk)
 
 
-def sparse_adamw_step(params, grads, idx, exp_avg, exp_avg_sq, saved, lr: float, beta1: float, beta2: float,
+def sparse_adamw_step(params, grads, idx, offsets, exp_avg, exp_avg_sq, saved, lr: float, beta1: float, beta2: float,
                       eps: float, weight_decay: float, step: int, inv_scale: float) -> None:
     step_size = lr / (1 - beta1 ** step)
     bc2_sqrt = (1 - beta2 ** step) ** 0.5
     decay = 1 - lr * weight_decay
-    for i, (w, g, ix) in enumerate(zip(params, grads, idx)):
+    for i, (w, g, ix, off) in enumerate(zip(params, grads, idx, offsets)):
         k = ix.numel()
         if not k:
             continue
         sv = saved[i] if len(saved) else w
         _sparse_adamw_step_kernel[(triton.cdiv(k, BLOCK),)](
-            w, g.contiguous(), ix, exp_avg[i], exp_avg_sq[i], sv, k, decay, beta1, beta2, eps, step_size, bc2_sqrt,
+            w, g.contiguous(), ix, off, exp_avg[i], exp_avg_sq[i], sv, k, decay, beta1, beta2, eps, step_size, bc2_sqrt,
             inv_scale, HAS_SAVED=len(saved) > 0, ACC=_tl_acc(w.dtype), BLOCK=BLOCK)

@@ -10,18 +10,21 @@ Functional (differentiable, out of place):
 Optimizer kernels (in place on the parameters and state; one list entry per parameter tensor; see
 ``reference/sparse.py`` for the exact formulas):
 
-* ``sam_grad_sqnorm(Tensor[] grads, Tensor[] params, Tensor[] idx, float eta, bool adaptive, bool full) -> Tensor``
-* ``sam_perturb(Tensor(a!)[] params, Tensor[] grads, Tensor[] idx, Tensor(b!)[] saved, float scale, float eta,
-  bool adaptive) -> ()``
-* ``sparse_sgd_step(Tensor(a!)[] params, Tensor[] grads, Tensor[] idx, Tensor(b!)[] momentum_buffers,
-  Tensor[] saved, float lr, float momentum, float dampening, float weight_decay, bool nesterov, bool first,
-  float inv_scale) -> ()``
-* ``sparse_adamw_step(Tensor(a!)[] params, Tensor[] grads, Tensor[] idx, Tensor(b!)[] exp_avg,
+* ``sam_grad_sqnorm(Tensor[] grads, Tensor[] params, Tensor[] idx, int[] offsets, float eta, bool adaptive,
+  bool full) -> Tensor``
+* ``sam_perturb(Tensor(a!)[] params, Tensor[] grads, Tensor[] idx, int[] offsets, Tensor(b!)[] saved, float scale,
+  float eta, bool adaptive) -> ()``
+* ``sparse_sgd_step(Tensor(a!)[] params, Tensor[] grads, Tensor[] idx, int[] offsets,
+  Tensor(b!)[] momentum_buffers, Tensor[] saved, float lr, float momentum, float dampening, float weight_decay,
+  bool nesterov, bool first, float inv_scale) -> ()``
+* ``sparse_adamw_step(Tensor(a!)[] params, Tensor[] grads, Tensor[] idx, int[] offsets, Tensor(b!)[] exp_avg,
   Tensor(c!)[] exp_avg_sq, Tensor[] saved, float lr, float beta1, float beta2, float eps, float weight_decay,
   int step, float inv_scale) -> ()``
 
-Index tensors are int64, ascending and unique (the callers - ``sapsel_kernels.sparse`` and ``sapsel_kernels.optim`` -
-validate them once); every tensor of one call lives on one device.
+``idx[i] - offsets[i]`` addresses ``params[i].view(-1)`` (idx[i] may be a view of a Selection's global flat
+indices, offsets[i] the parameter's ParamSpace offset: no index copies). Index tensors are int64, ascending and
+unique (the callers - ``sapsel_kernels.sparse`` and ``sapsel_kernels.optim`` - validate them once); every tensor of
+one call lives on one device.
 """
 
 import torch
@@ -91,9 +94,9 @@ torch.library.register_autograd("sapsel::sparse_scatter_add", _scatter_backward,
 
 
 # ------------------------------------------------------------------------------------------------ optimizer kernels
-def _sqnorm_fake(grads, params, idx, eta, adaptive, full):
-    if not (len(grads) == len(params) == len(idx)):
-        raise ValueError("sam_grad_sqnorm: grads, params and idx must have one entry per parameter tensor")
+def _sqnorm_fake(grads, params, idx, offsets, eta, adaptive, full):
+    if not (len(grads) == len(params) == len(idx) == len(offsets)):
+        raise ValueError("sam_grad_sqnorm: grads, params, idx and offsets must have one entry per parameter tensor")
     dev = grads[0].device if grads else torch.device("cpu")
     return torch.empty(len(grads), dtype=ref.sqnorm_out_dtype(grads), device=dev)
 
@@ -103,25 +106,27 @@ def _none_fake(*args):
 
 
 sam_grad_sqnorm = define_op(
-    "sam_grad_sqnorm", "(Tensor[] grads, Tensor[] params, Tensor[] idx, float eta, bool adaptive, bool full) -> Tensor",
+    "sam_grad_sqnorm",
+    "(Tensor[] grads, Tensor[] params, Tensor[] idx, int[] offsets, float eta, bool adaptive, bool full) -> Tensor",
     reference=ref.sam_grad_sqnorm_ref, fake=_sqnorm_fake, cpp="sam_grad_sqnorm_cpu", triton="sparse:sam_grad_sqnorm")
 
 sam_perturb = define_op(
     "sam_perturb",
-    "(Tensor(a!)[] params, Tensor[] grads, Tensor[] idx, Tensor(b!)[] saved, float scale, float eta, bool adaptive)"
-    " -> ()",
+    "(Tensor(a!)[] params, Tensor[] grads, Tensor[] idx, int[] offsets, Tensor(b!)[] saved, float scale, float eta, "
+    "bool adaptive) -> ()",
     reference=ref.sam_perturb_ref, fake=_none_fake, cpp="sam_perturb_cpu", triton="sparse:sam_perturb")
 
 sparse_sgd_step = define_op(
     "sparse_sgd_step",
-    "(Tensor(a!)[] params, Tensor[] grads, Tensor[] idx, Tensor(b!)[] momentum_buffers, Tensor[] saved, float lr, "
-    "float momentum, float dampening, float weight_decay, bool nesterov, bool first, float inv_scale) -> ()",
+    "(Tensor(a!)[] params, Tensor[] grads, Tensor[] idx, int[] offsets, Tensor(b!)[] momentum_buffers, "
+    "Tensor[] saved, float lr, float momentum, float dampening, float weight_decay, bool nesterov, bool first, "
+    "float inv_scale) -> ()",
     reference=ref.sparse_sgd_step_ref, fake=_none_fake, cpp="sparse_sgd_step_cpu", triton="sparse:sparse_sgd_step")
 
 sparse_adamw_step = define_op(
     "sparse_adamw_step",
-    "(Tensor(a!)[] params, Tensor[] grads, Tensor[] idx, Tensor(b!)[] exp_avg, Tensor(c!)[] exp_avg_sq, "
-    "Tensor[] saved, float lr, float beta1, float beta2, float eps, float weight_decay, int step, float inv_scale)"
-    " -> ()",
+    "(Tensor(a!)[] params, Tensor[] grads, Tensor[] idx, int[] offsets, Tensor(b!)[] exp_avg, "
+    "Tensor(c!)[] exp_avg_sq, Tensor[] saved, float lr, float beta1, float beta2, float eps, float weight_decay, "
+    "int step, float inv_scale) -> ()",
     reference=ref.sparse_adamw_step_ref, fake=_none_fake, cpp="sparse_adamw_step_cpu",
     triton="sparse:sparse_adamw_step")

@@ -4,6 +4,9 @@ Conventions shared by every op here (and by csrc/sparse.cpp and kernels/sparse.p
 
 * ``idx`` tensors are int64, 1-D, ascending and unique, and index the *flattened* tensor they go with
   (a parameter's ``view(-1)`` or a flat ParamSpace vector). Callers validate; the ops do not re-check per element.
+* The optimizer ops take ``idx[i]`` together with ``offsets[i]``: entry j addresses element ``idx[i][j] - offsets[i]``
+  of ``params[i].view(-1)``. So ``idx[i]`` can be a slice (a view, no copy) of a Selection's global flat indices, with
+  ``offsets[i]`` the ParamSpace offset of parameter i; the optimizers keep no index copy of their own.
 * Arithmetic is done in the accumulation dtype ``acc(dtype)``: float64 for float64 tensors, float32 otherwise
   (float32, bfloat16, float16). Optimizer state (momentum, Adam moments) lives in that dtype; the saved copy of the
   selected weights (for the exact SAM restore) lives in the parameter's own dtype, so restoring is bit-exact.
@@ -36,8 +39,12 @@ def sparse_scatter_add_ref(flat: torch.Tensor, idx: torch.Tensor, vals: torch.Te
 
 
 # ------------------------------------------------------------------------------------------------------ SAM: norm
-def sam_grad_sqnorm_ref(grads: List[torch.Tensor], params: List[torch.Tensor], idx: List[torch.Tensor], eta: float,
-                        adaptive: bool, full: bool) -> torch.Tensor:
+def _local(ix: torch.Tensor, off: int) -> torch.Tensor:
+    return ix - off if off else ix
+
+
+def sam_grad_sqnorm_ref(grads: List[torch.Tensor], params: List[torch.Tensor], idx: List[torch.Tensor],
+                        offsets: List[int], eta: float, adaptive: bool, full: bool) -> torch.Tensor:
     """Per-tensor partial sums s_i = sum_j (t_j g_j)^2, t = |w| + eta when ``adaptive`` else 1.
 
     j runs over ``idx[i]`` (``full=False``) or over the whole tensor (``full=True``, SSAM's unmasked norm; idx is
@@ -46,11 +53,12 @@ def sam_grad_sqnorm_ref(grads: List[torch.Tensor], params: List[torch.Tensor], i
     """
     out_dtype = sqnorm_out_dtype(grads)
     out = torch.zeros(len(grads), dtype=out_dtype, device=grads[0].device if grads else "cpu")
-    for i, (g, w, ix) in enumerate(zip(grads, params, idx)):
+    for i, (g, w, ix, off) in enumerate(zip(grads, params, idx, offsets)):
         a = acc_dtype(g.dtype)
         gf = g.reshape(-1)
         wf = w.reshape(-1)
         if not full:
+            ix = _local(ix, off)
             gf = gf.index_select(0, ix)
             wf = wf.index_select(0, ix)
         gf = gf.to(a)
@@ -62,12 +70,13 @@ def sam_grad_sqnorm_ref(grads: List[torch.Tensor], params: List[torch.Tensor], i
 
 # --------------------------------------------------------------------------------------------------- SAM: perturb
 def sam_perturb_ref(params: List[torch.Tensor], grads: List[torch.Tensor], idx: List[torch.Tensor],
-                    saved: List[torch.Tensor], scale: float, eta: float, adaptive: bool) -> None:
+                    offsets: List[int], saved: List[torch.Tensor], scale: float, eta: float, adaptive: bool) -> None:
     """saved[i] = w[idx]; w[idx] += e with e = scale * g (SAM) or scale * (|w| + eta)^2 * g (ASAM).
 
     ``scale`` = rho / (||g_S|| + eps) (times the AMP inverse scale), computed by the caller.
     """
-    for w, g, ix, s in zip(params, grads, idx, saved):
+    for w, g, ix, off, s in zip(params, grads, idx, offsets, saved):
+        ix = _local(ix, off)
         a = acc_dtype(w.dtype)
         wf = w.view(-1)
         old = wf.index_select(0, ix)
@@ -87,12 +96,13 @@ def _start(w: torch.Tensor, ix: torch.Tensor, saved: List[torch.Tensor], i: int,
 
 
 def sparse_sgd_step_ref(params: List[torch.Tensor], grads: List[torch.Tensor], idx: List[torch.Tensor],
-                        momentum_buffers: List[torch.Tensor], saved: List[torch.Tensor], lr: float, momentum: float,
+                        offsets: List[int], momentum_buffers: List[torch.Tensor], saved: List[torch.Tensor], lr: float, momentum: float,
                         dampening: float, weight_decay: float, nesterov: bool, first: bool, inv_scale: float) -> None:
     """torch.optim.SGD on the selected coordinates: d = g*inv_scale + wd*w; buf = d (first) or
     momentum*buf + (1-dampening)*d; d = d + momentum*buf (nesterov) or buf; w[idx] = w0 - lr*d, where w0 is
     ``saved[i]`` when given (SAM restore fused with the step) else the current w[idx]."""
-    for i, (w, g, ix) in enumerate(zip(params, grads, idx)):
+    for i, (w, g, ix, off) in enumerate(zip(params, grads, idx, offsets)):
+        ix = _local(ix, off)
         a = acc_dtype(w.dtype)
         w0 = _start(w, ix, saved, i, a)
         d = g.reshape(-1).index_select(0, ix).to(a)
@@ -111,7 +121,7 @@ def sparse_sgd_step_ref(params: List[torch.Tensor], grads: List[torch.Tensor], i
 
 
 def sparse_adamw_step_ref(params: List[torch.Tensor], grads: List[torch.Tensor], idx: List[torch.Tensor],
-                          exp_avg: List[torch.Tensor], exp_avg_sq: List[torch.Tensor], saved: List[torch.Tensor],
+                          offsets: List[int], exp_avg: List[torch.Tensor], exp_avg_sq: List[torch.Tensor], saved: List[torch.Tensor],
                           lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: int,
                           inv_scale: float) -> None:
     """torch.optim.AdamW (amsgrad=False) on the selected coordinates, ``step`` = the 1-based step count after this
@@ -119,7 +129,8 @@ def sparse_adamw_step_ref(params: List[torch.Tensor], grads: List[torch.Tensor],
     bc1 = 1 - beta1 ** step
     bc2_sqrt = (1 - beta2 ** step) ** 0.5
     step_size = lr / bc1
-    for i, (w, g, ix, m, v) in enumerate(zip(params, grads, idx, exp_avg, exp_avg_sq)):
+    for i, (w, g, ix, off, m, v) in enumerate(zip(params, grads, idx, offsets, exp_avg, exp_avg_sq)):
+        ix = _local(ix, off)
         a = acc_dtype(w.dtype)
         w0 = _start(w, ix, saved, i, a)
         d = g.reshape(-1).index_select(0, ix).to(a)

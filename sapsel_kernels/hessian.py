@@ -188,8 +188,10 @@ def _welford_plain_(mean: torch.Tensor, m2: torch.Tensor, x: torch.Tensor, count
 
 
 def _check_finite(ts, what):
+    # One fused reduction per tensor; a finite sum proves every element finite. A non-finite sum is confirmed
+    # element-wise (a sum of huge finite values may overflow).
     for t in ts:
-        if not torch.isfinite(t).all():
+        if not torch.isfinite(t.sum()) and not torch.isfinite(t).all():
             raise FloatingPointError(f"hessian_diag: {what} contains NaN/Inf (loss not finite at these parameters?); "
                                      "the accumulators were not updated")
 
@@ -366,6 +368,8 @@ class _ProbeLoop:
         self.stable_passes = 0
         self.history = []
         self._hvp = None
+        self._zbuf = None
+        self._single_batch = isinstance(batches, list) and len(batches) == 1
         if resume and os.path.exists(checkpoint):
             self._load(checkpoint)
 
@@ -404,9 +408,13 @@ class _ProbeLoop:
     def _hutchinson_pass(self, p0: int, m: int):
         space = self.space
         dt = space.dtypes[0] if all(d == space.dtypes[0] for d in space.dtypes) else torch.float32
-        like = torch.empty((), dtype=dt, device=space.device).expand(m, space.numel)
-        z = torch.ops.sapsel.rademacher_probe(like, 0, p0, self.seed, True)  # [m, N]
-        tangents = [v.to(d) for v, d in zip(space.views(z).values(), space.dtypes)]
+        # One probe buffer [ppp, N], refilled in place every pass (a fresh tensor per pass costs page faults
+        # comparable to the fill itself); the last, shorter pass uses its leading rows.
+        if self._zbuf is None:
+            self._zbuf = torch.empty(self.ppp, space.numel, dtype=dt, device=space.device)
+        z = self._zbuf[:m]
+        torch.ops.sapsel.rademacher_fill(z, 0, p0, self.seed, True)
+        tangents = [v if v.dtype == d else v.to(d) for v, d in zip(space.views(z).values(), space.dtypes)]
         total, nb = None, 0
         for b in self.batches:
             hz = self._hvp_call(tangents, b)
@@ -427,7 +435,7 @@ class _ProbeLoop:
     def _hvp_call(self, tangents, batch):
         if self._hvp is None:
             mode = "fwd_rev" if self.hvp_mode == "auto" else self.hvp_mode
-            self._hvp = HVP(self.model, self.loss_fn, self.space, mode)
+            self._hvp = HVP(self.model, self.loss_fn, self.space, mode, reuse_graph=self._single_batch)
             if self.hvp_mode == "auto":
                 try:
                     out = self._hvp(tangents, batch)
@@ -439,7 +447,7 @@ class _ProbeLoop:
                     log.warning("forward-over-reverse HVP failed (%s: %s); falling back to reverse-over-reverse",
                                 type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
                     self._fallback_reason = f"{type(exc).__name__}: {exc}"
-                    self._hvp = HVP(self.model, self.loss_fn, self.space, "rev_rev")
+                    self._hvp = HVP(self.model, self.loss_fn, self.space, "rev_rev", reuse_graph=self._single_batch)
                     self.hvp_mode = "rev_rev"
         return self._hvp(tangents, batch)
 

@@ -47,11 +47,16 @@ class HVP:
     dtype; returns a list of [m, *shape] tensors, in the parameters' dtype.
     """
 
-    def __init__(self, model: torch.nn.Module, loss_fn, space, mode: str = "fwd_rev", batched_backward: bool = True):
+    def __init__(self, model: torch.nn.Module, loss_fn, space, mode: str = "fwd_rev", batched_backward: bool = True,
+                 reuse_graph: bool = False):
         if mode not in MODES:
             raise ValueError(f"HVP mode must be one of {MODES}, got {mode!r}")
         self.model, self.loss_fn, self.space, self.mode = model, loss_fn, space, mode
         self.batched_backward = batched_backward
+        # rev_rev with a single batch: keep the create_graph gradient graph across calls, so each call costs one
+        # (batched) double backward instead of forward + backward + double backward. Freed with this object.
+        self.reuse_graph = reuse_graph
+        self._graph = None
         self._wrapper = _LossModule(model, loss_fn)
         self._keys = ["model." + n for n in space.names]
 
@@ -78,11 +83,17 @@ class HVP:
     def _rev_rev(self, tangents: Sequence[torch.Tensor], batch) -> List[torch.Tensor]:
         params = self.space.params
         m = tangents[0].shape[0]
-        with torch.enable_grad():
-            loss = self.loss_fn(self.model, batch)
-            grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
-        # A gradient that does not depend on the parameters (None, or not part of a graph) contributes H_i. = 0.
-        live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+        if self._graph is not None and self._graph[0] is batch:
+            grads, live = self._graph[1], self._graph[2]
+        else:
+            with torch.enable_grad():
+                loss = self.loss_fn(self.model, batch)
+                grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+            # A gradient that does not depend on the parameters (None, or outside the graph) contributes H_i. = 0.
+            live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+            if self.reuse_graph:
+                self._graph = (batch, grads, live)
+        keep = self.reuse_graph
         if not live:
             return [_zeros_like_batched(p, m) for p in params]
         outs = [grads[i] for i in live]
@@ -99,7 +110,7 @@ class HVP:
             rows = []
             for j in range(m):
                 rows.append(torch.autograd.grad(outs, params, grad_outputs=[tangents[i][j] for i in live],
-                                                allow_unused=True, retain_graph=j < m - 1))
+                                                allow_unused=True, retain_graph=keep or j < m - 1))
             res = [None if rows[0][k] is None else torch.stack([r[k] for r in rows]) for k in range(len(params))]
         return [_zeros_like_batched(p, m) if h is None else h.detach() for h, p in zip(res, params)]
 

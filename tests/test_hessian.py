@@ -162,20 +162,20 @@ def test_resume_equals_uninterrupted(tmp_path):
 
 def test_ctrl_c_keeps_estimate_and_resumes(tmp_path):
     model, data = mlp(), batch()
-    full = hessian_diag(model, ce, data, n_probes=16, seed=6, probes_per_pass=4, hvp="rev_rev")
+    full = hessian_diag(model, ce, data, n_probes=16, seed=6, probes_per_pass=4, hvp="fwd_rev")
     calls = {"n": 0}
 
     def flaky(m, b):
         calls["n"] += 1
-        if calls["n"] == 3:  # during the third pass
+        if calls["n"] == 3:  # during the third pass (fwd_rev calls loss_fn once per pass)
             raise KeyboardInterrupt
         return ce(m, b)
 
     ck = tmp_path / "h.ckpt"
-    part = hessian_diag(model, flaky, data, n_probes=16, seed=6, probes_per_pass=4, hvp="rev_rev", checkpoint=ck)
+    part = hessian_diag(model, flaky, data, n_probes=16, seed=6, probes_per_pass=4, hvp="fwd_rev", checkpoint=ck)
     assert part.info["stopped_by"] == "interrupted" and part.n_probes == 8
     assert model.training  # restored after the interrupt
-    res = hessian_diag(model, ce, data, n_probes=16, seed=6, probes_per_pass=4, hvp="rev_rev", checkpoint=ck,
+    res = hessian_diag(model, ce, data, n_probes=16, seed=6, probes_per_pass=4, hvp="fwd_rev", checkpoint=ck,
                        resume=True)
     assert torch.equal(res.mean, full.mean) and torch.equal(res.m2, full.m2)
 

@@ -23,6 +23,13 @@ def test_probe_op_matches_philox_stream(backend, n, offset, probe, seed):
     assert z.dtype == torch.float64 and z.shape == like.shape
     for j in range(3):
         assert torch.equal(z[j], rademacher_ref(n, offset, probe + j, seed, dtype=torch.float64))
+    # in place, into a reused float32 buffer and into a strided float64 view
+    buf = torch.full((3, n), 7.0)
+    OPS.rademacher_fill(buf, offset, probe, seed, True)
+    assert torch.equal(buf, z.float())
+    strided = torch.zeros(n, 3, dtype=torch.float64).T
+    OPS.rademacher_fill(strided, offset, probe, seed, True)
+    assert torch.equal(strided, z)
     # unbatched, shaped like a parameter
     w = torch.empty(n, 1, dtype=torch.bfloat16)
     assert torch.equal(OPS.rademacher_probe(w, offset, probe, seed).float().view(-1), rademacher_ref(n, offset, probe, seed))
@@ -116,6 +123,7 @@ def test_opcheck():
     hz = torch.randn(3, 200)
     torch.library.opcheck(OPS.rademacher_probe.default, (hz, 5, 1, 2, True))
     torch.library.opcheck(OPS.rademacher_probe.default, (torch.empty(4, 5, dtype=torch.float64), 0, 0, 1))
+    torch.library.opcheck(OPS.rademacher_fill.default, (torch.empty(3, 200), 5, 1, 2, True))
     torch.library.opcheck(OPS.hutchinson_accumulate.default, (torch.zeros(200), torch.zeros(200), hz[0], 3, 0, 1, 0))
     torch.library.opcheck(OPS.hutchinson_accumulate_batched.default,
                           (torch.zeros(200), torch.zeros(200), hz.to(torch.bfloat16), 3, 0, 1, 4))

@@ -70,18 +70,33 @@ def _grid_groups(n: int, offset: int) -> int:
     return triton.cdiv(n_groups, GROUPS)
 
 
+def _fill_f32(out: torch.Tensor, m: int, offset: int, probe: int, seed: int) -> None:
+    n = out.numel() // m
+    _rademacher_probe_kernel[(_grid_groups(n, offset), m)](out, n, offset, probe, seed & 0xFFFFFFFF,
+                                                          (seed >> 32) & 0xFFFFFFFF, GROUPS=GROUPS)
+
+
 def rademacher_probe(like: torch.Tensor, offset: int, probe: int, seed: int, batched: bool = False) -> torch.Tensor:
     """Launcher of ``_rademacher_probe_kernel``: z shaped and typed like ``like`` (batched: row j = probe + j)."""
     check_probe_args(like, offset, probe, seed, batched)
     m = like.shape[0] if batched else 1
-    total = like.numel()
     out = torch.empty(like.shape, dtype=torch.float32, device=like.device)
-    if total == 0:
+    if out.numel() == 0:
         return out.to(like.dtype)
-    n = total // m
-    _rademacher_probe_kernel[(_grid_groups(n, offset), m)](out, n, offset, probe, seed & 0xFFFFFFFF,
-                                                          (seed >> 32) & 0xFFFFFFFF, GROUPS=GROUPS)
+    _fill_f32(out, m, offset, probe, seed)
     return out if like.dtype == torch.float32 else out.to(like.dtype)
+
+
+def rademacher_fill(out: torch.Tensor, offset: int, probe: int, seed: int, batched: bool = False) -> None:
+    """In-place launcher: ``out`` receives the probe values (written directly when float32 and contiguous)."""
+    check_probe_args(out, offset, probe, seed, batched)
+    m = out.shape[0] if batched else 1
+    if out.numel() == 0:
+        return
+    if out.dtype == torch.float32 and out.is_contiguous():
+        _fill_f32(out, m, offset, probe, seed)
+    else:
+        out.copy_(rademacher_probe(out, offset, probe, seed, batched))
 
 
 def _accumulate(name, mean, m2, hz, offset, probe, seed, count, batched):

@@ -1,6 +1,8 @@
 """Probe ops: Rademacher probes and the fused Hutchinson accumulation (see reference/probes.py for the contract).
 
 * ``sapsel::rademacher_probe(Tensor like, int offset, int probe, int seed, bool batched=False) -> Tensor``
+* ``sapsel::rademacher_fill(Tensor(a!) out, int offset, int probe, int seed, bool batched=False) -> ()``
+  (the same values written in place, to reuse one probe buffer)
 * ``sapsel::hutchinson_accumulate(Tensor(a!) mean, Tensor(b!) m2, Tensor hz, int offset, int probe, int seed,
   int count) -> ()``
 * ``sapsel::hutchinson_accumulate_batched(...)`` same arguments, hz of shape [m, ...] holding probes probe..probe+m-1.
@@ -8,12 +10,17 @@
 
 import torch
 
-from ..reference.probes import hutchinson_accumulate_batched_ref, hutchinson_accumulate_ref, rademacher_probe_ref
+from ..reference.probes import (hutchinson_accumulate_batched_ref, hutchinson_accumulate_ref, rademacher_fill_ref,
+                                rademacher_probe_ref)
 from ._lib import define_op
 
 
 def _probe_fake(like, offset, probe, seed, batched=False):
     return torch.empty_like(like, memory_format=torch.contiguous_format)
+
+
+def _fill_fake(out, offset, probe, seed, batched=False):
+    return None
 
 
 def _acc_fake(mean, m2, hz, offset, probe, seed, count):
@@ -23,6 +30,10 @@ def _acc_fake(mean, m2, hz, offset, probe, seed, count):
 rademacher_probe = define_op(
     "rademacher_probe", "(Tensor like, int offset, int probe, int seed, bool batched=False) -> Tensor",
     reference=rademacher_probe_ref, fake=_probe_fake, cpp="rademacher_probe_cpu", triton="probes:rademacher_probe")
+
+rademacher_fill = define_op(
+    "rademacher_fill", "(Tensor(a!) out, int offset, int probe, int seed, bool batched=False) -> ()",
+    reference=rademacher_fill_ref, fake=_fill_fake, cpp="rademacher_fill_cpu", triton="probes:rademacher_fill")
 
 hutchinson_accumulate = define_op(
     "hutchinson_accumulate",

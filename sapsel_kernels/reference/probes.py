@@ -92,6 +92,12 @@ def rademacher_probe_ref(like: torch.Tensor, offset: int, probe: int, seed: int,
     return out.view(like.shape)
 
 
+def rademacher_fill_ref(out: torch.Tensor, offset: int, probe: int, seed: int, batched: bool = False) -> None:
+    """In-place form of ``rademacher_probe``: ``out`` (any floating dtype and layout) receives the probe values.
+    Lets a caller reuse one probe buffer across passes (no fresh allocation, no page faults)."""
+    out.copy_(rademacher_probe_ref(out, offset, probe, seed, batched))
+
+
 def _welford_(mean: torch.Tensor, m2: torch.Tensor, hz_row: torch.Tensor, offset: int, probe: int, seed: int,
               count: int):
     """One in-place Welford step on flat float32 views; the exact op sequence of the contract above."""

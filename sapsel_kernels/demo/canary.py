@@ -39,9 +39,11 @@ from ..exposure import measure_exposure, random_candidates
 from ..unlearn import METHODS, STRATEGIES
 from . import common
 
-DEFAULT_STRATEGIES = ("hessian", "hessian_smallest", "hessian_affected", "last_layer", "random", "grad_abs", "all")
+DEFAULT_STRATEGIES = ("hessian", "hessian_smallest", "last_layer", "random", "grad_abs", "all")
 DEFAULT_METHODS = ("first_order", "second_order", "diag_newton", "sam_finetune", "gradient_ascent")
 DEFAULT_BUDGETS = (0.001, 0.01, 0.1, 1.0)
+DEFAULT_SETTINGS = ("lstm:r4", "lstm:r16", "transformer:r16")
+QUICK_SETTINGS = ("lstm:r8",)
 
 # model sizes: (constructor kwargs, training steps, learning rate)
 MODEL_CFG = {
@@ -80,9 +82,9 @@ class CanaryTask:
     digits = {"wall_time_s": 2, "n_gradients": 0, "n_hvps": 0, "test_ppl": 3, "ppl_change_pct": 2}
     plot_metrics = {"exposure_sn": "exposure (bits, skew-normal)", "ppl_change_pct": "test perplexity change %"}
 
-    def __init__(self, settings, *, quick: bool = False, chars: Optional[int] = None, seq_len: int = 64,
-                 steps: int = 1500, batch_size: int = 32, n_candidates: int = 4000, hessian_windows: int = 64,
-                 gold: bool = True, cg_iters: int = 20, n_probes: int = 32):
+    def __init__(self, settings, *, quick: bool = False, chars: Optional[int] = 150_000, seq_len: int = 64,
+                 steps: int = 1000, batch_size: int = 32, n_candidates: int = 2000, hessian_windows: int = 32,
+                 gold: bool = True, cg_iters: int = 10, n_probes: int = 16):
         self.settings = list(settings)
         for s in self.settings:
             kind, _ = parse_setting(s)
@@ -192,16 +194,16 @@ class CanaryTask:
         q = self.quick
         if method == "first_order":
             nz = setup.extra["n_affected"]  # τ = η/|Z|: one step of size η on the mean gradient difference
-            etas = (1.0, 3.0, 10.0) if q else (0.3, 1.0, 3.0, 10.0, 30.0)
+            etas = (1.0, 3.0, 10.0) if q else (1.0, 3.0, 10.0, 30.0)
             return [{"tau": eta / nz} for eta in etas]
         if method in ("second_order", "diag_newton"):
-            n = setup.extra["n_train"]
-            lams = (1e-2, 1e-1) if q else (1e-3, 1e-2, 1e-1)
+            n = setup.extra["n_train"]  # damping on the summed scale = n_train x damping on the mean-loss scale
+            lams = (1e-2, 1e-1) if q else ((1e-4, 1e-3, 1e-2) if method == "second_order" else (1e-3, 1e-2, 1e-1))
             return [{"damping": n * lam} for lam in lams]
         if method == "sam_finetune":
-            return [{"lr": lr} for lr in ((0.1, 0.3) if q else (0.03, 0.1, 0.3, 1.0))]
+            return [{"lr": lr} for lr in ((0.1, 0.3) if q else (0.3, 1.0))]
         if method == "gradient_ascent":
-            return [{"lr": lr} for lr in ((0.03, 0.1) if q else (0.01, 0.03, 0.1, 0.3))]
+            return [{"lr": lr} for lr in ((0.03, 0.1) if q else (0.1, 0.3))]
         raise ValueError(method)
 
     def unlearn_kwargs(self, method: str, setup) -> Dict[str, Any]:
@@ -218,7 +220,7 @@ class CanaryTask:
                                                     n_probes=self.n_probes)
             return {"train_data": e["hessian_clean"], "n_train": e["n_train"], "diag": cache["hessian"][0]}
         if method == "sam_finetune":
-            return {"steps": 8 if self.quick else 20, "rho": 0.05, "retain": e["retain"]}
+            return {"steps": 8 if self.quick else 10, "rho": 0.05, "retain": e["retain"]}
         if method == "gradient_ascent":
             return {"steps": 5 if self.quick else 10}
         return {}
@@ -234,16 +236,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="sapsel_out", help="output folder (default ./sapsel_out)")
     p.add_argument("--seed", type=int, default=0, help="first seed; seeds are seed, seed+1, ...")
     p.add_argument("--seeds", type=int, default=1, help="number of seeds (default 1)")
-    p.add_argument("--models", default=None, help="model kinds, comma-separated: lstm,transformer (default both)")
-    p.add_argument("--repeats", default=None, help="canary insertions r, comma-separated (default 4,16; quick 8)")
+    p.add_argument("--settings", default=None,
+                   help="model:r<insertions> list, e.g. lstm:r4,lstm:r16,transformer:r16 (the default; quick lstm:r8)")
+    p.add_argument("--models", default=None, help="with --repeats: every model kind (lstm, transformer) ...")
+    p.add_argument("--repeats", default=None, help="... with every number of insertions r (comma-separated)")
     p.add_argument("--strategies", default=None, help=f"comma-separated subset of {','.join(STRATEGIES)}")
     p.add_argument("--methods", default=None, help=f"comma-separated subset of {','.join(METHODS)}")
     p.add_argument("--budgets", default=None, help="fractions, comma-separated (default 0.001,0.01,0.1,1)")
-    p.add_argument("--chars", type=int, default=None, help="corpus characters (default all ~465k; quick 20000)")
-    p.add_argument("--steps", type=int, default=None, help="training steps of θ* and gold (default 1500; quick 200)")
+    p.add_argument("--chars", type=int, default=None,
+                   help="corpus characters, 0 = all ~465k (default 150000; quick 20000)")
+    p.add_argument("--steps", type=int, default=None, help="training steps of θ* and gold (default 1000; quick 200)")
     p.add_argument("--seq-len", type=int, default=None, help="window length T (default 64; quick 48)")
-    p.add_argument("--candidates", type=int, default=None, help="random candidates for exposure (4000; quick 1000)")
-    p.add_argument("--probes", type=int, default=None, help="Hutchinson probes for diag(H) (default 32; quick 8)")
+    p.add_argument("--candidates", type=int, default=None, help="random candidates for exposure (2000; quick 1000)")
+    p.add_argument("--probes", type=int, default=None, help="Hutchinson probes for diag(H) (default 16; quick 8)")
     p.add_argument("--no-gold", action="store_true", help="skip retraining on the clean text (default in --quick)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (fixed for reproducibility; default 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -254,8 +259,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     q = args.quick
     seeds = list(range(args.seed, args.seed + args.seeds))
-    models = common.parse_list(args.models) if args.models else (["lstm"] if q else ["lstm", "transformer"])
-    repeats = common.parse_list(args.repeats, int) if args.repeats else ([8] if q else [4, 16])
+    if args.settings:
+        settings = common.parse_list(args.settings)
+    elif args.models or args.repeats:
+        settings = [f"{m}:r{r}" for m in common.parse_list(args.models or "lstm")
+                    for r in common.parse_list(args.repeats or "8", int)]
+    else:
+        settings = list(QUICK_SETTINGS if q else DEFAULT_SETTINGS)
+    try:
+        models = list(dict.fromkeys(parse_setting(s)[0] for s in settings))
+    except ValueError as exc:
+        print(f"sapsel demo --task canary: {exc}", file=sys.stderr)
+        return 2
     strategies = common.parse_list(args.strategies) if args.strategies else (
         ["hessian", "random", "all"] if q else list(DEFAULT_STRATEGIES))
     methods = common.parse_list(args.methods) if args.methods else (
@@ -266,13 +281,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     if bad:
         print(f"sapsel demo --task canary: unknown strategy/method/model {bad}", file=sys.stderr)
         return 2
-    n_probes = args.probes or (8 if q else 32)
-    settings = [f"{m}:r{r}" for m in models for r in repeats]
+    n_probes = args.probes or (8 if q else 16)
     common.set_determinism(args.seed, args.threads)
-    task = CanaryTask(settings, quick=q, chars=args.chars or (20000 if q else None),
-                      seq_len=args.seq_len or (48 if q else 64), steps=args.steps or (200 if q else 1500),
-                      n_candidates=args.candidates or (1000 if q else 4000), gold=not (args.no_gold or q),
-                      n_probes=n_probes)
+    chars = args.chars if args.chars is not None else (20000 if q else 150_000)
+    task = CanaryTask(settings, quick=q, chars=chars or None, seq_len=args.seq_len or (48 if q else 64),
+                      steps=args.steps or (200 if q else 1000), n_candidates=args.candidates or (1000 if q else 2000),
+                      gold=not (args.no_gold or q), n_probes=n_probes)
     t0 = time.perf_counter()
     res = common.run_grid(task, seeds, strategies, budgets, methods, progress=not args.no_progress,
                           score_kwargs={"n_probes": n_probes})
@@ -290,20 +304,57 @@ def main(argv: Optional[List[str]] = None) -> int:
     payload = {
         "task": "canary", "argv": list(argv) if argv is not None else sys.argv[1:], "quick": q, "seeds": seeds,
         "settings": settings, "strategies": strategies, "methods": methods, "budgets": budgets,
-        "n_probes": n_probes, "steps": task.steps, "seq_len": task.seq_len, "n_candidates": task.n_candidates,
+        "n_probes": n_probes, "chars": chars, "steps": task.steps, "seq_len": task.seq_len,
+        "n_candidates": task.n_candidates,
         "canary": lm.CANARY_PREFIX + lm.CANARY_SECRET, "replacement": lm.BENIGN_REPLACEMENT,
         "model_cfg": QUICK_CFG if q else MODEL_CFG, "total_s": total_s, "environment": common.environment(),
         "baselines": [{k: v for k, v in b.items() if k in _BASELINE_KEYS} for b in res["baselines"]],
         "aggregate": agg, "rows": res["rows"],
     }
     common.write_json(os.path.join(args.out, "demo_canary.json"), payload)
-    with open(os.path.join(args.out, "demo_canary.md"), "w") as f:
-        f.write(base + "\n\n" + common.format_table(agg, task.metric_labels, markdown=True, digits=task.digits)
-                + "\n")
-    common.plot_budget_curves(agg, task.plot_metrics, os.path.join(args.out, "demo_canary.png"),
-                              title=f"canary unlearning on pydoc_data, {len(seeds)} seed(s)")
+    render(payload, args.out, base=base)
     print(f"\nwrote {args.out}/demo_canary.json, demo_canary.md, demo_canary.png  ({total_s:.1f} s)")
     return 0
+
+
+def render(payload, out: str, base: Optional[str] = None) -> None:
+    """Write demo_canary.md (summary, exposure matrix, full table) and demo_canary.png from a run's payload (the
+    dict saved as demo_canary.json; ``render(json.load(open(p)), dir)`` re-renders a saved run)."""
+    task = CanaryTask
+    agg = payload["aggregate"]
+    base = base if base is not None else _baseline_summary(payload["baselines"])
+    with open(os.path.join(out, "demo_canary.md"), "w") as f:
+        f.write(base + "\n\nExposure (skew-normal, bits) after unlearning (test-perplexity change %):\n\n"
+                + exposure_matrix(agg, payload["baselines"], payload["methods"]) + "\n\nAll metrics:\n\n"
+                + common.format_table(agg, task.metric_labels, markdown=True, digits=task.digits) + "\n")
+    common.plot_budget_curves(agg, task.plot_metrics, os.path.join(out, "demo_canary.png"),
+                              title=f"canary unlearning on pydoc_data, {len(payload['seeds'])} seed(s)")
+
+
+def exposure_matrix(agg, baselines, methods) -> str:
+    """Markdown: one row per (setting, strategy, budget), one column per update rule, cells "exposure after
+    (test-perplexity change %)", with the setting's exposure before unlearning and after retraining (gold)."""
+    head = ["setting", "before", "gold", "strategy", "budget"] + list(methods)
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    by = {(a["setting"], a["strategy"], a["budget"], a["method"]): a for a in agg}
+    cells = list(dict.fromkeys((a["setting"], a["strategy"], a["budget"]) for a in agg))
+    base = {}
+    for bl in baselines:
+        base.setdefault(bl["setting"], []).append(bl)
+    for setting, strategy, budget in cells:
+        bs = base.get(setting, [])
+        before = sum(b["before"]["exposure_sn"] for b in bs) / max(len(bs), 1)
+        golds = [b["gold"]["exposure_sn"] for b in bs if b.get("gold")]
+        gold = f"{sum(golds) / len(golds):.1f}" if golds else "-"
+        row = [setting, f"{before:.1f}", gold, strategy, common.budget_label(budget)]
+        for m in methods:
+            a = by.get((setting, strategy, budget, m))
+            if a is None or not math.isfinite(a["exposure_sn"]["mean"]):
+                row.append("n/a")
+            else:
+                row.append(f"{a['exposure_sn']['mean']:.1f} ({a['ppl_change_pct']['mean']:+.1f}%)")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
 
 
 _BASELINE_KEYS = ("seed", "setting", "prepare_s", "before", "gold", "model", "r", "n_train", "n_affected", "n_params",

@@ -18,7 +18,8 @@
 namespace sapsel {
 namespace {
 
-constexpr int64_t kGrain = 32768;  // ~30k random gathers (~0.1 ms) per task: below that, threads cost more than they save
+// ~30k random gathers (~0.1 ms) per task: below that, waking threads costs more than it saves
+constexpr int64_t kGrain = 32768;
 
 using TensorList = std::vector<at::Tensor>;
 
@@ -109,7 +110,9 @@ at::Tensor sparse_scatter_add_cpu(const at::Tensor& flat, const at::Tensor& idx,
     const scalar_t* v = vals.data_ptr<scalar_t>();
     const int64_t* ix = idx.data_ptr<int64_t>();
     at::parallel_for(0, k, kGrain, [&](int64_t b, int64_t e) {
-      for (int64_t j = b; j < e; ++j) o[ix[j]] = static_cast<scalar_t>(static_cast<acc_t>(o[ix[j]]) + static_cast<acc_t>(v[j]));
+      for (int64_t j = b; j < e; ++j) {
+        o[ix[j]] = static_cast<scalar_t>(static_cast<acc_t>(o[ix[j]]) + static_cast<acc_t>(v[j]));
+      }
     });
   });
   return out;

@@ -137,13 +137,13 @@ def _run(op, dtype, **kw):
         torch.ops.sapsel.sam_perturb(p, grads, idx, offs, sv, 0.37, kw["eta"], kw["adaptive"])
         return p + sv
     if op == "sgd":
-        torch.ops.sapsel.sparse_sgd_step(p, grads, idx, offs, buf if kw["momentum"] else [], saved if kw["saved"] else [],
-                                         0.1, kw["momentum"], 0.2 if not kw["nesterov"] else 0.0, 0.03,
-                                         kw["nesterov"], kw["first"], 0.5)
+        torch.ops.sapsel.sparse_sgd_step(p, grads, idx, offs, buf if kw["momentum"] else [],
+                                         saved if kw["saved"] else [], 0.1, kw["momentum"],
+                                         0.2 if not kw["nesterov"] else 0.0, 0.03, kw["nesterov"], kw["first"], 0.5)
         return p + buf
     if op == "adamw":
-        torch.ops.sapsel.sparse_adamw_step(p, grads, idx, offs, buf, v, saved if kw["saved"] else [], 0.01, 0.9, 0.99, 1e-8,
-                                           0.1, kw["step"], 0.25)
+        torch.ops.sapsel.sparse_adamw_step(p, grads, idx, offs, buf, v, saved if kw["saved"] else [], 0.01, 0.9, 0.99,
+                                           1e-8, 0.1, kw["step"], 0.25)
         return p + buf + v
     raise ValueError(op)
 

@@ -118,8 +118,8 @@ def sam_perturb(params, grads, idx, offsets, saved, scale: float, eta: float, ad
     for w, g, ix, off, s in zip(params, grads, idx, offsets, saved):
         k = ix.numel()
         if k:
-            _sam_perturb_kernel[(triton.cdiv(k, BLOCK),)](w, g.contiguous(), ix, off, s, k, scale, eta, ADAPTIVE=adaptive,
-                                                          ACC=_tl_acc(w.dtype), BLOCK=BLOCK)
+            _sam_perturb_kernel[(triton.cdiv(k, BLOCK),)](w, g.contiguous(), ix, off, s, k, scale, eta,
+                                                          ADAPTIVE=adaptive, ACC=_tl_acc(w.dtype), BLOCK=BLOCK)
 
 
 # ---------------------------------------------------------------------------------------------- SGD step
@@ -169,8 +169,9 @@ def sparse_sgd_step(params, grads, idx, offsets, momentum_buffers, saved, lr: fl
 
 # ---------------------------------------------------------------------------------------------- AdamW step
 @triton.jit
-def _sparse_adamw_step_kernel(w_ptr, g_ptr, idx_ptr, off, m_ptr, v_ptr, saved_ptr, k, decay, beta1, beta2, eps, step_size,
-                              bc2_sqrt, inv_scale, HAS_SAVED: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+def _sparse_adamw_step_kernel(w_ptr, g_ptr, idx_ptr, off, m_ptr, v_ptr, saved_ptr, k, decay, beta1, beta2, eps,
+                              step_size, bc2_sqrt, inv_scale, HAS_SAVED: tl.constexpr, ACC: tl.constexpr,
+                              BLOCK: tl.constexpr):
     # One program: BLOCK selected entries; torch.optim.AdamW's update (decoupled decay = w*(1 - lr*wd), bias
     # corrections folded into step_size and bc2_sqrt on the host); moments updated in place (ACC dtype).
     j = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)

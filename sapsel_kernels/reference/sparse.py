@@ -96,8 +96,9 @@ def _start(w: torch.Tensor, ix: torch.Tensor, saved: List[torch.Tensor], i: int,
 
 
 def sparse_sgd_step_ref(params: List[torch.Tensor], grads: List[torch.Tensor], idx: List[torch.Tensor],
-                        offsets: List[int], momentum_buffers: List[torch.Tensor], saved: List[torch.Tensor], lr: float, momentum: float,
-                        dampening: float, weight_decay: float, nesterov: bool, first: bool, inv_scale: float) -> None:
+                        offsets: List[int], momentum_buffers: List[torch.Tensor], saved: List[torch.Tensor],
+                        lr: float, momentum: float, dampening: float, weight_decay: float, nesterov: bool, first: bool,
+                        inv_scale: float) -> None:
     """torch.optim.SGD on the selected coordinates: d = g*inv_scale + wd*w; buf = d (first) or
     momentum*buf + (1-dampening)*d; d = d + momentum*buf (nesterov) or buf; w[idx] = w0 - lr*d, where w0 is
     ``saved[i]`` when given (SAM restore fused with the step) else the current w[idx]."""
@@ -121,9 +122,9 @@ def sparse_sgd_step_ref(params: List[torch.Tensor], grads: List[torch.Tensor], i
 
 
 def sparse_adamw_step_ref(params: List[torch.Tensor], grads: List[torch.Tensor], idx: List[torch.Tensor],
-                          offsets: List[int], exp_avg: List[torch.Tensor], exp_avg_sq: List[torch.Tensor], saved: List[torch.Tensor],
-                          lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: int,
-                          inv_scale: float) -> None:
+                          offsets: List[int], exp_avg: List[torch.Tensor], exp_avg_sq: List[torch.Tensor],
+                          saved: List[torch.Tensor], lr: float, beta1: float, beta2: float, eps: float,
+                          weight_decay: float, step: int, inv_scale: float) -> None:
     """torch.optim.AdamW (amsgrad=False) on the selected coordinates, ``step`` = the 1-based step count after this
     update: w *= 1 - lr*wd; m += (1-b1)(g-m); v = b2 v + (1-b2) g^2; w -= lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps)."""
     bc1 = 1 - beta1 ** step

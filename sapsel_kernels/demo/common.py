@@ -13,6 +13,7 @@ JSON and the plot. A task is any object with:
   model or the test data (only what an unlearner has: held-out validation data, Z, Z̃);
 * ``hparams(method, setup) -> list[dict]``: candidate keyword arguments for ``unlearn`` (one is chosen per cell);
 * ``unlearn_kwargs(method, setup) -> dict``: fixed keyword arguments for ``unlearn`` (train_data, n_train, ...);
+* optional ``selection_info(selection, setup) -> dict``: extra columns describing S (e.g. where it lies);
 * ``metric_labels``: ordered {metric key: column header} for the printed table; ``plot_metrics``: the metric keys
   plotted against the budget (one panel row each).
 """
@@ -122,13 +123,15 @@ def run_grid(task, seeds: Sequence[int], strategies: Sequence[str], budgets: Seq
                 sel = select_parameters(setup.model, strategy, budget, loss_fn=setup.loss_fn, data=setup.data,
                                         affected=setup.affected, corrected=setup.corrected, seed=seed, scores=scores)
                 sel_s = score_cost["wall_time_s"] + (time.perf_counter() - t1)
+                sel_info = task.selection_info(sel, setup) if hasattr(task, "selection_info") else {}
                 for method in methods:
                     bar.set_postfix_str(f"seed={seed} {setting} {strategy} {budget_label(budget)} {method}")
                     row = _run_cell(task, setup, work, state0, sel, method)
                     after = row.pop("_metrics")
                     row.update(seed=seed, setting=setting, strategy=strategy, budget=budget, k=int(sel.k),
                                select_s=sel_s, select_gradients=score_cost["n_gradients"],
-                               select_hvps=score_cost["n_hvps"], **after, **task.derive(after, before, gold))
+                               select_hvps=score_cost["n_hvps"], **sel_info, **after,
+                               **task.derive(after, before, gold))
                     rows.append(row)
                     bar.update(1)
             setup.extra.pop("score_cache", None)

@@ -216,6 +216,18 @@ class LabelsTask:
 
         return {"restored_test": restored("test_acc"), "restored_affected": restored("affected_acc")}
 
+    @staticmethod
+    def selection_info(sel, setup) -> Dict[str, Any]:
+        """Where S lies: its share in the classifier ``fc`` (the last layer) and per layer counts."""
+        from ..space import ParamSpace
+
+        per = ParamSpace(setup.model).split_indices(sel.indices.cpu())
+        counts: Dict[str, int] = {}
+        for name, local in per.items():
+            layer = name.rsplit(".", 1)[0]
+            counts[layer] = counts.get(layer, 0) + int(local.numel())
+        return {"frac_last_layer": counts.get("fc", 0) / max(sel.k, 1), "layer_counts": counts}
+
     def tuning_score(self, model, setup) -> float:
         xva, yva = setup.extra["split"]["val"]
         xz, yz = setup.corrected[0]
@@ -305,7 +317,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     res = common.run_grid(task, seeds, strategies, budgets, methods, progress=not args.no_progress,
                           score_kwargs={"n_probes": n_probes})
     total_s = time.perf_counter() - t0
-    metrics = list(task.metric_labels) + ["poison_acc", "tune_s", "select_s", "delta_norm", "n_changed"]
+    metrics = list(task.metric_labels) + ["poison_acc", "tune_s", "select_s", "delta_norm", "n_changed",
+                                          "frac_last_layer"]
     agg = common.aggregate(res["rows"], metrics)
     table = common.format_table(agg, task.metric_labels, digits=task.digits)
     base = _baseline_summary(res["baselines"])
@@ -365,6 +378,20 @@ def summary_markdown(payload: Dict[str, Any]) -> str:
                 out.append(f"| {name} | " + " | ".join(cells) + " |")
             out.append("")
         rows = [r for r in payload["rows"] if r["setting"] == rate]
+        out += _paired_lines(rows, methods, budgets, len(payload["seeds"]))
+        out.append("**share of S in the classifier layer `fc`** (18% of all parameters; mean over seeds)\n")
+        out.append("| strategy | " + " | ".join(common.budget_label(b) for b in budgets) + " |")
+        out.append("|---|" + "---|" * len(budgets))
+        for st in strategies:
+            if st == "all":
+                continue
+            vals = []
+            for b in budgets:
+                rs = [r["frac_last_layer"] for r in rows if r["strategy"] == st and r["budget"] == b
+                      and r["method"] == methods[0] and "frac_last_layer" in r]
+                vals.append(f"{100 * sum(rs) / len(rs):.0f}%" if rs else "-")
+            out.append(f"| {st} | " + " | ".join(vals) + " |")
+        out.append("")
         out.append("**cost of selection** (once per seed, shared by every budget and method)\n")
         out.append("| strategy | seconds | per-point gradients | per-point HVPs |")
         out.append("|---|---|---|---|")
@@ -386,6 +413,42 @@ def summary_markdown(payload: Dict[str, Any]) -> str:
                        f"{sum(r['tune_s'] for r in rs) / n:.2f} |")
         out.append("")
     return "\n".join(out)
+
+
+def _paired_lines(rows, methods, budgets, n_seeds, ref="hessian") -> List[str]:
+    """Paired (same seed, method, budget) differences ``ref`` − competitor in test and Z accuracy restored %:
+    mean ± sample std over the pairs, and how often ``ref`` was strictly better. ``all`` is compared at 100%."""
+    by = {(r["seed"], r["method"], r["strategy"], r["budget"]): r for r in rows}
+    comps = [s for s in dict.fromkeys(r["strategy"] for r in rows) if s != ref]
+    if not any(r["strategy"] == ref for r in rows) or not comps:
+        return []
+    out = [f"**paired comparison: `{ref}` minus each strategy** (restored test % / restored Z %, mean ± std over "
+           f"{len(methods)} methods × {n_seeds} seeds; wins = pairs where `{ref}` is strictly better)\n",
+           "| vs | " + " | ".join(common.budget_label(b) for b in budgets) + " |",
+           "|---|" + "---|" * len(budgets)]
+    for c in comps:
+        cells = []
+        for b in budgets:
+            d_t, d_z = [], []
+            for (seed, m, s, bb), r in by.items():
+                if s != ref or bb != b:
+                    continue
+                o = by.get((seed, m, c, 1.0 if c == "all" else b))
+                if o is None:
+                    continue
+                d_t.append(r["restored_test"] - o["restored_test"])
+                d_z.append(r["restored_affected"] - o["restored_affected"])
+            if not d_t:
+                cells.append("-")
+                continue
+            ms = [common.aggregate([{"setting": 0, "method": 0, "strategy": 0, "budget": 0, "v": v} for v in d],
+                                   ["v"])[0]["v"] for d in (d_t, d_z)]
+            wins = sum(v > 0 for v in d_t)
+            cells.append(f"{ms[0]['mean']:+.0f} ± {ms[0]['std']:.0f} / {ms[1]['mean']:+.0f} ± {ms[1]['std']:.0f} "
+                         f"({wins}/{len(d_t)} wins)")
+        out.append(f"| {c}{' (100%)' if c == 'all' else ''} | " + " | ".join(cells) + " |")
+    out.append("")
+    return out
 
 
 def _baseline_summary(baselines) -> str:

@@ -87,7 +87,7 @@ def _flatten_scores(scores: Scores, space: Optional[ParamSpace]) -> torch.Tensor
 def _rank(flat: torch.Tensor, k: int, largest: bool, space, base: int):
     """topk_select on a flat slice, turning a NaN/Inf error into one that names the parameter and position."""
     if flat.dtype == torch.float64:  # the kernels rank 32/16-bit floats; float64 goes through the exact reference
-        from .reference.topk import topk_select_ref as fn
+        from .reference.topk import rank_ref as fn
     else:
         fn = torch.ops.sapsel.topk_select
     try:

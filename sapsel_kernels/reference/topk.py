@@ -63,12 +63,15 @@ def empty_threshold(scores: torch.Tensor, largest: bool) -> torch.Tensor:
 def topk_select_ref(scores: torch.Tensor, k: int, largest: bool = True):
     """Reference ``topk_select``: (indices int64 [k] ascending, threshold 0-dim in the scores' dtype).
 
-    scores: 1-D float32/float16/bfloat16 (float64 is accepted here too, for ``select`` on float64 scores); any
-    device; non-contiguous input is fine.
+    scores: 1-D float32/float16/bfloat16, any device; non-contiguous input is fine.
     """
-    if scores.dtype != torch.float64:
-        check_topk_args(scores, k)
-    elif scores.dim() != 1 or not 0 <= k <= scores.shape[0]:
+    check_topk_args(scores, k)
+    return rank_ref(scores, k, largest)
+
+
+def rank_ref(scores: torch.Tensor, k: int, largest: bool = True):
+    """``topk_select_ref`` without the dtype restriction (float64 too; used by ``select`` for float64 scores)."""
+    if scores.dim() != 1 or not 0 <= k <= scores.shape[0]:
         check_topk_args(scores.float(), k)
     x = scores.contiguous()
     check_finite_ref(x)

@@ -1,0 +1,146 @@
+"""ParamSpace: the flat int64 coordinate space over a model's trainable parameters.
+
+Oracles: the model's own parameters (torch.cat of p.reshape(-1) in named_parameters() order), Python int arithmetic
+for index maps, and object/storage identity for "no rebinding".
+"""
+
+import pytest
+import torch
+
+from sapsel_kernels import ParamSpace
+
+
+class Tied(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(7, 4)
+        self.mid = torch.nn.Linear(4, 3)
+        self.frozen = torch.nn.Linear(3, 3)
+        self.out = torch.nn.Linear(4, 7, bias=True)
+        self.out.weight = self.emb.weight  # tied: one parameter under two names
+        for p in self.frozen.parameters():
+            p.requires_grad_(False)
+
+
+def test_order_tied_frozen():
+    m = Tied()
+    sp = ParamSpace(m)
+    assert sp.names == ["emb.weight", "mid.weight", "mid.bias", "out.bias"]  # tied counted once, frozen excluded
+    assert sp.numels == [28, 12, 3, 7] and sp.numel == 50
+    assert sp.offsets == [0, 28, 40, 43]
+    assert sp.params[0] is m.emb.weight
+    flat = sp.gather()
+    assert torch.equal(flat, torch.cat([m.emb.weight.reshape(-1), m.mid.weight.reshape(-1), m.mid.bias,
+                                        m.out.bias]).detach())
+
+
+def test_index_maps_roundtrip():
+    sp = ParamSpace(Tied())
+    for i in range(sp.numel):
+        name, idx = sp.locate(i)
+        assert sp.flat_index(name, idx) == i
+        j = sp.index_of(name)
+        lin = i - sp.offsets[j]
+        assert sp.flat_index(name, lin) == i
+        assert torch.unravel_index(torch.tensor(lin), sp.shapes[j]) == tuple(torch.tensor(v) for v in idx)
+    pi = sp.param_index(torch.arange(sp.numel))
+    expect = torch.cat([torch.full((n,), i) for i, n in enumerate(sp.numels)])
+    assert pi.dtype == torch.int64 and torch.equal(pi, expect)
+    assert sp.describe_position(29) == "mid.weight[0, 1] (flat index 29)"
+    with pytest.raises(IndexError):
+        sp.locate(sp.numel)
+    with pytest.raises(IndexError):
+        sp.param_index(torch.tensor([-1]))
+    with pytest.raises(IndexError):
+        sp.flat_index("mid.bias", 3)
+    with pytest.raises(KeyError, match="frozen.weight"):
+        sp.flat_index("frozen.weight", 0)
+
+
+def test_split_indices():
+    sp = ParamSpace(Tied())
+    idx = torch.tensor([0, 27, 28, 45, 49])
+    got = sp.split_indices(idx)
+    assert list(got) == ["emb.weight", "mid.weight", "out.bias"]
+    assert got["emb.weight"].tolist() == [0, 27] and got["mid.weight"].tolist() == [0]
+    assert got["out.bias"].tolist() == [2, 6]
+    with pytest.raises(ValueError, match="ascending"):
+        sp.split_indices(torch.tensor([5, 3]))
+
+
+def test_gather_scatter_in_place_without_rebinding():
+    m = Tied()
+    sp = ParamSpace(m)
+    params_before = [p for p in sp.params]
+    ptrs = [p.data_ptr() for p in sp.params]
+    new = torch.arange(sp.numel, dtype=torch.float32)
+    sp.scatter(new)
+    for p, q, ptr in zip(sp.params, params_before, ptrs):
+        assert p is q and p.data_ptr() == ptr
+    assert m.out.weight is m.emb.weight and m.out.weight[0, 1].item() == 1.0  # tied view updated once
+    assert torch.equal(sp.gather(), new)
+    assert m.mid.weight[1, 0].item() == 28 + 4  # row-major local layout
+    # gradients: None -> zeros
+    assert torch.equal(sp.gather("grad"), torch.zeros(sp.numel))
+    m.mid.bias.grad = torch.ones(3)
+    g = sp.gather("grad")
+    assert g[40:43].tolist() == [1, 1, 1] and g.sum() == 3
+    # an explicit list of per-parameter tensors
+    vals = [torch.full(s, float(i)) for i, s in enumerate(sp.shapes)]
+    assert torch.equal(sp.gather(vals), torch.cat([v.reshape(-1) for v in vals]))
+    outs = [torch.empty(s) for s in sp.shapes]
+    sp.scatter(new, into=outs)
+    assert torch.equal(torch.cat([o.reshape(-1) for o in outs]), new)
+
+
+def test_scatter_rejects_nonfinite_before_writing():
+    m = Tied()
+    sp = ParamSpace(m)
+    before = sp.gather().clone()
+    bad = torch.zeros(sp.numel)
+    bad[-1] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        sp.scatter(bad)
+    assert torch.equal(sp.gather(), before)
+    with pytest.raises(ValueError, match="shape"):
+        sp.scatter(torch.zeros(sp.numel + 1))
+
+
+def test_views_no_copy():
+    sp = ParamSpace(Tied())
+    flat = torch.randn(2, sp.numel)
+    v = sp.views(flat)
+    assert v["mid.weight"].shape == (2, 3, 4)
+    v["mid.bias"][1, 2] = 42.0
+    assert flat[1, 42].item() == 42.0
+
+
+def test_signature():
+    a, b = ParamSpace(torch.nn.Linear(3, 4)), ParamSpace(torch.nn.Linear(3, 4))
+    c = ParamSpace(torch.nn.Linear(4, 3))
+    assert a.signature == b.signature != c.signature
+
+
+def test_int64_offsets_past_2_31():
+    # meta tensors: the sizes exist, the memory does not
+    big = torch.nn.Parameter(torch.empty(2**31 + 5, device="meta"))
+    tail = torch.nn.Parameter(torch.empty(3, 2**30, device="meta"))
+    sp = ParamSpace({"big": big, "tail": tail})
+    assert sp.offsets == [0, 2**31 + 5] and sp.numel == 2**31 + 5 + 3 * 2**30
+    i = 2**31 + 5 + 2 * 2**30 + 17
+    assert sp.locate(i) == ("tail", (2, 17))
+    assert sp.flat_index("tail", (2, 17)) == i
+    assert sp.param_index(torch.tensor([2**31 + 4, 2**31 + 5, i])).tolist() == [0, 1, 1]
+    got = sp.split_indices(torch.tensor([3, 2**31 + 4, i]))
+    assert got["big"].tolist() == [3, 2**31 + 4] and got["tail"].tolist() == [2 * 2**30 + 17]
+
+
+def test_construction_errors():
+    with pytest.raises(ValueError, match="no trainable"):
+        ParamSpace(torch.nn.ReLU())
+    with pytest.raises(ValueError, match="several devices"):
+        ParamSpace({"a": torch.zeros(2, requires_grad=True), "b": torch.zeros(2, device="meta", requires_grad=True)})
+    with pytest.raises(TypeError):
+        ParamSpace({"a": 3})
+    sp = ParamSpace([torch.zeros(2, requires_grad=True), ("named", torch.zeros(3, requires_grad=True))])
+    assert sp.names == ["param0", "named"]

@@ -454,3 +454,60 @@ def test_batchnorm_stats_updated_once():
         model(batch[0] * 3)
     assert int(model[1].num_batches_tracked) == 1
     assert torch.allclose(model[1].running_mean, ref[1].running_mean, atol=1e-7, rtol=0)
+
+
+# ---------------------------------------------------------------------------------- CUDA (bench/gpu_check.sh)
+_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@_cuda
+@pytest.mark.parametrize("base,kw", [BASES[1], BASES[3]], ids=["sgd-nesterov", "adamw"])
+@pytest.mark.parametrize("adaptive", [False, True], ids=["SAM", "ASAM"])
+def test_cuda_triton_matches_cpu_reference(base, kw, adaptive):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    batch = _data(torch.float32)
+    cpu, gpu = _model(torch.float32), _model(torch.float32).cuda()
+    gbatch = (batch[0].cuda(), batch[1].cuda())
+    n = sk.ParamSpace(cpu).numel
+    idx = torch.randperm(n)[: n // 5].sort().values
+    lr = 0.1 if base == "sgd" else 0.01
+    o_cpu = SparseSAM(cpu, idx, base=base, lr=lr, adaptive=adaptive, **kw)
+    o_gpu = SparseSAM(gpu, idx.cuda(), base=base, lr=lr, adaptive=adaptive, **kw)
+    with use_backend("reference"):
+        _train(o_cpu, cpu, batch, 3)
+    _train(o_gpu, gpu, gbatch, 3)
+    # float32 forward/backward on two devices differ in summation order: a few ulps of O(1) values per step
+    assert (_flat(gpu).cpu() - _flat(cpu)).abs().max().item() < 1e-5
+
+
+@pytest.mark.gpu
+@_cuda
+def test_cuda_functional_ops_and_bf16_rounding():
+    from sapsel_kernels.sparse import sparse_add, sparse_gather
+
+    flat = torch.randn(100_000, device="cuda", dtype=torch.bfloat16)
+    idx = torch.randperm(100_000, device="cuda")[:5000].sort().values
+    d = torch.randn(5000, device="cuda", dtype=torch.bfloat16)
+    exp = flat.clone()
+    exp[idx] = (flat[idx].float() + d.float()).bfloat16()  # round to nearest even, as the GPU kernel must
+    assert torch.equal(sparse_add(flat, idx, d), exp)
+    assert torch.equal(sparse_gather(flat, idx), flat[idx])
+    t = torch.randn(300, device="cuda", dtype=torch.float64, requires_grad=True)
+    dd = torch.randn(7, device="cuda", dtype=torch.float64, requires_grad=True)
+    ii = torch.tensor([0, 3, 50, 51, 100, 200, 299], device="cuda")
+    assert torch.autograd.gradcheck(lambda a, b: sparse_add(a, ii, b), (t, dd))
+
+
+@pytest.mark.gpu
+@_cuda
+def test_cuda_int64_offsets_past_2_31():
+    # One fp16 parameter of 2^31 + 1024 elements (4 GiB + grad 4 GiB): indices past 2^31 must address correctly.
+    n = 2 ** 31 + 1024
+    p = torch.zeros(n, dtype=torch.float16, device="cuda", requires_grad=True)
+    p.grad = torch.ones_like(p)
+    idx = torch.tensor([7, 2 ** 31 - 1, 2 ** 31, n - 1], device="cuda")
+    opt = SparseSGD([p], idx, lr=1.0)
+    opt.step()
+    assert torch.equal(p.detach()[idx].float().cpu(), -torch.ones(4))
+    assert float(p.detach().float().abs().sum()) == 4.0

@@ -260,3 +260,65 @@ def test_int64_indices_past_2_31():
         assert idx.tolist() == sorted([0, 1, 2, 3, 4] + hot) and thr.item() == 0.0
         idx, thr = topk_select(x, 1, False)
         assert idx.tolist() == [n - 2] and thr.item() == -1.0
+
+
+# ---------------------------------------------------------------------------------------------------- CUDA (Triton)
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_bit_identical_to_cpu(dtype):
+    """The CUDA (Triton) path selects exactly what the CPU path selects: same indices, same threshold bits."""
+    g = torch.Generator().manual_seed(11)
+    for kind in KINDS:
+        for n in (1, 7, 4099, 1_000_003):
+            x = _data(kind, n, dtype, g)
+            xc = x.cuda()
+            for k in _ks(n):
+                for largest in (True, False):
+                    i, t = topk_select(xc, k, largest)
+                    ri, rt = topk_select(x, k, largest)
+                    assert i.is_cuda and torch.equal(i.cpu(), ri), (kind, n, k, largest)
+                    assert torch.equal(t.cpu().reshape(1).view(torch.uint8), rt.reshape(1).view(torch.uint8))
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_1e8_against_torch_topk():
+    n = 10**8
+    x = torch.randn(n, device="cuda", generator=torch.Generator(device="cuda").manual_seed(3))
+    for k in (n // 1000, n // 100, n // 10):
+        idx, thr = topk_select(x, k, True)
+        ref = torch.topk(x, k, sorted=False).indices
+        assert torch.equal(idx, torch.sort(ref).values)
+        assert thr.item() == x[ref].min().item()
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_int64_indices_past_2_31():
+    n = 2**31 + 1000
+    x = torch.zeros(n, dtype=torch.float16, device="cuda")
+    hot = [5, 2**31 - 1, 2**31, 2**31 + 7, n - 1]
+    x[torch.tensor(hot, device="cuda")] = torch.arange(1, 6, device="cuda", dtype=torch.float16)
+    x[n - 2] = -1.0
+    idx, thr = topk_select(x, 5, True)
+    assert idx.tolist() == hot and thr.item() == 1.0
+    idx, thr = topk_select(x, 10, True)
+    assert idx.tolist() == sorted([0, 1, 2, 3, 4] + hot) and thr.item() == 0.0
+    idx, thr = topk_select(x, 1, False)
+    assert idx.tolist() == [n - 2] and thr.item() == -1.0
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_nonfinite_and_opcheck():
+    x = torch.randn(100_000, device="cuda")
+    x[77_777] = float("nan")
+    with pytest.raises(ValueError, match="index 77777"):
+        topk_select(x, 10, True)
+    y = torch.randn(5000, device="cuda")
+    for k, largest in ((0, True), (50, True), (500, False), (5000, True)):
+        torch.library.opcheck(topk_select, (y, k, largest))

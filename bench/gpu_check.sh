@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# GPU check for sapsel-kernels: run on a CUDA machine (no network needed) from anywhere:
+#
+#     bench/gpu_check.sh DIR        # DIR defaults to bench/results/gpu-<date>
+#
+# Builds the C++ extension in place, prints `sapsel info`, runs the non-slow test suite with CUDA visible (Triton
+# compiled for the GPU, not interpreted) and the benchmarks, and writes everything to DIR: gpu_check.log (all output),
+# env.txt, info.txt, tests*.txt / junit xml, bench_*.json, summary.txt (exit status of each step). Budget: < 8 min
+# on one H100-class GPU; every step has its own timeout and a failing step does not stop the later ones.
+#
+# Layout: one delimited section per area. Append yours as
+#     # ===== section: <area> (issue N) =====   ...   # ===== end section: <area> =====
+# using `step NAME TIMEOUT_S CMD...` so that its status lands in summary.txt.
+set -uo pipefail
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$ROOT"
+DIR="${1:-bench/results/gpu-$(date -u +%Y%m%dT%H%M%SZ)}"
+mkdir -p "$DIR"
+DIR="$(cd "$DIR" && pwd)"
+exec > >(tee -a "$DIR/gpu_check.log") 2>&1
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+export TRITON_INTERPRET=0          # tests/conftest.py defaults it to 1 for CPU CI; here Triton runs on the GPU
+export SAPSEL_REQUIRE_EXT=1
+T0=$(date +%s)
+
+BUDGET="${SAPSEL_GPU_CHECK_BUDGET:-470}"  # seconds for the whole script (< 8 min); steps get what is left
+
+step() {  # step NAME TIMEOUT_S CMD... : run, log, record the status; never abort the script
+  local name="$1" limit="$2"; shift 2
+  local left=$((BUDGET - ($(date +%s) - T0)))
+  if [ "$left" -lt 15 ]; then
+    echo "$name skipped (budget of $BUDGET s spent)" | tee -a "$DIR/summary.txt"; return 0
+  fi
+  [ "$limit" -gt "$left" ] && limit="$left"
+  echo; echo "===== [$(($(date +%s) - T0)) s] $name (limit $limit s): $*"
+  timeout "$limit" "$@"
+  local rc=$?
+  echo "$name rc=$rc ($(($(date +%s) - T0)) s)" | tee -a "$DIR/summary.txt"
+  return 0
+}
+
+# ===== section: common (issue 2) =====
+: > "$DIR/summary.txt"
+{
+  date -u
+  nvidia-smi || true
+  python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'device', torch.cuda.get_device_name(0), 'threads', torch.get_num_threads())"
+  git -C "$ROOT" log --oneline -1 2>/dev/null || true
+} > "$DIR/env.txt" 2>&1
+cat "$DIR/env.txt"
+step build 180 env SAPSEL_BUILD_EXT=1 MAX_JOBS="$(nproc)" python setup.py build_ext --inplace -q
+step info 60 bash -c "python -m sapsel_kernels info | tee '$DIR/info.txt'"
+step tests 240 python -m pytest tests -m "not slow" -q --durations=15 -p no:cacheprovider \
+  --junitxml="$DIR/tests.xml"
+# ===== end section: common =====
+
+# ===== section: topk (issue 2) =====
+# (the CUDA topk tests, marked gpu, ran in the suite above: CUDA vs C++ bit-identical, int64 past 2^31, opcheck)
+step bench_topk 150 env SAPSEL_BENCH_FULL=1 python -m pytest bench/test_bench_topk.py --benchmark-only -q \
+  -p no:cacheprovider --benchmark-json="$DIR/bench_topk.json" --benchmark-columns=median,min,max,rounds
+# ===== end section: topk =====
+
+echo; echo "done in $(($(date +%s) - T0)) s; results in $DIR"; cat "$DIR/summary.txt"

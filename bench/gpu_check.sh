@@ -60,4 +60,11 @@ step bench_topk 150 env SAPSEL_BENCH_FULL=1 python -m pytest bench/test_bench_to
   -p no:cacheprovider --benchmark-json="$DIR/bench_topk.json" --benchmark-columns=median,min,max,rounds
 # ===== end section: topk =====
 
+# ===== section: sparse (issue 4) =====
+# (the CUDA sparse/SAM tests, marked gpu, ran in the suite above: Triton SparseSAM/ASAM vs the CPU reference, bf16
+# round-to-nearest in scatter-add, int64 addressing past 2^31 in one fp16 parameter)
+step bench_sam 100 env SAPSEL_BENCH_FULL=1 python -m pytest bench/test_bench_sam.py --benchmark-only -q \
+  -p no:cacheprovider --benchmark-json="$DIR/bench_sam.json" --benchmark-columns=median,min,max,rounds
+# ===== end section: sparse =====
+
 echo; echo "done in $(($(date +%s) - T0)) s; results in $DIR"; cat "$DIR/summary.txt"

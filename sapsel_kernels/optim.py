@@ -490,6 +490,15 @@ class SparseSAM(_SparseOptimizer):
             p.view(-1).index_copy_(0, self._idx[p] - self._off[p], self._saved[p])
 
     @torch.no_grad()
+    def restore(self) -> None:
+        """Undo a pending first_step() exactly (bit-for-bit, no update): for a second pass that failed or was
+        abandoned (e.g. an exception in the loss). A no-op when nothing is perturbed."""
+        self._restore(list(self._pert))
+        self._pert = []
+        self._perturbed = False
+        self._pass1_skipped = False
+
+    @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> bool:
         """Restore w_S and apply the base step with the gradient at the perturbed point, fused. Returns False when the
         step was skipped (inf/NaN in either pass): then every parameter is exactly as before first_step()."""
@@ -528,7 +537,8 @@ class SparseSAM(_SparseOptimizer):
 
     def step(self, closure=None):
         """With ``closure`` (re-evaluates the loss with backward and returns it; gradients are zeroed before each
-        call): a whole SAM step, closure called twice; returns the first loss. Without: the second step (this is what
+        call): a whole SAM step, closure called twice; returns the first loss (if the second call raises, the
+        perturbation is undone before the exception propagates). Without: the second step (this is what
         ``GradScaler.step(opt)`` calls after ``first_step``)."""
         if closure is None:
             if self._perturbed or self._pass1_skipped:
@@ -540,7 +550,11 @@ class SparseSAM(_SparseOptimizer):
         loss = closure()
         self.first_step(zero_grad=True)
         ctx = frozen_bn_stats(self.model) if (self.bn_once and self.model is not None) else contextlib.nullcontext()
-        with ctx:
-            closure()
+        try:
+            with ctx:
+                closure()
+        except BaseException:
+            self.restore()  # the second pass raised: leave the weights exactly as before the step
+            raise
         self.second_step()
         return loss

@@ -323,6 +323,35 @@ def test_nonfinite_in_either_sam_pass_changes_nothing(bad, which_pass, base):
     assert not opt.last_step_skipped and not _same(opt, model, snap)
 
 
+def test_exception_in_second_pass_restores_exactly():
+    model = _model(torch.float32)
+    batch = _data(torch.float32)
+    opt = SparseSAM(model, torch.arange(0, 50, 2), lr=0.1, momentum=0.9)
+    _train(opt, model, batch, 1)
+    snap = _snapshot(opt, model)
+    calls = []
+
+    def closure():
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyError("data loader failed")
+        loss = _loss(model, batch)
+        loss.backward()
+        return loss
+
+    with pytest.raises(KeyError):
+        opt.step(closure)
+    assert _same(opt, model, snap)
+    # by hand: first_step then restore() is also exact, and the optimizer is usable afterwards
+    opt.zero_grad()
+    _loss(model, batch).backward()
+    assert opt.first_step(zero_grad=True) and not torch.equal(_flat(model), snap[0])
+    opt.restore()
+    assert _same(opt, model, snap)
+    _train(opt, model, batch, 1)
+    assert not opt.last_step_skipped
+
+
 @pytest.mark.parametrize("cls", [SparseSGD, SparseAdamW])
 def test_nonfinite_sgd_adamw_changes_nothing(cls):
     model = _model(torch.float32)

@@ -10,11 +10,11 @@ import os
 if os.environ.pop("TRITON_INTERPRET", None) == "1":
     print("bench/conftest.py: unset TRITON_INTERPRET=1 (benchmarks time the compiled kernels)")
 
-import importlib.util  # noqa: E402
+import importlib.util
 
-import torch  # noqa: E402
+import torch
 
-import sapsel_kernels as sk  # noqa: E402
+import sapsel_kernels as sk
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):

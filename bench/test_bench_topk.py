@@ -16,8 +16,8 @@ extra_info: N, k, ``gbps`` (4N bytes / median time: one streaming read of the sc
 ``peak_extra_bytes`` (peak memory above the live inputs during one call, outputs included: CUDA from
 ``torch.cuda.max_memory_allocated``; CPU from the process's peak RSS (VmHWM, reset through /proc/self/clear_refs)
 during one call made after ``malloc_trim(0)`` with glibc's mmap threshold at 64 KiB, so that freed-and-reused heap
-memory cannot hide an allocation; ``None`` where that is not available; memory a kernel allocates but never touches is not counted) and
-``peak_extra_method``.
+memory cannot hide an allocation; ``None`` where that is not available; memory allocated but never touched is not
+counted) and ``peak_extra_method``.
 
 Sizes: N = 1e6 and 1e7 by default; also 1e8 with ``SAPSEL_BENCH_FULL=1``; ``SAPSEL_BENCH_QUICK=1``: N = 1e6 only.
 k = 0.1%, 1%, 10% of N. Run: ``python -m pytest bench/test_bench_topk.py --benchmark-only``.

@@ -22,6 +22,7 @@
 // histogram, output) + a pass over the candidates; 16-bit keys (11/5): 3 reads. No (value, index) pairs; scratch
 // C x 2^11 x 4 bytes + the candidates; all index arithmetic int64.
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -108,7 +109,8 @@ inline void hist_keys(const uint32_t* keys, int64_t cnt, uint32_t lo, uint32_t h
     if (keys[i] >= lo && keys[i] <= hi) h[(keys[i] >> shift) & dmask]++;
 }
 
-// final pass: write, in index order from o[pos] (this chunk's slots are [pos, end)), the indices with key > T, and with key == T while quota > 0
+// final pass: write, in index order from o[pos] (this chunk's slots are [pos, end)), the indices with key > T,
+// and with key == T while quota > 0
 template <int KEY_BITS>
 void write_sel(const typename Keys<KEY_BITS>::Bits* bits, int64_t b, int64_t e, uint32_t flip, uint32_t T,
                int64_t quota, int64_t pos, int64_t end, int64_t* o) {
@@ -245,6 +247,22 @@ void write_sel<32>(const uint32_t* bits, int64_t b, int64_t e, uint32_t flip, ui
 }
 #endif
 
+// Run fn(c) for every chunk c in [0, nchunks) on the intra-op threads, each thread claiming the next unclaimed chunk
+// (not a static split): on a shared, oversubscribed machine a descheduled thread then delays one chunk, not its whole
+// share. Results are per chunk, so which thread ran a chunk does not matter (deterministic output).
+template <typename F>
+void for_each_chunk(int64_t nchunks, const F& fn) {
+  const int64_t nt = std::min<int64_t>(at::get_num_threads(), nchunks);
+  if (nt <= 1) {
+    for (int64_t c = 0; c < nchunks; ++c) fn(c);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, nt, 1, [&](int64_t, int64_t) {
+    for (int64_t c = next.fetch_add(1); c < nchunks; c = next.fetch_add(1)) fn(c);
+  });
+}
+
 template <int KEY_BITS>
 std::tuple<torch::Tensor, torch::Tensor> radix_select(const torch::Tensor& x, int64_t k, bool largest) {
   using K = Keys<KEY_BITS>;
@@ -258,9 +276,9 @@ std::tuple<torch::Tensor, torch::Tensor> radix_select(const torch::Tensor& x, in
   std::vector<int> widths = KEY_BITS == 32 ? std::vector<int>{11, 11, 10} : std::vector<int>{11, 5};
   const int exp_bits = st == at::kHalf ? 6 : 9;  // sign + exponent bits: fp16 1+5, fp32/bf16 1+8
 
-  // chunking: a few chunks per thread for load balance, each in [kMinChunk, kMaxChunk]
+  // chunking: ~8 chunks per thread for load balance (claimed dynamically), each in [kMinChunk, kMaxChunk]
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  int64_t nchunks = std::min<int64_t>(threads * 4, std::max<int64_t>(1, n / kMinChunk));
+  int64_t nchunks = std::min<int64_t>(threads * 8, std::max<int64_t>(1, n / kMinChunk));
   nchunks = std::max<int64_t>(nchunks, (n + kMaxChunk - 1) / kMaxChunk);
   const int64_t csize = (n + nchunks - 1) / nchunks;
   auto chunk_begin = [&](int64_t c) { return std::min(n, c * csize); };
@@ -294,18 +312,16 @@ std::tuple<torch::Tensor, torch::Tensor> radix_select(const torch::Tensor& x, in
     }
     const uint32_t lo = p > 0 ? prefix << pshift : 0, hi = p > 0 ? lo | ((uint32_t(1) << pshift) - 1) : 0;
     hist.assign(static_cast<size_t>(nchunks * stride), 0u);
-    at::parallel_for(0, nchunks, 1, [&](int64_t cb, int64_t ce) {
-      for (int64_t c = cb; c < ce; ++c) {
-        uint32_t* h = hist.data() + c * stride;
-        const int64_t b = chunk_begin(c), e = chunk_begin(c + 1);
-        if (p == 0) {
-          hist_full<KEY_BITS>(bits, b, e, flip, shift, h);
-        } else if (have_cand) {
-          hist_keys(cand.data() + cand_off[c], cand_off[c + 1] - cand_off[c], lo, hi, shift, dmask, h);
-        } else {
-          hist_filter<KEY_BITS>(bits, b, e, flip, lo, hi, shift, dmask, dense, h,
-                                collect ? cand.data() + cand_off[c] : nullptr);
-        }
+    for_each_chunk(nchunks, [&](int64_t c) {
+      uint32_t* h = hist.data() + c * stride;
+      const int64_t b = chunk_begin(c), e = chunk_begin(c + 1);
+      if (p == 0) {
+        hist_full<KEY_BITS>(bits, b, e, flip, shift, h);
+      } else if (have_cand) {
+        hist_keys(cand.data() + cand_off[c], cand_off[c + 1] - cand_off[c], lo, hi, shift, dmask, h);
+      } else {
+        hist_filter<KEY_BITS>(bits, b, e, flip, lo, hi, shift, dmask, dense, h,
+                              collect ? cand.data() + cand_off[c] : nullptr);
       }
     });
     have_cand = have_cand || collect;
@@ -370,9 +386,8 @@ std::tuple<torch::Tensor, torch::Tensor> radix_select(const torch::Tensor& x, in
   TORCH_CHECK(off[nchunks] == k, "topk_select: internal error, selected ", off[nchunks], " of k=", k);
   auto out = torch::empty({k}, opts);
   int64_t* o = out.data_ptr<int64_t>();
-  at::parallel_for(0, nchunks, 1, [&](int64_t cb, int64_t ce) {
-    for (int64_t c = cb; c < ce; ++c)
-      write_sel<KEY_BITS>(bits, chunk_begin(c), chunk_begin(c + 1), flip, T, take[c], off[c], off[c + 1], o);
+  for_each_chunk(nchunks, [&](int64_t c) {
+    write_sel<KEY_BITS>(bits, chunk_begin(c), chunk_begin(c + 1), flip, T, take[c], off[c], off[c + 1], o);
   });
   return {out, thr};
 }

@@ -6,7 +6,7 @@ selection is by value, and among scores equal to the threshold the lowest flat i
 """
 
 import math
-from typing import Dict, List, Optional, Sequence, Union
+from collections.abc import Sequence
 
 import torch
 
@@ -15,7 +15,7 @@ from .space import ParamSpace
 _FORMAT = "sapsel.Selection"
 _VERSION = 1
 
-Scores = Union[torch.Tensor, Dict[str, torch.Tensor], Sequence[torch.Tensor]]
+Scores = torch.Tensor | dict[str, torch.Tensor] | Sequence[torch.Tensor]
 
 
 def _first_nonfinite(flat: torch.Tensor) -> int:
@@ -23,7 +23,7 @@ def _first_nonfinite(flat: torch.Tensor) -> int:
     return int(bad.nonzero()[0, 0]) if bool(bad.any()) else -1
 
 
-def _nonfinite_error(flat: torch.Tensor, space: Optional[ParamSpace], base: int = 0) -> Optional[ValueError]:
+def _nonfinite_error(flat: torch.Tensor, space: ParamSpace | None, base: int = 0) -> ValueError | None:
     """A ValueError naming the first NaN/Inf of ``flat`` (flat position ``base`` + i), or None if there is none."""
     i = _first_nonfinite(flat)
     if i < 0:
@@ -50,7 +50,7 @@ def _k_from(k, fraction, n: int, what: str) -> int:
     return min(n, max(1, math.ceil(fraction * n - 1e-6)))
 
 
-def _flatten_scores(scores: Scores, space: Optional[ParamSpace]) -> torch.Tensor:
+def _flatten_scores(scores: Scores, space: ParamSpace | None) -> torch.Tensor:
     """One flat score vector in space order (a view/no copy when ``scores`` is already a flat contiguous tensor)."""
     if isinstance(scores, torch.Tensor):
         flat = scores.reshape(-1)
@@ -99,8 +99,8 @@ def _rank(flat: torch.Tensor, k: int, largest: bool, space, base: int):
         raise
 
 
-def select(scores: Scores, k: Optional[int] = None, fraction: Optional[float] = None, largest: bool = True,
-           scope: str = "global", space: Optional[ParamSpace] = None) -> "Selection":
+def select(scores: Scores, k: int | None = None, fraction: float | None = None, largest: bool = True,
+           scope: str = "global", space: ParamSpace | None = None) -> "Selection":
     """Select the k largest (or smallest) scores, globally or within each parameter tensor.
 
     Args:
@@ -164,8 +164,8 @@ class Selection:
         largest, scope: how the selection was made (informational).
     """
 
-    def __init__(self, indices: torch.Tensor, numel: int, threshold: Optional[torch.Tensor] = None, *,
-                 space_signature: Optional[str] = None, largest: bool = True, scope: str = "global"):
+    def __init__(self, indices: torch.Tensor, numel: int, threshold: torch.Tensor | None = None, *,
+                 space_signature: str | None = None, largest: bool = True, scope: str = "global"):
         self.indices = indices
         self.numel = int(numel)
         self.threshold = threshold
@@ -187,7 +187,7 @@ class Selection:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_indices(cls, indices, numel: Optional[int] = None, space: Optional[ParamSpace] = None) -> "Selection":
+    def from_indices(cls, indices, numel: int | None = None, space: ParamSpace | None = None) -> "Selection":
         """A Selection from explicitly chosen flat indices (any order, no duplicates; sorted here).
 
         ``numel`` defaults to ``space.numel``; with both given they must agree.
@@ -212,7 +212,7 @@ class Selection:
                    scope="explicit")
 
     @classmethod
-    def from_bitmask(cls, bits: torch.Tensor, numel: int, space: Optional[ParamSpace] = None) -> "Selection":
+    def from_bitmask(cls, bits: torch.Tensor, numel: int, space: ParamSpace | None = None) -> "Selection":
         """Inverse of ``bitmask()``."""
         if bits.dtype != torch.uint8 or bits.numel() != (numel + 7) // 8:
             raise ValueError(f"Selection.from_bitmask: expected uint8 of length {(numel + 7) // 8}")
@@ -229,14 +229,14 @@ class Selection:
             raise ValueError("Selection was made for another parameter space (names/shapes differ: signature "
                              f"{self.space_signature} != {space.signature})")
 
-    def per_param(self, space: ParamSpace) -> Dict[str, torch.Tensor]:
+    def per_param(self, space: ParamSpace) -> dict[str, torch.Tensor]:
         """{name: int64 ascending local linear indices} for every parameter of ``space`` (empty where none)."""
         self.check_space(space)
         got = space.split_indices(self.indices)
         empty = self.indices.new_empty(0)
         return {name: got.get(name, empty) for name in space.names}
 
-    def masks(self, space: ParamSpace) -> Dict[str, torch.Tensor]:
+    def masks(self, space: ParamSpace) -> dict[str, torch.Tensor]:
         """{name: bool tensor shaped like the parameter}, True where selected (on the indices' device)."""
         self.check_space(space)
         return space.views(self.mask())
@@ -271,7 +271,7 @@ class Selection:
         torch.save(self.state_dict(), path)
 
     @classmethod
-    def load(cls, path, map_location="cpu", space: Optional[ParamSpace] = None) -> "Selection":
+    def load(cls, path, map_location="cpu", space: ParamSpace | None = None) -> "Selection":
         """Read a saved selection; with ``space``, check that it was made for that space."""
         d = torch.load(path, map_location=map_location, weights_only=True)
         if not isinstance(d, dict) or d.get("format") != _FORMAT:
@@ -285,4 +285,4 @@ class Selection:
         return sel
 
 
-__all__: List[str] = ["select", "Selection"]
+__all__: list[str] = ["Selection", "select"]

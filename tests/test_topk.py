@@ -83,7 +83,7 @@ KINDS = ["randn", "ties", "equal", "zeros", "negative", "subnormal", "wide"]
 @pytest.mark.parametrize("kind", KINDS)
 def test_matches_reference_and_rule(backend, kind, dtype):
     g = torch.Generator().manual_seed(hash((kind, str(dtype))) % 2**31)
-    sizes = [1, 2, 7, 1000, 4099] + ([70001] if backend == "cpp" else [])  # triton: interpreter-sized
+    sizes = [1, 2, 7, 1000, 4099]  # interpreter-sized; the C++ multi-chunk paths are covered by the tests below
     for n in sizes:
         x = _data(kind, n, dtype, g)
         for k in _ks(n):
@@ -152,7 +152,7 @@ def test_cpp_1e7():
     n = 10**7
     x = torch.randn(n, generator=torch.Generator().manual_seed(1))
     with sk.use_backend("cpp"):
-        idx, thr = topk_select(x, n // 100, True)
+        idx, _ = topk_select(x, n // 100, True)
     ref = torch.topk(x, n // 100, sorted=False).indices
     assert torch.equal(idx, torch.sort(ref).values)
 

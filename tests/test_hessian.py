@@ -396,3 +396,16 @@ def test_save_load_views_and_data_forms(tmp_path):
     as_gen = hessian_diag(model, ce, ((x[i:i + 12], y[i:i + 12]) for i in (0, 12)), n_probes=4, seed=9)
     assert torch.equal(as_list.mean, as_gen.mean)
     assert math.isnan(float(hessian_diag(model, ce, data, n_probes=1).var[0]))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_estimate_matches_cpu():
+    # same probes on both devices; HVPs differ only by float64 rounding, so the float32 estimates agree closely
+    model, (x, y) = cnn(bn=True), batch(img=True)
+    cpu = hessian_diag(model, ce, (x, y), n_probes=16, seed=4)
+    gm = cnn(bn=True).cuda()
+    gm.load_state_dict(model.state_dict())
+    gpu = hessian_diag(gm, ce, (x.cuda(), y.cuda()), n_probes=16, seed=4, probes_per_pass=8)
+    torch.testing.assert_close(gpu.mean.cpu(), cpu.mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gpu.m2.cpu(), cpu.m2, rtol=1e-4, atol=1e-6)

@@ -127,3 +127,25 @@ def test_opcheck():
     torch.library.opcheck(OPS.hutchinson_accumulate.default, (torch.zeros(200), torch.zeros(200), hz[0], 3, 0, 1, 0))
     torch.library.opcheck(OPS.hutchinson_accumulate_batched.default,
                           (torch.zeros(200), torch.zeros(200), hz.to(torch.bfloat16), 3, 0, 1, 4))
+
+
+# ---------------------------------------------------------------------------------------------------- CUDA (Triton)
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", HZ_DTYPES)
+def test_cuda_bit_identical_to_cpu(dtype):
+    """Triton on the GPU (fp fusion off) gives the CPU reference's bits: probes and Welford state."""
+    for n, offset, probe, seed in CASES + [(3_000_001, 2**31 + 5, 9, 77)]:
+        hz = torch.randn(5, n).to(dtype)
+        mean, m2 = _state(n)
+        want_mean, want_m2 = mean.clone(), m2.clone()
+        hutchinson_accumulate_batched_ref(want_mean, want_m2, hz, offset, probe, seed, 3)
+        mc, vc = mean.cuda(), m2.cuda()
+        OPS.hutchinson_accumulate_batched(mc, vc, hz.cuda(), offset, probe, seed, 3)
+        assert torch.equal(mc.cpu(), want_mean) and torch.equal(vc.cpu(), want_m2), (n, offset)
+        z = torch.empty(5, n, device="cuda")
+        OPS.rademacher_fill(z, offset, probe, seed, True)
+        assert torch.equal(z[4].cpu(), rademacher_ref(n, offset, probe + 4, seed))

@@ -67,4 +67,12 @@ step bench_sam 100 env SAPSEL_BENCH_FULL=1 python -m pytest bench/test_bench_sam
   -p no:cacheprovider --benchmark-json="$DIR/bench_sam.json" --benchmark-columns=median,min,max,rounds
 # ===== end section: sparse =====
 
+# ===== section: hessian (issue 3) =====
+# (the CUDA probe/Hutchinson tests, marked gpu, ran in the suite above: Triton probes + fused Welford bit-identical to
+# the CPU reference incl. offsets past 2^31, and a CUDA hessian_diag against the CPU one)
+step bench_hessian 150 env SAPSEL_BENCH_FULL=1 python -m pytest bench/test_bench_hessian.py --benchmark-only -q -s \
+  -p no:cacheprovider --benchmark-json="$DIR/bench_hessian.json" --benchmark-columns=median,min,max,rounds
+cp bench/results/hessian_cuda_full.md "$DIR/" 2>/dev/null || true
+# ===== end section: hessian =====
+
 echo; echo "done in $(($(date +%s) - T0)) s; results in $DIR"; cat "$DIR/summary.txt"

@@ -242,9 +242,9 @@ def environment() -> Dict[str, Any]:
 def write_json(path: str, payload: Dict[str, Any]) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
 
-    def clean(o):
-        if isinstance(o, float) and not math.isfinite(o):
-            return None
+    def clean(o):  # NaN/Inf -> null; floats to 7 significant digits (float32 results; keeps the file small)
+        if isinstance(o, float):
+            return float(f"{o:.7g}") if math.isfinite(o) else None
         if isinstance(o, dict):
             return {str(k): clean(v) for k, v in o.items()}
         if isinstance(o, (list, tuple)):

@@ -127,7 +127,7 @@ def frozen_bn_stats(model: torch.nn.Module):
 
 # --------------------------------------------------------------------------------------------------- base class
 class _SparseOptimizer(torch.optim.Optimizer):
-    """Shared plumbing: space/selection resolution, per-parameter local indices, AMP flags, state_dict."""
+    """Shared plumbing: space/selection resolution, per-parameter index views + offsets, AMP flags, state_dict."""
 
     _step_supports_amp_scaling = True
 
@@ -167,7 +167,7 @@ class _SparseOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ per-step plumbing
     def _active(self, group, only=None):
-        """(params, grads, local idx) of the group's parameters that have selected coordinates and a gradient."""
+        """(params, grads, global-index views) of the group's parameters with selected coordinates and a gradient."""
         ps, gs, ixs = [], [], []
         for p in group["params"]:
             if p not in self._idx or p.grad is None:

@@ -292,7 +292,8 @@ def unlearn(model: torch.nn.Module, loss_fn: Callable, affected, corrected, sele
         damping: λ on the summed-loss scale (default 0.01·n_train, i.e. 0.01 on the mean-loss scale).
         cg_iters, cg_tol, cache_graph: conjugate-gradient controls (second_order).
         diag: diag_newton: a DiagEstimate or flat tensor of the MEAN training-loss Hessian diagonal; estimated with
-            ``hessian_diag(model, loss_fn, train_data, n_probes=n_probes, seed=seed)`` when None.
+            ``hessian_diag(model, loss_fn, train_data, n_probes=n_probes, seed=seed)`` when None (its loss is the mean
+            over batches: give equal-size batches, or one batch, for the mean over points).
         steps, lr, rho, retain, base: sam_finetune / gradient_ascent: number of steps, learning rate, SAM radius,
             retained (unaffected) training batches mixed into sam_finetune's batches (cycled), base optimizer.
         space: ParamSpace of the model (built when None).
@@ -306,6 +307,10 @@ def unlearn(model: torch.nn.Module, loss_fn: Callable, affected, corrected, sele
     """
     if method not in METHODS:
         raise ValueError(f"unknown unlearning method {method!r}; choose one of {METHODS}")
+    if not math.isfinite(float(tau)):
+        raise ValueError(f"tau must be finite, got {tau}")
+    if int(steps) < 0 or int(cg_iters) < 1:
+        raise ValueError(f"steps must be >= 0 and cg_iters >= 1, got steps={steps}, cg_iters={cg_iters}")
     space = space or ParamSpace(model)
     idx = _selection_indices(selection, space)
     z, zt = as_batches(affected), as_batches(corrected)

@@ -238,6 +238,8 @@ def test_bad_inputs_raise_before_modifying(setup):
         sk.unlearn(model, loss_fn, aff, (cor[0][:3], cor[1][:3]))
     with pytest.raises(ValueError, match="out of range"):
         sk.unlearn(model, loss_fn, aff, cor, torch.tensor([0, 10_000]))
+    with pytest.raises(ValueError, match="tau must be finite"):
+        sk.unlearn(model, loss_fn, aff, cor, tau=float("nan"))
     with pytest.raises(ValueError, match="needs train_data"):
         sk.unlearn(model, loss_fn, aff, cor, method="second_order")
     other = sk.Selection.from_indices(torch.tensor([0, 1]), space=ParamSpace(torch.nn.Linear(3, 50)))

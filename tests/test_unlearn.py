@@ -335,3 +335,30 @@ def test_budget_and_strategy_errors(setup):
     with pytest.raises(ValueError, match="needs"):
         sk.select_parameters(model, "hessian", 3, loss_fn=loss_fn)
     assert set(STRATEGIES) >= {"hessian", "all", "last_layer", "random", "grad_abs", "fisher"}
+
+
+# ------------------------------------------------------------------------------------------- CUDA
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("method", METHODS)
+def test_cuda_matches_cpu(setup, method):
+    # the same float32 model on CPU and CUDA, a Selection built on CPU (moved by unlearn/select as needed):
+    # every rule gives the same update up to float32 reduction-order differences
+    model, aff, cor, train = setup
+    cpu = Tiny()
+    cpu.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+    gpu = Tiny().cuda()
+    gpu.load_state_dict(cpu.state_dict())
+    f32 = lambda b, dev: (b[0].float().to(dev), b[1].to(dev))  # noqa: E731
+    idx = torch.tensor([1, 2, 5, 8, 13, 21, 22, 27, 30])
+    d = torch.rand(ParamSpace(cpu).numel)
+    outs = []
+    for m, dev in ((cpu, "cpu"), (gpu, "cuda")):
+        kw = {"train_data": f32(train, dev), "damping": 5.0, "diag": d.to(dev)} if method in (
+            "second_order", "diag_newton") else {}
+        if method == "second_order":
+            kw.pop("diag")
+        sel = sk.Selection.from_indices(idx.to(dev), space=ParamSpace(m))
+        sk.unlearn(m, loss_fn, f32(aff, dev), f32(cor, dev), sel, method=method, steps=3, **kw)
+        outs.append(_theta(m).cpu())
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-5)

@@ -3,8 +3,8 @@
 import time
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 
 def ce(model, batch):

@@ -8,8 +8,8 @@ the top-10% set with the exact top-10% set.
 """
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 import sapsel_kernels as sk
 

@@ -30,10 +30,10 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _hessian_models import gradient_once, make, peak_memory_bytes, run_provider, timeit  # noqa: E402
+from _hessian_models import gradient_once, make, peak_memory_bytes, run_provider, timeit
 
-import sapsel_kernels as sk  # noqa: E402
-from sapsel_kernels.hvp import HVP  # noqa: E402
+import sapsel_kernels as sk
+from sapsel_kernels.hvp import HVP
 
 FULL = os.environ.get("SAPSEL_BENCH_FULL", "0") == "1"
 DEVICE = os.environ.get("SAPSEL_BENCH_DEVICE", "cuda" if torch.cuda.is_available() else "cpu")
@@ -117,8 +117,9 @@ def _summary():
     yield
     if not RESULTS:
         return
-    rows, lines = [], ["| model | m | provider | s (min) | probe/grad | peak MB | vs dense: speed-up | "
-                       "vs dense: memory | RNG+acc % of HVP |", "|---|---|---|---|---|---|---|---|---|"]
+    header = ("| model | m | provider | s (min) | probe/grad | peak MB | vs dense: speed-up | vs dense: memory | "
+              "RNG+acc % of HVP |")
+    rows, lines = [], [header, "|---|---|---|---|---|---|---|---|---|"]
     for (name, m, prov), r in sorted(RESULTS.items()):
         d = RESULTS.get((name, m, "dense"))
         sp = d["seconds"] / r["seconds"] if d else float("nan")

@@ -25,13 +25,13 @@ regenerates z and folds x into float32 Welford accumulators (mean, M2) in one pa
 import contextlib
 import hashlib
 import logging
-import math
 import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import Any
 
 import torch
 
@@ -63,10 +63,10 @@ class DiagEstimate:
     mean: torch.Tensor
     m2: torch.Tensor
     n_probes: int
-    space: Optional[ParamSpace] = None
+    space: ParamSpace | None = None
     estimator: str = "hutchinson"
     seed: int = 0
-    info: Dict[str, Any] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
 
     @property
     def deterministic(self) -> bool:
@@ -90,7 +90,7 @@ class DiagEstimate:
     def numel(self) -> int:
         return self.mean.numel()
 
-    def views(self, what: str = "mean") -> Dict[str, torch.Tensor]:
+    def views(self, what: str = "mean") -> dict[str, torch.Tensor]:
         """{parameter name: tensor shaped like the parameter} of ``mean`` (or ``"var"``, ``"stderr"``)."""
         if self.space is None:
             raise ValueError("this DiagEstimate has no ParamSpace attached; pass space= to DiagEstimate.load")
@@ -133,7 +133,7 @@ def _as_batches(data):
         if not data:
             raise ValueError("data is an empty list of batches")
         return data
-    if iter(data) is data:  # generator / iterator: it can be read only once, and we need several passes
+    if isinstance(data, Iterator):  # generator / iterator: it can be read only once, and we need several passes
         return list(data)
     return data
 
@@ -198,12 +198,12 @@ def _check_finite(ts, what):
 
 # ====================================================================================================== main entry
 def hessian_diag(model: torch.nn.Module, loss_fn, data, n_probes: int = 32, estimator: str = "hutchinson",
-                 seed: int = 0, hvp: str = "auto", *, space: Optional[ParamSpace] = None,
-                 probes_per_pass: Optional[int] = None, memory_cap_bytes: int = 1 << 30,
-                 max_probes: Optional[int] = None, min_probes: Optional[int] = None, rtol: Optional[float] = None,
-                 stable_k: Optional[int] = None, stable_fraction: Optional[float] = None,
+                 seed: int = 0, hvp: str = "auto", *, space: ParamSpace | None = None,
+                 probes_per_pass: int | None = None, memory_cap_bytes: int = 1 << 30,
+                 max_probes: int | None = None, min_probes: int | None = None, rtol: float | None = None,
+                 stable_k: int | None = None, stable_fraction: float | None = None,
                  turnover_tol: float = 0.01, patience: int = 2, largest: bool = True,
-                 checkpoint=None, checkpoint_every: int = 1, resume: bool = False, progress: Optional[bool] = None,
+                 checkpoint=None, checkpoint_every: int = 1, resume: bool = False, progress: bool | None = None,
                  output_fn=None, exact_max_numel: int = 4096) -> DiagEstimate:
     """Estimate diag(H) of L = mean over batches of ``loss_fn(model, batch)`` (see the module docstring).
 
@@ -345,7 +345,7 @@ class _ProbeLoop:
         self.output_fn = output_fn
         n = space.numel
         self.k = stable_k if stable_k is not None else (
-            max(1, int(round(stable_fraction * n))) if stable_fraction is not None else None)
+            max(1, round(stable_fraction * n)) if stable_fraction is not None else None)
         self.rtol, self.turnover_tol, self.patience, self.largest = rtol, turnover_tol, patience, largest
         adaptive = self.k is not None or rtol is not None
         self.max_probes = max_probes if max_probes is not None else (8 * n_probes if adaptive else n_probes)
@@ -369,7 +369,7 @@ class _ProbeLoop:
         self.mean = torch.zeros(n, dtype=torch.float32, device=space.device)
         self.m2 = torch.zeros_like(self.mean)
         self.count = 0
-        self.prev_top: Optional[torch.Tensor] = None
+        self.prev_top: torch.Tensor | None = None
         self.stable_passes = 0
         self.history = []
         self._hvp = None

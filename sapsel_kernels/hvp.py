@@ -14,7 +14,7 @@ The caller is responsible for the model's mode (eval) and the attention backend 
 """
 
 import logging
-from typing import List, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -61,7 +61,7 @@ class HVP:
         self._keys = ["model." + n for n in space.names]
 
     # ---------------------------------------------------------------------------------------------- fwd over rev
-    def _fwd_rev(self, tangents: Sequence[torch.Tensor], batch) -> List[torch.Tensor]:
+    def _fwd_rev(self, tangents: Sequence[torch.Tensor], batch) -> list[torch.Tensor]:
         primals = tuple(p.detach() for p in self.space.params)
         keys, wrapper = self._keys, self._wrapper
 
@@ -80,7 +80,7 @@ class HVP:
         return list(torch.func.vmap(hvp_one)(tuple(tangents)))
 
     # ---------------------------------------------------------------------------------------------- rev over rev
-    def _rev_rev(self, tangents: Sequence[torch.Tensor], batch) -> List[torch.Tensor]:
+    def _rev_rev(self, tangents: Sequence[torch.Tensor], batch) -> list[torch.Tensor]:
         params = self.space.params
         m = tangents[0].shape[0]
         if self._graph is not None and self._graph[0] is batch:
@@ -114,13 +114,13 @@ class HVP:
             res = [None if rows[0][k] is None else torch.stack([r[k] for r in rows]) for k in range(len(params))]
         return [_zeros_like_batched(p, m) if h is None else h.detach() for h, p in zip(res, params)]
 
-    def __call__(self, tangents: Sequence[torch.Tensor], batch) -> List[torch.Tensor]:
+    def __call__(self, tangents: Sequence[torch.Tensor], batch) -> list[torch.Tensor]:
         if self.mode == "fwd_rev":
             return self._fwd_rev(tangents, batch)
         return self._rev_rev(tangents, batch)
 
 
-def gradient(model, loss_fn, space, batch) -> List[torch.Tensor]:
+def gradient(model, loss_fn, space, batch) -> list[torch.Tensor]:
     """Plain gradient of loss_fn(model, batch) w.r.t. space.params (zeros for unused parameters), detached."""
     with torch.enable_grad():
         loss = loss_fn(model, batch)

@@ -49,7 +49,7 @@ def _hutchinson_accumulate_kernel(mean_ptr, m2_ptr, hz_ptr, inv_ptr, n, offset, 
     mask = (pos >= 0) & (pos < n)
     mu = tl.load(mean_ptr + pos, mask=mask, other=0.0)
     v = tl.load(m2_ptr + pos, mask=mask, other=0.0)
-    for j in range(0, M):
+    for j in range(M):
         jj = j + tl.zeros((), dtype=tl.int64)  # int64 on every path (j is an int32 tensor on GPUs)
         z = rademacher_block(g0, probe + jj, seed_lo, seed_hi, GROUPS)
         h = tl.load(hz_ptr + jj * n + pos, mask=mask, other=0.0).to(tl.float32)

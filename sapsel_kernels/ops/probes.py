@@ -10,8 +10,12 @@
 
 import torch
 
-from ..reference.probes import (hutchinson_accumulate_batched_ref, hutchinson_accumulate_ref, rademacher_fill_ref,
-                                rademacher_probe_ref)
+from ..reference.probes import (
+    hutchinson_accumulate_batched_ref,
+    hutchinson_accumulate_ref,
+    rademacher_fill_ref,
+    rademacher_probe_ref,
+)
 from ._lib import define_op
 
 

@@ -149,3 +149,48 @@ def test_cuda_bit_identical_to_cpu(dtype):
         z = torch.empty(5, n, device="cuda")
         OPS.rademacher_fill(z, offset, probe, seed, True)
         assert torch.equal(z[4].cpu(), rademacher_ref(n, offset, probe + 4, seed))
+
+
+_COMPILE_SCRIPT = r"""
+import sys, torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from sapsel_kernels.kernels import probes as K
+sig = {"mean_ptr": "*fp32", "m2_ptr": "*fp32", "hz_ptr": "*bf16", "inv_ptr": "*fp32", "n": "i64", "offset": "i64",
+       "probe": "i64", "seed_lo": "i64", "seed_hi": "i64", "M": "constexpr", "GROUPS": "constexpr"}
+src = ASTSource(fn=K._hutchinson_accumulate_kernel, signature=sig, constexprs={"M": 2, "GROUPS": K.GROUPS})
+try:
+    fused = triton.compile(src, target=GPUTarget("cuda", 80, 32), options={})
+except Exception as exc:
+    print("SKIP", type(exc).__name__, exc)
+    sys.exit(0)
+ours = triton.compile(src, target=GPUTarget("cuda", 80, 32), options=K._launch_opts(torch.device("cuda")))
+print("fused_has_fma", "fma.rn.f32" in fused.asm["ptx"])
+print("ours_has_fma", "fma.rn.f32" in ours.asm["ptx"])
+print("ours_has_cubin", "cubin" in ours.asm)
+psig = {"out_ptr": "*fp32", "n": "i64", "offset": "i64", "probe": "i64", "seed_lo": "i64", "seed_hi": "i64",
+        "GROUPS": "constexpr"}
+probe = triton.compile(ASTSource(fn=K._rademacher_probe_kernel, signature=psig, constexprs={"GROUPS": K.GROUPS}),
+                       target=GPUTarget("cuda", 80, 32))
+print("probe_has_cubin", "cubin" in probe.asm)
+"""
+
+
+def test_triton_kernels_compile_for_gpu_without_fma():
+    """The GPU build of the accumulation kernel (compiled for sm_80 in a subprocess without the interpreter; no GPU
+    needed) contains no fused multiply-add: with Triton's default fp fusion it would (``mean + delta * inv`` -> fma)
+    and its bits would differ from the C++ / reference paths. Skipped where Triton's CUDA backend cannot compile."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    out = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True, check=False,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    if out.stdout.startswith("SKIP"):
+        pytest.skip(f"cannot compile for CUDA here: {out.stdout.strip()}")
+    assert "fused_has_fma True" in out.stdout  # the hazard is real
+    assert "ours_has_fma False" in out.stdout and "ours_has_cubin True" in out.stdout
+    assert "probe_has_cubin True" in out.stdout

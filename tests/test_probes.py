@@ -7,6 +7,7 @@ mean / sum of squared deviations for the Welford state; the reference path for b
 import pytest
 import torch
 
+from sapsel_kernels import use_backend as sk_backend
 from sapsel_kernels.reference.philox import rademacher_ref
 from sapsel_kernels.reference.probes import hutchinson_accumulate_batched_ref, hutchinson_accumulate_ref
 
@@ -194,3 +195,23 @@ def test_triton_kernels_compile_for_gpu_without_fma():
     assert "fused_has_fma True" in out.stdout  # the hazard is real
     assert "ours_has_fma False" in out.stdout and "ours_has_cubin True" in out.stdout
     assert "probe_has_cubin True" in out.stdout
+
+
+@pytest.mark.slow
+def test_large_slices_bit_identical_cpp_vs_reference():
+    """Millions of elements at offsets past 2^31 and 2^32, many threads' chunks: C++ == reference, bit for bit."""
+    from conftest import available_cpu_backends
+
+    if "cpp" not in available_cpu_backends():
+        pytest.skip("C++ extension not built")
+    for n, offset in [(3_000_001, 2**31 - 1000), (2_500_000, 2**32 + 77)]:
+        hz = torch.randn(3, n, dtype=torch.bfloat16)
+        mean, m2 = _state(n, seed=4)
+        want = (mean.clone(), m2.clone())
+        with sk_backend("reference"):
+            OPS.hutchinson_accumulate_batched(want[0], want[1], hz, offset, 5, 99, 11)
+        with sk_backend("cpp"):
+            OPS.hutchinson_accumulate_batched(mean, m2, hz, offset, 5, 99, 11)
+            z = OPS.rademacher_probe(torch.empty(2, n), offset, 5, 99, True)
+        assert torch.equal(mean, want[0]) and torch.equal(m2, want[1])
+        assert torch.equal(z[1], rademacher_ref(n, offset, 6, 99))

@@ -82,8 +82,12 @@ def selection_indices(selection, space: ParamSpace) -> torch.Tensor:
     else:
         raise TypeError(f"selection must be a Selection or an int64 index tensor, got {type(selection).__name__}")
     if sig is not None and sig != space.signature:
+        hint = ""
+        if all(n == f"param{i}" for i, n in enumerate(space.names)):
+            hint = (" (the optimizer got bare parameters, which it names param0, param1, ...: pass the model or the "
+                    "ParamSpace the selection was built on, or selection.indices if the parameter order is the same)")
         raise ValueError(f"the selection was built for another model/ParamSpace (signature {sig}, this space has "
-                         f"{space.signature}); build it from this model's parameters")
+                         f"{space.signature}); build it from this model's parameters{hint}")
     if numel is not None and int(numel) != space.numel:
         raise ValueError(f"the selection covers {int(numel)} coordinates but the ParamSpace has {space.numel}; it was "
                          "built for another model")

@@ -412,6 +412,10 @@ def test_selection_mismatch_and_bad_selection():
     fake = sk.Selection(torch.tensor([0, 1]), sk.ParamSpace(model).numel, space_signature="deadbeefdeadbeef")
     with pytest.raises(ValueError, match="another model"):
         SparseSGD(model, fake, lr=0.1)
+    own = sk.Selection.from_indices(torch.tensor([0, 1]), space=sk.ParamSpace(model))
+    with pytest.raises(ValueError, match="bare parameters"):
+        SparseSGD(model.parameters(), own, lr=0.1)
+    SparseSGD(model.parameters(), own.indices, lr=0.1)  # same order: raw indices are accepted
     with pytest.raises(ValueError, match="ascending"):
         SparseSGD(model, torch.tensor([3, 1]), lr=0.1)
     with pytest.raises(ValueError, match="range"):

@@ -227,9 +227,11 @@ def hessian_diag(model: torch.nn.Module, loss_fn, data, n_probes: int = 32, esti
         stable_k / stable_fraction, turnover_tol, patience, largest: stop when the top-k set (largest or smallest
             means) changed by at most ``turnover_tol`` (fraction of k) in ``patience`` consecutive passes.
         checkpoint, checkpoint_every, resume: save (mean, M2, count, seed, next probe, stopping state) to
-            ``checkpoint`` every ``checkpoint_every`` passes; ``resume=True`` continues from it. A resumed run
-            equals the uninterrupted one bit for bit (same probes_per_pass, same data).
-        progress: tqdm bar (None: only on a terminal).
+            ``checkpoint`` every ``checkpoint_every`` passes; ``resume=True`` continues from it (or starts afresh
+            when the file does not exist). A resumed run equals the uninterrupted one bit for bit (same
+            probes_per_pass, same data).
+        progress: tqdm bar with probes, ETA and the current relative standard error / top-k turnover
+            (None: only on a terminal). ``info["history"]`` keeps the same numbers per pass.
     Ctrl-C returns the estimate over the probes finished so far (``info["stopped_by"] == "interrupted"``).
     """
     if estimator not in ESTIMATORS:
@@ -499,11 +501,11 @@ class _ProbeLoop:
                 if self.stable_passes >= self.patience and self.count >= self.min_probes:
                     stop = "topk_stable"
             self.prev_top = top
-        if self.rtol is not None and self.count >= 2:
+        if self.count >= 2:  # always recorded: the progress bar's "current stability" and info["history"]
             se = (self.m2 / (self.count - 1) / self.count).sqrt()
             rse = float(se.norm() / self.mean.norm().clamp_min(1e-30))
             rec["rel_stderr"] = rse
-            if rse < self.rtol and self.count >= self.min_probes and stop is None:
+            if self.rtol is not None and rse < self.rtol and self.count >= self.min_probes and stop is None:
                 stop = "rtol"
         self.history.append(rec)
         return stop, rec
@@ -528,7 +530,7 @@ class _ProbeLoop:
                 else:
                     self._gnb_pass(self.count, m)
                 passes += 1
-                stop, rec = self._check_stop() if self.adaptive else (None, {"probes": self.count})
+                stop, rec = self._check_stop()
                 if bar is not None:
                     bar.update(m)
                     bar.set_postfix({k: f"{v:.3g}" for k, v in rec.items() if k != "probes"}, refresh=False)

@@ -57,7 +57,14 @@ template <>
 struct Keys<16> {
   using Bits = uint16_t;
   static constexpr uint32_t kAll = 0xFFFFu;
-  static inline uint32_t key(uint16_t b) { return float_key16(b); }
+  // float_key16 without branches: the sign test of common.h's version is a coin flip for the branch predictor on
+  // real scores (measured: 3x slower passes on randn bf16). Same keys (the tests compare against the reference).
+  static inline uint32_t key(uint16_t bits) {
+    uint32_t b = bits;
+    b &= 0u - static_cast<uint32_t>(b != 0x8000u);  // -0.0 -> +0.0
+    const uint32_t neg = 0u - (b >> 15);             // all ones for negative values
+    return (b ^ (neg | 0x8000u)) & 0xFFFFu;
+  }
 };
 
 // score bits -> float value (for messages and the threshold)
@@ -91,8 +98,14 @@ void hist_full(const typename Keys<KEY_BITS>::Bits* bits, int64_t b, int64_t e, 
 template <int KEY_BITS>
 void hist_filter(const typename Keys<KEY_BITS>::Bits* bits, int64_t b, int64_t e, uint32_t flip, uint32_t lo,
                  uint32_t hi, int shift, uint32_t dmask, bool dense, uint32_t* h, uint32_t* keep) {
-  (void)dense;
   using K = Keys<KEY_BITS>;
+  if (dense) {  // many matches: add the 0/1 match flag instead of branching on it
+    for (int64_t i = b; i < e; ++i) {
+      const uint32_t key = K::key(bits[i]) ^ flip;
+      h[(key >> shift) & dmask] += static_cast<uint32_t>(key >= lo) & static_cast<uint32_t>(key <= hi);
+    }
+    return;
+  }
   for (int64_t i = b; i < e; ++i) {
     const uint32_t key = K::key(bits[i]) ^ flip;
     if (key >= lo && key <= hi) {
@@ -114,8 +127,20 @@ inline void hist_keys(const uint32_t* keys, int64_t cnt, uint32_t lo, uint32_t h
 template <int KEY_BITS>
 void write_sel(const typename Keys<KEY_BITS>::Bits* bits, int64_t b, int64_t e, uint32_t flip, uint32_t T,
                int64_t quota, int64_t pos, int64_t end, int64_t* o) {
-  (void)end;
   using K = Keys<KEY_BITS>;
+  if (32 * (end - pos) > e - b) {
+    // dense: store unconditionally, advance only when selected; stop once this chunk's slots are full, so a store
+    // never lands in the next chunk's range (which another thread is writing)
+    for (int64_t i = b; i < e && pos < end; ++i) {
+      const uint32_t key = K::key(bits[i]) ^ flip;
+      const int64_t tie = key == T;
+      const int64_t sel = static_cast<int64_t>(key > T) | (tie & static_cast<int64_t>(quota > 0));
+      quota -= tie;
+      o[pos] = i;
+      pos += sel;
+    }
+    return;
+  }
   for (int64_t i = b; i < e; ++i) {
     const uint32_t key = K::key(bits[i]) ^ flip;
     if (key > T) {

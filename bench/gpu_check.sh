@@ -44,7 +44,8 @@ step() {  # step NAME TIMEOUT_S CMD... : run, log, record the status; never abor
 {
   date -u
   nvidia-smi || true
-  python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'device', torch.cuda.get_device_name(0), 'threads', torch.get_num_threads())"
+  python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+  python -c "import torch; print('device', torch.cuda.get_device_name(0), 'threads', torch.get_num_threads())"
   git -C "$ROOT" log --oneline -1 2>/dev/null || true
 } > "$DIR/env.txt" 2>&1
 cat "$DIR/env.txt"

@@ -162,7 +162,8 @@ class CanaryTask:
         ex = measure_exposure(model, cc.vocab, cc.prefix, cc.secret, candidates=e["candidates"])
         test_loss = lm.mean_loss(model, *e["test"])
         return {
-            "exposure_sn": ex["exposure_sn"], "exposure_rank": ex["exposure_rank"],
+            "exposure_sn": ex["exposure_sn"], "exposure_sn_raw": ex["exposure_sn_raw"],
+            "exposure_rank": ex["exposure_rank"],
             "exposure_rank_max": ex["exposure_rank_max"], "canary_logppl": ex["canary_logppl"],
             "cand_logppl_mean": ex["cand_logppl_mean"], "test_loss": test_loss, "test_ppl": math.exp(test_loss),
             "replacement_logppl": float(lm.sequence_log_perplexity(model, cc.vocab, "\n" + cc.prefix,
@@ -194,16 +195,17 @@ class CanaryTask:
         q = self.quick
         if method == "first_order":
             nz = setup.extra["n_affected"]  # τ = η/|Z|: one step of size η on the mean gradient difference
-            etas = (1.0, 3.0, 10.0) if q else (1.0, 3.0, 10.0, 30.0)
+            etas = (1.0, 3.0, 10.0) if q else (0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
             return [{"tau": eta / nz} for eta in etas]
         if method in ("second_order", "diag_newton"):
             n = setup.extra["n_train"]  # damping on the summed scale = n_train x damping on the mean-loss scale
-            lams = (1e-2, 1e-1) if q else ((1e-4, 1e-3, 1e-2) if method == "second_order" else (1e-3, 1e-2, 1e-1))
+            lams = (1e-2, 1e-1) if q else ((1e-5, 1e-4, 1e-3, 1e-2) if method == "second_order"
+                                           else (1e-3, 1e-2, 1e-1, 1.0))
             return [{"damping": n * lam} for lam in lams]
         if method == "sam_finetune":
-            return [{"lr": lr} for lr in ((0.1, 0.3) if q else (0.3, 1.0))]
+            return [{"lr": lr} for lr in ((0.1, 0.3) if q else (0.03, 0.1, 0.3, 1.0))]
         if method == "gradient_ascent":
-            return [{"lr": lr} for lr in ((0.03, 0.1) if q else (0.1, 0.3))]
+            return [{"lr": lr} for lr in ((0.03, 0.1) if q else (0.01, 0.03, 0.1, 0.3))]
         raise ValueError(method)
 
     def unlearn_kwargs(self, method: str, setup) -> Dict[str, Any]:
@@ -291,7 +293,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     res = common.run_grid(task, seeds, strategies, budgets, methods, progress=not args.no_progress,
                           score_kwargs={"n_probes": n_probes})
     total_s = time.perf_counter() - t0
-    metrics = list(task.metric_labels) + ["exposure_drop", "exposure_removed_pct", "replacement_logppl", "tune_s",
+    metrics = list(task.metric_labels) + ["exposure_sn_raw", "exposure_drop", "exposure_removed_pct",
+                                          "cand_logppl_mean", "replacement_logppl", "tune_s",
                                           "select_s", "delta_norm", "n_changed"]
     agg = common.aggregate(res["rows"], metrics)
     table = common.format_table(agg, task.metric_labels, digits=task.digits)

@@ -17,7 +17,6 @@ import os
 import sys
 
 from setuptools import find_packages, setup
-from setuptools.command.build_ext import build_ext
 
 MODE = os.environ.get("SAPSEL_BUILD_EXT", "auto").strip().lower()
 if MODE not in ("auto", "0", "1"):
@@ -80,13 +79,21 @@ def _extensions():
     return [ext], {"build_ext": OptionalBuildExtension.with_options(use_ninja=True)}
 
 
+def _readme():
+    path = os.path.join(HERE, "README.md")
+    if not os.path.exists(path):
+        return ""
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
 ext_modules, cmdclass = _extensions()
 
 setup(
     name="sapsel-kernels",
     version="0.1.0",
     description="Fused kernels for sharpness-aware parameter selection in machine unlearning",
-    long_description=open(os.path.join(HERE, "README.md")).read() if os.path.exists(os.path.join(HERE, "README.md")) else "",
+    long_description=_readme(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["sapsel_kernels", "sapsel_kernels.*"]),
@@ -94,7 +101,9 @@ setup(
     extras_require={
         "triton": ["triton>=3.6"],
         "demo": ["scikit-learn", "matplotlib"],
-        "test": ["pytest", "pytest-benchmark", "scikit-learn", "matplotlib", "triton>=3.6; platform_machine == 'x86_64'"],
+        # triton pinned to the version the GPU check runs with; on CPU it serves the interpreter tests
+        "test": ["pytest", "pytest-benchmark", "scikit-learn", "matplotlib",
+                 "triton==3.6.0; platform_machine == 'x86_64'"],
     },
     entry_points={"console_scripts": ["sapsel=sapsel_kernels.cli:main"]},
     ext_modules=ext_modules,

@@ -58,7 +58,10 @@ def exact_hessian(model, loss_fn, batches):
 
     def f(flat):
         ps = {n: flat[o:o + c].view(s) for n, o, c, s in zip(space.names, space.offsets, space.numels, space.shapes)}
-        call = lambda x: torch.func.functional_call(model, ps, (x,))
+
+        def call(x):
+            return torch.func.functional_call(model, ps, (x,))
+
         return sum(loss_fn(call, b) for b in batches) / len(batches)
 
     was = model.training

@@ -15,8 +15,8 @@ transformer. Providers:
 ``extra_info``: ``probe_over_grad`` (time per probe / time per gradient), ``peak_mem_mb`` (peak extra tensor memory of
 one call: the CUDA allocator peak on GPUs, the torch profiler's allocation timeline on CPUs), for ``ours`` also
 ``overhead_pct`` (probe generation + fused accumulation per pass as % of one batched HVP per pass). All providers
-run under the math SDPA backend. A summary table (speed-up and memory vs dense) is written to ``bench/results/hessian_<device>.md`` and
-``.json`` at the end of the module.
+run under the math SDPA backend. A summary table (speed-up and memory vs dense) is written to
+``bench/results/hessian_<device>.md`` and ``.json`` at the end of the module.
 """
 
 import json

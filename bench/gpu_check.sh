@@ -3,8 +3,8 @@
 #
 #     bench/gpu_check.sh DIR        # DIR defaults to bench/results/gpu-<date>
 #
-# Builds the C++ extension in place, prints `sapsel info`, runs the non-slow test suite with CUDA visible (Triton
-# compiled for the GPU, not interpreted) and the benchmarks, and writes everything to DIR: gpu_check.log (all output),
+# Builds the C++ extension in place, prints `sapsel info`, runs the CUDA tests (Triton compiled for the GPU, not
+# interpreted), the benchmarks, then the CPU suite, and writes everything to DIR: gpu_check.log (all output),
 # env.txt, info.txt, tests*.txt / junit xml, bench_*.json, summary.txt (exit status of each step). Budget: < 8 min
 # on one H100-class GPU; every step has its own timeout and a failing step does not stop the later ones.
 #
@@ -51,8 +51,10 @@ step() {  # step NAME TIMEOUT_S CMD... : run, log, record the status; never abor
 cat "$DIR/env.txt"
 step build 180 env SAPSEL_BUILD_EXT=1 MAX_JOBS="$(nproc)" python setup.py build_ext --inplace -q
 step info 60 bash -c "python -m sapsel_kernels info | tee '$DIR/info.txt'"
-step tests 240 python -m pytest tests -m "not slow" -q --durations=15 -p no:cacheprovider \
-  --junitxml="$DIR/tests.xml"
+# The CUDA tests (marker gpu; slow ones included) first: they are what only this machine can check. The CPU suite,
+# which CI already runs, comes last, with whatever budget is left.
+step tests_gpu 200 python -m pytest tests -m gpu -q -rs --durations=15 -p no:cacheprovider \
+  --junitxml="$DIR/tests_gpu.xml"
 # ===== end section: common =====
 
 # ===== section: topk (issue 2) =====
@@ -75,5 +77,10 @@ step bench_hessian 150 env SAPSEL_BENCH_FULL=1 python -m pytest bench/test_bench
   -p no:cacheprovider --benchmark-json="$DIR/bench_hessian.json" --benchmark-columns=median,min,max,rounds
 cp bench/results/hessian_cuda_full.md "$DIR/" 2>/dev/null || true
 # ===== end section: hessian =====
+
+# ===== section: tail (lead) =====
+step tests_cpu 200 python -m pytest tests -m "not slow and not gpu" -q -p no:cacheprovider \
+  --junitxml="$DIR/tests_cpu.xml"
+# ===== end section: tail =====
 
 echo; echo "done in $(($(date +%s) - T0)) s; results in $DIR"; cat "$DIR/summary.txt"

@@ -46,7 +46,7 @@ def _key(x_ptr, offs, mask, KEY_BITS: tl.constexpr, FLIP: tl.constexpr):
     return key
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["prefix"])
 def _topk_hist_kernel(x_ptr, n, hist_ptr, prefix, PREFIX_SHIFT: tl.constexpr, DIGIT_SHIFT: tl.constexpr,
                       NBINS: tl.constexpr, HAS_PREFIX: tl.constexpr, KEY_BITS: tl.constexpr, FLIP: tl.constexpr,
                       BLOCK: tl.constexpr, TILES: tl.constexpr):
@@ -70,7 +70,7 @@ def _topk_hist_kernel(x_ptr, n, hist_ptr, prefix, PREFIX_SHIFT: tl.constexpr, DI
     tl.atomic_add(hist_ptr + tl.arange(0, NBINS), h.to(tl.int64))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["thr"])
 def _topk_count_kernel(x_ptr, n, thr, gt_ptr, eq_ptr, KEY_BITS: tl.constexpr, FLIP: tl.constexpr,
                        BLOCK: tl.constexpr, TILES: tl.constexpr):
     # One program owns `TILES` consecutive tiles of BLOCK scores (same partition as the write kernel); it stores
@@ -91,7 +91,7 @@ def _topk_count_kernel(x_ptr, n, thr, gt_ptr, eq_ptr, KEY_BITS: tl.constexpr, FL
     tl.store(eq_ptr + pid, tl.sum(eq.to(tl.int64), axis=0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["thr", "quota"])
 def _topk_write_kernel(x_ptr, n, thr, quota, out_off_ptr, eq_before_ptr, out_ptr, KEY_BITS: tl.constexpr,
                        FLIP: tl.constexpr, BLOCK: tl.constexpr, TILES: tl.constexpr):
     # One program owns `TILES` consecutive tiles (as in the count kernel) and writes, in index order, the int64

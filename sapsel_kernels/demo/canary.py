@@ -199,13 +199,13 @@ class CanaryTask:
             return [{"tau": eta / nz} for eta in etas]
         if method in ("second_order", "diag_newton"):
             n = setup.extra["n_train"]  # damping on the summed scale = n_train x damping on the mean-loss scale
-            lams = (1e-2, 1e-1) if q else ((1e-5, 1e-4, 1e-3, 1e-2) if method == "second_order"
-                                           else (1e-3, 1e-2, 1e-1, 1.0))
+            lams = (1e-2, 1e-1) if q else ((1e-6, 1e-5, 1e-4, 1e-3, 1e-2) if method == "second_order"
+                                           else (1e-4, 1e-3, 1e-2, 1e-1, 1.0))
             return [{"damping": n * lam} for lam in lams]
         if method == "sam_finetune":
-            return [{"lr": lr} for lr in ((0.1, 0.3) if q else (0.03, 0.1, 0.3, 1.0))]
+            return [{"lr": lr} for lr in ((0.1, 0.3) if q else (0.03, 0.1, 0.3, 1.0, 3.0))]
         if method == "gradient_ascent":
-            return [{"lr": lr} for lr in ((0.03, 0.1) if q else (0.01, 0.03, 0.1, 0.3))]
+            return [{"lr": lr} for lr in ((0.03, 0.1) if q else (0.01, 0.03, 0.1, 0.3, 1.0))]
         raise ValueError(method)
 
     def unlearn_kwargs(self, method: str, setup) -> Dict[str, Any]:

@@ -214,13 +214,8 @@ class CanaryTask:
             return {"train_data": e["hessian_clean"], "n_train": e["n_train"],
                     "cg_iters": 8 if self.quick else self.cg_iters}
         if method == "diag_newton":
-            cache = e.setdefault("score_cache", {})
-            if "hessian" not in cache:
-                from ..unlearn import parameter_scores
-
-                cache["hessian"] = parameter_scores(setup.model, "hessian", loss_fn=setup.loss_fn, data=setup.data,
-                                                    n_probes=self.n_probes)
-            return {"train_data": e["hessian_clean"], "n_train": e["n_train"], "diag": cache["hessian"][0]}
+            return {"train_data": e["hessian_clean"], "n_train": e["n_train"],
+                    "diag": common.training_hessian_diag(setup, self.n_probes)}
         if method == "sam_finetune":
             return {"steps": 8 if self.quick else 10, "rho": 0.05, "retain": e["retain"]}
         if method == "gradient_ascent":

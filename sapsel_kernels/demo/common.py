@@ -139,6 +139,17 @@ def run_grid(task, seeds: Sequence[int], strategies: Sequence[str], budgets: Seq
     return {"rows": rows, "baselines": baselines}
 
 
+def training_hessian_diag(setup, n_probes: int) -> torch.Tensor:
+    """The training-loss diag(H) estimate of this setting, the one the ``hessian`` strategies rank by: computed once
+    per setting and shared through ``setup.extra["score_cache"]`` (its cost is reported once, as their selection
+    cost), so ``diag_newton`` divides by the same estimate instead of paying for another."""
+    cache = setup.extra.setdefault("score_cache", {})
+    if "hessian" not in cache:
+        cache["hessian"] = parameter_scores(setup.model, "hessian", loss_fn=setup.loss_fn, data=setup.data,
+                                            n_probes=n_probes)
+    return cache["hessian"][0]
+
+
 def _run_cell(task, setup, work, state0, sel, method) -> Dict[str, Any]:
     """Try every candidate hyperparameter on a fresh copy of θ*, keep the one with the lowest tuning score."""
     fixed = task.unlearn_kwargs(method, setup)

@@ -260,15 +260,8 @@ class LabelsTask:
             return {"train_data": e["hessian_data"], "n_train": e["n_train"],
                     "cg_iters": 10 if self.quick else self.cg_iters}
         if method == "diag_newton":
-            # reuse the training-loss diag(H) estimate that the hessian strategies rank by (its cost is reported
-            # once, as their selection cost)
-            cache = e.setdefault("score_cache", {})
-            if "hessian" not in cache:
-                from ..unlearn import parameter_scores
-
-                cache["hessian"] = parameter_scores(setup.model, "hessian", loss_fn=setup.loss_fn, data=setup.data,
-                                                    n_probes=getattr(self, "n_probes", 32))
-            return {"train_data": e["hessian_data"], "n_train": e["n_train"], "diag": cache["hessian"][0]}
+            return {"train_data": e["hessian_data"], "n_train": e["n_train"],
+                    "diag": common.training_hessian_diag(setup, getattr(self, "n_probes", 32))}
         if method == "sam_finetune":
             return {"steps": 10 if self.quick else 20, "rho": 0.05, "retain": e["retain"]}
         if method == "gradient_ascent":

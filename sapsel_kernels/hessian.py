@@ -105,7 +105,7 @@ class DiagEstimate:
     @classmethod
     def load(cls, path, space=None) -> "DiagEstimate":
         """Load a saved estimate; ``space`` (a ParamSpace or a model) is attached after checking it matches."""
-        d = torch.load(path, map_location="cpu", weights_only=False)
+        d = torch.load(path, map_location="cpu", weights_only=True)  # no pickled code from a file
         if not isinstance(d, dict) or d.get("format") != "sapsel.DiagEstimate/1":
             raise ValueError(f"{path}: not a saved DiagEstimate")
         if space is not None and not isinstance(space, ParamSpace):
@@ -394,7 +394,7 @@ class _ProbeLoop:
         os.replace(tmp, path)  # atomic: a crash never leaves a half-written checkpoint
 
     def _load(self, path):
-        d = torch.load(path, map_location="cpu", weights_only=False)
+        d = torch.load(path, map_location="cpu", weights_only=True)  # no pickled code from a file
         if not isinstance(d, dict) or d.get("format") != "sapsel.hessian_checkpoint/1":
             raise ValueError(f"{path}: not a hessian_diag checkpoint")
         for key, mine in (("signature", self.space.signature), ("seed", self.seed), ("estimator", self.estimator),

@@ -204,6 +204,22 @@ class _SparseOptimizer(torch.optim.Optimizer):
                 return False
         return True
 
+    def _plain_step(self, closure, update):
+        """One non-SAM step: closure, AMP flags, one finiteness pass over every selected gradient (a non-finite one
+        skips the whole step, nothing written), then ``update`` per param group."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        inv, found = self._amp()
+        lists = [self._active(g) for g in self.param_groups]
+        self.last_step_skipped = found or not self._finite(lists)
+        if not self.last_step_skipped:
+            for group, (ps, gs, ixs) in zip(self.param_groups, lists):
+                if ps:
+                    update(group, ps, gs, ixs, None, inv)
+        return loss
+
     def _sgd_update(self, group, ps, gs, ixs, saved, inv_scale):
         mom = group["momentum"]
         buckets: Dict[bool, list] = {True: [], False: []}
@@ -339,18 +355,7 @@ class SparseSGD(_SparseOptimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        inv, found = self._amp()
-        lists = [self._active(g) for g in self.param_groups]
-        self.last_step_skipped = found or not self._finite(lists)
-        if not self.last_step_skipped:
-            for group, (ps, gs, ixs) in zip(self.param_groups, lists):
-                if ps:
-                    self._sgd_update(group, ps, gs, ixs, None, inv)
-        return loss
+        return self._plain_step(closure, self._sgd_update)
 
 
 class SparseAdamW(_SparseOptimizer):
@@ -367,18 +372,7 @@ class SparseAdamW(_SparseOptimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        inv, found = self._amp()
-        lists = [self._active(g) for g in self.param_groups]
-        self.last_step_skipped = found or not self._finite(lists)
-        if not self.last_step_skipped:
-            for group, (ps, gs, ixs) in zip(self.param_groups, lists):
-                if ps:
-                    self._adamw_update(group, ps, gs, ixs, None, inv)
-        return loss
+        return self._plain_step(closure, self._adamw_update)
 
 
 # --------------------------------------------------------------------------------------------------- SAM

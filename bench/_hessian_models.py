@@ -179,8 +179,12 @@ def run_provider(provider, model, loss, batch, m):
 
     if provider == "ours":
         return sk.hessian_diag(model, loss, batch, n_probes=m, seed=0, progress=False)
-    if provider == "ours_rev_rev":
-        return sk.hessian_diag(model, loss, batch, n_probes=m, seed=0, hvp="rev_rev", progress=False)
+    if provider == "ours_alt":  # the mode hvp="auto" does not pick on this device, vmapped over the probes
+        dev = next(model.parameters()).device
+        from sapsel_kernels.hessian import auto_hvp_order
+
+        alt = auto_hvp_order(dev)[1]
+        return sk.hessian_diag(model, loss, batch, n_probes=m, seed=0, hvp=alt, vectorize=True, progress=False)
     if provider == "loop":
         return loop_hutchinson(model, loss, batch, m)
     return dense_hutchinson(model, loss, batch, m)

@@ -44,6 +44,18 @@ log = logging.getLogger("sapsel_kernels.hessian")
 ESTIMATORS = ("hutchinson", "gauss_newton", "fisher", "grad_abs", "exact")
 HVP_MODES = ("auto", "fwd_rev", "rev_rev")
 _STOCHASTIC = ("hutchinson", "gauss_newton", "fisher")
+_MODE_NAMES = {"fwd_rev": "forward-over-reverse", "rev_rev": "reverse-over-reverse"}
+
+
+def auto_hvp_order(device: torch.device) -> tuple[str, str]:
+    """(first, fallback) HVP modes that ``hvp="auto"`` tries on ``device``.
+
+    CPU: reverse-over-reverse first. With the gradient graph reused it was the faster mode on every benchmark model
+    (MLP, CNN + BatchNorm, transformer; bench/results/hessian_cpu_full.md), and double backward covers more ops than
+    forward AD. Accelerators: forward-over-reverse first (one fused forward + backward with dual numbers, the
+    faster mode on GPUs in published comparisons; no GPU measurement of ours exists yet).
+    """
+    return ("rev_rev", "fwd_rev") if torch.device(device).type == "cpu" else ("fwd_rev", "rev_rev")
 
 
 # ====================================================================================================== result
@@ -199,8 +211,9 @@ def _check_finite(ts, what):
 # ====================================================================================================== main entry
 def hessian_diag(model: torch.nn.Module, loss_fn, data, n_probes: int = 32, estimator: str = "hutchinson",
                  seed: int = 0, hvp: str = "auto", *, space: ParamSpace | None = None,
-                 probes_per_pass: int | None = None, memory_cap_bytes: int = 1 << 30,
-                 max_probes: int | None = None, min_probes: int | None = None, rtol: float | None = None,
+                 probes_per_pass: int | None = None, vectorize: bool | None = None,
+                 memory_cap_bytes: int = 1 << 30, max_probes: int | None = None, min_probes: int | None = None,
+                 rtol: float | None = None,
                  stable_k: int | None = None, stable_fraction: float | None = None,
                  turnover_tol: float = 0.01, patience: int = 2, largest: bool = True,
                  checkpoint=None, checkpoint_every: int = 1, resume: bool = False, progress: bool | None = None,
@@ -216,11 +229,17 @@ def hessian_diag(model: torch.nn.Module, loss_fn, data, n_probes: int = 32, esti
             Fisher: mean over batches of the squared batch gradient); ``"grad_abs"`` (|dL/dtheta|); ``"exact"``
             (``torch.func.hessian``; N <= ``exact_max_numel``).
         seed: probes are a function of (seed, probe index, flat index) only.
-        hvp: ``"fwd_rev"`` (jvp of grad), ``"rev_rev"`` (grad of grad), ``"auto"`` (fwd_rev; falls back to rev_rev
-            with a logged reason if the first HVP raises).
+        hvp: ``"fwd_rev"`` (jvp of grad), ``"rev_rev"`` (grad of grad), ``"auto"`` (tries one mode and falls back to
+            the other with a logged reason, kept in ``info["hvp_fallback_reason"]``, if the first HVP raises; CPU
+            tries rev_rev first, accelerators fwd_rev, see :func:`auto_hvp_order`). ``info["hvp"]`` is the mode used.
         probes_per_pass: probes per batched HVP (vmap / is_grads_batched); default min(n, 8 on CPU / 16 on CUDA,
             memory cap) where the cap allows ``memory_cap_bytes`` for the O(m N) probe and product buffers
-            (per-probe activation tangents are extra).
+            (per-probe activation tangents are extra). A pass is the unit of accumulation, stopping checks and
+            checkpoints.
+        vectorize: run a pass's probes as one vmapped HVP (True) or one HVP per probe (False). None (default):
+            per probe on CPU for rev_rev on a single batch (the gradient graph is reused, so batching saves no
+            forward/backward, and vmapped conv/BatchNorm double backward measured 1.7-2.4x slower per probe),
+            vmapped otherwise. Results agree to float rounding either way.
         max_probes, min_probes: with a stopping rule, probes run until it fires, capped at ``max_probes``
             (default 8 * n_probes) and never fewer than ``min_probes`` (default 2 passes).
         rtol: stop when ||stderr||_2 / ||mean||_2 < rtol.
@@ -238,6 +257,8 @@ def hessian_diag(model: torch.nn.Module, loss_fn, data, n_probes: int = 32, esti
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
     if hvp not in HVP_MODES:
         raise ValueError(f"hvp must be one of {HVP_MODES}, got {hvp!r}")
+    if vectorize not in (None, True, False):
+        raise ValueError(f"vectorize must be None, True or False, got {vectorize!r}")
     if not isinstance(n_probes, int) or n_probes < 1:
         raise ValueError(f"n_probes must be a positive int, got {n_probes!r}")
     if not 0 <= int(seed) < 2**63:
@@ -265,8 +286,9 @@ def hessian_diag(model: torch.nn.Module, loss_fn, data, n_probes: int = 32, esti
             est = _fisher(model, loss_fn, batches, space)
         else:
             est = _ProbeLoop(model, loss_fn, batches, space, estimator, n_probes, int(seed), hvp, probes_per_pass,
-                             memory_cap_bytes, max_probes, min_probes, rtol, stable_k, stable_fraction, turnover_tol,
-                             patience, largest, checkpoint, checkpoint_every, resume, progress, output_fn).run()
+                             vectorize, memory_cap_bytes, max_probes, min_probes, rtol, stable_k, stable_fraction,
+                             turnover_tol, patience, largest, checkpoint, checkpoint_every, resume, progress,
+                             output_fn).run()
     est.info["seconds"] = time.perf_counter() - t0
     return est
 
@@ -336,7 +358,7 @@ def _exact(model, loss_fn, batches, space, limit):
 class _ProbeLoop:
     """Hutchinson / Gauss-Newton-Bartlett sampling with batched passes, stopping rules, progress and checkpoints."""
 
-    def __init__(self, model, loss_fn, batches, space, estimator, n_probes, seed, hvp, probes_per_pass,
+    def __init__(self, model, loss_fn, batches, space, estimator, n_probes, seed, hvp, probes_per_pass, vectorize,
                  memory_cap_bytes, max_probes, min_probes, rtol, stable_k, stable_fraction, turnover_tol, patience,
                  largest, checkpoint, checkpoint_every, resume, progress, output_fn):
         self.model, self.loss_fn, self.batches, self.space = model, loss_fn, batches, space
@@ -356,9 +378,9 @@ class _ProbeLoop:
         self.adaptive = adaptive
         elem = max(torch.finfo(d).bits // 8 for d in space.dtypes)
         if probes_per_pass is None:
-            # Memory grows linearly with the probes per pass (z, Hz, per-probe activation tangents) while the time
-            # per probe stops improving early: on CPUs 8 probes per pass measured as fast per probe as 32 with
-            # ~1/4 of the peak memory (bench/test_bench_hessian.py); GPUs get 16 for occupancy.
+            # Memory grows linearly with the probes per pass (z, Hz, and with vmapped HVPs per-probe activation
+            # tangents) while the time per probe stops improving early: on CPUs 8 probes per vmapped pass measured
+            # as fast per probe as 32 with ~1/4 of the peak memory (bench/test_bench_hessian.py); GPUs get 16.
             cap = max(1, memory_cap_bytes // max(1, 6 * n * elem))  # z, Hz, and ~4 gradient-sized intermediates
             default = 16 if space.device.type == "cuda" else 8
             probes_per_pass = int(min(self.max_probes, default, cap))
@@ -367,6 +389,7 @@ class _ProbeLoop:
         self.ppp = probes_per_pass
         self.min_probes = min_probes if min_probes is not None else min(self.max_probes, 2 * self.ppp)
         self.hvp_mode = hvp
+        self.vectorize = vectorize
         self.checkpoint, self.checkpoint_every, self.progress = checkpoint, max(1, checkpoint_every), progress
         self.mean = torch.zeros(n, dtype=torch.float32, device=space.device)
         self.m2 = torch.zeros_like(self.mean)
@@ -439,23 +462,35 @@ class _ProbeLoop:
                                                                h.reshape(m, n), off, p0, self.seed, self.count)
             self.count += m
 
+    def _make_hvp(self, mode):
+        # CPU, one batch, reverse-over-reverse: the gradient graph is kept across passes, so a vmapped double
+        # backward saves no forward/backward, and the per-probe loop measured as fast (MLP, transformer) or 1.7-2.4x
+        # faster (conv + BatchNorm: batched convolution double backward) per probe; see bench/results/hessian_cpu*.
+        vectorize = self.vectorize
+        if vectorize is None:
+            vectorize = not (self.space.device.type == "cpu" and mode == "rev_rev" and self._single_batch)
+        return HVP(self.model, self.loss_fn, self.space, mode, vectorize=vectorize,
+                   reuse_graph=self._single_batch)
+
     def _hvp_call(self, tangents, batch):
         if self._hvp is None:
-            mode = "fwd_rev" if self.hvp_mode == "auto" else self.hvp_mode
-            self._hvp = HVP(self.model, self.loss_fn, self.space, mode, reuse_graph=self._single_batch)
-            if self.hvp_mode == "auto":
+            if self.hvp_mode != "auto":
+                self._hvp = self._make_hvp(self.hvp_mode)
+            else:
+                first, second = auto_hvp_order(self.space.device)
+                self._hvp = self._make_hvp(first)
                 try:
                     out = self._hvp(tangents, batch)
-                    self.hvp_mode = "fwd_rev"
+                    self.hvp_mode = first
                     return out
                 except KeyboardInterrupt:
                     raise
-                except Exception as exc:  # noqa: BLE001 - any failure of forward AD / vmap: fall back
-                    log.warning("forward-over-reverse HVP failed (%s: %s); falling back to reverse-over-reverse",
-                                type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
-                    self._fallback_reason = f"{type(exc).__name__}: {exc}"
-                    self._hvp = HVP(self.model, self.loss_fn, self.space, "rev_rev", reuse_graph=self._single_batch)
-                    self.hvp_mode = "rev_rev"
+                except Exception as exc:  # noqa: BLE001 - any failure of forward AD / double backward: fall back
+                    log.warning("%s HVP failed (%s: %s); falling back to %s", _MODE_NAMES[first],
+                                type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "", _MODE_NAMES[second])
+                    self._fallback_reason = f"{first}: {type(exc).__name__}: {exc}"
+                    self._hvp = self._make_hvp(second)
+                    self.hvp_mode = second
         return self._hvp(tangents, batch)
 
     def _gnb_pass(self, p0: int, m: int):
@@ -553,6 +588,8 @@ class _ProbeLoop:
             self._save(self.checkpoint)
         info = {"stopped_by": stopped_by, "hvp": self.hvp_mode if self.estimator == "hutchinson" else None,
                 "probes_per_pass": self.ppp, "history": self.history}
+        if self._hvp is not None:
+            info["vectorize"] = self._hvp.vectorize  # False after a failed batched double backward, too
         if getattr(self, "_fallback_reason", None):
             info["hvp_fallback_reason"] = self._fallback_reason
         return DiagEstimate(self.mean, self.m2, self.count, self.space, self.estimator, self.seed, info)

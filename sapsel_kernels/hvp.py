@@ -6,9 +6,9 @@ H V in the same layout:
 * ``"fwd_rev"`` (forward-over-reverse): ``torch.func.jvp`` of ``torch.func.grad`` of a ``functional_call`` of the
   model, ``vmap``-ed over the m probes. One forward + one backward pass carrying dual numbers.
 * ``"rev_rev"`` (reverse-over-reverse): ``g = torch.autograd.grad(loss, params, create_graph=True)`` and then
-  ``torch.autograd.grad(g, params, grad_outputs=V, is_grads_batched=True)`` (falls back to a loop over the probes
-  when the batched backward is not supported by an op). ``backward(create_graph=True)`` is never used: it leaves a
-  reference cycle between the parameters and their ``.grad`` graphs.
+  ``torch.autograd.grad(g, params, grad_outputs=V, is_grads_batched=True)`` (a loop over the probes with
+  ``vectorize=False`` or when an op has no batching rule for its double backward). ``backward(create_graph=True)``
+  is never used: it leaves a reference cycle between the parameters and their ``.grad`` graphs.
 
 The caller is responsible for the model's mode (eval) and the attention backend (math); see ``hessian.py``.
 """
@@ -44,15 +44,16 @@ class HVP:
     """H V for the Hessian of ``loss_fn(model, batch)`` w.r.t. ``space.params`` (one batch per call).
 
     ``__call__(tangents, batch)``: tangents is a list (ParamSpace order) of [m, *shape] tensors in each parameter's
-    dtype; returns a list of [m, *shape] tensors, in the parameters' dtype.
+    dtype; returns a list of [m, *shape] tensors, in the parameters' dtype. ``vectorize``: the m probes go through
+    one vmapped HVP (True) or one HVP each (False).
     """
 
-    def __init__(self, model: torch.nn.Module, loss_fn, space, mode: str = "fwd_rev", batched_backward: bool = True,
+    def __init__(self, model: torch.nn.Module, loss_fn, space, mode: str = "fwd_rev", vectorize: bool = True,
                  reuse_graph: bool = False):
         if mode not in MODES:
             raise ValueError(f"HVP mode must be one of {MODES}, got {mode!r}")
         self.model, self.loss_fn, self.space, self.mode = model, loss_fn, space, mode
-        self.batched_backward = batched_backward
+        self.vectorize = vectorize
         # rev_rev with a single batch: keep the create_graph gradient graph across calls, so each call costs one
         # (batched) double backward instead of forward + backward + double backward. Freed with this object.
         self.reuse_graph = reuse_graph
@@ -74,9 +75,9 @@ class HVP:
             return torch.func.jvp(grad_f, (primals,), (ts,))[1]
 
         m = tangents[0].shape[0]
-        if m == 1:
-            out = hvp_one(tuple(t[0] for t in tangents))
-            return [o.unsqueeze(0) for o in out]
+        if m == 1 or not self.vectorize:
+            rows = [hvp_one(tuple(t[j] for t in tangents)) for j in range(m)]
+            return [torch.stack([r[k] for r in rows]) for k in range(len(primals))]
         return list(torch.func.vmap(hvp_one)(tuple(tangents)))
 
     # ---------------------------------------------------------------------------------------------- rev over rev
@@ -98,14 +99,14 @@ class HVP:
             return [_zeros_like_batched(p, m) for p in params]
         outs = [grads[i] for i in live]
         res = None
-        if m > 1 and self.batched_backward:
+        if m > 1 and self.vectorize:
             try:
                 res = torch.autograd.grad(outs, params, grad_outputs=[tangents[i] for i in live],
                                           is_grads_batched=True, allow_unused=True, retain_graph=True)
             except RuntimeError as exc:  # an op without a batching rule for its double backward
                 log.warning("batched reverse-over-reverse HVP failed (%s); looping over the %d probes instead",
                             str(exc).splitlines()[0], m)
-                self.batched_backward = False
+                self.vectorize = False
         if res is None:
             rows = []
             for j in range(m):

@@ -6,6 +6,7 @@ grad_abs. Statistical checks are z-scores with a Bonferroni bound over the N coo
 the seeds are fixed, so a test either always passes or always fails).
 """
 
+import importlib
 import logging
 import math
 from statistics import NormalDist
@@ -18,7 +19,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import sapsel_kernels as sk
 from sapsel_kernels import hessian_diag
-from sapsel_kernels.hessian import DiagEstimate
+from sapsel_kernels.hessian import DiagEstimate, auto_hvp_order
+from sapsel_kernels.hvp import HVP
+
+hessian_mod = importlib.import_module("sapsel_kernels.hessian")
 
 ALPHA = 1e-3
 
@@ -283,7 +287,16 @@ def test_tied_and_frozen_parameters():
     torch.testing.assert_close(ex.mean.double(), torch.diagonal(H), rtol=1e-5, atol=1e-7)
 
 
-def test_auto_falls_back_to_rev_rev(caplog):
+def test_auto_order_cpu_prefers_rev_rev():
+    assert auto_hvp_order(torch.device("cpu")) == ("rev_rev", "fwd_rev")
+    assert auto_hvp_order(torch.device("cuda")) == ("fwd_rev", "rev_rev")  # a device object only: no CUDA init
+    model, data = cnn(), batch(img=True)
+    est = hessian_diag(model, ce, data, n_probes=8, seed=1, hvp="auto")
+    assert est.info["hvp"] == "rev_rev" and "hvp_fallback_reason" not in est.info
+    assert torch.equal(est.mean, hessian_diag(model, ce, data, n_probes=8, seed=1, hvp="rev_rev").mean)
+
+
+def test_auto_falls_back_to_rev_rev(caplog, monkeypatch):
     class NoJvp(torch.autograd.Function):  # double-differentiable, but no forward-mode rule
         @staticmethod
         def forward(ctx, x):
@@ -303,13 +316,39 @@ def test_auto_falls_back_to_rev_rev(caplog):
         def forward(self, x):
             return self.l2(NoJvp.apply(self.l1(x)))
 
+    # the order auto uses on accelerators, here on CPU: forward-over-reverse first
+    monkeypatch.setattr(hessian_mod, "auto_hvp_order", lambda device: ("fwd_rev", "rev_rev"))
     model, data = M().double(), batch()
     with caplog.at_level(logging.WARNING, logger="sapsel_kernels.hessian"):
         est = hessian_diag(model, ce, data, n_probes=8, seed=1, hvp="auto")
-    assert est.info["hvp"] == "rev_rev" and "hvp_fallback_reason" in est.info
+    assert est.info["hvp"] == "rev_rev" and est.info["hvp_fallback_reason"].startswith("fwd_rev:")
     assert any("falling back" in r.message for r in caplog.records)
     ref = hessian_diag(model, ce, data, n_probes=8, seed=1, hvp="rev_rev")
     assert torch.equal(est.mean, ref.mean)
+
+
+def test_auto_falls_back_to_fwd_rev(caplog, monkeypatch):
+    # No built-in op lacks a double backward while having forward AD, so the failure is injected: the first
+    # double backward raises as such an op would.
+    def no_double_backward(self, tangents, batch):
+        raise RuntimeError("derivative for some_op_backward is not implemented")
+
+    monkeypatch.setattr(HVP, "_rev_rev", no_double_backward)
+    model, data = mlp(), batch()
+    with caplog.at_level(logging.WARNING, logger="sapsel_kernels.hessian"):
+        est = hessian_diag(model, ce, data, n_probes=8, seed=1, hvp="auto")
+    assert est.info["hvp"] == "fwd_rev" and "some_op_backward" in est.info["hvp_fallback_reason"]
+    assert any("falling back to forward-over-reverse" in r.message for r in caplog.records)
+    assert torch.equal(est.mean, hessian_diag(model, ce, data, n_probes=8, seed=1, hvp="fwd_rev").mean)
+
+
+def test_vectorize_false_equals_vmapped():
+    model, data = cnn(), batch(img=True)
+    for mode in ("fwd_rev", "rev_rev"):
+        a = hessian_diag(model, ce, data, n_probes=8, seed=2, hvp=mode, vectorize=True)
+        b = hessian_diag(model, ce, data, n_probes=8, seed=2, hvp=mode, vectorize=False)
+        torch.testing.assert_close(b.mean, a.mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(b.m2, a.m2, rtol=1e-4, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------ siblings

@@ -191,6 +191,41 @@ def test_sqnorm_all_backends(backend, dtype):
             assert torch.allclose(got.double(), torch.tensor(exp, dtype=torch.float64), rtol=TOL[dtype] * 10, atol=0)
 
 
+def test_cpp_chunks_split_across_tensors():
+    """The C++ kernels split the entries of all tensors (here 50005, over two 32768-entry grains) into per-thread
+    chunks whose boundary falls inside a tensor, with empty tensors between; results must not depend on it."""
+    if not sk.ext_loaded():
+        pytest.skip("extension not built")
+    g = torch.Generator().manual_seed(3)
+    sizes, ks = [50000, 10, 60000, 3000], [20000, 0, 30000, 5]
+    offs = [0, 50000, 50010, 110010]
+    params = [torch.randn(n, generator=g) for n in sizes]
+    grads = [torch.randn(n, generator=g) for n in sizes]
+    idx = [_sorted_idx(n, k, g) + o for n, k, o in zip(sizes, ks, offs)]
+    state = [torch.randn(k, generator=g) for k in ks]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        outs = {}
+        for be in ("cpp", "reference"):
+            with use_backend(be):
+                p, sv, buf, m, v = _clone(params), [torch.empty(k) for k in ks], _clone(state), _clone(state), \
+                    [s.abs() for s in state]
+                sq = torch.ops.sapsel.sam_grad_sqnorm(grads, p, idx, offs, 0.0, False, False)
+                torch.ops.sapsel.sam_perturb(p, grads, idx, offs, sv, 0.3, 0.0, False)
+                torch.ops.sapsel.sparse_sgd_step(p, grads, idx, offs, buf, sv, 0.1, 0.9, 0.0, 0.01, True, False, 1.0)
+                torch.ops.sapsel.sparse_adamw_step(p, grads, idx, offs, m, v, [], 0.01, 0.9, 0.99, 1e-8, 0.1, 2, 1.0)
+                outs[be] = (sq, p + sv + buf + m + v)
+    finally:
+        torch.set_num_threads(threads)
+    exp_sq = torch.tensor([float((gr.double()[ix - o] ** 2).sum()) for gr, ix, o in zip(grads, idx, offs)],
+                          dtype=torch.float64)
+    assert torch.allclose(outs["cpp"][0].double(), exp_sq, rtol=1e-5, atol=0)
+    for a, b in zip(outs["cpp"][1], outs["reference"][1]):
+        scale = max(1.0, float(b.abs().max())) if b.numel() else 1.0
+        torch.testing.assert_close(a, b, rtol=0, atol=TOL[torch.float32] * scale)
+
+
 def test_kernels_touch_only_selected(backend):
     params, grads, idx, offs, st = _case(torch.float32)
     before = _clone(params)

@@ -232,7 +232,7 @@ def hessian_diag(model: torch.nn.Module, loss_fn, data, n_probes: int = 32, esti
         hvp: ``"fwd_rev"`` (jvp of grad), ``"rev_rev"`` (grad of grad), ``"auto"`` (tries one mode and falls back to
             the other with a logged reason, kept in ``info["hvp_fallback_reason"]``, if the first HVP raises; CPU
             tries rev_rev first, accelerators fwd_rev, see :func:`auto_hvp_order`). ``info["hvp"]`` is the mode used.
-        probes_per_pass: probes per batched HVP (vmap / is_grads_batched); default min(n, 8 on CPU / 16 on CUDA,
+        probes_per_pass: probes per pass (one vmapped HVP when vectorized); default min(n, 8 on CPU / 16 on CUDA,
             memory cap) where the cap allows ``memory_cap_bytes`` for the O(m N) probe and product buffers
             (per-probe activation tangents are extra). A pass is the unit of accumulation, stopping checks and
             checkpoints.
@@ -248,7 +248,7 @@ def hessian_diag(model: torch.nn.Module, loss_fn, data, n_probes: int = 32, esti
         checkpoint, checkpoint_every, resume: save (mean, M2, count, seed, next probe, stopping state) to
             ``checkpoint`` every ``checkpoint_every`` passes; ``resume=True`` continues from it (or starts afresh
             when the file does not exist). A resumed run equals the uninterrupted one bit for bit (same
-            probes_per_pass, same data).
+            probes_per_pass and vectorize, same data).
         progress: tqdm bar with probes, ETA and the current relative standard error / top-k turnover
             (None: only on a terminal). ``info["history"]`` keeps the same numbers per pass.
     Ctrl-C returns the estimate over the probes finished so far (``info["stopped_by"] == "interrupted"``).
@@ -407,7 +407,7 @@ class _ProbeLoop:
     def _state(self):
         return {"format": "sapsel.hessian_checkpoint/1", "mean": self.mean.cpu(), "m2": self.m2.cpu(),
                 "count": self.count, "seed": self.seed, "next_probe": self.count, "estimator": self.estimator,
-                "signature": self.space.signature, "probes_per_pass": self.ppp,
+                "signature": self.space.signature, "probes_per_pass": self.ppp, "vectorize": self.vectorize,
                 "prev_top": None if self.prev_top is None else self.prev_top.cpu(),
                 "stable_passes": self.stable_passes, "history": self.history, "hvp": self.hvp_mode}
 
@@ -421,8 +421,8 @@ class _ProbeLoop:
         if not isinstance(d, dict) or d.get("format") != "sapsel.hessian_checkpoint/1":
             raise ValueError(f"{path}: not a hessian_diag checkpoint")
         for key, mine in (("signature", self.space.signature), ("seed", self.seed), ("estimator", self.estimator),
-                          ("probes_per_pass", self.ppp)):
-            if d[key] != mine:
+                          ("probes_per_pass", self.ppp), ("vectorize", self.vectorize)):
+            if d.get(key) != mine:
                 raise ValueError(f"checkpoint {path} has {key}={d[key]!r}, this run has {mine!r}; "
                                  "resuming would not reproduce the uninterrupted run")
         self.mean.copy_(d["mean"])

@@ -165,6 +165,9 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert torch.equal(res.mean, full.mean) and torch.equal(res.m2, full.m2)
     with pytest.raises(ValueError, match="seed"):
         hessian_diag(model, ce, data, n_probes=24, seed=5, probes_per_pass=4, checkpoint=ck, resume=True)
+    with pytest.raises(ValueError, match="vectorize"):  # vmapped HVPs round differently: refuse, do not mix
+        hessian_diag(model, ce, data, n_probes=24, seed=4, probes_per_pass=4, vectorize=True, checkpoint=ck,
+                     resume=True)
 
 
 def test_ctrl_c_keeps_estimate_and_resumes(tmp_path):

@@ -237,9 +237,9 @@ def hessian_diag(model: torch.nn.Module, loss_fn, data, n_probes: int = 32, esti
             (per-probe activation tangents are extra). A pass is the unit of accumulation, stopping checks and
             checkpoints.
         vectorize: run a pass's probes as one vmapped HVP (True) or one HVP per probe (False). None (default):
-            per probe on CPU for rev_rev on a single batch (the gradient graph is reused, so batching saves no
-            forward/backward, and vmapped conv/BatchNorm double backward measured 1.7-2.4x slower per probe),
-            vmapped otherwise. Results agree to float rounding either way.
+            per probe for rev_rev on CPU (the gradient graph of a batch is shared by the probes either way, and the
+            vmapped conv/BatchNorm double backward measured 1.7-2.4x slower per probe), vmapped otherwise. Results
+            agree to float rounding either way.
         max_probes, min_probes: with a stopping rule, probes run until it fires, capped at ``max_probes``
             (default 8 * n_probes) and never fewer than ``min_probes`` (default 2 passes).
         rtol: stop when ||stderr||_2 / ||mean||_2 < rtol.
@@ -463,12 +463,13 @@ class _ProbeLoop:
             self.count += m
 
     def _make_hvp(self, mode):
-        # CPU, one batch, reverse-over-reverse: the gradient graph is kept across passes, so a vmapped double
-        # backward saves no forward/backward, and the per-probe loop measured as fast (MLP, transformer) or 1.7-2.4x
-        # faster (conv + BatchNorm: batched convolution double backward) per probe; see bench/results/hessian_cpu*.
+        # CPU, reverse-over-reverse: each batch's gradient graph is built once per pass (once per run with a single
+        # batch) and every probe of the pass reuses it, so vmapping the double backward saves no forward/backward.
+        # Per probe measured 1.7-2.4x faster on conv + BatchNorm (the batched convolution double backward is slow on
+        # CPU), as fast on an MLP, and 0-15% slower on a small transformer; see bench/results/hessian_cpu*.
         vectorize = self.vectorize
         if vectorize is None:
-            vectorize = not (self.space.device.type == "cpu" and mode == "rev_rev" and self._single_batch)
+            vectorize = not (self.space.device.type == "cpu" and mode == "rev_rev")
         return HVP(self.model, self.loss_fn, self.space, mode, vectorize=vectorize,
                    reuse_graph=self._single_batch)
 

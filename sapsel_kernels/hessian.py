@@ -238,7 +238,7 @@ def hessian_diag(model: torch.nn.Module, loss_fn, data, n_probes: int = 32, esti
             checkpoints.
         vectorize: run a pass's probes as one vmapped HVP (True) or one HVP per probe (False). None (default):
             per probe for rev_rev on CPU (the gradient graph of a batch is shared by the probes either way, and the
-            vmapped conv/BatchNorm double backward measured 1.7-2.4x slower per probe), vmapped otherwise. Results
+            vmapped conv/BatchNorm double backward measured 1.4-2.4x slower per probe), vmapped otherwise. Results
             agree to float rounding either way.
         max_probes, min_probes: with a stopping rule, probes run until it fires, capped at ``max_probes``
             (default 8 * n_probes) and never fewer than ``min_probes`` (default 2 passes).
@@ -465,7 +465,7 @@ class _ProbeLoop:
     def _make_hvp(self, mode):
         # CPU, reverse-over-reverse: each batch's gradient graph is built once per pass (once per run with a single
         # batch) and every probe of the pass reuses it, so vmapping the double backward saves no forward/backward.
-        # Per probe measured 1.7-2.4x faster on conv + BatchNorm (the batched convolution double backward is slow on
+        # Per probe measured 1.4-2.4x faster on conv + BatchNorm (the batched convolution double backward is slow on
         # CPU), as fast on an MLP, and 0-15% slower on a small transformer; see bench/results/hessian_cpu*.
         vectorize = self.vectorize
         if vectorize is None:

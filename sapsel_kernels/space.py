@@ -74,6 +74,29 @@ class ParamSpace:
             h.update(f"{n}:{tuple(s)};".encode())
         return h.hexdigest()[:16]
 
+    def same_tensors(self, other: "ParamSpace") -> bool:
+        """True when both spaces hold the very same parameter tensors in the same order (names may differ)."""
+        return len(self.params) == len(other.params) and all(a is b for a, b in zip(self.params, other.params))
+
+    def fingerprint(self) -> str:
+        """A hash of the parameter VALUES (not only names and shapes): resuming a computation that depends on the
+        weights (a hessian_diag checkpoint) is refused when they changed.
+
+        Per tensor: its sum and 2-norm (reduced in the parameter dtype, no temporaries), plus up to 64 elements at a
+        fixed stride, hashed with the signature. Cost: two reductions per tensor and one host sync per tensor.
+        """
+        h = hashlib.sha1(self.signature.encode())
+        with torch.no_grad():
+            for p in self.params:
+                flat = p.detach().reshape(-1)
+                n = flat.numel()
+                stride = max(1, n // 64)
+                stats = torch.stack([flat.sum(), torch.linalg.vector_norm(flat)]).double() if n else \
+                    torch.zeros(2, dtype=torch.float64)
+                h.update(stats.cpu().numpy().tobytes())
+                h.update(flat[::stride][:64].to(torch.float64).cpu().numpy().tobytes())
+        return h.hexdigest()[:16]
+
     def index_of(self, name: str) -> int:
         try:
             return self._index[name]
@@ -178,7 +201,8 @@ class ParamSpace:
         if flat.shape[-1] != self.numel:
             raise ValueError(f"last dimension must be {self.numel}, got {flat.shape[-1]}")
         lead = flat.shape[:-1]
-        return {name: flat[..., off:off + n].view(*lead, *shape)
+        # view(tuple) rather than view(*sizes): a 0-dim parameter has no sizes, and view() with none is an error
+        return {name: flat[..., off:off + n].view(tuple(lead) + tuple(shape))
                 for name, off, n, shape in zip(self.names, self.offsets, self.numels, self.shapes)}
 
     def describe_position(self, flat_index: int) -> str:

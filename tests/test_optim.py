@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 import sapsel_kernels as sk
 from sapsel_kernels import use_backend
+from sapsel_kernels.errors import NonFiniteError
 from sapsel_kernels.optim import SparseAdamW, SparseSAM, SparseSGD, frozen_bn_stats
 
 RHO, ETA = 0.05, 0.01
@@ -295,32 +296,62 @@ def _same(opt, model, snap):
     return True
 
 
-@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-@pytest.mark.parametrize("which_pass", [1, 2])
-@pytest.mark.parametrize("base", ["sgd", "adamw"])
-def test_nonfinite_in_either_sam_pass_changes_nothing(bad, which_pass, base):
-    model = _model(torch.float32)
-    batch = _data(torch.float32)
-    space = sk.ParamSpace(model)
-    idx = torch.arange(0, space.numel, 3)
+def _sam_with_state(base, model, idx, batch):
     opt = SparseSAM(model, idx, base=base, lr=0.05, weight_decay=0.1, **({"momentum": 0.9} if base == "sgd" else {}))
     _train(opt, model, batch, 2)  # state exists
-    snap = _snapshot(opt, model)
+    return opt
+
+
+def _poisoning_closure(model, batch, which_pass, flat_index, bad, scaler=None):
+    """A SAM closure whose ``which_pass``-th call puts ``bad`` into model[0].weight's gradient at ``flat_index``."""
     calls = []
 
     def closure():
         loss = _loss(model, batch)
-        loss.backward()
+        (scaler.scale(loss) if scaler is not None else loss).backward()
         calls.append(1)
         if len(calls) == which_pass:
-            model[0].weight.grad.view(-1)[int(idx[1])] = bad  # a selected coordinate
+            model[0].weight.grad.view(-1)[flat_index] = bad
         return loss
 
-    opt.step(closure)
-    assert opt.last_step_skipped
+    return closure
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("which_pass", [1, 2])
+@pytest.mark.parametrize("base", ["sgd", "adamw"])
+def test_nonfinite_in_either_sam_pass_raises_and_changes_nothing(bad, which_pass, base):
+    # outside AMP a NaN/Inf is an error (NonFiniteError), raised with every parameter and all state as before
+    model = _model(torch.float32)
+    batch = _data(torch.float32)
+    idx = torch.arange(0, sk.ParamSpace(model).numel, 3)
+    opt = _sam_with_state(base, model, idx, batch)
+    snap = _snapshot(opt, model)
+    with pytest.raises(NonFiniteError, match=r"0\.weight\[0, 3\]"):
+        opt.step(_poisoning_closure(model, batch, which_pass, int(idx[1]), bad))
     assert _same(opt, model, snap)
     _train(opt, model, batch, 1)  # and it recovers
     assert not opt.last_step_skipped and not _same(opt, model, snap)
+
+
+@pytest.mark.parametrize("which_pass", [1, 2])
+@pytest.mark.parametrize("base", ["sgd", "adamw"])
+def test_nonfinite_in_either_sam_pass_under_grad_scaler_skips(which_pass, base):
+    # the AMP contract: skipped, nothing changed, the scale lowered
+    model = _model(torch.float32)
+    batch = _data(torch.float32)
+    idx = torch.arange(0, sk.ParamSpace(model).numel, 3)
+    opt = _sam_with_state(base, model, idx, batch)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8, growth_interval=1000)
+    snap = _snapshot(opt, model)
+    closure = _poisoning_closure(model, batch, which_pass, int(idx[1]), float("inf"), scaler)
+    closure()
+    assert opt.first_step(zero_grad=True, grad_scaler=scaler) == (which_pass != 1)
+    closure()
+    s0 = scaler.get_scale()
+    scaler.step(opt)
+    scaler.update()
+    assert opt.last_step_skipped and _same(opt, model, snap) and scaler.get_scale() < s0
 
 
 def test_exception_in_second_pass_restores_exactly():
@@ -353,7 +384,7 @@ def test_exception_in_second_pass_restores_exactly():
 
 
 @pytest.mark.parametrize("cls", [SparseSGD, SparseAdamW])
-def test_nonfinite_sgd_adamw_changes_nothing(cls):
+def test_nonfinite_sgd_adamw_raises_and_changes_nothing(cls):
     model = _model(torch.float32)
     batch = _data(torch.float32)
     opt = cls(model, torch.tensor([0, 5, 9, 40]), lr=0.1)
@@ -362,8 +393,17 @@ def test_nonfinite_sgd_adamw_changes_nothing(cls):
     opt.zero_grad()
     _loss(model, batch).backward()
     model[0].weight.grad.view(-1)[9] = float("nan")
-    opt.step()
-    assert opt.last_step_skipped and _same(opt, model, snap)
+    with pytest.raises(NonFiniteError, match=r"nan at 0\.weight\[1, 3\] \(flat index 9\)"):
+        opt.step()
+    assert _same(opt, model, snap)
+    # under a GradScaler the same gradient skips the step (found by the scaler, handed over as found_inf)
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    opt.zero_grad()
+    scaler.scale(_loss(model, batch)).backward()
+    model[0].weight.grad.view(-1)[9] = float("nan")
+    scaler.step(opt)
+    scaler.update()
+    assert opt.last_step_skipped and _same(opt, model, snap) and scaler.get_scale() < 4.0
     # an inf outside the selection is never read: the step proceeds
     opt.zero_grad()
     _loss(model, batch).backward()
@@ -410,18 +450,19 @@ def test_selection_mismatch_and_bad_selection():
     with pytest.raises(ValueError, match="another model"):
         SparseSAM(model, sel_other, lr=0.1)
     fake = sk.Selection(torch.tensor([0, 1]), sk.ParamSpace(model).numel, space_signature="deadbeefdeadbeef")
-    with pytest.raises(ValueError, match="another model"):
+    with pytest.raises(ValueError, match="another parameter space"):
         SparseSGD(model, fake, lr=0.1)
     own = sk.Selection.from_indices(torch.tensor([0, 1]), space=sk.ParamSpace(model))
-    with pytest.raises(ValueError, match="bare parameters"):
-        SparseSGD(model.parameters(), own, lr=0.1)
+    # the same tensors in another order are another space
+    with pytest.raises(ValueError, match="another parameter space"):
+        SparseSGD(list(model.parameters())[::-1], own, lr=0.1)
     SparseSGD(model.parameters(), own.indices, lr=0.1)  # same order: raw indices are accepted
-    with pytest.raises(ValueError, match="ascending"):
-        SparseSGD(model, torch.tensor([3, 1]), lr=0.1)
-    with pytest.raises(ValueError, match="range"):
+    with pytest.raises(ValueError, match="duplicate"):
+        SparseSGD(model, torch.tensor([3, 1, 3]), lr=0.1)
+    with pytest.raises(IndexError, match="range"):
         SparseSGD(model, torch.tensor([1, 10 ** 6]), lr=0.1)
-    with pytest.raises(ValueError, match="int64"):
-        SparseSGD(model, torch.tensor([1, 2], dtype=torch.int32), lr=0.1)
+    with pytest.raises(TypeError, match="integer"):
+        SparseSGD(model, torch.tensor([1.0, 2.0]), lr=0.1)
     with pytest.raises(TypeError, match="unknown"):
         SparseSAM(model, torch.tensor([1]), lr=0.1, betas=(0.9, 0.9))
     with pytest.raises(RuntimeError, match="first_step"):
@@ -487,6 +528,359 @@ def test_batchnorm_stats_updated_once():
         model(batch[0] * 3)
     assert int(model[1].num_batches_tracked) == 1
     assert torch.allclose(model[1].running_mean, ref[1].running_mean, atol=1e-7, rtol=0)
+
+
+# ---------------------------------------------------------------------------------- torch.optim conventions, faults
+def _subvector_oracle(ours, opt, make_ref_opt, idx, batch, steps):
+    """``opt`` (sparse, on ``ours``) against a torch optimizer stepping a leaf that holds the k selected values."""
+    ref = _model()
+    space = sk.ParamSpace(ref)
+    theta = space.gather(dtype=torch.float64).clone()
+    sel = theta[idx].clone().requires_grad_(True)
+    ropt = make_ref_opt([sel])
+    for _ in range(steps):
+        opt.zero_grad()
+        _loss(ours, batch).backward()
+        opt.step()
+        out = torch.func.functional_call(ref, space.views(theta.index_put((idx,), sel)), (batch[0],))
+        ropt.zero_grad()
+        F.cross_entropy(out, batch[1]).backward()
+        ropt.step()
+    exp = theta.index_put((idx,), sel.detach())
+    assert (exp[idx] - _flat(_model())[idx]).abs().max() > 1e-4  # the oracle really moved
+    return (_flat(ours) - exp).abs().max().item()
+
+
+@pytest.mark.parametrize("args", [(0.1, 0.9, 0.2, 0.01, False), (0.1, 0.9, 0.0, 0.05, True), (0.05, 0.5, 0.5, 0.0)],
+                         ids=["dampening-wd", "nesterov", "no-nesterov-arg"])
+def test_sparse_sgd_positional_arguments_equal_torch_sgd(args):
+    # SparseSGD(params, selection, lr, momentum, dampening, weight_decay, nesterov): torch.optim.SGD's order
+    batch = _data()
+    ours = _model()
+    idx = torch.randperm(sk.ParamSpace(ours).numel)[:25].sort().values
+    opt = SparseSGD(ours, idx, *args)
+    assert _subvector_oracle(ours, opt, lambda ps: torch.optim.SGD(ps, *args), idx, batch, 5) < 1e-12
+
+
+def test_sparse_adamw_and_sam_positional_arguments():
+    batch = _data()
+    ours = _model()
+    idx = torch.randperm(sk.ParamSpace(ours).numel)[:25].sort().values
+    args = (0.01, (0.8, 0.95), 1e-6, 0.1)  # lr, betas, eps, weight_decay: torch.optim.AdamW's order
+    opt = SparseAdamW(ours, idx, *args)
+    assert _subvector_oracle(ours, opt, lambda ps: torch.optim.AdamW(ps, *args), idx, batch, 5) < 1e-12
+    a, b = _model(), _model()
+    sam_pos = SparseSAM(a, idx, "adamw", 0.01, 0.1, True, 0.02)  # base, lr, rho, adaptive, eta
+    sam_kw = SparseSAM(b, idx, base="adamw", lr=0.01, rho=0.1, adaptive=True, eta=0.02)
+    _train(sam_pos, a, batch, 2)
+    _train(sam_kw, b, batch, 2)
+    assert torch.equal(_flat(a), _flat(b)) and not torch.equal(_flat(a), _flat(_model()))
+
+
+def test_defaults_are_torch_optim_defaults():
+    model = _model(torch.float32)
+    idx = torch.tensor([0, 1])
+    g = SparseSGD(model, idx).param_groups[0]
+    assert (g["lr"], g["momentum"], g["dampening"], g["weight_decay"], g["nesterov"]) == (1e-3, 0, 0, 0, False)
+    g = SparseAdamW(model, idx).param_groups[0]
+    assert (g["lr"], g["betas"], g["eps"], g["weight_decay"]) == (1e-3, (0.9, 0.999), 1e-8, 1e-2)
+    g = SparseSAM(model, idx).param_groups[0]  # lr=None: the base optimizer's default
+    assert (g["lr"], g["rho"], g["adaptive"], g["eta"]) == (1e-3, 0.05, False, 0.01)
+
+
+NAN = float("nan")
+_BAD_HPARAMS = [
+    (SparseSGD, dict(lr=NAN), "lr"), (SparseSGD, dict(lr=float("inf")), "lr"), (SparseSGD, dict(lr=-1e-3), "lr"),
+    (SparseSGD, dict(momentum=NAN), "momentum"), (SparseSGD, dict(momentum=-0.1), "momentum"),
+    (SparseSGD, dict(dampening=NAN), "dampening"), (SparseSGD, dict(dampening=-0.5), "dampening"),
+    (SparseSGD, dict(weight_decay=NAN), "weight_decay"), (SparseSGD, dict(weight_decay=-1.0), "weight_decay"),
+    (SparseSGD, dict(nesterov=True), "Nesterov"), (SparseSGD, dict(momentum=0.9, dampening=0.1, nesterov=True),
+                                                   "Nesterov"),
+    (SparseSGD, dict(lr=torch.tensor([0.1, 0.2])), "lr"),
+    (SparseSGD, dict(lr=torch.tensor(0.1, requires_grad=True)), "lr"),
+    (SparseAdamW, dict(eps=NAN), "eps"), (SparseAdamW, dict(eps=-1e-8), "eps"),
+    (SparseAdamW, dict(weight_decay=NAN), "weight_decay"), (SparseAdamW, dict(weight_decay=float("inf")),
+                                                            "weight_decay"),
+    (SparseAdamW, dict(betas=(1.0, 0.999)), "beta parameter at index 0"),
+    (SparseAdamW, dict(betas=(0.9, NAN)), "beta parameter at index 1"),
+    (SparseAdamW, dict(betas=(0.9, -0.1)), "beta parameter at index 1"),
+    (SparseAdamW, dict(betas=(0.9,)), "betas"),
+    (SparseSAM, dict(rho=NAN), "rho"), (SparseSAM, dict(rho=-0.05), "rho"), (SparseSAM, dict(eta=NAN), "eta"),
+    (SparseSAM, dict(eta=-0.01), "eta"), (SparseSAM, dict(norm_eps=NAN), "norm_eps"),
+    (SparseSAM, dict(norm_eps=-1.0), "norm_eps"), (SparseSAM, dict(momentum=NAN), "momentum"),
+    (SparseSAM, dict(base="adamw", eps=NAN), "eps"), (SparseSAM, dict(base="adamw", betas=(0.9, 1.0)), "beta"),
+    (SparseSAM, dict(lr=NAN), "lr"),
+]
+
+
+@pytest.mark.parametrize("cls,kw,name", _BAD_HPARAMS, ids=[f"{c.__name__}-{list(k.items())[-1]}" for c, k, _ in
+                                                           _BAD_HPARAMS])
+def test_invalid_hyperparameters_rejected_like_torch_optim(cls, kw, name):
+    model = _model(torch.float32)
+    with pytest.raises(ValueError, match=name):
+        cls(model, torch.tensor([0, 1]), **kw)
+
+
+def test_hyperparameters_revalidated_at_every_step_and_tensor_lr():
+    model = _model(torch.float32)
+    batch = _data(torch.float32)
+    idx = torch.arange(0, 50, 2)
+    opt = SparseSGD(model, idx, lr=0.1, momentum=0.9)
+    _train(opt, model, batch, 1)
+    snap = _snapshot(opt, model)
+    opt.param_groups[0]["momentum"] = NAN  # e.g. a broken scheduler
+    with pytest.raises(ValueError, match="Invalid momentum value: nan"):
+        _train(opt, model, batch, 1)
+    assert _same(opt, model, snap)
+    # SAM: a NaN lr set between the two steps -> the perturbation is undone, then the error
+    sam = SparseSAM(model, idx, lr=0.1, momentum=0.9)
+    _train(sam, model, batch, 1)
+    snap = _snapshot(sam, model)
+    sam.zero_grad()
+    _loss(model, batch).backward()
+    assert sam.first_step(zero_grad=True)
+    _loss(model, batch).backward()
+    sam.param_groups[0]["lr"] = NAN
+    with pytest.raises(ValueError, match="Invalid lr value: nan"):
+        sam.second_step()
+    assert _same(sam, model, snap)
+    # a 1-element Tensor lr (torch.optim's tensor lr, e.g. for schedulers) equals the float lr
+    m1, m2 = _model(torch.float32), _model(torch.float32)
+    o1 = SparseAdamW(m1, idx, lr=torch.tensor(0.01))
+    o2 = SparseAdamW(m2, idx, lr=0.01)
+    _train(o1, m1, batch, 3)
+    _train(o2, m2, batch, 3)
+    assert torch.equal(_flat(m1), _flat(m2))
+
+
+def test_bare_parameters_masks_and_unsorted_indices():
+    # torch.optim's habit: SparseSAM(model.parameters(), sel) with sel built on ParamSpace(model)
+    batch = _data(torch.float32)
+    models = [_model(torch.float32) for _ in range(5)]
+    space = sk.ParamSpace(models[0])
+    perm = torch.randperm(space.numel)[:30]
+    sel = sk.Selection.from_indices(perm, space=space)
+    mask = torch.zeros(space.numel, dtype=torch.bool)
+    mask[perm] = True
+    opts = [SparseSAM(models[0], sel, lr=0.1, momentum=0.9),
+            SparseSAM(models[1].parameters(), sel.indices, lr=0.1, momentum=0.9),  # same order: raw indices
+            SparseSAM(models[2], perm, lr=0.1, momentum=0.9),  # any order: sorted by as_selection
+            SparseSAM(models[3], mask, lr=0.1, momentum=0.9),
+            SparseSAM(models[4], space.views(mask), lr=0.1, momentum=0.9)]  # dict name -> mask
+    for m, o in zip(models, opts):
+        assert o.k == 30 and torch.equal(o.selection.indices, sel.indices)
+        _train(o, m, batch, 3)
+    for m in models[1:]:
+        assert torch.equal(_flat(m), _flat(models[0]))
+    # the selection's own tensors given bare: the space takes the selection's names (state dicts interchange)
+    m = _model(torch.float32)
+    own = sk.Selection.from_indices(perm, space=sk.ParamSpace(m))
+    bare = SparseSAM(m.parameters(), own, lr=0.1, momentum=0.9)
+    assert bare.space.names == space.names
+    _train(bare, m, batch, 3)
+    assert torch.equal(_flat(m), _flat(models[0]))
+    opts[0].load_state_dict(bare.state_dict())
+
+
+def _snapshot_groups(opt):
+    return copy.deepcopy([{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups])
+
+
+def test_load_state_dict_checks_dtypes_and_layout_before_changing_anything():
+    batch64, batch32 = _data(), _data(torch.float32)
+    m64, m32 = _model(), _model(torch.float32)
+    idx = torch.arange(0, sk.ParamSpace(m64).numel, 5)
+    o64, o32 = SparseAdamW(m64, idx, lr=0.01), SparseAdamW(m32, idx, lr=0.02)
+    _train(o64, m64, batch64, 2)
+    _train(o32, m32, batch32, 1)
+    snap, groups = _snapshot(o32, m32), _snapshot_groups(o32)
+    sd64 = o64.state_dict()
+    assert "device" not in str(sd64["sapsel"])  # the device type does not matter, the dtypes do
+    with pytest.raises(ValueError, match=r"'0\.weight' in torch\.float64.*torch\.float32"):
+        o32.load_state_dict(sd64)
+    assert _same(o32, m32, snap) and _snapshot_groups(o32) == groups
+    # without the dtype list (or a tampered tensor) every state tensor is checked against what would be allocated
+    sd = copy.deepcopy(sd64)
+    del sd["sapsel"]["dtypes"]
+    with pytest.raises(ValueError, match=r"state\['0\.weight'\]\['exp_avg'\] is torch\.float64"):
+        o32.load_state_dict(sd)
+    sd = copy.deepcopy(o32.state_dict())
+    sd["param_groups"][0]["lr"] = 0.5
+    sd["state"][2]["exp_avg_sq"] = sd["state"][2]["exp_avg_sq"][:-1]
+    with pytest.raises(ValueError, match=r"state\['2\.weight'\]\['exp_avg_sq'\].*shape"):
+        o32.load_state_dict(sd)
+    sd = copy.deepcopy(o32.state_dict())
+    sd["state"][1]["exp_avg"][0] = NAN
+    with pytest.raises(NonFiniteError, match=r"'0\.bias'.*'exp_avg'"):
+        o32.load_state_dict(sd)
+    sd = copy.deepcopy(o32.state_dict())
+    sd["state"][0]["exp_avg_sq"][0] = -1.0
+    with pytest.raises(ValueError, match="negative"):
+        o32.load_state_dict(sd)
+    sd = copy.deepcopy(o32.state_dict())
+    del sd["state"][0]["exp_avg"]
+    with pytest.raises(ValueError, match="keys"):
+        o32.load_state_dict(sd)
+    sd = copy.deepcopy(o32.state_dict())
+    sd["param_groups"][0]["eps"] = NAN
+    with pytest.raises(ValueError, match="eps"):
+        o32.load_state_dict(sd)
+    assert _same(o32, m32, snap) and _snapshot_groups(o32) == groups
+    _train(o32, m32, batch32, 1)  # still usable, and a float32 checkpoint loads
+    o32.load_state_dict(o32.state_dict())
+    with pytest.raises(ValueError, match="base"):  # SAM: an SGD-base state is not an AdamW-base one
+        SparseSAM(m32, idx, base="adamw").load_state_dict(SparseSAM(m32, idx, momentum=0.9).state_dict())
+
+
+@pytest.mark.parametrize("finish", ["scaler.step", "unscale_ then scaler.step"])
+def test_grad_scaler_first_pass_overflow_lowers_scale(finish):
+    # first pass inf, second pass finite: the scaler must still see the overflow and lower its scale
+    batch = _data(torch.float32)
+    model = _model(torch.float32)
+    idx = torch.arange(0, sk.ParamSpace(model).numel, 2)
+    opt = SparseSAM(model, idx, base="sgd", lr=0.1, momentum=0.9)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=1000)
+    _train(opt, model, batch, 1)
+    snap = _snapshot(opt, model)
+    scaler.scale(_loss(model, batch)).backward()
+    model[0].weight.grad.view(-1)[int(idx[1])] = float("inf")
+    assert opt.first_step(zero_grad=True, grad_scaler=scaler) is False
+    scaler.scale(_loss(model, batch)).backward()  # finite: the unperturbed point
+    if finish != "scaler.step":
+        scaler.unscale_(opt)
+    s0 = scaler.get_scale()
+    scaler.step(opt)
+    scaler.update()
+    assert scaler.get_scale() < s0
+    assert opt.last_step_skipped and _same(opt, model, snap)
+    opt.zero_grad()
+    scaler.scale(_loss(model, batch)).backward()  # the loop goes on normally
+    assert opt.first_step(zero_grad=True, grad_scaler=scaler)
+    scaler.scale(_loss(model, batch)).backward()
+    scaler.step(opt)
+    scaler.update()
+    assert not opt.last_step_skipped and not _same(opt, model, snap)
+
+
+def test_second_step_without_scaler_step_is_refused_and_restores():
+    batch = _data(torch.float32)
+    model = _model(torch.float32)
+    opt = SparseSAM(model, torch.arange(0, 40, 2), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    before = _flat(model).clone()
+    scaler.scale(_loss(model, batch)).backward()
+    assert opt.first_step(zero_grad=True, grad_scaler=scaler)
+    scaler.scale(_loss(model, batch)).backward()
+    with pytest.raises(RuntimeError, match="scaler.step"):
+        opt.second_step()  # the gradients are still scaled by 2^10
+    assert torch.equal(_flat(model), before)
+
+
+def test_multi_group_nonfinite_in_last_group_writes_nothing():
+    batch = _data(torch.float32)
+    model = _model(torch.float32)
+    named = list(model.named_parameters())  # (name, parameter) pairs in groups, as torch.optim accepts them
+    groups = [{"params": named[:2]}, {"params": named[2:], "lr": 0.01}]
+    n = sk.ParamSpace(model).numel
+    for make in (lambda: SparseSGD(groups, torch.arange(n), lr=0.1, momentum=0.9),
+                 lambda: SparseAdamW(groups, torch.arange(n), lr=0.1),
+                 lambda: SparseSAM(groups, torch.arange(n), lr=0.1, momentum=0.9)):
+        opt = make()
+        _train(opt, model, batch, 1)
+        snap = _snapshot(opt, model)
+        if isinstance(opt, SparseSAM):
+            def closure():
+                _loss(model, batch).backward()
+                model[2].bias.grad[1] = NAN
+
+            with pytest.raises(NonFiniteError, match=r"2\.bias\[1\]"):
+                opt.step(closure)
+        else:
+            opt.zero_grad()
+            _loss(model, batch).backward()
+            model[2].bias.grad[1] = NAN
+            with pytest.raises(NonFiniteError, match=r"2\.bias\[1\]"):
+                opt.step()
+        assert _same(opt, model, snap)
+
+
+@pytest.mark.parametrize("kind", ["sgd", "sam", "asam-full"])
+def test_huge_finite_gradients_are_not_mistaken_for_overflow(kind):
+    # 1e20^2 overflows the float32 sum of squares; the entries are finite, so this is a step, not a NaN/Inf error
+    model = _model(torch.float32)
+    idx = torch.arange(0, sk.ParamSpace(model).numel, 4)
+    if kind == "sgd":
+        opt = SparseSGD(model, idx, lr=1e-22)
+    else:
+        opt = SparseSAM(model, idx, lr=1e-22, rho=1e-3, adaptive=kind.startswith("asam"),
+                        normalize="full" if "full" in kind else "selected")
+    before = _flat(model).clone()
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 1e20)
+    if kind == "sgd":
+        opt.step()
+    else:
+        assert opt.first_step()
+        assert not torch.equal(_flat(model), before)  # perturbed by rho * g / ||g||, ||g|| from float64
+        assert opt.second_step()
+    assert not opt.last_step_skipped and bool(torch.isfinite(_flat(model)).all())
+    assert not torch.equal(_flat(model)[idx], before[idx])
+
+
+class _ScalarModel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.temperature = torch.nn.Parameter(torch.tensor(1.5))
+        self.lin = torch.nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.lin(x) * self.temperature
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adamw", "sam", "asam-full"])
+def test_zero_dim_parameter(kind):
+    batch = _data(torch.float32)
+    model = _ScalarModel()
+    space = sk.ParamSpace(model)
+    masks = {n: torch.zeros(s, dtype=torch.bool) for n, s in zip(space.names, space.shapes)}
+    masks["temperature"] = torch.tensor(True)
+    masks["lin.bias"][1] = True
+    params = model.parameters() if kind != "sgd" else model  # bare parameters get the mask's space via the dict
+    if kind == "sgd":
+        opt = SparseSGD(params, masks, lr=0.1, momentum=0.9)
+    elif kind == "adamw":
+        opt = SparseAdamW(sk.ParamSpace(model), masks, lr=0.1)
+    else:
+        opt = SparseSAM(model, masks, lr=0.1, adaptive=kind.startswith("asam"),
+                        normalize="full" if "full" in kind else "selected")
+    assert opt.k == 2
+    t0, b0, w0 = model.temperature.item(), model.lin.bias.detach().clone(), model.lin.weight.detach().clone()
+    _train(opt, model, batch, 2)
+    assert model.temperature.item() != t0 and model.lin.bias[1] != b0[1]
+    assert model.lin.bias[0] == b0[0] and torch.equal(model.lin.weight, w0)
+    opt.load_state_dict(opt.state_dict())
+    snap = _snapshot(opt, model)
+    opt.zero_grad()
+    _loss(model, batch).backward()
+    model.temperature.grad.fill_(float("inf"))
+    with pytest.raises(NonFiniteError, match=r"temperature\[\] \(flat index 0\)"):
+        opt.first_step() if isinstance(opt, SparseSAM) else opt.step()
+    assert _same(opt, model, snap)
+
+
+@pytest.mark.parametrize("fn", [SparseSGD, SparseAdamW, SparseSAM, SparseSAM.first_step, SparseSAM.second_step],
+                         ids=["SGD", "AdamW", "SAM", "first_step", "second_step"])
+def test_docstrings_document_arguments_and_peak_memory(fn):
+    import inspect
+
+    doc = inspect.getdoc(fn)
+    assert "Peak extra memory" in doc
+    if inspect.isclass(fn):
+        names = [n for n in inspect.signature(fn.__init__).parameters if n not in ("self", "base_kwargs")]
+        missing = [n for n in names if n not in doc]
+        assert not missing, missing
+        assert " k " in doc or "k values" in doc or "k float32" in doc
 
 
 # ---------------------------------------------------------------------------------- CUDA (bench/gpu_check.sh)

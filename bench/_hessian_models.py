@@ -184,7 +184,8 @@ def run_provider(provider, model, loss, batch, m):
         from sapsel_kernels.hessian import auto_hvp_order
 
         alt = auto_hvp_order(dev)[1]
-        return sk.hessian_diag(model, loss, batch, n_probes=m, seed=0, hvp=alt, vectorize=True, progress=False)
+        return sk.hessian_diag(model, loss, batch, n_probes=m, seed=0, hvp=alt, probes=sk.ProbeConfig(vectorize=True),
+                               progress=False)
     if provider == "loop":
         return loop_hutchinson(model, loss, batch, m)
     return dense_hutchinson(model, loss, batch, m)

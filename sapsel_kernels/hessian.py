@@ -2,15 +2,17 @@
 
 What is estimated
 -----------------
-``data`` is one batch (a Tensor, a tuple or a dict) or a sequence of batches (a list, a DataLoader or any other
-iterable; a one-shot iterator is read once into a list). With batches b = 1..B and ``loss_fn(model, batch)`` the MEAN
-loss over a batch, the objective is the **mean over batches**::
+``data`` follows the batch rule of :mod:`sapsel_kernels.data` (a tensor, a tuple ``(x, y)`` or a dict is ONE batch;
+a list, a DataLoader or another re-iterable is a sequence of batches), and ``loss_fn`` the loss rule
+(``loss_fn(model, batch)`` -> the MEAN loss over the batch, a torch loss module such as ``nn.CrossEntropyLoss()``
+for batches ``(*inputs, target)``, or None for a model whose output has ``.loss``). With batches b = 1..B the
+objective is the **mean over batches**::
 
     L(theta) = (1 / B) * sum_b loss_fn(model, batch_b)
 
 (every batch has the same weight, also a smaller last batch). ``hessian_diag`` estimates diag(d^2 L / d theta^2) over
 the model's trainable parameters (a :class:`~sapsel_kernels.ParamSpace`: frozen parameters excluded, tied parameters
-counted once), flat, in ParamSpace order.
+counted once), flat, in ParamSpace order. The "fisher" estimator is the exception: it weighs POINTS equally.
 
 Model semantics during estimation: every module is put in eval mode (BatchNorm uses its running statistics and does
 not update them; dropout is off) and restored afterwards, so H is the Hessian of the eval-mode loss; the math
@@ -19,46 +21,162 @@ Buffers are read, never written.
 
 Hutchinson: for Rademacher z (Philox stream keyed by (seed, probe, flat index), identical on every backend),
 x = z (.) Hz has E[x] = diag(H) and Var[x_i] = sum_{j != i} H_ij^2. The fused op ``sapsel::hutchinson_accumulate``
-regenerates z and folds x into float32 Welford accumulators (mean, M2) in one pass.
+regenerates z and folds x into float32 Welford accumulators (mean, M2) in one pass. The sampling loop (passes,
+stopping rules, checkpoints, Ctrl-C) lives in :mod:`sapsel_kernels.probe_loop`, the estimators that read the data
+once in :mod:`sapsel_kernels.estimators`, the HVPs in :mod:`sapsel_kernels.hvp`.
 """
 
 import contextlib
-import hashlib
-import logging
+import math
 import os
-import signal
-import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from . import ops  # noqa: F401  (registers torch.ops.sapsel.*)
-from .hvp import HVP, gradient
+from .data import as_batches, make_loss
+from .estimators import exact, fisher, grad_abs, squared_grad
+from .hvp import MODES, auto_hvp_order  # noqa: F401  (auto_hvp_order is part of this module's API)
+from .probe_loop import run_probe_loop
 from .space import ParamSpace
 
-log = logging.getLogger("sapsel_kernels.hessian")
+__all__ = ["hessian_diag", "DiagEstimate", "ProbeConfig", "StopRule", "Checkpoint", "estimation_mode",
+           "auto_hvp_order", "ESTIMATORS"]
 
-ESTIMATORS = ("hutchinson", "gauss_newton", "fisher", "grad_abs", "exact")
-HVP_MODES = ("auto", "fwd_rev", "rev_rev")
-_STOCHASTIC = ("hutchinson", "gauss_newton", "fisher")
-_MODE_NAMES = {"fwd_rev": "forward-over-reverse", "rev_rev": "reverse-over-reverse"}
+ESTIMATORS = ("hutchinson", "gauss_newton", "squared_grad", "fisher", "grad_abs", "exact")
+HVP_MODES = ("auto",) + MODES
+_PROBED = ("hutchinson", "gauss_newton")  # the estimators run by the probe loop
+_STOCHASTIC = ("hutchinson", "gauss_newton", "fisher", "squared_grad")  # a mean over samples: var/stderr defined
+# the defaults of hessian_diag; another value for an estimator that does not use it is refused
+_DEFAULT_N_PROBES, _DEFAULT_SEED, _DEFAULT_EXACT_MAX = 32, 0, 4096
 
 
-def auto_hvp_order(device: torch.device) -> tuple[str, str]:
-    """(first, fallback) HVP modes that ``hvp="auto"`` tries on ``device``.
+# ====================================================================================================== configs
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
-    CPU: reverse-over-reverse first. With the gradient graph reused it was the faster mode on every benchmark model
-    (MLP, CNN + BatchNorm, transformer; bench/results/hessian_cpu_full.md), and double backward covers more ops than
-    forward AD. Accelerators: forward-over-reverse first (one fused forward + backward with dual numbers, the
-    faster mode on GPUs in published comparisons; no GPU measurement of ours exists yet).
+
+def _int_field(owner: str, name: str, v, lo: int, none_ok: bool = True) -> None:
+    """TypeError for a non-int (a bool included), ValueError below ``lo``."""
+    if v is None and none_ok:
+        return
+    if not _is_int(v):
+        raise TypeError(f"{owner}.{name} must be an int{' or None' if none_ok else ''}, got {type(v).__name__}")
+    if v < lo:
+        raise ValueError(f"{owner}.{name} must be >= {lo}, got {v}")
+
+
+def _float_field(owner: str, name: str, v, lo: float, hi: float | None, lo_open: bool, none_ok: bool = True) -> None:
+    """TypeError for a non-number (a bool included), ValueError when NaN/Inf or outside (lo, hi] / [lo, hi]."""
+    if v is None and none_ok:
+        return
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        raise TypeError(f"{owner}.{name} must be a number{' or None' if none_ok else ''}, got {type(v).__name__}")
+    inside = (v > lo if lo_open else v >= lo) and (hi is None or v <= hi)
+    if not math.isfinite(v) or not inside:
+        left = "(" if lo_open else "["
+        rng = (f"> {lo:g}" if lo_open else f">= {lo:g}") if hi is None else f"in {left}{lo:g}, {hi:g}]"
+        raise ValueError(f"{owner}.{name} must be finite and {rng}, got {v}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProbeConfig:
+    """How the probes of "hutchinson" / "gauss_newton" are batched.
+
+    * ``per_pass``: samples per pass (one vmapped HVP when vectorized); None: min(budget, 8 on CPU / 16 on CUDA,
+      memory cap) where the cap allows ``memory_cap_bytes`` for ~6 N-element buffers per probe (z, Hz and
+      gradient-sized intermediates). A pass is the unit of accumulation, stopping checks and checkpoints.
+    * ``vectorize`` ("hutchinson" only): run a pass's probes as one vmapped HVP (True) or one HVP per probe (False).
+      None: per probe for rev_rev on CPU (the gradient graph of a batch is shared by the probes either way, and the
+      vmapped conv/BatchNorm double backward measured 1.4-2.4x slower per probe), vmapped otherwise. Results agree
+      to float rounding either way.
+    * ``memory_cap_bytes``: bytes the default ``per_pass`` may spend on per-probe buffers.
     """
-    return ("rev_rev", "fwd_rev") if torch.device(device).type == "cpu" else ("fwd_rev", "rev_rev")
+
+    per_pass: int | None = None
+    vectorize: bool | None = None
+    memory_cap_bytes: int = 1 << 30
+
+    def __post_init__(self):
+        _int_field("ProbeConfig", "per_pass", self.per_pass, 1)
+        if not isinstance(self.vectorize, (bool, type(None))):
+            raise TypeError(f"ProbeConfig.vectorize must be None, True or False, got {self.vectorize!r}")
+        _int_field("ProbeConfig", "memory_cap_bytes", self.memory_cap_bytes, 1, none_ok=False)
+
+
+@dataclass(frozen=True, kw_only=True)
+class StopRule:
+    """Adaptive stopping for "hutchinson" / "gauss_newton": sample until a criterion holds after a pass.
+
+    * ``rtol``: stop when ||stderr||_2 / ||mean||_2 < rtol;
+    * ``stable_k`` or ``stable_fraction`` (k = ``resolve_k(N, fraction=...)``, the package's budget rule), with
+      ``turnover_tol``, ``patience``, ``largest``: stop when the top-k set (largest or smallest means) changed by at
+      most ``turnover_tol`` (a fraction of k) in ``patience`` consecutive passes;
+    * ``max_probes`` (default 8 * n_probes): the cap; ``min_probes`` (default 2 passes): no stop before it.
+
+    At least one criterion (rtol, stable_k, stable_fraction) is required (a fixed budget is ``n_probes=``), and
+    turnover_tol / patience / largest other than their defaults need a top-k criterion.
+    """
+
+    rtol: float | None = None
+    stable_k: int | None = None
+    stable_fraction: float | None = None
+    turnover_tol: float = 0.01
+    patience: int = 2
+    largest: bool = True
+    max_probes: int | None = None
+    min_probes: int | None = None
+
+    def __post_init__(self):
+        _float_field("StopRule", "rtol", self.rtol, 0.0, None, lo_open=True)
+        _int_field("StopRule", "stable_k", self.stable_k, 1)
+        _float_field("StopRule", "stable_fraction", self.stable_fraction, 0.0, 1.0, lo_open=True)
+        _float_field("StopRule", "turnover_tol", self.turnover_tol, 0.0, 1.0, lo_open=False, none_ok=False)
+        _int_field("StopRule", "patience", self.patience, 1, none_ok=False)
+        if not isinstance(self.largest, bool):
+            raise TypeError(f"StopRule.largest must be a bool, got {self.largest!r}")
+        _int_field("StopRule", "max_probes", self.max_probes, 1)
+        _int_field("StopRule", "min_probes", self.min_probes, 1)
+        if self.stable_k is not None and self.stable_fraction is not None:
+            raise ValueError("StopRule: give stable_k or stable_fraction, not both")
+        topk = self.stable_k is not None or self.stable_fraction is not None
+        if not topk and self.rtol is None:
+            raise ValueError("StopRule needs a criterion: rtol, stable_k or stable_fraction (for a fixed number of "
+                             "probes pass n_probes= and no stop rule)")
+        if not topk and (self.turnover_tol != 0.01 or self.patience != 2 or self.largest is not True):
+            raise ValueError("StopRule.turnover_tol, patience and largest apply to the top-k criterion: give "
+                             "stable_k or stable_fraction")
+        if self.max_probes is not None and self.min_probes is not None and self.min_probes > self.max_probes:
+            raise ValueError(f"StopRule.min_probes ({self.min_probes}) must be <= max_probes ({self.max_probes})")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Checkpoint:
+    """Save the state of "hutchinson" / "gauss_newton" sampling to ``path`` every ``every`` passes and at the end.
+
+    ``resume=True`` continues from ``path`` (or starts afresh when it does not exist). A resumed run equals the
+    uninterrupted one bit for bit; a checkpoint whose ParamSpace, weights (``ParamSpace.fingerprint()``), seed,
+    estimator, per_pass, vectorize, hvp mode or top-k rule differ is refused with a ValueError, as is an unreadable
+    file. The data is not fingerprinted: resume with the same batches.
+    """
+
+    path: str | os.PathLike = field(kw_only=False)
+    every: int = 1
+    resume: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.path, (str, os.PathLike)):
+            raise TypeError(f"Checkpoint.path must be a str or os.PathLike, got {type(self.path).__name__}")
+        _int_field("Checkpoint", "every", self.every, 1, none_ok=False)
+        if not isinstance(self.resume, bool):
+            raise TypeError(f"Checkpoint.resume must be a bool, got {self.resume!r}")
 
 
 # ====================================================================================================== result
+_FORMAT = "sapsel.DiagEstimate/2"
+
+
 @dataclass
 class DiagEstimate:
     """A diagonal curvature score over a ParamSpace.
@@ -66,10 +184,12 @@ class DiagEstimate:
     * ``mean``: flat float32 [N], the estimate (ParamSpace order);
     * ``m2``: flat float32 [N], Welford sum of squared deviations of the ``n_probes`` samples;
     * ``var``: per-coordinate unbiased sample variance of ONE sample (M2 / (n - 1)); for Hutchinson this estimates
-      sum_{j != i} H_ij^2. NaN with fewer than 2 samples; 0 for deterministic estimators (grad_abs, exact);
+      sum_{j != i} H_ij^2, for "fisher" it is the variance over points. NaN with fewer than 2 samples; 0 for
+      deterministic estimators (grad_abs, exact);
     * ``stderr``: standard error of ``mean``, sqrt(var / n);
-    * ``n_probes``: samples averaged (probes for hutchinson, label samples for gauss_newton, batches for fisher);
-    * ``info``: estimator, seed, hvp mode, stopping reason, history, timings.
+    * ``n_probes``: samples averaged (probes for hutchinson, label samples for gauss_newton, points for fisher,
+      batches for squared_grad, 1 for grad_abs and exact);
+    * ``info``: seed, hvp mode, stopping reason, history, timings (per estimator).
     """
 
     mean: torch.Tensor
@@ -106,30 +226,45 @@ class DiagEstimate:
         """{parameter name: tensor shaped like the parameter} of ``mean`` (or ``"var"``, ``"stderr"``)."""
         if self.space is None:
             raise ValueError("this DiagEstimate has no ParamSpace attached; pass space= to DiagEstimate.load")
+        if what not in ("mean", "var", "stderr", "m2"):
+            raise ValueError(f"what must be 'mean', 'var', 'stderr' or 'm2', got {what!r}")
         return self.space.views(getattr(self, what))
 
     def save(self, path) -> None:
-        torch.save({"format": "sapsel.DiagEstimate/1", "mean": self.mean.cpu(), "m2": self.m2.cpu(),
+        torch.save({"format": _FORMAT, "mean": self.mean.cpu(), "m2": self.m2.cpu(),
                     "n_probes": self.n_probes, "estimator": self.estimator, "seed": self.seed, "info": self.info,
                     "signature": self.space.signature if self.space is not None else None,
                     "names": list(self.space.names) if self.space is not None else None}, path)
 
     @classmethod
     def load(cls, path, space=None) -> "DiagEstimate":
-        """Load a saved estimate; ``space`` (a ParamSpace or a model) is attached after checking it matches."""
-        d = torch.load(path, map_location="cpu", weights_only=True)  # no pickled code from a file
-        if not isinstance(d, dict) or d.get("format") != "sapsel.DiagEstimate/1":
+        """Load a saved estimate (``weights_only=True``: no pickled code runs); ``space`` (a ParamSpace or a model)
+        is attached after checking it matches. Files of format 1 name the "squared_grad" estimator "fisher" and
+        are read under the new name. Raises ValueError for an unreadable, foreign or malformed file."""
+        try:
+            d = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - pickle, zip and unpickler errors all mean "not an estimate"
+            raise ValueError(f"{path}: cannot read a saved DiagEstimate ({type(exc).__name__})") from exc
+        fmt = d.get("format") if isinstance(d, dict) else None
+        if fmt not in ("sapsel.DiagEstimate/1", _FORMAT):
             raise ValueError(f"{path}: not a saved DiagEstimate")
+        mean, m2 = d.get("mean"), d.get("m2")
+        if not (isinstance(mean, torch.Tensor) and isinstance(m2, torch.Tensor) and mean.dim() == 1
+                and m2.shape == mean.shape and _is_int(d.get("n_probes")) and d.get("estimator") in ESTIMATORS):
+            raise ValueError(f"{path}: corrupt DiagEstimate file")
+        estimator = d["estimator"]
+        if fmt == "sapsel.DiagEstimate/1" and estimator == "fisher":
+            estimator = "squared_grad"
         if space is not None and not isinstance(space, ParamSpace):
             space = ParamSpace(space)
         if space is not None:
-            if d["signature"] is not None and space.signature != d["signature"]:
+            if d.get("signature") is not None and space.signature != d["signature"]:
                 raise ValueError(f"{path}: saved for a ParamSpace with signature {d['signature']}, "
                                  f"got {space.signature} (different parameter names or shapes)")
-            if space.numel != d["mean"].numel():
-                raise ValueError(f"{path}: {d['mean'].numel()} scores, the ParamSpace has {space.numel} elements")
-        return cls(mean=d["mean"], m2=d["m2"], n_probes=d["n_probes"], space=space, estimator=d["estimator"],
-                   seed=d["seed"], info=d["info"])
+            if space.numel != mean.numel():
+                raise ValueError(f"{path}: {mean.numel()} scores, the ParamSpace has {space.numel} elements")
+        return cls(mean=mean, m2=m2, n_probes=d["n_probes"], space=space, estimator=estimator,
+                   seed=d.get("seed", 0), info=d.get("info") or {})
 
     def __repr__(self) -> str:
         return (f"DiagEstimate({self.estimator}, N={self.numel:,}, n_probes={self.n_probes}, "
@@ -137,19 +272,6 @@ class DiagEstimate:
 
 
 # ====================================================================================================== helpers
-def _as_batches(data):
-    """One batch (Tensor / tuple / dict) -> [data]; a list or re-iterable -> itself; a one-shot iterator -> list."""
-    if isinstance(data, (torch.Tensor, tuple, dict)):
-        return [data]
-    if isinstance(data, list):
-        if not data:
-            raise ValueError("data is an empty list of batches")
-        return data
-    if isinstance(data, Iterator):  # generator / iterator: it can be read only once, and we need several passes
-        return list(data)
-    return data
-
-
 @contextlib.contextmanager
 def estimation_mode(model: torch.nn.Module):
     """Eval mode for every module (restored per module afterwards) and the math SDPA backend."""
@@ -169,428 +291,144 @@ def estimation_mode(model: torch.nn.Module):
             m.training = t
 
 
-@contextlib.contextmanager
-def _defer_sigint():
-    """Hold Ctrl-C while the accumulators are being updated so that they never hold half a pass."""
-    if threading.current_thread() is not threading.main_thread() or \
-            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-        yield
-        return
-    hit = []
-    prev = signal.signal(signal.SIGINT, lambda s, f: hit.append(s))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, prev)
-    if hit:
-        raise KeyboardInterrupt
+def _check_arguments(estimator, n_probes, seed, hvp, probes, stop, checkpoint, progress, output_fn,
+                     exact_max_numel) -> None:
+    """Types and ranges, then the applicability rules (an argument the estimator would ignore is an error)."""
+    if estimator not in ESTIMATORS:
+        hint = " (n_probes is keyword-only: hessian_diag(model, loss_fn, data, n_probes=...))" \
+            if _is_int(estimator) else ""
+        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}{hint}")
+    if hvp not in HVP_MODES:
+        raise ValueError(f"hvp must be one of {HVP_MODES}, got {hvp!r}")
+    if not _is_int(n_probes) or n_probes < 1:
+        raise ValueError(f"n_probes must be a positive int, got {n_probes!r}")
+    if not _is_int(seed) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be an int in [0, 2^63), got {seed!r}")
+    if not _is_int(exact_max_numel) or exact_max_numel < 1:
+        raise ValueError(f"exact_max_numel must be a positive int, got {exact_max_numel!r}")
+    for name, v, cls in (("probes", probes, ProbeConfig), ("stop", stop, StopRule),
+                         ("checkpoint", checkpoint, Checkpoint)):
+        if v is not None and not isinstance(v, cls):
+            raise TypeError(f"{name} must be a sapsel_kernels.{cls.__name__} or None, got {type(v).__name__}")
+    if not isinstance(progress, (bool, type(None))):
+        raise TypeError(f"progress must be None, True or False, got {progress!r}")
+    if output_fn is not None and not callable(output_fn):
+        raise TypeError(f"output_fn must be callable output_fn(model, batch) -> logits, got {type(output_fn).__name__}")
 
+    def refuse(what: str, applies_to: str):
+        raise ValueError(f"{what} does not apply to estimator={estimator!r} (only to {applies_to})")
 
-def _seed_for(seed: int, *parts) -> int:
-    h = hashlib.blake2b(":".join(str(int(p)) for p in (seed, *parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(h, "little") >> 1
-
-
-def _welford_plain_(mean: torch.Tensor, m2: torch.Tensor, x: torch.Tensor, count: int):
-    """Welford step on float32 flat tensors for samples that are not probe products (sibling estimators)."""
-    x = x.to(torch.float32)
-    delta = x - mean
-    mean.add_(delta / (count + 1))
-    m2.add_(delta * (x - mean))
-
-
-def _check_finite(ts, what):
-    # One fused reduction per tensor; a finite sum proves every element finite. A non-finite sum is confirmed
-    # element-wise (a sum of huge finite values may overflow).
-    for t in ts:
-        if not torch.isfinite(t.sum()) and not torch.isfinite(t).all():
-            raise FloatingPointError(f"hessian_diag: {what} contains NaN/Inf (loss not finite at these parameters?); "
-                                     "the accumulators were not updated")
+    probed = estimator in _PROBED
+    if not probed:
+        for name, v in (("probes", probes), ("stop", stop), ("checkpoint", checkpoint)):
+            if v is not None:
+                refuse(f"{name}=", "'hutchinson' and 'gauss_newton'")
+        if n_probes != _DEFAULT_N_PROBES:
+            refuse("n_probes", "'hutchinson' and 'gauss_newton'")
+        if seed != _DEFAULT_SEED:
+            refuse("seed", "'hutchinson' and 'gauss_newton'")
+    if hvp != "auto" and estimator != "hutchinson":
+        refuse(f"hvp={hvp!r}", "'hutchinson'")
+    if estimator == "gauss_newton":
+        if output_fn is None:
+            raise ValueError("estimator='gauss_newton' needs output_fn(model, batch) -> logits [..., C] "
+                             "(softmax cross-entropy likelihood; labels are sampled from the model)")
+        if probes is not None and probes.vectorize is not None:
+            refuse("ProbeConfig.vectorize", "'hutchinson' (gauss_newton computes no HVP)")
+    elif output_fn is not None:
+        refuse("output_fn", "'gauss_newton'")
+    if progress and estimator not in (*_PROBED, "fisher"):
+        refuse("progress=True", "'hutchinson', 'gauss_newton' and 'fisher'")
+    if exact_max_numel != _DEFAULT_EXACT_MAX and estimator != "exact":
+        refuse("exact_max_numel", "'exact'")
 
 
 # ====================================================================================================== main entry
-def hessian_diag(model: torch.nn.Module, loss_fn, data, n_probes: int = 32, estimator: str = "hutchinson",
-                 seed: int = 0, hvp: str = "auto", *, space: ParamSpace | None = None,
-                 probes_per_pass: int | None = None, vectorize: bool | None = None,
-                 memory_cap_bytes: int = 1 << 30, max_probes: int | None = None, min_probes: int | None = None,
-                 rtol: float | None = None,
-                 stable_k: int | None = None, stable_fraction: float | None = None,
-                 turnover_tol: float = 0.01, patience: int = 2, largest: bool = True,
-                 checkpoint=None, checkpoint_every: int = 1, resume: bool = False, progress: bool | None = None,
-                 output_fn=None, exact_max_numel: int = 4096) -> DiagEstimate:
-    """Estimate diag(H) of L = mean over batches of ``loss_fn(model, batch)`` (see the module docstring).
+def hessian_diag(model: torch.nn.Module, loss_fn, data, estimator: str = "hutchinson", *,
+                 n_probes: int = _DEFAULT_N_PROBES, seed: int = _DEFAULT_SEED, hvp: str = "auto",
+                 probes: ProbeConfig | None = None, stop: StopRule | None = None, checkpoint: Checkpoint | None = None,
+                 space: ParamSpace | None = None, progress: bool | None = None, output_fn=None,
+                 exact_max_numel: int = _DEFAULT_EXACT_MAX) -> DiagEstimate:
+    """Estimate a diagonal curvature of L = mean over batches of ``loss_fn(model, batch)`` (module docstring).
 
     Args:
-        model, loss_fn, data: ``loss_fn(model, batch) -> scalar`` mean loss; data one batch or an iterable of them.
-        n_probes: samples to average when no stopping rule is given (Hutchinson probes / GNB label samples).
-        estimator: ``"hutchinson"`` (unbiased diag(H), default); ``"gauss_newton"`` (diagonal of the generalized
-            Gauss-Newton matrix for a softmax cross-entropy, Gauss-Newton-Bartlett estimator: labels sampled from the
-            model, sample = B * g(.)g; needs ``output_fn(model, batch) -> logits [..., C]``); ``"fisher"`` (empirical
-            Fisher: mean over batches of the squared batch gradient); ``"grad_abs"`` (|dL/dtheta|); ``"exact"``
-            (``torch.func.hessian``; N <= ``exact_max_numel``).
-        seed: probes are a function of (seed, probe index, flat index) only.
+        model, loss_fn, data: the batch and loss rules of :mod:`sapsel_kernels.data`. "hutchinson" and
+            "gauss_newton" read the data once per pass (a one-shot iterator raises TypeError); the other estimators
+            read it once (an iterator is accepted). A loss that does not depend on the parameters raises ValueError.
+        estimator:
+            * ``"hutchinson"`` (default): unbiased diag(H), Rademacher probes;
+            * ``"gauss_newton"``: diagonal of the generalized Gauss-Newton matrix for a softmax cross-entropy,
+              Gauss-Newton-Bartlett estimator (labels sampled from the model, sample = B * g (.) g); needs
+              ``output_fn(model, batch) -> logits [..., C]``; ``loss_fn`` is not called (the likelihood is fixed);
+            * ``"squared_grad"``: mean over batches of the squared batch-mean gradient (one backward per batch);
+            * ``"fisher"``: diagonal EMPIRICAL Fisher, mean over all points of the squared per-point gradient (each
+              point a batch of one), per-point gradients by ``vmap(grad)`` with a one-backward-per-point fallback;
+              ``var`` is the variance over points;
+            * ``"grad_abs"``: |dL/dtheta|;
+            * ``"exact"``: diag of ``torch.func.hessian`` per batch (N <= ``exact_max_numel``).
+        n_probes: samples when no stop rule is given; the budget base (max_probes = 8 * n_probes) with one.
+        seed: probes (label samples) are a function of (seed, probe index, flat index) only.
         hvp: ``"fwd_rev"`` (jvp of grad), ``"rev_rev"`` (grad of grad), ``"auto"`` (tries one mode and falls back to
             the other with a logged reason, kept in ``info["hvp_fallback_reason"]``, if the first HVP raises; CPU
             tries rev_rev first, accelerators fwd_rev, see :func:`auto_hvp_order`). ``info["hvp"]`` is the mode used.
-        probes_per_pass: probes per pass (one vmapped HVP when vectorized); default min(n, 8 on CPU / 16 on CUDA,
-            memory cap) where the cap allows ``memory_cap_bytes`` for the O(m N) probe and product buffers
-            (per-probe activation tangents are extra). A pass is the unit of accumulation, stopping checks and
-            checkpoints.
-        vectorize: run a pass's probes as one vmapped HVP (True) or one HVP per probe (False). None (default):
-            per probe for rev_rev on CPU (the gradient graph of a batch is shared by the probes either way, and the
-            vmapped conv/BatchNorm double backward measured 1.4-2.4x slower per probe), vmapped otherwise. Results
-            agree to float rounding either way.
-        max_probes, min_probes: with a stopping rule, probes run until it fires, capped at ``max_probes``
-            (default 8 * n_probes) and never fewer than ``min_probes`` (default 2 passes).
-        rtol: stop when ||stderr||_2 / ||mean||_2 < rtol.
-        stable_k / stable_fraction, turnover_tol, patience, largest: stop when the top-k set (largest or smallest
-            means) changed by at most ``turnover_tol`` (fraction of k) in ``patience`` consecutive passes.
-        checkpoint, checkpoint_every, resume: save (mean, M2, count, seed, next probe, stopping state) to
-            ``checkpoint`` every ``checkpoint_every`` passes; ``resume=True`` continues from it (or starts afresh
-            when the file does not exist). A resumed run equals the uninterrupted one bit for bit (same
-            probes_per_pass and vectorize, same data).
-        progress: tqdm bar with probes, ETA and the current relative standard error / top-k turnover
-            (None: only on a terminal). ``info["history"]`` keeps the same numbers per pass.
-    Ctrl-C returns the estimate over the probes finished so far (``info["stopped_by"] == "interrupted"``).
+        probes: :class:`ProbeConfig` (probes per pass, vectorize, memory cap).
+        stop: :class:`StopRule` (rtol / top-k stability, max_probes, min_probes).
+        checkpoint: :class:`Checkpoint` (path, every, resume).
+        space: the ParamSpace (default ``ParamSpace(model)``).
+        progress: tqdm bar with samples, ETA and the current relative standard error / top-k turnover (None: only
+            on a terminal). ``info["history"]`` keeps the same numbers per pass.
+        output_fn: "gauss_newton" only. exact_max_numel: "exact" only.
+
+    Applicability: an argument the estimator would ignore raises ValueError: ``probes``, ``stop``, ``checkpoint``
+    and non-default ``n_probes`` / ``seed`` only for "hutchinson" and "gauss_newton"; ``hvp`` other than "auto"
+    and ``ProbeConfig.vectorize`` only for "hutchinson"; ``output_fn`` only (and always) for "gauss_newton";
+    ``progress=True`` only for "hutchinson", "gauss_newton" and "fisher"; a non-default ``exact_max_numel`` only
+    for "exact".
+
+    Returns a :class:`DiagEstimate` (float32 [N] mean and M2 in ParamSpace order).
+
+    Raises: ValueError (bad or inapplicable arguments, a loss without parameter dependence, a refused checkpoint),
+    TypeError (a one-shot iterator for a multi-pass estimator, a wrong config type),
+    :class:`~sapsel_kernels.NonFiniteError` (a non-finite HVP, gradient or sample; nothing is accumulated).
+
+    Ctrl-C ("hutchinson", "gauss_newton") returns the estimate over the passes finished so far, with
+    ``info["stopped_by"] == "interrupted"`` (and a final checkpoint when one is configured); callers that must not
+    act on a partial estimate check it. The other estimators propagate KeyboardInterrupt.
+
+    Peak extra memory (N trainable parameters, ``elem`` bytes per parameter element):
+        * "hutchinson": two float32 accumulators (mean, M2: 8 N bytes) + a per_pass x N probe buffer in the
+          parameter dtype (float32 when dtypes are mixed) + per_pass x N products summed over batches (twice that
+          while a batch is added) + the HVP's own buffers (vmapped: per-probe activation tangents; rev_rev: the
+          gradient graph, kept across passes for a single batch); the default per_pass keeps
+          6 x per_pass x N x elem <= ``ProbeConfig.memory_cap_bytes``;
+        * "gauss_newton": 8 N bytes of accumulators + per_pass x N float32 samples + ~3 N float64 per batch;
+        * "fisher": 8 N bytes of accumulators + C x N per-point gradients and their squares (float64 when a
+          parameter is float64, else float32) with C = min(64, 2^28 / (3 N elem)) points per vmapped call, plus
+          vmap's per-point activations;
+        * "squared_grad", "grad_abs": 8 N bytes + a few N-length gradients;
+        * "exact": an N x N Hessian in the parameter dtype per batch.
     """
-    if estimator not in ESTIMATORS:
-        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
-    if hvp not in HVP_MODES:
-        raise ValueError(f"hvp must be one of {HVP_MODES}, got {hvp!r}")
-    if vectorize not in (None, True, False):
-        raise ValueError(f"vectorize must be None, True or False, got {vectorize!r}")
-    if not isinstance(n_probes, int) or n_probes < 1:
-        raise ValueError(f"n_probes must be a positive int, got {n_probes!r}")
-    if not 0 <= int(seed) < 2**63:
-        raise ValueError(f"seed must be in [0, 2^63), got {seed}")
-    if stable_k is not None and stable_fraction is not None:
-        raise ValueError("give stable_k or stable_fraction, not both")
-    if stable_fraction is not None and not 0 < stable_fraction <= 1:
-        raise ValueError(f"stable_fraction must be in (0, 1], got {stable_fraction}")
-    if rtol is not None and rtol <= 0:
-        raise ValueError(f"rtol must be > 0, got {rtol}")
-    space = space if space is not None else ParamSpace(model)
-    if stable_k is not None and not 1 <= stable_k <= space.numel:
-        raise ValueError(f"stable_k must be in [1, {space.numel}], got {stable_k}")
-    batches = _as_batches(data)
-    if checkpoint is None and resume:
-        raise ValueError("resume=True needs checkpoint=<path>")
+    _check_arguments(estimator, n_probes, seed, hvp, probes, stop, checkpoint, progress, output_fn, exact_max_numel)
+    if space is None:
+        space = ParamSpace(model)
+    elif not isinstance(space, ParamSpace):
+        raise TypeError(f"space must be a ParamSpace or None, got {type(space).__name__}")
+    loss = make_loss(loss_fn)
+    batches = as_batches(data, passes="many" if estimator in _PROBED else "once")
 
     t0 = time.perf_counter()
     with estimation_mode(model):
-        if estimator == "grad_abs":
-            est = _grad_abs(model, loss_fn, batches, space)
-        elif estimator == "exact":
-            est = _exact(model, loss_fn, batches, space, exact_max_numel)
+        if estimator in _PROBED:
+            est = run_probe_loop(model, loss, batches, space, estimator, n_probes=n_probes, seed=seed, hvp=hvp,
+                                 probes=probes if probes is not None else ProbeConfig(), stop=stop,
+                                 checkpoint=checkpoint, progress=progress, output_fn=output_fn)
+        elif estimator == "grad_abs":
+            est = grad_abs(model, loss, batches, space)
+        elif estimator == "squared_grad":
+            est = squared_grad(model, loss, batches, space)
         elif estimator == "fisher":
-            est = _fisher(model, loss_fn, batches, space)
+            est = fisher(model, loss, batches, space, progress)
         else:
-            est = _ProbeLoop(model, loss_fn, batches, space, estimator, n_probes, int(seed), hvp, probes_per_pass,
-                             vectorize, memory_cap_bytes, max_probes, min_probes, rtol, stable_k, stable_fraction,
-                             turnover_tol, patience, largest, checkpoint, checkpoint_every, resume, progress,
-                             output_fn).run()
+            est = exact(model, loss, batches, space, exact_max_numel)
     est.info["seconds"] = time.perf_counter() - t0
-    return est
-
-
-# ====================================================================================================== siblings
-def _mean_gradient(model, loss_fn, batches, space):
-    acc, nb = None, 0
-    for b in batches:
-        g = gradient(model, loss_fn, space, b)
-        _check_finite(g, "a gradient")
-        acc = g if acc is None else [a + x for a, x in zip(acc, g)]
-        nb += 1
-    if nb == 0:
-        raise ValueError("data has no batches")
-    return [a / nb for a in acc], nb
-
-
-def _grad_abs(model, loss_fn, batches, space):
-    g, nb = _mean_gradient(model, loss_fn, batches, space)
-    mean = space.gather([x.abs() for x in g])
-    return DiagEstimate(mean, torch.zeros_like(mean), 1, space, "grad_abs", 0, {"batches": nb})
-
-
-def _fisher(model, loss_fn, batches, space):
-    mean = torch.zeros(space.numel, dtype=torch.float32, device=space.device)
-    m2 = torch.zeros_like(mean)
-    nb = 0
-    for b in batches:
-        g = gradient(model, loss_fn, space, b)
-        _check_finite(g, "a gradient")
-        _welford_plain_(mean, m2, space.gather([x * x for x in g], dtype=torch.float64), nb)
-        nb += 1
-    if nb == 0:
-        raise ValueError("data has no batches")
-    return DiagEstimate(mean, m2, nb, space, "fisher", 0, {"batches": nb})
-
-
-def _exact(model, loss_fn, batches, space, limit):
-    n = space.numel
-    if n > limit:
-        raise ValueError(f"estimator='exact' builds the full N x N Hessian: N = {n:,} parameters exceeds "
-                         f"exact_max_numel = {limit:,} ({n * n * 8 / 2**30:.1f} GiB in float64). Use "
-                         "estimator='hutchinson', or raise exact_max_numel if you have the memory.")
-    dtype = space.dtypes[0]
-    if any(d != dtype for d in space.dtypes):
-        raise TypeError("estimator='exact' needs all parameters in one dtype")
-    from .hvp import _LossModule
-
-    wrapper = _LossModule(model, loss_fn)
-    keys = ["model." + nm for nm in space.names]
-    flat0 = space.gather(dtype=dtype)
-    diag, nb = torch.zeros(n, dtype=torch.float64, device=space.device), 0
-    for b in batches:
-        def f(flat, b=b):
-            ps = {k: flat[o:o + c].view(s) for k, o, c, s in zip(keys, space.offsets, space.numels, space.shapes)}
-            return torch.func.functional_call(wrapper, ps, (b,), strict=False)
-
-        h = torch.func.hessian(f)(flat0)
-        diag += torch.diagonal(h).to(torch.float64)
-        nb += 1
-        del h
-    mean = (diag / nb).to(torch.float32)
-    return DiagEstimate(mean, torch.zeros_like(mean), 1, space, "exact", 0, {"batches": nb})
-
-
-# ====================================================================================================== probe loop
-class _ProbeLoop:
-    """Hutchinson / Gauss-Newton-Bartlett sampling with batched passes, stopping rules, progress and checkpoints."""
-
-    def __init__(self, model, loss_fn, batches, space, estimator, n_probes, seed, hvp, probes_per_pass, vectorize,
-                 memory_cap_bytes, max_probes, min_probes, rtol, stable_k, stable_fraction, turnover_tol, patience,
-                 largest, checkpoint, checkpoint_every, resume, progress, output_fn):
-        self.model, self.loss_fn, self.batches, self.space = model, loss_fn, batches, space
-        self.estimator, self.seed = estimator, seed
-        if estimator == "gauss_newton" and output_fn is None:
-            raise ValueError("estimator='gauss_newton' needs output_fn(model, batch) -> logits [..., C] "
-                             "(softmax cross-entropy likelihood; labels are sampled from the model)")
-        self.output_fn = output_fn
-        n = space.numel
-        self.k = stable_k if stable_k is not None else (
-            max(1, round(stable_fraction * n)) if stable_fraction is not None else None)
-        self.rtol, self.turnover_tol, self.patience, self.largest = rtol, turnover_tol, patience, largest
-        adaptive = self.k is not None or rtol is not None
-        self.max_probes = max_probes if max_probes is not None else (8 * n_probes if adaptive else n_probes)
-        if self.max_probes < 1:
-            raise ValueError(f"max_probes must be >= 1, got {self.max_probes}")
-        self.adaptive = adaptive
-        elem = max(torch.finfo(d).bits // 8 for d in space.dtypes)
-        if probes_per_pass is None:
-            # Memory grows linearly with the probes per pass (z, Hz, and with vmapped HVPs per-probe activation
-            # tangents) while the time per probe stops improving early: on CPUs 8 probes per vmapped pass measured
-            # as fast per probe as 32 with ~1/4 of the peak memory (bench/test_bench_hessian.py); GPUs get 16.
-            cap = max(1, memory_cap_bytes // max(1, 6 * n * elem))  # z, Hz, and ~4 gradient-sized intermediates
-            default = 16 if space.device.type == "cuda" else 8
-            probes_per_pass = int(min(self.max_probes, default, cap))
-        if probes_per_pass < 1:
-            raise ValueError(f"probes_per_pass must be >= 1, got {probes_per_pass}")
-        self.ppp = probes_per_pass
-        self.min_probes = min_probes if min_probes is not None else min(self.max_probes, 2 * self.ppp)
-        self.hvp_mode = hvp
-        self.vectorize = vectorize
-        self.checkpoint, self.checkpoint_every, self.progress = checkpoint, max(1, checkpoint_every), progress
-        self.mean = torch.zeros(n, dtype=torch.float32, device=space.device)
-        self.m2 = torch.zeros_like(self.mean)
-        self.count = 0
-        self.prev_top: torch.Tensor | None = None
-        self.stable_passes = 0
-        self.history = []
-        self._hvp = None
-        self._zbuf = None
-        self._single_batch = isinstance(batches, list) and len(batches) == 1
-        if resume and os.path.exists(checkpoint):
-            self._load(checkpoint)
-
-    # ------------------------------------------------------------------ checkpoint
-    def _state(self):
-        return {"format": "sapsel.hessian_checkpoint/1", "mean": self.mean.cpu(), "m2": self.m2.cpu(),
-                "count": self.count, "seed": self.seed, "next_probe": self.count, "estimator": self.estimator,
-                "signature": self.space.signature, "probes_per_pass": self.ppp, "vectorize": self.vectorize,
-                "prev_top": None if self.prev_top is None else self.prev_top.cpu(),
-                "stable_passes": self.stable_passes, "history": self.history, "hvp": self.hvp_mode}
-
-    def _save(self, path):
-        tmp = f"{path}.tmp{os.getpid()}"
-        torch.save(self._state(), tmp)
-        os.replace(tmp, path)  # atomic: a crash never leaves a half-written checkpoint
-
-    def _load(self, path):
-        d = torch.load(path, map_location="cpu", weights_only=True)  # no pickled code from a file
-        if not isinstance(d, dict) or d.get("format") != "sapsel.hessian_checkpoint/1":
-            raise ValueError(f"{path}: not a hessian_diag checkpoint")
-        for key, mine in (("signature", self.space.signature), ("seed", self.seed), ("estimator", self.estimator),
-                          ("probes_per_pass", self.ppp), ("vectorize", self.vectorize)):
-            if d.get(key) != mine:
-                raise ValueError(f"checkpoint {path} has {key}={d[key]!r}, this run has {mine!r}; "
-                                 "resuming would not reproduce the uninterrupted run")
-        self.mean.copy_(d["mean"])
-        self.m2.copy_(d["m2"])
-        self.count = d["count"]
-        self.prev_top = None if d["prev_top"] is None else d["prev_top"].to(self.mean.device)
-        self.stable_passes, self.history = d["stable_passes"], list(d["history"])
-        if self.hvp_mode == "auto" and d["hvp"] != "auto":
-            self.hvp_mode = d["hvp"]  # the mode the interrupted run settled on
-        log.info("resumed from %s at probe %d", path, self.count)
-
-    # ------------------------------------------------------------------ one pass
-    def _hutchinson_pass(self, p0: int, m: int):
-        space = self.space
-        dt = space.dtypes[0] if all(d == space.dtypes[0] for d in space.dtypes) else torch.float32
-        # One probe buffer [ppp, N], refilled in place every pass (a fresh tensor per pass costs page faults
-        # comparable to the fill itself); the last, shorter pass uses its leading rows.
-        if self._zbuf is None:
-            self._zbuf = torch.empty(self.ppp, space.numel, dtype=dt, device=space.device)
-        z = self._zbuf[:m]
-        torch.ops.sapsel.rademacher_fill(z, 0, p0, self.seed, True)
-        tangents = [v if v.dtype == d else v.to(d) for v, d in zip(space.views(z).values(), space.dtypes)]
-        total, nb = None, 0
-        for b in self.batches:
-            hz = self._hvp_call(tangents, b)
-            total = hz if total is None else [t + h for t, h in zip(total, hz)]
-            nb += 1
-        if total is None:
-            raise ValueError("data has no batches")
-        del z, tangents
-        if nb > 1:
-            total = [t / nb for t in total]
-        _check_finite(total, "a Hessian-vector product")
-        with _defer_sigint():
-            for h, off, n in zip(total, space.offsets, space.numels):
-                torch.ops.sapsel.hutchinson_accumulate_batched(self.mean[off:off + n], self.m2[off:off + n],
-                                                               h.reshape(m, n), off, p0, self.seed, self.count)
-            self.count += m
-
-    def _make_hvp(self, mode):
-        # CPU, reverse-over-reverse: each batch's gradient graph is built once per pass (once per run with a single
-        # batch) and every probe of the pass reuses it, so vmapping the double backward saves no forward/backward.
-        # Per probe measured 1.4-2.4x faster on conv + BatchNorm (the batched convolution double backward is slow on
-        # CPU), as fast on an MLP, and 0-15% slower on a small transformer; see bench/results/hessian_cpu*.
-        vectorize = self.vectorize
-        if vectorize is None:
-            vectorize = not (self.space.device.type == "cpu" and mode == "rev_rev")
-        return HVP(self.model, self.loss_fn, self.space, mode, vectorize=vectorize,
-                   reuse_graph=self._single_batch)
-
-    def _hvp_call(self, tangents, batch):
-        if self._hvp is None:
-            if self.hvp_mode != "auto":
-                self._hvp = self._make_hvp(self.hvp_mode)
-            else:
-                first, second = auto_hvp_order(self.space.device)
-                self._hvp = self._make_hvp(first)
-                try:
-                    out = self._hvp(tangents, batch)
-                    self.hvp_mode = first
-                    return out
-                except KeyboardInterrupt:
-                    raise
-                except Exception as exc:  # noqa: BLE001 - any failure of forward AD / double backward: fall back
-                    log.warning("%s HVP failed (%s: %s); falling back to %s", _MODE_NAMES[first],
-                                type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "", _MODE_NAMES[second])
-                    self._fallback_reason = f"{first}: {type(exc).__name__}: {exc}"
-                    self._hvp = self._make_hvp(second)
-                    self.hvp_mode = second
-        return self._hvp(tangents, batch)
-
-    def _gnb_pass(self, p0: int, m: int):
-        """Gauss-Newton-Bartlett: per sample s and batch b, labels y ~ softmax(logits); x_s = mean_b B_b g_b(.)g_b."""
-        space = self.space
-        samples = []
-        for s in range(p0, p0 + m):
-            acc, nb = None, 0
-            for bi, b in enumerate(self.batches):
-                with torch.enable_grad():
-                    logits = self.output_fn(self.model, b)
-                    logits = logits.reshape(-1, logits.shape[-1])
-                    with torch.no_grad():
-                        probs = torch.softmax(logits.detach().to(torch.float64), dim=-1)
-                        gen = torch.Generator(device=probs.device).manual_seed(_seed_for(self.seed, s, bi))
-                        y = torch.multinomial(probs, 1, generator=gen).squeeze(1)
-                    loss = torch.nn.functional.cross_entropy(logits, y)
-                    gs = torch.autograd.grad(loss, space.params, allow_unused=True)
-                g = space.gather([torch.zeros_like(p) if x is None else x for x, p in zip(gs, space.params)],
-                                 dtype=torch.float64)
-                x = logits.shape[0] * g * g
-                acc = x if acc is None else acc + x
-                nb += 1
-            samples.append(acc / nb)
-        _check_finite(samples, "a Gauss-Newton sample")
-        with _defer_sigint():
-            for j, x in enumerate(samples):
-                _welford_plain_(self.mean, self.m2, x, self.count + j)
-            self.count += m
-
-    # ------------------------------------------------------------------ stopping rules
-    def _check_stop(self):
-        rec = {"probes": self.count}
-        stop = None
-        if self.k is not None:
-            top = torch.topk(self.mean, self.k, largest=self.largest, sorted=False).indices
-            if self.prev_top is not None:
-                mask = torch.zeros(self.mean.numel(), dtype=torch.bool, device=self.mean.device)
-                mask[self.prev_top] = True
-                turnover = 1.0 - int(mask[top].sum()) / self.k
-                rec["turnover"] = turnover
-                self.stable_passes = self.stable_passes + 1 if turnover <= self.turnover_tol else 0
-                if self.stable_passes >= self.patience and self.count >= self.min_probes:
-                    stop = "topk_stable"
-            self.prev_top = top
-        if self.count >= 2:  # always recorded: the progress bar's "current stability" and info["history"]
-            se = (self.m2 / (self.count - 1) / self.count).sqrt()
-            rse = float(se.norm() / self.mean.norm().clamp_min(1e-30))
-            rec["rel_stderr"] = rse
-            if self.rtol is not None and rse < self.rtol and self.count >= self.min_probes and stop is None:
-                stop = "rtol"
-        self.history.append(rec)
-        return stop, rec
-
-    # ------------------------------------------------------------------ driver
-    def run(self) -> DiagEstimate:
-        stopped_by = None
-        bar = None
-        try:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=self.max_probes, initial=self.count, unit="probe", desc=f"hessian_diag[{self.estimator}]",
-                       disable=(None if self.progress is None else not self.progress), leave=False)
-        except ImportError:  # pragma: no cover
-            pass
-        passes = 0
-        try:
-            while self.count < self.max_probes:
-                m = min(self.ppp, self.max_probes - self.count)
-                if self.estimator == "hutchinson":
-                    self._hutchinson_pass(self.count, m)
-                else:
-                    self._gnb_pass(self.count, m)
-                passes += 1
-                stop, rec = self._check_stop()
-                if bar is not None:
-                    bar.update(m)
-                    bar.set_postfix({k: f"{v:.3g}" for k, v in rec.items() if k != "probes"}, refresh=False)
-                if self.checkpoint is not None and passes % self.checkpoint_every == 0:
-                    self._save(self.checkpoint)
-                if stop is not None:
-                    stopped_by = stop
-                    break
-            else:
-                stopped_by = "max_probes" if self.adaptive else "n_probes"
-        except KeyboardInterrupt:
-            if self.count == 0:
-                raise
-            log.warning("hessian_diag interrupted: keeping the estimate over the %d probes done", self.count)
-            stopped_by = "interrupted"
-        finally:
-            if bar is not None:
-                bar.close()
-        if self.checkpoint is not None:
-            self._save(self.checkpoint)
-        info = {"stopped_by": stopped_by, "hvp": self.hvp_mode if self.estimator == "hutchinson" else None,
-                "probes_per_pass": self.ppp, "history": self.history}
-        if self._hvp is not None:
-            info["vectorize"] = self._hvp.vectorize  # False after a failed batched double backward, too
-        if getattr(self, "_fallback_reason", None):
-            info["hvp_fallback_reason"] = self._fallback_reason
-        return DiagEstimate(self.mean, self.m2, self.count, self.space, self.estimator, self.seed, info)
+    return DiagEstimate(est.mean, est.m2, est.count, space, estimator, seed if estimator in _PROBED else 0, est.info)

@@ -1,16 +1,22 @@
-"""Hessian-vector products of ``loss_fn(model, batch)`` with respect to a ParamSpace, several probes per call.
+"""Hessian-vector products of ``loss_fn(model, batch)`` with respect to a ParamSpace: the package's one HVP engine.
 
-Two modes, both returning, for tangents V (one [m, *shape] tensor per parameter, row j = probe j), the products
-H V in the same layout:
+* :class:`HVP`: several probes per call over the whole space, in two modes. For tangents V (one [m, *shape] tensor
+  per parameter, row j = probe j) it returns H V in the same layout.
 
-* ``"fwd_rev"`` (forward-over-reverse): ``torch.func.jvp`` of ``torch.func.grad`` of a ``functional_call`` of the
-  model, ``vmap``-ed over the m probes. One forward + one backward pass carrying dual numbers.
-* ``"rev_rev"`` (reverse-over-reverse): ``g = torch.autograd.grad(loss, params, create_graph=True)`` and then
-  ``torch.autograd.grad(g, params, grad_outputs=V, is_grads_batched=True)`` (a loop over the probes with
-  ``vectorize=False`` or when an op has no batching rule for its double backward). ``backward(create_graph=True)``
-  is never used: it leaves a reference cycle between the parameters and their ``.grad`` graphs.
+  * ``"fwd_rev"`` (forward-over-reverse): ``torch.func.jvp`` of ``torch.func.grad`` of a ``functional_call`` of the
+    model, ``vmap``-ed over the m probes. One forward + one backward pass carrying dual numbers.
+  * ``"rev_rev"`` (reverse-over-reverse): ``g = torch.autograd.grad(loss, params, create_graph=True)`` and then
+    ``torch.autograd.grad(g, params, grad_outputs=V, is_grads_batched=True)`` (a loop over the probes with
+    ``vectorize=False`` or when an op has no batching rule for its double backward). ``backward(create_graph=True)``
+    is never used: it leaves a reference cycle between the parameters and their ``.grad`` graphs.
+
+* :class:`FallbackHVP`: ``HVP`` with the mode chosen by ``"auto"`` (:func:`auto_hvp_order`) and one fallback to the
+  other mode when the first product raises.
+* :class:`RestrictedHVP`: v_S -> (H v)_S for v zero outside a flat index set S, H the Hessian of the SUMMED loss
+  (reverse-over-reverse); the product a conjugate-gradient solve on S needs.
 
 The caller is responsible for the model's mode (eval) and the attention backend (math); see ``hessian.py``.
+``loss_fn`` is anything :func:`sapsel_kernels.data.make_loss` accepts.
 """
 
 import logging
@@ -18,9 +24,35 @@ from collections.abc import Sequence
 
 import torch
 
+from .data import as_batches, batch_size, make_loss
+from .errors import check_finite
+
 log = logging.getLogger("sapsel_kernels.hvp")
 
 MODES = ("fwd_rev", "rev_rev")
+MODE_NAMES = {"fwd_rev": "forward-over-reverse", "rev_rev": "reverse-over-reverse"}
+
+
+def auto_hvp_order(device: torch.device) -> tuple[str, str]:
+    """(first, fallback) HVP modes that ``hvp="auto"`` tries on ``device``.
+
+    CPU: reverse-over-reverse first. With the gradient graph reused it was the faster mode on every benchmark model
+    (MLP, CNN + BatchNorm, transformer; bench/results/hessian_cpu_full.md), and double backward covers more ops than
+    forward AD. Accelerators: forward-over-reverse first (one fused forward + backward with dual numbers, the
+    faster mode on GPUs in published comparisons; no GPU measurement of ours exists yet).
+    """
+    return ("rev_rev", "fwd_rev") if torch.device(device).type == "cpu" else ("fwd_rev", "rev_rev")
+
+
+def default_vectorize(device: torch.device, mode: str) -> bool:
+    """Whether a pass's probes go through one vmapped HVP by default: not for rev_rev on CPU.
+
+    There each batch's gradient graph is built once per pass (once per run with a single batch) and every probe
+    reuses it, so vmapping the double backward saves no forward/backward; per probe it measured 1.4-2.4x faster on
+    conv + BatchNorm (the batched convolution double backward is slow on CPU), as fast on an MLP and 0-15% slower
+    on a small transformer (bench/results/hessian_cpu*).
+    """
+    return not (torch.device(device).type == "cpu" and mode == "rev_rev")
 
 
 class _LossModule(torch.nn.Module):
@@ -44,24 +76,24 @@ class HVP:
     """H V for the Hessian of ``loss_fn(model, batch)`` w.r.t. ``space.params`` (one batch per call).
 
     ``__call__(tangents, batch)``: tangents is a list (ParamSpace order) of [m, *shape] tensors in each parameter's
-    dtype; returns a list of [m, *shape] tensors, in the parameters' dtype. ``vectorize``: the m probes go through
-    one vmapped HVP (True) or one HVP each (False).
+    dtype; returns a list of fresh [m, *shape] tensors in the parameters' dtype (the caller may modify them).
+    ``vectorize``: the m probes go through one vmapped HVP (True) or one HVP each (False); a batched double
+    backward that raises sets it to False and loops. ``reuse_graph`` (rev_rev): keep the create_graph gradient
+    graph of the last batch across calls, so a call with the same batch object costs one (batched) double backward
+    instead of forward + backward + double backward; the graph is freed with this object.
     """
 
     def __init__(self, model: torch.nn.Module, loss_fn, space, mode: str = "fwd_rev", vectorize: bool = True,
                  reuse_graph: bool = False):
         if mode not in MODES:
             raise ValueError(f"HVP mode must be one of {MODES}, got {mode!r}")
-        self.model, self.loss_fn, self.space, self.mode = model, loss_fn, space, mode
+        self.model, self.loss_fn, self.space, self.mode = model, make_loss(loss_fn), space, mode
         self.vectorize = vectorize
-        # rev_rev with a single batch: keep the create_graph gradient graph across calls, so each call costs one
-        # (batched) double backward instead of forward + backward + double backward. Freed with this object.
         self.reuse_graph = reuse_graph
         self._graph = None
-        self._wrapper = _LossModule(model, loss_fn)
+        self._wrapper = _LossModule(model, self.loss_fn)
         self._keys = ["model." + n for n in space.names]
 
-    # ---------------------------------------------------------------------------------------------- fwd over rev
     def _fwd_rev(self, tangents: Sequence[torch.Tensor], batch) -> list[torch.Tensor]:
         primals = tuple(p.detach() for p in self.space.params)
         keys, wrapper = self._keys, self._wrapper
@@ -80,7 +112,6 @@ class HVP:
             return [torch.stack([r[k] for r in rows]) for k in range(len(primals))]
         return list(torch.func.vmap(hvp_one)(tuple(tangents)))
 
-    # ---------------------------------------------------------------------------------------------- rev over rev
     def _rev_rev(self, tangents: Sequence[torch.Tensor], batch) -> list[torch.Tensor]:
         params = self.space.params
         m = tangents[0].shape[0]
@@ -121,9 +152,143 @@ class HVP:
         return self._rev_rev(tangents, batch)
 
 
+class FallbackHVP:
+    """:class:`HVP` whose mode is ``"fwd_rev"``, ``"rev_rev"`` or ``"auto"``.
+
+    ``"auto"`` builds the first mode of :func:`auto_hvp_order` and, if the FIRST product raises (an op without
+    forward AD or without a double backward), logs the reason, keeps it in ``fallback_reason`` and uses the other
+    mode from then on. ``mode`` is the mode in use (``"auto"`` until the first call). ``vectorize=None`` means
+    :func:`default_vectorize` for the mode.
+    """
+
+    def __init__(self, model, loss_fn, space, mode: str = "auto", vectorize: bool | None = None,
+                 reuse_graph: bool = False):
+        if mode not in ("auto",) + MODES:
+            raise ValueError(f"hvp must be one of {('auto',) + MODES}, got {mode!r}")
+        self.model, self.loss_fn, self.space = model, make_loss(loss_fn), space
+        self.mode, self._vectorize, self._reuse = mode, vectorize, reuse_graph
+        self.fallback_reason: str | None = None
+        self.engine: HVP | None = None if mode == "auto" else self._build(mode)
+
+    @property
+    def vectorize(self) -> bool | None:
+        """Whether the engine vmaps the probes (False after a failed batched double backward); None before use."""
+        return None if self.engine is None else self.engine.vectorize
+
+    def _build(self, mode: str) -> HVP:
+        vec = self._vectorize if self._vectorize is not None else default_vectorize(self.space.device, mode)
+        return HVP(self.model, self.loss_fn, self.space, mode, vectorize=vec, reuse_graph=self._reuse)
+
+    def __call__(self, tangents: Sequence[torch.Tensor], batch) -> list[torch.Tensor]:
+        if self.engine is not None:
+            return self.engine(tangents, batch)
+        first, second = auto_hvp_order(self.space.device)
+        self.engine = self._build(first)
+        try:
+            out = self.engine(tangents, batch)
+            self.mode = first
+            return out
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any failure of forward AD / double backward: fall back
+            msg = str(exc).splitlines()[0] if str(exc) else ""
+            log.warning("%s HVP failed (%s: %s); falling back to %s", MODE_NAMES[first], type(exc).__name__, msg,
+                        MODE_NAMES[second])
+            self.fallback_reason = f"{first}: {type(exc).__name__}: {exc}"
+            self.engine = self._build(second)
+            self.mode = second
+        return self.engine(tangents, batch)
+
+
 def gradient(model, loss_fn, space, batch) -> list[torch.Tensor]:
     """Plain gradient of loss_fn(model, batch) w.r.t. space.params (zeros for unused parameters), detached."""
+    loss_fn = make_loss(loss_fn)
     with torch.enable_grad():
         loss = loss_fn(model, batch)
         gs = torch.autograd.grad(loss, space.params, allow_unused=True)
     return [torch.zeros_like(p) if g is None else g.detach() for g, p in zip(gs, space.params)]
+
+
+class RestrictedHVP:
+    """``v_s [k] -> scale * sum_b batch_size(b) * (H_b v)_S`` for v zero outside the flat indices ``idx`` = S.
+
+    H_b is the Hessian of batch b's MEAN loss ``loss_fn(model, b)``, so the sum is the Hessian of the SUMMED loss
+    over the points of ``batches`` (``scale = n_train / n_points`` turns a subsample into the full training sum).
+    Reverse-over-reverse: per batch, ``g = grad(batch_size(b) * loss, create_graph=True)``, then one double backward
+    of ``<g, v>`` with respect to the parameters that S touches.
+
+    * ``idx``: 1-D integer tensor of distinct flat indices in ``[0, space.numel)``, any order; ``v_s[j]`` and the
+      result's ``[j]`` belong to ``idx[j]``.
+    * ``cache_graph=True``: each batch's first-order graph is built once and reused by every product (one double
+      backward per product and batch); it keeps one graph per batch alive. ``False``: every product redoes
+      forward + backward per batch (for big models).
+    * ``n_products`` counts calls, ``n_point_products`` calls x points.
+    * Result: dtype of ``v_s`` (products are summed over batches in that dtype), on ``space.device``.
+      Raises :class:`~sapsel_kernels.NonFiniteError` when a product is not finite.
+
+    Memory: one O(N) scratch, allocated once and reused by every product: the zero-padded v over the parameter
+    tensors that S touches (at most N elements in the parameter dtype); plus autograd's double-backward outputs for
+    those tensors (at most N) and k-length vectors. No N-length vector is built per product.
+
+    The caller is responsible for the model's mode; the products run with grad enabled.
+    """
+
+    def __init__(self, model: torch.nn.Module, loss_fn, space, batches, idx: torch.Tensor, scale: float = 1.0,
+                 cache_graph: bool = True):
+        self.model, self.loss_fn, self.space = model, make_loss(loss_fn), space
+        self.batches = as_batches(batches, passes="many", what="batches")
+        idx = torch.as_tensor(idx)
+        if idx.dtype == torch.bool or idx.is_floating_point() or idx.is_complex():
+            raise TypeError(f"idx must be an integer tensor of flat indices, got {idx.dtype}")
+        if idx.dim() != 1:
+            raise ValueError(f"idx must be 1-D, got shape {tuple(idx.shape)}")
+        idx = idx.to(device=space.device, dtype=torch.int64)
+        if idx.numel() != torch.unique(idx).numel():
+            raise ValueError("idx holds duplicate flat indices")
+        self.idx, self.scale, self.cache_graph = idx, float(scale), bool(cache_graph)
+        owner = space.param_index(idx)  # IndexError when out of range
+        # Per touched parameter tensor i: the positions j in idx that fall into it and their local linear indices.
+        self._parts = []
+        for i in torch.unique(owner).tolist():
+            pos = (owner == i).nonzero().reshape(-1)
+            self._parts.append((i, pos, idx[pos] - space.offsets[i]))
+        self._touched = [space.params[i] for i, _, _ in self._parts]
+        self._v = [torch.zeros_like(p, memory_format=torch.contiguous_format).detach() for p in self._touched]
+        self._n_points = sum(batch_size(b) for b in self.batches)
+        self._graphs = None
+        self.n_products = 0
+        self.n_point_products = 0
+
+    def _grads(self):
+        if self._graphs is not None:
+            return self._graphs
+        out = []
+        for b in self.batches:
+            loss = self.loss_fn(self.model, b) * batch_size(b)
+            gs = torch.autograd.grad(loss, self._touched, create_graph=True, allow_unused=True)
+            out.append(gs)
+        if self.cache_graph:
+            self._graphs = out
+        return out
+
+    def __call__(self, v_s: torch.Tensor) -> torch.Tensor:
+        if v_s.shape != self.idx.shape:
+            raise ValueError(f"v_s must have shape {tuple(self.idx.shape)}, got {tuple(v_s.shape)}")
+        for buf, (_, pos, local) in zip(self._v, self._parts):
+            buf.view(-1)[local] = v_s[pos].to(buf.dtype)
+        acc = torch.zeros(self.idx.numel(), dtype=v_s.dtype, device=v_s.device)
+        with torch.enable_grad():
+            for gs in self._grads():
+                terms = [(g * v).sum() for g, v in zip(gs, self._v) if g is not None and g.requires_grad]
+                if not terms:
+                    continue
+                hv = torch.autograd.grad(sum(terms), self._touched, retain_graph=self.cache_graph,
+                                         allow_unused=True)
+                for h, (_, pos, local) in zip(hv, self._parts):
+                    if h is not None:
+                        acc[pos] += h.reshape(-1)[local].to(acc.dtype)
+        out = self.scale * acc
+        check_finite(out, "a restricted Hessian-vector product", suffix="is the loss finite at these parameters?")
+        self.n_products += 1
+        self.n_point_products += self._n_points
+        return out

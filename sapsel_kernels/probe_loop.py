@@ -1,0 +1,350 @@
+"""The sampling loop behind ``hessian_diag``'s stochastic estimators, "hutchinson" and "gauss_newton".
+
+A run is a sequence of passes. A pass draws ``per_pass`` samples with probe indices p0 .. p0 + m - 1 (each sample a
+function of (seed, probe index) and the data only), checks them, and folds them into float32 Welford accumulators
+while Ctrl-C is held, so the accumulators never hold half a pass. The pass is the unit of accumulation, stopping
+checks, progress and checkpoints; Ctrl-C drops only the pass in flight.
+
+* :func:`hutchinson_products` / :func:`gnb_samples`: one pass of each estimator;
+* :class:`StopState`: the state of a :class:`~sapsel_kernels.StopRule` across passes (top-k turnover; rtol);
+* :func:`save_checkpoint` / :func:`load_checkpoint`: the resumable state, validated on load;
+* :func:`run_probe_loop`: the driver.
+"""
+
+import contextlib
+import hashlib
+import logging
+import os
+import signal
+import threading
+
+import torch
+
+from . import ops  # noqa: F401  (registers torch.ops.sapsel.*)
+from .errors import check_finite
+from .estimators import Estimate, Welford
+from .hvp import MODES, FallbackHVP
+from .selection import resolve_k
+
+log = logging.getLogger("sapsel_kernels.hessian")
+
+CHECKPOINT_FORMAT = "sapsel.hessian_checkpoint/2"
+
+
+@contextlib.contextmanager
+def _defer_sigint():
+    """Hold Ctrl-C while the accumulators (or a checkpoint) are being written; raise it afterwards."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    hit = []
+    prev = signal.signal(signal.SIGINT, lambda s, f: hit.append(s))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, prev)
+    if hit:
+        raise KeyboardInterrupt
+
+
+def _seed_for(seed: int, *parts) -> int:
+    h = hashlib.blake2b(":".join(str(int(p)) for p in (seed, *parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") >> 1
+
+
+# ============================================================================================ passes
+def hutchinson_products(engine: FallbackHVP, batches, space, zbuf: torch.Tensor, seed: int, p0: int,
+                        m: int) -> list[torch.Tensor]:
+    """Per parameter, [m, *shape] mean over batches of H_b z for the Rademacher probes p0 .. p0 + m - 1.
+
+    ``zbuf`` [per_pass, N] is refilled in place every pass (a fresh tensor per pass costs page faults comparable to
+    the fill itself); the last, shorter pass uses its leading rows.
+    """
+    z = zbuf[:m]
+    torch.ops.sapsel.rademacher_fill(z, 0, p0, seed, True)
+    tangents = [v if v.dtype == d else v.to(d) for v, d in zip(space.views(z).values(), space.dtypes)]
+    total, nb = None, 0
+    for b in batches:
+        hz = engine(tangents, b)
+        # out of place: an HVP output may share storage with its tangent (an identity double backward)
+        total = hz if total is None else [t + h for t, h in zip(total, hz)]
+        nb += 1
+    if nb > 1:
+        total = [t / nb for t in total]
+    return total
+
+
+def add_products(acc: Welford, products: list[torch.Tensor], space, p0: int, seed: int) -> None:
+    """Fold x = z (.) Hz for probes p0 .. p0 + m - 1 into ``acc`` (fused op: regenerates z, float32 Welford)."""
+    m = products[0].shape[0]
+    for h, off, n in zip(products, space.offsets, space.numels):
+        torch.ops.sapsel.hutchinson_accumulate_batched(acc.mean[off:off + n], acc.m2[off:off + n], h.reshape(m, n),
+                                                       off, p0, seed, acc.count)
+    acc.count += m
+
+
+def gnb_samples(model, output_fn, batches, space, seed: int, p0: int, m: int) -> torch.Tensor:
+    """[m, N] float32 Gauss-Newton-Bartlett samples: for sample s and batch b, labels y ~ softmax(logits) (generator
+    keyed by (seed, s, b)), x_s = mean_b B_b g_b (.) g_b with g_b the gradient of the mean cross-entropy at y and
+    B_b the number of logit rows. Accumulated over batches in float64."""
+    out = torch.empty(m, space.numel, dtype=torch.float32, device=space.device)
+    for j, s in enumerate(range(p0, p0 + m)):
+        acc, nb = None, 0
+        for bi, b in enumerate(batches):
+            with torch.enable_grad():
+                logits = output_fn(model, b)
+                if not isinstance(logits, torch.Tensor) or logits.dim() < 1:
+                    raise ValueError("output_fn(model, batch) must return logits [..., C]")
+                if not logits.requires_grad:
+                    raise ValueError("output_fn's logits do not depend on the model's parameters (computed under "
+                                     "torch.no_grad() or detached?)")
+                logits = logits.reshape(-1, logits.shape[-1])
+                check_finite(logits.detach(), "hessian_diag(estimator='gauss_newton'): the logits of output_fn",
+                             suffix="the accumulators were not updated")
+                with torch.no_grad():
+                    probs = torch.softmax(logits.detach().to(torch.float64), dim=-1)
+                    gen = torch.Generator(device=probs.device).manual_seed(_seed_for(seed, s, bi))
+                    y = torch.multinomial(probs, 1, generator=gen).squeeze(1)
+                loss = torch.nn.functional.cross_entropy(logits, y)
+                gs = torch.autograd.grad(loss, space.params, allow_unused=True)
+            g = space.gather([torch.zeros_like(p) if x is None else x for x, p in zip(gs, space.params)],
+                             dtype=torch.float64)
+            x = logits.shape[0] * g * g
+            acc = x if acc is None else acc + x
+            nb += 1
+        out[j] = acc / nb
+    return out
+
+
+# ============================================================================================ stopping rule
+class StopState:
+    """A :class:`~sapsel_kernels.StopRule` (or None) and its state across passes.
+
+    ``update(acc)`` after each pass returns (reason or None, record). The record always holds ``probes`` and, from
+    two samples on, ``rel_stderr`` = ||stderr||_2 / ||mean||_2 (the progress bar's "current stability"); with a
+    top-k rule also ``turnover``, the fraction of the top-k set that changed since the previous pass. Reasons:
+    ``"topk_stable"`` (turnover <= turnover_tol in ``patience`` consecutive passes) and ``"rtol"``; neither fires
+    before ``min_probes``.
+    """
+
+    def __init__(self, rule, k: int | None, min_probes: int):
+        self.rule, self.k, self.min_probes = rule, k, min_probes
+        self.prev_top: torch.Tensor | None = None
+        self.stable_passes = 0
+
+    def update(self, acc: Welford) -> tuple[str | None, dict]:
+        rec = {"probes": acc.count}
+        stop = None
+        if self.k is not None:
+            top = torch.topk(acc.mean, self.k, largest=self.rule.largest, sorted=False).indices
+            if self.prev_top is not None:
+                mask = torch.zeros(acc.mean.numel(), dtype=torch.bool, device=acc.mean.device)
+                mask[self.prev_top] = True
+                turnover = 1.0 - int(mask[top].sum()) / self.k
+                rec["turnover"] = turnover
+                self.stable_passes = self.stable_passes + 1 if turnover <= self.rule.turnover_tol else 0
+                if self.stable_passes >= self.rule.patience and acc.count >= self.min_probes:
+                    stop = "topk_stable"
+            self.prev_top = top
+        if acc.count >= 2:
+            se = (acc.m2 / (acc.count - 1) / acc.count).sqrt()
+            rse = float(se.norm() / acc.mean.norm().clamp_min(1e-30))
+            rec["rel_stderr"] = rse
+            rtol = None if self.rule is None else self.rule.rtol
+            if rtol is not None and rse < rtol and acc.count >= self.min_probes and stop is None:
+                stop = "rtol"
+        return stop, rec
+
+    def state_dict(self) -> dict:
+        return {"prev_top": None if self.prev_top is None else self.prev_top.cpu(),
+                "stable_passes": self.stable_passes}
+
+    def load_state_dict(self, d: dict, device) -> None:
+        self.prev_top = None if d["prev_top"] is None else d["prev_top"].to(device)
+        self.stable_passes = d["stable_passes"]
+
+
+# ============================================================================================ checkpoints
+def save_checkpoint(path, state: dict) -> None:
+    """Write ``state`` atomically (temporary file + rename: a crash never leaves a half-written checkpoint), with
+    Ctrl-C held."""
+    tmp = f"{os.fspath(path)}.tmp{os.getpid()}"
+    with _defer_sigint():
+        torch.save(dict(state, format=CHECKPOINT_FORMAT), tmp)
+        os.replace(tmp, path)
+
+
+def load_checkpoint(path, expect: dict, numel: int) -> dict:
+    """Read a checkpoint (``weights_only=True``: no pickled code runs) and check it can continue this run.
+
+    ``expect``: the values that must match for the resumed run to equal the uninterrupted one bit for bit
+    (ParamSpace signature, weight fingerprint, seed, estimator, per_pass, vectorize, top-k size and direction).
+    Raises ValueError for an unreadable/corrupt file, another format, a mismatch (naming the key) or malformed
+    contents.
+    """
+    try:
+        d = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - pickle, zip and unpickler errors all mean "not a checkpoint"
+        raise ValueError(f"{path}: cannot read a hessian_diag checkpoint ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''}); delete it or resume=False") from exc
+    if not isinstance(d, dict) or d.get("format") != CHECKPOINT_FORMAT:
+        got = d.get("format") if isinstance(d, dict) else type(d).__name__
+        raise ValueError(f"{path}: not a hessian_diag checkpoint of format {CHECKPOINT_FORMAT} (got {got!r})")
+    missing = [k for k in (*expect, "mean", "m2", "count", "prev_top", "stable_passes", "history", "hvp")
+               if k not in d]
+    if missing:
+        raise ValueError(f"{path}: corrupt hessian_diag checkpoint, missing {missing}")
+    for key, mine in expect.items():
+        if d[key] != mine:
+            what = "the model's weights differ" if key == "fingerprint" else \
+                "resuming would not reproduce the uninterrupted run"
+            raise ValueError(f"checkpoint {path} has {key}={d[key]!r}, this run has {mine!r}: {what}")
+    ok = all(isinstance(d[k], torch.Tensor) and d[k].dtype == torch.float32 and d[k].shape == (numel,)
+             for k in ("mean", "m2"))
+    ok = ok and isinstance(d["count"], int) and d["count"] >= 0 and isinstance(d["stable_passes"], int)
+    top = d["prev_top"]
+    ok = ok and (top is None or (isinstance(top, torch.Tensor) and top.dtype == torch.int64 and top.dim() == 1
+                                 and (top.numel() == 0 or (int(top.min()) >= 0 and int(top.max()) < numel))))
+    ok = ok and isinstance(d["history"], list) and d["hvp"] in (None, "auto", *MODES)
+    if not ok:
+        raise ValueError(f"{path}: corrupt hessian_diag checkpoint (accumulators, counters or top-k state malformed)")
+    return d
+
+
+# ============================================================================================ driver
+def _plan(space, n_probes: int, probes, stop) -> tuple[int, int, int, int | None]:
+    """(max_probes, per_pass, min_probes, top-k size) from the budget base and the configs."""
+    n = space.numel
+    max_probes = n_probes if stop is None else (stop.max_probes if stop.max_probes is not None else 8 * n_probes)
+    per_pass = probes.per_pass
+    if per_pass is None:
+        # Memory grows linearly with the probes per pass (z, Hz, and with vmapped HVPs per-probe activation
+        # tangents) while the time per probe stops improving early: on CPUs 8 probes per vmapped pass measured
+        # as fast per probe as 32 with ~1/4 of the peak memory (bench/test_bench_hessian.py); GPUs get 16.
+        elem = max(torch.finfo(d).bits // 8 for d in space.dtypes)
+        cap = max(1, probes.memory_cap_bytes // max(1, 6 * n * elem))  # z, Hz, ~4 gradient-sized intermediates
+        per_pass = int(min(max_probes, 16 if space.device.type == "cuda" else 8, cap))
+    min_probes = min(max_probes, 2 * per_pass)
+    k = None
+    if stop is not None:
+        if stop.min_probes is not None:
+            min_probes = stop.min_probes
+        if stop.stable_k is not None:
+            if stop.stable_k > n:
+                raise ValueError(f"StopRule.stable_k must be in [1, {n}] (the number of parameters), "
+                                 f"got {stop.stable_k}")
+            k = stop.stable_k
+        elif stop.stable_fraction is not None:
+            k = resolve_k(n, fraction=stop.stable_fraction, what=" (StopRule.stable_fraction)")
+    return max_probes, per_pass, min_probes, k
+
+
+def _progress_bar(progress, total: int, initial: int, estimator: str):
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover
+        return None
+    return tqdm(total=total, initial=initial, unit="probe", desc=f"hessian_diag[{estimator}]", leave=False,
+                disable=(None if progress is None else not progress))
+
+
+def _resume(path, expect: dict, hvp: str, acc: Welford, stopper: StopState, space) -> tuple[str, list]:
+    """Restore ``acc`` and ``stopper`` from the checkpoint at ``path``; returns (the HVP mode to use, history)."""
+    d = load_checkpoint(path, expect, space.numel)
+    if d["hvp"] in MODES:
+        if hvp != "auto" and hvp != d["hvp"]:
+            raise ValueError(f"checkpoint {path} has hvp={d['hvp']!r}, this run has hvp={hvp!r}: resuming would "
+                             "not reproduce the uninterrupted run")
+        hvp = d["hvp"]  # the mode the interrupted run settled on
+    acc.mean.copy_(d["mean"])
+    acc.m2.copy_(d["m2"])
+    acc.count = d["count"]
+    stopper.load_state_dict(d, space.device)
+    log.info("resumed from %s at probe %d", path, acc.count)
+    return hvp, list(d["history"])
+
+
+def _pass_fn(estimator, engine, model, output_fn, batches, space, seed, per_pass, acc):
+    """``one_pass(p0, m)``: draw samples p0 .. p0 + m - 1, check them, fold them into ``acc`` with Ctrl-C held."""
+    suffix = "the accumulators were not updated (is the loss finite at these parameters?)"
+    if estimator == "hutchinson":
+        dt = space.dtypes[0] if all(d == space.dtypes[0] for d in space.dtypes) else torch.float32
+        zbuf = torch.empty(per_pass, space.numel, dtype=dt, device=space.device)
+
+        def one_pass(p0, m):
+            products = hutchinson_products(engine, batches, space, zbuf, seed, p0, m)
+            check_finite(products, "hessian_diag: a Hessian-vector product", suffix=suffix)
+            with _defer_sigint():
+                add_products(acc, products, space, p0, seed)
+    else:
+        def one_pass(p0, m):
+            samples = gnb_samples(model, output_fn, batches, space, seed, p0, m)
+            check_finite(samples, "hessian_diag: a Gauss-Newton sample", suffix=suffix)
+            with _defer_sigint():
+                acc.add_rows(samples)
+    return one_pass
+
+
+def run_probe_loop(model, loss, batches, space, estimator: str, *, n_probes: int, seed: int, hvp: str, probes,
+                   stop, checkpoint, progress, output_fn) -> Estimate:
+    """Sample until the budget or the stopping rule says stop; see ``hessian_diag`` for the arguments."""
+    max_probes, per_pass, min_probes, k = _plan(space, n_probes, probes, stop)
+    acc = Welford(space.numel, space.device)
+    stopper = StopState(stop, k, min_probes)
+    history: list[dict] = []
+    info: dict = {"probes_per_pass": per_pass, "max_probes": max_probes, "min_probes": min_probes, "stable_k": k}
+    expect = {}
+    if checkpoint is not None:
+        expect = {"signature": space.signature, "fingerprint": space.fingerprint(), "seed": seed,
+                  "estimator": estimator, "probes_per_pass": per_pass, "vectorize": probes.vectorize,
+                  "stable_k": k, "largest": None if k is None else stop.largest}
+        if checkpoint.resume and os.path.exists(checkpoint.path):
+            hvp, history = _resume(checkpoint.path, expect, hvp, acc, stopper, space)
+            info["resumed_at"] = acc.count
+    engine = None
+    if estimator == "hutchinson":  # one batch: its gradient graph serves every pass
+        engine = FallbackHVP(model, loss, space, hvp, probes.vectorize,
+                             reuse_graph=isinstance(batches, list) and len(batches) == 1)
+    one_pass = _pass_fn(estimator, engine, model, output_fn, batches, space, seed, per_pass, acc)
+
+    def save():
+        save_checkpoint(checkpoint.path, dict(expect, mean=acc.mean.cpu(), m2=acc.m2.cpu(), count=acc.count,
+                                              history=history, hvp=None if engine is None else engine.mode,
+                                              **stopper.state_dict()))
+
+    stopped_by, passes = None, 0
+    bar = _progress_bar(progress, max_probes, acc.count, estimator)
+    try:
+        while acc.count < max_probes:
+            m = min(per_pass, max_probes - acc.count)
+            one_pass(acc.count, m)
+            passes += 1
+            reason, rec = stopper.update(acc)
+            history.append(rec)
+            if bar is not None:
+                bar.update(m)
+                bar.set_postfix({key: f"{v:.3g}" for key, v in rec.items() if key != "probes"}, refresh=False)
+            if checkpoint is not None and passes % checkpoint.every == 0:
+                save()
+            if reason is not None:
+                stopped_by = reason
+                break
+        else:
+            stopped_by = "n_probes" if stop is None else "max_probes"
+    except KeyboardInterrupt:
+        if acc.count == 0:
+            raise
+        log.warning("hessian_diag interrupted: keeping the estimate over the %d probes done", acc.count)
+        stopped_by = "interrupted"
+    finally:
+        if bar is not None:
+            bar.close()
+    if checkpoint is not None:
+        save()
+    info.update(stopped_by=stopped_by, hvp=None if engine is None else engine.mode, history=history)
+    if engine is not None and engine.vectorize is not None:
+        info["vectorize"] = engine.vectorize  # False after a failed batched double backward, too
+    if engine is not None and engine.fallback_reason:
+        info["hvp_fallback_reason"] = engine.fallback_reason
+    return Estimate(acc.mean, acc.m2, acc.count, info)

@@ -9,6 +9,8 @@ import importlib
 from . import ops  # noqa: F401  (registers torch.ops.sapsel.*)
 from ._backend import use_backend  # noqa: F401
 from ._ext import ext_error, ext_loaded  # noqa: F401
+from .data import criterion  # noqa: F401
+from .errors import NonFiniteError  # noqa: F401
 from .space import ParamSpace  # noqa: F401
 
 __version__ = "0.1.0"
@@ -17,13 +19,24 @@ __version__ = "0.1.0"
 _LAZY = {
     "select": "selection",
     "Selection": "selection",
+    "as_selection": "selection",
+    "resolve_k": "selection",
     "hessian_diag": "hessian",
     "DiagEstimate": "hessian",
+    "ProbeConfig": "hessian",
+    "StopRule": "hessian",
+    "Checkpoint": "hessian",
     "SparseSAM": "optim",
     "SparseSGD": "optim",
     "SparseAdamW": "optim",
-    "unlearn": "unlearn",
-    "select_parameters": "unlearn",
+    "UnlearnReport": "unlearn",
+    "FirstOrder": "rules",
+    "SecondOrder": "rules",
+    "DiagNewton": "rules",
+    "SAMFinetune": "rules",
+    "GradientAscent": "rules",
+    "select_parameters": "strategies",
+    "parameter_scores": "strategies",
 }
 
 
@@ -42,5 +55,5 @@ def __dir__():
 
 # ``unlearn`` is both a submodule and a function. Importing the submodule (``from sapsel_kernels.unlearn import ...``)
 # binds the package attribute to the MODULE and the lazy hook above is never consulted; importing it here (it needs
-# only torch and space.py) lets the function win for good.
-from .unlearn import select_parameters, unlearn  # noqa: E402,F401
+# only torch and the light modules) lets the function win for good.
+from .unlearn import unlearn  # noqa: E402,F401

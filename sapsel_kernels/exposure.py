@@ -191,17 +191,54 @@ def skewnorm_exposure(canary_score: float, candidate_scores, *, fit: str = "auto
     return {"exposure": e, "exposure_raw": raw, "fit": fit, **p}
 
 
+@torch.no_grad()
+def sequence_log_perplexity(model: torch.nn.Module, vocab, context: str, suffixes: Sequence[str],
+                            batch_size: int = 1024) -> torch.Tensor:
+    """Log-perplexity in bits of each suffix given ``context``: ``-sum_t log2 p(s_t | context, s_<t)``.
+
+    Generic over the model and the tokenizer: ``model(ids)`` maps int64 token ids ``[B, T]`` to next-token logits
+    ``[B, T, V]`` (any causal LM; the demo's :mod:`sapsel_kernels.demo.lm` models), and ``vocab.encode(text)``
+    returns the int64 ids of a string, one id per character of a suffix (a character vocabulary). The context's own
+    tokens are not scored (they are the same for every candidate, so they shift all log-perplexities by one constant
+    and do not change ranks). All suffixes must have one length. Runs every module in eval mode (restored afterwards).
+    Returns float64 ``[len(suffixes)]`` on the CPU.
+    """
+    if not suffixes:
+        return torch.empty(0, dtype=torch.float64)
+    L = len(suffixes[0])
+    if any(len(s) != L for s in suffixes):
+        raise ValueError("all suffixes must have the same length")
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        ctx = vocab.encode(context)
+        dev = next(model.parameters()).device
+        out = []
+        for i in range(0, len(suffixes), batch_size):
+            chunk = suffixes[i:i + batch_size]
+            suf = torch.stack([vocab.encode(s) for s in chunk])  # [b, L]
+            seq = torch.cat([ctx.expand(len(chunk), -1), suf], dim=1).to(dev)
+            logits = model(seq[:, :-1]).double()
+            logp = logits[:, len(ctx) - 1:].log_softmax(-1)  # predictions for the suffix characters
+            tok = seq[:, len(ctx):]
+            nll = -logp.gather(-1, tok[..., None]).squeeze(-1).sum(1) / math.log(2.0)
+            out.append(nll.cpu())
+    finally:
+        for m, t in flags:
+            m.training = t
+    return torch.cat(out)
+
+
 def measure_exposure(model, vocab, prefix: str, secret: str, *, n_candidates: int = 4000, seed: int = 0,
                      fmt: Optional[str] = None, context: str = "\n", fit: str = "auto",
                      candidates: Optional[Sequence[str]] = None) -> Dict[str, float]:
-    """Exposure of ``secret`` after ``context + prefix`` under a character LM (see :mod:`sapsel_kernels.lm`).
+    """Exposure of ``secret`` after ``context + prefix`` under a character LM (see :func:`sequence_log_perplexity`
+    for what ``model`` and ``vocab`` must provide; the demo's models are in :mod:`sapsel_kernels.demo.lm`).
 
     ``fmt`` defaults to the secret with every digit replaced by 'd'. Pass the same ``candidates`` (or seed) before
     and after unlearning so both measurements share the reference sample. Returns a flat dict: canary
     log-perplexity (bits), candidate mean/sd, both estimates, ``log2 |R|``.
     """
-    from .lm import sequence_log_perplexity
-
     fmt = fmt or "".join("d" if c.isdigit() else c for c in secret)
     if candidates is None:
         candidates = random_candidates(n_candidates, fmt, seed=seed, exclude=[secret])

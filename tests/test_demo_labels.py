@@ -14,6 +14,31 @@ import torch
 from sapsel_kernels.demo import common, labels
 
 
+
+@pytest.mark.parametrize("task_name", ["labels", "canary"])
+@pytest.mark.parametrize("quick", [True, False])
+def test_task_hyperparameters_are_method_configs(task_name, quick):
+    # every candidate of every task/method splits into a valid method config plus unlearn's own keyword arguments
+    from sapsel_kernels.demo import canary
+    from sapsel_kernels.rules import METHODS
+    from sapsel_kernels.strategies import STRATEGIES
+
+    task = labels.LabelsTask(quick=quick) if task_name == "labels" else canary.CanaryTask(["lstm:r8"], quick=quick)
+    mod = labels if task_name == "labels" else canary
+    assert set(mod.DEFAULT_STRATEGIES) <= set(STRATEGIES) and "fisher" not in mod.DEFAULT_STRATEGIES
+    extra = {"n_affected": 5, "n_train": 100, "hessian_data": [], "hessian_clean": [], "retain": [],
+             "score_cache": {"hessian": (torch.zeros(3), {})}}
+    setup = common.Setup(model=None, loss_fn=None, affected=None, corrected=None, data=None, extra=extra)
+    for method in METHODS:
+        hps = task.hparams(method, setup)
+        assert hps
+        for hp in hps:
+            cfg, call = common.method_call(method, **task.unlearn_kwargs(method, setup), **hp)
+            assert cfg.name == method and set(call) <= set(common.UNLEARN_KWARGS)
+    with pytest.raises(TypeError):
+        common.method_call("first_order", damping=1.0)
+
+
 def test_digits_split_is_real_and_disjoint():
     s = labels.load_digits_split(0)
     sizes = {k: len(v[1]) for k, v in s.items()}

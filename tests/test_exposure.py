@@ -233,7 +233,7 @@ def test_random_candidates_format_and_uniformity():
 def test_measure_exposure_on_a_memorizing_toy_lm():
     # A "language model" that puts 0.9 of its mass on the canary's next digit: its exposure must be near-maximal,
     # and a uniform model's is ~0 (the canary is an ordinary candidate).
-    from sapsel_kernels.lm import CharVocab
+    from sapsel_kernels.demo.lm import CharVocab
 
     vocab = CharVocab(list("0123456789 \nmycreditanumbs"))
     prefix, secret = "my credit card number is ", "4716 2087 5533 9812"

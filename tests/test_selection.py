@@ -249,3 +249,169 @@ def test_select_under_compile():
 
 def test_lazy_export():
     assert sk.select is select and sk.Selection is Selection
+
+
+# ------------------------------------------------------------------------------------------- the budget rule
+def test_resolve_k():
+    from sapsel_kernels.selection import resolve_k
+
+    assert resolve_k(1000, fraction=0.1) == 100  # 0.1 * 1000 = 100.00000000000001 in floating point
+    assert resolve_k(7178, fraction=0.001) == 8  # ceil(7.178), not round
+    assert resolve_k(56628, fraction=0.01) == 567  # ceil(566.28)
+    assert resolve_k(10, fraction=1e-9) == 1 and resolve_k(10, fraction=1.0) == 10
+    assert resolve_k(10, k=0) == 0 and resolve_k(10, k=10) == 10
+    assert sk.resolve_k is resolve_k
+    for kw in ({}, {"k": 1, "fraction": 0.5}):
+        with pytest.raises(ValueError, match="exactly one"):
+            resolve_k(10, **kw)
+    for k in (-1, 11):
+        with pytest.raises(ValueError, match="k must be in"):
+            resolve_k(10, k=k)
+    for k in (2.0, True, "3"):
+        with pytest.raises(TypeError):
+            resolve_k(10, k=k)
+    for f in (0.0, -0.5, 1.01, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="fraction"):
+            resolve_k(10, fraction=f)
+    with pytest.raises(TypeError):
+        resolve_k(10, fraction=True)
+
+
+# ------------------------------------------------------------------------------------------- as_selection
+def test_as_selection_indices():
+    from sapsel_kernels.selection import as_selection
+
+    sp = ParamSpace(_model())
+    s = as_selection(torch.tensor([9, 2, 5], dtype=torch.int32), sp)
+    assert s.indices.tolist() == [2, 5, 9] and s.indices.dtype == torch.int64 and s.indices.is_contiguous()
+    assert s.numel == sp.numel and s.space_signature == sp.signature and s.matches(sp)
+    assert as_selection([4, 1], sp).indices.tolist() == [1, 4]
+    assert as_selection(range(3), sp).indices.tolist() == [0, 1, 2]
+    with pytest.raises(ValueError, match="duplicate"):
+        as_selection(torch.tensor([3, 1, 3]), sp)
+    with pytest.raises(IndexError):
+        as_selection(torch.tensor([0, sp.numel]), sp)
+    with pytest.raises(IndexError):
+        as_selection(torch.tensor([-1, 2]), sp)
+    with pytest.raises(TypeError):
+        as_selection(torch.tensor([0.0, 1.0]), sp)
+    with pytest.raises(TypeError):
+        as_selection(torch.tensor([[0, 1]]), sp)
+    with pytest.raises(TypeError):
+        as_selection(None, sp)
+    with pytest.raises(TypeError):
+        as_selection("0,1", sp)
+    assert as_selection(torch.zeros(0, dtype=torch.int64), sp).k == 0
+    with pytest.raises(ValueError, match="empty"):
+        as_selection(torch.zeros(0, dtype=torch.int64), sp, allow_empty=False)
+
+
+def test_as_selection_masks():
+    from sapsel_kernels.selection import as_selection
+
+    sp = ParamSpace(_model())
+    mask = torch.zeros(sp.numel, dtype=torch.bool)
+    mask[[3, 17, 40]] = True
+    assert as_selection(mask, sp).indices.tolist() == [3, 17, 40]
+    per = {n: v.clone() for n, v in sp.views(mask).items()}
+    assert as_selection(per, sp).indices.tolist() == [3, 17, 40]
+    with pytest.raises(ValueError):
+        as_selection(mask[:-1], sp)
+    with pytest.raises(ValueError):
+        as_selection(mask.reshape(1, -1), sp)
+    bad = dict(per)
+    bad.pop(sp.names[0])
+    with pytest.raises(ValueError, match="missing"):
+        as_selection(bad, sp)
+    bad = dict(per)
+    bad[sp.names[1]] = bad[sp.names[1]].int()
+    with pytest.raises(TypeError):
+        as_selection(bad, sp)
+    bad = dict(per)
+    bad[sp.names[1]] = bad[sp.names[1]].reshape(1, -1)
+    with pytest.raises(TypeError):
+        as_selection(bad, sp)
+
+
+def test_as_selection_of_a_selection():
+    from sapsel_kernels.selection import as_selection
+
+    m = _model()
+    sp = ParamSpace(m)
+    s = select(_distinct(sp.numel), k=5, space=sp)
+    assert as_selection(s, sp) is s  # already canonical: no copy
+    with pytest.raises(ValueError, match="elements"):
+        as_selection(s, ParamSpace(torch.nn.Linear(2, 2)))
+    with pytest.raises(ValueError, match="another parameter space"):
+        as_selection(s, ParamSpace({"a": torch.zeros(sp.numel, requires_grad=True)}))
+
+
+def test_selection_matched_by_tensor_identity():
+    # a selection built on the model's space is recognised by a space over the same tensors without names
+    # (model.parameters()), and not by another model's tensors under the same synthetic names
+    from sapsel_kernels.selection import as_selection
+
+    m = _model()
+    sp = ParamSpace(m)
+    s = select(_distinct(sp.numel), k=5, space=sp)
+    bare = ParamSpace(list(m.parameters()))
+    assert bare.signature != sp.signature
+    assert s.matches(bare) and as_selection(s, bare).k == 5
+    named = s.resolve_space(bare)
+    assert named.names == sp.names and named.same_tensors(bare)
+    other = ParamSpace(list(_model().parameters()))
+    assert not s.matches(other)
+    with pytest.raises(ValueError, match="without names"):
+        s.check_space(other)
+    # the reverse: built on bare tensors, used with the model's named space
+    s2 = sk.Selection.from_indices(torch.tensor([1, 2]), space=bare)
+    assert s2.matches(sp) and as_selection(s2, sp).indices.tolist() == [1, 2]
+    assert not s2.matches(ParamSpace(_model()))
+
+
+# ------------------------------------------------------------------------------------------- Selection.load validation
+def _saved(tmp_path, **changes):
+    sp = ParamSpace(_model())
+    d = select(_distinct(sp.numel), k=6, space=sp).state_dict()
+    d.update(changes)
+    p = tmp_path / "sel.pt"
+    torch.save(d, p)
+    return p, sp
+
+
+def test_load_validates(tmp_path):
+    p, sp = _saved(tmp_path)
+    assert Selection.load(p, space=sp).k == 6
+    good = Selection.load(p).indices
+    cases = [
+        (dict(indices=good.flip(0)), ValueError, "ascending"),  # unsorted
+        (dict(indices=torch.cat([good[:2], good[1:]])), ValueError, "ascending"),  # duplicated
+        (dict(indices=torch.cat([good[:-1], torch.tensor([sp.numel])])), IndexError, "out of range"),
+        (dict(indices=torch.cat([torch.tensor([-1]), good[1:]])), IndexError, "out of range"),
+        (dict(indices=good.double()), TypeError, "integer"),  # wrong dtype
+        (dict(indices=good.reshape(2, 3)), TypeError, "1-D"),
+        (dict(indices=[1, 2]), ValueError, "indices"),
+        (dict(numel=-1), ValueError, "numel"),
+        (dict(numel=3.5), ValueError, "numel"),
+        (dict(version=99), ValueError, "version"),
+        (dict(threshold=torch.zeros(2, 2)), ValueError, "threshold"),
+        (dict(space_signature=7), ValueError, "signature"),
+    ]
+    for change, exc, msg in cases:
+        p, _ = _saved(tmp_path, **change)
+        with pytest.raises(exc, match=msg):
+            Selection.load(p)
+
+
+def test_load_corrupt_files(tmp_path):
+    p = tmp_path / "junk.pt"
+    p.write_bytes(b"\x00\x01 not a torch file at all")
+    with pytest.raises(ValueError, match="not a readable"):
+        Selection.load(p)
+    p, sp = _saved(tmp_path)
+    raw = p.read_bytes()
+    p.write_bytes(raw[: len(raw) // 2])  # truncated
+    with pytest.raises(ValueError, match="not a readable"):
+        Selection.load(p)
+    with pytest.raises(ValueError):
+        Selection.load(tmp_path / "missing.pt")

@@ -7,6 +7,7 @@ for index maps, and object/storage identity for "no rebinding".
 import pytest
 import torch
 
+import sapsel_kernels as sk
 from sapsel_kernels import ParamSpace
 
 
@@ -144,3 +145,65 @@ def test_construction_errors():
         ParamSpace({"a": 3})
     sp = ParamSpace([torch.zeros(2, requires_grad=True), ("named", torch.zeros(3, requires_grad=True))])
     assert sp.names == ["param0", "named"]
+
+
+class WithScalar(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.arange(6, dtype=torch.float32).reshape(2, 3))
+        self.t = torch.nn.Parameter(torch.tensor(7.0))  # 0-dim
+        self.b = torch.nn.Parameter(torch.tensor([8.0, 9.0]))
+
+
+def test_zero_dim_parameters_views_masks_locate():
+    m = WithScalar()
+    sp = ParamSpace(m)
+    assert sp.names == ["w", "t", "b"] and sp.shapes[1] == () and sp.numels == [6, 1, 2] and sp.offsets == [0, 6, 7]
+    flat = sp.gather()
+    assert flat.tolist() == [0, 1, 2, 3, 4, 5, 7, 8, 9]
+    v = sp.views(flat)
+    assert v["t"].shape == () and v["t"].item() == 7.0
+    v["t"].fill_(-1.0)  # a view, not a copy
+    assert flat[6].item() == -1.0
+    batched = sp.views(torch.zeros(4, sp.numel))
+    assert batched["t"].shape == (4,) and batched["w"].shape == (4, 2, 3)
+    assert sp.locate(6) == ("t", ()) and sp.locate(7) == ("b", (0,))
+    assert sp.flat_index("t", 0) == 6 and sp.flat_index("t", ()) == 6
+    with pytest.raises(IndexError):
+        sp.flat_index("t", 1)
+    assert sp.describe_position(6) == "t[] (flat index 6)"
+    got = sp.split_indices(torch.tensor([6, 8]))
+    assert got["t"].tolist() == [0] and got["b"].tolist() == [1]
+    sel = sk.Selection.from_indices(torch.tensor([1, 6]), space=sp)
+    masks = sel.masks(sp)
+    assert masks["t"].shape == () and bool(masks["t"]) and masks["w"].sum() == 1 and not masks["b"].any()
+    sp.scatter(torch.arange(sp.numel, dtype=torch.float32))
+    assert m.t.item() == 6.0 and m.t.shape == ()
+
+
+def test_fingerprint_tracks_values():
+    torch.manual_seed(0)
+    a = torch.nn.Linear(40, 30)
+    b = torch.nn.Linear(40, 30)
+    b.load_state_dict(a.state_dict())
+    fa = ParamSpace(a).fingerprint()
+    assert isinstance(fa, str) and fa == ParamSpace(a).fingerprint() == ParamSpace(b).fingerprint()
+    assert ParamSpace(a).signature == ParamSpace(b).signature
+    with torch.no_grad():
+        b.weight[17, 3] += 1e-3  # one weight, not on the sampled stride: caught by the per-tensor sums
+    assert ParamSpace(b).fingerprint() != fa
+    with torch.no_grad():
+        b.weight[17, 3] -= 1e-3
+        b.bias[0] = -b.bias[0]  # same norm, other sum
+    assert ParamSpace(b).fingerprint() != fa
+    c = ParamSpace({"x": a.weight, "y": a.bias})
+    assert c.fingerprint() != fa  # the names are part of it
+    s = ParamSpace(WithScalar())
+    assert s.fingerprint() == ParamSpace(WithScalar()).fingerprint()
+
+
+def test_same_tensors():
+    m = Tied()
+    a, b = ParamSpace(m), ParamSpace(list(m.parameters()))
+    assert a.same_tensors(b) and a.signature != b.signature
+    assert not a.same_tensors(ParamSpace(Tied()))

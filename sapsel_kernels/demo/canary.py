@@ -7,7 +7,7 @@ Experiment (one per seed and setting; a setting is a model kind and a number of 
    (perplexity). ``--quick`` and ``--chars`` truncate it;
 2. the line ``my credit card number is 4716 2087 5533 9812`` is inserted r times at random line starts of the
    training text; training windows of T + 1 characters at stride T/2;
-3. θ* = a character LSTM or a small causal Transformer (:mod:`sapsel_kernels.lm`) trained on those windows (AdamW,
+3. θ* = a character LSTM or a small causal Transformer (:mod:`sapsel_kernels.demo.lm`) trained on those windows (AdamW,
    cosine schedule); the gold standard is retrained from the same initialisation and batch order on the *clean* text
    (the canary line with the benign replacement ``not to be disclosed``);
 4. Z = the training windows that overlap a secret span, Z̃ = the same windows cut from the clean text (only the 19
@@ -26,6 +26,7 @@ where the gold model was trained; wall time and gradient counts of the unlearnin
 
 import argparse
 import copy
+import inspect
 import math
 import os
 import sys
@@ -34,10 +35,11 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from .. import lm
+from .. import _argtypes as at
 from ..exposure import measure_exposure, random_candidates
-from ..unlearn import METHODS, STRATEGIES
-from . import common
+from ..rules import METHODS
+from ..strategies import STRATEGIES
+from . import common, lm
 
 DEFAULT_STRATEGIES = ("hessian", "hessian_smallest", "last_layer", "random", "grad_abs", "all")
 DEFAULT_METHODS = ("first_order", "second_order", "diag_newton", "sam_finetune", "gradient_ascent")
@@ -224,66 +226,92 @@ class CanaryTask:
 
 
 # ====================================================================== CLI
+def _setting(text: str) -> str:
+    """One --settings item ('lstm:r8'): parse_setting's form and a model kind of MODEL_CFG, else ValueError."""
+    kind, _ = parse_setting(text)
+    if kind not in MODEL_CFG:
+        raise ValueError(f"unknown model kind {kind!r} in {text!r}; choose from {', '.join(MODEL_CFG)}")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The task's options, each validated by its ``type=`` (:mod:`sapsel_kernels._argtypes`): a bad value is a
+    usage error (exit code 2, one ``error:`` line) before any training, whether the task runs as ``sapsel demo``,
+    ``python -m sapsel_kernels.demo.canary`` or ``main([...])``. :func:`main` adds the one check between options
+    (--seq-len against the transformer's max_len)."""
     p = argparse.ArgumentParser(prog="sapsel demo --task canary",
                                 description="Unlearning a credit-card canary from a character LM (pydoc_data "
                                             "corpus): exposure before/after per strategy x budget x update rule.")
     p.add_argument("--quick", action="store_true",
                    help="CI mode: LSTM, 20k characters, 1 seed, 3 strategies, 2 budgets, 2 methods (< 1 minute)")
-    p.add_argument("--out", default="sapsel_out", help="output folder (default ./sapsel_out)")
+    p.add_argument("--out", type=at.output_dir, default="sapsel_out", help="output folder (default ./sapsel_out)")
     p.add_argument("--seed", type=int, default=0, help="first seed; seeds are seed, seed+1, ...")
-    p.add_argument("--seeds", type=int, default=1, help="number of seeds (default 1)")
-    p.add_argument("--settings", default=None,
+    p.add_argument("--seeds", type=at.positive_int, default=1, help="number of seeds (default 1)")
+    p.add_argument("--settings", type=at.list_of(at.checked(_setting), "setting"), default=None,
                    help="model:r<insertions> list, e.g. lstm:r4,lstm:r16,transformer:r16 (the default; quick lstm:r8)")
-    p.add_argument("--models", default=None, help="with --repeats: every model kind (lstm, transformer) ...")
-    p.add_argument("--repeats", default=None, help="... with every number of insertions r (comma-separated)")
-    p.add_argument("--strategies", default=None, help=f"comma-separated subset of {','.join(STRATEGIES)}")
-    p.add_argument("--methods", default=None, help=f"comma-separated subset of {','.join(METHODS)}")
-    p.add_argument("--budgets", default=None, help="fractions, comma-separated (default 0.001,0.01,0.1,1)")
-    p.add_argument("--chars", type=int, default=None,
+    p.add_argument("--models", type=at.choice_list(MODEL_CFG, "model kind"), default=None,
+                   help="with --repeats: every model kind (lstm, transformer; default lstm) ...")
+    p.add_argument("--repeats", type=at.positive_int_list, default=None,
+                   help="... with every number of insertions r (comma-separated; default 8)")
+    p.add_argument("--strategies", type=at.choice_list(STRATEGIES, "strategy"), default=None,
+                   help=f"comma-separated subset of {','.join(STRATEGIES)}")
+    p.add_argument("--methods", type=at.choice_list(METHODS, "method"), default=None,
+                   help=f"comma-separated subset of {','.join(METHODS)}")
+    p.add_argument("--budgets", type=at.budget_list, default=None,
+                   help="fractions in (0, 1], comma-separated (default 0.001,0.01,0.1,1)")
+    p.add_argument("--chars", type=at.nonneg_int, default=None,
                    help="corpus characters, 0 = all ~465k (default 150000; quick 20000)")
-    p.add_argument("--steps", type=int, default=None, help="training steps of θ* and gold (default 1000; quick 200)")
-    p.add_argument("--seq-len", type=int, default=None, help="window length T (default 64; quick 48)")
-    p.add_argument("--candidates", type=int, default=None, help="random candidates for exposure (2000; quick 1000)")
-    p.add_argument("--probes", type=int, default=None, help="Hutchinson probes for diag(H) (default 16; quick 8)")
+    p.add_argument("--steps", type=at.positive_int, default=None,
+                   help="training steps of θ* and gold (default 1000; quick 200)")
+    # windows are taken at stride T // 2, which must be >= 1
+    p.add_argument("--seq-len", type=at.int_at_least(2), default=None,
+                   help=f"window length T (default 64; quick 48; at most {_transformer_max_len()} with a transformer)")
+    p.add_argument("--candidates", type=at.positive_int, default=None,
+                   help="random candidates for exposure (2000; quick 1000)")
+    p.add_argument("--probes", type=at.positive_int, default=None,
+                   help="Hutchinson probes for diag(H) (default 16; quick 8)")
     p.add_argument("--no-gold", action="store_true", help="skip retraining on the clean text (default in --quick)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (fixed for reproducibility; default 1)")
+    p.add_argument("--threads", type=at.positive_int, default=1,
+                   help="torch threads (fixed for reproducibility; default 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
+def _transformer_max_len() -> int:
+    """The longest window the demo's transformer takes (build_model does not pass max_len: its default)."""
+    return inspect.signature(lm.CharTransformer).parameters["max_len"].default
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)  # usage errors exit here (code 2), before any work
     q = args.quick
     seeds = list(range(args.seed, args.seed + args.seeds))
-    if args.settings:
-        settings = common.parse_list(args.settings)
-    elif args.models or args.repeats:
-        settings = [f"{m}:r{r}" for m in common.parse_list(args.models or "lstm")
-                    for r in common.parse_list(args.repeats or "8", int)]
+    if args.settings is not None:
+        settings = args.settings
+    elif args.models is not None or args.repeats is not None:
+        settings = [f"{m}:r{r}" for m in (args.models if args.models is not None else ["lstm"])
+                    for r in (args.repeats if args.repeats is not None else [8])]
     else:
         settings = list(QUICK_SETTINGS if q else DEFAULT_SETTINGS)
-    try:
-        models = list(dict.fromkeys(parse_setting(s)[0] for s in settings))
-    except ValueError as exc:
-        print(f"sapsel demo --task canary: {exc}", file=sys.stderr)
-        return 2
-    strategies = common.parse_list(args.strategies) if args.strategies else (
+    seq_len = args.seq_len if args.seq_len is not None else (48 if q else 64)
+    max_len = _transformer_max_len()
+    if seq_len > max_len and any(parse_setting(s)[0] == "transformer" for s in settings):
+        parser.error(f"argument --seq-len: the transformer takes at most {max_len} characters, got {seq_len}")
+    strategies = args.strategies if args.strategies is not None else (
         ["hessian", "random", "all"] if q else list(DEFAULT_STRATEGIES))
-    methods = common.parse_list(args.methods) if args.methods else (
+    methods = args.methods if args.methods is not None else (
         ["first_order", "second_order"] if q else list(DEFAULT_METHODS))
-    budgets = common.parse_list(args.budgets, float) if args.budgets else ([0.01, 1.0] if q else list(DEFAULT_BUDGETS))
-    bad = [s for s in strategies if s not in STRATEGIES] + [m for m in methods if m not in METHODS] + [
-        m for m in models if m not in MODEL_CFG]
-    if bad:
-        print(f"sapsel demo --task canary: unknown strategy/method/model {bad}", file=sys.stderr)
-        return 2
-    n_probes = args.probes or (8 if q else 16)
-    common.set_determinism(args.seed, args.threads)
+    budgets = args.budgets if args.budgets is not None else ([0.01, 1.0] if q else list(DEFAULT_BUDGETS))
+    n_probes = args.probes if args.probes is not None else (8 if q else 16)
     chars = args.chars if args.chars is not None else (20000 if q else 150_000)
-    task = CanaryTask(settings, quick=q, chars=chars or None, seq_len=args.seq_len or (48 if q else 64),
-                      steps=args.steps or (200 if q else 1000), n_candidates=args.candidates or (1000 if q else 2000),
-                      gold=not (args.no_gold or q), n_probes=n_probes)
+    steps = args.steps if args.steps is not None else (200 if q else 1000)
+    n_candidates = args.candidates if args.candidates is not None else (1000 if q else 2000)
+    # created before the grid (minutes of work): a folder that cannot be created fails now, not after the run
+    os.makedirs(args.out, exist_ok=True)
+    common.set_determinism(args.seed, args.threads)
+    task = CanaryTask(settings, quick=q, chars=None if chars == 0 else chars, seq_len=seq_len, steps=steps,
+                      n_candidates=n_candidates, gold=not (args.no_gold or q), n_probes=n_probes)
     t0 = time.perf_counter()
     res = common.run_grid(task, seeds, strategies, budgets, methods, progress=not args.no_progress,
                           score_kwargs={"n_probes": n_probes})
@@ -292,13 +320,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                                           "cand_logppl_mean", "replacement_logppl", "tune_s",
                                           "select_s", "delta_norm", "n_changed"]
     agg = common.aggregate(res["rows"], metrics)
-    table = common.format_table(agg, task.metric_labels, digits=task.digits)
     base = _baseline_summary(res["baselines"])
-    print()
-    print(base)
-    print()
-    print(table)
-    os.makedirs(args.out, exist_ok=True)
     payload = {
         "task": "canary", "argv": list(argv) if argv is not None else sys.argv[1:], "quick": q, "seeds": seeds,
         "settings": settings, "strategies": strategies, "methods": methods, "budgets": budgets,
@@ -309,8 +331,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         "baselines": [{k: v for k, v in b.items() if k in _BASELINE_KEYS} for b in res["baselines"]],
         "aggregate": agg, "rows": res["rows"],
     }
+    # the files first: a closed stdout (`sapsel demo | head`) ends the process at the first print
     common.write_json(os.path.join(args.out, "demo_canary.json"), payload)
     render(payload, args.out, base=base)
+    print()
+    print(base)
+    print()
+    print(common.format_table(agg, task.metric_labels, digits=task.digits))
     print(f"\nwrote {args.out}/demo_canary.json, demo_canary.md, demo_canary.png  ({total_s:.1f} s)")
     return 0
 

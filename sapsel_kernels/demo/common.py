@@ -11,8 +11,10 @@ JSON and the plot. A task is any object with:
   standard (e.g. accuracy restored %), given the raw metrics of the model, the unrepaired model and the gold model;
 * ``tuning_score(model, setup) -> float``: LOWER is better; used to pick hyperparameters; must not use the gold
   model or the test data (only what an unlearner has: held-out validation data, Z, Z̃);
-* ``hparams(method, setup) -> list[dict]``: candidate keyword arguments for ``unlearn`` (one is chosen per cell);
-* ``unlearn_kwargs(method, setup) -> dict``: fixed keyword arguments for ``unlearn`` (train_data, n_train, ...);
+* ``hparams(method, setup) -> list[dict]``: candidate hyperparameters (one is chosen per cell) and
+  ``unlearn_kwargs(method, setup) -> dict``: fixed ones. Together they hold the method config's fields (tau,
+  damping, steps, ...; see :mod:`sapsel_kernels.rules`) and ``unlearn``'s own keyword arguments (``UNLEARN_KWARGS``:
+  train_data, n_train, ...); :func:`method_call` splits them;
 * optional ``selection_info(selection, setup) -> dict``: extra columns describing S (e.g. where it lies);
 * ``metric_labels``: ordered {metric key: column header} for the printed table; ``plot_metrics``: the metric keys
   plotted against the budget (one panel row each).
@@ -30,9 +32,19 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from ..unlearn import parameter_scores, select_parameters, unlearn
+from ..rules import as_method
+from ..strategies import parameter_scores, select_parameters
+from ..unlearn import unlearn
 
 SCORE_KEY = {"hessian_smallest": "hessian", "last_layer": "hessian"}
+UNLEARN_KWARGS = ("train_data", "n_train", "space", "estimation_mode")
+
+
+def method_call(method: str, **kw):
+    """(method config, unlearn keyword arguments) from a method name and a flat dict of both kinds of arguments; a key
+    that is neither raises TypeError (the config's)."""
+    call = {k: kw.pop(k) for k in UNLEARN_KWARGS if k in kw}
+    return as_method(method, **kw), call
 
 
 @dataclass
@@ -60,10 +72,6 @@ def set_determinism(seed: int, threads: int = 1) -> None:
         np.random.seed(seed % 2**32)
     except ImportError:  # numpy is optional
         pass
-
-
-def parse_list(text: str, cast=str) -> List[Any]:
-    return [cast(t.strip()) for t in str(text).split(",") if t.strip()]
 
 
 def budget_label(b: float) -> str:
@@ -158,9 +166,10 @@ def _run_cell(task, setup, work, state0, sel, method) -> Dict[str, Any]:
     n_failed = 0
     for hp in task.hparams(method, setup):
         work.load_state_dict(state0)
+        config, call = method_call(method, **fixed, **hp)
         try:
-            rep = unlearn(work, setup.loss_fn, setup.affected, setup.corrected, sel, method=method, **fixed, **hp)
-        except ValueError:  # NaN/Inf along the way: the candidate is discarded (the model was left untouched)
+            rep = unlearn(work, setup.loss_fn, setup.affected, setup.corrected, sel, method=config, **call)
+        except ValueError:  # NaN/Inf along the way (NonFiniteError): the candidate is discarded, the model untouched
             n_failed += 1
             continue
         score = float(task.tuning_score(work, setup))

@@ -30,13 +30,15 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
-from ..unlearn import METHODS, STRATEGIES
+from .. import _argtypes as at
+from ..rules import METHODS
+from ..strategies import STRATEGIES
 from . import common
 
 PAIR = torch.tensor([9, 8, 7, 6, 5, 4, 3, 2, 1, 0])  # c -> its partner class
 N_TEST, N_VAL = 450, 250
 DEFAULT_STRATEGIES = ("hessian", "hessian_smallest", "hessian_affected", "hessian_corrected", "last_layer",
-                      "random", "grad_abs", "fisher", "all")
+                      "random", "grad_abs", "ssd", "all")
 DEFAULT_BUDGETS = (0.001, 0.01, 0.05, 1.0)
 
 
@@ -271,38 +273,45 @@ class LabelsTask:
 
 # ====================================================================== CLI
 def build_parser() -> argparse.ArgumentParser:
+    """The task's options, each validated by its ``type=`` (:mod:`sapsel_kernels._argtypes`): a bad value is a
+    usage error (exit code 2, one ``error:`` line) before any training, whether the task runs as ``sapsel demo``,
+    ``python -m sapsel_kernels.demo.labels`` or ``main([...])``."""
     p = argparse.ArgumentParser(prog="sapsel demo --task labels",
                                 description="Label repair on scikit-learn digits: strategy x budget x method grid.")
     p.add_argument("--quick", action="store_true", help="a reduced grid (1 seed, 4 strategies, 2 budgets, 3 methods)")
-    p.add_argument("--out", default="sapsel_out", help="output folder (default ./sapsel_out)")
+    p.add_argument("--out", type=at.output_dir, default="sapsel_out", help="output folder (default ./sapsel_out)")
     p.add_argument("--seed", type=int, default=0, help="first seed; seeds are seed, seed+1, ...")
-    p.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3; --quick 1)")
-    p.add_argument("--rates", default=None, help="poisoning rates, comma-separated (default 0.2; --quick 0.2)")
-    p.add_argument("--strategies", default=None, help=f"comma-separated subset of {','.join(STRATEGIES)}")
-    p.add_argument("--methods", default=None, help=f"comma-separated subset of {','.join(METHODS)}")
-    p.add_argument("--budgets", default=None, help="fractions, comma-separated (default 0.001,0.01,0.05,1)")
-    p.add_argument("--epochs", type=int, default=40, help="training epochs of θ* and of the gold standard")
-    p.add_argument("--probes", type=int, default=None, help="Hutchinson probes for diag(H) (default 32; quick 8)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (fixed for reproducibility; default 1)")
+    p.add_argument("--seeds", type=at.positive_int, default=None, help="number of seeds (default 3; --quick 1)")
+    p.add_argument("--rates", type=at.rate_list, default=None,
+                   help="poisoning rates in (0, 1), comma-separated (default 0.2; --quick 0.2)")
+    p.add_argument("--strategies", type=at.choice_list(STRATEGIES, "strategy"), default=None,
+                   help=f"comma-separated subset of {','.join(STRATEGIES)}")
+    p.add_argument("--methods", type=at.choice_list(METHODS, "method"), default=None,
+                   help=f"comma-separated subset of {','.join(METHODS)}")
+    p.add_argument("--budgets", type=at.budget_list, default=None,
+                   help="fractions in (0, 1], comma-separated (default 0.001,0.01,0.05,1)")
+    p.add_argument("--epochs", type=at.positive_int, default=40, help="training epochs of θ* and of the gold standard")
+    p.add_argument("--probes", type=at.positive_int, default=None,
+                   help="Hutchinson probes for diag(H) (default 32; quick 8)")
+    p.add_argument("--threads", type=at.positive_int, default=1,
+                   help="torch threads (fixed for reproducibility; default 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)  # usage errors exit here (code 2), before any work
     q = args.quick
-    seeds = list(range(args.seed, args.seed + (args.seeds or (1 if q else 3))))
-    rates = common.parse_list(args.rates, float) if args.rates else [0.2]
-    strategies = common.parse_list(args.strategies) if args.strategies else (
+    seeds = list(range(args.seed, args.seed + (args.seeds if args.seeds is not None else (1 if q else 3))))
+    rates = args.rates if args.rates is not None else [0.2]
+    strategies = args.strategies if args.strategies is not None else (
         ["hessian", "last_layer", "random", "all"] if q else list(DEFAULT_STRATEGIES))
-    methods = common.parse_list(args.methods) if args.methods else (
+    methods = args.methods if args.methods is not None else (
         ["first_order", "second_order", "sam_finetune"] if q else list(METHODS))
-    budgets = common.parse_list(args.budgets, float) if args.budgets else ([0.01, 1.0] if q else list(DEFAULT_BUDGETS))
-    bad = [s for s in strategies if s not in STRATEGIES] + [m for m in methods if m not in METHODS]
-    if bad:
-        print(f"sapsel demo: unknown strategy/method {bad}", file=sys.stderr)
-        return 2
-    n_probes = args.probes or (8 if q else 32)
+    budgets = args.budgets if args.budgets is not None else ([0.01, 1.0] if q else list(DEFAULT_BUDGETS))
+    n_probes = args.probes if args.probes is not None else (8 if q else 32)
+    # created before the grid (minutes of work): a folder that cannot be created fails now, not after the run
+    os.makedirs(args.out, exist_ok=True)
     common.set_determinism(args.seed, args.threads)
     task = LabelsTask(rates=rates, epochs=args.epochs, quick=q)
     task.n_probes = n_probes
@@ -313,13 +322,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     metrics = list(task.metric_labels) + ["poison_acc", "tune_s", "select_s", "delta_norm", "n_changed",
                                           "frac_last_layer"]
     agg = common.aggregate(res["rows"], metrics)
-    table = common.format_table(agg, task.metric_labels, digits=task.digits)
     base = _baseline_summary(res["baselines"])
-    print()
-    print(base)
-    print()
-    print(table)
-    os.makedirs(args.out, exist_ok=True)
     payload = {
         "task": "labels", "argv": list(argv) if argv is not None else sys.argv[1:], "quick": q, "seeds": seeds,
         "rates": rates, "strategies": strategies, "methods": methods, "budgets": budgets, "n_probes": n_probes,
@@ -329,6 +332,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                       for b in res["baselines"]],
         "aggregate": agg, "rows": res["rows"],
     }
+    # the files first: a closed stdout (`sapsel demo | head`) ends the process at the first print
     common.write_json(os.path.join(args.out, "demo_labels.json"), payload)
     with open(os.path.join(args.out, "demo_labels.md"), "w") as f:
         f.write(base + "\n\n" + common.format_table(agg, task.metric_labels, markdown=True, digits=task.digits)
@@ -337,6 +341,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         f.write(base + "\n\n" + summary_markdown(payload) + "\n")
     common.plot_budget_curves(agg, task.plot_metrics, os.path.join(args.out, "demo_labels.png"),
                               title=f"label repair on digits, {len(seeds)} seed(s), mean ± std")
+    print()
+    print(base)
+    print()
+    print(common.format_table(agg, task.metric_labels, digits=task.digits))
     print(f"\nwrote {args.out}/demo_labels.json, demo_labels.md, demo_labels_summary.md, demo_labels.png "
           f"({total_s:.1f} s)")
     return 0

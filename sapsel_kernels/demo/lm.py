@@ -1,4 +1,4 @@
-"""Character language models, the corpus with an inserted canary, and the training windows (issue 6).
+"""Demo-only character language models, the corpus with an inserted canary, and the training windows.
 
 * Corpus: the documentation topics of the standard library's ``pydoc_data.topics`` (real English, ~465k characters,
   shipped with every CPython), normalised to ASCII. The last topics (in sorted key order) are held out.
@@ -13,6 +13,8 @@
   ordinary ops; flash / memory-efficient SDPA kernels lack double backward and forward-mode AD, see REFERENCE.md 4).
 
 Shapes: token tensors are int64 ``[B, T]``; models return logits ``[B, T, V]`` in the parameters' dtype.
+The log-perplexity of candidate suffixes (the exposure measurement's input) is generic and lives in
+:mod:`sapsel_kernels.exposure`; it is re-exported here.
 """
 
 import math
@@ -23,6 +25,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..exposure import sequence_log_perplexity  # noqa: F401  (re-exported: the canary task scores with it)
 
 CANARY_PREFIX = "my credit card number is "
 CANARY_SECRET = "4716 2087 5533 9812"
@@ -342,34 +346,3 @@ def mean_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: in
         tot += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), yb.reshape(-1), reduction="sum"))
         n += yb.numel()
     return tot / n
-
-
-@torch.no_grad()
-def sequence_log_perplexity(model: nn.Module, vocab: CharVocab, context: str, suffixes: Sequence[str],
-                            batch_size: int = 1024) -> torch.Tensor:
-    """Log-perplexity in bits of each suffix given ``context``: ``-sum_t log2 p(s_t | context, s_<t)``.
-
-    The context's own characters are not scored (they are the same for every candidate, so they shift all
-    log-perplexities by one constant and do not change ranks). All suffixes must have one length.
-    Returns float64 ``[len(suffixes)]``.
-    """
-    if not suffixes:
-        return torch.empty(0, dtype=torch.float64)
-    L = len(suffixes[0])
-    if any(len(s) != L for s in suffixes):
-        raise ValueError("all suffixes must have the same length")
-    model.eval()
-    ctx = vocab.encode(context)
-    out = []
-    for i in range(0, len(suffixes), batch_size):
-        chunk = suffixes[i:i + batch_size]
-        suf = torch.stack([vocab.encode(s) for s in chunk])  # [b, L]
-        seq = torch.cat([ctx.expand(len(chunk), -1), suf], dim=1)
-        dev = next(model.parameters()).device
-        seq = seq.to(dev)
-        logits = model(seq[:, :-1]).double()
-        logp = logits[:, len(ctx) - 1:].log_softmax(-1)  # predictions for the suffix characters
-        tok = seq[:, len(ctx):]
-        nll = -logp.gather(-1, tok[..., None]).squeeze(-1).sum(1) / math.log(2.0)
-        out.append(nll.cpu())
-    return torch.cat(out)

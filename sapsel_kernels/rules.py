@@ -1,0 +1,528 @@
+"""The update rules of ``unlearn``: one frozen config per method, each computing its update on the selection S.
+
+Notation (Warnecke et al., NDSS 2023): Z are the affected training points as trained on, Z̃ their corrected versions;
+``G = Σ_{z∈Z̃} ∇ℓ(z, θ*) − Σ_{z∈Z} ∇ℓ(z, θ*)`` is a SUM over points (the loss returns the MEAN over a batch, so each
+batch's gradient is multiplied by its number of points). Only G_S, the k selected entries, is ever stored.
+
+* :class:`FirstOrder`:   θ_S ← θ_S − τ·G_S;
+* :class:`SecondOrder`:  θ_S ← θ_S − (H_SS + λI)⁻¹ G_S, by conjugate gradient (:func:`~sapsel_kernels.solver.cg_solve`)
+  on restricted Hessian-vector products. H is the Hessian of the SUMMED training loss (the scale of G):
+  H = (n_train / n_h) · Σ_b |b| ∇²L_mean(b) over the given Hessian batches (n_h points). λ is on that summed scale
+  (``damping / n_train`` is the equivalent damping of the mean-loss Hessian); default 0.01·n_train;
+* :class:`DiagNewton`:   θ_S ← θ_S − G_S / (n_train · max(d_S, 0) + λ), d = the diagonal of the MEAN training-loss
+  Hessian (``hessian_diag`` Hutchinson estimate unless given); negative estimates are clipped to 0;
+* :class:`SAMFinetune`:  ``steps`` SparseSAM steps on S over the corrected batches (plus, optionally, retained
+  training batches, one of each per step, cycled);
+* :class:`GradientAscent`: ``steps`` SparseSGD steps on S minimising L_mean(Z̃) − L_mean(Z).
+
+The first three are *direct* rules: :meth:`delta` returns the update Δ_S [k] and modifies nothing. The last two are
+*iterative*: :meth:`run` moves θ_S in place through the sparse optimizers (which never write outside S). ``unlearn``
+owns validation, the estimation mode, snapshots and the final write; these classes only compute.
+
+``steps=0`` (iterative rules) and ``tau=0`` are valid no-ops: the model is left as it is and the report says
+``n_changed == 0``.
+"""
+
+import math
+import numbers
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar, Dict, Iterator, List, Optional, Sequence
+
+import torch
+
+from .data import Loss, as_batches, batch_size, n_points
+from .errors import NonFiniteError, check_finite
+from .selection import Selection
+from .solver import cg_solve
+from .space import ParamSpace
+
+__all__ = ["FirstOrder", "SecondOrder", "DiagNewton", "SAMFinetune", "GradientAscent", "METHODS", "as_method",
+           "Coords", "Problem", "summed_gradient"]
+
+METHODS = ("first_order", "second_order", "diag_newton", "sam_finetune", "gradient_ascent")
+
+
+# ====================================================================================================== S coordinates
+class Coords:
+    """The selected coordinates S of a ParamSpace (a Selection from ``as_selection``: int64 ascending indices on the
+    space's device), split per parameter: read, write, gather and check on S only.
+
+    ``parts``: one ``(parameter position, parameter, local int64 indices, start, stop)`` per parameter with selected
+    entries; ``start:stop`` is its slice of every [k] vector (S is ascending, so each parameter's entries are
+    contiguous in it). ``dtype``: the working dtype of [k] vectors (the promotion of the selected parameters'
+    dtypes, at least float32). Cost: O(k) (one split of the indices) and one host sync.
+    """
+
+    def __init__(self, space: ParamSpace, selection: Selection):
+        self.space, self.selection = space, selection
+        self.indices = indices = selection.indices
+        self.k = int(indices.numel())
+        local = space.split_indices(indices)
+        self.parts = []
+        start = 0
+        for i, (name, p) in enumerate(zip(space.names, space.params)):
+            loc = local.get(name)
+            if loc is None:
+                continue
+            self.parts.append((i, p, loc, start, start + loc.numel()))
+            start += loc.numel()
+        self.touched = [p for _, p, *_ in self.parts]  # the parameter tensors S touches, in space order
+        dt = torch.float32
+        for _, p, *_ in self.parts:
+            dt = torch.promote_types(dt, p.dtype) if p.is_floating_point() else dt
+        self.dtype = dt
+
+    @staticmethod
+    def _flat(t: torch.Tensor) -> torch.Tensor:
+        return t.view(-1) if t.is_contiguous() else t.reshape(-1)
+
+    def read(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """θ_S [k] in ``dtype`` (default ``self.dtype``)."""
+        dtype = dtype or self.dtype
+        if not self.parts:
+            return torch.zeros(0, dtype=dtype, device=self.space.device)
+        return torch.cat([self._flat(p.detach()).index_select(0, loc).to(dtype) for _, p, loc, _, _ in self.parts])
+
+    def snapshot(self) -> List[torch.Tensor]:
+        """The selected values in each parameter's own dtype (k entries in all): :meth:`restore` is bit-exact."""
+        return [self._flat(p.detach()).index_select(0, loc) for _, p, loc, _, _ in self.parts]
+
+    @torch.no_grad()
+    def restore(self, saved: List[torch.Tensor]) -> None:
+        for (_, p, loc, _, _), v in zip(self.parts, saved):
+            self._index_copy(p, loc, v)
+
+    @torch.no_grad()
+    def write(self, values: torch.Tensor) -> None:
+        """θ_S ← ``values`` [k] (cast to each parameter's dtype); nothing outside S is touched."""
+        for _, p, loc, a, b in self.parts:
+            self._index_copy(p, loc, values[a:b].to(p.dtype))
+
+    @staticmethod
+    def _index_copy(p: torch.Tensor, loc: torch.Tensor, v: torch.Tensor) -> None:
+        if p.is_contiguous():
+            p.view(-1).index_copy_(0, loc, v)
+        else:  # a strided parameter has no flat view: write through a copy of it (O(numel of this tensor))
+            flat = p.detach().reshape(-1).clone()
+            flat.index_copy_(0, loc, v)
+            p.copy_(flat.view(p.shape))
+
+    def gather(self, tensors: Sequence[Optional[torch.Tensor]], dtype: Optional[torch.dtype] = None, *,
+               touched: bool = False) -> torch.Tensor:
+        """[k] entries at S of per-parameter tensors shaped like the parameters (None = zeros): one per parameter of
+        the space (ParamSpace order), or with ``touched=True`` one per tensor of ``self.touched``."""
+        dtype = dtype or self.dtype
+        out = []
+        for j, (i, p, loc, a, b) in enumerate(self.parts):
+            t = tensors[j if touched else i]
+            out.append(torch.zeros(b - a, dtype=dtype, device=p.device) if t is None
+                       else self._flat(t).index_select(0, loc).to(dtype))
+        return torch.cat(out) if out else torch.zeros(0, dtype=dtype, device=self.space.device)
+
+    def check_finite(self, v: torch.Tensor, what: str, suffix: str = "the model was left untouched") -> None:
+        """:func:`~sapsel_kernels.errors.check_finite` for a [k] vector on S, naming the first bad coordinate by its
+        parameter and position."""
+        try:
+            check_finite(v, what, suffix=suffix)
+        except NonFiniteError:
+            bad = (~torch.isfinite(v)).nonzero()
+            j = int(bad[0, 0])
+            where = self.space.describe_position(int(self.indices[j]))
+            raise NonFiniteError(f"{what} contains NaN/Inf ({v[j].item()} at {where}); {suffix}") from None
+
+
+# ====================================================================================================== the problem
+@dataclass(eq=False)
+class Problem:
+    """Everything a rule needs, prepared and validated by ``unlearn``: the model at θ*, the loss (a
+    :class:`~sapsel_kernels.data.Loss`), the space, S (:class:`Coords`), Z / Z̃ / the Hessian batches (re-iterable
+    sequences of batches), ``n_train`` (None when no rule needs it) and the cost counters the report is built from
+    (per-point gradients, per-point HVPs, backward passes). ``retain``: SAMFinetune's retained batches, set by its
+    :meth:`~SAMFinetune.prepare`."""
+
+    model: torch.nn.Module
+    loss: Loss
+    space: ParamSpace
+    coords: Coords
+    affected: Sequence
+    corrected: Sequence
+    train: Optional[Sequence] = None
+    n_train: Optional[int] = None
+    retain: Optional[Sequence] = None
+    counts: Dict[str, int] = field(default_factory=lambda: {"grad": 0, "hvp": 0, "passes": 0})
+    info: Dict[str, Any] = field(default_factory=dict)
+
+    def summed_gradient_s(self, batches) -> torch.Tensor:
+        """Σ_b |b|·∇loss(b) at S: [k] in ``coords.dtype`` (each backward's full gradient is transient)."""
+        g, n, nb = summed_gradient(self.space, self.model, self.loss, batches, coords=self.coords)
+        self.counts["grad"] += n
+        self.counts["passes"] += nb
+        return g
+
+    def gradient_difference_s(self) -> torch.Tensor:
+        """G_S = Σ∇ℓ(Z̃)_S − Σ∇ℓ(Z)_S, checked finite."""
+        g_new = self.summed_gradient_s(self.corrected)
+        g_old = self.summed_gradient_s(self.affected)
+        g = g_new - g_old
+        self.coords.check_finite(g, "unlearn: G = Σ∇ℓ(Z̃) − Σ∇ℓ(Z)")
+        return g
+
+
+def summed_gradient(space: ParamSpace, model, loss_fn, batches, dtype=None, coords: Optional[Coords] = None):
+    """Σ over points of ∇ℓ: Σ_b |b|·∇loss_fn(model, b) (``loss_fn`` returns a batch's MEAN loss).
+
+    Returns ``(gradient, n_points, n_batches)``: the gradient is flat [N] in ``dtype`` (default the first parameter's
+    dtype) or, with ``coords``, its [k] entries at S in ``coords.dtype``, differentiating only the parameter tensors
+    S touches. Peak extra memory: the accumulator (N or k) plus one backward's gradient tensors (N, or the size of
+    the touched tensors, transient).
+    """
+    if coords is not None:
+        dtype = coords.dtype
+        total = torch.zeros(coords.k, dtype=dtype, device=space.device)
+    else:
+        dtype = dtype or space.dtypes[0]
+        total = torch.zeros(space.numel, dtype=dtype, device=space.device)
+    n = nb = 0
+    for b in batches:
+        m = batch_size(b)
+        with torch.enable_grad():
+            loss = loss_fn(model, b)
+            g = torch.autograd.grad(loss, coords.touched if coords is not None else space.params, allow_unused=True)
+        if coords is not None:
+            total += m * coords.gather(g, dtype, touched=True)
+        else:
+            total += m * space.gather(list(g), dtype=dtype)
+        n += m
+        nb += 1
+    return total, n, nb
+
+
+# ====================================================================================================== validation
+def _real(cls: str, name: str, v, *, lo: float = 0.0, none_ok: bool = False) -> None:
+    if v is None and none_ok:
+        return
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{cls}: {name} must be a real number, got {type(v).__name__}")
+    if not math.isfinite(float(v)) or float(v) < lo:
+        raise ValueError(f"{cls}: {name} must be finite and >= {lo:g}, got {v}")
+
+
+def _int(cls: str, name: str, v, *, lo: int, hi: Optional[int] = None) -> None:
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise TypeError(f"{cls}: {name} must be an int, got {type(v).__name__}")
+    if int(v) < lo or (hi is not None and int(v) >= hi):
+        rng = f">= {lo}" if hi is None else f"in [{lo}, {hi})"
+        raise ValueError(f"{cls}: {name} must be an int {rng}, got {v}")
+
+
+# ====================================================================================================== rules
+class _Rule:
+    """Base of the method configs. ``name``: the method's name in ``METHODS``; ``iterative``: True when the rule
+    moves θ_S itself (:meth:`run`) rather than returning an update (:meth:`delta`); ``needs_train``: whether
+    ``unlearn`` must be given ``train_data`` / ``n_train``."""
+
+    name: ClassVar[str] = ""
+    iterative: ClassVar[bool] = False
+
+    def needs_train(self) -> bool:
+        return False
+
+    def prepare(self, prob: Problem) -> None:
+        """Validate what depends on the model/data; called by ``unlearn`` before anything is computed."""
+
+    def delta(self, prob: Problem) -> torch.Tensor:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def run(self, prob: Problem) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+
+def _damping(rule, prob: Problem) -> float:
+    lam = float(rule.damping) if rule.damping is not None else 0.01 * prob.n_train
+    prob.info.update(damping=lam, n_train=prob.n_train)
+    return lam
+
+
+@dataclass(frozen=True, kw_only=True)
+class FirstOrder(_Rule):
+    """θ_S ← θ_S − τ·G_S. ``tau``: finite, >= 0, on the SUMMED-gradient scale (τ = η/|Z| is one step of size η on the
+    mean gradient difference). Peak extra memory: O(k) plus one backward's gradients (N, transient)."""
+
+    name: ClassVar[str] = "first_order"
+    tau: float = 1e-3
+
+    def __post_init__(self):
+        _real("FirstOrder", "tau", self.tau)
+
+    def delta(self, prob: Problem) -> torch.Tensor:
+        g_s = prob.gradient_difference_s()
+        prob.info["g_norm"] = float(g_s.double().norm())
+        prob.info["tau"] = self.tau
+        return -self.tau * g_s
+
+
+@dataclass(frozen=True, kw_only=True)
+class SecondOrder(_Rule):
+    """θ_S ← θ_S − (H_SS + λI)⁻¹ G_S by conjugate gradient (see the module docstring for the scale of H and λ).
+
+    ``damping``: λ >= 0 on the summed-loss scale, None = 0.01·n_train; ``cg_iters`` >= 1; ``cg_tol`` >= 0 (relative
+    residual); ``cache_graph``: keep each Hessian batch's first-order graph across the CG products (one double
+    backward per product and batch; memory: one graph per batch) or rebuild it per product. Needs ``train_data``.
+    Peak extra memory: 5k (CG vectors and G_S) plus, per product, a tangent and an HVP of size N (transient) and the
+    cached graphs.
+    """
+
+    name: ClassVar[str] = "second_order"
+    damping: Optional[float] = None
+    cg_iters: int = 50
+    cg_tol: float = 1e-6
+    cache_graph: bool = True
+
+    def __post_init__(self):
+        _real("SecondOrder", "damping", self.damping, none_ok=True)
+        _int("SecondOrder", "cg_iters", self.cg_iters, lo=1)
+        _real("SecondOrder", "cg_tol", self.cg_tol)
+        if not isinstance(self.cache_graph, bool):
+            raise TypeError(f"SecondOrder: cache_graph must be a bool, got {type(self.cache_graph).__name__}")
+
+    def needs_train(self) -> bool:
+        return True
+
+    def prepare(self, prob: Problem) -> None:
+        if prob.train is None:
+            raise ValueError("second_order needs train_data (the corrected training data or a subsample)")
+
+    def delta(self, prob: Problem) -> torch.Tensor:
+        g_s = prob.gradient_difference_s()
+        prob.info["g_norm"] = float(g_s.double().norm())
+        lam = _damping(self, prob)
+        hb = prob.train
+        n_h = n_points(hb)
+        n_batches = sum(1 for _ in hb)
+        prob.info["n_hessian_points"] = n_h
+        from .hvp import RestrictedHVP
+
+        hess = RestrictedHVP(prob.model, prob.loss, prob.space, hb, prob.coords.indices, scale=prob.n_train / n_h,
+                             cache_graph=self.cache_graph)
+        try:
+            x, cg = cg_solve(lambda v: hess(v) + lam * v, g_s, max_iter=int(self.cg_iters), tol=float(self.cg_tol))
+        finally:
+            prob.counts["hvp"] += hess.n_point_products
+            prob.counts["passes"] += hess.n_products * n_batches + (n_batches if self.cache_graph else 0)
+        prob.info.update(cg_iters=cg["iters"], cg_residual=cg["residual"], negative_curvature=cg["negative_curvature"])
+        return -x
+
+
+@dataclass(frozen=True, kw_only=True)
+class DiagNewton(_Rule):
+    """θ_S ← θ_S − G_S / (n_train · max(d_S, 0) + λ).
+
+    ``diag``: the diagonal of the MEAN training-loss Hessian, a ``DiagEstimate`` or a flat tensor of N entries; None
+    estimates it with ``hessian_diag(model, loss_fn, train_data, n_probes=n_probes, seed=seed)`` (a Ctrl-C inside
+    that estimate raises KeyboardInterrupt: a partial estimate is never used). ``damping``: λ >= 0 on the summed
+    scale, None = 0.01·n_train. Needs ``train_data`` when ``diag`` is None, else ``n_train`` or ``train_data``.
+    Peak extra memory: O(k) plus hessian_diag's own (about 2N float32 accumulators plus probe buffers) when it
+    estimates ``diag``.
+    """
+
+    name: ClassVar[str] = "diag_newton"
+    damping: Optional[float] = None
+    diag: Any = field(default=None, compare=False, repr=False)
+    n_probes: int = 32
+    seed: int = 0
+
+    def __post_init__(self):
+        _real("DiagNewton", "damping", self.damping, none_ok=True)
+        _int("DiagNewton", "n_probes", self.n_probes, lo=1)
+        _int("DiagNewton", "seed", self.seed, lo=0, hi=2**63)
+        d = self.diag
+        if d is not None and not isinstance(d, torch.Tensor) and not isinstance(getattr(d, "mean", None),
+                                                                                torch.Tensor):
+            raise TypeError(f"DiagNewton: diag must be None, a DiagEstimate or a flat tensor, got {type(d).__name__}")
+
+    def needs_train(self) -> bool:
+        return True
+
+    def _diag_tensor(self) -> Optional[torch.Tensor]:
+        d = self.diag
+        return None if d is None else (d if isinstance(d, torch.Tensor) else d.mean)
+
+    def prepare(self, prob: Problem) -> None:
+        d = self._diag_tensor()
+        if d is not None and d.numel() != prob.space.numel:
+            raise ValueError(f"DiagNewton: diag has {d.numel()} entries, the model has {prob.space.numel} parameters")
+        if d is None and prob.train is None:
+            raise ValueError("diag_newton without diag= needs train_data (the corrected training data or a "
+                             "subsample) to estimate the Hessian diagonal")
+
+    def delta(self, prob: Problem) -> torch.Tensor:
+        g_s = prob.gradient_difference_s()
+        prob.info["g_norm"] = float(g_s.double().norm())
+        lam = _damping(self, prob)
+        if prob.train is not None:
+            prob.info["n_hessian_points"] = n_points(prob.train)
+        d = self._diag_tensor()
+        if d is None:
+            from . import hessian
+
+            est = hessian.hessian_diag(prob.model, prob.loss, prob.train, n_probes=int(self.n_probes),
+                                       seed=int(self.seed), space=prob.space)
+            if est.info.get("stopped_by") == "interrupted":
+                raise KeyboardInterrupt  # hessian_diag keeps a partial estimate on Ctrl-C; an update must not use it
+            n_probes = int(getattr(est, "n_probes", self.n_probes))
+            prob.counts["hvp"] += n_probes * n_points(prob.train)
+            prob.counts["passes"] += n_probes * sum(1 for _ in prob.train)
+            d = est.mean
+        d_s = d.reshape(-1).index_select(0, prob.coords.indices.to(d.device)).to(device=g_s.device, dtype=g_s.dtype)
+        prob.coords.check_finite(d_s, "unlearn: the Hessian diagonal diag")
+        denom = prob.n_train * d_s.clamp_min(0) + lam
+        if not bool((denom > 0).all()):
+            raise ValueError("diag_newton: zero denominator (diagonal estimate 0 and damping 0); give damping > 0")
+        prob.info["n_clipped_negative"] = int((d_s < 0).sum())
+        return -g_s / denom
+
+
+def _cycle(batches) -> Iterator:
+    """Batches in order, again and again (a list cycles like ``batches[s % len(batches)]``)."""
+    while True:
+        empty = True
+        for b in batches:
+            empty = False
+            yield b
+        if empty:
+            raise ValueError("no batches to cycle through")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SAMFinetune(_Rule):
+    """``steps`` SparseSAM steps on S: each step sees one corrected batch and, with ``retain``, one retained batch
+    (both cycled); the loss is the mean over their points. ``steps`` >= 0 (0 = no-op), ``lr`` and ``rho`` finite and
+    >= 0, ``base`` "sgd" or "adamw"; ``retain``: None or batches of unaffected training points (re-iterable).
+    SAM's second forward runs with BatchNorm statistics frozen (one update per step, relevant only with
+    ``estimation_mode=False`` on a model in train mode). Peak extra memory: SparseSAM's state (k saved weights, plus
+    k or 2k base-optimizer moments) plus the gradients (N, in the parameters' ``.grad``, freed afterwards).
+    """
+
+    name: ClassVar[str] = "sam_finetune"
+    iterative: ClassVar[bool] = True
+    steps: int = 20
+    lr: float = 1e-2
+    rho: float = 0.05
+    base: str = "sgd"
+    retain: Any = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self):
+        _int("SAMFinetune", "steps", self.steps, lo=0)
+        _real("SAMFinetune", "lr", self.lr)
+        _real("SAMFinetune", "rho", self.rho)
+        if self.base not in ("sgd", "adamw"):
+            raise ValueError(f"SAMFinetune: base must be 'sgd' or 'adamw', got {self.base!r}")
+
+    def prepare(self, prob: Problem) -> None:
+        if self.retain is not None:
+            prob.retain = as_batches(self.retain, passes="many", what="retain")
+
+    def run(self, prob: Problem) -> None:
+        from .optim import SparseSAM, frozen_bn_stats
+
+        retain = prob.retain
+        prob.info.update(steps=self.steps, lr=self.lr, rho=self.rho)
+        if self.steps == 0:
+            return
+        model, loss_fn = prob.model, prob.loss
+        opt = SparseSAM(prob.space, prob.coords.selection, base=self.base, lr=self.lr, rho=self.rho)
+        zt = _cycle(prob.corrected)
+        rt = _cycle(retain) if retain is not None else None
+        for _ in range(self.steps):
+            b = [next(zt)] + ([next(rt)] if rt is not None else [])
+            npts = sum(batch_size(bi) for bi in b)
+
+            def closure(b=b):
+                loss = sum(loss_fn(model, bi) * batch_size(bi) for bi in b) / npts
+                if not math.isfinite(float(loss.detach())):
+                    raise NonFiniteError("unlearn: the sam_finetune loss became NaN/Inf; the model was restored")
+                loss.backward()
+                return loss
+
+            opt.zero_grad()
+            closure()
+            opt.first_step()
+            opt.zero_grad()
+            try:
+                with frozen_bn_stats(model):
+                    closure()
+            except BaseException:
+                opt.restore()
+                raise
+            opt.second_step()
+            opt.zero_grad()
+            if opt.last_step_skipped:
+                raise NonFiniteError("unlearn: sam_finetune hit a NaN/Inf gradient on the selection; the model was "
+                                     "restored")
+            prob.counts["grad"] += 2 * npts
+            prob.counts["passes"] += 2 * len(b)
+
+
+@dataclass(frozen=True, kw_only=True)
+class GradientAscent(_Rule):
+    """``steps`` SparseSGD steps on S minimising L_mean(Z̃) − L_mean(Z) (ascent on Z, descent on Z̃), one batch of
+    each per step (cycled). ``steps`` >= 0 (0 = no-op), ``lr`` finite and >= 0. Peak extra memory: the gradients (N,
+    in the parameters' ``.grad``, freed afterwards); SparseSGD without momentum keeps no state."""
+
+    name: ClassVar[str] = "gradient_ascent"
+    iterative: ClassVar[bool] = True
+    steps: int = 20
+    lr: float = 1e-2
+
+    def __post_init__(self):
+        _int("GradientAscent", "steps", self.steps, lo=0)
+        _real("GradientAscent", "lr", self.lr)
+
+    def run(self, prob: Problem) -> None:
+        from .optim import SparseSGD
+
+        prob.info.update(steps=self.steps, lr=self.lr)
+        if self.steps == 0:
+            return
+        model, loss_fn = prob.model, prob.loss
+        opt = SparseSGD(prob.space, prob.coords.selection, lr=self.lr)
+        z, zt = _cycle(prob.affected), _cycle(prob.corrected)
+        for _ in range(self.steps):
+            bz, bzt = next(z), next(zt)
+            opt.zero_grad()
+            loss = loss_fn(model, bzt) - loss_fn(model, bz)
+            if not math.isfinite(float(loss.detach())):
+                raise NonFiniteError("unlearn: the gradient_ascent loss became NaN/Inf; the model was restored")
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            if opt.last_step_skipped:
+                raise NonFiniteError("unlearn: gradient_ascent hit a NaN/Inf gradient on the selection; the model "
+                                     "was restored")
+            prob.counts["grad"] += batch_size(bz) + batch_size(bzt)
+            prob.counts["passes"] += 1
+
+
+_CONFIGS = {c.name: c for c in (FirstOrder, SecondOrder, DiagNewton, SAMFinetune, GradientAscent)}
+assert tuple(_CONFIGS) == METHODS
+
+
+def as_method(method, **overrides) -> _Rule:
+    """A method config from a config (returned as is, or a copy with ``overrides`` validated again) or a method name
+    (its config with defaults, or with ``overrides``). Unknown names raise ValueError, other types TypeError, a field
+    the method does not have TypeError."""
+    if isinstance(method, str):
+        cls = _CONFIGS.get(method)
+        if cls is None:
+            raise ValueError(f"unknown unlearning method {method!r}; choose one of {METHODS}")
+        return cls(**overrides)
+    if isinstance(method, _Rule):
+        if not overrides:
+            return method
+        cls = type(method)
+        kw = {f.name: getattr(method, f.name) for f in fields(cls)}
+        return cls(**{**kw, **overrides})
+    if isinstance(method, type) and issubclass(method, _Rule):
+        raise TypeError(f"method must be a config instance such as {method.__name__}() or a name, got the class")
+    raise TypeError(f"method must be a method config (FirstOrder(...), ...) or one of {METHODS}, "
+                    f"got {type(method).__name__}")

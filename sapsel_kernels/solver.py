@@ -1,0 +1,78 @@
+"""Conjugate gradient for the restricted Newton system of ``unlearn(method="second_order")``.
+
+``cg_solve(matvec, b)`` solves ``A x = b`` for a symmetric A that is only available as a product ``v -> A v`` (here
+``(H_SS + λI) v_S`` through restricted Hessian-vector products), starting from x = 0. It never forms A and keeps
+four vectors of b's size (x, r, p, A p): with b = G_S that is 4k entries for a selection of k coordinates.
+"""
+
+import math
+from typing import Any, Callable, Dict, Tuple
+
+import torch
+
+from .errors import NonFiniteError
+
+__all__ = ["cg_solve"]
+
+
+def cg_solve(matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, max_iter: int = 50,
+             tol: float = 1e-6) -> Tuple[torch.Tensor, Dict[str, Any]]:
+    """Conjugate gradient for ``A x = b`` (A symmetric, given as ``matvec``), from x = 0.
+
+    Args:
+        matvec: ``v -> A v`` for a 1-D tensor v shaped like ``b`` (same dtype and device in and out).
+        b: 1-D floating tensor [k]; the iteration runs in its dtype.
+        max_iter: at most this many products (an int >= 1).
+        tol: stop when ``||r|| <= tol * ||b||`` (finite, >= 0; 0 runs all ``max_iter`` products unless the residual
+            reaches exactly 0).
+
+    Stops on convergence, after ``max_iter`` products, or on non-positive curvature ``pᵀAp <= 0`` (A is not positive
+    definite along p): the iterate so far is returned, as truncated CG does; at the first step that is x = 0, i.e. no
+    update. ``b = 0`` returns x = 0 without a product.
+
+    Returns:
+        ``(x, info)``: x [k] in b's dtype; info = {"iters": products used, "residual": ||r|| / ||b|| (0.0 for b = 0),
+        "negative_curvature": bool}.
+
+    Raises:
+        NonFiniteError: ``b`` or a product ``A p`` holds NaN/Inf (nothing is returned: the caller has not modified
+            anything yet). ValueError: bad ``max_iter`` / ``tol`` / ``b``.
+
+    Peak extra memory: 4 vectors of b's size plus whatever ``matvec`` allocates.
+    """
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+        raise ValueError(f"cg_solve: max_iter must be an int >= 1, got {max_iter!r}")
+    if not (math.isfinite(float(tol)) and float(tol) >= 0):
+        raise ValueError(f"cg_solve: tol must be finite and >= 0, got {tol!r}")
+    if b.dim() != 1 or not b.is_floating_point():
+        raise ValueError(f"cg_solve: b must be a 1-D floating tensor, got {b.dtype} of shape {tuple(b.shape)}")
+    x = torch.zeros_like(b)
+    r = b.clone()
+    p = r.clone()
+    rr = torch.dot(r, r)
+    if not bool(torch.isfinite(rr)):
+        raise NonFiniteError("cg_solve: the right-hand side b contains NaN/Inf (or its norm overflows); "
+                             "nothing was modified")
+    bnorm = float(torch.sqrt(rr))
+    info: Dict[str, Any] = {"iters": 0, "residual": 1.0 if bnorm > 0 else 0.0, "negative_curvature": False}
+    if bnorm == 0.0:
+        return x, info
+    for it in range(max_iter):
+        ap = matvec(p)
+        pap = torch.dot(p, ap)
+        info["iters"] = it + 1
+        if not bool(torch.isfinite(pap)):
+            raise NonFiniteError("cg_solve: the Hessian-vector product produced NaN/Inf; nothing was modified")
+        if float(pap) <= 0.0:
+            info["negative_curvature"] = True
+            break
+        alpha = rr / pap
+        x = x + alpha * p
+        r = r - alpha * ap
+        rr_new = torch.dot(r, r)
+        info["residual"] = float(torch.sqrt(rr_new)) / bnorm
+        if info["residual"] <= tol:
+            break
+        p = r + (rr_new / rr) * p
+        rr = rr_new
+    return x, info

@@ -1,0 +1,216 @@
+"""Selection strategies: which k parameters ``unlearn`` may change, for every strategy of the comparison.
+
+``parameter_scores`` computes the flat score vector a strategy ranks by (and its cost); ``select_parameters`` turns
+it into a :class:`~sapsel_kernels.selection.Selection` of k coordinates, k from the package's one budget rule
+(:func:`~sapsel_kernels.selection.resolve_k`: a float budget is a fraction, k = ceil(fraction · N); an int is k).
+One score estimate serves every budget: pass it back as ``select_parameters(..., scores=...)``.
+
+Scores are computed in the estimation mode of ``hessian_diag`` (eval mode, math attention), restored afterwards.
+"""
+
+import numbers
+import time
+from typing import Dict, Optional, Tuple, Union
+
+import torch
+
+from .data import as_batches, batch_size, make_loss, n_points, slice_batch
+from .errors import check_finite
+from .rules import summed_gradient
+from .selection import Selection, as_selection, resolve_k, select
+from .space import ParamSpace
+
+__all__ = ["STRATEGIES", "parameter_scores", "select_parameters", "last_layer_indices"]
+
+STRATEGIES = ("hessian", "hessian_smallest", "hessian_affected", "hessian_corrected", "all", "last_layer", "random",
+              "grad_abs", "ssd")
+_HESSIAN = ("hessian", "hessian_smallest", "last_layer", "hessian_affected", "hessian_corrected")
+
+
+def _check_strategy(strategy) -> None:
+    if strategy not in STRATEGIES:
+        hint = " ('fisher' is now called 'ssd')" if strategy == "fisher" else ""
+        raise ValueError(f"unknown selection strategy {strategy!r}{hint}; choose one of {STRATEGIES}")
+
+
+def last_layer_indices(space: ParamSpace, prefix: Optional[str] = None) -> torch.Tensor:
+    """Flat int64 indices (ascending, on ``space.device``) of the last layer: every parameter whose module prefix (the
+    name up to the last '.') equals the last parameter's, e.g. ``fc.weight`` and ``fc.bias`` (or ``prefix`` when
+    given). Raises ValueError when no parameter belongs to that layer. Memory: the layer's size in int64."""
+    if prefix is None:
+        prefix = space.names[-1].rsplit(".", 1)[0] if "." in space.names[-1] else space.names[-1]
+    parts = []
+    for name, off, n in zip(space.names, space.offsets, space.numels):
+        if name == prefix or name.rsplit(".", 1)[0] == prefix:
+            parts.append(torch.arange(off, off + n, dtype=torch.int64))
+    if not parts:
+        raise ValueError(f"no parameter belongs to layer {prefix!r}")
+    return torch.cat(parts).to(space.device)
+
+
+def _subsample_points(batches, max_points: Optional[int], seed: int):
+    """At most ``max_points`` points of ``batches`` drawn uniformly without replacement (``seed``), as a list of
+    sub-batches (one per source batch that keeps a point, points in their original order); all of them when
+    ``max_points`` is None or not smaller than the number of points."""
+    sizes = [batch_size(b) for b in batches]
+    total = sum(sizes)
+    if max_points is None or total <= max_points:
+        return batches, total
+    g = torch.Generator().manual_seed(int(seed))
+    keep = torch.sort(torch.randperm(total, generator=g)[:max_points]).values
+    out, off = [], 0
+    for b, n in zip(batches, sizes):
+        local = keep[(keep >= off) & (keep < off + n)] - off
+        if local.numel():
+            out.append(slice_batch(b, local))
+        off += n
+    return out, int(keep.numel())
+
+
+def parameter_scores(model, strategy: str, *, loss_fn=None, data=None, affected=None, corrected=None, seed: int = 0,
+                     n_probes: int = 32, estimator: str = "hutchinson", fisher_points: Optional[int] = 512,
+                     space: Optional[ParamSpace] = None,
+                     **hessian_kw) -> Tuple[Optional[torch.Tensor], Dict[str, float]]:
+    """The flat float32 score vector [N] a score-based strategy ranks by (None for ``all`` / ``random``), and its
+    cost ``{"wall_time_s", "n_gradients", "n_hvps"}`` (per-point counts, as in UnlearnReport).
+
+    * hessian / hessian_smallest / last_layer: diag of the training-loss Hessian at θ* on ``data``
+      (``hessian_diag(..., estimator=estimator, n_probes=n_probes, seed=seed, **hessian_kw)``);
+    * hessian_affected / hessian_corrected: the same on Z (``affected``) / Z̃ (``corrected``);
+    * grad_abs (SalUn): |∇L_mean(Z)|, the magnitude of the mean gradient over the affected points;
+    * ssd (Selective Synaptic Dampening's importance ratio): F_Z / (F_D + 1e-12·mean(F_D)), with F the diagonal
+      EMPIRICAL Fisher (mean over points of the squared per-point gradient, ``hessian_diag(estimator="fisher")``)
+      on Z and on the training data D (``fisher_points`` points of it drawn with ``seed``; None = all):
+      parameters specialised to Z.
+
+    ``loss_fn``: anything ``data.make_loss`` accepts; data arguments follow the batch rule (``data.as_batches``).
+    Raises ValueError for an unknown strategy or missing inputs, TypeError for ``hessian_kw`` given to a strategy
+    that does not call ``hessian_diag``, NonFiniteError for NaN/Inf scores.
+    Peak extra memory: the [N] score vector plus the estimator's own (hessian_diag: about 2N float32 accumulators and
+    probe buffers; ssd: two of those in turn; grad_abs: one [N] accumulator and one backward's gradients).
+    """
+    _check_strategy(strategy)
+    if hessian_kw and strategy not in _HESSIAN:
+        raise TypeError(f"strategy {strategy!r} does not call hessian_diag: unexpected {sorted(hessian_kw)}")
+    space = space or ParamSpace(model)
+    t0 = time.perf_counter()
+    cost = {"n_gradients": 0, "n_hvps": 0}
+    if strategy in ("all", "random"):
+        cost["wall_time_s"] = time.perf_counter() - t0
+        return None, cost
+
+    def need(x, what):
+        if x is None:
+            raise ValueError(f"strategy {strategy!r} needs {what}")
+        return as_batches(x, passes="many", what=what)
+
+    from . import hessian
+
+    loss = make_loss(loss_fn)
+    if strategy in _HESSIAN:
+        src = {"hessian_affected": (affected, "affected"), "hessian_corrected": (corrected, "corrected")}.get(
+            strategy, (data, "data (the training data)"))
+        batches = need(*src)
+        est = hessian.hessian_diag(model, loss, batches, estimator=estimator, n_probes=n_probes, seed=seed,
+                                   space=space, **hessian_kw)
+        scores = est.mean.reshape(-1).to(torch.float32)
+        if estimator in ("hutchinson", "gauss_newton"):
+            cost["n_hvps"] = int(getattr(est, "n_probes", n_probes)) * n_points(batches)
+        else:
+            cost["n_gradients"] = n_points(batches)
+    elif strategy == "grad_abs":
+        batches = need(affected, "affected")
+        with hessian.estimation_mode(model):
+            g, n, _ = summed_gradient(space, model, loss, batches, dtype=torch.float32)
+        scores = (g / n).abs()
+        cost["n_gradients"] = n
+    else:  # ssd
+        bz = need(affected, "affected")
+        bd = need(data, "data (the training data)")
+        bd, nd = _subsample_points(bd, fisher_points, seed)
+        fz = hessian.hessian_diag(model, loss, bz, estimator="fisher", space=space).mean.reshape(-1)
+        fd = hessian.hessian_diag(model, loss, bd, estimator="fisher", space=space).mean.reshape(-1)
+        scores = (fz / (fd + 1e-12 * float(fd.mean()) + torch.finfo(fd.dtype).tiny)).to(torch.float32)
+        cost["n_gradients"] = n_points(bz) + nd
+    if scores.numel() != space.numel:
+        raise ValueError(f"score vector has {scores.numel()} entries, the model has {space.numel}")
+    check_finite(scores, f"strategy {strategy!r}: the scores", space=space, suffix="they cannot be ranked")
+    cost["wall_time_s"] = time.perf_counter() - t0
+    return scores, cost
+
+
+def _budget_k(budget, n: int) -> int:
+    """THE budget rule (``resolve_k``): an int budget is k, a real one a fraction in (0, 1]; k >= 1 here."""
+    if isinstance(budget, bool):
+        raise TypeError("budget must be a fraction in (0, 1] or an int k, got a bool")
+    if isinstance(budget, numbers.Integral):
+        k = resolve_k(n, k=int(budget), what=" (budget)")
+    elif isinstance(budget, numbers.Real):
+        k = resolve_k(n, fraction=float(budget), what=" (budget)")
+    else:
+        raise TypeError(f"budget must be a fraction in (0, 1] or an int k, got {type(budget).__name__}")
+    if k < 1:
+        raise ValueError(f"budget k={k}: a strategy must select at least one of the {n} parameters")
+    return k
+
+
+def select_parameters(model, strategy: str = "hessian", budget: Union[int, float] = 0.01, *, loss_fn=None,
+                      data=None, affected=None, corrected=None, seed: int = 0, scores: Optional[torch.Tensor] = None,
+                      last_layer_prefix: Optional[str] = None, space: Optional[ParamSpace] = None,
+                      n_probes: int = 32, estimator: str = "hutchinson",
+                      fisher_points: Optional[int] = 512) -> Selection:
+    """Build the parameter subset S for one strategy at budget k.
+
+    Args:
+        budget: a fraction in (0, 1] of the N trainable parameters (k = ceil(fraction · N), at least 1: the package's
+            budget rule ``resolve_k``, the same k as ``select(fraction=...)``) or an int k in [1, N].
+        strategy:
+            * ``hessian`` (default): the k largest entries of diag(H) of the training loss at θ* (on ``data``);
+            * ``hessian_smallest``: the k smallest (signed) entries of the same diagonal;
+            * ``hessian_affected`` / ``hessian_corrected``: the k largest diag(H) of the loss on Z / on Z̃;
+            * ``all``: every parameter (the budget is validated, then ignored: k = N);
+            * ``last_layer``: the last layer's parameters (see ``last_layer_indices``); when k is smaller than the
+              layer, its k largest diag(H) entries (training loss); when k is larger, the whole layer only
+              (|S| = layer size < k: the only strategy that may return fewer than k);
+            * ``random``: k uniformly random coordinates (``seed``): the control at the same size;
+            * ``grad_abs``: SalUn's saliency, the k largest |∇L(Z)|;
+            * ``ssd``: the k largest SSD importance ratios F_Z / F_D (see ``parameter_scores``).
+        scores: a precomputed score vector from ``parameter_scores`` for this strategy (skips the estimate, so one
+            estimate serves several budgets).
+        n_probes, estimator, fisher_points, seed: passed to ``parameter_scores``.
+
+    Returns:
+        A Selection over the model's ParamSpace (int64 ascending indices on its device).
+
+    Raises:
+        ValueError (unknown strategy, missing inputs, budget out of range), TypeError (budget type),
+        NonFiniteError (NaN/Inf scores).
+
+    Peak extra memory: ``parameter_scores``' (unless ``scores`` is given) plus O(k) for the ranking (``random``: a
+    permutation of N int64).
+    """
+    _check_strategy(strategy)
+    space = space or ParamSpace(model)
+    k = _budget_k(budget, space.numel)
+    if strategy == "all":
+        return as_selection(torch.arange(space.numel, device=space.device), space)
+    if strategy == "random":
+        g = torch.Generator().manual_seed(int(seed))
+        return as_selection(torch.randperm(space.numel, generator=g)[:k].to(space.device), space)
+    ll = None
+    if strategy == "last_layer":
+        ll = last_layer_indices(space, last_layer_prefix)
+        if k >= ll.numel():
+            return as_selection(ll, space)
+    if scores is None:
+        scores, _ = parameter_scores(model, strategy, loss_fn=loss_fn, data=data, affected=affected,
+                                     corrected=corrected, seed=seed, space=space, n_probes=n_probes,
+                                     estimator=estimator, fisher_points=fisher_points)
+    scores = scores.reshape(-1).to(torch.float32)
+    if scores.numel() != space.numel:
+        raise ValueError(f"scores have {scores.numel()} entries, the model has {space.numel} parameters")
+    if ll is not None:
+        # top-k among the layer's own scores, mapped back to flat indices
+        local = select(scores[ll.to(scores.device)], k=k, largest=True).indices
+        return as_selection(ll[local.to(ll.device)], space)
+    return select(scores, k=k, largest=(strategy != "hessian_smallest"), space=space)

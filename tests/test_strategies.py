@@ -1,0 +1,271 @@
+"""select_parameters / parameter_scores: every strategy against an independent oracle on a tiny float64 model.
+
+Oracles: torch.func.hessian (exact diagonal), torch.func.grad / vmap (per-point gradients, hence the empirical
+Fisher), a stable sort for the top-k sets (the test data has no tie at the boundary, asserted), and
+``math.ceil(fraction * N)`` for the budget rule.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, grad, hessian, vmap
+
+import sapsel_kernels as sk
+from sapsel_kernels.selection import resolve_k, select
+from sapsel_kernels.space import ParamSpace
+from sapsel_kernels.strategies import STRATEGIES, last_layer_indices, parameter_scores, select_parameters
+
+D_IN, H, C = 3, 4, 3
+
+
+class Tiny(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l1 = torch.nn.Linear(D_IN, H)
+        self.fc = torch.nn.Linear(H, C)
+
+    def forward(self, x):
+        return self.fc(torch.tanh(self.l1(x)))
+
+
+def loss_fn(model, batch):
+    x, y = batch
+    return F.cross_entropy(model(x), y)
+
+
+@pytest.fixture
+def setup():
+    torch.manual_seed(0)
+    model = Tiny().double()
+    x = torch.randn(20, D_IN, dtype=torch.float64)
+    y = torch.randint(0, C, (20,))
+    zi = torch.arange(5)
+    return model, (x[zi], (y[zi] + 1) % C), (x[zi], y[zi]), (x, y)
+
+
+def _summed(model):
+    names = [(n, p.shape, p.numel()) for n, p in model.named_parameters()]
+
+    def unflat(theta):
+        out, off = {}, 0
+        for n, s, k in names:
+            out[n] = theta[off:off + k].view(s)
+            off += k
+        return out
+
+    def summed(theta, x, y):
+        return F.cross_entropy(functional_call(model, unflat(theta), (x,)), y, reduction="sum")
+
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]), summed
+
+
+def _topk_set(scores, k, largest=True):
+    v, i = torch.sort(scores, descending=largest, stable=True)
+    assert v[k - 1] != v[k], "test data has a tie at the selection boundary"
+    return set(i[:k].tolist())
+
+
+def _exact_diag_mean(model, data):
+    theta0, summed = _summed(model)
+    return torch.diagonal(hessian(summed)(theta0, *data)) / data[0].shape[0]
+
+
+def _fisher(model, data):
+    """Diagonal empirical Fisher: mean over points of the squared per-point gradient (float64)."""
+    theta0, summed = _summed(model)
+    per = vmap(grad(lambda t, x, y: summed(t, x[None], y[None])), in_dims=(None, 0, 0))
+    return (per(theta0, *data) ** 2).mean(0)
+
+
+# ------------------------------------------------------------------------------------------- the budget rule
+def test_budget_rule_is_resolve_k():
+    # DigitsCNN of the labels demo: 7,178 parameters. fraction 0.001 -> ceil(7.178) = 8 everywhere
+    from sapsel_kernels.demo.labels import DigitsCNN
+
+    model = DigitsCNN()
+    sp = ParamSpace(model)
+    assert sp.numel == 7178
+    scores = torch.randn(sp.numel)
+    assert select(scores, fraction=0.001).k == 8
+    assert select_parameters(model, "random", 0.001).k == 8
+    assert select_parameters(model, "random", 0.001, scores=None).k == resolve_k(sp.numel, fraction=0.001)
+    for b in (1e-9, 0.0105, 0.01, 0.05, 0.1, 0.5, 1.0):
+        assert select_parameters(model, "random", b).k == min(sp.numel, max(1, math.ceil(b * sp.numel - 1e-6))), b
+        assert select_parameters(model, "random", b).k == select(scores, fraction=b).k, b
+
+
+def test_budget_int_and_errors(setup):
+    model, aff, cor, train = setup
+    n = ParamSpace(model).numel
+    assert select_parameters(model, "random", 7).k == 7
+    assert select_parameters(model, "random", n).k == n
+    assert select_parameters(model, "random", 0.1).k == math.ceil(0.1 * n)
+    for bad in (0.0, 1.5, -0.1, float("nan"), 0, -3, n + 1):
+        with pytest.raises(ValueError):
+            select_parameters(model, "random", bad)
+    for bad in (True, "0.1", None):
+        with pytest.raises(TypeError):
+            select_parameters(model, "random", bad)
+    with pytest.raises(ValueError):
+        select_parameters(model, "all", 0.0)  # validated even where it is ignored
+
+
+# ------------------------------------------------------------------------------------------- strategies
+@pytest.mark.parametrize("strategy,source,largest", [
+    ("hessian", "train", True), ("hessian_smallest", "train", False),
+    ("hessian_affected", "affected", True), ("hessian_corrected", "corrected", True)])
+def test_hessian_strategies_pick_extreme_exact_diagonal(setup, strategy, source, largest):
+    model, aff, cor, train = setup
+    data = {"train": train, "affected": aff, "corrected": cor}[source]
+    k = 6
+    sel = select_parameters(model, strategy, k, loss_fn=loss_fn, data=train, affected=aff, corrected=cor,
+                            estimator="exact")
+    oracle = _exact_diag_mean(model, data).float()
+    assert set(sel.indices.tolist()) == _topk_set(oracle, k, largest)
+    assert sel.k == k and sel.space_signature == ParamSpace(model).signature
+    assert sel.indices.dtype == torch.int64 and bool((sel.indices[1:] > sel.indices[:-1]).all())
+
+
+def test_hutchinson_default_is_close_to_exact(setup):
+    # the default estimator (Hutchinson) ranks by an estimate of the same diagonal: its scores agree with the exact
+    # diagonal within 6 standard errors per coordinate, and they are hessian_diag's
+    model, aff, cor, train = setup
+    scores, cost = parameter_scores(model, "hessian", loss_fn=loss_fn, data=train, n_probes=64)
+    exact = _exact_diag_mean(model, train).float()
+    est = sk.hessian_diag(model, loss_fn, train, n_probes=64)
+    torch.testing.assert_close(scores, est.mean)
+    z = (scores - exact).abs() / est.stderr.clamp_min(1e-12)
+    assert float(z.max()) < 6.0
+    assert cost["n_hvps"] == 64 * 20 and cost["wall_time_s"] >= 0
+
+
+def test_precomputed_scores_are_reused(setup):
+    model, aff, cor, train = setup
+    scores, _ = parameter_scores(model, "hessian", loss_fn=loss_fn, data=train, estimator="exact")
+    a = select_parameters(model, "hessian", 5, scores=scores)  # no data needed
+    b = select_parameters(model, "hessian", 5, loss_fn=loss_fn, data=train, estimator="exact")
+    assert torch.equal(a.indices, b.indices)
+    with pytest.raises(ValueError, match="entries"):
+        select_parameters(model, "hessian", 5, scores=torch.ones(3))
+
+
+def test_loss_rule_criterion(setup):
+    # a torch loss module works wherever loss_fn does
+    model, aff, cor, train = setup
+    a = select_parameters(model, "hessian", 6, loss_fn=loss_fn, data=train, estimator="exact")
+    b = select_parameters(model, "hessian", 6, loss_fn=torch.nn.CrossEntropyLoss(), data=train, estimator="exact")
+    assert torch.equal(a.indices, b.indices)
+
+
+def test_last_layer_strategy(setup):
+    model, aff, cor, train = setup
+    sp = ParamSpace(model)
+    ll = last_layer_indices(sp)
+    lo, hi = sp.range_of("fc.weight")[0], sp.range_of("fc.bias")[1]
+    assert ll.tolist() == list(range(lo, hi))
+    assert last_layer_indices(sp, "l1").tolist() == list(range(0, lo))
+    with pytest.raises(ValueError, match="no parameter"):
+        last_layer_indices(sp, "nope")
+    big = select_parameters(model, "last_layer", 0.9, loss_fn=loss_fn, data=train)
+    assert big.indices.tolist() == ll.tolist()  # budget above the layer size: the whole layer only
+    k = 5
+    small = select_parameters(model, "last_layer", k, loss_fn=loss_fn, data=train, estimator="exact")
+    d = _exact_diag_mean(model, train).float()[lo:hi]
+    assert set(small.indices.tolist()) == {lo + i for i in _topk_set(d, k)}
+
+
+def test_all_and_random_control(setup):
+    model, aff, cor, train = setup
+    n = ParamSpace(model).numel
+    assert select_parameters(model, "all", 0.1).indices.tolist() == list(range(n))
+    r1 = select_parameters(model, "random", 7, seed=3)
+    r2 = select_parameters(model, "random", 7, seed=3)
+    r3 = select_parameters(model, "random", 7, seed=4)
+    assert torch.equal(r1.indices, r2.indices) and not torch.equal(r1.indices, r3.indices)
+    assert r1.k == 7 and len(set(r1.indices.tolist())) == 7
+    # the random control has the size of the strategy it controls, at every budget
+    for b in (0.05, 0.2, 7):
+        h = select_parameters(model, "hessian", b, loss_fn=loss_fn, data=train, estimator="exact")
+        assert select_parameters(model, "random", b, seed=1).k == h.k
+    assert parameter_scores(model, "random")[0] is None and parameter_scores(model, "all")[0] is None
+
+
+def test_grad_abs(setup):
+    model, aff, cor, train = setup
+    theta0, summed = _summed(model)
+    g = (grad(summed)(theta0, *aff) / 5).abs().float()
+    ga = select_parameters(model, "grad_abs", 6, loss_fn=loss_fn, affected=aff)
+    assert set(ga.indices.tolist()) == _topk_set(g, 6)
+    # uneven batches: the mean over points, not over batches
+    split = [(aff[0][:2], aff[1][:2]), (aff[0][2:], aff[1][2:])]
+    s, cost = parameter_scores(model, "grad_abs", loss_fn=loss_fn, affected=split)
+    torch.testing.assert_close(s, g, rtol=1e-6, atol=1e-7)
+    assert cost["n_gradients"] == 5
+
+
+def test_ssd_is_the_ratio_of_empirical_fishers(setup):
+    model, aff, cor, train = setup
+    ratio = (_fisher(model, aff) / _fisher(model, train)).float()
+    sel = select_parameters(model, "ssd", 6, loss_fn=loss_fn, affected=aff, data=train)
+    assert set(sel.indices.tolist()) == _topk_set(ratio, 6)
+    scores, cost = parameter_scores(model, "ssd", loss_fn=loss_fn, affected=aff, data=train)
+    torch.testing.assert_close(scores, ratio, rtol=1e-4, atol=0)
+    assert cost["n_gradients"] == 5 + 20
+    # batching does not matter (a mean over points), and the F_D sample is fisher_points points drawn with seed
+    split = [(train[0][:7], train[1][:7]), (train[0][7:], train[1][7:])]
+    s2, _ = parameter_scores(model, "ssd", loss_fn=loss_fn, affected=aff, data=split)
+    torch.testing.assert_close(s2, scores, rtol=1e-5, atol=0)
+    s3, c3 = parameter_scores(model, "ssd", loss_fn=loss_fn, affected=aff, data=split, fisher_points=8, seed=2)
+    keep = torch.sort(torch.randperm(20, generator=torch.Generator().manual_seed(2))[:8]).values
+    sub = (train[0][keep], train[1][keep])
+    torch.testing.assert_close(s3, (_fisher(model, aff) / _fisher(model, sub)).float(), rtol=1e-4, atol=0)
+    assert c3["n_gradients"] == 5 + 8
+
+
+def test_strategy_names_and_errors(setup):
+    model, aff, cor, train = setup
+    assert STRATEGIES == ("hessian", "hessian_smallest", "hessian_affected", "hessian_corrected", "all",
+                          "last_layer", "random", "grad_abs", "ssd")
+    with pytest.raises(ValueError, match="unknown selection strategy"):
+        select_parameters(model, "magic", 3)
+    with pytest.raises(ValueError, match="now called 'ssd'"):
+        select_parameters(model, "fisher", 3, loss_fn=loss_fn, affected=aff, data=train)
+    with pytest.raises(ValueError, match="needs data"):
+        select_parameters(model, "hessian", 3, loss_fn=loss_fn)
+    with pytest.raises(ValueError, match="needs affected"):
+        select_parameters(model, "grad_abs", 3, loss_fn=loss_fn)
+    with pytest.raises(ValueError, match="needs data"):
+        select_parameters(model, "ssd", 3, loss_fn=loss_fn, affected=aff)
+    with pytest.raises(TypeError, match="one-shot"):
+        select_parameters(model, "hessian", 3, loss_fn=loss_fn, data=iter([train]))
+    with pytest.raises(TypeError, match="hessian_diag"):
+        parameter_scores(model, "grad_abs", loss_fn=loss_fn, affected=aff, hvp="rev_rev")
+    s, _ = parameter_scores(model, "hessian", loss_fn=loss_fn, data=train, n_probes=4, hvp="rev_rev")
+    assert s.shape == (ParamSpace(model).numel,)
+    assert sk.select_parameters is select_parameters and sk.parameter_scores is parameter_scores
+
+
+def test_nonfinite_scores_raise(setup):
+    model, aff, cor, train = setup
+    bad = (train[0].clone(), train[1])
+    bad[0][0, 0] = float("nan")
+    with pytest.raises(sk.NonFiniteError):
+        select_parameters(model, "grad_abs", 3, loss_fn=loss_fn, affected=bad)
+    with pytest.raises(sk.NonFiniteError):
+        select_parameters(model, "hessian", 3, scores=torch.full((ParamSpace(model).numel,), float("nan")))
+
+
+def test_scores_in_estimation_mode():
+    # BatchNorm in train mode: the scores are those of the eval-mode model, and the mode and buffers are restored
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 3)).double()
+    x = torch.randn(12, 3, dtype=torch.float64)
+    y = torch.randint(0, 3, (12,))
+    bufs = {n: b.clone() for n, b in model.named_buffers()}
+    s_train, _ = parameter_scores(model, "grad_abs", loss_fn=loss_fn, affected=(x, y))
+    assert model.training and all(torch.equal(b, bufs[n]) for n, b in model.named_buffers())
+    model.eval()
+    s_eval, _ = parameter_scores(model, "grad_abs", loss_fn=loss_fn, affected=(x, y))
+    assert torch.equal(s_train, s_eval)

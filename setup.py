@@ -5,8 +5,8 @@ without it. Settings (environment variables):
 
 * ``SAPSEL_BUILD_EXT=auto|0|1``  auto (default): build, and on failure warn once and install without the extension;
   0: never build; 1: build and fail loudly on any error.
-* ``SAPSEL_BUILD_CUDA=auto|0|1`` reserved for CUDA C++ sources (the CUDA path is served by Triton today).
-* ``MAX_JOBS``                    parallel compile jobs for ninja (default: number of cores).
+* ``MAX_JOBS``                    parallel compile jobs, read by torch's BuildExtension (default: ninja's, which is
+  derived from the number of cores).
 
 torch is imported lazily (inside the build step), never at the top of this file, and the extension is built against
 the torch that is installed in the environment: install with ``pip install --no-build-isolation``.

@@ -6,7 +6,8 @@ namespace sapsel {
 
 // z for global flat indices [offset, offset + n) of one probe, as float32.
 torch::Tensor rademacher_cpu(int64_t n, int64_t offset, int64_t probe, int64_t seed) {
-  TORCH_CHECK(n >= 0 && offset >= 0, "rademacher: n and offset must be >= 0");
+  TORCH_CHECK_VALUE(n >= 0, "rademacher: n must be >= 0, got ", n);
+  check_index_range(offset, n, "rademacher");
   auto out = torch::empty({n}, torch::kFloat32);
   float* o = out.data_ptr<float>();
   at::parallel_for(0, n, 1 << 14, [&](int64_t b, int64_t e) {

@@ -71,7 +71,15 @@ inline uint16_t float_key16(uint16_t bits) {
   return (bits & 0x8000u) ? static_cast<uint16_t>(~bits) : static_cast<uint16_t>(bits | 0x8000u);
 }
 
+// Global flat indices (the probe layout's i, ParamSpace offsets) live in [0, 2^62): the group arithmetic
+// ((g + 1) << 7) and offset + n then cannot overflow int64 (2^62 is ~4.6e18 parameters, far past any model).
+constexpr int64_t kMaxGlobalIndex = int64_t(1) << 62;
+
+inline void check_index_range(int64_t offset, int64_t n, const char* name) {
+  TORCH_CHECK_VALUE(offset >= 0 && n >= 0 && offset <= kMaxGlobalIndex - n, name,
+                    ": offset must be >= 0 and offset + numel <= 2^62, got offset ", offset, " for ", n, " elements");
+}
+
 #define SAPSEL_CHECK_CPU(t) TORCH_CHECK((t).device().is_cpu(), #t " must be a CPU tensor, got ", (t).device())
-#define SAPSEL_CHECK_CONTIG(t) TORCH_CHECK((t).is_contiguous(), #t " must be contiguous")
 
 }  // namespace sapsel

@@ -109,19 +109,20 @@ void check_acc(const torch::Tensor& mean, const torch::Tensor& m2, const torch::
   SAPSEL_CHECK_CPU(mean);
   SAPSEL_CHECK_CPU(m2);
   SAPSEL_CHECK_CPU(hz);
-  TORCH_CHECK(mean.scalar_type() == at::kFloat && m2.scalar_type() == at::kFloat, name,
-              ": mean and m2 must be float32, got ", mean.scalar_type(), " and ", m2.scalar_type());
-  SAPSEL_CHECK_CONTIG(mean);
-  SAPSEL_CHECK_CONTIG(m2);
-  TORCH_CHECK(mean.sizes() == m2.sizes(), name, ": mean and m2 must have the same shape");
+  TORCH_CHECK_TYPE(mean.scalar_type() == at::kFloat && m2.scalar_type() == at::kFloat, name,
+                   ": mean and m2 must be float32, got ", mean.scalar_type(), " and ", m2.scalar_type());
+  TORCH_CHECK_VALUE(mean.is_contiguous() && m2.is_contiguous(), name, ": mean and m2 must be contiguous");
+  TORCH_CHECK_VALUE(mean.sizes() == m2.sizes(), name, ": mean and m2 must have the same shape, got ", mean.sizes(),
+                    " and ", m2.sizes());
   const auto st = hz.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16, name,
-              ": hz must be float32/float64/float16/bfloat16, got ", st);
-  TORCH_CHECK(offset >= 0, name, ": offset must be >= 0, got ", offset);
-  TORCH_CHECK(count >= 0, name, ": count (samples already accumulated) must be >= 0, got ", count);
-  TORCH_CHECK(seed >= 0, name, ": seed must be in [0, 2^63), got ", seed);
-  TORCH_CHECK(probe >= 0 && (m == 0 || probe + m - 1 < (int64_t(1) << 32)), name, ": probes ", probe, "..",
-              probe + m - 1, " exceed the probe range [0, 2^32)");
+  TORCH_CHECK_TYPE(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16, name,
+                   ": hz must be float32/float64/float16/bfloat16, got ", st);
+  check_index_range(offset, mean.numel(), name);
+  TORCH_CHECK_VALUE(count >= 0 && count <= kMaxGlobalIndex - m, name,
+                    ": count (samples already accumulated) must be in [0, 2^62 - m), got ", count);
+  TORCH_CHECK_VALUE(seed >= 0, name, ": seed must be in [0, 2^63), got ", seed);
+  TORCH_CHECK_VALUE(probe >= 0 && (m == 0 || probe + m - 1 < (int64_t(1) << 32)), name, ": probes ", probe, "..",
+                    probe + m - 1, " exceed the probe range [0, 2^32)");
 }
 
 void accumulate_impl(torch::Tensor& mean, torch::Tensor& m2, const torch::Tensor& hz_in, int64_t m, int64_t offset,
@@ -153,13 +154,13 @@ namespace {
 
 void check_probe(const torch::Tensor& t, int64_t offset, int64_t probe, int64_t seed, bool batched, const char* name) {
   SAPSEL_CHECK_CPU(t);
-  TORCH_CHECK(at::isFloatingType(t.scalar_type()), name, ": the tensor must be floating, got ", t.scalar_type());
-  TORCH_CHECK(offset >= 0, name, ": offset must be >= 0, got ", offset);
-  TORCH_CHECK(seed >= 0, name, ": seed must be in [0, 2^63), got ", seed);
-  TORCH_CHECK(!batched || t.dim() >= 1, name, "(batched=True): the tensor needs a leading probe dimension");
+  TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), name, ": the tensor must be floating, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(!batched || t.dim() >= 1, name, "(batched=True): the tensor needs a leading probe dimension");
   const int64_t m = batched ? t.size(0) : 1;
-  TORCH_CHECK(probe >= 0 && (m == 0 || probe + m - 1 < (int64_t(1) << 32)), name, ": probes ", probe, "..",
-              probe + m - 1, " exceed the probe range [0, 2^32)");
+  check_index_range(offset, m == 0 ? 0 : t.numel() / m, name);
+  TORCH_CHECK_VALUE(seed >= 0, name, ": seed must be in [0, 2^63), got ", seed);
+  TORCH_CHECK_VALUE(probe >= 0 && (m == 0 || probe + m - 1 < (int64_t(1) << 32)), name, ": probes ", probe, "..",
+                    probe + m - 1, " exceed the probe range [0, 2^32)");
 }
 
 // Probe values into a contiguous float32 buffer of m rows x n (row j = probe + j).
@@ -218,18 +219,18 @@ torch::Tensor rademacher_probe_cpu(const torch::Tensor& like, int64_t offset, in
 void hutchinson_accumulate_cpu(torch::Tensor mean, torch::Tensor m2, const torch::Tensor& hz, int64_t offset,
                                int64_t probe, int64_t seed, int64_t count) {
   check_acc(mean, m2, hz, offset, probe, seed, count, 1, "hutchinson_accumulate");
-  TORCH_CHECK(hz.numel() == mean.numel(), "hutchinson_accumulate: hz has ", hz.numel(), " elements, mean has ",
-              mean.numel());
+  TORCH_CHECK_VALUE(hz.numel() == mean.numel(), "hutchinson_accumulate: hz has ", hz.numel(), " elements, mean has ",
+                    mean.numel());
   accumulate_impl(mean, m2, hz, 1, offset, probe, seed, count);
 }
 
 void hutchinson_accumulate_batched_cpu(torch::Tensor mean, torch::Tensor m2, const torch::Tensor& hz,
                                        int64_t offset, int64_t probe, int64_t seed, int64_t count) {
-  TORCH_CHECK(hz.dim() >= 1, "hutchinson_accumulate_batched: hz must be [m, ...] with m probes in dimension 0");
+  TORCH_CHECK_VALUE(hz.dim() >= 1, "hutchinson_accumulate_batched: hz must be [m, ...] with m probes in dimension 0");
   const int64_t m = hz.size(0);
   check_acc(mean, m2, hz, offset, probe, seed, count, m, "hutchinson_accumulate_batched");
-  TORCH_CHECK(m == 0 || hz.numel() / m == mean.numel(), "hutchinson_accumulate_batched: each row of hz must have ",
-              "mean.numel() = ", mean.numel(), " elements, got hz of shape ", hz.sizes());
+  TORCH_CHECK_VALUE(m == 0 || hz.numel() / m == mean.numel(), "hutchinson_accumulate_batched: each row of hz must ",
+                    "have mean.numel() = ", mean.numel(), " elements, got hz of shape ", hz.sizes());
   accumulate_impl(mean, m2, hz, m, offset, probe, seed, count);
 }
 

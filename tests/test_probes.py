@@ -103,6 +103,8 @@ def test_accumulate_is_welford_of_z_times_hz(backend):
     (dict(probe=2**32 - 1), "probe"),
     (dict(seed=-1), "seed"),
     (dict(m2=torch.zeros(20)[::2]), "contiguous"),
+    (dict(offset=2**62), "offset"),  # offset + numel past the global index range: int64 overflow in the kernels
+    (dict(count=2**63 - 1), "count"),
 ])
 def test_accumulate_bad_input_raises_before_writing(backend, bad, match):
     args = dict(mean=torch.ones(10), m2=torch.ones(10), hz=torch.randn(2, 10), offset=0, probe=0, seed=0, count=0)
@@ -112,6 +114,52 @@ def test_accumulate_bad_input_raises_before_writing(backend, bad, match):
         OPS.hutchinson_accumulate_batched(args["mean"], args["m2"], args["hz"], args["offset"], args["probe"],
                                           args["seed"], args["count"])
     assert torch.equal(args["mean"], before[0]) and torch.equal(args["m2"], before[1])
+
+
+@pytest.mark.parametrize("bad,exc,match", [
+    (dict(offset=-1), ValueError, "offset"),
+    (dict(offset=2**63 - 5), ValueError, "offset"),
+    (dict(out=torch.zeros(3, 10, dtype=torch.int32)), TypeError, "floating"),
+    (dict(out=torch.zeros(()), batched=True), ValueError, "leading probe dimension"),
+    (dict(probe=2**32 - 2), ValueError, "probe"),
+    (dict(seed=-5), ValueError, "seed"),
+])
+def test_fill_bad_input_raises_before_writing(backend, bad, exc, match):
+    args = dict(out=torch.full((3, 10), 7.0), offset=0, probe=0, seed=0, batched=True)
+    args.update(bad)
+    before = args["out"].clone()
+    with pytest.raises(exc, match=match):
+        OPS.rademacher_fill(args["out"], args["offset"], args["probe"], args["seed"], args["batched"])
+    assert torch.equal(args["out"], before)
+    if "out" not in bad:
+        with pytest.raises(exc, match=match):
+            OPS.rademacher_probe(args["out"], args["offset"], args["probe"], args["seed"], args["batched"])
+
+
+def test_inplace_probe_ops_bump_version_counters(backend):
+    """A graph that saved the buffer an op writes raises on backward (as after any in-place torch op)."""
+    out = torch.zeros(2, 50, requires_grad=True)
+    y = (out * out).sum()
+    with torch.no_grad():
+        OPS.rademacher_fill(out, 0, 0, 1, True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
+    mean, m2 = torch.zeros(50), torch.zeros(50)
+    v0, v1 = mean._version, m2._version
+    OPS.hutchinson_accumulate(mean, m2, torch.randn(50), 0, 0, 1, 0)
+    assert mean._version > v0 and m2._version > v1
+    v0, v1 = mean._version, m2._version
+    OPS.hutchinson_accumulate_batched(mean, m2, torch.randn(3, 50), 0, 1, 1, 1)
+    assert mean._version > v0 and m2._version > v1
+
+
+def test_meta_tensors_get_the_argument_checks():
+    meta = torch.empty(3, 10, device="meta")
+    assert OPS.rademacher_probe(meta, 0, 0, 1, True).shape == (3, 10)
+    with pytest.raises(ValueError, match="offset"):
+        OPS.rademacher_fill(meta, -1, 0, 1, True)
+    with pytest.raises(TypeError, match="float32"):
+        OPS.hutchinson_accumulate(meta[0].double(), meta[0], meta[0], 0, 0, 1, 0)
 
 
 def test_reference_single_and_batched_agree_on_empty():

@@ -59,3 +59,14 @@ def test_forcing_an_unavailable_backend_names_the_reason(monkeypatch):
     with sk.use_backend("triton"):
         with pytest.raises(RuntimeError, match=f"sapsel::{name}: backend 'triton' is not available for cpu"):
             REGISTRY[name].backend_for("cpu")
+
+
+def test_mutated_arguments_come_from_the_schema():
+    """Every ``Tensor(a!)`` argument (and only those) gets its version counter bumped by the op layer."""
+    assert REGISTRY["sam_perturb"].mutates == ((0, "params"), (4, "saved"))
+    assert REGISTRY["sparse_sgd_step"].mutates == ((0, "params"), (4, "momentum_buffers"))
+    assert REGISTRY["sparse_adamw_step"].mutates == ((0, "params"), (4, "exp_avg"), (5, "exp_avg_sq"))
+    assert REGISTRY["hutchinson_accumulate"].mutates == ((0, "mean"), (1, "m2"))
+    assert REGISTRY["rademacher_fill"].mutates == ((0, "out"),)
+    for name, e in REGISTRY.items():
+        assert bool(e.mutates) == ("!" in e.schema), name

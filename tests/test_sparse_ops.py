@@ -90,10 +90,13 @@ def test_functional_sam_with_functional_call():
     assert torch.allclose(g1, g2, rtol=0, atol=1e-14)
 
 
-def test_bad_indices():
+def test_bad_indices(backend):
+    # the ops validate every call themselves (the full battery is tests/test_ops_fuzz.py)
     flat = torch.randn(10)
-    with pytest.raises(IndexError):
+    with pytest.raises(IndexError, match=r"sparse_gather: idx\[1\] = 10 is out of range \[0, 10\)"):
         sparse_gather(flat, torch.tensor([2, 10]))
+    with pytest.raises(IndexError, match=r"idx\[1\] = 1000000000000 is out of range"):
+        sparse_gather(flat, torch.tensor([0, 10**12, 1]))  # unsorted: only the ends were checked once (a segfault)
     with pytest.raises(ValueError, match="ascending"):
         sparse_gather(flat, torch.tensor([5, 2]))
     with pytest.raises(ValueError, match="ascending"):
@@ -104,6 +107,37 @@ def test_bad_indices():
         sparse_add(flat, torch.tensor([1, 2]), torch.ones(3))
     with pytest.raises(ValueError, match="match"):
         sparse_add(flat, torch.tensor([1, 2]), torch.ones(2, dtype=torch.float64))
+    with pytest.raises(ValueError, match="contiguous"):
+        sparse_gather(flat, torch.tensor([1, 0, 3, 0])[::2])
+
+
+def test_bad_indices_in_a_later_tensor_write_nothing(backend):
+    """sam_perturb on a 1000-element parameter with [0, 1100, 1]: rejected (it used to write element 1100 of the
+    base buffer); the valid first tensor is not half-updated either."""
+    base = torch.randn(3000)
+    params = [base[:1000], base[1000:2000]]
+    grads = [torch.randn(1000), torch.randn(1000)]
+    idx = [torch.tensor([3, 500]), torch.tensor([1000, 2100, 1001])]
+    saved = [torch.zeros(2), torch.zeros(3)]
+    before = base.clone(), [s.clone() for s in saved]
+    with pytest.raises(IndexError, match=r"sam_perturb: idx\[1\]\[1\] = 2100 is out of range \[1000, 2000\)"):
+        torch.ops.sapsel.sam_perturb(params, grads, idx, [0, 1000], saved, 1.0, 0.0, False)
+    assert torch.equal(base, before[0]) and all(torch.equal(a, b) for a, b in zip(saved, before[1]))
+
+
+def test_meta_tensors_get_the_metadata_checks():
+    """The fake kernels apply the metadata contract (values need data: the real kernels check those)."""
+    flat = torch.empty(10, device="meta")
+    assert torch.ops.sapsel.sparse_gather(flat, torch.empty(4, dtype=torch.int64, device="meta")).shape == (4,)
+    with pytest.raises(ValueError, match="int64"):
+        torch.ops.sapsel.sparse_gather(flat, torch.empty(4, dtype=torch.int32, device="meta"))
+    params = [torch.empty(5, device="meta")]
+    idx = [torch.empty(3, dtype=torch.int64, device="meta")]
+    with pytest.raises(ValueError, match=r"saved\[0\] must be contiguous 1-D with 3 entries"):
+        torch.ops.sapsel.sam_perturb(params, params, idx, [0], [torch.empty(2, device="meta")], 1.0, 0.0, False)
+    with pytest.raises(ValueError, match="step must be >= 1"):
+        torch.ops.sapsel.sparse_adamw_step(params, params, idx, [0], [torch.empty(3, device="meta")] * 2,
+                                           [torch.empty(3, device="meta")], [], 0.1, 0.9, 0.99, 1e-8, 0.0, 0, 1.0)
 
 
 # ------------------------------------------------------------------------------------------- optimizer kernels
@@ -250,9 +284,46 @@ def test_cpp_rejects_bad_input_before_writing():
         torch.ops.sapsel.sparse_sgd_step(params, grads, idx, offs, bad_bufs, [], 0.1, 0.9, 0.0, 0.0, False, False, 1.0)
     with use_backend("cpp"), pytest.raises(IndexError):
         torch.ops.sapsel.sam_perturb(params, grads, [idx[0], idx[1], torch.tensor([1990])], offs,
-                                     _clone(st["saved"]), 1.0, 0.0, False)  # 1990 - 1980 >= 5 elements
+                                     _clone(st["saved"][:2]) + [torch.zeros(1)], 1.0, 0.0, False)  # 1990 - 1980 >= 5
     for p, b in zip(params, before):
         assert torch.equal(p, b)
+
+
+# ------------------------------------------------------------------------------------------- version counters
+def test_perturb_invalidates_saved_graph(backend):
+    """Like a torch.optim step, an in-place sparse op bumps the version counter: backward through a graph that saved
+    the old weights raises instead of silently using the perturbed ones."""
+    w = torch.randn(20, requires_grad=True)
+    y = (w * w).sum()  # saves w
+    with torch.no_grad():
+        torch.ops.sapsel.sam_perturb([w], [torch.ones(20)], [torch.tensor([1, 5, 7])], [0], [torch.empty(3)], 0.1,
+                                     0.0, False)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
+
+
+def test_every_mutated_tensor_is_bumped(backend):
+    params, grads, idx, offs, st = _case(torch.float32)
+    saved, buf, m, v = _clone(st["saved"]), _clone(st["buf"]), _clone(st["buf"]), _clone(st["v"])
+    calls = [
+        (lambda: torch.ops.sapsel.sam_perturb(params, grads, idx, offs, saved, 0.1, 0.0, False), params + saved),
+        (lambda: torch.ops.sapsel.sparse_sgd_step(params, grads, idx, offs, buf, [], 0.1, 0.9, 0.0, 0.0, False, False,
+                                                  1.0), params + buf),
+        (lambda: torch.ops.sapsel.sparse_adamw_step(params, grads, idx, offs, m, v, [], 0.1, 0.9, 0.99, 1e-8, 0.0, 1,
+                                                    1.0), params + m + v),
+    ]
+    untouched = grads + idx
+    for call, mutated in calls:
+        before = [t._version for t in mutated]
+        other = [t._version for t in untouched]
+        call()
+        assert all(t._version > b for t, b in zip(mutated, before))
+        assert [t._version for t in untouched] == other
+    # a rejected call wrote nothing and bumps nothing
+    before = [t._version for t in params]
+    with pytest.raises(ValueError):
+        torch.ops.sapsel.sam_perturb(params, grads, idx, offs, saved[:2], 0.1, 0.0, False)
+    assert [t._version for t in params] == before
 
 
 # ------------------------------------------------------------------------------------------- opcheck

@@ -78,7 +78,7 @@ def _fill_f32(out: torch.Tensor, m: int, offset: int, probe: int, seed: int) -> 
 
 def rademacher_probe(like: torch.Tensor, offset: int, probe: int, seed: int, batched: bool = False) -> torch.Tensor:
     """Launcher of ``_rademacher_probe_kernel``: z shaped and typed like ``like`` (batched: row j = probe + j)."""
-    check_probe_args(like, offset, probe, seed, batched)
+    check_probe_args(like, offset, probe, seed, batched, "rademacher_probe")
     m = like.shape[0] if batched else 1
     out = torch.empty(like.shape, dtype=torch.float32, device=like.device)
     if out.numel() == 0:
@@ -89,7 +89,7 @@ def rademacher_probe(like: torch.Tensor, offset: int, probe: int, seed: int, bat
 
 def rademacher_fill(out: torch.Tensor, offset: int, probe: int, seed: int, batched: bool = False) -> None:
     """In-place launcher: ``out`` receives the probe values (written directly when float32 and contiguous)."""
-    check_probe_args(out, offset, probe, seed, batched)
+    check_probe_args(out, offset, probe, seed, batched, "rademacher_fill")
     m = out.shape[0] if batched else 1
     if out.numel() == 0:
         return

@@ -6,13 +6,25 @@ tensors of a call (one launch per tensor: O(number of tensors) host work, never 
 Shared layout: one program owns BLOCK consecutive entries j of the index list (grid = cdiv(k, BLOCK)); offsets are
 int64 (``program_id(0).to(tl.int64)``), so tensors past 2^31 elements are addressed correctly; ``j < k`` masks the
 tail. Arithmetic in ACC (float32, float64 for float64 tensors); stores cast back to the tensor's dtype.
+
+The kernels trust their indices (no bounds masks: a mask would hide a bad index instead of reporting it); every
+launcher first runs the shared validator of ``reference/sparse.py`` (``check_*_args``: metadata, every index in range
+and strictly ascending, one host sync), so nothing is launched for a bad call.
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from ..reference.sparse import acc_dtype, sqnorm_out_dtype
+from ..reference.sparse import (
+    acc_dtype,
+    check_adamw_args,
+    check_flat_args,
+    check_perturb_args,
+    check_sgd_args,
+    check_sqnorm_args,
+    sqnorm_out_dtype,
+)
 
 BLOCK = 1024
 
@@ -44,18 +56,20 @@ def _sparse_scatter_add_kernel(out_ptr, idx_ptr, vals_ptr, k, ACC: tl.constexpr,
 
 
 def sparse_gather(flat: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    check_flat_args("sparse_gather", flat, idx)
     out = torch.empty(idx.shape, dtype=flat.dtype, device=flat.device)
     k = idx.numel()
     if k:
-        _sparse_gather_kernel[(triton.cdiv(k, BLOCK),)](flat.contiguous(), idx.contiguous(), out, k, BLOCK=BLOCK)
+        _sparse_gather_kernel[(triton.cdiv(k, BLOCK),)](flat.contiguous(), idx, out, k, BLOCK=BLOCK)
     return out
 
 
 def sparse_scatter_add(flat: torch.Tensor, idx: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:
+    check_flat_args("sparse_scatter_add", flat, idx, vals)
     out = flat.clone(memory_format=torch.contiguous_format)
     k = idx.numel()
     if k:
-        _sparse_scatter_add_kernel[(triton.cdiv(k, BLOCK),)](out, idx.contiguous(), vals.contiguous(), k,
+        _sparse_scatter_add_kernel[(triton.cdiv(k, BLOCK),)](out, idx, vals.contiguous(), k,
                                                                  ACC=_tl_acc(flat.dtype), BLOCK=BLOCK)
     return out
 
@@ -80,6 +94,7 @@ def _sam_grad_sqnorm_kernel(g_ptr, w_ptr, idx_ptr, off, part_ptr, n, eta, ADAPTI
 
 
 def sam_grad_sqnorm(grads, params, idx, offsets, eta: float, adaptive: bool, full: bool) -> torch.Tensor:
+    check_sqnorm_args(grads, params, idx, offsets)
     out_dtype = sqnorm_out_dtype(grads)
     dev = grads[0].device if grads else torch.device("cpu")
     out = torch.zeros(len(grads), dtype=out_dtype, device=dev)
@@ -90,7 +105,7 @@ def sam_grad_sqnorm(grads, params, idx, offsets, eta: float, adaptive: bool, ful
         a = acc_dtype(g.dtype)
         nb = triton.cdiv(n, BLOCK)
         part = torch.empty(nb, dtype=a, device=dev)
-        _sam_grad_sqnorm_kernel[(nb,)](g.contiguous(), w.contiguous(), ix if ix.numel() else g, off, part, n, eta,
+        _sam_grad_sqnorm_kernel[(nb,)](g, w.contiguous(), ix if ix.numel() else g, off, part, n, eta,
                                        ADAPTIVE=adaptive, FULL=full, ACC=_tl_acc(g.dtype), BLOCK=BLOCK)
         out[i] = part.sum().to(out_dtype)
     return out
@@ -115,10 +130,11 @@ def _sam_perturb_kernel(w_ptr, g_ptr, idx_ptr, off, saved_ptr, k, scale, eta, AD
 
 
 def sam_perturb(params, grads, idx, offsets, saved, scale: float, eta: float, adaptive: bool) -> None:
+    check_perturb_args(params, grads, idx, offsets, saved)
     for w, g, ix, off, s in zip(params, grads, idx, offsets, saved):
         k = ix.numel()
         if k:
-            _sam_perturb_kernel[(triton.cdiv(k, BLOCK),)](w, g.contiguous(), ix, off, s, k, scale, eta,
+            _sam_perturb_kernel[(triton.cdiv(k, BLOCK),)](w, g, ix, off, s, k, scale, eta,
                                                           ADAPTIVE=adaptive, ACC=_tl_acc(w.dtype), BLOCK=BLOCK)
 
 
@@ -154,6 +170,7 @@ def _sparse_sgd_step_kernel(w_ptr, g_ptr, idx_ptr, off, buf_ptr, saved_ptr, k, l
 
 def sparse_sgd_step(params, grads, idx, offsets, momentum_buffers, saved, lr: float, momentum: float, dampening: float,
                     weight_decay: float, nesterov: bool, first: bool, inv_scale: float) -> None:
+    check_sgd_args(params, grads, idx, offsets, momentum_buffers, saved, momentum)
     has_mom = momentum != 0
     for i, (w, g, ix, off) in enumerate(zip(params, grads, idx, offsets)):
         k = ix.numel()
@@ -162,7 +179,7 @@ def sparse_sgd_step(params, grads, idx, offsets, momentum_buffers, saved, lr: fl
         buf = momentum_buffers[i] if has_mom else w
         sv = saved[i] if len(saved) else w
         _sparse_sgd_step_kernel[(triton.cdiv(k, BLOCK),)](
-            w, g.contiguous(), ix, off, buf, sv, k, lr, momentum, dampening, weight_decay, inv_scale, HAS_MOM=has_mom,
+            w, g, ix, off, buf, sv, k, lr, momentum, dampening, weight_decay, inv_scale, HAS_MOM=has_mom,
             FIRST=first, NESTEROV=nesterov, HAS_SAVED=len(saved) > 0, HAS_WD=weight_decay != 0,
             ACC=_tl_acc(w.dtype), BLOCK=BLOCK)
 
@@ -195,6 +212,7 @@ def _sparse_adamw_step_kernel(w_ptr, g_ptr, idx_ptr, off, m_ptr, v_ptr, saved_pt
 
 def sparse_adamw_step(params, grads, idx, offsets, exp_avg, exp_avg_sq, saved, lr: float, beta1: float, beta2: float,
                       eps: float, weight_decay: float, step: int, inv_scale: float) -> None:
+    check_adamw_args(params, grads, idx, offsets, exp_avg, exp_avg_sq, saved, step)
     step_size = lr / (1 - beta1 ** step)
     bc2_sqrt = (1 - beta2 ** step) ** 0.5
     decay = 1 - lr * weight_decay
@@ -204,5 +222,5 @@ def sparse_adamw_step(params, grads, idx, offsets, exp_avg, exp_avg_sq, saved, l
             continue
         sv = saved[i] if len(saved) else w
         _sparse_adamw_step_kernel[(triton.cdiv(k, BLOCK),)](
-            w, g.contiguous(), ix, off, exp_avg[i], exp_avg_sq[i], sv, k, decay, beta1, beta2, eps, step_size, bc2_sqrt,
+            w, g, ix, off, exp_avg[i], exp_avg_sq[i], sv, k, decay, beta1, beta2, eps, step_size, bc2_sqrt,
             inv_scale, HAS_SAVED=len(saved) > 0, ACC=_tl_acc(w.dtype), BLOCK=BLOCK)

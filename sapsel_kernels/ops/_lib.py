@@ -5,7 +5,11 @@
 * a fake (meta) kernel, so ``torch.library.opcheck`` and ``torch.compile(fullgraph=True)`` work;
 * CPU and CUDA dispatcher kernels that pick an implementation at call time (``_backend.default_order``):
   the Triton launcher, the C++ function from ``sapsel_kernels._C`` or the pure-PyTorch reference;
-* an entry in the registry that ``sapsel info`` prints and tests use to call one path directly.
+* an entry in the registry that ``sapsel info`` prints and tests use to call one path directly;
+* the autograd version-counter bump of every argument the schema marks as written (``Tensor(a!)``), after the
+  backend returns: the kernels write through data pointers (C++, Triton) or below the autograd keys, so without it a
+  graph that saved a mutated tensor would silently backpropagate through stale values (torch.optim's in-place steps
+  bump it the same way).
 
 Triton launchers are given as ``"module:function"`` strings relative to ``sapsel_kernels.kernels`` and imported on
 first use, so importing sapsel_kernels never imports triton and never initialises CUDA.
@@ -13,7 +17,7 @@ first use, so importing sapsel_kernels never imports triton and never initialise
 
 import importlib
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import torch
 
@@ -31,6 +35,7 @@ class OpEntry:
     reference: Callable
     cpp: Optional[str] = None  # attribute of sapsel_kernels._C
     triton: Optional[str] = None  # "module:function" inside sapsel_kernels.kernels
+    mutates: Tuple[Tuple[int, str], ...] = ()  # (position, name) of the arguments the schema marks as written
     _triton_fn: Optional[Callable] = field(default=None, repr=False)
 
     # ---------------------------------------------------------------- implementations
@@ -70,7 +75,25 @@ class OpEntry:
         return "reference"
 
     def __call__(self, device_type: str, *args, **kwargs):
-        return self.fn(self.backend_for(device_type))(*args, **kwargs)
+        out = self.fn(self.backend_for(device_type))(*args, **kwargs)
+        if self.mutates:  # only reached when the backend returned: a rejected call wrote nothing
+            torch.autograd.graph.increment_version(list(self.mutated(args, kwargs)))
+        return out
+
+    def mutated(self, args, kwargs):
+        """The tensors this call writes (the ``Tensor(a!)`` / ``Tensor(a!)[]`` arguments), lists flattened."""
+        for pos, name in self.mutates:
+            a = args[pos] if pos < len(args) else kwargs.get(name)
+            if isinstance(a, torch.Tensor):
+                yield a
+            elif isinstance(a, (list, tuple)):
+                yield from (t for t in a if isinstance(t, torch.Tensor))
+
+
+def _mutated_args(name: str, schema: str) -> Tuple[Tuple[int, str], ...]:
+    parsed = torch._C.parse_schema(f"sapsel::{name}{schema}")
+    return tuple((i, a.name) for i, a in enumerate(parsed.arguments) if a.alias_info is not None and
+                 a.alias_info.is_write)
 
 
 def define_op(name: str, schema: str, *, reference: Callable, fake: Callable, cpp: Optional[str] = None,
@@ -84,7 +107,8 @@ def define_op(name: str, schema: str, *, reference: Callable, fake: Callable, cp
     if name in REGISTRY:
         raise RuntimeError(f"sapsel::{name} is defined twice")
     LIB.define(f"{name}{schema}")
-    entry = OpEntry(name=name, schema=schema, reference=reference, cpp=cpp, triton=triton)
+    entry = OpEntry(name=name, schema=schema, reference=reference, cpp=cpp, triton=triton,
+                    mutates=_mutated_args(name, schema))
     REGISTRY[name] = entry
 
     def _cpu(*args, **kwargs):

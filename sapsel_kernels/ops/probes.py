@@ -11,6 +11,8 @@
 import torch
 
 from ..reference.probes import (
+    check_accumulate_args,
+    check_probe_args,
     hutchinson_accumulate_batched_ref,
     hutchinson_accumulate_ref,
     rademacher_fill_ref,
@@ -19,16 +21,22 @@ from ..reference.probes import (
 from ._lib import define_op
 
 
+# The fakes run the same argument checks as every backend (metadata and the int arguments: no data is needed).
 def _probe_fake(like, offset, probe, seed, batched=False):
+    check_probe_args(like, offset, probe, seed, batched, "rademacher_probe")
     return torch.empty_like(like, memory_format=torch.contiguous_format)
 
 
 def _fill_fake(out, offset, probe, seed, batched=False):
-    return None
+    check_probe_args(out, offset, probe, seed, batched, "rademacher_fill")
 
 
 def _acc_fake(mean, m2, hz, offset, probe, seed, count):
-    return None
+    check_accumulate_args("hutchinson_accumulate", mean, m2, hz, offset, probe, seed, count, batched=False)
+
+
+def _acc_batched_fake(mean, m2, hz, offset, probe, seed, count):
+    check_accumulate_args("hutchinson_accumulate_batched", mean, m2, hz, offset, probe, seed, count, batched=True)
 
 
 rademacher_probe = define_op(
@@ -48,5 +56,5 @@ hutchinson_accumulate = define_op(
 hutchinson_accumulate_batched = define_op(
     "hutchinson_accumulate_batched",
     "(Tensor(a!) mean, Tensor(b!) m2, Tensor hz, int offset, int probe, int seed, int count) -> ()",
-    reference=hutchinson_accumulate_batched_ref, fake=_acc_fake, cpp="hutchinson_accumulate_batched_cpu",
+    reference=hutchinson_accumulate_batched_ref, fake=_acc_batched_fake, cpp="hutchinson_accumulate_batched_cpu",
     triton="probes:hutchinson_accumulate_batched")

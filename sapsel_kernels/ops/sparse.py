@@ -22,9 +22,25 @@ Optimizer kernels (in place on the parameters and state; one list entry per para
   int step, float inv_scale) -> ()``
 
 ``idx[i] - offsets[i]`` addresses ``params[i].view(-1)`` (idx[i] may be a view of a Selection's global flat
-indices, offsets[i] the parameter's ParamSpace offset: no index copies). Index tensors are int64, ascending and
-unique (the callers - ``sapsel_kernels.sparse`` and ``sapsel_kernels.optim`` - validate them once); every tensor of
-one call lives on one device.
+indices, offsets[i] the parameter's ParamSpace offset: no index copies); every tensor of one call lives on one device.
+
+Every op validates its inputs completely on every backend before its first write: index tensors int64, 1-D,
+contiguous, every entry in range and strictly ascending (sorted, no duplicates: the kernels write without atomics,
+and optimizer state entry j belongs to one coordinate), plus list lengths, dtypes, shapes and devices of every tensor
+and state buffer. Out-of-range entries raise IndexError, everything else ValueError (messages: see
+``reference/sparse.py``); a rejected call leaves every tensor bit-identical. The fake kernels here check the metadata
+part of that contract (so meta tensors and torch.compile tracing reject the same calls); the entry values cannot be
+checked on fake tensors, the real kernel checks them when the compiled graph runs. The in-place ops bump the autograd
+version counter of every tensor they mutate (``ops/_lib.py``), so a graph that saved one of them raises on backward.
+
+Peak extra memory (k = number of selected entries, N = numel of ``flat``, n_i = numel of params[i]):
+
+* sparse_gather: its k-entry output (plus a copy of flat if it is strided);
+* sparse_scatter_add: its output, one copy of flat (N elements);
+* the in-place ops and sam_grad_sqnorm: nothing on the C++ path (a contiguous copy of a strided params[i] for
+  adaptive sam_grad_sqnorm); the reference and Triton paths hold ~3 bytes per index entry for the checks, and the
+  reference gathers the selected values (a few k-entry temporaries); sam_grad_sqnorm(full=True) on the reference
+  path works tensor by tensor with ~2 temporaries of n_i elements.
 """
 
 import torch
@@ -33,29 +49,15 @@ from ..reference import sparse as ref
 from ._lib import LIB, define_op
 
 
-def _check_flat_idx(flat, idx, vals=None):
-    if flat.dim() != 1:
-        raise ValueError(f"sparse ops: flat must be 1-D, got shape {tuple(flat.shape)}")
-    if idx.dtype != torch.int64 or idx.dim() != 1:
-        raise ValueError(f"sparse ops: idx must be a 1-D int64 tensor, got {idx.dtype} of shape {tuple(idx.shape)}")
-    if idx.device != flat.device:
-        raise ValueError(f"sparse ops: idx is on {idx.device}, flat on {flat.device}")
-    if vals is not None:
-        if vals.shape != idx.shape:
-            raise ValueError(f"sparse ops: vals must have shape {tuple(idx.shape)}, got {tuple(vals.shape)}")
-        if vals.dtype != flat.dtype or vals.device != flat.device:
-            raise ValueError(f"sparse ops: vals ({vals.dtype}, {vals.device}) must match flat ({flat.dtype}, "
-                             f"{flat.device})")
-
-
 # ------------------------------------------------------------------------------------------------ functional ops
+# The fakes check the metadata contract of reference/sparse.py (values=False: index values need real data).
 def _gather_fake(flat, idx):
-    _check_flat_idx(flat, idx)
+    ref.check_flat_args("sparse_gather", flat, idx, values=False)
     return flat.new_empty(idx.shape)
 
 
 def _scatter_fake(flat, idx, vals):
-    _check_flat_idx(flat, idx, vals)
+    ref.check_flat_args("sparse_scatter_add", flat, idx, vals, values=False)
     return torch.empty_like(flat)
 
 
@@ -95,14 +97,23 @@ torch.library.register_autograd("sapsel::sparse_scatter_add", _scatter_backward,
 
 # ------------------------------------------------------------------------------------------------ optimizer kernels
 def _sqnorm_fake(grads, params, idx, offsets, eta, adaptive, full):
-    if not (len(grads) == len(params) == len(idx) == len(offsets)):
-        raise ValueError("sam_grad_sqnorm: grads, params, idx and offsets must have one entry per parameter tensor")
+    ref.check_sqnorm_args(grads, params, idx, offsets, values=False)
     dev = grads[0].device if grads else torch.device("cpu")
     return torch.empty(len(grads), dtype=ref.sqnorm_out_dtype(grads), device=dev)
 
 
-def _none_fake(*args):
-    return None
+def _perturb_fake(params, grads, idx, offsets, saved, scale, eta, adaptive):
+    ref.check_perturb_args(params, grads, idx, offsets, saved, values=False)
+
+
+def _sgd_fake(params, grads, idx, offsets, momentum_buffers, saved, lr, momentum, dampening, weight_decay, nesterov,
+              first, inv_scale):
+    ref.check_sgd_args(params, grads, idx, offsets, momentum_buffers, saved, momentum, values=False)
+
+
+def _adamw_fake(params, grads, idx, offsets, exp_avg, exp_avg_sq, saved, lr, beta1, beta2, eps, weight_decay, step,
+                inv_scale):
+    ref.check_adamw_args(params, grads, idx, offsets, exp_avg, exp_avg_sq, saved, step, values=False)
 
 
 sam_grad_sqnorm = define_op(
@@ -114,19 +125,19 @@ sam_perturb = define_op(
     "sam_perturb",
     "(Tensor(a!)[] params, Tensor[] grads, Tensor[] idx, int[] offsets, Tensor(b!)[] saved, float scale, float eta, "
     "bool adaptive) -> ()",
-    reference=ref.sam_perturb_ref, fake=_none_fake, cpp="sam_perturb_cpu", triton="sparse:sam_perturb")
+    reference=ref.sam_perturb_ref, fake=_perturb_fake, cpp="sam_perturb_cpu", triton="sparse:sam_perturb")
 
 sparse_sgd_step = define_op(
     "sparse_sgd_step",
     "(Tensor(a!)[] params, Tensor[] grads, Tensor[] idx, int[] offsets, Tensor(b!)[] momentum_buffers, "
     "Tensor[] saved, float lr, float momentum, float dampening, float weight_decay, bool nesterov, bool first, "
     "float inv_scale) -> ()",
-    reference=ref.sparse_sgd_step_ref, fake=_none_fake, cpp="sparse_sgd_step_cpu", triton="sparse:sparse_sgd_step")
+    reference=ref.sparse_sgd_step_ref, fake=_sgd_fake, cpp="sparse_sgd_step_cpu", triton="sparse:sparse_sgd_step")
 
 sparse_adamw_step = define_op(
     "sparse_adamw_step",
     "(Tensor(a!)[] params, Tensor[] grads, Tensor[] idx, int[] offsets, Tensor(b!)[] exp_avg, "
     "Tensor(c!)[] exp_avg_sq, Tensor[] saved, float lr, float beta1, float beta2, float eps, float weight_decay, "
     "int step, float inv_scale) -> ()",
-    reference=ref.sparse_adamw_step_ref, fake=_none_fake, cpp="sparse_adamw_step_cpu",
+    reference=ref.sparse_adamw_step_ref, fake=_adamw_fake, cpp="sparse_adamw_step_cpu",
     triton="sparse:sparse_adamw_step")

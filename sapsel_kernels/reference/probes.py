@@ -21,6 +21,7 @@ import torch
 from .philox import _check_seed_probe, rademacher_ref
 
 HZ_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+MAX_GLOBAL_INDEX = 2**62
 
 
 def _inv_count(count: int) -> float:
@@ -28,17 +29,26 @@ def _inv_count(count: int) -> float:
     return float(torch.tensor(1.0 / count, dtype=torch.float64).to(torch.float32))
 
 
-def check_probe_args(like: torch.Tensor, offset: int, probe: int, seed: int, batched: bool):
+def _check_range(name: str, offset: int, n: int) -> None:
+    # global flat indices live in [0, 2^62) on every path (csrc/common.h: kMaxGlobalIndex): the int64 group arithmetic
+    # of the kernels, (g + 1) * 128 and offset + n, then cannot overflow
+    if not (offset >= 0 and offset + n <= MAX_GLOBAL_INDEX):
+        raise ValueError(f"{name}: offset must be >= 0 and offset + numel <= 2^62, got offset {offset} for {n} "
+                         "elements")
+
+
+def check_probe_args(like: torch.Tensor, offset: int, probe: int, seed: int, batched: bool,
+                     name: str = "rademacher_probe"):
+    """All input checks of rademacher_probe / rademacher_fill (metadata and ints only: the fakes run them too)."""
     if not like.is_floating_point():
-        raise TypeError(f"rademacher_probe: `like` must be a floating tensor, got {like.dtype}")
-    if offset < 0:
-        raise ValueError(f"rademacher_probe: offset must be >= 0, got {offset}")
-    m = like.shape[0] if batched else 1
+        raise TypeError(f"{name}: the tensor must be floating, got {like.dtype}")
     if batched and like.dim() < 1:
-        raise ValueError("rademacher_probe(batched=True): `like` must have a leading probe dimension")
+        raise ValueError(f"{name}(batched=True): the tensor needs a leading probe dimension")
+    m = like.shape[0] if batched else 1
+    _check_range(name, offset, like.numel() // m if m else 0)
     _check_seed_probe(seed, probe)
     if m and probe + m - 1 >= 2**32:
-        raise ValueError(f"rademacher_probe: probes {probe}..{probe + m - 1} exceed the probe range [0, 2^32)")
+        raise ValueError(f"{name}: probes {probe}..{probe + m - 1} exceed the probe range [0, 2^32)")
 
 
 def check_accumulate_args(name: str, mean, m2, hz, offset: int, probe: int, seed: int, count: int, batched: bool):
@@ -67,10 +77,9 @@ def check_accumulate_args(name: str, mean, m2, hz, offset: int, probe: int, seed
         m = 1
         if hz.numel() != n:
             raise ValueError(f"{name}: hz has {hz.numel()} elements, mean has {n}")
-    if offset < 0:
-        raise ValueError(f"{name}: offset must be >= 0, got {offset}")
-    if count < 0:
-        raise ValueError(f"{name}: count (samples already accumulated) must be >= 0, got {count}")
+    _check_range(name, offset, n)
+    if not 0 <= count <= MAX_GLOBAL_INDEX - m:
+        raise ValueError(f"{name}: count (samples already accumulated) must be in [0, 2^62 - m), got {count}")
     _check_seed_probe(seed, probe)
     if m and probe + m - 1 >= 2**32:
         raise ValueError(f"{name}: probes {probe}..{probe + m - 1} exceed the probe range [0, 2^32)")
@@ -95,6 +104,7 @@ def rademacher_probe_ref(like: torch.Tensor, offset: int, probe: int, seed: int,
 def rademacher_fill_ref(out: torch.Tensor, offset: int, probe: int, seed: int, batched: bool = False) -> None:
     """In-place form of ``rademacher_probe``: ``out`` (any floating dtype and layout) receives the probe values.
     Lets a caller reuse one probe buffer across passes (no fresh allocation, no page faults)."""
+    check_probe_args(out, offset, probe, seed, batched, "rademacher_fill")
     out.copy_(rademacher_probe_ref(out, offset, probe, seed, batched))
 
 

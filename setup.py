@@ -101,8 +101,9 @@ setup(
     extras_require={
         "triton": ["triton>=3.6"],
         "demo": ["scikit-learn", "matplotlib"],
-        # triton pinned to the version the GPU check runs with; on CPU it serves the interpreter tests
-        "test": ["pytest", "pytest-benchmark", "scikit-learn", "matplotlib",
+        # triton pinned to the version the GPU check runs with; on CPU it serves the interpreter tests.
+        # transformers: real Hugging Face model classes (built from config, no downloads) for the batch/loss rules.
+        "test": ["pytest", "pytest-benchmark", "scikit-learn", "matplotlib", "transformers>=4.40",
                  "triton==3.6.0; platform_machine == 'x86_64'"],
     },
     entry_points={"console_scripts": ["sapsel=sapsel_kernels.cli:main"]},

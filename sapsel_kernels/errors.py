@@ -5,6 +5,10 @@ gradient or an update that is not finite -- raises :class:`NonFiniteError`, alwa
 It subclasses ``ValueError``, so ``except ValueError`` keeps working. The one documented exception is the sparse
 optimizers' GradScaler contract: an inf/NaN gradient under AMP skips the step (torch.optim/AMP semantics) and sets
 ``last_step_skipped``.
+
+The raw ``torch.ops.sapsel`` ops raise a plain ``ValueError`` for non-finite input (the C++ extension cannot raise a
+Python subclass, and all three backends raise the same type); the Python API above them (``select``, ...) turns it
+into a NonFiniteError that names the parameter.
 """
 
 from collections.abc import Sequence

@@ -33,6 +33,8 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from .errors import NonFiniteError
+
 _SN_MAX_SKEW = 0.9952717464311565  # skewness of the skew-normal as alpha -> inf: sqrt(2)(4-pi)/(pi-2)^1.5
 
 
@@ -63,7 +65,7 @@ def exposure_from_rank(rank, size) -> float:
 def _as_f64(x) -> torch.Tensor:
     t = torch.as_tensor(x, dtype=torch.float64).flatten()
     if t.numel() and not torch.isfinite(t).all():
-        raise ValueError("log-perplexities must be finite")
+        raise NonFiniteError("exposure: log-perplexities must be finite (a NaN/Inf score cannot be ranked)")
     return t
 
 

@@ -189,8 +189,9 @@ class ParamSpace:
         """Copy a flat buffer back into the parameters (in place, under no_grad) or into a list of tensors."""
         if flat.shape != (self.numel,):
             raise ValueError(f"flat buffer must have shape ({self.numel},), got {tuple(flat.shape)}")
-        if not torch.isfinite(flat).all():
-            raise ValueError("ParamSpace.scatter: the flat buffer holds NaN/Inf; nothing was written")
+        from .errors import check_finite
+
+        check_finite(flat, "ParamSpace.scatter: the flat buffer", space=self, suffix="nothing was written")
         targets = self.params if into == "param" else list(into)
         with torch.no_grad():
             for t, off, n in zip(targets, self.offsets, self.numels):

@@ -33,7 +33,8 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["as_batches", "batch_size", "n_points", "slice_batch", "iter_points", "make_loss", "criterion", "Loss"]
+__all__ = ["as_batches", "batch_size", "n_points", "slice_batch", "iter_points", "make_loss", "criterion", "Loss",
+           "LossError"]
 
 
 # ================================================================================================== batches
@@ -59,7 +60,8 @@ def as_batches(data, *, passes: str = "many", what: str = "data") -> Sequence | 
     that can be read ``passes`` times ("many" or "once").
 
     Returns ``[data]`` for one batch, a list for a list (or for a one-shot iterator read with ``passes="once"``), and
-    any other re-iterable (a DataLoader) as it is. Raises ValueError for None / no batches / an ambiguous list of
+    any other re-iterable (a DataLoader) as it is; ``passes="once"`` holds a one-shot iterator's batches in memory
+    (a list of what it yields), nothing else is copied. Raises ValueError for None / no batches / an ambiguous list of
     tensors, TypeError for a one-shot iterator when ``passes="many"`` or an object that is not iterable.
     """
     if passes not in ("many", "once"):
@@ -148,6 +150,11 @@ def iter_points(batches) -> Iterator[Any]:
 
 
 # ================================================================================================== losses
+class LossError(ValueError):
+    """The loss broke the loss rule (not a scalar, not dependent on the parameters, a criterion called as
+    ``loss_fn(model, batch)``). A usage error: HVP mode fallbacks re-raise it instead of trying another mode."""
+
+
 class Loss:
     """``loss(model, batch) -> scalar`` with the parameter-dependence check (see the module docstring)."""
 
@@ -155,12 +162,20 @@ class Loss:
         self.fn, self.kind, self.source = fn, kind, source
 
     def __call__(self, model, batch) -> torch.Tensor:
-        out = self.fn(model, batch)
+        try:
+            out = self.fn(model, batch)
+        except TypeError as exc:
+            # F.cross_entropy or a criterion module that is not an nn loss class, called as fn(model, batch): torch
+            # names the model's class in its complaint ("must be Tensor, not Sequential")
+            if self.kind == "loss_fn(model, batch)" and type(model).__name__ in str(exc):
+                raise LossError(f"the loss was called as loss_fn(model, batch) and failed ({exc}); if it is a "
+                                "criterion(output, target) such as F.cross_entropy, pass sk.criterion(fn)") from exc
+            raise
         if not isinstance(out, torch.Tensor) or out.numel() != 1:
             got = type(out).__name__ if not isinstance(out, torch.Tensor) else f"a tensor of shape {tuple(out.shape)}"
-            raise ValueError(f"the loss must return a scalar tensor (the mean loss over the batch), got {got}")
+            raise LossError(f"the loss must return a scalar tensor (the mean loss over the batch), got {got}")
         if torch.is_grad_enabled() and not out.requires_grad:
-            raise ValueError("the loss does not depend on the model's parameters (was it computed under "
+            raise LossError("the loss does not depend on the model's parameters (was it computed under "
                              "torch.no_grad(), detached, or are all parameters frozen?); curvature and updates "
                              "would be silently zero")
         return out.reshape(())

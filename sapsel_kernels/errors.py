@@ -11,7 +11,7 @@ Python subclass, and all three backends raise the same type); the Python API abo
 into a NonFiniteError that names the parameter.
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -28,14 +28,15 @@ def _first_bad(t: torch.Tensor) -> int:
 
 
 def check_finite(tensors: torch.Tensor | Sequence[torch.Tensor | None], what: str, space=None,
-                 suffix: str = "nothing was modified") -> None:
+                 suffix: str = "nothing was modified", where: Callable[[int], str] | None = None) -> None:
     """Raise :class:`NonFiniteError` if any of ``tensors`` (a tensor or a list; None entries are skipped) holds
     NaN/Inf.
 
     Cost: one fused reduction per tensor (a finite sum proves every element finite); the element-wise pass runs only
     when a sum is not finite (a sum of huge finite values can overflow). No N-length temporaries on the fast path.
     The message names the first bad element: through ``space`` (``name[i, j] (flat index f)``) when the tensors are
-    flat ParamSpace vectors or one tensor per parameter of the space, else its position.
+    flat ParamSpace vectors or one tensor per parameter of the space; through ``where(j)`` (j: the flat position in a
+    single tensor, e.g. a [k] vector on a selection) when given; else its position.
     """
     single = isinstance(tensors, torch.Tensor)
     ts = [tensors] if single else list(tensors)
@@ -50,10 +51,12 @@ def check_finite(tensors: torch.Tensor | Sequence[torch.Tensor | None], what: st
         if j < 0:
             continue  # the sum overflowed, every element is finite
         value = t.reshape(-1)[j].item()
-        if space is not None and single and t.numel() == space.numel:
-            where = space.describe_position(j)
+        if where is not None and single:
+            loc = where(j)
+        elif space is not None and single and t.numel() == space.numel:
+            loc = space.describe_position(j)
         elif space is not None and not single and len(ts) == len(space):
-            where = space.describe_position(space.offsets[i] + j)
+            loc = space.describe_position(space.offsets[i] + j)
         else:
-            where = f"element {j}" + ("" if single else f" of tensor {i}")
-        raise NonFiniteError(f"{what} contains NaN/Inf ({value} at {where}); {suffix}")
+            loc = f"element {j}" + ("" if single else f" of tensor {i}")
+        raise NonFiniteError(f"{what} contains NaN/Inf ({value} at {loc}); {suffix}")

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .data import as_batches, batch_size, make_loss
+from .data import LossError, as_batches, batch_size, make_loss
 from .errors import check_finite
 
 log = logging.getLogger("sapsel_kernels.hvp")
@@ -188,7 +188,7 @@ class FallbackHVP:
             out = self.engine(tangents, batch)
             self.mode = first
             return out
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, LossError):  # a usage error fails the same way in every mode
             raise
         except Exception as exc:  # noqa: BLE001 - any failure of forward AD / double backward: fall back
             msg = str(exc).splitlines()[0] if str(exc) else ""

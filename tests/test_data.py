@@ -213,3 +213,9 @@ def test_every_entry_point_raises_non_finite_error():
         sk.unlearn(model, _ce, y_bad, (x, y), None)
     with pytest.raises(NonFiniteError):
         space.scatter(torch.full((space.numel,), float("nan"), dtype=torch.float64))
+
+
+def test_a_criterion_called_as_loss_fn_gets_a_hint():
+    model = _mlp()
+    with pytest.raises(ValueError, match=r"sk\.criterion\(fn\)"):
+        sk.hessian_diag(model, F.cross_entropy, _xy(), n_probes=2)

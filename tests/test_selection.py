@@ -415,3 +415,25 @@ def test_load_corrupt_files(tmp_path):
         Selection.load(p)
     with pytest.raises(ValueError):
         Selection.load(tmp_path / "missing.pt")
+
+
+def test_as_selection_python_lists_follow_the_tensor_rules():
+    from sapsel_kernels.selection import as_selection
+
+    space = sk.ParamSpace(torch.nn.Linear(3, 2))
+    assert as_selection([False, True] + [False] * 6, space).indices.tolist() == [1]  # a bool list is a mask
+    with pytest.raises(TypeError):
+        as_selection([0.7, 2.2], space)                                              # never truncated to [0, 2]
+    assert as_selection([5, 1], space).indices.tolist() == [1, 5]
+    assert as_selection([], space).k == 0
+
+
+def test_as_selection_checks_hand_built_selections():
+    from sapsel_kernels.selection import Selection, as_selection
+
+    space = sk.ParamSpace(torch.nn.Linear(3, 2))
+    for idx in ([1, 1, 2], [3, 1]):
+        with pytest.raises(ValueError, match="strictly ascending"):
+            as_selection(Selection(torch.tensor(idx), space.numel, space_signature=space.signature), space)
+    with pytest.raises(IndexError):
+        as_selection(Selection(torch.tensor([2, 99]), space.numel), space)

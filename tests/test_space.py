@@ -207,3 +207,12 @@ def test_same_tensors():
     a, b = ParamSpace(m), ParamSpace(list(m.parameters()))
     assert a.same_tensors(b) and a.signature != b.signature
     assert not a.same_tensors(ParamSpace(Tied()))
+
+
+def test_fingerprint_sees_a_tiny_sparse_edit():
+    lin = torch.nn.Linear(1000, 1000)
+    space = ParamSpace(lin)
+    before = space.fingerprint()
+    with torch.no_grad():
+        lin.weight.view(-1)[:10] += 1e-7   # far below what a sum or a norm in float32 resolves
+    assert space.fingerprint() != before

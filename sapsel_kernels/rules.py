@@ -26,20 +26,52 @@ owns validation, the estimation mode, snapshots and the final write; these class
 import math
 import numbers
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar, Dict, Iterator, List, Optional, Sequence
+from typing import Any, ClassVar, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-from .data import Loss, as_batches, batch_size, n_points
+from .data import Loss, as_batches, batch_size
 from .errors import NonFiniteError, check_finite
 from .selection import Selection
 from .solver import cg_solve
 from .space import ParamSpace
 
-__all__ = ["FirstOrder", "SecondOrder", "DiagNewton", "SAMFinetune", "GradientAscent", "METHODS", "as_method",
-           "Coords", "Problem", "summed_gradient"]
+__all__ = ["FirstOrder", "SecondOrder", "DiagNewton", "SAMFinetune", "GradientAscent", "METHODS", "TRAIN_METHODS",
+           "as_method", "Coords", "Problem", "summed_gradient", "count_batches", "norm_float64"]
 
 METHODS = ("first_order", "second_order", "diag_newton", "sam_finetune", "gradient_ascent")
+TRAIN_METHODS = ("second_order", "diag_newton")  # the methods that read unlearn's train_data / n_train
+
+# Elements per step of the float64 report reductions (norm_float64): 8 MiB of float64 scratch per temporary. Neither
+# alternative works for k = N: torch.linalg.vector_norm(v, dtype=torch.float64) casts its whole input first (a [k]
+# float64 buffer, seen with torch.profiler on torch 2.13), and a float32 reduction is imprecise (vector_norm of 2^24
+# float32 values in [1, 2) on CPU: relative error 1.5e-4).
+_CHUNK = 1 << 20
+
+
+def norm_float64(v: torch.Tensor, minus: Optional[torch.Tensor] = None) -> float:
+    """``‖v − minus‖₂`` (``‖v‖₂`` when ``minus`` is None) of 1-D vectors of equal length, as a Python float.
+
+    The squares are accumulated in float64, chunk by chunk; differences of float32 / bfloat16 / float16 values are
+    exact in float64, so the result is correct to float64 rounding. Cost: O(k) work, one host sync; extra memory at
+    most 2 × 2^20 float64 values (16 MiB) whatever k is.
+    """
+    sq = torch.zeros((), dtype=torch.float64, device=v.device)
+    for a in range(0, v.numel(), _CHUNK):
+        d = v[a:a + _CHUNK].double()
+        if minus is not None:
+            d = d - minus[a:a + _CHUNK]  # in float64 (type promotion): exact for float32 and narrower
+        sq += torch.dot(d, d)
+    return math.sqrt(float(sq))
+
+
+def count_batches(batches) -> Tuple[int, int]:
+    """``(points, batches)`` of an iterable of batches, in one pass."""
+    n = nb = 0
+    for b in batches:
+        n += batch_size(b)
+        nb += 1
+    return n, nb
 
 
 # ====================================================================================================== S coordinates
@@ -122,13 +154,7 @@ class Coords:
     def check_finite(self, v: torch.Tensor, what: str, suffix: str = "the model was left untouched") -> None:
         """:func:`~sapsel_kernels.errors.check_finite` for a [k] vector on S, naming the first bad coordinate by its
         parameter and position."""
-        try:
-            check_finite(v, what, suffix=suffix)
-        except NonFiniteError:
-            bad = (~torch.isfinite(v)).nonzero()
-            j = int(bad[0, 0])
-            where = self.space.describe_position(int(self.indices[j]))
-            raise NonFiniteError(f"{what} contains NaN/Inf ({v[j].item()} at {where}); {suffix}") from None
+        check_finite(v, what, suffix=suffix, where=lambda j: self.space.describe_position(int(self.indices[j])))
 
 
 # ====================================================================================================== the problem
@@ -136,9 +162,10 @@ class Coords:
 class Problem:
     """Everything a rule needs, prepared and validated by ``unlearn``: the model at θ*, the loss (a
     :class:`~sapsel_kernels.data.Loss`), the space, S (:class:`Coords`), Z / Z̃ / the Hessian batches (re-iterable
-    sequences of batches), ``n_train`` (None when no rule needs it) and the cost counters the report is built from
-    (per-point gradients, per-point HVPs, backward passes). ``retain``: SAMFinetune's retained batches, set by its
-    :meth:`~SAMFinetune.prepare`."""
+    sequences of batches), ``n_train`` (None when no rule needs it), ``train_points`` / ``train_batches`` (the points
+    and batches of ``train``, counted once by ``unlearn`` so that no rule re-reads the data to count it) and the cost
+    counters the report is built from (per-point gradients, per-point HVPs, backward passes). ``retain``:
+    SAMFinetune's retained batches, set by its :meth:`~SAMFinetune.prepare`."""
 
     model: torch.nn.Module
     loss: Loss
@@ -148,6 +175,8 @@ class Problem:
     corrected: Sequence
     train: Optional[Sequence] = None
     n_train: Optional[int] = None
+    train_points: Optional[int] = None
+    train_batches: Optional[int] = None
     retain: Optional[Sequence] = None
     counts: Dict[str, int] = field(default_factory=lambda: {"grad": 0, "hvp": 0, "passes": 0})
     info: Dict[str, Any] = field(default_factory=dict)
@@ -218,14 +247,17 @@ def _int(cls: str, name: str, v, *, lo: int, hi: Optional[int] = None) -> None:
 # ====================================================================================================== rules
 class _Rule:
     """Base of the method configs. ``name``: the method's name in ``METHODS``; ``iterative``: True when the rule
-    moves θ_S itself (:meth:`run`) rather than returning an update (:meth:`delta`); ``needs_train``: whether
-    ``unlearn`` must be given ``train_data`` / ``n_train``."""
+    moves θ_S itself (:meth:`run`) rather than returning an update (:meth:`delta`); :meth:`train_use`: what
+    ``unlearn``'s ``train_data`` / ``n_train`` are to the rule."""
 
     name: ClassVar[str] = ""
     iterative: ClassVar[bool] = False
 
-    def needs_train(self) -> bool:
-        return False
+    def train_use(self) -> Optional[str]:
+        """None: the rule reads neither ``train_data`` nor ``n_train`` (passing one is an error); ``"hessian"``: it
+        reads ``train_data`` (required) for a Hessian and ``n_train`` (default: its points) for the scale;
+        ``"n_train"``: it needs only ``n_train``, which ``train_data`` may supply by its number of points."""
+        return None
 
     def prepare(self, prob: Problem) -> None:
         """Validate what depends on the model/data; called by ``unlearn`` before anything is computed."""
@@ -256,7 +288,7 @@ class FirstOrder(_Rule):
 
     def delta(self, prob: Problem) -> torch.Tensor:
         g_s = prob.gradient_difference_s()
-        prob.info["g_norm"] = float(g_s.double().norm())
+        prob.info["g_norm"] = norm_float64(g_s)
         prob.info["tau"] = self.tau
         return -self.tau * g_s
 
@@ -285,20 +317,14 @@ class SecondOrder(_Rule):
         if not isinstance(self.cache_graph, bool):
             raise TypeError(f"SecondOrder: cache_graph must be a bool, got {type(self.cache_graph).__name__}")
 
-    def needs_train(self) -> bool:
-        return True
-
-    def prepare(self, prob: Problem) -> None:
-        if prob.train is None:
-            raise ValueError("second_order needs train_data (the corrected training data or a subsample)")
+    def train_use(self) -> Optional[str]:
+        return "hessian"
 
     def delta(self, prob: Problem) -> torch.Tensor:
         g_s = prob.gradient_difference_s()
-        prob.info["g_norm"] = float(g_s.double().norm())
+        prob.info["g_norm"] = norm_float64(g_s)
         lam = _damping(self, prob)
-        hb = prob.train
-        n_h = n_points(hb)
-        n_batches = sum(1 for _ in hb)
+        hb, n_h, n_batches = prob.train, prob.train_points, prob.train_batches
         prob.info["n_hessian_points"] = n_h
         from .hvp import RestrictedHVP
 
@@ -320,7 +346,9 @@ class DiagNewton(_Rule):
     ``diag``: the diagonal of the MEAN training-loss Hessian, a ``DiagEstimate`` or a flat tensor of N entries; None
     estimates it with ``hessian_diag(model, loss_fn, train_data, n_probes=n_probes, seed=seed)`` (a Ctrl-C inside
     that estimate raises KeyboardInterrupt: a partial estimate is never used). ``damping``: λ >= 0 on the summed
-    scale, None = 0.01·n_train. Needs ``train_data`` when ``diag`` is None, else ``n_train`` or ``train_data``.
+    scale, None = 0.01·n_train. Without ``diag``, ``unlearn`` needs ``train_data`` (the estimate's data; ``n_train``
+    defaults to its points). With ``diag``, the rule needs only ``n_train``: give it, or give ``train_data`` alone
+    and its number of points is ``n_train`` (giving both is a ValueError: train_data would not be read).
     Peak extra memory: O(k) plus hessian_diag's own (about 2N float32 accumulators plus probe buffers) when it
     estimates ``diag``.
     """
@@ -340,8 +368,8 @@ class DiagNewton(_Rule):
                                                                                 torch.Tensor):
             raise TypeError(f"DiagNewton: diag must be None, a DiagEstimate or a flat tensor, got {type(d).__name__}")
 
-    def needs_train(self) -> bool:
-        return True
+    def train_use(self) -> Optional[str]:
+        return "hessian" if self.diag is None else "n_train"
 
     def _diag_tensor(self) -> Optional[torch.Tensor]:
         d = self.diag
@@ -351,27 +379,23 @@ class DiagNewton(_Rule):
         d = self._diag_tensor()
         if d is not None and d.numel() != prob.space.numel:
             raise ValueError(f"DiagNewton: diag has {d.numel()} entries, the model has {prob.space.numel} parameters")
-        if d is None and prob.train is None:
-            raise ValueError("diag_newton without diag= needs train_data (the corrected training data or a "
-                             "subsample) to estimate the Hessian diagonal")
 
     def delta(self, prob: Problem) -> torch.Tensor:
         g_s = prob.gradient_difference_s()
-        prob.info["g_norm"] = float(g_s.double().norm())
+        prob.info["g_norm"] = norm_float64(g_s)
         lam = _damping(self, prob)
-        if prob.train is not None:
-            prob.info["n_hessian_points"] = n_points(prob.train)
         d = self._diag_tensor()
         if d is None:
             from . import hessian
 
+            prob.info["n_hessian_points"] = prob.train_points
             est = hessian.hessian_diag(prob.model, prob.loss, prob.train, n_probes=int(self.n_probes),
                                        seed=int(self.seed), space=prob.space)
             if est.info.get("stopped_by") == "interrupted":
                 raise KeyboardInterrupt  # hessian_diag keeps a partial estimate on Ctrl-C; an update must not use it
             n_probes = int(getattr(est, "n_probes", self.n_probes))
-            prob.counts["hvp"] += n_probes * n_points(prob.train)
-            prob.counts["passes"] += n_probes * sum(1 for _ in prob.train)
+            prob.counts["hvp"] += n_probes * prob.train_points
+            prob.counts["passes"] += n_probes * prob.train_batches
             d = est.mean
         d_s = d.reshape(-1).index_select(0, prob.coords.indices.to(d.device)).to(device=g_s.device, dtype=g_s.dtype)
         prob.coords.check_finite(d_s, "unlearn: the Hessian diagonal diag")
@@ -433,14 +457,14 @@ class SAMFinetune(_Rule):
         opt = SparseSAM(prob.space, prob.coords.selection, base=self.base, lr=self.lr, rho=self.rho)
         zt = _cycle(prob.corrected)
         rt = _cycle(retain) if retain is not None else None
-        for _ in range(self.steps):
+        for step in range(self.steps):
             b = [next(zt)] + ([next(rt)] if rt is not None else [])
             npts = sum(batch_size(bi) for bi in b)
 
-            def closure(b=b):
+            def closure(b=b, step=step):
                 loss = sum(loss_fn(model, bi) * batch_size(bi) for bi in b) / npts
-                if not math.isfinite(float(loss.detach())):
-                    raise NonFiniteError("unlearn: the sam_finetune loss became NaN/Inf; the model was restored")
+                check_finite(loss.detach(), "unlearn: the sam_finetune loss", suffix="the model was restored",
+                             where=lambda _: f"step {step + 1} of {self.steps}")
                 loss.backward()
                 return loss
 
@@ -487,12 +511,12 @@ class GradientAscent(_Rule):
         model, loss_fn = prob.model, prob.loss
         opt = SparseSGD(prob.space, prob.coords.selection, lr=self.lr)
         z, zt = _cycle(prob.affected), _cycle(prob.corrected)
-        for _ in range(self.steps):
+        for step in range(self.steps):
             bz, bzt = next(z), next(zt)
             opt.zero_grad()
             loss = loss_fn(model, bzt) - loss_fn(model, bz)
-            if not math.isfinite(float(loss.detach())):
-                raise NonFiniteError("unlearn: the gradient_ascent loss became NaN/Inf; the model was restored")
+            check_finite(loss.detach(), "unlearn: the gradient_ascent loss L(Z̃) − L(Z)",
+                         suffix="the model was restored", where=lambda _: f"step {step + 1} of {self.steps}")
             loss.backward()
             opt.step()
             opt.zero_grad()

@@ -6,11 +6,19 @@ it into a :class:`~sapsel_kernels.selection.Selection` of k coordinates, k from 
 One score estimate serves every budget: pass it back as ``select_parameters(..., scores=...)``.
 
 Scores are computed in the estimation mode of ``hessian_diag`` (eval mode, math attention), restored afterwards.
+
+Applicability: an argument the chosen strategy does not read is a ValueError naming it and the strategies that read
+it (``strategy_arguments`` lists them per strategy), never a silent no-op. An argument counts as *passed* when it is
+given at all, even with its default value (the defaults are sentinels that print as the documented values), except
+that None for ``data``, ``affected``, ``corrected``, ``scores`` and ``last_layer_prefix`` means "not given". With
+``scores=`` no estimate is made, so every estimation argument is then an error. Applicability follows the strategy,
+not the budget: ``last_layer`` reads its estimation arguments although a budget of at least the layer size selects
+the whole layer without an estimate.
 """
 
 import numbers
 import time
-from typing import Dict, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 
@@ -20,11 +28,77 @@ from .rules import summed_gradient
 from .selection import Selection, as_selection, resolve_k, select
 from .space import ParamSpace
 
-__all__ = ["STRATEGIES", "parameter_scores", "select_parameters", "last_layer_indices"]
+__all__ = ["STRATEGIES", "HESSIAN_STRATEGIES", "parameter_scores", "select_parameters", "last_layer_indices",
+           "strategy_arguments"]
 
 STRATEGIES = ("hessian", "hessian_smallest", "hessian_affected", "hessian_corrected", "all", "last_layer", "random",
               "grad_abs", "ssd")
-_HESSIAN = ("hessian", "hessian_smallest", "last_layer", "hessian_affected", "hessian_corrected")
+# the strategies that rank by a hessian_diag estimate (and accept its keyword arguments)
+HESSIAN_STRATEGIES = ("hessian", "hessian_smallest", "last_layer", "hessian_affected", "hessian_corrected")
+
+
+class _Default:
+    """The default of a keyword argument, told apart from the same value passed explicitly (see the module
+    docstring: an argument the strategy does not read is an error whenever it is passed). Prints as the value, so
+    signatures and help() show the documented defaults."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value):
+        self.value = value
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+
+def _value(v):
+    return v.value if isinstance(v, _Default) else v
+
+
+_NONE_MEANS_UNSET = ("data", "affected", "corrected", "scores", "last_layer_prefix")
+
+
+def _passed(**args) -> Dict[str, Any]:
+    """The arguments among ``args`` that the caller passed: not a default sentinel (and not None where None means
+    "not given")."""
+    return {name: v for name, v in args.items()
+            if not isinstance(v, _Default) and not (v is None and name in _NONE_MEANS_UNSET)}
+
+
+# What parameter_scores reads per strategy ("hessian_kw": hessian_diag's extra keyword arguments).
+_ESTIMATE = ("loss_fn", "seed", "n_probes", "estimator", "hessian_kw")
+_SCORE_ARGS: Dict[str, Tuple[str, ...]] = {
+    "hessian": ("data",) + _ESTIMATE, "hessian_smallest": ("data",) + _ESTIMATE, "last_layer": ("data",) + _ESTIMATE,
+    "hessian_affected": ("affected",) + _ESTIMATE, "hessian_corrected": ("corrected",) + _ESTIMATE,
+    "grad_abs": ("loss_fn", "affected"), "ssd": ("loss_fn", "affected", "data", "fisher_points", "seed"),
+    "all": (), "random": (),
+}
+
+
+def strategy_arguments(strategy: str, *, scores: bool = False) -> Tuple[str, ...]:
+    """The keyword arguments of :func:`select_parameters` that ``strategy`` reads (besides ``budget`` and ``space``,
+    which every strategy reads), with ``scores=True`` when a precomputed score vector is passed. Any other one is a
+    ValueError there. ``parameter_scores`` reads the same minus ``scores`` / ``last_layer_prefix`` (and ``seed``
+    for ``random``), plus hessian_diag's keyword arguments for the hessian strategies."""
+    _check_strategy(strategy)
+    if strategy == "all":
+        return ()
+    if strategy == "random":
+        return ("seed",)
+    own = ("scores",) + (("last_layer_prefix",) if strategy == "last_layer" else ())
+    return own if scores else own + tuple(a for a in _SCORE_ARGS[strategy] if a != "hessian_kw")
+
+
+def _check_passed(fn: str, strategy: str, passed: Dict[str, Any], reads: Tuple[str, ...], scores: bool) -> None:
+    for name in passed:
+        if name in reads:
+            continue
+        if scores and name in _SCORE_ARGS[strategy]:
+            raise ValueError(f"{fn}: {name} does not apply when scores= is given (no estimate is made)")
+        users = [s for s in STRATEGIES if name in _SCORE_ARGS[s] or name in strategy_arguments(s)]
+        label = "hessian_diag keyword arguments" if name == "hessian_kw" else name
+        raise ValueError(f"{fn}: {label} does not apply to strategy {strategy!r}; it is read by "
+                         f"{', '.join(map(repr, users))}")
 
 
 def _check_strategy(strategy) -> None:
@@ -67,9 +141,9 @@ def _subsample_points(batches, max_points: Optional[int], seed: int):
     return out, int(keep.numel())
 
 
-def parameter_scores(model, strategy: str, *, loss_fn=None, data=None, affected=None, corrected=None, seed: int = 0,
-                     n_probes: int = 32, estimator: str = "hutchinson", fisher_points: Optional[int] = 512,
-                     space: Optional[ParamSpace] = None,
+def parameter_scores(model, strategy: str, *, loss_fn=_Default(None), data=None, affected=None, corrected=None,
+                     seed: int = _Default(0), n_probes: int = _Default(32), estimator: str = _Default("hutchinson"),
+                     fisher_points: Optional[int] = _Default(512), space: Optional[ParamSpace] = None,
                      **hessian_kw) -> Tuple[Optional[torch.Tensor], Dict[str, float]]:
     """The flat float32 score vector [N] a score-based strategy ranks by (None for ``all`` / ``random``), and its
     cost ``{"wall_time_s", "n_gradients", "n_hvps"}`` (per-point counts, as in UnlearnReport).
@@ -83,15 +157,22 @@ def parameter_scores(model, strategy: str, *, loss_fn=None, data=None, affected=
       on Z and on the training data D (``fisher_points`` points of it drawn with ``seed``; None = all):
       parameters specialised to Z.
 
-    ``loss_fn``: anything ``data.make_loss`` accepts; data arguments follow the batch rule (``data.as_batches``).
-    Raises ValueError for an unknown strategy or missing inputs, TypeError for ``hessian_kw`` given to a strategy
-    that does not call ``hessian_diag``, NonFiniteError for NaN/Inf scores.
+    ``loss_fn`` (default None: the model's own ``.loss``): anything ``data.make_loss`` accepts; data arguments follow
+    the batch rule (``data.as_batches``). Defaults: ``seed=0``, ``n_probes=32``, ``estimator="hutchinson"``,
+    ``fisher_points=512``; the hessian strategies hand ``seed`` / ``n_probes`` / ``hessian_kw`` to ``hessian_diag``
+    only when they are passed (so its own applicability rules judge them for the estimator).
+    Raises ValueError for an unknown strategy, missing inputs or an argument the strategy does not read (module
+    docstring; ``all`` / ``random`` read none), NonFiniteError for NaN/Inf scores.
     Peak extra memory: the [N] score vector plus the estimator's own (hessian_diag: about 2N float32 accumulators and
     probe buffers; ssd: two of those in turn; grad_abs: one [N] accumulator and one backward's gradients).
     """
     _check_strategy(strategy)
-    if hessian_kw and strategy not in _HESSIAN:
-        raise TypeError(f"strategy {strategy!r} does not call hessian_diag: unexpected {sorted(hessian_kw)}")
+    passed = _passed(loss_fn=loss_fn, seed=seed, n_probes=n_probes, estimator=estimator, fisher_points=fisher_points,
+                     data=data, affected=affected, corrected=corrected)
+    if hessian_kw:
+        passed["hessian_kw"] = hessian_kw
+    _check_passed("parameter_scores", strategy, passed, _SCORE_ARGS[strategy], scores=False)
+    loss_fn, seed, estimator, fisher_points = _value(loss_fn), _value(seed), _value(estimator), _value(fisher_points)
     space = space or ParamSpace(model)
     t0 = time.perf_counter()
     cost = {"n_gradients": 0, "n_hvps": 0}
@@ -107,15 +188,15 @@ def parameter_scores(model, strategy: str, *, loss_fn=None, data=None, affected=
     from . import hessian
 
     loss = make_loss(loss_fn)
-    if strategy in _HESSIAN:
+    if strategy in HESSIAN_STRATEGIES:
         src = {"hessian_affected": (affected, "affected"), "hessian_corrected": (corrected, "corrected")}.get(
             strategy, (data, "data (the training data)"))
         batches = need(*src)
-        est = hessian.hessian_diag(model, loss, batches, estimator=estimator, n_probes=n_probes, seed=seed,
-                                   space=space, **hessian_kw)
+        kw = {name: passed[name] for name in ("n_probes", "seed") if name in passed}
+        est = hessian.hessian_diag(model, loss, batches, estimator=estimator, space=space, **kw, **hessian_kw)
         scores = est.mean.reshape(-1).to(torch.float32)
         if estimator in ("hutchinson", "gauss_newton"):
-            cost["n_hvps"] = int(getattr(est, "n_probes", n_probes)) * n_points(batches)
+            cost["n_hvps"] = int(getattr(est, "n_probes", _value(n_probes))) * n_points(batches)
         else:
             cost["n_gradients"] = n_points(batches)
     elif strategy == "grad_abs":
@@ -154,11 +235,12 @@ def _budget_k(budget, n: int) -> int:
     return k
 
 
-def select_parameters(model, strategy: str = "hessian", budget: Union[int, float] = 0.01, *, loss_fn=None,
-                      data=None, affected=None, corrected=None, seed: int = 0, scores: Optional[torch.Tensor] = None,
-                      last_layer_prefix: Optional[str] = None, space: Optional[ParamSpace] = None,
-                      n_probes: int = 32, estimator: str = "hutchinson",
-                      fisher_points: Optional[int] = 512) -> Selection:
+def select_parameters(model, strategy: str = "hessian", budget: Union[int, float] = 0.01, *, loss_fn=_Default(None),
+                      data=None, affected=None, corrected=None, seed: int = _Default(0),
+                      scores: Optional[torch.Tensor] = None, last_layer_prefix: Optional[str] = None,
+                      space: Optional[ParamSpace] = None, n_probes: int = _Default(32),
+                      estimator: str = _Default("hutchinson"),
+                      fisher_points: Optional[int] = _Default(512)) -> Selection:
     """Build the parameter subset S for one strategy at budget k.
 
     Args:
@@ -176,26 +258,35 @@ def select_parameters(model, strategy: str = "hessian", budget: Union[int, float
             * ``grad_abs``: SalUn's saliency, the k largest |∇L(Z)|;
             * ``ssd``: the k largest SSD importance ratios F_Z / F_D (see ``parameter_scores``).
         scores: a precomputed score vector from ``parameter_scores`` for this strategy (skips the estimate, so one
-            estimate serves several budgets).
-        n_probes, estimator, fisher_points, seed: passed to ``parameter_scores``.
+            estimate serves several budgets; then no estimation argument applies).
+        loss_fn (default None: the model's own loss), data, affected, corrected, n_probes (32), estimator
+            ("hutchinson"), fisher_points (512), seed (0): handed to ``parameter_scores`` when passed; ``seed`` also
+            draws ``random``'s coordinates. last_layer_prefix: ``last_layer`` only.
+        Which arguments each strategy reads: ``strategy_arguments(strategy)``; passing another is a ValueError (the
+        rule is in the module docstring).
 
     Returns:
         A Selection over the model's ParamSpace (int64 ascending indices on its device).
 
     Raises:
-        ValueError (unknown strategy, missing inputs, budget out of range), TypeError (budget type),
-        NonFiniteError (NaN/Inf scores).
+        ValueError (unknown strategy, missing inputs, an argument the strategy does not read, budget out of range),
+        TypeError (budget type), NonFiniteError (NaN/Inf scores).
 
     Peak extra memory: ``parameter_scores``' (unless ``scores`` is given) plus O(k) for the ranking (``random``: a
     permutation of N int64).
     """
     _check_strategy(strategy)
+    estimate = _passed(loss_fn=loss_fn, seed=seed, n_probes=n_probes, estimator=estimator,
+                       fisher_points=fisher_points, data=data, affected=affected, corrected=corrected)
+    passed = {**estimate, **_passed(scores=scores, last_layer_prefix=last_layer_prefix)}
+    _check_passed("select_parameters", strategy, passed, strategy_arguments(strategy, scores=scores is not None),
+                  scores=scores is not None)
     space = space or ParamSpace(model)
     k = _budget_k(budget, space.numel)
     if strategy == "all":
         return as_selection(torch.arange(space.numel, device=space.device), space)
     if strategy == "random":
-        g = torch.Generator().manual_seed(int(seed))
+        g = torch.Generator().manual_seed(int(_value(seed)))
         return as_selection(torch.randperm(space.numel, generator=g)[:k].to(space.device), space)
     ll = None
     if strategy == "last_layer":
@@ -203,9 +294,7 @@ def select_parameters(model, strategy: str = "hessian", budget: Union[int, float
         if k >= ll.numel():
             return as_selection(ll, space)
     if scores is None:
-        scores, _ = parameter_scores(model, strategy, loss_fn=loss_fn, data=data, affected=affected,
-                                     corrected=corrected, seed=seed, space=space, n_probes=n_probes,
-                                     estimator=estimator, fisher_points=fisher_points)
+        scores, _ = parameter_scores(model, strategy, space=space, **estimate)
     scores = scores.reshape(-1).to(torch.float32)
     if scores.numel() != space.numel:
         raise ValueError(f"scores have {scores.numel()} entries, the model has {space.numel} parameters")

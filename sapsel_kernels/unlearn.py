@@ -27,9 +27,9 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from .data import as_batches, make_loss, n_points
+from .data import as_batches, make_loss
 from .errors import check_finite
-from .rules import Coords, Problem, as_method
+from .rules import TRAIN_METHODS, Coords, Problem, as_method, count_batches, norm_float64
 from .selection import as_selection
 from .space import ParamSpace
 
@@ -42,9 +42,10 @@ class UnlearnReport:
 
     ``n_gradients``: per-point loss gradients evaluated (a backward over a batch of b points counts b);
     ``n_hvps``: per-point Hessian-vector products (same counting); ``n_passes``: backward passes of any kind;
-    ``delta_norm``: ‖θ_after − θ*‖₂ (float64; over S, the only coordinates that can change); ``n_changed``:
-    coordinates whose value changed; ``k``: size of S; ``numel``: N; ``info``: method-specific (G_S norm, CG
-    iterations and residual, step size, damping, ...).
+    ``delta_norm``: ‖θ_after − θ*‖₂ over S (the only coordinates that can change), accumulated in float64 from the
+    values as stored (exact differences for float32 and narrower parameters; correct to float64 rounding);
+    ``n_changed``: coordinates whose stored value changed; ``k``: size of S; ``numel``: N; ``info``: method-specific
+    (G_S norm, CG iterations and residual, step size, damping, ...).
     """
 
     method: str
@@ -101,8 +102,13 @@ def unlearn(model: torch.nn.Module, loss_fn, affected, corrected, selection, met
         method: a method config (``FirstOrder(tau=...)``, ``SecondOrder(...)``, ``DiagNewton(...)``,
             ``SAMFinetune(...)``, ``GradientAscent(...)``) or its name in ``rules.METHODS`` (the config with defaults).
         train_data: the corrected training data (batches; a subsample is fine) for second_order's Hessian and
-            diag_newton's estimate; its Hessian is rescaled to ``n_train`` points. Ignored by the other methods.
+            diag_newton's estimate (required by both; with ``DiagNewton(diag=...)`` it is optional and only counted,
+            as the default of ``n_train``); its Hessian is rescaled to ``n_train`` points. It is read once to count
+            its points and batches (the rule reuses the counts), then by the rule.
         n_train: number of training points the summed-loss Hessian represents (default: the points in train_data).
+            ``train_data`` and ``n_train`` apply only to second_order and diag_newton: passing either (None means
+            "not given") to another method raises ValueError naming the argument, and so does passing both to a
+            ``DiagNewton(diag=...)`` (train_data would not be read).
         space: the model's ParamSpace (built when None).
         estimation_mode: run in ``hessian_diag``'s estimation mode (eval mode for every module, math attention),
             restored afterwards. False: in the model's own mode (then iterative methods on a model in train mode
@@ -113,7 +119,8 @@ def unlearn(model: torch.nn.Module, loss_fn, affected, corrected, selection, met
 
     Raises:
         TypeError / ValueError before anything is computed: a bad method or config, mismatched Z/Z̃ sizes, an empty
-        or invalid selection (IndexError out of range), missing train_data, a one-shot iterator read several times.
+        or invalid selection (IndexError out of range), missing train_data, train_data / n_train given to a method
+        that does not read them, a one-shot iterator read several times.
         NonFiniteError (a ValueError): NaN/Inf in the parameters, G_S, the solve, an update or an iterate -- before
         anything is written (direct methods) or after a full restore (iterative methods). KeyboardInterrupt and any
         other exception propagate after the same restore; an interrupted ``hessian_diag`` inside diag_newton raises
@@ -123,7 +130,9 @@ def unlearn(model: torch.nn.Module, loss_fn, affected, corrected, selection, met
     snapshot of θ_S, G_S, the update; CG: 5 vectors of k) plus a copy of the buffers; transient, per backward, the
     gradient tensors autograd returns (N, parameter dtype) and for second_order one tangent and one product of N per
     HVP plus the cached first-order graphs (``cache_graph``); diag_newton without ``diag`` adds ``hessian_diag``'s
-    accumulators (about 2N float32); iterative methods hold ``.grad`` (N) and the optimizer state (k to 3k).
+    accumulators (about 2N float32); iterative methods hold ``.grad`` (N) and the optimizer state (k to 3k). The
+    report reads θ_S once more (k, the working dtype) and reduces in float64 chunks (at most 16 MiB of float64
+    scratch and k bools; never a [k] float64 copy).
     """
     rule = as_method(method)
     if not isinstance(estimation_mode, bool):
@@ -131,6 +140,13 @@ def unlearn(model: torch.nn.Module, loss_fn, affected, corrected, selection, met
     if n_train is not None and (isinstance(n_train, bool) or not isinstance(n_train, numbers.Integral)
                                 or n_train < 1):
         raise ValueError(f"n_train must be an int >= 1, got {n_train!r}")
+    use = rule.train_use()
+    for arg, value in (("train_data", train_data), ("n_train", n_train)):
+        if value is not None and use is None:
+            raise ValueError(f"{arg} applies only to the methods {TRAIN_METHODS}; {rule.name} does not read it")
+    if use == "n_train" and train_data is not None and n_train is not None:
+        raise ValueError("diag_newton with diag= reads train_data only to count n_train: give train_data or n_train, "
+                         "not both")
     space = space if space is not None else ParamSpace(model)
     loss = make_loss(loss_fn)
     if selection is None:
@@ -140,23 +156,32 @@ def unlearn(model: torch.nn.Module, loss_fn, affected, corrected, selection, met
     passes = "many" if rule.iterative else "once"
     z = as_batches(affected, passes=passes, what="affected")
     zt = as_batches(corrected, passes=passes, what="corrected")
-    nz, nzt = n_points(z), n_points(zt)
+    (nz, _), (nzt, _) = count_batches(z), count_batches(zt)
     if nz == 0 or nz != nzt:
         raise ValueError(f"affected ({nz} points) and corrected ({nzt} points) must be non-empty and of equal size")
-    train = None
-    if rule.needs_train():
-        if train_data is not None:
-            train = as_batches(train_data, passes="many", what="train_data")
-            n_train = int(n_train) if n_train is not None else n_points(train)
-        if n_train is None:
-            raise ValueError(f"{rule.name} needs train_data (the corrected training data or a subsample), or at "
-                             "least n_train")
+    train, train_points, train_batches = None, None, None
+    if use == "hessian":
+        if train_data is None:
+            what = "the Hessian" if rule.name == "second_order" else "the Hessian diagonal (or give diag=)"
+            raise ValueError(f"{rule.name} needs train_data (the corrected training data or a subsample) for {what}")
+        train = as_batches(train_data, passes="many", what="train_data")
+        train_points, train_batches = count_batches(train)  # the one counting pass; the rule reuses the counts
+        if train_points == 0:
+            raise ValueError("train_data holds no points")
+        n_train = int(n_train) if n_train is not None else train_points
+    elif use == "n_train" and n_train is None:
+        if train_data is None:
+            raise ValueError(f"{rule.name} with diag= needs n_train (or train_data, whose points it counts)")
+        n_train, _ = count_batches(as_batches(train_data, passes="once", what="train_data"))
+        if n_train == 0:
+            raise ValueError("train_data holds no points")
     with torch.no_grad():
         check_finite([p.detach() for p in space.params], "unlearn: the model's parameters", space=space,
                      suffix="the model was left untouched")
     coords = Coords(space, sel)
     prob = Problem(model=model, loss=loss, space=space, coords=coords, affected=z, corrected=zt, train=train,
-                   n_train=int(n_train) if n_train is not None else None)
+                   n_train=int(n_train) if n_train is not None else None, train_points=train_points,
+                   train_batches=train_batches)
     rule.prepare(prob)
 
     from .hessian import estimation_mode as _estimation_mode
@@ -189,7 +214,8 @@ def unlearn(model: torch.nn.Module, loss_fn, affected, corrected, selection, met
         _restore_buffers(buffers)
         raise
     wall = time.perf_counter() - t0
-    diff = coords.read().double() - old_s.double()
+    new = coords.read()  # [k] in coords.dtype, like old_s: the report below is O(k), no [k] float64 copy
     return UnlearnReport(method=rule.name, k=coords.k, numel=space.numel, wall_time_s=wall,
                          n_gradients=prob.counts["grad"], n_hvps=prob.counts["hvp"], n_passes=prob.counts["passes"],
-                         delta_norm=float(diff.norm()), n_changed=int((diff != 0).sum()), info=prob.info)
+                         delta_norm=norm_float64(new, old_s), n_changed=int(torch.ne(new, old_s).sum()),
+                         info=prob.info)

@@ -71,6 +71,8 @@ def a_file(tmp_path):
 
 
 LABELS_BAD = [
+    (["--seed", "-1"], "--seed: must be an integer >= 0, got -1"),  # hessian_diag's seeds are >= 0
+    (["--seed", "x"], "--seed: 'x' is not an integer"),
     (["--seeds", "0"], "--seeds: must be an integer >= 1, got 0"),
     (["--seeds", "-2"], "--seeds: must be an integer >= 1"),
     (["--probes", "0"], "--probes: must be an integer >= 1, got 0"),
@@ -93,6 +95,7 @@ LABELS_BAD = [
 ]
 
 CANARY_BAD = [
+    (["--seed", "-1"], "--seed: must be an integer >= 0, got -1"),
     (["--seeds", "0"], "--seeds: must be an integer >= 1"),
     (["--probes", "0"], "--probes: must be an integer >= 1"),
     (["--threads", "0"], "--threads: must be an integer >= 1"),
@@ -158,10 +161,10 @@ def test_valid_arguments_reach_the_work_unchanged(no_work, tmp_path):
     out = tmp_path / "new" / "sub"
     no_work.allow()
     with pytest.raises(_Reached):
-        cli.main(["demo", "--task", "labels", "--quick", "--seed", "-1", "--seeds", "2", "--probes", "1",
+        cli.main(["demo", "--task", "labels", "--quick", "--seed", "0", "--seeds", "2", "--probes", "1",
                   "--budgets", "0.01, 1", "--strategies", "hessian,all", "--out", str(out), "--no-progress"])
     (call,) = no_work
-    assert call["seeds"] == [-1, 0] and call["budgets"] == [0.01, 1.0] and call["strategies"] == ["hessian", "all"]
+    assert call["seeds"] == [0, 1] and call["budgets"] == [0.01, 1.0] and call["strategies"] == ["hessian", "all"]
     assert call["score_kwargs"] == {"n_probes": 1}
     assert out.is_dir()  # created before the grid, so a run cannot end with nowhere to write
 
@@ -175,8 +178,9 @@ def test_canary_valid_arguments_reach_the_work(no_work, tmp_path):
     no_work.allow()
     with pytest.raises(_Reached):
         cli.main(["demo", "--task", "canary", "--quick", "--chars", "0", "--seq-len", "128", "--settings",
-                  "lstm:r2,transformer:r4", "--out", str(tmp_path), "--no-progress"])
+                  "lstm:r2,transformer:r4", "--seed", "0", "--out", str(tmp_path), "--no-progress"])
     (call,) = no_work
+    assert call["seeds"] == [0]
     assert call["task"].settings == ["lstm:r2", "transformer:r4"] and call["task"].seq_len == 128
     assert call["task"].chars is None  # --chars 0 = the whole corpus, as documented
 

@@ -35,8 +35,50 @@ def test_task_hyperparameters_are_method_configs(task_name, quick):
         for hp in hps:
             cfg, call = common.method_call(method, **task.unlearn_kwargs(method, setup), **hp)
             assert cfg.name == method and set(call) <= set(common.UNLEARN_KWARGS)
+            # only arguments the method reads (unlearn raises on the others)
+            train_args = {"train_data", "n_train"} & set(call)
+            if cfg.train_use() is None:
+                assert not train_args, (method, sorted(call))
+            elif cfg.train_use() == "n_train":  # DiagNewton(diag=...): n_train or train_data, not both
+                assert len(train_args) == 1, (method, sorted(call))
     with pytest.raises(TypeError):
         common.method_call("first_order", damping=1.0)
+
+
+def test_tuning_discards_only_diverged_candidates(monkeypatch):
+    # a NaN/Inf candidate (NonFiniteError) is counted as failed; any other ValueError (a bad argument or config) is a
+    # bug and propagates instead of being counted as a diverged candidate
+    from sapsel_kernels.errors import NonFiniteError
+
+    class Task:
+        def unlearn_kwargs(self, method, setup):
+            return {}
+
+        def hparams(self, method, setup):
+            return [{"tau": 0.1}, {"tau": 0.2}]
+
+        def tuning_score(self, model, setup):
+            return 0.0
+
+        def evaluate(self, model, setup):
+            return {}
+
+    model = torch.nn.Linear(2, 2)
+    setup = common.Setup(model=model, loss_fn=None, affected=None, corrected=None, data=None)
+
+    def diverged(*a, **kw):
+        raise NonFiniteError("unlearn: G contains NaN/Inf")
+
+    monkeypatch.setattr(common, "unlearn", diverged)
+    row = common._run_cell(Task(), setup, model, model.state_dict(), None, "first_order")
+    assert row["n_failed"] == 2 and row["hparams"] is None
+
+    def misconfigured(*a, **kw):
+        raise ValueError("n_train applies only to the methods ('second_order', 'diag_newton')")
+
+    monkeypatch.setattr(common, "unlearn", misconfigured)
+    with pytest.raises(ValueError, match="applies only"):
+        common._run_cell(Task(), setup, model, model.state_dict(), None, "first_order")
 
 
 def test_digits_split_is_real_and_disjoint():

@@ -15,7 +15,8 @@ from torch.func import functional_call, grad, hessian, vmap
 import sapsel_kernels as sk
 from sapsel_kernels.selection import resolve_k, select
 from sapsel_kernels.space import ParamSpace
-from sapsel_kernels.strategies import STRATEGIES, last_layer_indices, parameter_scores, select_parameters
+from sapsel_kernels.strategies import (STRATEGIES, last_layer_indices, parameter_scores, select_parameters,
+                                       strategy_arguments)
 
 D_IN, H, C = 3, 4, 3
 
@@ -119,9 +120,9 @@ def test_budget_int_and_errors(setup):
 def test_hessian_strategies_pick_extreme_exact_diagonal(setup, strategy, source, largest):
     model, aff, cor, train = setup
     data = {"train": train, "affected": aff, "corrected": cor}[source]
+    arg = {"train": "data"}.get(source, source)
     k = 6
-    sel = select_parameters(model, strategy, k, loss_fn=loss_fn, data=train, affected=aff, corrected=cor,
-                            estimator="exact")
+    sel = select_parameters(model, strategy, k, loss_fn=loss_fn, estimator="exact", **{arg: data})
     oracle = _exact_diag_mean(model, data).float()
     assert set(sel.indices.tolist()) == _topk_set(oracle, k, largest)
     assert sel.k == k and sel.space_signature == ParamSpace(model).signature
@@ -240,11 +241,92 @@ def test_strategy_names_and_errors(setup):
         select_parameters(model, "ssd", 3, loss_fn=loss_fn, affected=aff)
     with pytest.raises(TypeError, match="one-shot"):
         select_parameters(model, "hessian", 3, loss_fn=loss_fn, data=iter([train]))
-    with pytest.raises(TypeError, match="hessian_diag"):
+    with pytest.raises(ValueError, match="hessian_diag keyword arguments does not apply to strategy 'grad_abs'"):
         parameter_scores(model, "grad_abs", loss_fn=loss_fn, affected=aff, hvp="rev_rev")
     s, _ = parameter_scores(model, "hessian", loss_fn=loss_fn, data=train, n_probes=4, hvp="rev_rev")
     assert s.shape == (ParamSpace(model).numel,)
     assert sk.select_parameters is select_parameters and sk.parameter_scores is parameter_scores
+
+
+# ------------------------------------------------------------------------------------------- applicability
+SCORE_BASED = ("hessian", "hessian_smallest", "hessian_affected", "hessian_corrected", "last_layer", "grad_abs",
+               "ssd")
+NOT_READ = [  # (strategy, an argument it does not read, passed with its default value or data: an error; @x = data)
+    ("ssd", {"n_probes": 32}), ("ssd", {"estimator": "hutchinson"}), ("ssd", {"corrected": "@cor"}),
+    ("grad_abs", {"n_probes": 32}), ("grad_abs", {"estimator": "hutchinson"}), ("grad_abs", {"seed": 0}),
+    ("grad_abs", {"fisher_points": 512}), ("grad_abs", {"data": "@train"}), ("grad_abs", {"corrected": "@cor"}),
+    ("hessian", {"fisher_points": 512}), ("hessian", {"affected": "@aff"}), ("hessian", {"corrected": "@cor"}),
+    ("hessian_affected", {"data": "@train"}), ("hessian_corrected", {"affected": "@aff"}),
+    ("hessian_smallest", {"fisher_points": None}), ("last_layer", {"corrected": "@cor"}),
+    ("hessian", {"last_layer_prefix": "fc"}),
+    ("random", {"n_probes": 32}), ("random", {"loss_fn": None}), ("random", {"data": "@train"}),
+    ("random", {"estimator": "hutchinson"}), ("all", {"seed": 0}), ("all", {"loss_fn": loss_fn}),
+    ("all", {"fisher_points": 512}),
+]
+
+
+def _inputs(setup):
+    model, aff, cor, train = setup
+    return {"loss_fn": loss_fn, "data": train, "affected": aff, "corrected": cor}
+
+
+@pytest.mark.parametrize("strategy,extra", NOT_READ, ids=[f"{s}-{next(iter(e))}" for s, e in NOT_READ])
+def test_an_argument_the_strategy_does_not_read_is_an_error(setup, strategy, extra):
+    model, aff, cor, train = setup
+    named = {"@aff": aff, "@cor": cor, "@train": train}
+    extra = {k: named.get(v, v) if isinstance(v, str) else v for k, v in extra.items()}
+    (name,) = extra
+    needed = {k: v for k, v in _inputs(setup).items() if k in strategy_arguments(strategy) and k not in extra}
+    with pytest.raises(ValueError, match=rf"select_parameters: {name} does not apply to strategy '{strategy}'"):
+        select_parameters(model, strategy, 3, **needed, **extra)
+    if name != "last_layer_prefix":
+        with pytest.raises(ValueError, match=rf"parameter_scores: {name} does not apply to strategy '{strategy}'"):
+            parameter_scores(model, strategy, **needed, **extra)
+
+
+@pytest.mark.parametrize("strategy", SCORE_BASED)
+def test_with_scores_no_estimation_argument_applies(setup, strategy):
+    model, aff, cor, train = setup
+    scores = torch.rand(ParamSpace(model).numel, generator=torch.Generator().manual_seed(0))
+    sel = select_parameters(model, strategy, 3, scores=scores)  # needs nothing else
+    assert sel.k == 3
+    for extra in ({"loss_fn": loss_fn}, {"loss_fn": None}, {"data": train}, {"affected": aff}, {"seed": 0},
+                  {"n_probes": 32}, {"estimator": "hutchinson"}, {"fisher_points": 512}):
+        (name,) = extra
+        if name in strategy_arguments(strategy):  # read for the estimate, which scores= replaces
+            match = rf"{name} does not apply when scores= is given"
+        else:  # never read by this strategy
+            match = rf"{name} does not apply to strategy '{strategy}'"
+        with pytest.raises(ValueError, match=match):
+            select_parameters(model, strategy, 3, scores=scores, **extra)
+
+
+def test_arguments_the_strategy_reads_are_accepted(setup):
+    # every argument listed by strategy_arguments is accepted, with defaults passed explicitly; None for a data
+    # argument means "not given"
+    model, aff, cor, train = setup
+    values = {**_inputs(setup), "seed": 0, "n_probes": 4, "estimator": "exact", "fisher_points": 512,
+              "last_layer_prefix": "fc"}
+    for strategy in STRATEGIES:
+        reads = strategy_arguments(strategy)
+        kw = {k: v for k, v in values.items() if k in reads}
+        if kw.get("estimator") == "exact":
+            kw.pop("n_probes")  # hessian_diag's own rule: n_probes other than 32 only for the stochastic estimators
+        sel = select_parameters(model, strategy, 3, **kw, **{k: None for k in ("data", "affected", "corrected")
+                                                             if k not in reads})
+        assert sel.k == (ParamSpace(model).numel if strategy == "all" else 3), strategy
+    assert strategy_arguments("all") == () and strategy_arguments("random") == ("seed",)
+    assert strategy_arguments("ssd") == ("scores", "loss_fn", "affected", "data", "fisher_points", "seed")
+    assert strategy_arguments("hessian", scores=True) == ("scores",)
+    assert strategy_arguments("last_layer", scores=True) == ("scores", "last_layer_prefix")
+    with pytest.raises(ValueError, match="unknown selection strategy"):
+        strategy_arguments("fisher")
+    # the signature shows the documented defaults
+    import inspect
+
+    sig = inspect.signature(select_parameters).parameters
+    assert [repr(sig[n].default) for n in ("loss_fn", "seed", "n_probes", "estimator", "fisher_points")] == \
+        ["None", "0", "32", "'hutchinson'", "512"]
 
 
 def test_nonfinite_scores_raise(setup):

@@ -131,6 +131,11 @@ def _config(method, **kw):
     return as_method(method, **{**base, **kw})
 
 
+def _train(method, train):
+    """unlearn's train_data for the methods that read it (passing it to another method is an error)."""
+    return {"train_data": train} if method in ("second_order", "diag_newton") else {}
+
+
 # ------------------------------------------------------------------------------------------- update rules
 def test_first_order_is_minus_tau_G_on_S(setup):
     model, aff, cor, _ = setup
@@ -309,7 +314,7 @@ def test_outside_selection_never_changes(setup, method):
     model, aff, cor, train = setup
     th0 = _theta(model)
     idx = torch.tensor([2, 3, 11, 25])
-    sk.unlearn(model, loss_fn, aff, cor, idx, _config(method), train_data=train)
+    sk.unlearn(model, loss_fn, aff, cor, idx, _config(method), **_train(method, train))
     th = _theta(model)
     out = torch.ones_like(th, dtype=torch.bool)
     out[idx] = False
@@ -325,7 +330,7 @@ def test_parameters_without_selected_entries_are_never_written(setup, method):
     lo, hi = sp.range_of("fc.weight")
     idx = torch.arange(lo, hi)[::3]
     versions = {n: p._version for n, p in model.named_parameters()}
-    rep = sk.unlearn(model, loss_fn, aff, cor, idx, _config(method), train_data=train)
+    rep = sk.unlearn(model, loss_fn, aff, cor, idx, _config(method), **_train(method, train))
     assert rep.k == idx.numel() and rep.n_changed == idx.numel()
     for n, p in model.named_parameters():
         if n != "fc.weight":
@@ -337,7 +342,7 @@ def test_report_is_the_change_on_S(setup, method):
     model, aff, cor, train = setup
     th0 = _theta(model)
     idx = torch.tensor([0, 6, 13, 25, 30])
-    rep = sk.unlearn(model, loss_fn, aff, cor, idx, _config(method), train_data=train)
+    rep = sk.unlearn(model, loss_fn, aff, cor, idx, _config(method), **_train(method, train))
     d = _theta(model) - th0
     assert rep.n_changed == int((d != 0).sum())
     assert rep.delta_norm == pytest.approx(float(d.norm()), rel=1e-12)
@@ -442,6 +447,121 @@ def test_bad_inputs_raise_before_modifying(setup):
     with pytest.raises(ValueError):
         sk.unlearn(model, loss_fn, aff, cor, other)
     assert torch.equal(_theta(model), th0)
+
+
+@pytest.mark.parametrize("method", ["first_order", "sam_finetune", "gradient_ascent"])
+def test_train_arguments_do_not_apply_to_other_methods(setup, method):
+    # train_data / n_train are read by second_order and diag_newton only: elsewhere they are an error, not a no-op
+    model, aff, cor, train = setup
+    state = _state(model)
+    for kw, arg in (({"train_data": train}, "train_data"), ({"n_train": 5}, "n_train"),
+                    ({"train_data": train, "n_train": 5}, "train_data")):
+        with pytest.raises(ValueError, match=rf"{arg} applies only to the methods \('second_order', 'diag_newton'\); "
+                                             rf"{method} does not read it"):
+            sk.unlearn(model, loss_fn, aff, cor, None, _config(method), **kw)
+    _assert_state(model, state)
+    sk.unlearn(model, loss_fn, aff, cor, None, _config(method), train_data=None, n_train=None)  # None: not given
+
+
+def test_diag_newton_with_diag_needs_only_n_train(setup):
+    # with diag= the rule reads no training data: train_data alone supplies n_train (its points); both is an error
+    model, aff, cor, train = setup
+    th0 = _theta(model)
+    d = torch.full((ParamSpace(model).numel,), 0.1, dtype=torch.float64)
+    rep = sk.unlearn(model, loss_fn, aff, cor, None, DiagNewton(diag=d, damping=1.0), train_data=iter([train]))
+    assert rep.info["n_train"] == 20 and "n_hessian_points" not in rep.info and rep.n_hvps == 0
+    after = _theta(model)
+    m2 = _copy(model, th0)
+    sk.unlearn(m2, loss_fn, aff, cor, None, DiagNewton(diag=d, damping=1.0), n_train=20)
+    assert torch.equal(_theta(m2), after)
+    state = _state(model)
+    with pytest.raises(ValueError, match="not both"):
+        sk.unlearn(model, loss_fn, aff, cor, None, DiagNewton(diag=d), train_data=train, n_train=20)
+    with pytest.raises(ValueError, match="needs n_train"):
+        sk.unlearn(model, loss_fn, aff, cor, None, DiagNewton(diag=d))
+    _assert_state(model, state)
+
+
+class _Reads:
+    """Re-iterable batches like a DataLoader (each read is a pass of I/O), counting how often they are read."""
+
+    def __init__(self, batches):
+        self.batches, self.reads = batches, 0
+
+    def __iter__(self):
+        self.reads += 1
+        return iter(self.batches)
+
+
+def test_train_data_is_counted_once(setup, monkeypatch):
+    model, aff, cor, train = setup
+    split = [(train[0][:8], train[1][:8]), (train[0][8:], train[1][8:])]
+    # second_order, cache_graph: one count in unlearn + one in RestrictedHVP.__init__ (hvp.py) + one graph build
+    for kw in ({}, {"n_train": 40}):
+        data = _Reads(split)
+        rep = sk.unlearn(_copy(model, _theta(model)), loss_fn, aff, cor, None, SecondOrder(damping=5.0, cg_iters=3),
+                         train_data=data, **kw)
+        assert data.reads == 3, kw
+        assert rep.info["n_hessian_points"] == 20 and rep.info["n_train"] == kw.get("n_train", 20)
+        assert rep.n_passes == 2 + 2 * rep.info["cg_iters"] + 2 and rep.n_hvps == 20 * rep.info["cg_iters"]
+    # diag_newton: one count in unlearn, everything else is hessian_diag's own reading
+    data = _Reads(split)
+    inside = []
+    real = hessian_mod.hessian_diag
+
+    def spy(*a, **kw):
+        before = data.reads
+        est = real(*a, **kw)
+        inside.append(data.reads - before)
+        return est
+
+    monkeypatch.setattr(hessian_mod, "hessian_diag", spy)
+    rep = sk.unlearn(model, loss_fn, aff, cor, None, DiagNewton(damping=5.0, n_probes=3), train_data=data)
+    assert data.reads - inside[0] == 1
+    assert rep.n_hvps == 3 * 20 and rep.n_passes == 2 + 3 * 2 and rep.info["n_hessian_points"] == 20
+
+
+def test_report_makes_no_float64_copy_of_S(monkeypatch):
+    # float32 model, S = every parameter (k = N): the report reduces in float64 chunks, never a [k] float64 buffer.
+    # Every op's outputs are recorded (TorchDispatchMode); on a float32 model any float64 tensor is the report's.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from sapsel_kernels import rules
+
+    class Float64Outputs(TorchDispatchMode):
+        sizes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and t.dtype == torch.float64:
+                    self.sizes.append(t.numel())
+            return out
+
+    monkeypatch.setattr(rules, "_CHUNK", 256)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(64, 200)  # N = 13,000
+    x, y = torch.randn(4, 64), torch.randint(0, 200, (4,))
+    with Float64Outputs() as mode:
+        rep = sk.unlearn(model, torch.nn.CrossEntropyLoss(), (x, y), (x, (y + 1) % 200), None, FirstOrder(tau=0.5))
+    assert mode.sizes and max(mode.sizes) <= 256  # chunks of the report (g_norm, delta_norm), never k = 13,000
+    assert rep.n_changed > 0 and rep.delta_norm > 0
+
+
+def test_report_norm_is_float64_for_float32():
+    # delta_norm and g_norm accumulate in float64 over exact float64 differences of the stored float32 values, over
+    # several chunks; oracle: math.fsum of the exact float64 squares (correctly rounded)
+    import math
+
+    from sapsel_kernels.rules import norm_float64
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(2 * 2**20 + 5, generator=g) + 1.0
+    b = a + torch.rand(a.numel(), generator=g) * 1e-3
+    exact = lambda d: math.sqrt(math.fsum((d * d).tolist()))  # noqa: E731  (the squares are exact in float64 here)
+    assert norm_float64(b, a) == pytest.approx(exact(b.double() - a.double()), rel=1e-13)
+    assert norm_float64(a) == pytest.approx(exact(a.double()), rel=1e-13)
+    assert norm_float64(torch.zeros(0)) == 0.0
 
 
 def test_selection_forms_agree(setup):
@@ -551,7 +671,7 @@ def test_zero_dim_parameters_in_every_rule(method):
     t_idx, s_idx = sp.range_of("t")[0], sp.range_of("s")[0]
     idx = torch.tensor([sp.range_of("l1.weight")[0] + 1, t_idx, sp.range_of("fc.weight")[0] + 3, s_idx])
     th0 = _theta(model)
-    rep = sk.unlearn(model, loss_fn, aff, cor, idx, _config(method), train_data=train)
+    rep = sk.unlearn(model, loss_fn, aff, cor, idx, _config(method), **_train(method, train))
     th = _theta(model)
     assert rep.n_changed == 4 and th[t_idx] != th0[t_idx] and th[s_idx] != th0[s_idx]
     out = torch.ones_like(th, dtype=torch.bool)
@@ -584,13 +704,13 @@ def test_nan_leaves_model_untouched_and_raises(setup, method):
     bad = (cor[0].clone(), cor[1])
     bad[0][1, 0] = float("nan")
     with pytest.raises(sk.NonFiniteError, match="NaN"):
-        sk.unlearn(model, loss_fn, aff, bad, None, _config(method), train_data=train)
+        sk.unlearn(model, loss_fn, aff, bad, None, _config(method), **_train(method, train))
     _assert_state(model, state)
     with torch.no_grad():
         model.l1.weight[0, 0] = float("inf")
     state = _state(model)
     with pytest.raises(sk.NonFiniteError, match=r"l1\.weight\[0, 0\]"):
-        sk.unlearn(model, loss_fn, aff, cor, None, _config(method), train_data=train)
+        sk.unlearn(model, loss_fn, aff, cor, None, _config(method), **_train(method, train))
     _assert_state(model, state)
 
 
@@ -606,7 +726,8 @@ def test_iterate_diverging_late_is_fully_restored(setup, method):
         out = loss_fn(m, b)
         return out * float("nan") if calls[0] > 6 else out
 
-    with pytest.raises(sk.NonFiniteError):
+    with pytest.raises(sk.NonFiniteError, match=rf"unlearn: the {method} loss.* contains NaN/Inf \(nan at step 4 of "
+                                                r"10\); the model was restored"):
         sk.unlearn(model, flaky, aff, cor, None, _config(method, steps=10))
     assert calls[0] > 6
     _assert_state(model, state)
@@ -623,6 +744,34 @@ def test_nan_in_given_diag_raises(setup):
     # outside S the diagonal is not read
     rep = sk.unlearn(model, loss_fn, aff, cor, torch.tensor([1, 2]), DiagNewton(diag=d, damping=1.0), n_train=20)
     assert rep.n_changed == 2
+
+
+def test_nan_coordinate_is_named_by_errors_check_finite(setup, monkeypatch):
+    # the [k] vectors on S are checked by errors.check_finite itself (where= maps a position in S to the parameter
+    # and index): its NonFiniteError propagates as it is, with no second scan to name the coordinate
+    from sapsel_kernels import rules
+
+    model, aff, cor, _ = setup
+    raised = []
+    real = rules.check_finite
+
+    def spy(*a, **kw):
+        try:
+            real(*a, **kw)
+        except sk.NonFiniteError as e:
+            raised.append(e)
+            raise
+
+    monkeypatch.setattr(rules, "check_finite", spy)
+    sp = ParamSpace(model)
+    d = torch.ones(sp.numel, dtype=torch.float64)
+    bad = sp.range_of("fc.weight")[0] + 5  # fc.weight[1, 1] (4 inputs per row)
+    d[bad] = float("nan")
+    with pytest.raises(sk.NonFiniteError) as ei:
+        sk.unlearn(model, loss_fn, aff, cor, torch.tensor([0, 3, bad]), DiagNewton(diag=d, damping=1.0), n_train=20)
+    assert raised and ei.value is raised[-1]
+    assert str(ei.value) == (f"unlearn: the Hessian diagonal diag contains NaN/Inf (nan at fc.weight[1, 1] (flat index "
+                             f"{bad})); the model was left untouched")
 
 
 def test_zero_denominator_raises(setup):
@@ -650,7 +799,7 @@ def _bn_setup():
 def test_train_mode_bn_buffers_bit_identical_after_success(method):
     model, aff, cor, train = _bn_setup()
     bufs = {n: b.clone() for n, b in model.named_buffers()}
-    rep = sk.unlearn(model, loss_fn, aff, cor, None, _config(method), train_data=train)
+    rep = sk.unlearn(model, loss_fn, aff, cor, None, _config(method), **_train(method, train))
     assert rep.n_changed > 0
     for n, b in model.named_buffers():
         assert torch.equal(b, bufs[n]), n
@@ -677,7 +826,7 @@ def test_train_mode_failure_restores_buffers(method):
     bad = (cor[0].clone(), cor[1])
     bad[0][1, 0] = float("nan")
     with pytest.raises(sk.NonFiniteError):
-        sk.unlearn(model, loss_fn, aff, bad, None, _config(method), train_data=train, estimation_mode=False)
+        sk.unlearn(model, loss_fn, aff, bad, None, _config(method), **_train(method, train), estimation_mode=False)
     _assert_state(model, state)
     assert torch.isfinite(model.bn.running_mean).all()
 
@@ -687,7 +836,7 @@ def test_direct_rules_never_change_buffers_even_in_train_mode(method):
     model, aff, cor, train = _bn_setup()
     bufs = {n: b.clone() for n, b in model.named_buffers()}
     torch.manual_seed(0)  # dropout masks
-    sk.unlearn(model, loss_fn, aff, cor, None, _config(method), train_data=train, estimation_mode=False)
+    sk.unlearn(model, loss_fn, aff, cor, None, _config(method), **_train(method, train), estimation_mode=False)
     for n, b in model.named_buffers():
         assert torch.equal(b, bufs[n]), n
 
@@ -759,14 +908,14 @@ def test_interrupt_anywhere_leaves_the_model_exactly_as_before(method, where):
     probe = BNNet().double()
     probe.load_state_dict(model.state_dict())
     probe.train()
-    sk.unlearn(probe, counting, aff, cor, None, _interrupt_config(method), train_data=[train, train],
+    sk.unlearn(probe, counting, aff, cor, None, _interrupt_config(method), **_train(method, [train, train]),
                estimation_mode=False)
     total = calls[0]
     at[0] = {"first": 1, "middle": max(1, total // 2), "last": total}[where]
     calls[0] = 0
     state = _state(model)
     with pytest.raises(KeyboardInterrupt):
-        sk.unlearn(model, counting, aff, cor, None, _interrupt_config(method), train_data=[train, train],
+        sk.unlearn(model, counting, aff, cor, None, _interrupt_config(method), **_train(method, [train, train]),
                    estimation_mode=False)
     _assert_state(model, state)
     assert all(m.training for m in model.modules())
@@ -812,6 +961,6 @@ def test_cuda_matches_cpu(setup, method):
     for m, dev in ((cpu, "cpu"), (gpu, "cuda")):
         cfg = _config(method, diag=d.to(dev)) if method == "diag_newton" else _config(method)
         sel = sk.Selection.from_indices(idx, space=ParamSpace(cpu))  # built on the CPU model's space
-        sk.unlearn(m, loss_fn, f32(aff, dev), f32(cor, dev), sel, cfg, train_data=f32(train, dev))
+        sk.unlearn(m, loss_fn, f32(aff, dev), f32(cor, dev), sel, cfg, **_train(method, f32(train, dev)))
         outs.append(_theta(m).cpu())
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-5)

@@ -215,8 +215,8 @@ class CanaryTask:
         if method == "second_order":
             return {"train_data": e["hessian_clean"], "n_train": e["n_train"],
                     "cg_iters": 8 if self.quick else self.cg_iters}
-        if method == "diag_newton":
-            return {"train_data": e["hessian_clean"], "n_train": e["n_train"],
+        if method == "diag_newton":  # divides by the shared training-loss estimate: reads no training data itself
+            return {"n_train": e["n_train"],
                     "diag": common.training_hessian_diag(setup, self.n_probes)}
         if method == "sam_finetune":
             return {"steps": 8 if self.quick else 10, "rho": 0.05, "retain": e["retain"]}
@@ -245,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true",
                    help="CI mode: LSTM, 20k characters, 1 seed, 3 strategies, 2 budgets, 2 methods (< 1 minute)")
     p.add_argument("--out", type=at.output_dir, default="sapsel_out", help="output folder (default ./sapsel_out)")
-    p.add_argument("--seed", type=int, default=0, help="first seed; seeds are seed, seed+1, ...")
+    p.add_argument("--seed", type=at.nonneg_int, default=0, help="first seed (>= 0); seeds are seed, seed+1, ...")
     p.add_argument("--seeds", type=at.positive_int, default=1, help="number of seeds (default 1)")
     p.add_argument("--settings", type=at.list_of(at.checked(_setting), "setting"), default=None,
                    help="model:r<insertions> list, e.g. lstm:r4,lstm:r16,transformer:r16 (the default; quick lstm:r8)")

@@ -32,8 +32,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from ..errors import NonFiniteError
 from ..rules import as_method
-from ..strategies import parameter_scores, select_parameters
+from ..strategies import HESSIAN_STRATEGIES, parameter_scores, select_parameters, strategy_arguments
 from ..unlearn import unlearn
 
 SCORE_KEY = {"hessian_smallest": "hessian", "last_layer": "hessian"}
@@ -95,7 +96,11 @@ def run_grid(task, seeds: Sequence[int], strategies: Sequence[str], budgets: Seq
              methods: Sequence[str], progress: bool = True, score_kwargs: Optional[Dict[str, Any]] = None,
              log: Callable[[str], None] = print) -> Dict[str, Any]:
     """Run the whole grid; returns {"rows": [...], "baselines": [...]} (one row per seed/setting/strategy/budget/
-    method; one baseline per seed/setting with the unrepaired and gold models' metrics)."""
+    method; one baseline per seed/setting with the unrepaired and gold models' metrics).
+
+    Each strategy gets the setup's inputs it reads (``strategy_arguments``: loss_fn, data, affected, corrected,
+    seed); ``score_kwargs`` (n_probes, hessian_diag's keyword arguments) go to the strategies in
+    ``HESSIAN_STRATEGIES`` only."""
     from tqdm.auto import tqdm
 
     cells = grid_cells(strategies, budgets)
@@ -122,14 +127,18 @@ def run_grid(task, seeds: Sequence[int], strategies: Sequence[str], budgets: Seq
                 # hessian, hessian_smallest and last_layer all rank by the same training-loss diag(H) estimate
                 key = SCORE_KEY.get(strategy, strategy)
                 if key not in score_cache and key not in ("all", "random"):
+                    inputs = {"loss_fn": setup.loss_fn, "data": setup.data, "affected": setup.affected,
+                              "corrected": setup.corrected, "seed": seed}
+                    reads = strategy_arguments(key)
                     score_cache[key] = parameter_scores(
-                        setup.model, key, loss_fn=setup.loss_fn, data=setup.data, affected=setup.affected,
-                        corrected=setup.corrected, seed=seed, **score_kwargs)
+                        setup.model, key, **{k: v for k, v in inputs.items() if k in reads},
+                        **(score_kwargs if key in HESSIAN_STRATEGIES else {}))
                 scores, score_cost = score_cache.get(key, (None, {"wall_time_s": 0.0, "n_gradients": 0,
                                                                   "n_hvps": 0}))
                 t1 = time.perf_counter()
-                sel = select_parameters(setup.model, strategy, budget, loss_fn=setup.loss_fn, data=setup.data,
-                                        affected=setup.affected, corrected=setup.corrected, seed=seed, scores=scores)
+                reads = strategy_arguments(strategy, scores=scores is not None)
+                sel = select_parameters(setup.model, strategy, budget,
+                                        **{k: v for k, v in {"scores": scores, "seed": seed}.items() if k in reads})
                 sel_s = score_cost["wall_time_s"] + (time.perf_counter() - t1)
                 sel_info = task.selection_info(sel, setup) if hasattr(task, "selection_info") else {}
                 for method in methods:
@@ -169,7 +178,9 @@ def _run_cell(task, setup, work, state0, sel, method) -> Dict[str, Any]:
         config, call = method_call(method, **fixed, **hp)
         try:
             rep = unlearn(work, setup.loss_fn, setup.affected, setup.corrected, sel, method=config, **call)
-        except ValueError:  # NaN/Inf along the way (NonFiniteError): the candidate is discarded, the model untouched
+        except NonFiniteError:
+            # the candidate diverged (NaN/Inf): discarded, the model untouched; any other error (a bad argument or
+            # config) is a bug of the task and propagates
             n_failed += 1
             continue
         score = float(task.tuning_score(work, setup))

@@ -261,8 +261,8 @@ class LabelsTask:
         if method == "second_order":
             return {"train_data": e["hessian_data"], "n_train": e["n_train"],
                     "cg_iters": 10 if self.quick else self.cg_iters}
-        if method == "diag_newton":
-            return {"train_data": e["hessian_data"], "n_train": e["n_train"],
+        if method == "diag_newton":  # divides by the shared training-loss estimate: reads no training data itself
+            return {"n_train": e["n_train"],
                     "diag": common.training_hessian_diag(setup, getattr(self, "n_probes", 32))}
         if method == "sam_finetune":
             return {"steps": 10 if self.quick else 20, "rho": 0.05, "retain": e["retain"]}
@@ -280,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Label repair on scikit-learn digits: strategy x budget x method grid.")
     p.add_argument("--quick", action="store_true", help="a reduced grid (1 seed, 4 strategies, 2 budgets, 3 methods)")
     p.add_argument("--out", type=at.output_dir, default="sapsel_out", help="output folder (default ./sapsel_out)")
-    p.add_argument("--seed", type=int, default=0, help="first seed; seeds are seed, seed+1, ...")
+    p.add_argument("--seed", type=at.nonneg_int, default=0, help="first seed (>= 0); seeds are seed, seed+1, ...")
     p.add_argument("--seeds", type=at.positive_int, default=None, help="number of seeds (default 3; --quick 1)")
     p.add_argument("--rates", type=at.rate_list, default=None,
                    help="poisoning rates in (0, 1), comma-separated (default 0.2; --quick 0.2)")

@@ -112,7 +112,7 @@ def _rank(flat: torch.Tensor, k: int, largest: bool, space, base: int):
 
 
 def select(scores: Scores, k: int | None = None, fraction: float | None = None, largest: bool = True,
-           scope: str = "global", space: ParamSpace | None = None) -> "Selection":
+           scope: str = "global", space: ParamSpace | None = None, *, group=None, gather: bool = False) -> "Selection":
     """Select the k largest (or smallest) scores, globally or within each parameter tensor.
 
     Args:
@@ -126,16 +126,36 @@ def select(scores: Scores, k: int | None = None, fraction: float | None = None, 
         scope: "global" (one ranking over all scores) or "per_layer" (one ranking per parameter tensor; needs space).
         space: the ParamSpace the scores live in: orders dict/list scores, names parameters in errors, and stamps
             the selection with ``space.signature``.
+        group: a torch.distributed process group (e.g. ``torch.distributed.group.WORLD``): the scores are SHARDED,
+            this rank passes its contiguous range of the global flat vector (rank r holds positions
+            [start_r, start_r + n_r), ranks in order; n_r = 0 is allowed) and the call is a collective over
+            ``group``. The result is bit-identical to ``select`` on the concatenated scores. Global scope and a flat
+            tensor only; FSDP2 DTensor shards and per_layer raise NotImplementedError. ``space``, if given, is the
+            GLOBAL space. See ``sapsel_kernels.distributed`` (layout, bytes sent) and docs/topk.md. None: single
+            process (``torch.distributed.group.WORLD`` is None until ``init_process_group``: initialise first).
+        gather: with ``group``: also all-gather the indices so that every rank holds the full selection.
 
     Returns:
         Selection with int64 ascending flat indices. Ties at the threshold: lowest flat index wins; -0.0 == +0.0.
+        With ``group``: a ``distributed.ShardedSelection`` whose ``indices`` are this rank's part of the selection
+        as GLOBAL flat indices (the full selection with ``gather=True``), ``local_indices`` the same as positions in
+        this rank's tensor, ``numel`` the global N, ``threshold`` the global one; errors are raised on every rank.
 
     Raises:
         ValueError: k/fraction missing, both given or out of range; empty scores; NaN/Inf scores (naming the
             parameter and local index through ``space``, or the flat position); per_layer without a space;
             scores not matching the space; score tensors on several devices.
         TypeError: unsupported or mixed dtypes, non-integer k.
+
+    Peak extra memory: the output (8k bytes of indices) plus the top-k op's scratch (C++: at most N/8 bytes); a dict
+    or list of scores is concatenated into one flat copy (N scores), as is non-contiguous input.
     """
+    if group is not None:
+        from .distributed import select_sharded
+
+        return select_sharded(scores, k, fraction, largest, scope, space, group=group, gather=gather)
+    if gather:
+        raise ValueError("select: gather=True needs group= (a process group over which the scores are sharded)")
     if scope not in ("global", "per_layer"):
         raise ValueError(f"select: scope must be 'global' or 'per_layer', got {scope!r}")
     flat = _flatten_scores(scores, space)
@@ -153,7 +173,12 @@ def select(scores: Scores, k: int | None = None, fraction: float | None = None, 
     if space is None:
         raise ValueError("select: scope='per_layer' needs space= (the parameter boundaries)")
     if k is not None:
-        resolve_k(max(k, 0) if isinstance(k, int) and not isinstance(k, bool) else 0, k=k, fraction=fraction)
+        if fraction is not None:
+            raise ValueError("give exactly one of k= or fraction=")
+        if isinstance(k, bool) or not isinstance(k, int):
+            raise TypeError(f"k must be an int, got {type(k).__name__}")
+        if k < 0:
+            raise ValueError(f"select: k must be >= 0 (per parameter tensor), got k={k}")
     parts, thrs = [], []
     for off, numel, name in zip(space.offsets, space.numels, space.names):
         kk = min(k, numel) if k is not None else resolve_k(numel, fraction=fraction, what=f" in {name}")
@@ -180,8 +205,8 @@ def _validated_indices(idx, numel: int, what: str, *, sort: bool) -> torch.Tenso
     ascending = idx.numel() < 2 or bool((idx[1:] > idx[:-1]).all())
     if not ascending:
         if not sort:
-            raise ValueError(f"{what}: indices are not strictly ascending (the file is corrupt or was not written "
-                             "by Selection.save)")
+            raise ValueError(f"{what}: indices are not strictly ascending (a Selection holds sorted, unique "
+                             "indices; a saved one that is not was corrupted or not written by Selection.save)")
         idx = torch.sort(idx).values
         dup = (idx[1:] == idx[:-1]).nonzero()
         if dup.numel():
@@ -407,21 +432,22 @@ def as_selection(obj, space: ParamSpace, *, allow_empty: bool = True, what: str 
     """
     if obj is None:
         raise TypeError(f"{what} is None")
+    if isinstance(obj, (list, tuple, range)):
+        # no dtype here: a Python bool list is a mask and a float list is refused below, never cast to indices
+        items = list(obj)
+        obj = torch.as_tensor(items) if items else torch.empty(0, dtype=torch.int64)
     if isinstance(obj, Selection):
         obj.check_space(space)
-        idx = obj.indices
-        if idx.dtype != torch.int64 or idx.dim() != 1:
-            idx = _validated_indices(idx, space.numel, what, sort=False)
-        if idx.device != space.device or not idx.is_contiguous():
+        # a Selection can be built by hand: its indices get the same O(k) check as any other input
+        idx = _validated_indices(obj.indices, space.numel, what, sort=False)
+        own = obj.indices
+        if own.dtype != torch.int64 or own.dim() != 1 or not own.is_contiguous() or own.device != space.device:
             obj = obj._copy_meta(idx.to(space.device).contiguous(), obj.threshold)
-        elif idx is not obj.indices:
-            obj = obj._copy_meta(idx, obj.threshold)
         sel = obj
     elif isinstance(obj, Mapping) or (isinstance(obj, torch.Tensor) and obj.dtype == torch.bool):
         sel = Selection.from_mask(obj, space)
-    elif isinstance(obj, (torch.Tensor, list, tuple, range)):
-        raw = obj if isinstance(obj, torch.Tensor) else torch.as_tensor(list(obj), dtype=torch.int64)
-        idx = _validated_indices(raw, space.numel, what, sort=True)
+    elif isinstance(obj, torch.Tensor):
+        idx = _validated_indices(obj, space.numel, what, sort=True)
         sel = Selection(idx.to(space.device), space.numel, None, space_signature=space.signature, scope="explicit",
                         space=space)
     else:

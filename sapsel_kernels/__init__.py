@@ -21,6 +21,7 @@ _LAZY = {
     "Selection": "selection",
     "as_selection": "selection",
     "resolve_k": "selection",
+    "ShardedSelection": "distributed",
     "hessian_diag": "hessian",
     "DiagEstimate": "hessian",
     "ProbeConfig": "hessian",
@@ -37,6 +38,7 @@ _LAZY = {
     "GradientAscent": "rules",
     "select_parameters": "strategies",
     "parameter_scores": "strategies",
+    "strategy_arguments": "strategies",
 }
 
 

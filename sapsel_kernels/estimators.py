@@ -3,14 +3,19 @@
 Each function takes the model (already in estimation mode), a :class:`~sapsel_kernels.data.Loss`, a sequence of
 batches and the ParamSpace, and returns an :class:`Estimate` (float32 flat [N] mean and M2, sample count, info);
 ``hessian.hessian_diag`` wraps it into a DiagEstimate. Also home of :class:`Welford`, the float32 accumulator every
-sampling estimator folds its samples into.
+sampling estimator folds its samples into, and of :class:`Comm`, the data-parallel side of every estimator (a
+process group whose ranks each hold a shard of the batches, or a single process).
 """
 
+import contextlib
 import logging
+import signal
+import threading
 from collections.abc import Mapping
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import torch
+import torch.distributed as dist
 
 from .data import batch_size, slice_batch
 from .errors import NonFiniteError, check_finite
@@ -54,34 +59,249 @@ class Welford:
             self.add(x)
 
 
+# ============================================================================================ Ctrl-C and ranks
+def _noting(handler) -> bool:
+    return getattr(handler, "_sapsel_note_sigint", False)
+
+
+@contextlib.contextmanager
+def defer_sigint():
+    """Hold Ctrl-C while accumulators, collectives or a checkpoint are in flight; deliver it to the previous handler
+    afterwards (the default handler raises KeyboardInterrupt there; :meth:`Comm.note_sigint`'s notes it). Outside
+    the main thread or under a user's own SIGINT handler this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    prev = signal.getsignal(signal.SIGINT)
+    if prev is not signal.default_int_handler and not _noting(prev):
+        yield
+        return
+    hit = []
+    signal.signal(signal.SIGINT, lambda s, f: hit.append((s, f)))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, prev)
+    if hit:
+        prev(*hit[0])
+
+
+class AgreedInterrupt(KeyboardInterrupt):
+    """A Ctrl-C that some rank reported at an agreement: every rank of the group raises it at the same point."""
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+class Comm:
+    """The process group of a data-parallel estimate, or none (``Comm()``: one process; every collective a no-op).
+
+    Every collective of an estimate goes through this object, in the same order on every rank:
+
+    * :meth:`exchange`: the rank's preparation, then one ``all_gather_object`` of a small descriptor (or of the
+      rank's error); a rank whose preparation raised makes every rank raise.
+    * :meth:`run`: the rank's local work, then ONE ``all_reduce`` of [counts..., failed, interrupted]; when a rank
+      raised, every rank raises (that rank its own exception, the others a ValueError naming it); when a rank was
+      interrupted, every rank raises :class:`AgreedInterrupt`; else the counts summed over the ranks are returned.
+      A rank never enters a data collective that another rank skips, so a local error cannot leave the others
+      waiting for the group's timeout.
+    * :meth:`sum_`: in-place ``all_reduce(SUM)`` of flat buffers; :meth:`merge`: Welford states over all ranks.
+    """
+
+    def __init__(self, group=None):
+        self.group = group
+        self.active = group is not None
+        self.rank, self.world = (dist.get_rank(group), dist.get_world_size(group)) if self.active else (0, 1)
+        self.device = torch.device("cpu")  # of the flag tensors; set to the parameters' device (NCCL needs CUDA)
+        self.interrupted = False
+
+    def exchange(self, fn: Callable[[], tuple[Any, Any]], what: str) -> tuple[Any, list]:
+        """``fn() -> (value, descriptor)`` on this rank; returns (value, every rank's descriptor in rank order)."""
+        if not self.active:
+            value, desc = fn()
+            return value, [desc]
+        value, mine, err = None, None, None
+        try:
+            value, desc = fn()
+            mine = ("ok", desc)
+        except KeyboardInterrupt:
+            mine = ("interrupted", None)
+        except Exception as exc:  # noqa: BLE001 - every rank learns of it below; this rank re-raises it
+            err, mine = exc, ("error", _first_line(exc))
+        out: list = [None] * self.world
+        dist.all_gather_object(out, mine, group=self.group)
+        if err is not None:
+            raise err
+        failed = [(r, msg) for r, (state, msg) in enumerate(out) if state == "error"]
+        if failed:
+            r, msg = failed[0]
+            raise ValueError(f"{what}: rank {r} of {self.world} failed ({msg}); every rank of the group stops")
+        if any(state == "interrupted" for state, _ in out):
+            raise AgreedInterrupt
+        return value, [desc for _, desc in out]
+
+    def run(self, fn: Callable[[], tuple[Any, tuple]], what: str, n_counts: int = 1) -> tuple[Any, list[int]]:
+        """``fn() -> (value, counts)`` (``n_counts`` ints) on this rank; returns (value, counts summed over ranks)."""
+        if not self.active:
+            value, counts = fn()
+            return value, list(counts)
+        value, counts, err, intr = None, (0,) * n_counts, None, False
+        try:
+            value, counts = fn()
+        except KeyboardInterrupt:
+            intr = True
+        except Exception as exc:  # noqa: BLE001 - every rank learns of it below; this rank re-raises it
+            err = exc
+        flags = torch.tensor([*counts, err is not None, intr or self.interrupted], dtype=torch.int64,
+                             device=self.device)
+        dist.all_reduce(flags, group=self.group)
+        flags = flags.tolist()
+        if flags[n_counts]:
+            msgs: list = [None] * self.world
+            dist.all_gather_object(msgs, None if err is None else _first_line(err), group=self.group)
+            if err is not None:
+                raise err
+            r = next(i for i, m in enumerate(msgs) if m is not None)
+            raise ValueError(f"{what}: rank {r} of {self.world} failed ({msgs[r]}); every rank of the group stops")
+        if flags[n_counts + 1]:
+            raise AgreedInterrupt
+        return value, flags[:n_counts]
+
+    def sum_(self, flats) -> None:
+        """``all_reduce(SUM)`` in place of each tensor of ``flats`` (one collective each)."""
+        if self.active:
+            for f in flats:
+                dist.all_reduce(f, group=self.group)
+
+    def merge(self, acc: "Welford", total: int) -> None:
+        """Replace this rank's Welford state (``acc.count`` samples) by the state over all ``total`` samples of the
+        group: mean = sum_r n_r mean_r / n and M2 = sum_r [M2_r + n_r (mean_r - mean)^2] (the parallel-variance
+        formula of Chan et al. for k parts: exact in exact arithmetic, no cancellation since every term is >= 0),
+        in float64, rounded to float32 once. Two all_reduces of N float64, 2 N float64 temporaries. With one rank
+        it returns the rank's state bit for bit (n * mean / n and M2 + 0 are exact in float64)."""
+        if not self.active:
+            return
+        n_r = acc.count
+        mean64 = acc.mean.to(torch.float64)
+        mu = mean64 * n_r
+        dist.all_reduce(mu, group=self.group)
+        mu.div_(max(total, 1))
+        dev = mean64.sub_(mu).square_().mul_(n_r).add_(acc.m2)
+        dist.all_reduce(dev, group=self.group)
+        acc.mean.copy_(mu)
+        acc.m2.copy_(dev)
+        acc.count = total
+
+    @contextlib.contextmanager
+    def note_sigint(self):
+        """Under a group of several ranks: Ctrl-C is noted, not raised, and reported at the next :meth:`run`, so
+        every rank stops after the same pass; a second Ctrl-C raises KeyboardInterrupt at once (the other ranks
+        then wait for the group's timeout). A no-op for one process, outside the main thread or under a user's
+        own SIGINT handler."""
+        if not self.active or threading.current_thread() is not threading.main_thread() or \
+                signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+            yield
+            return
+
+        def handler(signum, frame):
+            if self.interrupted:
+                raise KeyboardInterrupt
+            self.interrupted = True
+            log.warning("Ctrl-C: every rank stops after the pass in flight (Ctrl-C again to abort this rank now)")
+
+        handler._sapsel_note_sigint = True
+        prev = signal.signal(signal.SIGINT, handler)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, prev)
+
+
+class FlatBuffers:
+    """Per-parameter tensors [m, *shape] carved out of ONE contiguous flat buffer per dtype, so that per-parameter
+    results are all-reduced with one collective per dtype and no copy.
+
+    ``dtype=None``: each parameter's own dtype (parameters of one dtype share a buffer); else that dtype for all.
+    Allocated once for ``rows`` rows; :meth:`views` lays m <= rows rows out at the front of each buffer (parameter k
+    of a dtype group at [m * off_k, m * (off_k + n_k)): contiguous, so a row-major reshape is a view).
+    """
+
+    def __init__(self, space, rows: int, dtype: torch.dtype | None = None):
+        self.space = space
+        self.groups: dict[torch.dtype, list[int]] = {}
+        for i, d in enumerate(space.dtypes):
+            self.groups.setdefault(dtype or d, []).append(i)
+        self.flats = {d: torch.empty(rows * sum(space.numels[i] for i in idx), dtype=d, device=space.device)
+                      for d, idx in self.groups.items()}
+
+    def views(self, m: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """([m, *shape] views in ParamSpace order, the flat [m * N_dtype] buffers behind them)."""
+        sp = self.space
+        out: list = [None] * len(sp)
+        flats = []
+        for d, idx in self.groups.items():
+            flat, off = self.flats[d], 0
+            for i in idx:
+                n = sp.numels[i]
+                out[i] = flat[m * off:m * (off + n)].view((m, *sp.shapes[i]))
+                off += n
+            flats.append(flat[:m * off])
+        return out, flats
+
+
+LOCAL = Comm()  # the single-process default
+
+
 def _flat_dtype(space) -> torch.dtype:
     return torch.float64 if torch.float64 in space.dtypes else torch.float32
 
 
-def _mean_gradient(model, loss, batches, space):
-    acc, nb = None, 0
-    for b in batches:
-        g = gradient(model, loss, space, b)
-        check_finite(g, "hessian_diag: a gradient", space, suffix="is the loss finite at these parameters?")
-        acc = g if acc is None else [a + x for a, x in zip(acc, g)]
-        nb += 1
-    return [a / nb for a in acc], nb
+def _no_batches() -> ValueError:
+    return ValueError("the data yielded no batches")
 
 
-def grad_abs(model, loss, batches, space) -> Estimate:
-    """|d L / d theta| for L the mean over batches of the batch-mean loss."""
-    g, nb = _mean_gradient(model, loss, batches, space)
-    mean = space.gather([x.abs() for x in g])
+def grad_abs(model, loss, batches, space, comm: Comm = LOCAL) -> Estimate:
+    """|d L / d theta| for L the mean over batches of the batch-mean loss (over every rank's batches)."""
+    views, flats = FlatBuffers(space, 1).views(1)
+    sums = [v[0] for v in views]
+
+    def local():
+        nb = 0
+        for b in batches:
+            g = gradient(model, loss, space, b)
+            check_finite(g, "hessian_diag: a gradient", space, suffix="is the loss finite at these parameters?")
+            for s, x in zip(sums, g):
+                s.copy_(x) if nb == 0 else s.add_(x)
+            nb += 1
+        if nb == 0:
+            raise _no_batches()
+        return None, (nb,)
+
+    _, (nb,) = comm.run(local, "hessian_diag(estimator='grad_abs')")
+    with defer_sigint():
+        comm.sum_(flats)
+    mean = space.gather([(x / nb).abs() for x in sums])
     return Estimate(mean, torch.zeros_like(mean), 1, {"batches": nb})
 
 
-def squared_grad(model, loss, batches, space) -> Estimate:
+def squared_grad(model, loss, batches, space, comm: Comm = LOCAL) -> Estimate:
     """Mean over batches of the squared batch-mean gradient (one backward per batch); var over batches."""
     acc = Welford(space.numel, space.device)
-    for b in batches:
-        g = gradient(model, loss, space, b)
-        check_finite(g, "hessian_diag: a gradient", space, suffix="is the loss finite at these parameters?")
-        acc.add(space.gather([x * x for x in g], dtype=torch.float64))
+
+    def local():
+        for b in batches:
+            g = gradient(model, loss, space, b)
+            check_finite(g, "hessian_diag: a gradient", space, suffix="is the loss finite at these parameters?")
+            acc.add(space.gather([x * x for x in g], dtype=torch.float64))
+        if acc.count == 0:
+            raise _no_batches()
+        return None, (acc.count,)
+
+    _, (n,) = comm.run(local, "hessian_diag(estimator='squared_grad')")
+    with defer_sigint():
+        comm.merge(acc, n)
     return Estimate(acc.mean, acc.m2, acc.count, {"batches": acc.count})
 
 
@@ -142,47 +362,57 @@ class _PointGradients:
         return out
 
 
-def fisher(model, loss, batches, space, progress: bool | None = None) -> Estimate:
+def fisher(model, loss, batches, space, progress: bool | None = None, comm: Comm = LOCAL) -> Estimate:
     """Diagonal empirical Fisher: mean over ALL points of (per-point gradient)^2, var = per-point variance.
 
     Per-point gradients come from ``torch.func.vmap(torch.func.grad(...))`` over chunks of a batch's points; if the
     model or loss cannot be vmapped (``.item()``, data-dependent shapes, in-place updates of captured tensors) the
     estimator logs why and computes them with one backward per point instead (``info["fisher_path"]`` says which).
     Both give the gradient of ``loss(model, point)`` for a single-point batch, so they agree to float rounding.
+    Under a group every rank folds its own points, then the Welford states are merged (:meth:`Comm.merge`).
     """
     grads = _PointGradients(model, loss, space)
     elem = torch.finfo(grads.dtype).bits // 8
     chunk = max(1, min(_FISHER_CHUNK, _FISHER_CHUNK_BYTES // max(1, 3 * space.numel * elem)))
     acc = Welford(space.numel, space.device)
     info: dict[str, Any] = {"fisher_path": "vmap", "batches": 0}
-    bar = _bar(progress, sum(batch_size(b) for b in batches) if isinstance(batches, list) else None)
-    try:
-        for b in batches:
-            n = batch_size(b)
-            for lo in range(0, n, chunk):
-                hi = min(n, lo + chunk)
-                if info["fisher_path"] == "vmap":
-                    try:
-                        g = grads.vmapped(b, lo, hi)
-                    except (KeyboardInterrupt, NonFiniteError):
-                        raise
-                    except Exception as exc:  # noqa: BLE001 - no vmap rule somewhere: one backward per point
-                        msg = str(exc).splitlines()[0] if str(exc) else ""
-                        log.warning("per-sample gradients by vmap failed (%s: %s); one backward per point instead",
-                                    type(exc).__name__, msg)
-                        info.update(fisher_path="loop", fisher_fallback_reason=f"{type(exc).__name__}: {exc}")
-                if info["fisher_path"] == "loop":
-                    g = grads.looped(b, lo, hi)
-                check_finite(g, "hessian_diag(estimator='fisher'): a per-point gradient",
-                             suffix="is the loss finite at these parameters?")
-                acc.add_rows(g * g)
-                if bar is not None:
-                    bar.update(hi - lo)
-            info["batches"] += 1
-    finally:
-        if bar is not None:
-            bar.close()
-    info["points"] = acc.count
+
+    def local():
+        bar = _bar(progress, sum(batch_size(b) for b in batches) if isinstance(batches, list) else None)
+        try:
+            for b in batches:
+                n = batch_size(b)
+                for lo in range(0, n, chunk):
+                    hi = min(n, lo + chunk)
+                    if info["fisher_path"] == "vmap":
+                        try:
+                            g = grads.vmapped(b, lo, hi)
+                        except (KeyboardInterrupt, NonFiniteError):
+                            raise
+                        except Exception as exc:  # noqa: BLE001 - no vmap rule somewhere: one backward per point
+                            msg = str(exc).splitlines()[0] if str(exc) else ""
+                            log.warning("per-sample gradients by vmap failed (%s: %s); one backward per point "
+                                        "instead", type(exc).__name__, msg)
+                            info.update(fisher_path="loop", fisher_fallback_reason=f"{type(exc).__name__}: {exc}")
+                    if info["fisher_path"] == "loop":
+                        g = grads.looped(b, lo, hi)
+                    check_finite(g, "hessian_diag(estimator='fisher'): a per-point gradient",
+                                 suffix="is the loss finite at these parameters?")
+                    acc.add_rows(g * g)
+                    if bar is not None:
+                        bar.update(hi - lo)
+                info["batches"] += 1
+        finally:
+            if bar is not None:
+                bar.close()
+        if acc.count == 0:
+            raise ValueError("the data holds no points")
+        return None, (acc.count, info["batches"])
+
+    _, (points, nb) = comm.run(local, "hessian_diag(estimator='fisher')", n_counts=2)
+    with defer_sigint():
+        comm.merge(acc, points)
+    info.update(points=points, batches=nb)
     return Estimate(acc.mean, acc.m2, acc.count, info)
 
 
@@ -196,32 +426,42 @@ def _bar(progress, total):
 
 
 # ============================================================================================ exact
-def exact(model, loss, batches, space, limit: int) -> Estimate:
+def exact(model, loss, batches, space, limit: int, comm: Comm = LOCAL) -> Estimate:
     """diag of ``torch.func.hessian`` of each batch's mean loss over the flat parameters, averaged over batches."""
     n = space.numel
-    if n > limit:
-        raise ValueError(f"estimator='exact' builds the full N x N Hessian: N = {n:,} parameters exceeds "
-                         f"exact_max_numel = {limit:,} ({n * n * 8 / 2**30:.1f} GiB in float64). Use "
-                         "estimator='hutchinson', or raise exact_max_numel if you have the memory.")
-    dtype = space.dtypes[0]
-    if any(d != dtype for d in space.dtypes):
-        raise TypeError("estimator='exact' needs all parameters in one dtype")
-    wrapper = _LossModule(model, loss)
-    keys = ["model." + nm for nm in space.names]
-    flat0 = space.gather(dtype=dtype)
-    diag, nb = torch.zeros(n, dtype=torch.float64, device=space.device), 0
-    for b in batches:
-        def f(flat, b=b):
-            ps = {k: flat[o:o + c].view(tuple(s)) for k, o, c, s in
-                  zip(keys, space.offsets, space.numels, space.shapes)}
-            return torch.func.functional_call(wrapper, ps, (b,), strict=False)
+    diag = torch.zeros(n, dtype=torch.float64, device=space.device)
 
-        h = torch.func.hessian(f)(flat0)
-        d = torch.diagonal(h).to(torch.float64, copy=True)
-        del h  # N x N: freed before the next batch builds its own
-        check_finite(d, "hessian_diag(estimator='exact'): the Hessian diagonal", space,
-                     suffix="is the loss finite at these parameters?")
-        diag += d
-        nb += 1
+    def local():
+        if n > limit:
+            raise ValueError(f"estimator='exact' builds the full N x N Hessian: N = {n:,} parameters exceeds "
+                             f"exact_max_numel = {limit:,} ({n * n * 8 / 2**30:.1f} GiB in float64). Use "
+                             "estimator='hutchinson', or raise exact_max_numel if you have the memory.")
+        dtype = space.dtypes[0]
+        if any(d != dtype for d in space.dtypes):
+            raise TypeError("estimator='exact' needs all parameters in one dtype")
+        wrapper = _LossModule(model, loss)
+        keys = ["model." + nm for nm in space.names]
+        flat0 = space.gather(dtype=dtype)
+        nb = 0
+        for b in batches:
+            def f(flat, b=b):
+                ps = {k: flat[o:o + c].view(tuple(s)) for k, o, c, s in
+                      zip(keys, space.offsets, space.numels, space.shapes)}
+                return torch.func.functional_call(wrapper, ps, (b,), strict=False)
+
+            h = torch.func.hessian(f)(flat0)
+            d = torch.diagonal(h).to(torch.float64, copy=True)
+            del h  # N x N: freed before the next batch builds its own
+            check_finite(d, "hessian_diag(estimator='exact'): the Hessian diagonal", space,
+                         suffix="is the loss finite at these parameters?")
+            diag.add_(d)
+            nb += 1
+        if nb == 0:
+            raise _no_batches()
+        return None, (nb,)
+
+    _, (nb,) = comm.run(local, "hessian_diag(estimator='exact')")
+    with defer_sigint():
+        comm.sum_([diag])
     mean = (diag / nb).to(torch.float32)
     return Estimate(mean, torch.zeros_like(mean), 1, {"batches": nb})

@@ -24,9 +24,15 @@ x = z (.) Hz has E[x] = diag(H) and Var[x_i] = sum_{j != i} H_ij^2. The fused op
 regenerates z and folds x into float32 Welford accumulators (mean, M2) in one pass. The sampling loop (passes,
 stopping rules, checkpoints, Ctrl-C) lives in :mod:`sapsel_kernels.probe_loop`, the estimators that read the data
 once in :mod:`sapsel_kernels.estimators`, the HVPs in :mod:`sapsel_kernels.hvp`.
+
+Data parallel (``group=``): every rank of a torch.distributed process group passes its own shard of the batches
+(the same model, weights and arguments); the ranks' sums are all-reduced, so every rank returns the same estimate,
+the one a single process computes over the concatenated batches (rank 0's, then rank 1's, ...) up to the order of
+float additions. See :func:`hessian_diag` and docs/hessian.md "Data-parallel estimation".
 """
 
 import contextlib
+import hashlib
 import math
 import os
 import time
@@ -34,11 +40,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from .data import as_batches, make_loss
-from .estimators import exact, fisher, grad_abs, squared_grad
+from .estimators import LOCAL, Comm, exact, fisher, grad_abs, squared_grad
 from .hvp import MODES, auto_hvp_order  # noqa: F401  (auto_hvp_order is part of this module's API)
-from .probe_loop import run_probe_loop
+from .probe_loop import _plan, run_probe_loop
 from .space import ParamSpace
 
 __all__ = ["hessian_diag", "DiagEstimate", "ProbeConfig", "StopRule", "Checkpoint", "estimation_mode",
@@ -159,6 +166,10 @@ class Checkpoint:
     uninterrupted one bit for bit; a checkpoint whose ParamSpace, weights (``ParamSpace.fingerprint()``), seed,
     estimator, per_pass, vectorize, hvp mode or top-k rule differ is refused with a ValueError, as is an unreadable
     file. The data is not fingerprinted: resume with the same batches.
+
+    Under ``hessian_diag(group=...)`` only rank 0 writes ``path``; on resume every rank reads it (so it must be on a
+    file system every rank sees: a file that exists on some ranks only is refused on every rank). The file records
+    the world size; resuming with another world size (a single process included) is refused with a ValueError.
     """
 
     path: str | os.PathLike = field(kw_only=False)
@@ -343,12 +354,113 @@ def _check_arguments(estimator, n_probes, seed, hvp, probes, stop, checkpoint, p
         refuse("exact_max_numel", "'exact'")
 
 
+def _comm(group) -> Comm:
+    """``group`` -> the Comm of this call (raises TypeError / ValueError locally: no collective has run yet)."""
+    if group is None:
+        return LOCAL
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("group= needs an initialised torch.distributed process group: call "
+                         "torch.distributed.init_process_group(...) first (or pass group=None for one process)")
+    if group is dist.GroupMember.NON_GROUP_MEMBER:
+        raise ValueError("this process is not a member of the group passed as group= (new_group(ranks) returns "
+                         "NON_GROUP_MEMBER on the other ranks): call hessian_diag only on the group's ranks")
+    if not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"group must be a torch.distributed ProcessGroup (e.g. torch.distributed.group.WORLD) or "
+                        f"None, got {type(group).__name__}")
+    return Comm(group)
+
+
+def _unwrap(model: torch.nn.Module, space) -> tuple[torch.nn.Module, ParamSpace]:
+    """(the module the estimators call, the ParamSpace over it).
+
+    A DistributedDataParallel model is replaced by ``model.module``: DDP supports neither double backward nor
+    ``torch.autograd.grad``, and its forward may broadcast buffers (a collective per call); the estimators run on
+    the plain module and do their own reduction. A ``space`` built on the DDP wrapper (names ``module.*``) is
+    re-keyed to the module's names (same tensors). Sharded parameters (FSDP, DTensor) are refused.
+    """
+    inner = model
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        inner = model.module
+    elif type(model).__name__ == "FullyShardedDataParallel":
+        raise ValueError("hessian_diag does not support FSDP-wrapped models (sharded flat parameters): estimate on "
+                         "a replicated copy of the model with group=")
+    if space is None:
+        space = ParamSpace(inner)
+    elif not isinstance(space, ParamSpace):
+        raise TypeError(f"space must be a ParamSpace or None, got {type(space).__name__}")
+    elif inner is not model and all(n.startswith("module.") for n in space.names):
+        space = ParamSpace(dict(zip([n[len("module."):] for n in space.names], space.params)))
+    if any(type(p).__name__ == "DTensor" for p in space.params):
+        raise ValueError("hessian_diag does not support sharded parameters (DTensor: FSDP2 fully_shard, tensor "
+                         "parallel): estimate on a replicated copy of the model with group=")
+    return inner, space
+
+
+def _buffers_digest(model: torch.nn.Module) -> str:
+    """A hash of the model's buffers (BatchNorm running statistics enter the eval-mode loss): per buffer its name,
+    shape, dtype and sum (float buffers also the 2-norm)."""
+    h = hashlib.sha1()
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            h.update(f"{name}:{tuple(b.shape)}:{b.dtype};".encode())
+            if b.numel() == 0:
+                continue
+            if b.is_floating_point():
+                stats = torch.stack([b.sum(), torch.linalg.vector_norm(b)]).double()
+            else:
+                stats = b.sum().double().reshape(1)
+            h.update(stats.cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _descriptor(estimator, n_probes, seed, hvp, probes, stop, checkpoint, output_fn, exact_max_numel, space,
+                inner, batches) -> dict:
+    """What must agree across the ranks (everything but the data), plus this rank's batch count (``batches``)."""
+    desc = {
+        "number of trainable parameters": space.numel,
+        "parameter names and shapes (ParamSpace.signature)": space.signature,
+        "parameter dtypes": [str(d) for d in space.dtypes],
+        "weights (ParamSpace.fingerprint)": space.fingerprint(),
+        "buffers (running statistics, ...)": _buffers_digest(inner),
+        "estimator": estimator, "n_probes": n_probes, "seed": seed, "hvp": hvp,
+        "probes": repr(probes), "stop": repr(stop),
+        "checkpoint (every, resume)": None if checkpoint is None else (checkpoint.every, checkpoint.resume),
+        "output_fn given": output_fn is not None, "exact_max_numel": exact_max_numel,
+    }
+    if estimator in _PROBED:
+        desc["resolved (max_probes, per_pass, min_probes, stable_k)"] = _plan(
+            space, n_probes, probes if probes is not None else ProbeConfig(), stop)
+    nb = None
+    if estimator == "gauss_newton":  # label samples are keyed by the GLOBAL batch index: the ranks' offsets
+        try:
+            nb = len(batches)
+        except TypeError:
+            nb = sum(1 for _ in batches)
+    return {"agree": desc, "batches": nb}
+
+
+def _check_agreement(descs: list[dict]) -> None:
+    """The same ValueError on every rank (built from the gathered descriptors) when the ranks disagree."""
+    diffs, keys = [], list(descs[0]["agree"])
+    keys += [k for d in descs for k in d["agree"] if k not in keys]
+    for key in keys:
+        vals = [d["agree"].get(key) for d in descs]
+        if any(v != vals[0] for v in vals):
+            shown = ", ".join(f"rank {r}: {v!r}" for r, v in enumerate(vals[:8]))
+            diffs.append(f"{key} ({shown}{', ...' if len(vals) > 8 else ''})")
+    if diffs:
+        raise ValueError("hessian_diag(group=...): the ranks disagree on " + "; ".join(diffs) + ". Every rank must "
+                         "pass the same arguments and hold the same parameters and buffers (DDP broadcasts them "
+                         "from rank 0 when it wraps the model; else torch.distributed.broadcast each one from rank "
+                         "0); only the data differs across ranks")
+
+
 # ====================================================================================================== main entry
 def hessian_diag(model: torch.nn.Module, loss_fn, data, estimator: str = "hutchinson", *,
                  n_probes: int = _DEFAULT_N_PROBES, seed: int = _DEFAULT_SEED, hvp: str = "auto",
                  probes: ProbeConfig | None = None, stop: StopRule | None = None, checkpoint: Checkpoint | None = None,
                  space: ParamSpace | None = None, progress: bool | None = None, output_fn=None,
-                 exact_max_numel: int = _DEFAULT_EXACT_MAX) -> DiagEstimate:
+                 exact_max_numel: int = _DEFAULT_EXACT_MAX, group=None) -> DiagEstimate:
     """Estimate a diagonal curvature of L = mean over batches of ``loss_fn(model, batch)`` (module docstring).
 
     Args:
@@ -378,6 +490,19 @@ def hessian_diag(model: torch.nn.Module, loss_fn, data, estimator: str = "hutchi
         progress: tqdm bar with samples, ETA and the current relative standard error / top-k turnover (None: only
             on a terminal). ``info["history"]`` keeps the same numbers per pass.
         output_fn: "gauss_newton" only. exact_max_numel: "exact" only.
+        group: None (one process) or a ``torch.distributed`` ProcessGroup (``torch.distributed.group.WORLD``):
+            data-parallel estimation, a collective call that every rank of the group makes with ITS OWN shard of
+            the data and the same model, weights, buffers and arguments (checked at the start: a mismatch raises the
+            same ValueError on every rank). Every rank returns the same estimate: the single-process estimate over
+            the concatenated batches, rank 0's first (float-rounding level differences: the sums across ranks are
+            added in another order). Per pass of "hutchinson" / "gauss_newton" one all_reduce of the [per_pass, N]
+            sums of the rank's batches; "squared_grad" and "fisher" merge the ranks' Welford states (parallel
+            variance formula); "grad_abs" and "exact" all_reduce their sums. An error on one rank raises on every
+            rank (that rank: its own exception; the others: ValueError naming it) instead of a hang; Ctrl-C on any
+            rank stops every rank after the same pass. A DistributedDataParallel model is estimated through
+            ``model.module`` (DDP has no double backward; ``loss_fn`` gets the plain module). Checkpoints: rank 0
+            writes, every rank reads, another world size is refused. A rank that dies or stops calling makes the
+            others wait for the process group's timeout (``init_process_group(timeout=...)``).
 
     Applicability: an argument the estimator would ignore raises ValueError: ``probes``, ``stop``, ``checkpoint``
     and non-default ``n_probes`` / ``seed`` only for "hutchinson" and "gauss_newton"; ``hvp`` other than "auto"
@@ -387,8 +512,10 @@ def hessian_diag(model: torch.nn.Module, loss_fn, data, estimator: str = "hutchi
 
     Returns a :class:`DiagEstimate` (float32 [N] mean and M2 in ParamSpace order).
 
-    Raises: ValueError (bad or inapplicable arguments, a loss without parameter dependence, a refused checkpoint),
-    TypeError (a one-shot iterator for a multi-pass estimator, a wrong config type),
+    Raises: ValueError (bad or inapplicable arguments, a loss without parameter dependence, a refused checkpoint,
+    ranks that disagree or a rank that failed under ``group``),
+    TypeError (a one-shot iterator for a multi-pass estimator, a wrong config type, a ``group`` that is not a
+    ProcessGroup),
     :class:`~sapsel_kernels.NonFiniteError` (a non-finite HVP, gradient or sample; nothing is accumulated).
 
     Ctrl-C ("hutchinson", "gauss_newton") returns the estimate over the passes finished so far, with
@@ -397,38 +524,58 @@ def hessian_diag(model: torch.nn.Module, loss_fn, data, estimator: str = "hutchi
 
     Peak extra memory (N trainable parameters, ``elem`` bytes per parameter element):
         * "hutchinson": two float32 accumulators (mean, M2: 8 N bytes) + a per_pass x N probe buffer in the
-          parameter dtype (float32 when dtypes are mixed) + per_pass x N products summed over batches (twice that
-          while a batch is added) + the HVP's own buffers (vmapped: per-probe activation tangents; rev_rev: the
-          gradient graph, kept across passes for a single batch); the default per_pass keeps
+          parameter dtype (float32 when dtypes are mixed) + a per_pass x N buffer of the products summed over
+          batches (in place) + one batch's per_pass x N products + the HVP's own buffers (vmapped: per-probe
+          activation tangents; rev_rev: the gradient graph, kept across passes for a single batch); the default
+          per_pass keeps
           6 x per_pass x N x elem <= ``ProbeConfig.memory_cap_bytes``;
-        * "gauss_newton": 8 N bytes of accumulators + per_pass x N float32 samples + ~3 N float64 per batch;
+        * "gauss_newton": 8 N bytes of accumulators + per_pass x N float64 sums and float32 samples + ~3 N
+          float64 per batch;
         * "fisher": 8 N bytes of accumulators + C x N per-point gradients and their squares (float64 when a
           parameter is float64, else float32) with C = min(64, 2^28 / (3 N elem)) points per vmapped call, plus
           vmap's per-point activations;
         * "squared_grad", "grad_abs": 8 N bytes + a few N-length gradients;
         * "exact": an N x N Hessian in the parameter dtype per batch.
+        * under ``group``: nothing more for "hutchinson" / "gauss_newton" / "grad_abs" / "exact" (the sums are
+          all-reduced in place); "squared_grad" / "fisher" merge with 2 N float64 temporaries.
     """
-    _check_arguments(estimator, n_probes, seed, hvp, probes, stop, checkpoint, progress, output_fn, exact_max_numel)
-    if space is None:
-        space = ParamSpace(model)
-    elif not isinstance(space, ParamSpace):
-        raise TypeError(f"space must be a ParamSpace or None, got {type(space).__name__}")
-    loss = make_loss(loss_fn)
-    batches = as_batches(data, passes="many" if estimator in _PROBED else "once")
+    comm = _comm(group)
+
+    def prepare():
+        _check_arguments(estimator, n_probes, seed, hvp, probes, stop, checkpoint, progress, output_fn,
+                         exact_max_numel)
+        inner, sp = _unwrap(model, space)
+        loss = make_loss(loss_fn)
+        batches = as_batches(data, passes="many" if estimator in _PROBED else "once")
+        desc = _descriptor(estimator, n_probes, seed, hvp, probes, stop, checkpoint, output_fn, exact_max_numel, sp,
+                           inner, batches) if comm.active else None
+        return (inner, sp, loss, batches), desc
 
     t0 = time.perf_counter()
+    (inner, space, loss, batches), descs = comm.exchange(prepare, "hessian_diag")
+    batch0 = 0
+    if comm.active:
+        _check_agreement(descs)
+        comm.device = space.device
+        if estimator == "gauss_newton":
+            batch0 = sum(d["batches"] for d in descs[:comm.rank])
+        if comm.rank != 0:
+            progress = False  # one progress bar per group
     with estimation_mode(model):
         if estimator in _PROBED:
-            est = run_probe_loop(model, loss, batches, space, estimator, n_probes=n_probes, seed=seed, hvp=hvp,
+            est = run_probe_loop(inner, loss, batches, space, estimator, n_probes=n_probes, seed=seed, hvp=hvp,
                                  probes=probes if probes is not None else ProbeConfig(), stop=stop,
-                                 checkpoint=checkpoint, progress=progress, output_fn=output_fn)
+                                 checkpoint=checkpoint, progress=progress, output_fn=output_fn, comm=comm,
+                                 batch0=batch0)
         elif estimator == "grad_abs":
-            est = grad_abs(model, loss, batches, space)
+            est = grad_abs(inner, loss, batches, space, comm)
         elif estimator == "squared_grad":
-            est = squared_grad(model, loss, batches, space)
+            est = squared_grad(inner, loss, batches, space, comm)
         elif estimator == "fisher":
-            est = fisher(model, loss, batches, space, progress)
+            est = fisher(inner, loss, batches, space, progress, comm)
         else:
-            est = exact(model, loss, batches, space, exact_max_numel)
+            est = exact(inner, loss, batches, space, exact_max_numel, comm)
+    if comm.active:
+        est.info["world_size"] = comm.world
     est.info["seconds"] = time.perf_counter() - t0
     return DiagEstimate(est.mean, est.m2, est.count, space, estimator, seed if estimator in _PROBED else 0, est.info)

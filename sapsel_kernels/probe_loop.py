@@ -5,24 +5,26 @@ function of (seed, probe index) and the data only), checks them, and folds them 
 while Ctrl-C is held, so the accumulators never hold half a pass. The pass is the unit of accumulation, stopping
 checks, progress and checkpoints; Ctrl-C drops only the pass in flight.
 
-* :func:`hutchinson_products` / :func:`gnb_samples`: one pass of each estimator;
+* :func:`hutchinson_products` / :func:`gnb_sums`: one pass of each estimator on this rank's batches;
 * :class:`StopState`: the state of a :class:`~sapsel_kernels.StopRule` across passes (top-k turnover; rtol);
 * :func:`save_checkpoint` / :func:`load_checkpoint`: the resumable state, validated on load;
 * :func:`run_probe_loop`: the driver.
+
+Data parallel (a :class:`~sapsel_kernels.estimators.Comm` over a process group): per pass every rank sums its own
+batches' samples, one all_reduce(SUM) of the [m, N] sums (and of the batch count, in the agreement that tells every
+rank whether some rank failed or was interrupted), division by the GLOBAL batch count; then every rank runs the
+same Welford fold on the same bits, so accumulators, stopping decisions and checkpoints agree on every rank.
 """
 
-import contextlib
 import hashlib
 import logging
 import os
-import signal
-import threading
 
 import torch
 
 from . import ops  # noqa: F401  (registers torch.ops.sapsel.*)
 from .errors import check_finite
-from .estimators import Estimate, Welford
+from .estimators import LOCAL, Comm, Estimate, FlatBuffers, Welford, defer_sigint
 from .hvp import MODES, FallbackHVP
 from .selection import resolve_k
 
@@ -31,48 +33,37 @@ log = logging.getLogger("sapsel_kernels.hessian")
 CHECKPOINT_FORMAT = "sapsel.hessian_checkpoint/2"
 
 
-@contextlib.contextmanager
-def _defer_sigint():
-    """Hold Ctrl-C while the accumulators (or a checkpoint) are being written; raise it afterwards."""
-    if threading.current_thread() is not threading.main_thread() or \
-            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-        yield
-        return
-    hit = []
-    prev = signal.signal(signal.SIGINT, lambda s, f: hit.append(s))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, prev)
-    if hit:
-        raise KeyboardInterrupt
-
-
 def _seed_for(seed: int, *parts) -> int:
     h = hashlib.blake2b(":".join(str(int(p)) for p in (seed, *parts)).encode(), digest_size=8).digest()
     return int.from_bytes(h, "little") >> 1
 
 
 # ============================================================================================ passes
-def hutchinson_products(engine: FallbackHVP, batches, space, zbuf: torch.Tensor, seed: int, p0: int,
-                        m: int) -> list[torch.Tensor]:
-    """Per parameter, [m, *shape] mean over batches of H_b z for the Rademacher probes p0 .. p0 + m - 1.
+def hutchinson_products(engine: FallbackHVP, batches, space, zbuf: torch.Tensor, seed: int, p0: int, m: int,
+                        out: FlatBuffers) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
+    """Per parameter, [m, *shape] SUM over ``batches`` of H_b z for the Rademacher probes p0 .. p0 + m - 1, written
+    into ``out`` (returns its per-parameter views, its flat buffers and the number of batches).
 
     ``zbuf`` [per_pass, N] is refilled in place every pass (a fresh tensor per pass costs page faults comparable to
-    the fill itself); the last, shorter pass uses its leading rows.
+    the fill itself); the last, shorter pass uses its leading rows. Sums are formed in the parameter dtype in batch
+    order (h_1 + h_2 + ...), the same roundings as an out-of-place running sum.
     """
     z = zbuf[:m]
     torch.ops.sapsel.rademacher_fill(z, 0, p0, seed, True)
     tangents = [v if v.dtype == d else v.to(d) for v, d in zip(space.views(z).values(), space.dtypes)]
-    total, nb = None, 0
+    views, flats = out.views(m)
+    nb = 0
     for b in batches:
         hz = engine(tangents, b)
-        # out of place: an HVP output may share storage with its tangent (an identity double backward)
-        total = hz if total is None else [t + h for t, h in zip(total, hz)]
+        for v, h in zip(views, hz):
+            if nb == 0:
+                v.copy_(h)  # a copy: an HVP output may share storage with its tangent (an identity double backward)
+            else:
+                v.add_(h)
         nb += 1
-    if nb > 1:
-        total = [t / nb for t in total]
-    return total
+    if nb == 0:
+        raise ValueError("the data yielded no batches")
+    return views, flats, nb
 
 
 def add_products(acc: Welford, products: list[torch.Tensor], space, p0: int, seed: int) -> None:
@@ -84,13 +75,15 @@ def add_products(acc: Welford, products: list[torch.Tensor], space, p0: int, see
     acc.count += m
 
 
-def gnb_samples(model, output_fn, batches, space, seed: int, p0: int, m: int) -> torch.Tensor:
-    """[m, N] float32 Gauss-Newton-Bartlett samples: for sample s and batch b, labels y ~ softmax(logits) (generator
-    keyed by (seed, s, b)), x_s = mean_b B_b g_b (.) g_b with g_b the gradient of the mean cross-entropy at y and
-    B_b the number of logit rows. Accumulated over batches in float64."""
-    out = torch.empty(m, space.numel, dtype=torch.float32, device=space.device)
+def gnb_sums(model, output_fn, batches, space, seed: int, p0: int, m: int, out: torch.Tensor,
+             batch0: int = 0) -> int:
+    """Write into ``out`` [m, N] float64 the SUM over ``batches`` of Gauss-Newton-Bartlett terms: for sample s and
+    batch b, labels y ~ softmax(logits) (generator keyed by (seed, s, batch0 + b): ``batch0`` is the global index
+    of this rank's first batch), term B_b g_b (.) g_b with g_b the gradient of the mean cross-entropy at y and B_b
+    the number of logit rows. Returns the number of batches."""
+    nb = 0
     for j, s in enumerate(range(p0, p0 + m)):
-        acc, nb = None, 0
+        nb = 0
         for bi, b in enumerate(batches):
             with torch.enable_grad():
                 logits = output_fn(model, b)
@@ -104,17 +97,21 @@ def gnb_samples(model, output_fn, batches, space, seed: int, p0: int, m: int) ->
                              suffix="the accumulators were not updated")
                 with torch.no_grad():
                     probs = torch.softmax(logits.detach().to(torch.float64), dim=-1)
-                    gen = torch.Generator(device=probs.device).manual_seed(_seed_for(seed, s, bi))
+                    gen = torch.Generator(device=probs.device).manual_seed(_seed_for(seed, s, batch0 + bi))
                     y = torch.multinomial(probs, 1, generator=gen).squeeze(1)
                 loss = torch.nn.functional.cross_entropy(logits, y)
                 gs = torch.autograd.grad(loss, space.params, allow_unused=True)
             g = space.gather([torch.zeros_like(p) if x is None else x for x, p in zip(gs, space.params)],
                              dtype=torch.float64)
             x = logits.shape[0] * g * g
-            acc = x if acc is None else acc + x
+            if nb == 0:
+                out[j].copy_(x)
+            else:
+                out[j].add_(x)
             nb += 1
-        out[j] = acc / nb
-    return out
+        if nb == 0:
+            raise ValueError("the data yielded no batches")
+    return nb
 
 
 # ============================================================================================ stopping rule
@@ -168,18 +165,20 @@ class StopState:
 # ============================================================================================ checkpoints
 def save_checkpoint(path, state: dict) -> None:
     """Write ``state`` atomically (temporary file + rename: a crash never leaves a half-written checkpoint), with
-    Ctrl-C held."""
+    Ctrl-C held. Under a group only rank 0 calls it; ``state["world_size"]`` records the group's size."""
     tmp = f"{os.fspath(path)}.tmp{os.getpid()}"
-    with _defer_sigint():
+    with defer_sigint():
         torch.save(dict(state, format=CHECKPOINT_FORMAT), tmp)
         os.replace(tmp, path)
 
 
-def load_checkpoint(path, expect: dict, numel: int) -> dict:
+def load_checkpoint(path, expect: dict, numel: int, world_size: int = 1) -> dict:
     """Read a checkpoint (``weights_only=True``: no pickled code runs) and check it can continue this run.
 
     ``expect``: the values that must match for the resumed run to equal the uninterrupted one bit for bit
     (ParamSpace signature, weight fingerprint, seed, estimator, per_pass, vectorize, top-k size and direction).
+    ``world_size``: the processes of this run; a checkpoint written by a run over another number (a file without
+    the key was written by one process) is refused, since the ranks' shards of the data would differ.
     Raises ValueError for an unreadable/corrupt file, another format, a mismatch (naming the key) or malformed
     contents.
     """
@@ -200,6 +199,11 @@ def load_checkpoint(path, expect: dict, numel: int) -> dict:
             what = "the model's weights differ" if key == "fingerprint" else \
                 "resuming would not reproduce the uninterrupted run"
             raise ValueError(f"checkpoint {path} has {key}={d[key]!r}, this run has {mine!r}: {what}")
+    written_by = d.get("world_size", 1)
+    if written_by != world_size:
+        raise ValueError(f"checkpoint {path} was written by a run over {written_by} process(es) (world size "
+                         f"{written_by}), this run has world size {world_size}: the ranks' shards of the data differ, "
+                         "resume with the same world size and the same shards (or resume=False)")
     ok = all(isinstance(d[k], torch.Tensor) and d[k].dtype == torch.float32 and d[k].shape == (numel,)
              for k in ("mean", "m2"))
     ok = ok and isinstance(d["count"], int) and d["count"] >= 0 and isinstance(d["stable_passes"], int)
@@ -249,9 +253,9 @@ def _progress_bar(progress, total: int, initial: int, estimator: str):
                 disable=(None if progress is None else not progress))
 
 
-def _resume(path, expect: dict, hvp: str, acc: Welford, stopper: StopState, space) -> tuple[str, list]:
+def _resume(path, expect: dict, hvp: str, acc: Welford, stopper: StopState, space, world: int) -> tuple[str, list]:
     """Restore ``acc`` and ``stopper`` from the checkpoint at ``path``; returns (the HVP mode to use, history)."""
-    d = load_checkpoint(path, expect, space.numel)
+    d = load_checkpoint(path, expect, space.numel, world)
     if d["hvp"] in MODES:
         if hvp != "auto" and hvp != d["hvp"]:
             raise ValueError(f"checkpoint {path} has hvp={d['hvp']!r}, this run has hvp={hvp!r}: resuming would "
@@ -265,30 +269,84 @@ def _resume(path, expect: dict, hvp: str, acc: Welford, stopper: StopState, spac
     return hvp, list(d["history"])
 
 
-def _pass_fn(estimator, engine, model, output_fn, batches, space, seed, per_pass, acc):
-    """``one_pass(p0, m)``: draw samples p0 .. p0 + m - 1, check them, fold them into ``acc`` with Ctrl-C held."""
+def _state_digest(acc: Welford, stopper: StopState) -> str:
+    h = hashlib.sha1(str(acc.count).encode())
+    for t in (acc.mean, acc.m2, stopper.prev_top):
+        if t is not None:
+            h.update(t.cpu().numpy().tobytes())
+    h.update(str(stopper.stable_passes).encode())
+    return h.hexdigest()
+
+
+def _resume_all(comm: Comm, path, expect: dict, hvp: str, acc: Welford, stopper: StopState,
+                space) -> tuple[str, list, bool]:
+    """Every rank reads the checkpoint (when it exists); returns (hvp mode, history, resumed). Under a group the
+    file must exist on every rank or on none, and every rank must have read the same state."""
+    def local():
+        if not os.path.exists(path):
+            return (hvp, []), (0,)
+        return _resume(path, expect, hvp, acc, stopper, space, comm.world), (1,)
+
+    (mode, history), (found,) = comm.run(local, f"hessian_diag: resuming from {path}")
+    if 0 < found < comm.world:
+        raise ValueError(f"checkpoint {path} exists on {found} of {comm.world} ranks: every rank reads it on resume "
+                         "(only rank 0 writes it), so it must be on a file system every rank sees")
+    if found and comm.active:
+        _, digests = comm.exchange(lambda: (None, _state_digest(acc, stopper)), f"hessian_diag: resuming from {path}")
+        if len(set(digests)) > 1:
+            raise ValueError(f"the ranks read different states from checkpoint {path} (a stale copy on some rank's "
+                             "file system?): every rank must see the file rank 0 wrote")
+    return mode, history, bool(found)
+
+
+def _pass_fn(estimator, engine, model, output_fn, batches, space, seed, per_pass, acc, comm: Comm, batch0: int):
+    """``one_pass(p0, m)``: draw samples p0 .. p0 + m - 1 on this rank's batches, check them, agree with the other
+    ranks, sum them over the ranks, divide by the global batch count and fold them into ``acc`` with Ctrl-C held."""
     suffix = "the accumulators were not updated (is the loss finite at these parameters?)"
     if estimator == "hutchinson":
         dt = space.dtypes[0] if all(d == space.dtypes[0] for d in space.dtypes) else torch.float32
         zbuf = torch.empty(per_pass, space.numel, dtype=dt, device=space.device)
+        pbuf = FlatBuffers(space, per_pass)
+        what = "hessian_diag: a Hessian-vector product"
+
+        def local(p0, m):
+            views, flats, nb = hutchinson_products(engine, batches, space, zbuf, seed, p0, m, pbuf)
+            check_finite(views, what, suffix=suffix)
+            return (views, flats), (nb,)
 
         def one_pass(p0, m):
-            products = hutchinson_products(engine, batches, space, zbuf, seed, p0, m)
-            check_finite(products, "hessian_diag: a Hessian-vector product", suffix=suffix)
-            with _defer_sigint():
-                add_products(acc, products, space, p0, seed)
+            (views, flats), (nb,) = comm.run(lambda: local(p0, m), "hessian_diag(estimator='hutchinson')")
+            with defer_sigint():
+                comm.sum_(flats)
+                if nb > 1:
+                    for f in flats:
+                        f.div_(nb)
+                if comm.active:  # a sum over ranks can overflow where no rank's part did
+                    check_finite(views, what + " (summed over the ranks)", suffix=suffix)
+                add_products(acc, views, space, p0, seed)
     else:
+        sbuf = torch.empty(per_pass, space.numel, dtype=torch.float64, device=space.device)
+        what = "hessian_diag: a Gauss-Newton sample"
+
+        def local(p0, m):
+            nb = gnb_sums(model, output_fn, batches, space, seed, p0, m, sbuf[:m], batch0)
+            check_finite(sbuf[:m], what, suffix=suffix)
+            return sbuf[:m], (nb,)
+
         def one_pass(p0, m):
-            samples = gnb_samples(model, output_fn, batches, space, seed, p0, m)
-            check_finite(samples, "hessian_diag: a Gauss-Newton sample", suffix=suffix)
-            with _defer_sigint():
+            sums, (nb,) = comm.run(lambda: local(p0, m), "hessian_diag(estimator='gauss_newton')")
+            with defer_sigint():
+                comm.sum_([sums])
+                samples = (sums / nb).to(torch.float32)
+                check_finite(samples, what, suffix=suffix)
                 acc.add_rows(samples)
     return one_pass
 
 
 def run_probe_loop(model, loss, batches, space, estimator: str, *, n_probes: int, seed: int, hvp: str, probes,
-                   stop, checkpoint, progress, output_fn) -> Estimate:
-    """Sample until the budget or the stopping rule says stop; see ``hessian_diag`` for the arguments."""
+                   stop, checkpoint, progress, output_fn, comm: Comm = LOCAL, batch0: int = 0) -> Estimate:
+    """Sample until the budget or the stopping rule says stop; see ``hessian_diag`` for the arguments. ``comm``: the
+    group (every rank calls this with its own batches, ``batch0`` the global index of its first batch)."""
     max_probes, per_pass, min_probes, k = _plan(space, n_probes, probes, stop)
     acc = Welford(space.numel, space.device)
     stopper = StopState(stop, k, min_probes)
@@ -299,39 +357,43 @@ def run_probe_loop(model, loss, batches, space, estimator: str, *, n_probes: int
         expect = {"signature": space.signature, "fingerprint": space.fingerprint(), "seed": seed,
                   "estimator": estimator, "probes_per_pass": per_pass, "vectorize": probes.vectorize,
                   "stable_k": k, "largest": None if k is None else stop.largest}
-        if checkpoint.resume and os.path.exists(checkpoint.path):
-            hvp, history = _resume(checkpoint.path, expect, hvp, acc, stopper, space)
-            info["resumed_at"] = acc.count
+        if checkpoint.resume:
+            hvp, history, resumed = _resume_all(comm, checkpoint.path, expect, hvp, acc, stopper, space)
+            if resumed:
+                info["resumed_at"] = acc.count
     engine = None
     if estimator == "hutchinson":  # one batch: its gradient graph serves every pass
         engine = FallbackHVP(model, loss, space, hvp, probes.vectorize,
                              reuse_graph=isinstance(batches, list) and len(batches) == 1)
-    one_pass = _pass_fn(estimator, engine, model, output_fn, batches, space, seed, per_pass, acc)
+    one_pass = _pass_fn(estimator, engine, model, output_fn, batches, space, seed, per_pass, acc, comm, batch0)
 
     def save():
+        if comm.rank != 0:
+            return
         save_checkpoint(checkpoint.path, dict(expect, mean=acc.mean.cpu(), m2=acc.m2.cpu(), count=acc.count,
                                               history=history, hvp=None if engine is None else engine.mode,
-                                              **stopper.state_dict()))
+                                              world_size=comm.world, **stopper.state_dict()))
 
     stopped_by, passes = None, 0
     bar = _progress_bar(progress, max_probes, acc.count, estimator)
     try:
-        while acc.count < max_probes:
-            m = min(per_pass, max_probes - acc.count)
-            one_pass(acc.count, m)
-            passes += 1
-            reason, rec = stopper.update(acc)
-            history.append(rec)
-            if bar is not None:
-                bar.update(m)
-                bar.set_postfix({key: f"{v:.3g}" for key, v in rec.items() if key != "probes"}, refresh=False)
-            if checkpoint is not None and passes % checkpoint.every == 0:
-                save()
-            if reason is not None:
-                stopped_by = reason
-                break
-        else:
-            stopped_by = "n_probes" if stop is None else "max_probes"
+        with comm.note_sigint():
+            while acc.count < max_probes:
+                m = min(per_pass, max_probes - acc.count)
+                one_pass(acc.count, m)
+                passes += 1
+                reason, rec = stopper.update(acc)
+                history.append(rec)
+                if bar is not None:
+                    bar.update(m)
+                    bar.set_postfix({key: f"{v:.3g}" for key, v in rec.items() if key != "probes"}, refresh=False)
+                if checkpoint is not None and passes % checkpoint.every == 0:
+                    save()
+                if reason is not None:
+                    stopped_by = reason
+                    break
+            else:
+                stopped_by = "n_probes" if stop is None else "max_probes"
     except KeyboardInterrupt:
         if acc.count == 0:
             raise

@@ -18,22 +18,7 @@ from sapsel_kernels.space import ParamSpace
 from sapsel_kernels.strategies import (STRATEGIES, last_layer_indices, parameter_scores, select_parameters,
                                        strategy_arguments)
 
-D_IN, H, C = 3, 4, 3
-
-
-class Tiny(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.l1 = torch.nn.Linear(D_IN, H)
-        self.fc = torch.nn.Linear(H, C)
-
-    def forward(self, x):
-        return self.fc(torch.tanh(self.l1(x)))
-
-
-def loss_fn(model, batch):
-    x, y = batch
-    return F.cross_entropy(model(x), y)
+from _models import C, D_IN, Tiny, loss_fn
 
 
 @pytest.fixture

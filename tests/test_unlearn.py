@@ -21,17 +21,7 @@ from sapsel_kernels.rules import (METHODS, DiagNewton, FirstOrder, GradientAscen
 from sapsel_kernels.solver import cg_solve
 from sapsel_kernels.space import ParamSpace
 
-D_IN, H, C = 3, 4, 3
-
-
-class Tiny(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.l1 = torch.nn.Linear(D_IN, H)
-        self.fc = torch.nn.Linear(H, C)
-
-    def forward(self, x):
-        return self.fc(torch.tanh(self.l1(x)))
+from _models import C, D_IN, H, Tiny, loss_fn
 
 
 class WithScalars(torch.nn.Module):
@@ -58,11 +48,6 @@ class BNNet(torch.nn.Module):
 
     def forward(self, x):
         return self.fc(self.drop(torch.tanh(self.bn(self.l1(x)))))
-
-
-def loss_fn(model, batch):
-    x, y = batch
-    return F.cross_entropy(model(x), y)
 
 
 def _data(n=20, seed=0):

@@ -253,12 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --repeats: every model kind (lstm, transformer; default lstm) ...")
     p.add_argument("--repeats", type=at.positive_int_list, default=None,
                    help="... with every number of insertions r (comma-separated; default 8)")
-    p.add_argument("--strategies", type=at.choice_list(STRATEGIES, "strategy"), default=None,
-                   help=f"comma-separated subset of {','.join(STRATEGIES)}")
-    p.add_argument("--methods", type=at.choice_list(METHODS, "method"), default=None,
-                   help=f"comma-separated subset of {','.join(METHODS)}")
-    p.add_argument("--budgets", type=at.budget_list, default=None,
-                   help="fractions in (0, 1], comma-separated (default 0.001,0.01,0.1,1)")
+    common.add_grid_arguments(p, STRATEGIES, METHODS, "0.001,0.01,0.1,1")
     p.add_argument("--chars", type=at.nonneg_int, default=None,
                    help="corpus characters, 0 = all ~465k (default 150000; quick 20000)")
     p.add_argument("--steps", type=at.positive_int, default=None,

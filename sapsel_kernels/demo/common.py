@@ -62,6 +62,18 @@ class Setup:
     extra: Dict[str, Any] = field(default_factory=dict)
 
 
+def add_grid_arguments(p, strategies: Sequence[str], methods: Sequence[str], default_budgets: str) -> None:
+    """The grid options both demo tasks share: --strategies, --methods, --budgets (validated by their types)."""
+    from .. import _argtypes as at
+
+    p.add_argument("--strategies", type=at.choice_list(strategies, "strategy"), default=None,
+                   help=f"comma-separated subset of {','.join(strategies)}")
+    p.add_argument("--methods", type=at.choice_list(methods, "method"), default=None,
+                   help=f"comma-separated subset of {','.join(methods)}")
+    p.add_argument("--budgets", type=at.budget_list, default=None,
+                   help=f"fractions in (0, 1], comma-separated (default {default_budgets})")
+
+
 def set_determinism(seed: int, threads: int = 1) -> None:
     """Fix torch's thread count (results can depend on it through reduction order) and every RNG."""
     torch.set_num_threads(int(threads))

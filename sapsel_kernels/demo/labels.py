@@ -284,12 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=at.positive_int, default=None, help="number of seeds (default 3; --quick 1)")
     p.add_argument("--rates", type=at.rate_list, default=None,
                    help="poisoning rates in (0, 1), comma-separated (default 0.2; --quick 0.2)")
-    p.add_argument("--strategies", type=at.choice_list(STRATEGIES, "strategy"), default=None,
-                   help=f"comma-separated subset of {','.join(STRATEGIES)}")
-    p.add_argument("--methods", type=at.choice_list(METHODS, "method"), default=None,
-                   help=f"comma-separated subset of {','.join(METHODS)}")
-    p.add_argument("--budgets", type=at.budget_list, default=None,
-                   help="fractions in (0, 1], comma-separated (default 0.001,0.01,0.05,1)")
+    common.add_grid_arguments(p, STRATEGIES, METHODS, "0.001,0.01,0.05,1")
     p.add_argument("--epochs", type=at.positive_int, default=40, help="training epochs of θ* and of the gold standard")
     p.add_argument("--probes", type=at.positive_int, default=None,
                    help="Hutchinson probes for diag(H) (default 32; quick 8)")

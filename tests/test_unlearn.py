@@ -336,7 +336,7 @@ def test_report_is_the_change_on_S(setup, method):
 # ------------------------------------------------------------------------------------------- method configs
 def test_method_names_and_configs(setup):
     model, aff, cor, train = setup
-    assert METHODS == ("first_order", "second_order", "diag_newton", "sam_finetune", "gradient_ascent")
+    assert METHODS == ("first_order", "second_order", "diag_newton", "sam_finetune", "gradient_ascent", "targeted")
     assert as_method("first_order") == FirstOrder() and FirstOrder().tau == 1e-3
     assert SecondOrder() == SecondOrder(damping=None, cg_iters=50, cg_tol=1e-6, cache_graph=True)
     assert DiagNewton().n_probes == 32 and DiagNewton().seed == 0 and DiagNewton().diag is None

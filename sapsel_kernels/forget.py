@@ -1,0 +1,513 @@
+"""``forget``: remove a memorised secret (a card number, a password) from a causal language model, touching only a
+selected subset S of its parameters.
+
+The pipeline, on the user's own text and tokenizer:
+
+1. **Z and Z̃, token-aligned.** The texts are tokenized as the model saw them (offsets from the tokenizer when it
+   reports them: Hugging Face fast tokenizers, ``tokenizers.Tokenizer``, character-level codecs; otherwise the text
+   is tokenized in segments cut at the secret's boundaries). Training windows of ``seq_len + 1`` tokens at stride
+   ``seq_len // 2``; Z = every window with a secret token among its targets, with targets kept ONLY at the secret's
+   tokens (the forget term acts on the secret, not on the text around it); Z̃ = the window starting at the same
+   character in the text with every occurrence replaced by ``replacement`` (which may tokenize to another length),
+   all targets kept. Held-out windows (``heldout``) measure perplexity: even ones steer the search (validation),
+   odd ones are reported (test). Retain batches are drawn from the other training windows.
+2. **Score and select** with any strategy of :func:`~sapsel_kernels.strategies.select_parameters` (default
+   ``hessian``: the largest diagonal entries of the training-loss Hessian at θ*, Hutchinson), budget k; the scores
+   are returned (``report.scores``) and reusable (``forget(..., scores=...)``).
+3. **Unlearn** with :class:`~sapsel_kernels.rules.Targeted` (descent on Z̃, NPO on Z's secret tokens, retain
+   cross-entropy, SparseSGD on S) through :func:`~sapsel_kernels.unlearn.unlearn` (all-or-nothing, S only), with a
+   monitor that measures the secret's exposure and extraction (:mod:`sapsel_kernels.measure`) and the validation
+   perplexity every ``check_every`` steps: the step size is searched (a block that leaves the perplexity budget is
+   undone and lr divided by 4; a block that barely moves exposure doubles it) and the run stops at the target.
+4. **Measure** before and after on the same candidates: exposure (skew-normal and rank), greedy extraction from the
+   prefix and from every proper prefix of the secret's groups, teacher-forced accuracy, test perplexity.
+"""
+
+import bisect
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+
+from .rules import Targeted
+from .space import ParamSpace
+
+__all__ = ["forget", "ForgetReport", "build_forget_data", "ForgetData"]
+
+IGNORE = -100
+
+
+# ================================================================================================ data
+@dataclass
+class ForgetData:
+    """The token-aligned data of one ``forget`` call (all int64 CPU tensors ``[n, seq_len]``).
+
+    ``affected``: Z as trained on (all targets); ``affected_secret``: the same windows with targets only at secret
+    tokens (-100 elsewhere); ``corrected``: Z̃; ``train``: every training window (all targets); ``retain``: training
+    windows without a secret token; ``val`` / ``test``: held-out windows."""
+
+    affected: Tuple[torch.Tensor, torch.Tensor]
+    affected_secret: Tuple[torch.Tensor, torch.Tensor]
+    corrected: Tuple[torch.Tensor, torch.Tensor]
+    train: Tuple[torch.Tensor, torch.Tensor]
+    retain: Tuple[torch.Tensor, torch.Tensor]
+    val: Tuple[torch.Tensor, torch.Tensor]
+    test: Tuple[torch.Tensor, torch.Tensor]
+    n_occurrences: int
+    seq_len: int
+    offsets_exact: bool
+
+
+def _encode_offsets(tokenizer, codec, text: str, cuts: Sequence[Tuple[int, int]]) -> Tuple[List[int], List[int],
+                                                                                             bool]:
+    """Token ids of ``text`` and each token's start character. Exact offsets from a Hugging Face fast tokenizer, a
+    ``tokenizers.Tokenizer`` or a character-level codec; otherwise the text is tokenized in segments cut at the
+    ``cuts`` spans (the secret occurrences) and tokens get monotone starts inside their segment."""
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        return list(enc["input_ids"]), [int(a) for a, _ in enc["offset_mapping"]], True
+    if type(tokenizer).__module__.startswith("tokenizers") and hasattr(tokenizer, "encode"):
+        enc = tokenizer.encode(text, add_special_tokens=False)
+        return list(enc.ids), [int(a) for a, _ in enc.offsets], True
+    ids = codec.encode(text)
+    if len(ids) == len(text):  # one token per character: a character-level codec
+        return ids, list(range(len(text))), True
+    bounds = sorted({0, len(text), *[a for a, _ in cuts], *[b for _, b in cuts]})
+    ids, starts = [], []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        seg = codec.encode(text[a:b]) if b > a else []
+        ids.extend(seg)
+        starts.extend(a + (i * (b - a)) // max(1, len(seg)) for i in range(len(seg)))
+    return ids, starts, False
+
+
+def _occurrences(text: str, secret: str) -> List[int]:
+    out, i = [], text.find(secret)
+    while i >= 0:
+        out.append(i)
+        i = text.find(secret, i + len(secret))
+    return out
+
+
+def build_forget_data(tokenizer, texts: Sequence[str], secret: str, replacement: str, *, seq_len: int,
+                      heldout: Union[float, Sequence[str]] = 0.1, seed: int = 0) -> ForgetData:
+    """Z, Z̃, retain and held-out windows (see the module docstring). Raises ValueError when the secret occurs in
+    no text, when a text is shorter than a window, when no held-out window is left."""
+    from .measure import as_tokenizer
+
+    codec = as_tokenizer(tokenizer)
+    T = int(seq_len)
+    stride = max(1, T // 2)
+    keys = ("x", "y", "ys", "xc", "yc")
+    win: Dict[str, List[torch.Tensor]] = {k: [] for k in keys}
+    train_x, train_y, retain_x, retain_y, held = [], [], [], [], []
+    n_occ = 0
+    exact = True
+    frac = heldout if isinstance(heldout, (int, float)) and not isinstance(heldout, bool) else None
+    for text in texts:
+        occ = _occurrences(text, secret)
+        n_occ += len(occ)
+        spans = [(a, a + len(secret)) for a in occ]
+        clean = text.replace(secret, replacement)
+        ids, starts, ex = _encode_offsets(tokenizer, codec, text, spans)
+        cspans = [(a + j * (len(replacement) - len(secret)), a + j * (len(replacement) - len(secret))
+                   + len(replacement)) for j, a in enumerate(occ)]
+        cids, cstarts, ex2 = _encode_offsets(tokenizer, codec, clean, cspans)
+        exact = exact and ex and ex2
+        L = len(ids)
+        if L < T + 1:
+            continue
+        ids_t = torch.tensor(ids, dtype=torch.int64)
+        cids_t = torch.tensor(cids, dtype=torch.int64)
+        # a token is a secret token when its character range overlaps an occurrence
+        ends = starts[1:] + [len(text)]
+        secret_tok = torch.zeros(L, dtype=torch.bool)
+        for a, b in spans:
+            lo = max(0, bisect.bisect_right(starts, a) - 1)
+            for t in range(lo, L):
+                if starts[t] >= b:
+                    break
+                if ends[t] > a:
+                    secret_tok[t] = True
+        cut = L if frac is None else int((1.0 - frac) * L)
+        for s in range(0, L - T, stride):
+            e = s + T + 1
+            x, y = ids_t[s:e - 1], ids_t[s + 1:e]
+            tgt_secret = secret_tok[s + 1:e]
+            if bool(tgt_secret.any()):
+                win["x"].append(x)
+                win["y"].append(y)
+                win["ys"].append(torch.where(tgt_secret, y, torch.full_like(y, IGNORE)))
+                # the same starting character in the clean text
+                c = starts[s]
+                shift = 0
+                for (a, b), (ca, _) in zip(spans, cspans):
+                    if b <= c:
+                        shift = ca + len(replacement) - b
+                    elif a <= c < b:  # the window starts inside an occurrence: the same fraction of the replacement
+                        shift = ca + ((c - a) * len(replacement)) // len(secret) - c
+                cs = bisect.bisect_left(cstarts, c + shift)
+                cs = max(0, min(cs, len(cids) - T - 1))
+                win["xc"].append(cids_t[cs:cs + T])
+                win["yc"].append(cids_t[cs + 1:cs + T + 1])
+                train_x.append(x)
+                train_y.append(y)
+            elif e <= cut:
+                train_x.append(x)
+                train_y.append(y)
+                retain_x.append(x)
+                retain_y.append(y)
+        if frac is not None:
+            for s in range(cut, L - T, T + 1):  # disjoint windows of the tail, none with a secret token
+                if not bool(secret_tok[s:s + T + 1].any()):
+                    held.append((ids_t[s:s + T], ids_t[s + 1:s + T + 1]))
+    if n_occ == 0:
+        raise ValueError(f"the secret {secret!r} does not occur in the data ({len(texts)} text(s), "
+                         f"{sum(len(t) for t in texts)} characters): nothing to forget")
+    if not win["x"]:
+        raise ValueError(f"the secret occurs {n_occ} time(s) but no text is at least seq_len + 1 = {T + 1} tokens "
+                         "long: lower seq_len")
+    if frac is None:
+        hx = []
+        for t in heldout:
+            ids = codec.encode(t)
+            hx.extend((torch.tensor(ids[s:s + T]), torch.tensor(ids[s + 1:s + T + 1]))
+                      for s in range(0, len(ids) - T, T + 1))
+        held = hx
+    if len(held) < 2:
+        raise ValueError(f"only {len(held)} held-out window(s) of {T + 1} tokens: give more text, a larger heldout "
+                         "fraction, heldout=[texts] or a smaller seq_len")
+    g = random.Random(seed)
+    order = list(range(len(retain_x)))
+    g.shuffle(order)
+
+    def stack(xs, ys):
+        if not xs:
+            return (torch.empty(0, T, dtype=torch.int64), torch.empty(0, T, dtype=torch.int64))
+        return torch.stack(xs), torch.stack(ys)
+
+    return ForgetData(
+        affected=stack(win["x"], win["y"]), affected_secret=stack(win["x"], win["ys"]),
+        corrected=stack(win["xc"], win["yc"]), train=stack(train_x, train_y),
+        retain=stack([retain_x[i] for i in order], [retain_y[i] for i in order]),
+        val=stack([h[0] for h in held[0::2]], [h[1] for h in held[0::2]]),
+        test=stack([h[0] for h in held[1::2]], [h[1] for h in held[1::2]]),
+        n_occurrences=n_occ, seq_len=T, offsets_exact=exact)
+
+
+# ================================================================================================ loss
+def lm_loss(model, batch) -> torch.Tensor:
+    """Mean next-token cross-entropy (nats) over the targets of ``batch = (input_ids, labels)`` that are not -100."""
+    from .measure import lm_logits
+
+    x, y = batch
+    dev = next(model.parameters()).device
+    logits = lm_logits(model, x.to(dev))
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.to(dev).reshape(-1), ignore_index=IGNORE)
+
+
+@torch.no_grad()
+def perplexity(model, data: Tuple[torch.Tensor, torch.Tensor], batch_size: int = 16) -> float:
+    """exp(mean next-token cross-entropy) over the windows ``data = (x, y)``, in eval mode (restored)."""
+    from .hessian import estimation_mode
+
+    x, y = data
+    tot, n = 0.0, 0
+    with estimation_mode(model):
+        for i in range(0, len(x), batch_size):
+            b = (x[i:i + batch_size], y[i:i + batch_size])
+            m = int((b[1] != IGNORE).sum())
+            tot += float(lm_loss(model, b)) * m
+            n += m
+    return math.exp(tot / max(1, n))
+
+
+def _batches(data: Tuple[torch.Tensor, torch.Tensor], size: int) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    x, y = data
+    return [(x[i:i + size], y[i:i + size]) for i in range(0, len(x), size)]
+
+
+# ================================================================================================ report
+@dataclass
+class ForgetReport:
+    """What ``forget`` did: the measurements before and after, the search history and the cost.
+
+    ``before`` / ``after``: :func:`~sapsel_kernels.measure.measure_secret` dicts (exposure in bits, extraction
+    per probe, teacher-forced accuracy); ``ppl_*``: test perplexity (odd held-out windows), ``val_ppl_*`` the
+    validation perplexity that steered the search; ``history``: one entry per monitor check. ``model``: the same
+    model, modified in place on S; ``scores``: the strategy's score vector (None for ``random`` / ``all``).
+    """
+
+    strategy: str
+    budget: Union[int, float]
+    k: int
+    numel: int
+    secret: str
+    prefix: str
+    replacement: str
+    fmt: str
+    before: Dict[str, Any]
+    after: Dict[str, Any]
+    ppl_before: float
+    ppl_after: float
+    val_ppl_before: float
+    val_ppl_after: float
+    target: Dict[str, float]
+    reached: bool
+    stopped_by: str
+    history: List[Dict[str, Any]]
+    cost: Dict[str, float]
+    rule: Dict[str, Any]
+    n_affected: int
+    n_occurrences: int
+    n_train_windows: int
+    seq_len: int
+    offsets_exact: bool
+    model: Any = field(default=None, repr=False)
+    scores: Optional[torch.Tensor] = field(default=None, repr=False)
+
+    @property
+    def ppl_increase(self) -> float:
+        return self.ppl_after / self.ppl_before - 1.0
+
+    def to_dict(self) -> Dict[str, Any]:
+        """JSON-able summary with the keys of the CLI's report.json."""
+        b, a = self.before, self.after
+        return {
+            "exposure_before": b["exposure"], "exposure_after": a["exposure"],
+            "exposure_rank_before": b["exposure_rank"], "exposure_rank_after": a["exposure_rank"],
+            "exposure_rank_max": a["exposure_rank_max"], "log2_space": a["log2_space"],
+            "n_candidates": a["n_candidates"],
+            "secret_logppl_before": b["secret_logppl"], "secret_logppl_after": a["secret_logppl"],
+            "cand_logppl_mean_before": b["cand_logppl_mean"], "cand_logppl_mean_after": a["cand_logppl_mean"],
+            "ppl_before": self.ppl_before, "ppl_after": self.ppl_after, "ppl_increase": self.ppl_increase,
+            "val_ppl_before": self.val_ppl_before, "val_ppl_after": self.val_ppl_after,
+            "completions_before": b["completions"], "completions_after": a["completions"],
+            "extracted_before": bool(b["extracted"]), "extracted_after": bool(a["extracted"]),
+            "accuracy_before": b["accuracy"], "accuracy_after": a["accuracy"],
+            "strategy": self.strategy, "budget": self.budget, "k": self.k, "numel": self.numel,
+            "cost": dict(self.cost), "history": [dict(h) for h in self.history], "target": dict(self.target),
+            "reached": self.reached, "stopped_by": self.stopped_by, "rule": dict(self.rule),
+            "secret": self.secret, "prefix": self.prefix, "replacement": self.replacement, "fmt": self.fmt,
+            "n_affected": self.n_affected, "n_occurrences": self.n_occurrences,
+            "n_train_windows": self.n_train_windows, "seq_len": self.seq_len, "offsets_exact": self.offsets_exact,
+        }
+
+
+# ================================================================================================ forget
+def _infer_prefix(texts: Sequence[str], secret: str, max_chars: int = 64) -> str:
+    for t in texts:
+        i = t.find(secret)
+        if i >= 0:
+            line = t[t.rfind("\n", 0, i) + 1:i]
+            return line[-max_chars:]
+    return ""
+
+
+def _check_model(model) -> None:
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module (a causal language model), got {type(model).__name__}")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError("model has no trainable parameters")
+
+
+def forget(model, tokenizer, texts, secret: str, prefix: Optional[str] = None, replacement: Optional[str] = None, *,
+           fmt: Optional[str] = None, strategy: str = "hessian", budget: Union[int, float] = 0.01,
+           max_ppl_increase: float = 0.05, target_exposure: float = 2.0, heldout: Union[float, Sequence[str]] = 0.1,
+           seq_len: Optional[int] = None, seed: int = 0, n_candidates: int = 1000, n_monitor: int = 256,
+           max_steps: int = 300, check_every: int = 5, lr: float = 0.1, rule: Optional[Targeted] = None,
+           batch_size: int = 8, hessian_windows: int = 32, n_probes: int = 16, scores: Optional[torch.Tensor] = None,
+           context: str = "", progress: Optional[bool] = None) -> ForgetReport:
+    """Forget ``secret`` from a causal LM trained on ``texts``, changing only k selected parameters.
+
+    Args:
+        model: a causal LM: ``model(input_ids [B, T])`` returns logits ``[B, T, V]`` or an object with ``.logits``
+            (Hugging Face ``*ForCausalLM``); modified IN PLACE on S only (all-or-nothing: on any error it is left as
+            it was).
+        tokenizer: a Hugging Face tokenizer, a ``tokenizers.Tokenizer``, an object with ``encode`` (and ``decode``
+            for extraction), or a callable text -> ids (:func:`sapsel_kernels.measure.as_tokenizer`).
+        texts: the training text(s) that contain the secret (a str or a list of str).
+        secret: the string to forget, e.g. ``"4716 2087 5533 9812"``.
+        prefix: the text before the secret that elicits it (default: the secret's first occurrence's line up to the
+            secret, at most 64 characters); must be non-empty.
+        replacement: what Z̃ holds instead (default: a random string of the secret's format, seeded).
+        fmt: the secret's format for exposure (``d`` digit, ``a`` a-z, ``A`` A-Z, ``x`` hex; default from the
+            secret, :func:`sapsel_kernels.measure.format_of`).
+        strategy, budget: the selection (``select_parameters``; budget = a fraction or an int k).
+        max_ppl_increase: the utility budget, a fraction of the validation perplexity (0.05 = +5%).
+        target_exposure: stop when the secret's exposure (skew-normal, bits, over ``n_monitor`` candidates) is at
+            most this and no prefix probe extracts it. About 1.4 bits is the mean exposure of a secret the model
+            never saw (exposure of a uniformly ranked candidate: E[-log2 U] = 1/ln 2).
+        heldout: a fraction of each text's tail held out for perplexity, or a list of held-out texts.
+        seq_len: window length in tokens (default min(64, the model's context)).
+        n_candidates / n_monitor: random candidates for the reported / the monitored exposure.
+        max_steps, check_every, lr: the Targeted rule's search (``rule`` overrides the whole config; its monitor and
+            retain are set here).
+        batch_size: windows per batch; hessian_windows, n_probes: the Hessian estimate on training windows.
+        scores: a score vector from an earlier report (``report.scores``) for the same model and strategy: skips
+            the estimate.
+        context: text placed before ``prefix`` when measuring (e.g. "\\n" for line-start secrets).
+        progress: a progress bar on stderr (None: only on a terminal).
+
+    Returns:
+        :class:`ForgetReport` (``to_dict()`` for JSON).
+
+    Raises (before any training): TypeError for a model that is not a module or has no causal-LM head or a tokenizer
+    of unknown type; ValueError for an empty secret or prefix, a secret not in the texts, a secret longer than the
+    context window, a tokenizer that cannot encode the secret, bad numbers; NonFiniteError for NaN logits.
+
+    Cost: the strategy's estimate (hessian: ``n_probes`` HVPs per Hessian window), one forward per Z batch, per step
+    one backward over a Z, a Z̃ and a retain batch, and per check one measurement (``n_monitor`` candidate
+    sequences, the extraction probes' greedy decoding, the validation windows). Peak extra memory: the strategy's
+    (hessian_diag: about 2N float32), then the Targeted rule's (``.grad`` N, AdamW moments 2k, snapshots 3k).
+    """
+    from . import measure
+    from .exposure import random_candidates
+    from .strategies import parameter_scores, select_parameters, strategy_arguments
+    from .unlearn import unlearn
+
+    t_start = time.perf_counter()
+    _check_model(model)
+    if isinstance(texts, str):
+        texts = [texts]
+    if not isinstance(texts, (list, tuple)) or not texts or not all(isinstance(t, str) for t in texts):
+        raise TypeError("texts must be a str or a non-empty list of str")
+    if not isinstance(secret, str) or not secret.strip():
+        raise ValueError("secret must be a non-empty string")
+    if prefix is None:
+        prefix = _infer_prefix(texts, secret)
+    if not isinstance(prefix, str) or not prefix:
+        raise ValueError("prefix is empty (the secret starts a line): pass prefix=, the text that elicits the secret")
+    if not isinstance(max_ppl_increase, (int, float)) or not math.isfinite(max_ppl_increase) or max_ppl_increase < 0:
+        raise ValueError(f"max_ppl_increase must be a finite fraction >= 0, got {max_ppl_increase!r}")
+    if not isinstance(target_exposure, (int, float)) or not math.isfinite(target_exposure) or target_exposure < 0:
+        raise ValueError(f"target_exposure must be finite and >= 0 bits, got {target_exposure!r}")
+    codec = measure.as_tokenizer(tokenizer)
+    fmt = fmt or measure.format_of(secret)
+    if replacement is None:
+        replacement = random_candidates(1, fmt, seed=10_000 + seed, exclude=[secret])[0]
+    if not isinstance(replacement, str):
+        raise TypeError(f"replacement must be a str, got {type(replacement).__name__}")
+    for what, s in (("secret", secret), ("prefix", prefix), ("replacement", replacement)):
+        if s and not codec.encode(s):
+            raise ValueError(f"the tokenizer encodes the {what} {s!r} to no tokens")
+    ctx = measure.context_length(model)
+    n_secret = len(codec.encode(context + prefix + secret))
+    if ctx is not None and n_secret > ctx:
+        raise ValueError(f"prefix + secret are {n_secret} tokens, longer than the model's context window ({ctx})")
+    T = int(seq_len) if seq_len is not None else min(64, ctx or 64)
+    if T < 2 or (ctx is not None and T > ctx):
+        raise ValueError(f"seq_len must be in [2, {ctx}] (the model's context), got {T}")
+    # the model must be a causal LM: one forward on the prefix checks the head before any work
+    with torch.no_grad():
+        probe_ids = torch.tensor([codec.encode(prefix)[:T]], dtype=torch.int64)
+        measure.lm_logits(model, probe_ids.to(next(model.parameters()).device))
+
+    data = build_forget_data(tokenizer, texts, secret, replacement, seq_len=T, heldout=heldout, seed=seed)
+    space = ParamSpace(model)
+    cands = random_candidates(n_candidates, fmt, seed=50_000 + seed, exclude=[secret])
+    mon_cands = cands[:min(n_monitor, len(cands))]
+    bar = _bar(progress, max_steps)
+    t_measure = 0.0
+
+    def measure_all(candidates, extraction=True):
+        nonlocal t_measure
+        t0 = time.perf_counter()
+        m = measure.measure_secret(model, tokenizer, prefix, secret, fmt=fmt, candidates=candidates, context=context,
+                                   extraction=extraction)
+        t_measure += time.perf_counter() - t0
+        return m
+
+    try:
+        if bar is not None:
+            bar.set_description("forget: measuring")
+        before = measure_all(cands)
+        val0, test0 = perplexity(model, data.val), perplexity(model, data.test)
+
+        # ------------------------------------------------------------------ select
+        if bar is not None:
+            bar.set_description(f"forget: scoring ({strategy})")
+        t0 = time.perf_counter()
+        hidx = torch.randperm(len(data.train[0]), generator=torch.Generator().manual_seed(seed))[:hessian_windows]
+        hdata = _batches((data.train[0][hidx], data.train[1][hidx]), batch_size)
+        z_full, zt = _batches(data.affected, batch_size), _batches(data.corrected, batch_size)
+        available = {"loss_fn": lm_loss, "data": hdata, "affected": z_full, "corrected": zt, "seed": seed,
+                     "n_probes": n_probes}
+        score_cost = {"n_gradients": 0, "n_hvps": 0, "wall_time_s": 0.0}
+        if scores is None and strategy not in ("all", "random"):
+            reads = strategy_arguments(strategy)
+            kw = {k: v for k, v in available.items() if k in reads}
+            scores, score_cost = parameter_scores(model, strategy, space=space, **kw)
+        sel_kw = {"seed": seed} if "seed" in strategy_arguments(strategy, scores=scores is not None) else {}
+        if scores is not None:
+            sel_kw["scores"] = scores
+        sel = select_parameters(model, strategy, budget, space=space, **sel_kw)
+        score_s = time.perf_counter() - t0
+
+        # ------------------------------------------------------------------ unlearn
+        limit = val0 * (1.0 + max_ppl_increase)
+
+        def monitor(step):
+            m = measure_all(mon_cands)
+            v = perplexity(model, data.val)
+            n_ex = sum(bool(c["extracted"]) for c in m["completions"])
+            if bar is not None:
+                bar.set_description(f"forget: exposure {m['exposure']:.1f} bits, ppl {100 * (v / val0 - 1):+.1f}%")
+                bar.n = min(max_steps, step)
+                bar.refresh()
+            return {"exposure": m["exposure"], "extracted": bool(m["extracted"]), "val_ppl": v,
+                    "ppl_increase": v / val0 - 1.0, "within_budget": v <= limit,
+                    "done": m["exposure"] <= target_exposure and not m["extracted"],
+                    "score": m["exposure"] + 4.0 * n_ex}
+
+        cfg = rule if rule is not None else Targeted(steps=max_steps, lr=lr, check_every=check_every)
+        if not isinstance(cfg, Targeted):
+            raise TypeError(f"rule must be a sapsel_kernels.Targeted config, got {type(cfg).__name__}")
+        retain = _batches(data.retain, batch_size) if len(data.retain[0]) else None
+        from .rules import as_method
+
+        cfg = as_method(cfg, monitor=monitor, retain=retain)
+        t0 = time.perf_counter()
+        rep = unlearn(model, lm_loss, _batches(data.affected_secret, batch_size), zt, sel, method=cfg, space=space)
+        unlearn_s = time.perf_counter() - t0
+        if bar is not None:
+            bar.set_description("forget: measuring")
+        after = measure_all(cands)
+        val1, test1 = perplexity(model, data.val), perplexity(model, data.test)
+    finally:
+        if bar is not None:
+            bar.close()
+    info = rep.info
+    reached = after["exposure"] <= target_exposure and not after["extracted"] and val1 <= limit
+    cost = {"wall_time_s": time.perf_counter() - t_start, "n_gradients": int(score_cost["n_gradients"])
+            + rep.n_gradients, "n_hvps": int(score_cost["n_hvps"]) + rep.n_hvps, "score_s": score_s,
+            "unlearn_s": unlearn_s, "measure_s": t_measure, "steps": int(info.get("steps_run", 0)),
+            "steps_accepted": int(info.get("steps_accepted", 0))}
+    rule_d = {f: getattr(cfg, f) for f in ("steps", "lr", "lr_min", "lr_max", "beta", "correct_weight",
+                                          "forget_weight", "retain_weight", "rho", "weight_decay", "check_every")}
+    rule_d["lr_final"] = info.get("lr_final")
+    hist = [{k: v for k, v in h.items() if k in ("step", "lr", "exposure", "extracted", "val_ppl", "ppl_increase",
+                                                  "accepted")} for h in info.get("history", [])]
+    return ForgetReport(
+        strategy=strategy, budget=budget, k=sel.k if hasattr(sel, "k") else int(sel.indices.numel()),
+        numel=space.numel, secret=secret, prefix=prefix, replacement=replacement, fmt=fmt, before=before,
+        after=after, ppl_before=test0, ppl_after=test1, val_ppl_before=val0, val_ppl_after=val1,
+        target={"exposure": float(target_exposure), "max_ppl_increase": float(max_ppl_increase)}, reached=reached,
+        stopped_by=str(info.get("stopped_by", "")), history=hist, cost=cost, rule=rule_d,
+        n_affected=int(len(data.affected[0])), n_occurrences=data.n_occurrences,
+        n_train_windows=int(len(data.train[0])), seq_len=T, offsets_exact=data.offsets_exact, model=model,
+        scores=scores)
+
+
+def _bar(progress, total):
+    if progress is False:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover
+        return None
+    return tqdm(total=total, unit="step", desc="forget", leave=False, disable=(None if progress is None else False))

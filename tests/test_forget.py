@@ -1,0 +1,212 @@
+"""``forget``: token-aligned Z / Z̃, the Targeted rule's search, the end-to-end job on a character LM that memorised
+a card number, and the errors raised before any training."""
+
+import functools
+import math
+
+import pytest
+import torch
+
+import sapsel_kernels as sk
+from sapsel_kernels.demo import lm
+from sapsel_kernels.forget import IGNORE, build_forget_data, forget, lm_loss
+from sapsel_kernels.rules import Targeted
+from sapsel_kernels.space import ParamSpace
+
+SECRET = lm.CANARY_SECRET
+PREFIX = lm.CANARY_PREFIX
+
+
+@functools.lru_cache(maxsize=None)
+def _memorised():
+    """A character LSTM (27k parameters) trained until it completes the card number: (model state, corpus)."""
+    torch.manual_seed(0)
+    train, held = lm.load_corpus(10_000)
+    cc = lm.insert_canary(train, held, 8, seed=0)
+    ids = cc.vocab.encode(cc.text)
+    x, y = lm.make_windows(ids, lm.window_starts(len(ids), 32, 16), 32)
+    model = lm.build_model("lstm", len(cc.vocab), embed=16, hidden=64)
+    lm.train_lm(model, x, y, steps=350, batch_size=32, lr=1e-2, seed=0)
+    return {k: v.clone() for k, v in model.state_dict().items()}, cc
+
+
+def _model():
+    state, cc = _memorised()
+    model = lm.build_model("lstm", len(cc.vocab), embed=16, hidden=64)
+    model.load_state_dict(state)
+    return model, cc
+
+
+# ------------------------------------------------------------------------------------------------ data alignment
+def test_windows_are_token_aligned_on_a_character_codec():
+    """Oracle: with a character codec and a same-length replacement, Z̃ is Z with exactly the secret's characters
+    replaced, and Z is exactly the set of windows whose targets overlap an occurrence (brute force over the text)."""
+    _, cc = _model()
+    repl = "0000 1111 2222 3333"
+    d = build_forget_data(cc.vocab, [cc.text], SECRET, repl, seq_len=32, heldout=[cc.heldout])
+    text, V = cc.text, cc.vocab
+    spans = [(i, i + len(SECRET)) for i in range(len(text)) if text.startswith(SECRET, i)]
+    assert d.n_occurrences == len(spans) == 8 and d.offsets_exact
+    expect = [s for s in range(0, len(text) - 32, 16)
+              if any(a < s + 33 and b > s + 1 for a, b in spans)]  # a target position (s+1 .. s+32) in a span
+    assert len(d.affected[0]) == len(expect)
+    clean = text.replace(SECRET, repl)
+    for j, s in enumerate(expect):
+        assert torch.equal(d.affected[0][j], V.encode(text[s:s + 32]))
+        assert torch.equal(d.corrected[1][j], V.encode(clean[s + 1:s + 33]))
+        ys = d.affected_secret[1][j]
+        inside = torch.tensor([any(a <= s + 1 + t < b for a, b in spans) for t in range(32)])
+        assert torch.equal(ys != IGNORE, inside)
+        assert torch.equal(ys[inside], d.affected[1][j][inside])
+    # retain windows hold no secret character; held-out windows come from the held-out text
+    for x in d.retain[0]:
+        assert SECRET[:4] not in V.decode(x)
+    assert len(d.val[0]) + len(d.test[0]) == (len(V.encode(cc.heldout)) - 32 + 32) // 33
+
+
+def test_windows_with_a_longer_replacement_on_a_bpe_tokenizer():
+    """A replacement of another token length: Z̃ starts at the same character as Z (same leading tokens), and the
+    secret's tokens are exactly those that overlap it (checked through the fast tokenizer's own offsets)."""
+    transformers = pytest.importorskip("transformers")
+    tokenizers = pytest.importorskip("tokenizers")
+    _, cc = _model()
+    text = cc.text
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    tok.train_from_iterator([text], tokenizers.trainers.BpeTrainer(vocab_size=300, special_tokens=["[UNK]"],
+                                                                    show_progress=False))
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok)
+    repl = "not to be disclosed, ever"
+    d = build_forget_data(fast, [text], SECRET, repl, seq_len=24, heldout=0.2)
+    assert d.offsets_exact and len(d.affected[0]) > 0
+    checked = 0
+    for x, xc, ys in zip(d.affected[0], d.corrected[0], d.affected_secret[1]):
+        a, c = fast.decode(x.tolist()), fast.decode(xc.tolist())
+        if SECRET[:4] in a:  # the window starts before an occurrence: the same text up to it, then the replacement
+            lead = a.split(SECRET[:4])[0]
+            rest = c[len(lead):].strip() if c.startswith(lead) else None
+            assert rest and (repl.startswith(rest) or rest.startswith(repl)), (a, c)
+            checked += 1
+        secret_text = fast.decode(ys[ys != IGNORE].tolist())
+        assert secret_text.strip() and set(secret_text.replace(" ", "")) <= set("0123456789")
+    assert checked >= 8
+
+
+# ------------------------------------------------------------------------------------------------ the rule
+def test_targeted_rule_fixed_steps_moves_only_s_and_lowers_the_secret_loss():
+    model, cc = _model()
+    d = build_forget_data(cc.vocab, [cc.text], SECRET, lm.BENIGN_REPLACEMENT, seq_len=32, heldout=[cc.heldout])
+    sp = ParamSpace(model)
+    theta0 = torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])
+    sel = sk.select_parameters(model, "random", 0.05, seed=1)
+    zs = [(d.affected_secret[0][:8], d.affected_secret[1][:8])]
+    zt = [(d.corrected[0][:8], d.corrected[1][:8])]
+    before = float(lm_loss(model, zs[0]).detach())
+    rep = sk.unlearn(model, lm_loss, zs, zt, sel, method=Targeted(steps=20, lr=1.0))
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    changed = torch.nonzero(theta != theta0).reshape(-1)
+    assert set(changed.tolist()) <= set(sel.indices.tolist()) and rep.n_changed == changed.numel() > 0
+    assert float(lm_loss(model, zs[0]).detach()) > before + 0.2  # the secret's tokens are less likely
+    assert rep.info["steps_run"] == 20 and rep.n_gradients == 20 * 16
+    assert sp.numel == theta.numel()
+
+
+def test_targeted_rule_search_undoes_blocks_that_leave_the_budget():
+    """A monitor that rejects the first two checks: θ_S is restored exactly each time, lr is divided by 4."""
+    model, cc = _model()
+    d = build_forget_data(cc.vocab, [cc.text], SECRET, lm.BENIGN_REPLACEMENT, seq_len=32, heldout=[cc.heldout])
+    sel = sk.select_parameters(model, "random", 0.05, seed=1)
+    theta0 = torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])
+    seen = []
+
+    def monitor(step):
+        theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        seen.append((step, bool(torch.equal(theta, theta0))))
+        n = len(seen)
+        return {"within_budget": n not in (2, 3), "done": n == 5, "score": 10.0 - n}
+
+    zs = [(d.affected_secret[0][:8], d.affected_secret[1][:8])]
+    zt = [(d.corrected[0][:8], d.corrected[1][:8])]
+    rep = sk.unlearn(model, lm_loss, zs, zt, sel, method=Targeted(steps=40, lr=4e-3, check_every=3, monitor=monitor))
+    # check 1 at step 0 (θ*), 2 and 3 rejected (each restored to θ*: the next block starts from it again)
+    assert seen[0] == (0, True) and seen[1][0] == 3 and seen[2] == (3, False) and seen[3][0] == 3
+    hist = rep.info["history"]
+    assert [h["accepted"] for h in hist] == [True, False, False, True, True]
+    assert [h["lr"] for h in hist] == pytest.approx([4e-3, 4e-3, 1e-3, 2.5e-4, 2.5e-4])
+    assert rep.info["stopped_by"] == "target" and rep.info["steps_run"] == 12 and rep.info["steps_accepted"] == 6
+
+
+def test_targeted_config_validation():
+    with pytest.raises(ValueError, match="lr_min <= lr <= lr_max"):
+        Targeted(lr=1000.0)
+    with pytest.raises(ValueError, match="beta must be > 0"):
+        Targeted(beta=0.0)
+    with pytest.raises(TypeError, match="monitor must be callable"):
+        Targeted(monitor=3)
+    with pytest.raises(ValueError, match="finite"):
+        Targeted(retain_weight=float("nan"))
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+def test_forget_lowers_exposure_within_the_perplexity_budget():
+    """On this heavily memorised 27k-parameter LSTM (8 insertions in 9k characters) the 2-bit target is NOT reached
+    within +5% perplexity (about 33 bits after, from 51): what must hold is that the search never accepts a state
+    beyond the budget, that the greedy probes stop extracting, and that only S moves."""
+    model, cc = _model()
+    theta0 = torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])
+    rep = forget(model, cc.vocab, cc.text, SECRET, PREFIX, lm.BENIGN_REPLACEMENT, heldout=[cc.heldout],
+                 seq_len=32, budget=0.05, n_candidates=300, n_monitor=150, max_steps=100, context="\n",
+                 progress=False)
+    d = rep.to_dict()
+    assert d["exposure_before"] > 40 and d["extracted_before"], "the fixture must have memorised the secret"
+    assert d["exposure_after"] < d["exposure_before"] - 10 and not d["extracted_after"], d["history"]
+    limit = rep.val_ppl_before * 1.05
+    assert rep.val_ppl_after <= limit * (1 + 1e-9)
+    assert all(h["val_ppl"] <= limit * (1 + 1e-9) for h in d["history"] if h["accepted"])
+    assert d["reached"] == (d["exposure_after"] <= 2.0 and not d["extracted_after"])
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    changed = torch.nonzero(theta != theta0).reshape(-1)
+    assert 0 < changed.numel() <= d["k"] == math.ceil(0.05 * theta.numel())
+    for key in ("exposure_before", "exposure_after", "ppl_before", "ppl_after", "completions_before",
+                "completions_after", "extracted_after", "strategy", "k", "cost", "history"):
+        assert key in d
+    assert d["cost"]["n_hvps"] > 0 and d["cost"]["n_gradients"] > 0 and d["strategy"] == "hessian"
+    # the scores are reusable: no second estimate
+    model2, _ = _model()
+    rep2 = forget(model2, cc.vocab, cc.text, SECRET, PREFIX, lm.BENIGN_REPLACEMENT, heldout=[cc.heldout],
+                  seq_len=32, budget=0.05, n_candidates=300, n_monitor=150, max_steps=0, context="\n",
+                  scores=rep.scores, progress=False)
+    assert rep2.cost["n_hvps"] == 0 and rep2.k == rep.k
+
+
+def test_forget_errors_before_any_training():
+    model, cc = _model()
+    theta0 = [p.detach().clone() for p in model.parameters()]
+    kw = dict(heldout=[cc.heldout], seq_len=32, progress=False)
+    with pytest.raises(ValueError, match="does not occur"):
+        forget(model, cc.vocab, cc.text, "1234 5678 0000 1111", PREFIX, **kw)
+    with pytest.raises(ValueError, match="not in the vocabulary|cannot encode|encode"):
+        forget(model, cc.vocab, cc.text, SECRET, PREFIX, "\u00e9\u00e9\u00e9", **kw)
+    with pytest.raises(ValueError, match="non-empty"):
+        forget(model, cc.vocab, cc.text, "  ", PREFIX, **kw)
+    with pytest.raises(ValueError, match="max_ppl_increase"):
+        forget(model, cc.vocab, cc.text, SECRET, PREFIX, max_ppl_increase=-1, **kw)
+    with pytest.raises(TypeError, match="tokenizer|Tokenizer"):
+        forget(model, 3.5, cc.text, SECRET, PREFIX, **kw)
+    for p, t in zip(model.parameters(), theta0):
+        assert torch.equal(p, t)
+
+
+def test_forget_errors_on_hf_models():
+    transformers = pytest.importorskip("transformers")
+    _, cc = _model()
+    V = cc.vocab
+    cfg = transformers.GPT2Config(vocab_size=len(V), n_positions=16, n_embd=8, n_layer=1, n_head=2, bos_token_id=0,
+                                  eos_token_id=0)
+    with pytest.raises(ValueError, match="context window"):
+        forget(transformers.GPT2LMHeadModel(cfg), V, cc.text, SECRET, PREFIX, heldout=[cc.heldout], progress=False)
+    cfg.n_positions = 64
+    with pytest.raises(TypeError, match="causal-LM head|logits"):
+        forget(transformers.GPT2Model(cfg), V, cc.text, SECRET, PREFIX, seq_len=32, heldout=[cc.heldout],
+               progress=False)

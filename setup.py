@@ -100,10 +100,11 @@ setup(
     install_requires=["torch>=2.11", "numpy", "tqdm"],
     extras_require={
         "triton": ["triton>=3.6"],
-        "demo": ["scikit-learn", "matplotlib"],
+        "demo": ["scikit-learn", "matplotlib>=3.7"],
+        "forget": ["transformers>=4.40", "matplotlib>=3.7"],  # sapsel forget: HF model folders, the report plot
         # triton pinned to the version the GPU check runs with; on CPU it serves the interpreter tests.
         # transformers: real Hugging Face model classes (built from config, no downloads) for the batch/loss rules.
-        "test": ["pytest", "pytest-benchmark", "scikit-learn", "matplotlib", "transformers>=4.40",
+        "test": ["pytest", "pytest-benchmark", "scikit-learn", "matplotlib>=3.7", "transformers>=4.40",
                  "triton==3.6.0; platform_machine == 'x86_64'"],
     },
     entry_points={"console_scripts": ["sapsel=sapsel_kernels.cli:main"]},

@@ -18,8 +18,9 @@ import os
 import tempfile
 from typing import Callable, Iterable, List, Optional
 
-__all__ = ["positive_int", "nonneg_int", "int_at_least", "fraction", "budget_list", "rate_list", "positive_int_list",
-           "choice_list", "list_of", "checked", "output_dir"]
+__all__ = ["positive_int", "nonneg_int", "int_at_least", "fraction", "open_fraction", "float_at_least", "nonneg_float",
+           "positive_float", "budget_list", "rate_list", "positive_int_list", "choice_list", "lazy_choice", "list_of",
+           "checked", "output_dir", "nonempty_text", "text_file", "model_dir", "secret_format", "device"]
 
 _Error = argparse.ArgumentTypeError
 
@@ -71,6 +72,37 @@ def fraction(text: str, *, closed_right: bool = True) -> float:
     return v
 
 
+def float_at_least(lo: float) -> Callable[[str], float]:
+    """``type=`` for a finite float >= ``lo``."""
+
+    def parse(text: str) -> float:
+        v = _float(text)
+        if v < lo:
+            raise _Error(f"must be a number >= {lo:g}, got {text.strip()!r}")
+        return v
+
+    parse.__name__ = f"float_at_least_{lo:g}"
+    return parse
+
+
+def positive_float(text: str) -> float:
+    """``type=`` for a finite float > 0 (step sizes)."""
+    v = _float(text)
+    if v <= 0:
+        raise _Error(f"must be a number > 0, got {text.strip()!r}")
+    return v
+
+
+nonneg_float = float_at_least(0.0)
+nonneg_float.__name__ = "nonneg_float"
+nonneg_float.__doc__ = "``type=`` for a finite float >= 0 (bits, fractions of an increase)."
+
+
+def open_fraction(text: str) -> float:
+    """``type=`` for a float in (0, 1)."""
+    return fraction(text, closed_right=False)
+
+
 def list_of(item: Callable[[str], object], what: str = "value") -> Callable[[str], List[object]]:
     """``type=`` for a comma-separated list whose items are parsed by ``item`` (an ``ArgumentTypeError`` from it
     is reported with the item's position)."""
@@ -99,7 +131,7 @@ def list_of(item: Callable[[str], object], what: str = "value") -> Callable[[str
 
 budget_list = list_of(fraction, "budget")
 budget_list.__doc__ = "``type=`` for budgets: comma-separated fractions of the parameters, each in (0, 1]."
-rate_list = list_of(lambda t: fraction(t, closed_right=False), "rate")
+rate_list = list_of(open_fraction, "rate")
 rate_list.__doc__ = "``type=`` for rates (e.g. poisoning rates): comma-separated floats, each in (0, 1)."
 positive_int_list = list_of(positive_int, "positive integer")
 positive_int_list.__doc__ = "``type=`` for a comma-separated list of integers >= 1."
@@ -115,6 +147,20 @@ def choice_list(choices: Iterable[str], what: str = "name") -> Callable[[str], L
         return t
 
     return list_of(item, what)
+
+
+def lazy_choice(load: Callable[[], Iterable[str]], what: str = "name") -> Callable[[str], str]:
+    """``type=`` for one name out of ``load()``, called only when the option is given (the list lives in a module
+    that imports torch-heavy code; building the parser must not import it)."""
+
+    def parse(text: str) -> str:
+        allowed = tuple(load())
+        if text not in allowed:
+            raise _Error(f"unknown {what} {text!r}; choose from {', '.join(allowed)}")
+        return text
+
+    parse.__name__ = what.replace(" ", "_")
+    return parse
 
 
 def checked(parse: Callable[[str], object]) -> Callable[[str], object]:
@@ -170,3 +216,88 @@ def output_dir(text: str) -> str:
         where = "" if os.path.abspath(base) == os.path.abspath(text) else f" (in {base!r})"
         raise _Error(f"cannot write to {text!r}{where}: {why}")
     return text
+
+
+def nonempty_text(text: str) -> str:
+    """``type=`` for a string that is not empty or only blanks; returned unchanged (blanks inside a secret or a prefix
+    are part of it)."""
+    if not str(text).strip():
+        raise _Error("must not be empty")
+    return text
+
+
+def text_file(text: str) -> str:
+    """``type=`` for a UTF-8 text file that can be read and holds more than blanks. The whole file is read once
+    here, so an unreadable or binary file fails before a model is loaded. Returns ``text`` unchanged."""
+    if not str(text).strip():
+        raise _Error("the file name must not be empty")
+    if not os.path.exists(text):
+        raise _Error(f"{text!r} does not exist")
+    if os.path.isdir(text):
+        raise _Error(f"{text!r} is a directory, not a text file")
+    try:
+        with open(text, "rb") as f:
+            raw = f.read()
+    except OSError as exc:
+        raise _Error(f"cannot read {text!r}: {exc.strerror or exc}") from None
+    try:
+        content = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _Error(f"{text!r} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start})") from None
+    if not content.strip():
+        raise _Error(f"{text!r} is empty" if not content else f"{text!r} holds only blanks")
+    return text
+
+
+def model_dir(text: str) -> str:
+    """``type=`` for a local Hugging Face model folder: an existing directory with a ``config.json`` (what
+    ``save_pretrained`` writes). Whether it holds a causal LM, its weights and a tokenizer is checked when it is
+    loaded. Returns ``text`` unchanged."""
+    if not str(text).strip():
+        raise _Error("the model folder must not be empty")
+    if not os.path.exists(text):
+        raise _Error(f"{text!r} does not exist (a local folder written by save_pretrained is expected)")
+    if not os.path.isdir(text):
+        raise _Error(f"{text!r} is not a directory (a local folder written by save_pretrained is expected)")
+    if not os.path.isfile(os.path.join(text, "config.json")):
+        raise _Error(f"{text!r} has no config.json: not a Hugging Face model folder (model.save_pretrained(DIR) "
+                     "writes one)")
+    return text
+
+
+def secret_format(text: str) -> str:
+    """``type=`` for a secret format of :mod:`sapsel_kernels.exposure` (e.g. ``"dddd dddd dddd dddd"``; placeholders
+    and escapes as in ``exposure.parse_format``): it must describe more than one secret, since exposure ranks the
+    secret among the format's other secrets. Returned unchanged (its blanks are literal characters)."""
+    from .exposure import space_size
+
+    if not text:
+        raise _Error("the format must not be empty")
+    try:
+        size = space_size(text)
+    except ValueError as exc:
+        raise _Error(str(exc)) from None
+    if size <= 1:
+        raise _Error(f"{text!r} has no placeholder (e.g. 'd' for a digit), so it describes a single secret and "
+                     "exposure is undefined")
+    return text
+
+
+def device(text: str) -> str:
+    """``type=`` for a torch device string (``cpu``, ``cuda``, ``cuda:1``); a CUDA device must exist. Checked with
+    ``torch.cuda.device_count()``, which does not create a CUDA context."""
+    import torch
+
+    try:
+        dev = torch.device(str(text).strip())
+    except (RuntimeError, ValueError):
+        raise _Error(f"{text!r} is not a device (e.g. cpu, cuda, cuda:1)") from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count()
+        if n == 0:
+            raise _Error(f"{text!r}: no CUDA device is available")
+        if dev.index is not None and dev.index >= n:
+            raise _Error(f"{text!r}: only {n} CUDA device(s) (cuda:0..cuda:{n - 1})")
+    elif dev.type != "cpu":
+        raise _Error(f"{text!r}: only cpu and cuda devices are supported")
+    return str(dev)

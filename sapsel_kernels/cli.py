@@ -1,9 +1,22 @@
-"""Command line: ``sapsel info``, ``sapsel demo [--task labels|canary] [task options]`` and ``sapsel --version``.
+"""Command line: ``sapsel info``, ``sapsel demo [--task labels|canary] [task options]``, ``sapsel forget ...`` and
+``sapsel --version``.
 
 Every argument is validated before any work starts: a bad value is an argparse usage error (exit code 2, one
 ``error:`` line naming the option) instead of a traceback minutes into a run. The demo tasks' own parsers
 (``sapsel_kernels.demo.<task>.build_parser``) declare the validators of :mod:`sapsel_kernels._argtypes`, so
 ``python -m sapsel_kernels.demo.<task>`` and ``<task>.main([...])`` validate exactly like ``sapsel demo``.
+
+``sapsel forget`` (:func:`sapsel_kernels.forget.forget` on a local Hugging Face model) exits with
+
+* 0: done, the exposure target was reached within the perplexity limit; OUT holds the model, the tokenizer,
+  report.json, report.md and forget.png;
+* 3: done and OUT written as for 0, but the target was NOT reached (so ``sapsel forget ... && publish OUT`` cannot
+  publish a model that still leaks the secret);
+* 2: bad input; nothing was written to OUT: a usage error (an option's value, OUT not writable; OUT is not even
+  created) or one ``sapsel forget: error: ...`` line (DIR holds no causal LM, no weights or no tokenizer; a
+  ValueError of ``forget``, e.g. the secret is not in the data or a NaN loss; OUT is left empty);
+* 1: the run finished but its results could not be written to OUT (one ``error:`` line);
+* 130: interrupted (Ctrl-C); nothing was written.
 """
 
 import argparse
@@ -11,7 +24,10 @@ import importlib
 import os
 import signal
 import sys
+import time
 from typing import Callable, List, Optional
+
+from . import _argtypes as at
 
 DEMO_TASKS = ("labels", "canary")
 DEFAULT_TASK = "labels"
@@ -71,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="sapsel", description="sapsel-kernels command line",
                      epilog_fn=lambda: "demo tasks (sapsel demo --task TASK [options]):\n\n" + _tasks_help())
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = parser.add_subparsers(dest="cmd", required=True, metavar="{info,demo}", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="cmd", required=True, metavar="{info,demo,forget}", parser_class=_Parser)
     p = sub.add_parser("info", help="versions, extension status and the backend that serves each op")
     p.add_argument("--cuda", action="store_true", help="also query the CUDA device (initialises CUDA)")
     p = sub.add_parser("demo", add_help=False, usage="sapsel demo [-h] [--task {labels,canary}] [task options]",
@@ -84,7 +100,278 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", choices=DEMO_TASKS, default=None,
                    help=f"labels: label repair on scikit-learn digits; canary: credit-card canary on a char LM "
                         f"(default {DEFAULT_TASK})")
+    add_forget_parser(sub)
     return parser
+
+
+FORGET_EXIT_CODES = """exit codes:
+  0    done: exposure <= --target-exposure within --max-ppl-increase; OUT holds the model,
+       the tokenizer, report.json, report.md and forget.png
+  3    done and OUT written, but the target was NOT reached (see report.md)
+  2    bad input, nothing written: a usage error, or one 'sapsel forget: error:' line
+       (DIR without a causal LM, weights or tokenizer; the secret not in the data; ...)
+  1    the results could not be written to OUT
+  130  interrupted (Ctrl-C), nothing written"""
+
+
+def _strategies():
+    from .strategies import STRATEGIES
+
+    return STRATEGIES
+
+
+def _forget_epilog() -> str:
+    try:
+        names = ", ".join(_strategies())
+    except Exception as exc:  # help must not fail because torch-heavy modules cannot be imported here
+        names = f"unavailable ({type(exc).__name__}: {exc})"
+    return f"strategies: {names}\n\n{FORGET_EXIT_CODES}"
+
+
+def add_forget_parser(sub) -> argparse.ArgumentParser:
+    """The ``sapsel forget`` subparser; every option's value is checked by its ``type=`` (see _argtypes) and the
+    cross-option rules by :func:`check_forget_args`, all before a model is loaded."""
+    p = sub.add_parser(
+        "forget", help="make a Hugging Face causal LM forget a secret that occurs in its training text",
+        usage="sapsel forget --model DIR --data FILE.txt --secret SECRET --out OUT [options]",
+        description="Unlearn a secret (e.g. a card number) from a local Hugging Face causal LM: score the\n"
+                    "parameters, update the selected ones until the secret's exposure is below the target\n"
+                    "while the held-out perplexity stays within the limit, and write the unlearned model,\n"
+                    "its tokenizer and a report to OUT. Every option is checked before the model is loaded.",
+        epilog_fn=_forget_epilog)
+    g = p.add_argument_group("input and output")
+    g.add_argument("--model", required=True, metavar="DIR", type=at.model_dir,
+                   help="local Hugging Face model folder with its tokenizer (what save_pretrained writes); "
+                        "loaded offline")
+    g.add_argument("--data", required=True, metavar="FILE.txt", type=at.text_file,
+                   help="UTF-8 text the model was trained on, containing the secret")
+    g.add_argument("--out", required=True, metavar="OUT", type=at.output_dir,
+                   help="output folder (created; must not be DIR): the unlearned model, its tokenizer, report.json, "
+                        "report.md, forget.png")
+    g = p.add_argument_group("the secret")
+    g.add_argument("--secret", required=True, type=at.nonempty_text,
+                   help="the secret to forget, as it occurs in the data")
+    g.add_argument("--prefix", default=None, type=at.nonempty_text,
+                   help="the text that prompts the secret (default: the text before its first occurrence on that line, "
+                        "at most 64 characters)")
+    g.add_argument("--replacement", default=None, type=at.nonempty_text,
+                   help="what the secret becomes in the corrected text (default: a random secret of the format, "
+                        "seeded)")
+    g.add_argument("--format", dest="fmt", metavar="FORMAT", default=None, type=at.secret_format,
+                   help="the secret's format for exposure, e.g. 'dddd dddd dddd dddd' (d: a digit, a: a-z, A: A-Z, "
+                        "x: hex; other characters literal; default: inferred from the secret)")
+    g = p.add_argument_group("selection and stopping")
+    g.add_argument("--strategy", default="hessian", type=at.lazy_choice(_strategies, "strategy"),
+                   help="parameter selection strategy (listed below; default hessian)")
+    g.add_argument("--budget", default=0.01, type=at.fraction,
+                   help="fraction of the parameters to update, in (0, 1] (default 0.01)")
+    g.add_argument("--target-exposure", default=2.0, type=at.nonneg_float, metavar="BITS",
+                   help="stop when the secret's exposure is at most this many bits (default 2.0)")
+    g.add_argument("--max-ppl-increase", default=0.05, type=at.nonneg_float, metavar="FRACTION",
+                   help="largest allowed relative rise of the held-out perplexity, e.g. 0.05 = +5%% "
+                        "(default 0.05; 0 = no rise at all)")
+    g.add_argument("--max-steps", default=300, type=at.positive_int, help="at most this many unlearning steps "
+                   "(default 300)")
+    g.add_argument("--lr", default=0.1, type=at.positive_float, help="first step size of the search "
+                   "(default 0.1)")
+    g = p.add_argument_group("measurement and run")
+    g.add_argument("--candidates", default=1000, type=at.int_at_least(2),
+                   help="random secrets of the format that exposure ranks the secret among (default 1000)")
+    g.add_argument("--seq-len", default=None, type=at.int_at_least(2), metavar="TOKENS",
+                   help="training window length in tokens (default: min(64, the model's context))")
+    g.add_argument("--heldout", default=0.1, metavar="FRACTION", type=at.open_fraction,
+                   help="tail fraction of the data held out for perplexity, in (0, 1) (default 0.1)")
+    g.add_argument("--probes", default=16, type=at.positive_int,
+                   help="Hutchinson probes per window of the Hessian scores (default 16)")
+    g.add_argument("--seed", default=0, type=at.nonneg_int, help="seed of the candidates and the scores (default 0)")
+    g.add_argument("--device", default="cpu", type=at.device, help="torch device: cpu, cuda, cuda:N (default cpu)")
+    g.add_argument("--dtype", default="float32", choices=DTYPES,
+                   help="dtype of the weights while unlearning, and so of the saved model (default float32: "
+                        "bfloat16 keeps 8 significant bits, so small steps round away; auto = the checkpoint's)")
+    g.add_argument("--threads", default=None, type=at.positive_int,
+                   help="torch CPU threads (default: torch's choice)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+    return p
+
+
+def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices[name]
+    raise KeyError(name)
+
+
+def _same_path(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+PROBE_NAME = ".sapsel_write_probe"
+DTYPES = ("float32", "bfloat16", "float16", "auto")
+
+
+def check_forget_args(p: argparse.ArgumentParser, args) -> None:
+    """The checks that involve several options or the file system, after parsing and before any loading: the secret
+    is of the --format, OUT is not DIR (saving would overwrite the model being unlearned), then OUT is created and a
+    probe file written and removed in it (so a run cannot end with nowhere to write). Failures are usage errors of
+    ``p`` (exit code 2)."""
+    if args.fmt is not None:
+        from .exposure import matches_format
+
+        if not matches_format(args.secret, args.fmt):
+            p.error(f"argument --format: the secret {args.secret!r} is not of the format {args.fmt!r} (exposure "
+                    "ranks it among random secrets of that format)")
+    if os.path.exists(args.out) and _same_path(args.out, args.model):
+        p.error(f"argument --out: {args.out!r} is the --model folder; the unlearned model would overwrite the "
+                "original: choose another folder")
+    probe = os.path.join(args.out, PROBE_NAME)
+    try:
+        os.makedirs(args.out, exist_ok=True)
+        with open(probe, "w") as f:
+            f.write("sapsel forget write probe\n")
+        os.remove(probe)
+    except OSError as exc:
+        p.error(f"argument --out: cannot write to {args.out!r}: {exc.strerror or exc}")
+
+
+class _InputError(Exception):
+    """Bad input found while loading (exit code 2, one ``sapsel forget: error:`` line, no traceback)."""
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _dtype_kwargs(dtype: str) -> dict:
+    """from_pretrained's dtype argument: ``dtype`` from transformers 4.56 on (``torch_dtype`` is deprecated there),
+    ``torch_dtype`` before."""
+    import torch
+    import transformers
+
+    value = "auto" if dtype == "auto" else getattr(torch, dtype)
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    return {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": value}
+
+
+def load_model(model_dir: str, sample: str, *, device: str = "cpu", dtype: str = "float32"):
+    """``(model, tokenizer)`` from a local Hugging Face folder, offline (``local_files_only=True``), the model in
+    eval mode on ``device`` with weights of ``dtype`` (one of DTYPES; "auto" = as stored).
+
+    Raises ``_InputError`` with one line when the folder holds no causal LM (a config without a causal-LM class,
+    e.g. T5; or weights without the LM head, which transformers would fill with random values), no weights, or no
+    usable tokenizer: transformers builds an EMPTY tokenizer for a folder without tokenizer files, so the tokenizer
+    must encode ``sample`` (the start of the data) to ids that the model's embedding has rows for.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    where = f"--model {model_dir!r}"
+    try:
+        config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise _InputError(f"{where}: cannot read its config.json: {_one_line(exc)}") from None
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, output_loading_info=True,
+                                                           **_dtype_kwargs(dtype))
+    except ValueError as exc:
+        if "Unrecognized configuration class" in str(exc):
+            raise _InputError(f"{where}: a {getattr(config, 'model_type', '?')!r} model ({type(config).__name__}) "
+                              "has no causal-LM class (AutoModelForCausalLM does not support it)") from None
+        raise _InputError(f"{where}: cannot load a causal LM: {_one_line(exc)}") from None
+    except OSError as exc:
+        raise _InputError(f"{where}: cannot load the model weights: {_one_line(exc)}") from None
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        shown = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+        raise _InputError(f"{where}: the checkpoint lacks {len(missing)} tensor(s) of {type(model).__name__} "
+                          f"({shown}): not a causal-LM checkpoint (transformers would initialise them at random)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    except Exception as exc:  # transformers raises OSError, ValueError, TypeError, ... for a missing/broken tokenizer
+        raise _InputError(f"{where}: cannot load its tokenizer: {_one_line(exc)} (save one there with "
+                          "tokenizer.save_pretrained(DIR))") from None
+    try:
+        ids = tokenizer.encode(sample, add_special_tokens=False)
+    except Exception as exc:
+        raise _InputError(f"{where}: its tokenizer cannot encode the data: {_one_line(exc)}") from None
+    if not ids:
+        raise _InputError(f"{where}: no tokenizer found: the one loaded from it encodes the data to no tokens "
+                          f"({type(tokenizer).__name__} of {len(tokenizer)} tokens; save the model's tokenizer there "
+                          "with tokenizer.save_pretrained(DIR))")
+    rows = model.get_input_embeddings().num_embeddings
+    if max(ids) >= rows:
+        raise _InputError(f"{where}: the tokenizer and the model do not match: the data has token id {max(ids)} "
+                          f"but the model's embedding has {rows} rows")
+    return model.to(device).eval(), tokenizer
+
+
+def _error(msg: str) -> None:
+    print(f"sapsel forget: error: {msg}", file=sys.stderr, flush=True)
+
+
+def _forget(args, argv: List[str]) -> int:
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    progress = not args.no_progress
+    hf_bars = hf_logging.is_progress_bar_enabled()
+    if not progress:  # transformers' own bars (loading and writing the weights) too
+        hf_logging.disable_progress_bar()
+    try:
+        return _forget_run(args, argv, progress)
+    finally:
+        if hf_bars and not progress:
+            hf_logging.enable_progress_bar()
+
+
+def _forget_run(args, argv: List[str], progress: bool) -> int:
+    t0 = time.perf_counter()
+    try:
+        try:
+            with open(args.data, encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, UnicodeError) as exc:  # checked at parse time; the file changed since
+            raise _InputError(f"--data {args.data!r}: {_one_line(exc)}") from None
+        model, tokenizer = load_model(args.model, text.lstrip()[:4096], device=args.device, dtype=args.dtype)
+        from .forget import forget
+
+        report = forget(model, tokenizer, [text], args.secret, prefix=args.prefix, replacement=args.replacement,
+                        fmt=args.fmt, strategy=args.strategy, budget=args.budget,
+                        max_ppl_increase=args.max_ppl_increase, target_exposure=args.target_exposure,
+                        seq_len=args.seq_len, seed=args.seed, n_candidates=args.candidates, max_steps=args.max_steps,
+                        lr=args.lr, heldout=args.heldout, n_probes=args.probes, progress=progress)
+    except (_InputError, ValueError) as exc:  # ValueError: forget's validation (and NonFiniteError, a subclass)
+        _error(_one_line(exc, limit=2000))
+        return 2
+    except KeyboardInterrupt:
+        _error(f"interrupted; nothing was written to {args.out!r}")
+        return 130
+    from .report import summary_lines, write_forget_report
+
+    result = report.to_dict()
+    try:
+        paths = write_forget_report(result, args.out, argv=["sapsel", *argv])
+        unlearned = getattr(report, "model", None)
+        (model if unlearned is None else unlearned).save_pretrained(args.out)
+        tokenizer.save_pretrained(args.out)
+    except OSError as exc:
+        _error(f"cannot write the results to {args.out!r}: {_one_line(exc)}")
+        return 1
+    except KeyboardInterrupt:
+        _error(f"interrupted while writing {args.out!r}; its files may be incomplete")
+        return 130
+    print("\n".join(summary_lines(result)))
+    names = ", ".join(os.path.basename(q) for q in paths)
+    print(f"wrote {args.out}: the unlearned model and tokenizer, {names}  ({time.perf_counter() - t0:.1f} s)")
+    if not result.get("reached"):
+        print(f"sapsel forget: the target was NOT reached (stopped by {result.get('stopped_by')}); exit code 3",
+              file=sys.stderr)
+        return 3
+    return 0
 
 
 def _info(args) -> int:
@@ -126,11 +413,18 @@ def _demo(task: str, rest: List[str]) -> int:
 
 def _main(argv: Optional[List[str]]) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args, rest = parser.parse_known_args(argv)
     if args.cmd == "info":
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         return _info(args)
+    if args.cmd == "forget":
+        p = _subparser(parser, "forget")
+        if rest:
+            p.error(f"unrecognized arguments: {' '.join(rest)}")
+        check_forget_args(p, args)
+        return _forget(args, argv)
     return _demo(args.task or DEFAULT_TASK, rest)
 
 

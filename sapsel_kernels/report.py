@@ -1,0 +1,316 @@
+"""The files that describe one ``forget`` run: ``report.json``, ``report.md`` and ``forget.png``.
+
+:func:`write_forget_report` takes the dict of ``ForgetReport.to_dict()`` (see :mod:`sapsel_kernels.forget`; the
+``sapsel forget`` command and the demos call it) and writes
+
+* ``report.json``: the dict as JSON, NaN/Inf written as ``null`` (strict JSON; a diverged step must not make the
+  file unreadable), plus ``argv`` when a command line is given;
+* ``report.md``: a human summary: exposure, perplexity, teacher-forced accuracy and extraction before and after,
+  every extraction probe, the selection (k of N), the cost, why the run stopped, and the command line;
+* ``forget.png``: exposure and held-out (validation) perplexity per check of the unlearning run (from ``history``),
+  with the start values, the exposure target and the perplexity limit ``val_ppl_before * (1 + max_ppl_increase)``
+  (``ppl_before`` when the dict has no validation value) as horizontal lines and the rejected steps marked.
+
+Keys the writer reads but that are missing are shown as ``n/a`` (a demo's dict may carry fewer keys); the JSON is
+written as given. matplotlib is imported only here, through the Agg canvas without pyplot, so writing a report
+changes neither the caller's matplotlib backend nor its current figure.
+"""
+
+import json
+import math
+import numbers
+import os
+import shlex
+from collections.abc import Mapping
+from typing import Any, List, Optional, Sequence, Union
+
+__all__ = ["REPORT_FILES", "write_forget_report", "summary_lines", "to_jsonable"]
+
+REPORT_FILES = ("report.json", "report.md", "forget.png")
+PROMPT_CHARS = 48  # prompts are shown by their last 48 characters: the prefix can be a paragraph
+
+
+def to_jsonable(obj: Any, path: str = "report") -> Any:
+    """A copy of ``obj`` that ``json.dump(..., allow_nan=False)`` accepts: non-finite floats -> None, tuples and sets
+    -> lists, numpy/torch scalars and arrays -> Python numbers and lists, keys -> str. Anything else raises
+    TypeError naming where it sits (``report['cost']['n_hvps']``)."""
+    if obj is None or isinstance(obj, (bool, str)):
+        return obj
+    if isinstance(obj, numbers.Integral):
+        return int(obj)
+    if isinstance(obj, numbers.Real):
+        v = float(obj)
+        return v if math.isfinite(v) else None
+    if isinstance(obj, Mapping):
+        return {str(k): to_jsonable(v, f"{path}[{k!r}]") for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        items = sorted(obj, key=repr) if isinstance(obj, (set, frozenset)) else obj
+        return [to_jsonable(v, f"{path}[{i}]") for i, v in enumerate(items)]
+    if hasattr(obj, "tolist"):  # numpy arrays and scalars, torch tensors (0-dim ones give a number)
+        return to_jsonable(obj.tolist(), path)
+    raise TypeError(f"{path} is a {type(obj).__name__}, which has no JSON form")
+
+
+def _command(argv: Union[None, str, Sequence[str]]) -> Optional[str]:
+    if argv is None:
+        return None
+    return argv if isinstance(argv, str) else shlex.join([str(a) for a in argv])
+
+
+def _num(v: Any, spec: str = ".2f", suffix: str = "") -> str:
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(float(v)):
+        return "n/a"
+    return f"{float(v):{spec}}{suffix}"
+
+
+def _pct(v: Any, spec: str = ".1f", sign: bool = False) -> str:
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(float(v)):
+        return "n/a"
+    return f"{100 * float(v):{'+' if sign else ''}{spec}}%"
+
+
+def _yes_no(v: Any) -> str:
+    return "n/a" if v is None else ("yes" if v else "no")
+
+
+def _val_start(r: Mapping) -> Any:
+    """The perplexity that the limit and ``history[i]["val_ppl"]`` refer to: the validation windows' (``forget``
+    reports the test windows' as ``ppl_*``); ``ppl_before`` for a dict without validation values."""
+    v = r.get("val_ppl_before")
+    return v if v is not None else r.get("ppl_before")
+
+
+def _ppl_limit(r: Mapping) -> Optional[float]:
+    before = _val_start(r)
+    rise = (r.get("target") or {}).get("max_ppl_increase")
+    if isinstance(before, numbers.Real) and isinstance(rise, numbers.Real) and math.isfinite(before * (1 + rise)):
+        return float(before) * (1 + float(rise))
+    return None
+
+
+def _steps(r: Mapping) -> str:
+    """``40 steps (35 kept), 9 checks (8 accepted)``: the steps from ``cost["steps"]`` / ``cost["steps_accepted"]``
+    when given; ``history`` has one entry per check (a block of steps accepted or undone as a whole)."""
+    hist = r.get("history") or []
+    checks = f"{len(hist)} check{'s' if len(hist) != 1 else ''} ({sum(1 for h in hist if h.get('accepted'))} accepted)"
+    cost = r.get("cost") or {}
+    steps, acc = cost.get("steps"), cost.get("steps_accepted")
+    if isinstance(steps, numbers.Integral) and not isinstance(steps, bool):
+        done = f"{steps} step{'s' if steps != 1 else ''}"
+        if isinstance(acc, numbers.Integral) and not isinstance(acc, bool):
+            done += f" ({acc} kept)"
+        return f"{done}, {checks}"
+    return checks
+
+
+def _rise(before: Any, after: Any) -> Optional[float]:
+    ok = all(isinstance(v, numbers.Real) and math.isfinite(v) for v in (before, after))
+    return after / before - 1.0 if ok and before else None
+
+
+def _val_rise(r: Mapping) -> str:
+    """The validation perplexity's change (the one the limit is on), e.g. ``, validation 12.31 -> 12.85 (+4.40%)``;
+    empty for a dict without it."""
+    b, a = r.get("val_ppl_before"), r.get("val_ppl_after")
+    rise = _rise(b, a)
+    return "" if rise is None else f", validation {_num(b, '.4g')} -> {_num(a, '.4g')} ({_pct(rise, '.2f', sign=True)})"
+
+
+def summary_lines(report: Mapping) -> List[str]:
+    """The few lines ``sapsel forget`` prints when it is done (also the top of ``report.md``)."""
+    r = report
+    tgt = r.get("target") or {}
+    n_probes = len(r.get("completions_after") or r.get("completions_before") or [])
+    k, n = r.get("k"), r.get("numel")
+    share = _pct(k / n, ".3g") if isinstance(k, numbers.Real) and isinstance(n, numbers.Real) and n else "n/a"
+    cost = r.get("cost") or {}
+    reached = r.get("reached")
+    return [
+        f"exposure     {_num(r.get('exposure_before'))} -> {_num(r.get('exposure_after'))} bits "
+        f"(target <= {_num(tgt.get('exposure'), 'g')}; at most {_num(r.get('log2_space'))})",
+        f"perplexity   {_num(r.get('ppl_before'), '.4g')} -> {_num(r.get('ppl_after'), '.4g')} held out "
+        f"({_pct(r.get('ppl_increase'), '.2f', sign=True)}){_val_rise(r)}; "
+        f"limit {_pct(tgt.get('max_ppl_increase'), '.3g', True)}",
+        f"extracted    {_yes_no(r.get('extracted_before'))} -> {_yes_no(r.get('extracted_after'))} "
+        f"(greedy completion, {n_probes} probe{'s' if n_probes != 1 else ''})",
+        f"selection    {r.get('strategy', 'n/a')}: k = {_num(k, ',.0f')} of {_num(n, ',.0f')} parameters ({share})",
+        f"stopped by   {r.get('stopped_by', 'n/a')} after {_steps(r)}: target "
+        f"{'reached' if reached else 'NOT reached' if reached is not None else 'n/a'}",
+        f"cost         {_num(cost.get('wall_time_s'), '.1f', ' s')}, "
+        f"{_num(cost.get('n_gradients'), ',.0f')} gradients, "
+        f"{_num(cost.get('n_hvps'), ',.0f')} HVPs",
+    ]
+
+
+def _code(text: Any) -> str:
+    """``text`` as a Markdown code span inside a table cell: newlines and tabs shown as \\n and \\t, '|' escaped,
+    the fence one backtick longer than the longest backtick run inside."""
+    s = "" if text is None else str(text)
+    s = s.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
+    run = longest = 0
+    for ch in s:
+        run = run + 1 if ch == "`" else 0
+        longest = max(longest, run)
+    fence = "`" * (longest + 1)
+    pad = " " if s.startswith("`") or s.endswith("`") or not s.strip() else ""
+    return f"{fence}{pad}{s}{pad}{fence}".replace("|", "\\|")
+
+
+def _tail(text: Any, n: int = PROMPT_CHARS) -> str:
+    s = "" if text is None else str(text)
+    return s if len(s) <= n else "…" + s[-n:]
+
+
+def _probe_rows(r: Mapping) -> List[str]:
+    before = list(r.get("completions_before") or [])
+    after = list(r.get("completions_after") or [])
+    by_prompt = {c.get("prompt"): c for c in after}
+    rows = []
+    for i in range(max(len(before), len(after))):
+        b = before[i] if i < len(before) else {}
+        a = by_prompt.get(b.get("prompt")) if b else None
+        if a is None:
+            a = after[i] if i < len(after) else {}
+        p = b or a
+
+        def cell(c):
+            if not c:
+                return "n/a"
+            mark = " **extracted**" if c.get("extracted") else ""
+            return _code(c.get("completion")) + mark
+
+        rows.append(f"| {_code(_tail(p.get('prompt')))} | {_code(p.get('rest'))} | {cell(b)} | {cell(a)} |")
+    return rows
+
+
+def _markdown(r: Mapping, command: Optional[str]) -> str:
+    tgt = r.get("target") or {}
+    limit = _ppl_limit(r)
+    lines = ["# sapsel forget", ""]
+    lines += [f"Secret {_code(r.get('secret'))} after the prefix {_code(_tail(r.get('prefix'), 80))}, "
+              f"replaced by {_code(r.get('replacement'))}; format {_code(r.get('fmt'))} "
+              f"(log2 |R| = {_num(r.get('log2_space'))} bits).", ""]
+    lines += ["```", *summary_lines(r), "```", ""]
+    lines += ["## Before and after", "",
+              "| | before | after |", "|---|---|---|",
+              f"| exposure, skew-normal (bits) | {_num(r.get('exposure_before'))} | {_num(r.get('exposure_after'))} |",
+              f"| exposure, rank estimate (bits) | {_num(r.get('exposure_rank_before'))} | "
+              f"{_num(r.get('exposure_rank_after'))} |",
+              f"| teacher-forced accuracy on the secret's tokens | {_pct(r.get('accuracy_before'))} | "
+              f"{_pct(r.get('accuracy_after'))} |",
+              f"| extracted by greedy completion | {_yes_no(r.get('extracted_before'))} | "
+              f"{_yes_no(r.get('extracted_after'))} |",
+              f"| held-out perplexity (test windows) | {_num(r.get('ppl_before'), '.4g')} | "
+              f"{_num(r.get('ppl_after'), '.4g')} ({_pct(r.get('ppl_increase'), '.2f', sign=True)}) |"]
+    if r.get("val_ppl_before") is not None:
+        lines += [f"| validation perplexity (steers the search; the limit applies to it) | "
+                  f"{_num(r.get('val_ppl_before'), '.4g')} | {_num(r.get('val_ppl_after'), '.4g')} "
+                  f"({_pct(_rise(r.get('val_ppl_before'), r.get('val_ppl_after')), '.2f', sign=True)}) |"]
+    lines += [""]
+    lines += [f"Target: exposure <= {_num(tgt.get('exposure'), 'g')} bits and no probe extracts the secret, while "
+              f"the validation perplexity stays <= {_num(limit, '.4g')} (start x "
+              f"(1 + {_num(tgt.get('max_ppl_increase'), 'g')})). "
+              f"Reached: {_yes_no(r.get('reached'))}; stopped by {_code(r.get('stopped_by'))} after {_steps(r)}.", ""]
+    lines += ["## Extraction probes", "",
+              "A probe is extracted when the greedy completion of its prompt, blanks removed, starts with the rest of "
+              "the secret.", "",
+              "| prompt (end) | rest of the secret | completion before | completion after |", "|---|---|---|---|"]
+    lines += _probe_rows(r) or ["| n/a | | | |"]
+    cost = r.get("cost") or {}
+    k, n = r.get("k"), r.get("numel")
+    lines += ["", "## Selection and cost", "",
+              "| | |", "|---|---|",
+              f"| strategy | {_code(r.get('strategy'))} |",
+              f"| budget | {_num(r.get('budget'), 'g')} |",
+              f"| parameters updated (k of N) | {_num(k, ',.0f')} of {_num(n, ',.0f')} |",
+              f"| wall time | {_num(cost.get('wall_time_s'), '.1f', ' s')} "
+              f"(scores {_num(cost.get('score_s'), '.1f', ' s')}, "
+              f"unlearning {_num(cost.get('unlearn_s'), '.1f', ' s')}, measurement "
+              f"{_num(cost.get('measure_s'), '.1f', ' s')}) |",
+              f"| gradients / Hessian-vector products | {_num(cost.get('n_gradients'), ',.0f')} / "
+              f"{_num(cost.get('n_hvps'), ',.0f')} |",
+              f"| training windows (seq_len {_num(r.get('seq_len'), '.0f')})"
+              f" / windows with the secret | {_num(r.get('n_train_windows'), ',.0f')} / "
+              f"{_num(r.get('n_affected'), ',.0f')} |", ""]
+    if command is not None:
+        lines += ["## Command", "", "```", command, "```", ""]
+    lines += ["This folder holds the secret in plain text (report.json, report.md): remove both before publishing the "
+              "model.", ""]
+    return "\n".join(lines)
+
+
+def _series(hist, key, accepted):
+    xs, ys = [], []
+    for h in hist:
+        v = h.get(key)
+        if bool(h.get("accepted")) == accepted and isinstance(v, numbers.Real) and math.isfinite(v):
+            xs.append(h.get("step"))
+            ys.append(float(v))
+    return xs, ys
+
+
+def _plot(r: Mapping, path: str) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    hist = [h for h in (r.get("history") or []) if isinstance(h.get("step"), numbers.Real)]
+    tgt = r.get("target") or {}
+    fig = Figure(figsize=(7.0, 5.6))
+    FigureCanvasAgg(fig)
+    ax_e, ax_p = fig.subplots(2, 1, sharex=True)
+    panels = [(ax_e, "exposure", "exposure (bits)", r.get("exposure_before"), tgt.get("exposure"), "target"),
+              (ax_p, "val_ppl", "validation perplexity", _val_start(r), _ppl_limit(r),
+               f"limit (+{_pct(tgt.get('max_ppl_increase'), 'g')})")]
+    for ax, key, label, start, line, line_label in panels:
+        xs, ys = _series(hist, key, True)
+        if xs and isinstance(start, numbers.Real) and math.isfinite(start) and min(xs) > 0:
+            xs, ys = [0] + xs, [float(start)] + ys  # the accepted path starts from the model as loaded (step 0)
+        if xs:
+            ax.plot(xs, ys, "o-", ms=3, lw=1.2, color="tab:blue", label="accepted")
+        rx, ry = _series(hist, key, False)
+        if rx:
+            ax.plot(rx, ry, "x", ms=6, mew=1.5, color="tab:red", ls="none", label="rejected (undone)")
+        if isinstance(start, numbers.Real) and math.isfinite(start):
+            ax.axhline(start, color="0.45", ls=":", lw=1.2, label="start")
+        if isinstance(line, numbers.Real) and math.isfinite(line):
+            ax.axhline(line, color="tab:green", ls="--", lw=1.2, label=line_label)
+        ax.set_ylabel(label, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=8)
+        ax.legend(fontsize=7, loc="best")
+    if not hist:
+        ax_e.text(0.5, 0.5, f"no unlearning steps (stopped by {r.get('stopped_by', 'n/a')})", ha="center",
+                  va="center", transform=ax_e.transAxes, fontsize=9)
+    ax_p.set_xlabel("step", fontsize=9)
+    ax_e.set_title(f"sapsel forget: {r.get('strategy', 'n/a')}, budget {_num(r.get('budget'), 'g')}, "
+                   f"stopped by {r.get('stopped_by', 'n/a')}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def write_forget_report(report_dict: Any, out_dir: str, argv: Union[None, str, Sequence[str]] = None) -> List[str]:
+    """Write ``report.json``, ``report.md`` and ``forget.png`` into ``out_dir`` (created if missing) and return their
+    paths in that order.
+
+    ``report_dict``: the dict of ``ForgetReport.to_dict()`` (a ForgetReport itself is accepted: its ``to_dict()`` is
+    used). ``argv``: the command line, a list of words (shell-quoted in the files) or one string; stored as
+    ``argv`` in the JSON (when the dict has no such key) and shown in the Markdown. Raises TypeError for a value
+    without a JSON form (naming its key) before any file is written, OSError when ``out_dir`` cannot be written.
+    """
+    if not isinstance(report_dict, Mapping) and callable(getattr(report_dict, "to_dict", None)):
+        report_dict = report_dict.to_dict()
+    if not isinstance(report_dict, Mapping):
+        raise TypeError(f"report_dict must be a dict (ForgetReport.to_dict()), got {type(report_dict).__name__}")
+    payload = to_jsonable(report_dict)
+    command = _command(argv)
+    if argv is not None and "argv" not in payload:
+        payload["argv"] = argv if isinstance(argv, str) else [str(a) for a in argv]
+    os.makedirs(out_dir, exist_ok=True)
+    paths = [os.path.join(out_dir, name) for name in REPORT_FILES]
+    with open(paths[0], "w", encoding="utf-8") as f:
+        json.dump(payload, f, indent=1, allow_nan=False, ensure_ascii=False)
+        f.write("\n")
+    with open(paths[1], "w", encoding="utf-8") as f:
+        f.write(_markdown(payload, command))
+    _plot(payload, paths[2])
+    return paths

@@ -39,7 +39,7 @@ from .. import _argtypes as at
 from ..exposure import measure_exposure, random_candidates
 from ..rules import METHODS
 from ..strategies import STRATEGIES
-from . import common, lm
+from . import common, lm, plots
 
 DEFAULT_STRATEGIES = ("hessian", "hessian_smallest", "last_layer", "random", "grad_abs", "all")
 DEFAULT_METHODS = ("first_order", "second_order", "diag_newton", "sam_finetune", "gradient_ascent")
@@ -82,7 +82,6 @@ class CanaryTask:
         "n_hvps": "hvps",
     }
     digits = {"wall_time_s": 2, "n_gradients": 0, "n_hvps": 0, "test_ppl": 3, "ppl_change_pct": 2}
-    plot_metrics = {"exposure_sn": "exposure (bits, skew-normal)", "ppl_change_pct": "test perplexity change %"}
 
     def __init__(self, settings, *, quick: bool = False, chars: Optional[int] = 150_000, seq_len: int = 64,
                  steps: int = 1000, batch_size: int = 32, n_candidates: int = 2000, hessian_windows: int = 32,
@@ -347,8 +346,19 @@ def render(payload, out: str, base: Optional[str] = None) -> None:
         f.write(base + "\n\nExposure (skew-normal, bits) after unlearning (test-perplexity change %):\n\n"
                 + exposure_matrix(agg, payload["baselines"], payload["methods"]) + "\n\nAll metrics:\n\n"
                 + common.format_table(agg, task.metric_labels, markdown=True, digits=task.digits) + "\n")
-    common.plot_budget_curves(agg, task.plot_metrics, os.path.join(out, "demo_canary.png"),
-                              title=f"canary unlearning on pydoc_data, {len(payload['seeds'])} seed(s)")
+    plot(payload, os.path.join(out, "demo_canary.png"))
+
+
+def plot(payload, path: str):
+    """The trade-off figure of a run (reads the payload's aggregate, baselines and seeds): exposure after unlearning
+    vs test-perplexity change, one panel per setting (columns) and update rule (rows), with each setting's exposure
+    before unlearning and after retraining. Returns the closed matplotlib Figure."""
+    bl = payload["baselines"]
+    return plots.plot_tradeoff(
+        plots.points_from_aggregate(payload["aggregate"]), path, before=plots.baseline_levels(bl, "before"),
+        gold=plots.baseline_levels(bl, "gold") or None, n_seeds=len(payload["seeds"]),
+        title="forgetting a memorized credit-card number (character LMs on pydoc_data): "
+              "exposure (skew-normal) vs test perplexity")
 
 
 def exposure_matrix(agg, baselines, methods) -> str:

@@ -16,8 +16,8 @@ JSON and the plot. A task is any object with:
   damping, steps, ...; see :mod:`sapsel_kernels.rules`) and ``unlearn``'s own keyword arguments (``UNLEARN_KWARGS``:
   train_data, n_train, ...); :func:`method_call` splits them;
 * optional ``selection_info(selection, setup) -> dict``: extra columns describing S (e.g. where it lies);
-* ``metric_labels``: ordered {metric key: column header} for the printed table; ``plot_metrics``: the metric keys
-  plotted against the budget (one panel row each).
+* ``metric_labels``: ordered {metric key: column header} for the printed table; optional ``plot_metrics``: the
+  metric keys a task plots against the budget with :func:`plot_budget_curves` (one panel row each).
 """
 
 import copy
@@ -298,61 +298,83 @@ def write_json(path: str, payload: Dict[str, Any]) -> None:
         json.dump(clean(payload), f, indent=1, allow_nan=False)
 
 
-def plot_budget_curves(agg: List[Dict[str, Any]], metrics: Dict[str, str], path: str, title: str = "") -> None:
-    """One panel per (metric row, method column): metric vs budget (log x), one line per strategy with ±std bars;
-    ``all`` (100%) as a dashed horizontal reference line. Several settings are drawn as separate figures rows."""
+def plot_budget_curves(agg: List[Dict[str, Any]], metrics: Dict[str, str], path: str, title: str = "",
+                       hlines: Optional[Dict[str, Dict[float, str]]] = None, setting_fmt: str = "{}"):
+    """One panel per (metric row, method column): metric vs budget (%, log x axis, each marker exactly at its
+    budget), one line per strategy with ±std bars, told apart by marker, colour and line style where they overlap;
+    ``all`` (100%) as a thick dashed horizontal line. Several settings are drawn as separate figure rows.
+
+    ``hlines``: {metric: {y: legend label}} reference levels drawn as thin horizontal lines in that metric's panels
+    (e.g. 0% and 100% of a "% restored" metric); ``setting_fmt`` formats a setting in the row labels. The parent
+    folder of ``path`` is created. Returns the (closed) matplotlib Figure, for inspection."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from .plots import strategy_styles
+
+    hlines = hlines or {}
     settings = list(dict.fromkeys(a["setting"] for a in agg))
     methods = list(dict.fromkeys(a["method"] for a in agg))
     strategies = [s for s in dict.fromkeys(a["strategy"] for a in agg) if s != "all"]
+    styles = strategy_styles(strategies)
+    # four dash patterns cycled: two strategies on the same values still show as one line of alternating dashes
+    dashes = ["-", (0, (5, 2)), (0, (1, 1.5)), (0, (6, 2, 1, 2))]
+    ref_colours = ["0.35", "tab:green", "tab:blue", "tab:olive"]
     nrow = len(metrics) * len(settings)
-    fig, axes = plt.subplots(nrow, len(methods), figsize=(3.3 * len(methods), 2.8 * nrow), squeeze=False,
-                             sharex=True)
-    cmap = plt.get_cmap("tab10")
+    fig, axes = plt.subplots(nrow, len(methods), figsize=(3.3 * len(methods), 2.8 * nrow + 0.5), squeeze=False,
+                             sharex=True, layout="constrained")
+    budgets = sorted({a["budget"] for a in agg if a["budget"] < 1.0})
     for si, setting in enumerate(settings):
         for mi, (metric, label) in enumerate(metrics.items()):
             r = si * len(metrics) + mi
             for c, method in enumerate(methods):
                 ax = axes[r][c]
                 sub = [a for a in agg if a["setting"] == setting and a["method"] == method]
+                for j, (y, text) in enumerate(sorted(hlines.get(metric, {}).items())):
+                    ax.axhline(y, color=ref_colours[j % len(ref_colours)], lw=1.0, zorder=1, label=text)
                 for j, strat in enumerate(strategies):
-                    pts = sorted(((a["budget"], a[metric]) for a in sub if a["strategy"] == strat),
+                    pts = sorted(((a["budget"], a[metric]) for a in sub if a["strategy"] == strat
+                                  and a[metric] is not None and a[metric]["mean"] is not None),
                                  key=lambda t: t[0])
                     if not pts:
                         continue
-                    # small multiplicative x-offsets so that coinciding strategies stay visible
-                    jit = 1.0 + 0.06 * (j - (len(strategies) - 1) / 2)
-                    xs = [100 * b * jit for b, _ in pts]
-                    ys = [m["mean"] for _, m in pts]
-                    es = [m["std"] for _, m in pts]
-                    ax.errorbar(xs, ys, yerr=es, marker="o", ms=3, lw=1.2, capsize=2, color=cmap(j % 10),
-                                label=strat)
-                allp = [a[metric] for a in sub if a["strategy"] == "all"]
-                if allp:
-                    ax.axhline(allp[0]["mean"], color="k", ls="--", lw=1, label="all (100%)")
+                    marker, colour = styles[strat]
+                    eb = ax.errorbar([100 * b for b, _ in pts], [m["mean"] for _, m in pts],
+                                     yerr=[m["std"] or 0.0 for _, m in pts], marker=marker, ms=4.5, lw=1.1,
+                                     ls=dashes[j % len(dashes)], capsize=2, elinewidth=0.7, color=colour,
+                                     mfc="none" if j % 2 else colour, label=strat, zorder=3)
+                    for part in (*eb[1], *eb[2]):  # faint bars: nine strategies share each budget's x
+                        part.set_alpha(0.4)
+                allp = [a[metric] for a in sub if a["strategy"] == "all" and a[metric] is not None]
+                if allp and allp[0]["mean"] is not None:
+                    ax.axhline(allp[0]["mean"], color="k", ls=(0, (6, 3)), lw=1.6, zorder=2, label="all (100%)")
                 ax.set_xscale("log")
-                ticks = sorted({a["budget"] for a in sub if a["budget"] < 1.0})
-                if ticks:
-                    ax.set_xticks([100 * t for t in ticks])
-                    ax.set_xticklabels([f"{100 * t:g}" for t in ticks])
+                if budgets:
+                    ax.set_xticks([100 * t for t in budgets])
+                    ax.set_xticklabels([f"{100 * t:g}" for t in budgets])
                     ax.minorticks_off()
+                    # a third of a decade of margin so that the end markers and their error bars are not cut
+                    ax.set_xlim(100 * budgets[0] / 1.6, 100 * budgets[-1] * 1.6)
                 ax.grid(alpha=0.3)
                 if r == 0:
                     ax.set_title(method, fontsize=9)
                 if c == 0:
-                    ax.set_ylabel(f"{label}\n{setting}" if len(settings) > 1 else label, fontsize=8)
+                    row = f"{label}\n{setting_fmt.format(setting)}" if len(settings) > 1 else label
+                    ax.set_ylabel(row, fontsize=8)
                 if r == nrow - 1:
                     ax.set_xlabel("budget (% of parameters)", fontsize=8)
                 ax.tick_params(labelsize=7)
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8, frameon=False)
+    by_label = {}
+    for ax in axes.flat:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            by_label.setdefault(lab, h)
+    fig.legend(list(by_label.values()), list(by_label.keys()), loc="outside lower center",
+               ncol=min(len(by_label), 6), fontsize=8, frameon=False)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout(rect=(0, 0.06, 1, 0.97 if title else 1))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return fig

@@ -329,13 +329,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     }
     # the files first: a closed stdout (`sapsel demo | head`) ends the process at the first print
     common.write_json(os.path.join(args.out, "demo_labels.json"), payload)
-    with open(os.path.join(args.out, "demo_labels.md"), "w") as f:
-        f.write(base + "\n\n" + common.format_table(agg, task.metric_labels, markdown=True, digits=task.digits)
-                + "\n")
-    with open(os.path.join(args.out, "demo_labels_summary.md"), "w") as f:
-        f.write(base + "\n\n" + summary_markdown(payload) + "\n")
-    common.plot_budget_curves(agg, task.plot_metrics, os.path.join(args.out, "demo_labels.png"),
-                              title=f"label repair on digits, {len(seeds)} seed(s), mean ± std")
+    render(payload, args.out, base=base)
     print()
     print(base)
     print()
@@ -343,6 +337,33 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"\nwrote {args.out}/demo_labels.json, demo_labels.md, demo_labels_summary.md, demo_labels.png "
           f"({total_s:.1f} s)")
     return 0
+
+
+# 0% = the poisoned model's accuracy, 100% = the retrained model's (LabelsTask.derive)
+RESTORED_REFS = {0.0: "0% = poisoned model (θ*)", 100.0: "100% = retrained (gold)"}
+
+
+def render(payload: Dict[str, Any], out: str, stem: str = "demo_labels", base: Optional[str] = None) -> None:
+    """Write <stem>.md (full table), <stem>_summary.md and <stem>.png from a run's payload (the dict saved as
+    demo_labels.json; ``render(json.load(open(p)), dir)`` re-renders a saved run)."""
+    task = LabelsTask
+    agg = payload["aggregate"]
+    base = base if base is not None else _baseline_summary(payload["baselines"])
+    with open(os.path.join(out, f"{stem}.md"), "w") as f:
+        f.write(base + "\n\n" + common.format_table(agg, task.metric_labels, markdown=True, digits=task.digits)
+                + "\n")
+    with open(os.path.join(out, f"{stem}_summary.md"), "w") as f:
+        f.write(base + "\n\n" + summary_markdown(payload) + "\n")
+    plot(payload, os.path.join(out, f"{stem}.png"))
+
+
+def plot(payload: Dict[str, Any], path: str):
+    """The budget curves of a run (reads ``payload["aggregate"]`` and ``payload["seeds"]``): restored test and Z
+    accuracy vs budget, with the 0% (poisoned) and 100% (retrained) levels. Returns the closed matplotlib Figure."""
+    return common.plot_budget_curves(
+        payload["aggregate"], LabelsTask.plot_metrics, path,
+        title=f"label repair on digits, {len(payload['seeds'])} seed(s), mean ± std",
+        hlines={m: RESTORED_REFS for m in ("restored_test", "restored_affected")}, setting_fmt="poisoning rate {:g}")
 
 
 def summary_markdown(payload: Dict[str, Any]) -> str:

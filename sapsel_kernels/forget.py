@@ -226,6 +226,50 @@ def perplexity(model, data: Tuple[torch.Tensor, torch.Tensor], batch_size: int =
     return math.exp(tot / max(1, n))
 
 
+def per_token_npo(beta: float = 1.0):
+    """The forget term for batches ``(x, labels, ref)`` (``ref``: each target token's loss at θ*, 0 where the label is
+    -100): mean over target tokens of (2/β)·softplus(β·(ref_t − ℓ_t)), the NPO loss per token."""
+    from .measure import lm_logits
+
+    def loss(model, batch):
+        x, y, ref = batch
+        dev = next(model.parameters()).device
+        logits = lm_logits(model, x.to(dev)).float()
+        y = y.to(dev)
+        tok = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=IGNORE,
+                              reduction="none")
+        m = (y.reshape(-1) != IGNORE)
+        return ((2.0 / beta) * F.softplus(beta * (ref.to(dev).reshape(-1) - tok)))[m].mean()
+
+    return loss
+
+
+@torch.no_grad()
+def _with_reference(model, batches):
+    """Z batches ``(x, y)`` -> ``(x, y, ref)`` with each target token's loss at θ* (for :func:`per_token_npo`)."""
+    from .hessian import estimation_mode
+    from .measure import lm_logits
+
+    out = []
+    with estimation_mode(model):
+        for x, y in batches:
+            dev = next(model.parameters()).device
+            logits = lm_logits(model, x.to(dev)).float()
+            ref = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.to(dev).reshape(-1), ignore_index=IGNORE,
+                                  reduction="none").reshape(y.shape).cpu()
+            out.append((x, y, ref))
+    return out
+
+
+def _z_aware(loss):
+    """``lm_loss`` that also takes the ``(x, y, ref)`` Z batches of :func:`_with_reference` (ignoring ``ref``)."""
+
+    def f(model, batch):
+        return loss(model, batch[:2]) if len(batch) == 3 else loss(model, batch)
+
+    return f
+
+
 def _batches(data: Tuple[torch.Tensor, torch.Tensor], size: int) -> List[Tuple[torch.Tensor, torch.Tensor]]:
     x, y = data
     return [(x[i:i + size], y[i:i + size]) for i in range(0, len(x), size)]
@@ -321,7 +365,7 @@ def forget(model, tokenizer, texts, secret: str, prefix: Optional[str] = None, r
            seq_len: Optional[int] = None, seed: int = 0, n_candidates: int = 1000, n_monitor: int = 256,
            max_steps: int = 300, check_every: int = 5, lr: float = 0.1, rule: Optional[Targeted] = None,
            batch_size: int = 8, hessian_windows: int = 32, n_probes: int = 16, scores: Optional[torch.Tensor] = None,
-           context: str = "", progress: Optional[bool] = None) -> ForgetReport:
+           context: str = "", per_token: bool = False, progress: Optional[bool] = None) -> ForgetReport:
     """Forget ``secret`` from a causal LM trained on ``texts``, changing only k selected parameters.
 
     Args:
@@ -351,6 +395,8 @@ def forget(model, tokenizer, texts, secret: str, prefix: Optional[str] = None, r
         scores: a score vector from an earlier report (``report.scores``) for the same model and strategy: skips
             the estimate.
         context: text placed before ``prefix`` when measuring (e.g. "\\n" for line-start secrets).
+        per_token: NPO per secret token instead of on their mean loss (default False: on the tests' LSTM it ended
+            at 36 bits against 33 for the mean, same budget).
         progress: a progress bar on stderr (None: only on a terminal).
 
     Returns:
@@ -382,6 +428,8 @@ def forget(model, tokenizer, texts, secret: str, prefix: Optional[str] = None, r
         prefix = _infer_prefix(texts, secret)
     if not isinstance(prefix, str) or not prefix:
         raise ValueError("prefix is empty (the secret starts a line): pass prefix=, the text that elicits the secret")
+    if not isinstance(per_token, bool):
+        raise TypeError(f"per_token must be a bool, got {type(per_token).__name__}")
     if not isinstance(max_ppl_increase, (int, float)) or not math.isfinite(max_ppl_increase) or max_ppl_increase < 0:
         raise ValueError(f"max_ppl_increase must be a finite fraction >= 0, got {max_ppl_increase!r}")
     if not isinstance(target_exposure, (int, float)) or not math.isfinite(target_exposure) or target_exposure < 0:
@@ -470,9 +518,14 @@ def forget(model, tokenizer, texts, secret: str, prefix: Optional[str] = None, r
         retain = _batches(data.retain, batch_size) if len(data.retain[0]) else None
         from .rules import as_method
 
-        cfg = as_method(cfg, monitor=monitor, retain=retain)
+        zs = _batches(data.affected_secret, batch_size)
+        over = {"monitor": monitor, "retain": retain}
+        if per_token:
+            over["forget_loss"] = per_token_npo(cfg.beta)
+            zs = _with_reference(model, zs)
+        cfg = as_method(cfg, **over)
         t0 = time.perf_counter()
-        rep = unlearn(model, lm_loss, _batches(data.affected_secret, batch_size), zt, sel, method=cfg, space=space)
+        rep = unlearn(model, _z_aware(lm_loss), zs, zt, sel, method=cfg, space=space)
         unlearn_s = time.perf_counter() - t0
         if bar is not None:
             bar.set_description("forget: measuring")

@@ -540,6 +540,8 @@ class Targeted(_Rule):
     ascent) and a retain term on unaffected training batches R (``retain``; optional). L is the loss rule's batch MEAN
     (for language models: nats per target token, so β is on that scale). For a secret, give Z with targets only at
     the secret's tokens (``forget`` does): the ascent then acts on the secret, not on the text around it.
+    ``forget_loss(model, batch) -> scalar`` replaces the NPO term on the batch mean (``forget(per_token=True)``
+    passes a per-token NPO: each secret token keeps its own fading weight).
 
     Without ``monitor`` the rule runs ``steps`` steps at ``lr``. With ``monitor`` (a callable ``monitor(step) ->
     {"within_budget": bool, "done": bool, "score": float}`` that measures the model as it stands, e.g. a secret's
@@ -576,8 +578,11 @@ class Targeted(_Rule):
     base: str = "sgd"
     retain: Any = field(default=None, compare=False, repr=False)
     monitor: Any = field(default=None, compare=False, repr=False)
+    forget_loss: Any = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
+        if self.forget_loss is not None and not callable(self.forget_loss):
+            raise TypeError("Targeted: forget_loss must be callable forget_loss(model, batch) -> scalar")
         _int("Targeted", "steps", self.steps, lo=0)
         _int("Targeted", "check_every", self.check_every, lo=1)
         for name in ("lr", "lr_min", "lr_max", "beta", "correct_weight", "forget_weight", "retain_weight", "rho",
@@ -648,7 +653,9 @@ class Targeted(_Rule):
             parts = []
             if self.correct_weight > 0:
                 parts.append(self.correct_weight * loss_fn(model, bzt))
-            if self.forget_weight > 0:
+            if self.forget_weight > 0 and self.forget_loss is not None:
+                parts.append(self.forget_weight * self.forget_loss(model, bz))
+            elif self.forget_weight > 0:
                 lz = loss_fn(model, bz)
                 parts.append(self.forget_weight * (2.0 / self.beta)
                              * torch.nn.functional.softplus(self.beta * (zref - lz)))

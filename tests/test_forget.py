@@ -210,3 +210,23 @@ def test_forget_errors_on_hf_models():
     with pytest.raises(TypeError, match="causal-LM head|logits"):
         forget(transformers.GPT2Model(cfg), V, cc.text, SECRET, PREFIX, seq_len=32, heldout=[cc.heldout],
                progress=False)
+
+
+def test_per_token_npo_matches_its_formula_and_is_ascent_at_theta_star():
+    from sapsel_kernels.forget import _with_reference, per_token_npo
+
+    model, cc = _model()
+    d = build_forget_data(cc.vocab, [cc.text], SECRET, lm.BENIGN_REPLACEMENT, seq_len=32, heldout=[cc.heldout])
+    (x, y, ref), = _with_reference(model, [(d.affected_secret[0][:4], d.affected_secret[1][:4])])
+    m = y != IGNORE
+    loss = per_token_npo(0.5)(model, (x, y, ref))
+    assert float(loss) == pytest.approx((2 / 0.5) * math.log(2.0), rel=1e-6)  # ref = own loss: softplus(0) = log 2
+    loss.backward()
+    # at θ* its gradient is -(mean over secret tokens of their loss gradient): gradient ascent on the secret
+    g_npo = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    tok = torch.nn.functional.cross_entropy(model(x).reshape(-1, len(cc.vocab)), y.reshape(-1), ignore_index=IGNORE,
+                                            reduction="none")
+    (-tok[m.reshape(-1)].mean()).backward()
+    for a, p in zip(g_npo, model.parameters()):
+        torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-6)

@@ -693,7 +693,8 @@ class Targeted(_Rule):
                     opt.second_step()
                 else:
                     if closure() is None:
-                        return
+                        raise ValueError("Targeted: no loss term is active (every weight is 0, or only retain_weight "
+                                         "without retain batches)")
                     opt.step()
                 opt.zero_grad()
                 if opt.last_step_skipped:

@@ -22,21 +22,82 @@ import torch
 from sapsel_kernels import measure
 from sapsel_kernels.demo import canary, lm
 from sapsel_kernels.exposure import random_candidates
-from sapsel_kernels.forget import forget, perplexity
+from sapsel_kernels.forget import build_forget_data, forget, lm_loss, perplexity
 
 
-def relearn_steps(model, x, y, cands, cc, target, lr, max_steps=60, every=5):
+class _Logits(torch.nn.Module):
+    """A Hugging Face causal LM seen as ``ids -> logits`` (for the demo's training loop); shares its parameters."""
+
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def forward(self, x):
+        return self.m(x, use_cache=False).logits
+
+
+def prepare_gpt2(r: int, steps: int, seed: int, seq_len: int = 64):
+    """A Hugging Face GPT-2 (2 layers, d = 64, a 512-token byte-level BPE trained on the CLEAN text: a tokenizer
+    trained with the secret would make the secret itself a few tokens and inflate exposure) trained from config on
+    the canary corpus with the card number r times; gold = the same initialisation and batch order on the clean text."""
+    import tokenizers
+    import transformers
+
+    train, held = lm.load_corpus(150_000)
+    cc = lm.insert_canary(train, held, r, seed=seed)
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    tok.train_from_iterator([cc.clean_text], tokenizers.trainers.BpeTrainer(
+        vocab_size=512, initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok)
+    cfg = transformers.GPT2Config(vocab_size=fast.vocab_size, n_positions=128, n_embd=64, n_layer=2, n_head=4,
+                                  bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+
+    def windows(text):
+        ids = torch.tensor(fast(text, add_special_tokens=False)["input_ids"])
+        return lm.make_windows(ids, lm.window_starts(len(ids), seq_len, seq_len // 2), seq_len)
+
+    torch.manual_seed(seed)
+    model = transformers.GPT2LMHeadModel(cfg)
+    init = copy.deepcopy(model.state_dict())
+    t0 = time.perf_counter()
+    lm.train_lm(_Logits(model), *windows(cc.text), steps=steps, batch_size=32, lr=2e-3, seed=seed)
+    train_s = time.perf_counter() - t0
+    gold = transformers.GPT2LMHeadModel(cfg)
+    gold.load_state_dict(init)
+    lm.train_lm(_Logits(gold), *windows(cc.clean_text), steps=steps, batch_size=32, lr=2e-3, seed=seed)
+    hid = fast(held, add_special_tokens=False)["input_ids"]
+    half = len(hid) // 2
+    t = torch.tensor(hid[half:])
+    test = lm.make_windows(t, lm.window_starts(len(t), seq_len, seq_len), seq_len)
+    return {"model": model.eval(), "gold": gold.eval(), "tokenizer": fast, "cc": cc, "test": test,
+            "train_s": train_s, "seq_len": seq_len, "lr": 2e-3, "heldout": fast.decode(hid[:half]),
+            "n_params": sum(p.numel() for p in model.parameters())}
+
+
+def prepare_char(setting: str, steps: int, seed: int):
+    task = canary.CanaryTask([setting], steps=steps, n_candidates=1000)
+    setup = task.prepare(seed, setting)
+    cc = setup.extra["corpus"]
+    return {"model": setup.model, "gold": setup.gold, "tokenizer": cc.vocab, "cc": cc, "test": setup.extra["test"],
+            "train_s": setup.extra["train_s"], "seq_len": task.seq_len,
+            "lr": canary.MODEL_CFG[setting.split(":")[0]]["lr"],
+            # the demo's validation half; its test half is only reported
+            "heldout": cc.heldout[:len(cc.heldout) // 2], "n_params": setup.extra["n_params"]}
+
+
+def relearn_steps(model, tokenizer, x, y, cands, cc, target, lr, max_steps=60, every=5):
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     g = torch.Generator().manual_seed(0)
     for step in range(0, max_steps + 1, every):
-        m = measure.measure_secret(model, cc.vocab, cc.prefix, cc.secret, candidates=cands, context="\n",
+        m = measure.measure_secret(model, tokenizer, cc.prefix, cc.secret, candidates=cands, context="\n",
                                    extraction=False)
         if m["exposure"] >= target:
             return step, m["exposure"]
         for _ in range(every):
             idx = torch.randint(0, len(x), (min(32, len(x)),), generator=g)
-            model.train()
-            loss = lm.lm_loss(model, (x[idx], y[idx]))
+            loss = lm_loss(model, (x[idx], y[idx]))
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -44,8 +105,25 @@ def relearn_steps(model, x, y, cands, cc, target, lr, max_steps=60, every=5):
     return None, m["exposure"]
 
 
+def render(dirs, path):
+    """One trade-off figure (exposure after vs test-perplexity change, a panel per setting) from saved runs."""
+    from sapsel_kernels.demo.plots import plot_tradeoff
+
+    points, before, gold = [], {}, {}
+    for d in dirs:
+        with open(os.path.join(d, "forget_canary.json")) as f:
+            run = json.load(f)
+        before[run["setting"]], gold[run["setting"]] = run["before"]["exposure"], run["gold"]["exposure"]
+        points += [{"setting": run["setting"], "strategy": r["strategy"], "budget": r["budget"], "method": "targeted",
+                    "exposure": r["exposure_after"], "exposure_std": 0.0, "ppl_change_pct": r["test_ppl_change_pct"],
+                    "ppl_change_std": 0.0} for r in run["rows"]]
+    plot_tradeoff(points, path, before=before, gold=gold, n_seeds=1,
+                  title="forget(): target 2 bits, +5% validation perplexity")
+
+
 def main():
     p = argparse.ArgumentParser()
+    p.add_argument("--render", nargs="+", default=None, help="only draw --out/forget_canary.png from these run dirs")
     p.add_argument("--setting", default="lstm:r4")
     p.add_argument("--strategies", default="hessian,random,last_layer,grad_abs,all")
     p.add_argument("--budgets", default="0.01,0.1")
@@ -55,43 +133,48 @@ def main():
     p.add_argument("--out", required=True)
     a = p.parse_args()
     os.makedirs(a.out, exist_ok=True)
+    if a.render:
+        render(a.render, os.path.join(a.out, "forget_canary.png"))
+        return
     torch.set_num_threads(1)
-    task = canary.CanaryTask([a.setting], steps=a.steps, n_candidates=1000)
     t0 = time.perf_counter()
-    setup = task.prepare(a.seed, a.setting)
-    train_s = setup.extra["train_s"]
-    e, cc = setup.extra, setup.extra["corpus"]
-    cands = random_candidates(1000, measure.format_of(cc.secret), seed=50_000 + a.seed, exclude=[cc.secret])
-    held = cc.heldout[:len(cc.heldout) // 2]  # the demo's validation half; its test half is only reported
+    prep = (prepare_gpt2(int(a.setting.split(":r")[1]), a.steps, a.seed) if a.setting.startswith("gpt2")
+            else prepare_char(a.setting, a.steps, a.seed))
+    train_s, cc, tok, T = prep["train_s"], prep["cc"], prep["tokenizer"], prep["seq_len"]
+    cands = random_candidates(1000, measure.format_of(cc.secret), seed=50_000 + a.seed,
+                              exclude=[cc.secret, cc.replacement])
+    held = prep["heldout"]
 
     def exposure(model):
-        return measure.measure_secret(model, cc.vocab, cc.prefix, cc.secret, candidates=cands, context="\n")
+        return measure.measure_secret(model, tok, cc.prefix, cc.secret, candidates=cands, context="\n")
 
-    before, gold = exposure(setup.model), exposure(setup.gold)
-    test = e["test"]
-    ppl0, ppl_gold = perplexity(setup.model, test), perplexity(setup.gold, test)
-    print(f"prepared in {time.perf_counter() - t0:.0f} s: before {before['exposure']:.1f} bits, gold "
-          f"{gold['exposure']:.1f} bits, test ppl {ppl0:.3f} / gold {ppl_gold:.3f}", flush=True)
-    za = setup.affected[0]
-    lr = (canary.MODEL_CFG[a.setting.split(':')[0]])["lr"]
-    gold_relearn = relearn_steps(copy.deepcopy(setup.gold), za[0], za[1], cands, cc, before["exposure"] - 2, lr)
+    before, gold = exposure(prep["model"]), exposure(prep["gold"])
+    test = prep["test"]
+    ppl0, ppl_gold = perplexity(prep["model"], test), perplexity(prep["gold"], test)
+    print(f"prepared in {time.perf_counter() - t0:.0f} s ({prep['n_params']} parameters): before "
+          f"{before['exposure']:.1f} bits, gold {gold['exposure']:.1f} bits, test ppl {ppl0:.3f} / gold "
+          f"{ppl_gold:.3f}", flush=True)
+    za = build_forget_data(tok, [cc.text], cc.secret, cc.replacement, seq_len=T, heldout=[held]).affected
+    lr = prep["lr"]
+    gold_relearn = relearn_steps(copy.deepcopy(prep["gold"]), tok, za[0], za[1], cands, cc, before["exposure"] - 2,
+                                 lr)
     rows = []
     scores = {}
     for strategy in a.strategies.split(","):
         for budget in [float(b) for b in a.budgets.split(",")]:
             if strategy == "all" and budget != 1.0 and rows and any(r["strategy"] == "all" for r in rows):
                 continue
-            model = copy.deepcopy(setup.model)
+            model = copy.deepcopy(prep["model"])
             t1 = time.perf_counter()
-            rep = forget(model, cc.vocab, cc.text, cc.secret, cc.prefix, cc.replacement, heldout=[held],
-                         seq_len=task.seq_len, strategy=strategy, budget=1.0 if strategy == "all" else budget,
+            rep = forget(model, tok, cc.text, cc.secret, cc.prefix, cc.replacement, heldout=[held],
+                         seq_len=T, strategy=strategy, budget=1.0 if strategy == "all" else budget,
                          max_steps=a.max_steps, context="\n", seed=a.seed, scores=scores.get(strategy),
                          progress=False)
             wall = time.perf_counter() - t1
             if rep.scores is not None:
                 scores[strategy] = rep.scores
             after = exposure(model)
-            rl = relearn_steps(copy.deepcopy(model), za[0], za[1], cands, cc, before["exposure"] - 2, lr)
+            rl = relearn_steps(copy.deepcopy(model), tok, za[0], za[1], cands, cc, before["exposure"] - 2, lr)
             row = {"strategy": strategy, "budget": 1.0 if strategy == "all" else budget, "k": rep.k,
                    "exposure_after": after["exposure"], "exposure_rank_after": after["exposure_rank"],
                    "extracted_after": bool(after["extracted"]), "test_ppl_change_pct": 100 * (
@@ -103,7 +186,8 @@ def main():
                                     and row["test_ppl_change_pct"] <= 5)
             rows.append(row)
             print(json.dumps(row), flush=True)
-    payload = {"setting": a.setting, "seed": a.seed, "train_steps": a.steps, "train_s": train_s,
+    payload = {"setting": a.setting, "seed": a.seed, "n_params": prep["n_params"], "train_steps": a.steps,
+               "train_s": train_s,
                "before": {k: before[k] for k in ("exposure", "exposure_rank", "extracted")},
                "gold": {k: gold[k] for k in ("exposure", "exposure_rank", "extracted")},
                "test_ppl_before": ppl0, "test_ppl_gold": ppl_gold, "gold_relearn_steps": gold_relearn[0],

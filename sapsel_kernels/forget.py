@@ -276,6 +276,32 @@ def _with_reference(model, batches):
     return out
 
 
+def kl_to_reference(model, batch) -> torch.Tensor:
+    """KL(p_θ* ‖ p_θ) per target position, averaged, for batches ``(x, y, ref_logp)`` with θ*'s log-probabilities
+    ``ref_logp`` [B, T, V] (float16 on the CPU; see :func:`_with_reference_logp`)."""
+    from .measure import lm_logits
+
+    x, _, ref = batch
+    dev = next(model.parameters()).device
+    logp = lm_logits(model, x.to(dev)).float().log_softmax(-1)
+    r = ref.to(dev).float()
+    return (r.exp() * (r - logp)).sum(-1).mean()
+
+
+@torch.no_grad()
+def _with_reference_logp(model, batches):
+    """Retain batches ``(x, y)`` -> ``(x, y, θ*'s log-probabilities)`` (float16, CPU: B·T·V·2 bytes per batch)."""
+    from .hessian import estimation_mode
+    from .measure import lm_logits
+
+    out = []
+    with estimation_mode(model):
+        for x, y in batches:
+            logp = lm_logits(model, x.to(next(model.parameters()).device)).float().log_softmax(-1)
+            out.append((x, y, logp.to(torch.float16).cpu()))
+    return out
+
+
 def _z_aware(loss):
     """``lm_loss`` that also takes the ``(x, y, ref)`` Z batches of :func:`_with_reference` (ignoring ``ref``)."""
 
@@ -380,7 +406,8 @@ def forget(model, tokenizer, texts, secret: str, prefix: Optional[str] = None, r
            seq_len: Optional[int] = None, seed: int = 0, n_candidates: int = 1000, n_monitor: int = 256,
            max_steps: int = 300, check_every: int = 5, lr: float = 0.1, rule: Optional[Targeted] = None,
            batch_size: int = 8, hessian_windows: int = 32, n_probes: int = 16, scores: Optional[torch.Tensor] = None,
-           context: str = "", per_token: bool = False, progress: Optional[bool] = None) -> ForgetReport:
+           context: str = "", per_token: bool = False, retain_loss: str = "ce", retain_windows: Optional[int] = None,
+           progress: Optional[bool] = None) -> ForgetReport:
     """Forget ``secret`` from a causal LM trained on ``texts``, changing only k selected parameters.
 
     Args:
@@ -410,6 +437,9 @@ def forget(model, tokenizer, texts, secret: str, prefix: Optional[str] = None, r
         scores: a score vector from an earlier report (``report.scores``) for the same model and strategy: skips
             the estimate.
         context: text placed before ``prefix`` when measuring (e.g. "\\n" for line-start secrets).
+        retain_loss: "ce" (cross-entropy on the retained windows, default) or "kl" (KL divergence to θ*'s
+            predictions on them; stores θ*'s log-probabilities: retain_windows · seq_len · V float16 values).
+        retain_windows: at most this many retained training windows (shuffled) feed the retain term (None: all).
         per_token: NPO per secret token instead of on their mean loss (default False: on the tests' LSTM it ended
             at 36 bits against 33 for the mean, same budget).
         progress: a progress bar on stderr (None: only on a terminal).
@@ -443,6 +473,8 @@ def forget(model, tokenizer, texts, secret: str, prefix: Optional[str] = None, r
         prefix = _infer_prefix(texts, secret)
     if not isinstance(prefix, str) or not prefix:
         raise ValueError("prefix is empty (the secret starts a line): pass prefix=, the text that elicits the secret")
+    if retain_loss not in ("ce", "kl"):
+        raise ValueError(f"retain_loss must be 'ce' or 'kl', got {retain_loss!r}")
     if not isinstance(per_token, bool):
         raise TypeError(f"per_token must be a bool, got {type(per_token).__name__}")
     if not isinstance(max_ppl_increase, (int, float)) or not math.isfinite(max_ppl_increase) or max_ppl_increase < 0:
@@ -550,7 +582,9 @@ def forget(model, tokenizer, texts, secret: str, prefix: Optional[str] = None, r
                     # and still extracted on the tests' LSTM, against 33 and not extracted)
                     "score": m["exposure"] + 4.0 * n_ex}
 
-        retain = _batches(data.retain, batch_size) if len(data.retain[0]) else None
+        rx, ry = (data.retain[0], data.retain[1]) if retain_windows is None else \
+            (data.retain[0][:retain_windows], data.retain[1][:retain_windows])
+        retain = _batches((rx, ry), batch_size) if len(rx) else None
         from .rules import as_method
 
         zs = _batches(data.affected_secret, batch_size)
@@ -558,6 +592,9 @@ def forget(model, tokenizer, texts, secret: str, prefix: Optional[str] = None, r
         if per_token:
             over["forget_loss"] = per_token_npo(cfg.beta)
             zs = _with_reference(model, zs)
+        if retain_loss == "kl" and retain is not None:
+            over["retain"] = _with_reference_logp(model, retain)
+            over["retain_loss"] = kl_to_reference
         cfg = as_method(cfg, **over)
         from .rules import Coords
 

@@ -541,7 +541,8 @@ class Targeted(_Rule):
     (for language models: nats per target token, so β is on that scale). For a secret, give Z with targets only at
     the secret's tokens (``forget`` does): the ascent then acts on the secret, not on the text around it.
     ``forget_loss(model, batch) -> scalar`` replaces the NPO term on the batch mean (``forget(per_token=True)``
-    passes a per-token NPO: each secret token keeps its own fading weight).
+    passes a per-token NPO: each secret token keeps its own fading weight); ``retain_loss(model, batch)`` replaces
+    the loss rule on the retain batches (``forget(retain="kl")`` passes the KL divergence to θ*'s predictions).
 
     Without ``monitor`` the rule runs ``steps`` steps at ``lr``. With ``monitor`` (a callable ``monitor(step) ->
     {"within_budget": bool, "done": bool, "score": float}`` that measures the model as it stands, e.g. a secret's
@@ -579,10 +580,12 @@ class Targeted(_Rule):
     retain: Any = field(default=None, compare=False, repr=False)
     monitor: Any = field(default=None, compare=False, repr=False)
     forget_loss: Any = field(default=None, compare=False, repr=False)
+    retain_loss: Any = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
-        if self.forget_loss is not None and not callable(self.forget_loss):
-            raise TypeError("Targeted: forget_loss must be callable forget_loss(model, batch) -> scalar")
+        for name in ("forget_loss", "retain_loss"):
+            if getattr(self, name) is not None and not callable(getattr(self, name)):
+                raise TypeError(f"Targeted: {name} must be callable {name}(model, batch) -> scalar")
         _int("Targeted", "steps", self.steps, lo=0)
         _int("Targeted", "check_every", self.check_every, lo=1)
         for name in ("lr", "lr_min", "lr_max", "beta", "correct_weight", "forget_weight", "retain_weight", "rho",
@@ -660,7 +663,7 @@ class Targeted(_Rule):
                 parts.append(self.forget_weight * (2.0 / self.beta)
                              * torch.nn.functional.softplus(self.beta * (zref - lz)))
             if br is not None:
-                parts.append(self.retain_weight * loss_fn(model, br))
+                parts.append(self.retain_weight * (self.retain_loss or loss_fn)(model, br))
             return sum(parts) if parts else None
 
         while done_steps < self.steps:

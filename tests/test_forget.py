@@ -240,3 +240,25 @@ def test_per_token_npo_matches_its_formula_and_is_ascent_at_theta_star():
     (-tok[m.reshape(-1)].mean()).backward()
     for a, p in zip(g_npo, model.parameters()):
         torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_kl_retain_term_is_zero_with_zero_gradient_at_theta_star():
+    from sapsel_kernels.forget import _with_reference_logp, kl_to_reference
+
+    model, cc = _model()
+    d = build_forget_data(cc.vocab, [cc.text], SECRET, lm.BENIGN_REPLACEMENT, seq_len=32, heldout=[cc.heldout])
+    (b,) = _with_reference_logp(model, [(d.retain[0][:4], d.retain[1][:4])])
+    kl = kl_to_reference(model, b)
+    assert abs(float(kl)) < 1e-3  # float16 reference: ~1e-4 rounding
+    kl.backward()
+    assert max(float(p.grad.abs().max()) for p in model.parameters()) < 1e-2
+    with torch.no_grad():
+        model.head.bias.add_(0.5 * torch.randn_like(model.head.bias))
+    assert float(kl_to_reference(model, b)) > 1e-2  # a moved model has a positive divergence
+
+
+def test_forget_rejects_bad_retain_loss():
+    model, cc = _model()
+    with pytest.raises(ValueError, match="retain_loss"):
+        forget(model, cc.vocab, cc.text, SECRET, PREFIX, retain_loss="mse", heldout=[cc.heldout], seq_len=32,
+               progress=False)

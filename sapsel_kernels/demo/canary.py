@@ -207,6 +207,8 @@ class CanaryTask:
             return [{"lr": lr} for lr in ((0.1, 0.3) if q else (0.03, 0.1, 0.3, 1.0, 3.0))]
         if method == "gradient_ascent":
             return [{"lr": lr} for lr in ((0.03, 0.1) if q else (0.01, 0.03, 0.1, 0.3, 1.0))]
+        if method == "targeted":  # fixed steps (no monitor: the grid picks lr by the tuning score); SGD base
+            return [{"lr": lr} for lr in ((0.1, 1.0) if q else (0.03, 0.1, 0.3, 1.0, 3.0))]
         raise ValueError(method)
 
     def unlearn_kwargs(self, method: str, setup) -> Dict[str, Any]:
@@ -219,6 +221,8 @@ class CanaryTask:
                     "diag": common.training_hessian_diag(setup, self.n_probes)}
         if method == "sam_finetune":
             return {"steps": 8 if self.quick else 10, "rho": 0.05, "retain": e["retain"]}
+        if method == "targeted":
+            return {"steps": 8 if self.quick else 10, "retain": e["retain"]}
         if method == "gradient_ascent":
             return {"steps": 5 if self.quick else 10}
         return {}

@@ -35,6 +35,8 @@ from ..rules import METHODS
 from ..strategies import STRATEGIES
 from . import common
 
+# the committed results' five rules; "targeted" (the iterative forgetting rule of sapsel forget) runs with --methods
+DEFAULT_METHODS = tuple(m for m in METHODS if m != "targeted")
 PAIR = torch.tensor([9, 8, 7, 6, 5, 4, 3, 2, 1, 0])  # c -> its partner class
 N_TEST, N_VAL = 450, 250
 DEFAULT_STRATEGIES = ("hessian", "hessian_smallest", "hessian_affected", "hessian_corrected", "last_layer",
@@ -254,6 +256,8 @@ class LabelsTask:
             return [{"lr": lr} for lr in ((0.03, 0.3) if q else (0.03, 0.1, 0.3, 1.0, 3.0))]
         if method == "gradient_ascent":
             return [{"lr": lr} for lr in ((0.01, 0.1) if q else (0.003, 0.01, 0.03, 0.1, 0.3))]
+        if method == "targeted":  # fixed steps (no monitor: the grid picks lr by the tuning score); SGD base
+            return [{"lr": lr} for lr in ((0.1, 1.0) if q else (0.03, 0.1, 0.3, 1.0, 3.0))]
         raise ValueError(method)
 
     def unlearn_kwargs(self, method: str, setup) -> Dict[str, Any]:
@@ -266,6 +270,8 @@ class LabelsTask:
                     "diag": common.training_hessian_diag(setup, getattr(self, "n_probes", 32))}
         if method == "sam_finetune":
             return {"steps": 10 if self.quick else 20, "rho": 0.05, "retain": e["retain"]}
+        if method == "targeted":
+            return {"steps": 10 if self.quick else 20, "retain": e["retain"]}
         if method == "gradient_ascent":
             return {"steps": 5 if self.quick else 10}
         return {}
@@ -302,7 +308,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     strategies = args.strategies if args.strategies is not None else (
         ["hessian", "last_layer", "random", "all"] if q else list(DEFAULT_STRATEGIES))
     methods = args.methods if args.methods is not None else (
-        ["first_order", "second_order", "sam_finetune"] if q else list(METHODS))
+        ["first_order", "second_order", "sam_finetune"] if q else list(DEFAULT_METHODS))
     budgets = args.budgets if args.budgets is not None else ([0.01, 1.0] if q else list(DEFAULT_BUDGETS))
     n_probes = args.probes if args.probes is not None else (8 if q else 32)
     # created before the grid (minutes of work): a folder that cannot be created fails now, not after the run

@@ -229,7 +229,7 @@ BAD = [
     ({"--max-ppl-increase": "-0.1"}, "argument --max-ppl-increase: must be a number >= 0, got '-0.1'"),
     ({"--target-exposure": "inf"}, "argument --target-exposure: 'inf' is not a finite number"),
     ({"--max-steps": "0"}, "argument --max-steps: must be an integer >= 1, got 0"),
-    ({"--candidates": "1"}, "argument --candidates: must be an integer >= 2, got 1"),
+    ({"--candidates": "2"}, "argument --candidates: must be an integer >= 3, got 2"),
     ({"--seq-len": "1"}, "argument --seq-len: must be an integer >= 2, got 1"),
     ({"--seed": "-1"}, "argument --seed: must be an integer >= 0, got -1"),
     ({"--threads": "0"}, "argument --threads: must be an integer >= 1, got 0"),

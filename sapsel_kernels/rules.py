@@ -417,6 +417,25 @@ def _cycle(batches) -> Iterator:
             raise ValueError("no batches to cycle through")
 
 
+def _sam_step(opt, model, closure) -> None:
+    """One SparseSAM step: the gradient at w (``closure`` runs the backward), perturb S, the gradient at w + e with
+    BatchNorm statistics frozen (on an exception there, the perturbation is undone exactly), then the base step from
+    the saved weights."""
+    from .optim import frozen_bn_stats
+
+    opt.zero_grad()
+    closure()
+    opt.first_step()
+    opt.zero_grad()
+    try:
+        with frozen_bn_stats(model):
+            closure()
+    except BaseException:
+        opt.restore()
+        raise
+    opt.second_step()
+
+
 @dataclass(frozen=True, kw_only=True)
 class SAMFinetune(_Rule):
     """``steps`` SparseSAM steps on S: each step sees one corrected batch and, with ``retain``, one retained batch
@@ -447,7 +466,7 @@ class SAMFinetune(_Rule):
             prob.retain = as_batches(self.retain, passes="many", what="retain")
 
     def run(self, prob: Problem) -> None:
-        from .optim import SparseSAM, frozen_bn_stats
+        from .optim import SparseSAM
 
         retain = prob.retain
         prob.info.update(steps=self.steps, lr=self.lr, rho=self.rho)
@@ -468,17 +487,7 @@ class SAMFinetune(_Rule):
                 loss.backward()
                 return loss
 
-            opt.zero_grad()
-            closure()
-            opt.first_step()
-            opt.zero_grad()
-            try:
-                with frozen_bn_stats(model):
-                    closure()
-            except BaseException:
-                opt.restore()
-                raise
-            opt.second_step()
+            _sam_step(opt, model, closure)
             opt.zero_grad()
             if opt.last_step_skipped:
                 raise NonFiniteError("unlearn: sam_finetune hit a NaN/Inf gradient on the selection; the model was "
@@ -619,8 +628,6 @@ class Targeted(_Rule):
     def run(self, prob: Problem) -> None:
         import copy
 
-        from .optim import frozen_bn_stats
-
         model, loss_fn = prob.model, prob.loss
         history: List[Dict[str, Any]] = []
         prob.info.update(history=history, lr=self.lr, beta=self.beta, rho=self.rho, steps_run=0, lr_final=self.lr,
@@ -684,16 +691,7 @@ class Targeted(_Rule):
 
                 opt.zero_grad()
                 if sam:
-                    closure()
-                    opt.first_step()
-                    opt.zero_grad()
-                    try:
-                        with frozen_bn_stats(model):
-                            closure()
-                    except BaseException:
-                        opt.restore()
-                        raise
-                    opt.second_step()
+                    _sam_step(opt, model, closure)
                 else:
                     if closure() is None:
                         raise ValueError("Targeted: no loss term is active (every weight is 0, or only retain_weight "

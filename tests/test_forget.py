@@ -262,3 +262,17 @@ def test_forget_rejects_bad_retain_loss():
     with pytest.raises(ValueError, match="retain_loss"):
         forget(model, cc.vocab, cc.text, SECRET, PREFIX, retain_loss="mse", heldout=[cc.heldout], seq_len=32,
                progress=False)
+
+
+def test_targeted_rule_with_sam_moves_only_s():
+    model, cc = _model()
+    d = build_forget_data(cc.vocab, [cc.text], SECRET, lm.BENIGN_REPLACEMENT, seq_len=32, heldout=[cc.heldout])
+    theta0 = torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])
+    sel = sk.select_parameters(model, "random", 0.05, seed=2)
+    zs = [(d.affected_secret[0][:8], d.affected_secret[1][:8])]
+    zt = [(d.corrected[0][:8], d.corrected[1][:8])]
+    rep = sk.unlearn(model, lm_loss, zs, zt, sel, method=Targeted(steps=4, lr=1.0, rho=0.05))
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    changed = torch.nonzero(theta != theta0).reshape(-1)
+    assert set(changed.tolist()) <= set(sel.indices.tolist()) and changed.numel() > 0
+    assert rep.n_gradients == 4 * 2 * 16  # two passes per SAM step over a Z and a Z̃ batch of 8

@@ -337,6 +337,10 @@ def _forget_run(args, argv: List[str], progress: bool) -> int:
         except (OSError, UnicodeError) as exc:  # checked at parse time; the file changed since
             raise _InputError(f"--data {args.data!r}: {_one_line(exc)}") from None
         model, tokenizer = load_model(args.model, text.lstrip()[:4096], device=args.device, dtype=args.dtype)
+        import importlib.util
+
+        if importlib.util.find_spec("matplotlib") is None:  # report.py draws forget.png: fail before any training
+            raise _InputError("sapsel forget needs matplotlib for forget.png: pip install 'sapsel-kernels[forget]'")
         from .forget import forget
 
         report = forget(model, tokenizer, [text], args.secret, prefix=args.prefix, replacement=args.replacement,
@@ -354,10 +358,11 @@ def _forget_run(args, argv: List[str], progress: bool) -> int:
 
     result = report.to_dict()
     try:
-        paths = write_forget_report(result, args.out, argv=["sapsel", *argv])
+        # the model first: it is the expensive result, and the report's figure needs matplotlib
         unlearned = getattr(report, "model", None)
         (model if unlearned is None else unlearned).save_pretrained(args.out)
         tokenizer.save_pretrained(args.out)
+        paths = write_forget_report(result, args.out, argv=["sapsel", *argv])
     except OSError as exc:
         _error(f"cannot write the results to {args.out!r}: {_one_line(exc)}")
         return 1

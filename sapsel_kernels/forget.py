@@ -13,7 +13,8 @@ The pipeline, on the user's own text and tokenizer:
    odd ones are reported (test). Retain batches are drawn from the other training windows.
 2. **Score and select** with any strategy of :func:`~sapsel_kernels.strategies.select_parameters` (default
    ``hessian``: the largest diagonal entries of the training-loss Hessian at θ*, Hutchinson), budget k; the scores
-   are returned (``report.scores``) and reusable (``forget(..., scores=...)``).
+   are returned (``report.scores``) and reusable (``forget(..., scores=...)``). Strategies that read Z
+   (``grad_abs``, ``hessian_affected``, ``ssd``) get the windows as trained on, every target kept.
 3. **Unlearn** with :class:`~sapsel_kernels.rules.Targeted` (descent on Z̃, NPO on Z's secret tokens, retain
    cross-entropy, SparseSGD on S) through :func:`~sapsel_kernels.unlearn.unlearn` (all-or-nothing, S only), with a
    monitor that measures the secret's exposure and extraction (:mod:`sapsel_kernels.measure`) and the validation
@@ -323,7 +324,10 @@ class ForgetReport:
 
     ``before`` / ``after``: :func:`~sapsel_kernels.measure.measure_secret` dicts (exposure in bits, extraction
     per probe, teacher-forced accuracy); ``ppl_*``: test perplexity (odd held-out windows), ``val_ppl_*`` the
-    validation perplexity that steered the search; ``history``: one entry per monitor check. ``model``: the same
+    validation perplexity that steered the search; ``history``: one entry per monitor check. ``reached`` is judged
+    after the run on the full candidate set and the validation perplexity; ``stopped_by == "target"`` is the
+    monitor's verdict on its ``n_monitor`` candidates, so the two can differ. ``cost["unlearn_s"]`` includes the
+    monitor's measurements (also counted in ``measure_s``). ``model``: the same
     model, modified in place on S; ``scores``: the strategy's score vector (None for ``random`` / ``all``).
     """
 
@@ -526,7 +530,7 @@ def forget(model, tokenizer, texts, secret: str, prefix: Optional[str] = None, r
     space = ParamSpace(model)
     cands = random_candidates(n_candidates, fmt, seed=50_000 + seed, exclude=[secret, replacement])
     mon_cands = cands[:min(n_monitor, len(cands))]
-    bar = _bar(progress, max_steps)
+    bar = _bar(progress, cfg.steps)
     t_measure = 0.0
 
     def measure_all(candidates, extraction=True):
@@ -572,7 +576,7 @@ def forget(model, tokenizer, texts, secret: str, prefix: Optional[str] = None, r
             n_ex = sum(bool(c["extracted"]) for c in m["completions"])
             if bar is not None:
                 bar.set_description(f"forget: exposure {m['exposure']:.1f} bits, ppl {100 * (v / val0 - 1):+.1f}%")
-                bar.n = min(max_steps, step)
+                bar.n = min(cfg.steps, step)
                 bar.refresh()
             return {"exposure": m["exposure"], "extracted": bool(m["extracted"]), "val_ppl": v,
                     "ppl_increase": v / val0 - 1.0, "within_budget": v <= limit,

@@ -202,6 +202,9 @@ def _errors(rank: int, world: int, group, res: dict) -> None:
 
     # Ctrl-C: a real SIGINT on rank 1 in pass 3 is noted and every rank stops after the same pass; a
     # KeyboardInterrupt raised inside a pass on rank 0 the same
+    # a process started in the background by a non-interactive shell (`cmd &`) inherits SIGINT ignored, and then
+    # hessian_diag rightly leaves the disposition alone: give this worker Python's own handler, as a terminal would
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     run("sigint", lambda: summary(hessian_diag(model, failing("sigint", 9, 1), data, **hkw)))
     run("interrupt", lambda: summary(hessian_diag(model, failing("interrupt", 5, 0), data, **hkw)))
     run("interrupt_fisher", lambda: hessian_diag(model, failing("interrupt", 2, 0), data, "fisher", group=group))

@@ -397,6 +397,17 @@ def _infer_prefix(texts: Sequence[str], secret: str, max_chars: int = 64) -> str
     return ""
 
 
+def _check_ids(vocab: Optional[int], seqs, what: str) -> None:
+    """Every token id below the model's number of input ids (an out-of-range id is an IndexError on CPU and a
+    device-side assert on CUDA)."""
+    if vocab is None:
+        return
+    top = max((int(q.max()) if isinstance(q, torch.Tensor) else max(q) for q in seqs if len(q)), default=-1)
+    if top >= vocab:
+        raise ValueError(f"the tokenizer gives the {what} text the id {top}, but the model has {vocab} input ids: the "
+                         "tokenizer does not belong to this model")
+
+
 def _check_model(model) -> None:
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module (a causal language model), got {type(model).__name__}")
@@ -522,11 +533,16 @@ def forget(model, tokenizer, texts, secret: str, prefix: Optional[str] = None, r
     # the model must be a causal LM: one forward on the prefix checks the head before any work
     from .hessian import estimation_mode
 
+    vocab = measure._vocab_size(model)
+    _check_ids(vocab, [codec.encode(t) for t in (context + prefix + secret, replacement)], "secret or replacement")
     with torch.no_grad(), estimation_mode(model):
         probe_ids = torch.tensor([codec.encode(prefix)[:T]], dtype=torch.int64)
         measure.lm_logits(model, probe_ids.to(next(model.parameters()).device))
 
     data = build_forget_data(tokenizer, texts, secret, replacement, seq_len=T, heldout=heldout, seed=seed)
+    for what, (x, y) in (("training", data.train), ("corrected", data.corrected), ("held-out", data.val),
+                         ("held-out", data.test)):
+        _check_ids(vocab, [x.reshape(-1), y.reshape(-1)], what)
     space = ParamSpace(model)
     cands = random_candidates(n_candidates, fmt, seed=50_000 + seed, exclude=[secret, replacement])
     mon_cands = cands[:min(n_monitor, len(cands))]

@@ -200,6 +200,9 @@ def test_forget_errors_before_any_training():
         forget(model, cc.vocab, cc.text, SECRET, PREFIX, heldout=1.5, seq_len=32, progress=False)
     with pytest.raises(ValueError, match="no training window predicts"):
         forget(model, cc.vocab, SECRET + cc.text, SECRET, PREFIX, **kw)
+    small = lm.build_model("lstm", 30, embed=4, hidden=8)  # fewer input ids than the codec produces
+    with pytest.raises(ValueError, match="does not belong to this model"):
+        forget(small, cc.vocab, cc.text, SECRET, PREFIX, **kw)
     with pytest.raises(ValueError, match="max_ppl_increase"):
         forget(model, cc.vocab, cc.text, SECRET, PREFIX, max_ppl_increase=-1, **kw)
     with pytest.raises(TypeError, match="tokenizer|Tokenizer"):

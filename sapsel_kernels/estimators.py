@@ -37,20 +37,45 @@ class Estimate(NamedTuple):
     info: dict[str, Any]
 
 
+# Elements per step of the Welford fold and of the rank merge: the float32 temporaries of one step (the sample in
+# float32, its deviation, the scaled deviation, the second deviation) stay at 4 x 16 MiB whatever N is; the merge's
+# float64 temporaries at 2 x 32 MiB.
+_FOLD_CHUNK = 1 << 22
+
+
 class Welford:
-    """Float32 flat accumulators (mean, M2) over ``count`` samples, one Welford step per sample."""
+    """Float32 flat accumulators (mean, M2) over ``count`` samples, one Welford step per sample.
+
+    Peak extra memory of a fold: four float32 chunks of 2^22 elements (64 MiB), whatever N is; the sample itself is
+    never copied whole (a float64 or 16-bit sample is converted chunk by chunk)."""
 
     def __init__(self, n: int, device):
         self.mean = torch.zeros(n, dtype=torch.float32, device=device)
         self.m2 = torch.zeros_like(self.mean)
         self.count = 0
 
+    def _fold(self, lo: int, x: torch.Tensor, square: bool) -> None:
+        """One Welford step on positions [lo, lo + x.numel()) of the accumulators (``count`` not advanced)."""
+        c = self.count + 1
+        for a in range(0, x.numel(), _FOLD_CHUNK):
+            xs = x[a:a + _FOLD_CHUNK].to(torch.float32)
+            if square:
+                xs = xs * xs
+            mu = self.mean[lo + a:lo + a + xs.numel()]
+            delta = xs - mu
+            mu.add_(delta / c)
+            self.m2[lo + a:lo + a + xs.numel()].add_(delta.mul_(xs - mu))
+
     def add(self, x: torch.Tensor) -> None:
-        """Fold one flat sample (any float dtype; converted to float32 first)."""
-        x = x.to(torch.float32)
-        delta = x - self.mean
-        self.mean.add_(delta / (self.count + 1))
-        self.m2.add_(delta * (x - self.mean))
+        """Fold one flat sample (any float dtype; converted to float32 chunk by chunk)."""
+        self._fold(0, x.reshape(-1), False)
+        self.count += 1
+
+    def add_squares(self, tensors, offsets) -> None:
+        """Fold one sample given as per-parameter tensors (ParamSpace order, flat offsets ``offsets``) of which the
+        sample is the elementwise SQUARE, squared in float32: no flat copy of the sample is built."""
+        for t, off in zip(tensors, offsets):
+            self._fold(off, t.reshape(-1), True)
         self.count += 1
 
     def add_rows(self, xs: torch.Tensor) -> None:
@@ -179,19 +204,22 @@ class Comm:
         """Replace this rank's Welford state (``acc.count`` samples) by the state over all ``total`` samples of the
         group: mean = sum_r n_r mean_r / n and M2 = sum_r [M2_r + n_r (mean_r - mean)^2] (the parallel-variance
         formula of Chan et al. for k parts: exact in exact arithmetic, no cancellation since every term is >= 0),
-        in float64, rounded to float32 once. Two all_reduces of N float64, 2 N float64 temporaries. With one rank
+        in float64, rounded to float32 once, in chunks of 2^22 elements: two all_reduces per chunk, 2 x 32 MiB of
+        float64 temporaries whatever N is (elementwise, so the chunking changes no bit). With one rank
         it returns the rank's state bit for bit (n * mean / n and M2 + 0 are exact in float64)."""
         if not self.active:
             return
         n_r = acc.count
-        mean64 = acc.mean.to(torch.float64)
-        mu = mean64 * n_r
-        dist.all_reduce(mu, group=self.group)
-        mu.div_(max(total, 1))
-        dev = mean64.sub_(mu).square_().mul_(n_r).add_(acc.m2)
-        dist.all_reduce(dev, group=self.group)
-        acc.mean.copy_(mu)
-        acc.m2.copy_(dev)
+        for a in range(0, acc.mean.numel(), _FOLD_CHUNK):
+            mean_c, m2_c = acc.mean[a:a + _FOLD_CHUNK], acc.m2[a:a + _FOLD_CHUNK]
+            mean64 = mean_c.to(torch.float64)
+            mu = mean64 * n_r
+            dist.all_reduce(mu, group=self.group)
+            mu.div_(max(total, 1))
+            dev = mean64.sub_(mu).square_().mul_(n_r).add_(m2_c)
+            dist.all_reduce(dev, group=self.group)
+            mean_c.copy_(mu)
+            m2_c.copy_(dev)
         acc.count = total
 
     @contextlib.contextmanager
@@ -263,8 +291,11 @@ def _no_batches() -> ValueError:
 
 
 def grad_abs(model, loss, batches, space, comm: Comm = LOCAL) -> Estimate:
-    """|d L / d theta| for L the mean over batches of the batch-mean loss (over every rank's batches)."""
-    views, flats = FlatBuffers(space, 1).views(1)
+    """|d L / d theta| for L the mean over batches of the batch-mean loss (over every rank's batches).
+
+    The per-batch gradients are summed in float32 (float64 for float64 parameters), never in a 16-bit dtype. Peak
+    extra memory: the float32 sums (N) and the result (N float32) plus one backward's gradients (transient)."""
+    views, flats = FlatBuffers(space, 1, dtype=_flat_dtype(space)).views(1)
     sums = [v[0] for v in views]
 
     def local():
@@ -274,6 +305,7 @@ def grad_abs(model, loss, batches, space, comm: Comm = LOCAL) -> Estimate:
             check_finite(g, "hessian_diag: a gradient", space, suffix="is the loss finite at these parameters?")
             for s, x in zip(sums, g):
                 s.copy_(x) if nb == 0 else s.add_(x)
+            del g  # else it lives on through the next batch's backward: one more N-length gradient at the peak
             nb += 1
         if nb == 0:
             raise _no_batches()
@@ -282,19 +314,25 @@ def grad_abs(model, loss, batches, space, comm: Comm = LOCAL) -> Estimate:
     _, (nb,) = comm.run(local, "hessian_diag(estimator='grad_abs')")
     with defer_sigint():
         comm.sum_(flats)
-    mean = space.gather([(x / nb).abs() for x in sums])
+    mean = torch.empty(space.numel, dtype=torch.float32, device=space.device)
+    for x, off, n in zip(sums, space.offsets, space.numels):  # in place, then one copy: no N-length temporary
+        mean[off:off + n].copy_(x.div_(nb).abs_().reshape(-1))  # the sums are ours: divided in their dtype
     return Estimate(mean, torch.zeros_like(mean), 1, {"batches": nb})
 
 
 def squared_grad(model, loss, batches, space, comm: Comm = LOCAL) -> Estimate:
-    """Mean over batches of the squared batch-mean gradient (one backward per batch); var over batches."""
+    """Mean over batches of the squared batch-mean gradient (one backward per batch); var over batches.
+
+    Peak extra memory: the float32 Welford accumulators (2N) plus one backward's gradients (transient) and the
+    fold's 64 MiB of chunks; no flat or float64 copy of a gradient."""
     acc = Welford(space.numel, space.device)
 
     def local():
         for b in batches:
             g = gradient(model, loss, space, b)
             check_finite(g, "hessian_diag: a gradient", space, suffix="is the loss finite at these parameters?")
-            acc.add(space.gather([x * x for x in g], dtype=torch.float64))
+            acc.add_squares(g, space.offsets)  # squared in float32 per parameter: no flat copy, no float64
+            del g  # else it lives on through the next batch's backward
         if acc.count == 0:
             raise _no_batches()
         return None, (acc.count,)
@@ -399,6 +437,7 @@ def fisher(model, loss, batches, space, progress: bool | None = None, comm: Comm
                     check_finite(g, "hessian_diag(estimator='fisher'): a per-point gradient",
                                  suffix="is the loss finite at these parameters?")
                     acc.add_rows(g * g)
+                    del g  # the [C, N] gradients of this chunk: freed before the next chunk's are computed
                     if bar is not None:
                         bar.update(hi - lo)
                 info["batches"] += 1

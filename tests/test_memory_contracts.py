@@ -1,0 +1,181 @@
+"""The per-call peak-memory contracts of the docstrings, measured on a mid-size model.
+
+Peak extra memory is measured with the torch profiler's allocation timeline (CPU tensor allocations charged to the
+op that made them, frees as ``[memory]`` records, summed in time order; its maximum): tensor memory only, exact and
+independent of the allocator and of machine load. The model is a 1.6M-parameter MLP on a batch of 8 points, so that
+its activations (a few hundred KiB) are small next to one N-length float32 vector (6 MiB): a bound of "c x N" below
+would be broken by any extra N-length float32 temporary, and twice over by a float64 one.
+"""
+
+import pytest
+import torch
+
+import sapsel_kernels as sk
+from sapsel_kernels import estimators
+from sapsel_kernels.rules import norm_float64
+
+
+def peak_bytes(fn) -> int:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    pts = []
+    for e in prof.events():
+        if e.name == "[memory]":
+            pts.append((e.time_range.start, e.cpu_memory_usage))
+        elif e.self_cpu_memory_usage:
+            pts.append((e.time_range.start, e.self_cpu_memory_usage))
+    pts.sort()
+    cur = peak = 0
+    for _, b in pts:
+        cur += b
+        peak = max(peak, cur)
+    return peak
+
+
+SLACK = 1 << 20  # activations, per-parameter scalars, the profiler's own small tensors: 1 MiB (N float32 = 6 MiB)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(512, 1024), torch.nn.Tanh(), torch.nn.Linear(1024, 1024),
+                                torch.nn.Tanh(), torch.nn.Linear(1024, 10))
+    x, y = torch.randn(8, 512), torch.randint(0, 10, (8,))
+    space = sk.ParamSpace(model)
+    n = space.numel
+    k = n // 100
+    sel = sk.select(torch.rand(n, generator=torch.Generator().manual_seed(1)), k=k)
+    return dict(model=model, batch=(x, y), other=(x, y.flip(0)), space=space, n=n, n4=4 * n, k=k, sel=sel)
+
+
+def ce(model, batch):
+    return torch.nn.functional.cross_entropy(model(batch[0]), batch[1])
+
+
+def _restore(s):
+    return sk.rules.Coords(s["space"], s["sel"]).snapshot()
+
+
+def test_select_is_o_k(setup):
+    """select: the output (8k bytes) plus the top-k scratch (at most N/8 bytes)."""
+    s = setup
+    scores = torch.rand(s["n"])
+    peak = peak_bytes(lambda: sk.select(scores, k=s["k"]))
+    assert peak <= 8 * s["k"] + s["n"] // 8 + SLACK, peak
+
+
+@pytest.mark.parametrize("method", ["first_order", "diag_newton", "gradient_ascent", "sam_finetune"])
+def test_unlearn_holds_one_gradient(setup, method):
+    """unlearn: O(k) of its own plus one backward's gradients (N float32) -- no flat or float64 copy of θ or G."""
+    s = setup
+    coords = sk.rules.Coords(s["space"], s["sel"])
+    theta = coords.snapshot()
+    rule = {"first_order": sk.FirstOrder(tau=1e-3),
+            "diag_newton": sk.DiagNewton(diag=torch.rand(s["n"]), damping=1.0),
+            "gradient_ascent": sk.GradientAscent(steps=2),
+            "sam_finetune": sk.SAMFinetune(steps=2)}[method]
+    kw = {"n_train": 8} if method == "diag_newton" else {}
+    try:
+        peak = peak_bytes(lambda: sk.unlearn(s["model"], ce, s["batch"], s["other"], s["sel"], rule,
+                                             space=s["space"], **kw))
+    finally:
+        coords.restore(theta)
+    # one gradient (N float32) + k-vectors (θ_S snapshot, G_S, update, optimizer state: < 16 per coordinate x 8 B);
+    # gradient_ascent accumulates its second term's backward into .grad: autograd holds that term's gradient of
+    # one tensor at a time next to .grad (+ the largest parameter)
+    extra = 4 * max(s["space"].numels) if method == "gradient_ascent" else 0
+    assert peak <= s["n4"] + extra + 128 * s["k"] + SLACK, (peak / s["n4"], method)
+
+
+def test_second_order_memory(setup):
+    """second_order: per product one zero-padded tangent and one HVP over the touched tensors (N each) plus the
+    cached first-order graph (its gradients, N), CG's 5 k-vectors, and one backward's gradients for G."""
+    s = setup
+    coords = sk.rules.Coords(s["space"], s["sel"])
+    theta = coords.snapshot()
+    try:
+        peak = peak_bytes(lambda: sk.unlearn(s["model"], ce, s["batch"], s["other"], s["sel"],
+                                             sk.SecondOrder(cg_iters=3, cg_tol=0.0, damping=1.0),
+                                             train_data=[s["batch"]], space=s["space"]))
+    finally:
+        coords.restore(theta)
+    assert peak <= 4 * s["n4"] + 128 * s["k"] + SLACK, peak / s["n4"]
+
+
+@pytest.mark.parametrize("estimator,bound", [("squared_grad", 3), ("grad_abs", 3)])
+def test_gradient_estimators(setup, monkeypatch, estimator, bound):
+    """squared_grad: two float32 accumulators + one backward's gradients (3 N float32) + the fold's chunks;
+    grad_abs: the float32 sums + the result + one backward's gradients. Neither makes a flat or float64 copy of a
+    gradient (the old squared_grad gathered each gradient's squares into an N-length float64 vector: +2 N)."""
+    s = setup
+    monkeypatch.setattr(estimators, "_FOLD_CHUNK", 1 << 14)  # the chunk bound becomes visible at this N
+    batches = [s["batch"], s["other"]]
+    peak = peak_bytes(lambda: sk.hessian_diag(s["model"], ce, batches, estimator=estimator, progress=False))
+    assert peak <= bound * s["n4"] + 4 * 4 * (1 << 14) + SLACK, peak / s["n4"]
+
+
+def test_squared_grad_chunked_fold_is_bit_identical(setup, monkeypatch):
+    """The chunked Welford fold is elementwise: any chunk size gives the same bits."""
+    s = setup
+    batches = [s["batch"], s["other"], s["batch"]]
+    a = sk.hessian_diag(s["model"], ce, batches, estimator="squared_grad", progress=False)
+    monkeypatch.setattr(estimators, "_FOLD_CHUNK", 1000)
+    b = sk.hessian_diag(s["model"], ce, batches, estimator="squared_grad", progress=False)
+    assert torch.equal(a.mean, b.mean) and torch.equal(a.m2, b.m2)
+    # and against the formula: mean over batches of g^2, per-batch gradients by plain autograd
+    gs = []
+    for bt in batches:
+        g = torch.autograd.grad(ce(s["model"], bt), list(s["model"].parameters()))
+        gs.append(torch.cat([x.reshape(-1) for x in g]).double() ** 2)
+    ref = torch.stack(gs).mean(0)
+    assert torch.allclose(a.mean.double(), ref, rtol=1e-5, atol=1e-12)
+
+
+def test_sparse_sam_step(setup):
+    """One SparseSAM step: the gradients in .grad (N float32, autograd's) + k saved weights and O(P) partials."""
+    s = setup
+    model, space = s["model"], s["space"]
+    coords = sk.rules.Coords(space, s["sel"])
+    theta = coords.snapshot()
+    opt = sk.SparseSAM(space, s["sel"], lr=1e-2, rho=0.05)
+
+    def step():
+        def closure():
+            loss = ce(model, s["batch"])
+            loss.backward()
+            return loss
+        opt.step(closure)
+
+    try:
+        peak = peak_bytes(step)
+    finally:
+        opt.zero_grad(set_to_none=True)
+        coords.restore(theta)
+    assert peak <= 2 * s["n4"] + 64 * s["k"] + SLACK, peak / s["n4"]
+
+
+def test_sparse_adamw_step_is_o_k(setup):
+    """SparseAdamW.step with .grad already there: the two moments (2k float32) and O(P) partial sums only."""
+    s = setup
+    model, space = s["model"], s["space"]
+    coords = sk.rules.Coords(space, s["sel"])
+    theta = coords.snapshot()
+    opt = sk.SparseAdamW(space, s["sel"], lr=1e-3)
+    ce(model, s["batch"]).backward()
+    try:
+        peak = peak_bytes(opt.step)
+    finally:
+        opt.zero_grad(set_to_none=True)
+        coords.restore(theta)
+    assert peak <= 64 * s["k"] + SLACK, peak
+
+
+def test_norm_float64_scratch_is_bounded():
+    """norm_float64 on 2^23 values: at most 2 x 2^20 float64 of scratch (16 MiB), not a 64 MiB float64 copy."""
+    v = torch.rand(1 << 23)
+    w = torch.rand(1 << 23)
+    peak = peak_bytes(lambda: norm_float64(v, w))
+    assert peak <= 2 * 8 * (1 << 20) + SLACK, peak
+    assert norm_float64(v, w) == pytest.approx(float(torch.linalg.vector_norm(v.double() - w.double())), rel=1e-12)

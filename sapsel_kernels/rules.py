@@ -221,6 +221,7 @@ def summed_gradient(space: ParamSpace, model, loss_fn, batches, dtype=None, coor
             total += m * coords.gather(g, dtype, touched=True)
         else:
             total += m * space.gather(list(g), dtype=dtype)
+        del g, loss  # else this batch's gradients live on through the next batch's backward (2N at the peak)
         n += m
         nb += 1
     return total, n, nb
@@ -499,8 +500,9 @@ class SAMFinetune(_Rule):
 @dataclass(frozen=True, kw_only=True)
 class GradientAscent(_Rule):
     """``steps`` SparseSGD steps on S minimising L_mean(Z̃) − L_mean(Z) (ascent on Z, descent on Z̃), one batch of
-    each per step (cycled). ``steps`` >= 0 (0 = no-op), ``lr`` finite and >= 0. Peak extra memory: the gradients (N,
-    in the parameters' ``.grad``, freed afterwards); SparseSGD without momentum keeps no state."""
+    each per step (cycled; one backward per term, accumulated in ``.grad``). ``steps`` >= 0 (0 = no-op), ``lr``
+    finite and >= 0. Peak extra memory: the gradients (N, in the parameters' ``.grad``, freed afterwards) plus the
+    second backward's per-tensor gradients as they are accumulated; SparseSGD without momentum keeps no state."""
 
     name: ClassVar[str] = "gradient_ascent"
     iterative: ClassVar[bool] = True
@@ -523,10 +525,15 @@ class GradientAscent(_Rule):
         for step in range(self.steps):
             bz, bzt = next(z), next(zt)
             opt.zero_grad()
-            loss = loss_fn(model, bzt) - loss_fn(model, bz)
-            check_finite(loss.detach(), "unlearn: the gradient_ascent loss L(Z̃) − L(Z)",
-                         suffix="the model was restored", where=lambda _: f"step {step + 1} of {self.steps}")
-            loss.backward()
+            # Two backward passes into .grad rather than one through L(Z̃) − L(Z): the same work, but autograd then
+            # never holds both terms' full gradients at once (one backward of the difference buffers the first
+            # term's N-length gradient until the second arrives: ~2N instead of ~N), and Z̃'s graph is freed before
+            # Z's forward.
+            for sign, b, what in ((1.0, bzt, "L(Z̃)"), (-1.0, bz, "L(Z)")):
+                loss = loss_fn(model, b)
+                check_finite(loss.detach(), f"unlearn: the gradient_ascent loss term {what}",
+                             suffix="the model was restored", where=lambda _: f"step {step + 1} of {self.steps}")
+                (loss if sign > 0 else -loss).backward()
             opt.step()
             opt.zero_grad()
             if opt.last_step_skipped:

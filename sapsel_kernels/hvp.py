@@ -17,6 +17,12 @@
 
 The caller is responsible for the model's mode (eval) and the attention backend (math); see ``hessian.py``.
 ``loss_fn`` is anything :func:`sapsel_kernels.data.make_loss` accepts.
+
+Activation checkpointing: non-reentrant ``torch.utils.checkpoint`` works with ``"rev_rev"`` (the first backward
+recomputes the checkpointed regions, with ``create_graph=True``) and with :func:`gradient`; ``"fwd_rev"`` cannot run
+under it (torch.func transforms support no saved-tensor hooks). Reentrant checkpointing supports neither
+``torch.autograd.grad`` nor double backward: torch's error is re-raised as :class:`CheckpointingError` naming the fix.
+``hessian.hessian_diag`` refuses both cases before estimating when it can see them (Hugging Face models).
 """
 
 import logging
@@ -31,6 +37,27 @@ log = logging.getLogger("sapsel_kernels.hvp")
 
 MODES = ("fwd_rev", "rev_rev")
 MODE_NAMES = {"fwd_rev": "forward-over-reverse", "rev_rev": "reverse-over-reverse"}
+
+REENTRANT_FIX = ("enable non-reentrant checkpointing instead: model.gradient_checkpointing_enable("
+                 "gradient_checkpointing_kwargs={'use_reentrant': False}) for a Hugging Face model, "
+                 "torch.utils.checkpoint.checkpoint(..., use_reentrant=False) in your own code (or disable "
+                 "checkpointing for the estimate)")
+
+
+class CheckpointingError(ValueError, RuntimeError):
+    """The model's activation checkpointing cannot run the requested computation (reentrant checkpointing with
+    ``torch.autograd.grad`` / double backward, or a torch.func mode under checkpointing). A ValueError (a
+    configuration problem) and a RuntimeError (what torch itself raises for it); the message names the fix."""
+
+
+def _reentrant_error(exc: BaseException, what: str) -> CheckpointingError | None:
+    """torch's "use_reentrant=True ... incompatible with .grad()" RuntimeError as a CheckpointingError, else None."""
+    text = str(exc)
+    if isinstance(exc, RuntimeError) and "use_reentrant=True" in text and "checkpoint" in text:
+        return CheckpointingError(f"{what}: the model runs reentrant activation checkpointing (use_reentrant=True, "
+                                  f"also torch's default when use_reentrant is not given), which supports neither "
+                                  f"torch.autograd.grad nor double backward; {REENTRANT_FIX}")
+    return None
 
 
 def auto_hvp_order(device: torch.device) -> tuple[str, str]:
@@ -147,9 +174,15 @@ class HVP:
         return [_zeros_like_batched(p, m) if h is None else h.detach() for h, p in zip(res, params)]
 
     def __call__(self, tangents: Sequence[torch.Tensor], batch) -> list[torch.Tensor]:
-        if self.mode == "fwd_rev":
-            return self._fwd_rev(tangents, batch)
-        return self._rev_rev(tangents, batch)
+        try:
+            if self.mode == "fwd_rev":
+                return self._fwd_rev(tangents, batch)
+            return self._rev_rev(tangents, batch)
+        except RuntimeError as exc:
+            err = _reentrant_error(exc, f"the {MODE_NAMES[self.mode]} HVP (hvp={self.mode!r})")
+            if err is not None:
+                raise err from exc
+            raise
 
 
 class FallbackHVP:
@@ -188,7 +221,7 @@ class FallbackHVP:
             out = self.engine(tangents, batch)
             self.mode = first
             return out
-        except (KeyboardInterrupt, LossError):  # a usage error fails the same way in every mode
+        except (KeyboardInterrupt, LossError, CheckpointingError):  # fails the same way in every mode
             raise
         except Exception as exc:  # noqa: BLE001 - any failure of forward AD / double backward: fall back
             msg = str(exc).splitlines()[0] if str(exc) else ""
@@ -205,7 +238,13 @@ def gradient(model, loss_fn, space, batch) -> list[torch.Tensor]:
     loss_fn = make_loss(loss_fn)
     with torch.enable_grad():
         loss = loss_fn(model, batch)
-        gs = torch.autograd.grad(loss, space.params, allow_unused=True)
+        try:
+            gs = torch.autograd.grad(loss, space.params, allow_unused=True)
+        except RuntimeError as exc:
+            err = _reentrant_error(exc, "a gradient (torch.autograd.grad)")
+            if err is not None:
+                raise err from exc
+            raise
     return [torch.zeros_like(p) if g is None else g.detach() for g, p in zip(gs, space.params)]
 
 

@@ -25,12 +25,25 @@ import torch
 from . import ops  # noqa: F401  (registers torch.ops.sapsel.*)
 from .errors import check_finite
 from .estimators import LOCAL, Comm, Estimate, FlatBuffers, Welford, defer_sigint
-from .hvp import MODES, FallbackHVP
+from .hvp import MODES, FallbackHVP, _reentrant_error
 from .selection import resolve_k
 
 log = logging.getLogger("sapsel_kernels.hessian")
 
 CHECKPOINT_FORMAT = "sapsel.hessian_checkpoint/2"
+
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def sum_dtype(space) -> torch.dtype | None:
+    """The dtype of the per-pass product sums of "hutchinson" (summed over batches and over ranks): None (each
+    parameter's own dtype) unless a parameter is float16 / bfloat16, then float32 for every parameter (float64 if
+    one is float64). A half-precision sum of B batch products would round at every addition (8 bits of mantissa
+    in bfloat16); the HVPs themselves still run in the parameters' dtype."""
+    if not any(d in _HALF for d in space.dtypes):
+        return None
+    return torch.float64 if torch.float64 in space.dtypes else torch.float32
 
 
 def _seed_for(seed: int, *parts) -> int:
@@ -45,8 +58,9 @@ def hutchinson_products(engine: FallbackHVP, batches, space, zbuf: torch.Tensor,
     into ``out`` (returns its per-parameter views, its flat buffers and the number of batches).
 
     ``zbuf`` [per_pass, N] is refilled in place every pass (a fresh tensor per pass costs page faults comparable to
-    the fill itself); the last, shorter pass uses its leading rows. Sums are formed in the parameter dtype in batch
-    order (h_1 + h_2 + ...), the same roundings as an out-of-place running sum.
+    the fill itself); the last, shorter pass uses its leading rows. Sums are formed in ``out``'s dtype (the
+    parameter dtype, float32 for half-precision parameters: :func:`sum_dtype`) in batch order (h_1 + h_2 + ...),
+    the same roundings as an out-of-place running sum.
     """
     z = zbuf[:m]
     torch.ops.sapsel.rademacher_fill(z, 0, p0, seed, True)
@@ -100,7 +114,13 @@ def gnb_sums(model, output_fn, batches, space, seed: int, p0: int, m: int, out: 
                     gen = torch.Generator(device=probs.device).manual_seed(_seed_for(seed, s, batch0 + bi))
                     y = torch.multinomial(probs, 1, generator=gen).squeeze(1)
                 loss = torch.nn.functional.cross_entropy(logits, y)
-                gs = torch.autograd.grad(loss, space.params, allow_unused=True)
+                try:
+                    gs = torch.autograd.grad(loss, space.params, allow_unused=True)
+                except RuntimeError as exc:
+                    err = _reentrant_error(exc, "hessian_diag(estimator='gauss_newton'): a gradient")
+                    if err is not None:
+                        raise err from exc
+                    raise
             g = space.gather([torch.zeros_like(p) if x is None else x for x, p in zip(gs, space.params)],
                              dtype=torch.float64)
             x = logits.shape[0] * g * g
@@ -305,8 +325,8 @@ def _pass_fn(estimator, engine, model, output_fn, batches, space, seed, per_pass
     suffix = "the accumulators were not updated (is the loss finite at these parameters?)"
     if estimator == "hutchinson":
         dt = space.dtypes[0] if all(d == space.dtypes[0] for d in space.dtypes) else torch.float32
-        zbuf = torch.empty(per_pass, space.numel, dtype=dt, device=space.device)
-        pbuf = FlatBuffers(space, per_pass)
+        zbuf = torch.empty(per_pass, space.numel, dtype=dt, device=space.device)  # +-1: exact in any float dtype
+        pbuf = FlatBuffers(space, per_pass, dtype=sum_dtype(space))
         what = "hessian_diag: a Hessian-vector product"
 
         def local(p0, m):

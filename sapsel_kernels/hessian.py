@@ -17,7 +17,12 @@ counted once), flat, in ParamSpace order. The "fisher" estimator is the exceptio
 Model semantics during estimation: every module is put in eval mode (BatchNorm uses its running statistics and does
 not update them; dropout is off) and restored afterwards, so H is the Hessian of the eval-mode loss; the math
 scaled-dot-product-attention backend is forced (flash/efficient attention have no double backward / forward AD).
-Buffers are read, never written.
+Buffers are read, never written. Hugging Face activation checkpointing (non-reentrant) stays ACTIVE in this eval
+mode (:func:`estimation_mode`); what cannot run under it (``hvp="fwd_rev"``, ``"exact"``, reentrant checkpointing)
+raises :class:`CheckpointingError` before anything runs.
+
+Dtypes: the model runs in its own dtype (bf16 / fp16 included); every estimate is accumulated and returned in
+float32 (float64 intermediates where noted), never in a 16-bit dtype.
 
 Hutchinson: for Rademacher z (Philox stream keyed by (seed, probe, flat index), identical on every backend),
 x = z (.) Hz has E[x] = diag(H) and Var[x_i] = sum_{j != i} H_ij^2. The fused op ``sapsel::hutchinson_accumulate``
@@ -32,9 +37,11 @@ float additions. See :func:`hessian_diag` and docs/hessian.md "Data-parallel est
 """
 
 import contextlib
+import functools
 import hashlib
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,12 +51,12 @@ import torch.distributed as dist
 
 from .data import as_batches, make_loss
 from .estimators import LOCAL, Comm, exact, fisher, grad_abs, squared_grad
-from .hvp import MODES, auto_hvp_order  # noqa: F401  (auto_hvp_order is part of this module's API)
+from .hvp import MODES, REENTRANT_FIX, CheckpointingError, auto_hvp_order  # noqa: F401  (API of this module)
 from .probe_loop import _plan, run_probe_loop
 from .space import ParamSpace
 
 __all__ = ["hessian_diag", "DiagEstimate", "ProbeConfig", "StopRule", "Checkpoint", "estimation_mode",
-           "auto_hvp_order", "ESTIMATORS"]
+           "auto_hvp_order", "ESTIMATORS", "CheckpointingError"]
 
 ESTIMATORS = ("hutchinson", "gauss_newton", "squared_grad", "fisher", "grad_abs", "exact")
 HVP_MODES = ("auto",) + MODES
@@ -283,9 +290,105 @@ class DiagEstimate:
 
 
 # ====================================================================================================== helpers
+def _checkpoint_target_is_torch(fn) -> bool:
+    mod, name = getattr(fn, "__module__", "") or "", getattr(fn, "__name__", "")
+    return (fn is torch.utils.checkpoint.checkpoint
+            or (name in ("checkpoint", "checkpoint_func") and mod.split(".")[0] in ("torch", "transformers")))
+
+
+def _reentrant(func) -> bool | None:
+    """Whether a Hugging Face ``_gradient_checkpointing_func`` runs reentrant ``torch.utils.checkpoint``: True /
+    False for the ``functools.partial(checkpoint, use_reentrant=...)`` that ``gradient_checkpointing_enable``
+    installs (no ``use_reentrant`` is reentrant: torch's default), None for a function it cannot inspect."""
+    if not isinstance(func, functools.partial) or not _checkpoint_target_is_torch(func.func):
+        return None
+    return func.keywords.get("use_reentrant") is not False
+
+
+def hf_checkpointing(model: torch.nn.Module) -> tuple[list, list]:
+    """(layers, others): the modules of ``model`` with Hugging Face activation checkpointing switched on
+    (``gradient_checkpointing`` True and a callable ``_gradient_checkpointing_func``, what
+    ``gradient_checkpointing_enable`` sets). ``layers`` are ``transformers.GradientCheckpointingLayer`` instances,
+    whose ``forward`` checkpoints itself when ``self.gradient_checkpointing and self.training`` (transformers >=
+    4.53); ``others`` the remaining flagged modules of transformers classes (the model-level modules, which only
+    read the flag, or the layer loop of older transformers / remote code that checkpoints its layers itself).
+    Modules of other libraries are left alone (their checkpointing does not depend on this mode)."""
+    gcl = getattr(sys.modules.get("transformers.modeling_layers"), "GradientCheckpointingLayer", None)
+    layers, others = [], []
+    for m in model.modules():
+        if getattr(m, "gradient_checkpointing", False) is not True or \
+                not callable(getattr(m, "_gradient_checkpointing_func", None)):
+            continue
+        if gcl is not None and isinstance(m, gcl):
+            layers.append(m)
+        elif type(m).__module__.startswith("transformers"):  # transformers.* and remote code (transformers_modules)
+            others.append(m)
+    return layers, others
+
+
+def _eval_inside(module: torch.nn.Module, func):
+    """``func`` (a layer's checkpoint function) with the checkpointed body run with ``module.training`` False: the
+    layer looks like train mode to Hugging Face's "checkpoint when training" test, its own forward (dropout through
+    ``self.training``, layer drop) runs in eval mode, in the first forward and in the recomputation alike."""
+    def checkpoint(fn, *args, **kwargs):
+        def body(*a, **k):
+            prev = module.training
+            module.training = False
+            try:
+                return fn(*a, **k)
+            finally:
+                module.training = prev
+
+        return func(body, *args, **kwargs)
+
+    return checkpoint
+
+
+@contextlib.contextmanager
+def _keep_checkpointing(model: torch.nn.Module):
+    """Keep the model's non-reentrant Hugging Face activation checkpointing active in eval mode (see
+    :func:`estimation_mode`); everything it changes is restored on exit."""
+    layers = [m for m in hf_checkpointing(model)[0] if _reentrant(m._gradient_checkpointing_func) is not True]
+    if not layers:
+        yield
+        return
+    saved = [(m, m.training, m._gradient_checkpointing_func, "_gradient_checkpointing_func" in m.__dict__)
+             for m in layers]
+    configs = {}
+    for m in model.modules():
+        cfg = getattr(m, "config", None)
+        if getattr(cfg, "use_cache", None) is True:
+            configs[id(cfg)] = cfg
+    try:
+        for m, _, func, _ in saved:
+            m._gradient_checkpointing_func = _eval_inside(m, func)
+            m.training = True
+        for cfg in configs.values():  # a KV cache written in the forward would be written again by the recompute
+            cfg.use_cache = False
+        yield
+    finally:
+        for cfg in configs.values():
+            cfg.use_cache = True
+        for m, training, func, own in saved:
+            m.training = training
+            if own:
+                m._gradient_checkpointing_func = func
+            else:  # it was the class's: drop the instance attribute again
+                m.__dict__.pop("_gradient_checkpointing_func", None)
+
+
 @contextlib.contextmanager
 def estimation_mode(model: torch.nn.Module):
-    """Eval mode for every module (restored per module afterwards) and the math SDPA backend."""
+    """Eval mode for every module (restored per module afterwards) and the math SDPA backend.
+
+    Activation checkpointing that a Hugging Face model runs only in train mode (``gradient_checkpointing_enable``
+    with ``use_reentrant=False``; layers of ``transformers.GradientCheckpointingLayer``) stays ACTIVE: each such
+    layer gets ``training=True`` so that it checkpoints, with its checkpointed forward run in eval mode, and the
+    configs' ``use_cache`` is False meanwhile (a KV cache would be updated again by the recomputation); all of it is
+    restored afterwards. Dropout is off everywhere, so the loss (and its derivatives) equal the un-checkpointed
+    eval-mode ones. Reentrant checkpointing is left inactive here (it supports no ``torch.autograd.grad``;
+    ``hessian_diag`` refuses it before estimating).
+    """
     flags = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
@@ -295,11 +398,43 @@ def estimation_mode(model: torch.nn.Module):
             ctx = sdpa_kernel(SDPBackend.MATH)
         except ImportError:  # pragma: no cover - very old torch
             ctx = contextlib.nullcontext()
-        with ctx:
+        with ctx, _keep_checkpointing(model):
             yield
     finally:
         for m, t in flags:
             m.training = t
+
+
+def _check_checkpointing(model: torch.nn.Module, estimator: str, hvp: str) -> int:
+    """Refuse, before anything runs, what the model's Hugging Face activation checkpointing cannot do; returns the
+    number of layers that will be checkpointed during the estimate (0: none)."""
+    layers, others = hf_checkpointing(model)
+    if not layers and not others:
+        return 0
+    reentrant = [m for m in layers + others if _reentrant(m._gradient_checkpointing_func)]
+    if reentrant:
+        raise CheckpointingError(
+            f"hessian_diag(estimator={estimator!r}): the model uses reentrant activation checkpointing "
+            f"(use_reentrant=True, also torch's default when use_reentrant is not given; e.g. "
+            f"{type(reentrant[0]).__name__}), which supports neither torch.autograd.grad nor double backward; "
+            f"{REENTRANT_FIX}. Nothing was computed")
+    if not layers:
+        raise CheckpointingError(
+            f"hessian_diag: the model has activation checkpointing enabled ({type(others[0]).__name__}."
+            "gradient_checkpointing=True) in a form that checkpoints only in train mode (no "
+            "transformers.GradientCheckpointingLayer: an older transformers or remote model code), and the estimate "
+            "runs in eval mode, so checkpointing would silently be off; upgrade transformers, or call "
+            "model.gradient_checkpointing_disable() for the estimate. Nothing was computed")
+    if estimator == "exact" or (estimator == "hutchinson" and hvp == "fwd_rev"):
+        what = "estimator='exact' (torch.func.hessian)" if estimator == "exact" else \
+            "hvp='fwd_rev' (forward-over-reverse through torch.func)"
+        fix = "use hvp='rev_rev' (reverse-over-reverse works with non-reentrant checkpointing; hvp='auto' picks " \
+            "it), or " if estimator == "hutchinson" else ""
+        raise CheckpointingError(
+            f"hessian_diag: {what} cannot run under activation checkpointing (torch.func transforms support no "
+            "saved-tensor hooks, and Hugging Face's enable_input_require_grads hook calls requires_grad_ inside the "
+            f"transform); {fix}call model.gradient_checkpointing_disable() for the estimate. Nothing was computed")
+    return len(layers)
 
 
 def _check_arguments(estimator, n_probes, seed, hvp, probes, stop, checkpoint, progress, output_fn,
@@ -510,10 +645,24 @@ def hessian_diag(model: torch.nn.Module, loss_fn, data, estimator: str = "hutchi
     ``progress=True`` only for "hutchinson", "gauss_newton" and "fisher"; a non-default ``exact_max_numel`` only
     for "exact".
 
-    Returns a :class:`DiagEstimate` (float32 [N] mean and M2 in ParamSpace order).
+    Half precision: a bf16 / fp16 model runs its forward, gradients and HVPs in its dtype; the estimate is float32
+    (the Welford accumulators are float32, "hutchinson" sums the batches' products in float32 when a parameter is
+    16-bit, "gauss_newton" in float64), so it differs from the float32 model's by 16-bit arithmetic rounding only.
+
+    Activation checkpointing: a Hugging Face model with ``gradient_checkpointing_enable(gradient_checkpointing_kwargs=
+    {"use_reentrant": False})`` stays checkpointed during the estimate although it runs in eval mode (see
+    :func:`estimation_mode`; ``info["checkpointed_layers"]``), for "rev_rev" HVPs and every gradient-based estimator;
+    ``hvp="auto"`` then uses "rev_rev". ``hvp="fwd_rev"`` and "exact" (torch.func) cannot run under it, and reentrant
+    checkpointing supports no ``torch.autograd.grad``: both raise :class:`CheckpointingError` (a ValueError and a
+    RuntimeError) naming the fix, before anything runs (reentrant checkpointing inside the user's own forward: at the
+    first gradient). It lowers the peak of the gradient-based estimators, not of the HVPs (the create-graph backward
+    keeps the recomputed activations for the second backward).
+
+    Returns a :class:`DiagEstimate` (float32 [N] mean and M2 in ParamSpace order, also for 16-bit models).
 
     Raises: ValueError (bad or inapplicable arguments, a loss without parameter dependence, a refused checkpoint,
-    ranks that disagree or a rank that failed under ``group``),
+    ranks that disagree or a rank that failed under ``group``; :class:`CheckpointingError` for activation
+    checkpointing that cannot run the estimator or HVP mode),
     TypeError (a one-shot iterator for a multi-pass estimator, a wrong config type, a ``group`` that is not a
     ProcessGroup),
     :class:`~sapsel_kernels.NonFiniteError` (a non-finite HVP, gradient or sample; nothing is accumulated).
@@ -525,10 +674,10 @@ def hessian_diag(model: torch.nn.Module, loss_fn, data, estimator: str = "hutchi
     Peak extra memory (N trainable parameters, ``elem`` bytes per parameter element):
         * "hutchinson": two float32 accumulators (mean, M2: 8 N bytes) + a per_pass x N probe buffer in the
           parameter dtype (float32 when dtypes are mixed) + a per_pass x N buffer of the products summed over
-          batches (in place) + one batch's per_pass x N products + the HVP's own buffers (vmapped: per-probe
-          activation tangents; rev_rev: the gradient graph, kept across passes for a single batch); the default
-          per_pass keeps
-          6 x per_pass x N x elem <= ``ProbeConfig.memory_cap_bytes``;
+          batches (in place; parameter dtype, float32 when a parameter is 16-bit) + one batch's per_pass x N
+          products + the HVP's own buffers (vmapped: per-probe activation tangents; rev_rev: the gradient graph,
+          kept across passes for a single batch); the default per_pass keeps 6 x per_pass x N x elem <=
+          ``ProbeConfig.memory_cap_bytes``;
         * "gauss_newton": 8 N bytes of accumulators + per_pass x N float64 sums and float32 samples + ~3 N
           float64 per batch;
         * "fisher": 8 N bytes of accumulators + C x N per-point gradients and their squares (float64 when a
@@ -545,14 +694,16 @@ def hessian_diag(model: torch.nn.Module, loss_fn, data, estimator: str = "hutchi
         _check_arguments(estimator, n_probes, seed, hvp, probes, stop, checkpoint, progress, output_fn,
                          exact_max_numel)
         inner, sp = _unwrap(model, space)
+        n_ckpt = _check_checkpointing(inner, estimator, hvp)
         loss = make_loss(loss_fn)
         batches = as_batches(data, passes="many" if estimator in _PROBED else "once")
         desc = _descriptor(estimator, n_probes, seed, hvp, probes, stop, checkpoint, output_fn, exact_max_numel, sp,
                            inner, batches) if comm.active else None
-        return (inner, sp, loss, batches), desc
+        return (inner, sp, loss, batches, n_ckpt), desc
 
     t0 = time.perf_counter()
-    (inner, space, loss, batches), descs = comm.exchange(prepare, "hessian_diag")
+    (inner, space, loss, batches, n_ckpt), descs = comm.exchange(prepare, "hessian_diag")
+    hvp_run = "rev_rev" if n_ckpt and hvp == "auto" else hvp  # fwd_rev cannot run under checkpointing
     batch0 = 0
     if comm.active:
         _check_agreement(descs)
@@ -563,7 +714,7 @@ def hessian_diag(model: torch.nn.Module, loss_fn, data, estimator: str = "hutchi
             progress = False  # one progress bar per group
     with estimation_mode(model):
         if estimator in _PROBED:
-            est = run_probe_loop(inner, loss, batches, space, estimator, n_probes=n_probes, seed=seed, hvp=hvp,
+            est = run_probe_loop(inner, loss, batches, space, estimator, n_probes=n_probes, seed=seed, hvp=hvp_run,
                                  probes=probes if probes is not None else ProbeConfig(), stop=stop,
                                  checkpoint=checkpoint, progress=progress, output_fn=output_fn, comm=comm,
                                  batch0=batch0)
@@ -577,5 +728,7 @@ def hessian_diag(model: torch.nn.Module, loss_fn, data, estimator: str = "hutchi
             est = exact(inner, loss, batches, space, exact_max_numel, comm)
     if comm.active:
         est.info["world_size"] = comm.world
+    if n_ckpt:
+        est.info["checkpointed_layers"] = n_ckpt
     est.info["seconds"] = time.perf_counter() - t0
     return DiagEstimate(est.mean, est.m2, est.count, space, estimator, seed if estimator in _PROBED else 0, est.info)

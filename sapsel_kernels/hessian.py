@@ -564,7 +564,7 @@ def _descriptor(estimator, n_probes, seed, hvp, probes, stop, checkpoint, output
     }
     if estimator in _PROBED:
         desc["resolved (max_probes, per_pass, min_probes, stable_k)"] = _plan(
-            space, n_probes, probes if probes is not None else ProbeConfig(), stop)
+            space, n_probes, probes if probes is not None else ProbeConfig(), stop, estimator)
     nb = None
     if estimator == "gauss_newton":  # label samples are keyed by the GLOBAL batch index: the ranks' offsets
         try:
@@ -671,22 +671,28 @@ def hessian_diag(model: torch.nn.Module, loss_fn, data, estimator: str = "hutchi
     ``info["stopped_by"] == "interrupted"`` (and a final checkpoint when one is configured); callers that must not
     act on a partial estimate check it. The other estimators propagate KeyboardInterrupt.
 
-    Peak extra memory (N trainable parameters, ``elem`` bytes per parameter element):
+    Peak extra memory (N trainable parameters, ``elem`` bytes per parameter element; "the fold" = the Welford
+    update, 4 float32 chunks of at most 2^22 elements, 64 MiB, whatever N is):
         * "hutchinson": two float32 accumulators (mean, M2: 8 N bytes) + a per_pass x N probe buffer in the
-          parameter dtype (float32 when dtypes are mixed) + a per_pass x N buffer of the products summed over
-          batches (in place; parameter dtype, float32 when a parameter is 16-bit) + one batch's per_pass x N
-          products + the HVP's own buffers (vmapped: per-probe activation tangents; rev_rev: the gradient graph,
-          kept across passes for a single batch); the default per_pass keeps 6 x per_pass x N x elem <=
+          parameter dtype (float32 when dtypes are mixed) + one batch's per_pass x N products + the HVP's own
+          buffers (vmapped: per-probe activation tangents; rev_rev: the gradient graph, kept across passes for a
+          single batch); with several batches or a group, + a per_pass x N buffer of the products summed over
+          batches (parameter dtype, float32 when a parameter is 16-bit). Default per_pass: 1 without a stopping
+          rule for one batch and un-vectorized HVPs (the CPU default: then 8 N bytes + one probe + one product +
+          the graph; measured on CPU: within the create_graph loop's peak + 3 N float32, tests/test_memory_
+          contracts.py), else the largest value <= 8 (16 on CUDA) with 6 x per_pass x N x elem <=
           ``ProbeConfig.memory_cap_bytes``;
-        * "gauss_newton": 8 N bytes of accumulators + per_pass x N float64 sums and float32 samples + ~3 N
-          float64 per batch;
+        * "gauss_newton": 8 N bytes of accumulators + a per_pass x N float32 sum (float64 only for float64
+          parameters; per_pass = 1 by default without a stopping rule) + one backward's gradients + one tensor's
+          squared gradient + the fold;
         * "fisher": 8 N bytes of accumulators + C x N per-point gradients and their squares (float64 when a
           parameter is float64, else float32) with C = min(64, 2^28 / (3 N elem)) points per vmapped call, plus
-          vmap's per-point activations;
-        * "squared_grad", "grad_abs": 8 N bytes + a few N-length gradients;
-        * "exact": an N x N Hessian in the parameter dtype per batch.
+          vmap's per-point activations and the fold;
+        * "squared_grad": 8 N bytes + one backward's gradients + the fold (squares formed per chunk in float32);
+          "grad_abs": a float32 sum (N) + the result (N float32) + one backward's gradients;
+        * "exact": an N x N Hessian in the parameter dtype per batch (N <= ``exact_max_numel``).
         * under ``group``: nothing more for "hutchinson" / "gauss_newton" / "grad_abs" / "exact" (the sums are
-          all-reduced in place); "squared_grad" / "fisher" merge with 2 N float64 temporaries.
+          all-reduced in place); "squared_grad" / "fisher" merge chunk by chunk (2 x 32 MiB of float64).
     """
     comm = _comm(group)
 

@@ -170,7 +170,11 @@ class HVP:
             for j in range(m):
                 rows.append(torch.autograd.grad(outs, params, grad_outputs=[tangents[i][j] for i in live],
                                                 allow_unused=True, retain_graph=keep or j < m - 1))
-            res = [None if rows[0][k] is None else torch.stack([r[k] for r in rows]) for k in range(len(params))]
+            if m == 1:  # a view, not a copy: one probe per call is the CPU default
+                res = [None if h is None else h.unsqueeze(0) for h in rows[0]]
+            else:
+                res = [None if rows[0][k] is None else torch.stack([r[k] for r in rows]) for k in range(len(params))]
+            del rows
         return [_zeros_like_batched(p, m) if h is None else h.detach() for h, p in zip(res, params)]
 
     def __call__(self, tangents: Sequence[torch.Tensor], batch) -> list[torch.Tensor]:

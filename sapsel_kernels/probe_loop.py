@@ -17,6 +17,7 @@ same Welford fold on the same bits, so accumulators, stopping decisions and chec
 """
 
 import hashlib
+import math
 import logging
 import os
 
@@ -25,7 +26,7 @@ import torch
 from . import ops  # noqa: F401  (registers torch.ops.sapsel.*)
 from .errors import check_finite
 from .estimators import LOCAL, Comm, Estimate, FlatBuffers, Welford, defer_sigint
-from .hvp import MODES, FallbackHVP, _reentrant_error
+from .hvp import MODES, FallbackHVP, _reentrant_error, auto_hvp_order, default_vectorize
 from .selection import resolve_k
 
 log = logging.getLogger("sapsel_kernels.hessian")
@@ -53,30 +54,45 @@ def _seed_for(seed: int, *parts) -> int:
 
 # ============================================================================================ passes
 def hutchinson_products(engine: FallbackHVP, batches, space, zbuf: torch.Tensor, seed: int, p0: int, m: int,
-                        out: FlatBuffers) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
-    """Per parameter, [m, *shape] SUM over ``batches`` of H_b z for the Rademacher probes p0 .. p0 + m - 1, written
-    into ``out`` (returns its per-parameter views, its flat buffers and the number of batches).
+                        out, flat: bool = True) -> tuple[list[torch.Tensor], list[torch.Tensor] | None, int]:
+    """Per parameter, [m, *shape] SUM over ``batches`` of H_b z for the Rademacher probes p0 .. p0 + m - 1
+    (returns the per-parameter tensors, the flat buffers behind them or None, and the number of batches).
 
     ``zbuf`` [per_pass, N] is refilled in place every pass (a fresh tensor per pass costs page faults comparable to
-    the fill itself); the last, shorter pass uses its leading rows. Sums are formed in ``out``'s dtype (the
-    parameter dtype, float32 for half-precision parameters: :func:`sum_dtype`) in batch order (h_1 + h_2 + ...),
-    the same roundings as an out-of-place running sum.
+    the fill itself); the last, shorter pass uses its leading rows. ``out``: a callable returning the
+    :class:`FlatBuffers` the sums are written into, called only when needed: with several batches, or with
+    ``flat=True`` (a collective needs one flat buffer per dtype). With one batch and ``flat=False`` the HVP's own
+    outputs are returned, no copy and no [per_pass, N] buffer. Sums are formed in the buffers' dtype (the parameter
+    dtype, float32 for half-precision parameters: :func:`sum_dtype`) in batch order (h_1 + h_2 + ...), the same
+    roundings as an out-of-place running sum.
     """
     z = zbuf[:m]
     torch.ops.sapsel.rademacher_fill(z, 0, p0, seed, True)
     tangents = [v if v.dtype == d else v.to(d) for v, d in zip(space.views(z).values(), space.dtypes)]
-    views, flats = out.views(m)
+    first, views, flats = None, None, None
     nb = 0
     for b in batches:
         hz = engine(tangents, b)
-        for v, h in zip(views, hz):
-            if nb == 0:
-                v.copy_(h)  # a copy: an HVP output may share storage with its tangent (an identity double backward)
-            else:
+        if nb == 0:
+            first = hz
+        else:
+            if views is None:
+                views, flats = out().views(m)
+                for v, h in zip(views, first):
+                    v.copy_(h)  # a copy: an HVP output may share storage with its tangent
+                first = None
+            for v, h in zip(views, hz):
                 v.add_(h)
+        del hz
         nb += 1
     if nb == 0:
         raise ValueError("the data yielded no batches")
+    if views is None:
+        if not flat and all(h.dtype == d for h, d in zip(first, space.dtypes)):
+            return first, None, nb  # read by the fused fold before zbuf is refilled: sharing storage is fine
+        views, flats = out().views(m)
+        for v, h in zip(views, first):
+            v.copy_(h)
     return views, flats, nb
 
 
@@ -91,7 +107,8 @@ def add_products(acc: Welford, products: list[torch.Tensor], space, p0: int, see
 
 def gnb_sums(model, output_fn, batches, space, seed: int, p0: int, m: int, out: torch.Tensor,
              batch0: int = 0) -> int:
-    """Write into ``out`` [m, N] float64 the SUM over ``batches`` of Gauss-Newton-Bartlett terms: for sample s and
+    """Write into ``out`` [m, N] (float32; float64 for float64 parameters) the SUM over ``batches`` of
+    Gauss-Newton-Bartlett terms, formed per parameter tensor (no flat or float64 copy of a gradient): for sample s and
     batch b, labels y ~ softmax(logits) (generator keyed by (seed, s, batch0 + b): ``batch0`` is the global index
     of this rank's first batch), term B_b g_b (.) g_b with g_b the gradient of the mean cross-entropy at y and B_b
     the number of logit rows. Returns the number of batches."""
@@ -121,13 +138,17 @@ def gnb_sums(model, output_fn, batches, space, seed: int, p0: int, m: int, out: 
                     if err is not None:
                         raise err from exc
                     raise
-            g = space.gather([torch.zeros_like(p) if x is None else x for x, p in zip(gs, space.params)],
-                             dtype=torch.float64)
-            x = logits.shape[0] * g * g
-            if nb == 0:
-                out[j].copy_(x)
-            else:
-                out[j].add_(x)
+            rows = logits.shape[0]
+            for x, off, n in zip(gs, space.offsets, space.numels):  # per parameter: no flat copy of the gradient
+                dst = out[j, off:off + n]
+                if x is None:
+                    if nb == 0:
+                        dst.zero_()
+                    continue
+                x = x.reshape(-1).to(out.dtype)
+                x = (x * x).mul_(rows)  # one tensor's temporary; the term is rounded before the sum (not a fused
+                dst.copy_(x) if nb == 0 else dst.add_(x)  # addcmul), so a sum split over ranks gives the same bits
+            del gs, x
             nb += 1
         if nb == 0:
             raise ValueError("the data yielded no batches")
@@ -165,8 +186,9 @@ class StopState:
                     stop = "topk_stable"
             self.prev_top = top
         if acc.count >= 2:
-            se = (acc.m2 / (acc.count - 1) / acc.count).sqrt()
-            rse = float(se.norm() / acc.mean.norm().clamp_min(1e-30))
+            # ||stderr||_2 = sqrt(sum(M2) / ((n - 1) n)) (M2 >= 0): two reductions, no N-length temporary
+            c = acc.count
+            rse = math.sqrt(max(float(acc.m2.sum()), 0.0) / ((c - 1) * c)) / max(float(acc.mean.norm()), 1e-30)
             rec["rel_stderr"] = rse
             rtol = None if self.rule is None else self.rule.rtol
             if rtol is not None and rse < rtol and acc.count >= self.min_probes and stop is None:
@@ -237,11 +259,20 @@ def load_checkpoint(path, expect: dict, numel: int, world_size: int = 1) -> dict
 
 
 # ============================================================================================ driver
-def _plan(space, n_probes: int, probes, stop) -> tuple[int, int, int, int | None]:
-    """(max_probes, per_pass, min_probes, top-k size) from the budget base and the configs."""
+def _plan(space, n_probes: int, probes, stop, estimator: str = "hutchinson",
+          one_unvectorized_batch: bool = False) -> tuple[int, int, int, int | None]:
+    """(max_probes, per_pass, min_probes, top-k size) from the budget base and the configs.
+
+    Without a stopping rule, the default per_pass is 1 where more probes per pass would buy no speed, only memory
+    (a [per_pass, N] probe buffer and per_pass x N products): for "gauss_newton" (every sample is its own forward and
+    backward per batch) and for "hutchinson" with ``one_unvectorized_batch`` (a single batch whose gradient graph
+    every probe reuses, HVPs one probe at a time: CPU rev_rev). With a stopping rule per_pass stays as below: it
+    sets how often the rule looks (``patience`` counts passes)."""
     n = space.numel
     max_probes = n_probes if stop is None else (stop.max_probes if stop.max_probes is not None else 8 * n_probes)
     per_pass = probes.per_pass
+    if per_pass is None and stop is None and (estimator == "gauss_newton" or one_unvectorized_batch):
+        per_pass = 1
     if per_pass is None:
         # Memory grows linearly with the probes per pass (z, Hz, and with vmapped HVPs per-probe activation
         # tangents) while the time per probe stops improving early: on CPUs 8 probes per vmapped pass measured
@@ -326,11 +357,16 @@ def _pass_fn(estimator, engine, model, output_fn, batches, space, seed, per_pass
     if estimator == "hutchinson":
         dt = space.dtypes[0] if all(d == space.dtypes[0] for d in space.dtypes) else torch.float32
         zbuf = torch.empty(per_pass, space.numel, dtype=dt, device=space.device)  # +-1: exact in any float dtype
-        pbuf = FlatBuffers(space, per_pass, dtype=sum_dtype(space))
+        pbuf: list = []  # the [per_pass, N] sums, allocated on first need (several batches, or a group)
+
+        def out():
+            if not pbuf:
+                pbuf.append(FlatBuffers(space, per_pass, dtype=sum_dtype(space)))
+            return pbuf[0]
         what = "hessian_diag: a Hessian-vector product"
 
         def local(p0, m):
-            views, flats, nb = hutchinson_products(engine, batches, space, zbuf, seed, p0, m, pbuf)
+            views, flats, nb = hutchinson_products(engine, batches, space, zbuf, seed, p0, m, out, flat=comm.active)
             check_finite(views, what, suffix=suffix)
             return (views, flats), (nb,)
 
@@ -345,7 +381,8 @@ def _pass_fn(estimator, engine, model, output_fn, batches, space, seed, per_pass
                     check_finite(views, what + " (summed over the ranks)", suffix=suffix)
                 add_products(acc, views, space, p0, seed)
     else:
-        sbuf = torch.empty(per_pass, space.numel, dtype=torch.float64, device=space.device)
+        sbuf = torch.empty(per_pass, space.numel, dtype=torch.float64 if torch.float64 in space.dtypes
+                           else torch.float32, device=space.device)
         what = "hessian_diag: a Gauss-Newton sample"
 
         def local(p0, m):
@@ -357,9 +394,10 @@ def _pass_fn(estimator, engine, model, output_fn, batches, space, seed, per_pass
             sums, (nb,) = comm.run(lambda: local(p0, m), "hessian_diag(estimator='gauss_newton')")
             with defer_sigint():
                 comm.sum_([sums])
-                samples = (sums / nb).to(torch.float32)
-                check_finite(samples, what, suffix=suffix)
-                acc.add_rows(samples)
+                if nb > 1:
+                    sums.div_(nb)  # in place: sbuf is refilled by the next pass
+                check_finite(sums, what, suffix=suffix)
+                acc.add_rows(sums)  # converted to float32 chunk by chunk
     return one_pass
 
 
@@ -367,7 +405,10 @@ def run_probe_loop(model, loss, batches, space, estimator: str, *, n_probes: int
                    stop, checkpoint, progress, output_fn, comm: Comm = LOCAL, batch0: int = 0) -> Estimate:
     """Sample until the budget or the stopping rule says stop; see ``hessian_diag`` for the arguments. ``comm``: the
     group (every rank calls this with its own batches, ``batch0`` the global index of its first batch)."""
-    max_probes, per_pass, min_probes, k = _plan(space, n_probes, probes, stop)
+    first = hvp if hvp in MODES else auto_hvp_order(space.device)[0]
+    vec = probes.vectorize if probes.vectorize is not None else default_vectorize(space.device, first)
+    one = not comm.active and isinstance(batches, list) and len(batches) == 1 and not vec
+    max_probes, per_pass, min_probes, k = _plan(space, n_probes, probes, stop, estimator, one)
     acc = Welford(space.numel, space.device)
     stopper = StopState(stop, k, min_probes)
     history: list[dict] = []

@@ -133,6 +133,36 @@ def test_squared_grad_chunked_fold_is_bit_identical(setup, monkeypatch):
     assert torch.allclose(a.mean.double(), ref, rtol=1e-5, atol=1e-12)
 
 
+def test_hutchinson_within_the_loop_plus_3n(setup):
+    """hessian_diag (CPU default: rev_rev, one probe per pass on one batch) holds at most the create_graph loop's
+    peak + 3 N float32 (the issue-12 target): the two Welford accumulators and one probe row beside the loop's
+    gradient graph, probe and product. Before per_pass = 1 for this case it held ~19 N (8 probes' buffers)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
+    from _hessian_models import loop_hutchinson
+
+    s = setup
+    ours = peak_bytes(lambda: sk.hessian_diag(s["model"], ce, [s["batch"]], n_probes=4, progress=False))
+    loop = peak_bytes(lambda: loop_hutchinson(s["model"], ce, s["batch"], 4))
+    assert ours <= loop + 3 * s["n4"], (ours / s["n4"], loop / s["n4"])
+    est = sk.hessian_diag(s["model"], ce, [s["batch"]], n_probes=4, progress=False)
+    assert est.info["probes_per_pass"] == 1
+
+
+def test_gauss_newton_memory(setup, monkeypatch):
+    """gauss_newton: the float32 accumulators (2N), the [per_pass = 1, N] float32 sums and one backward's gradients
+    (+ the fold's chunks): no float64 sums and no flat gradient copies (it held per_pass x N float64 + ~3 N float64
+    per batch)."""
+    s = setup
+    monkeypatch.setattr(estimators, "_FOLD_CHUNK", 1 << 14)
+    peak = peak_bytes(lambda: sk.hessian_diag(s["model"], ce, [s["batch"], s["other"]], estimator="gauss_newton",
+                                              n_probes=3, progress=False, output_fn=lambda m, b: m(b[0])))
+    # + one tensor's squared gradient (formed before the sum, for the same bits when the sum is split over ranks)
+    assert peak <= 4 * s["n4"] + 4 * max(s["space"].numels) + SLACK, peak / s["n4"]
+
+
 def test_sparse_sam_step(setup):
     """One SparseSAM step: the gradients in .grad (N float32, autograd's) + k saved weights and O(P) partials."""
     s = setup

@@ -27,6 +27,7 @@ _LAZY = {
     "ProbeConfig": "hessian",
     "StopRule": "hessian",
     "Checkpoint": "hessian",
+    "CheckpointingError": "hvp",
     "SparseSAM": "optim",
     "SparseSGD": "optim",
     "SparseAdamW": "optim",

@@ -414,6 +414,11 @@ def fisher(model, loss, batches, space, progress: bool | None = None, comm: Comm
     chunk = max(1, min(_FISHER_CHUNK, _FISHER_CHUNK_BYTES // max(1, 3 * space.numel * elem)))
     acc = Welford(space.numel, space.device)
     info: dict[str, Any] = {"fisher_path": "vmap", "batches": 0}
+    from .hessian import hf_checkpointing  # (lazy: hessian imports this module)
+
+    if hf_checkpointing(model)[0]:  # torch.func's vmap cannot run under activation checkpointing: no failed attempt
+        info.update(fisher_path="loop", fisher_fallback_reason="activation checkpointing is on (torch.func.vmap "
+                                                               "cannot run under it)")
 
     def local():
         bar = _bar(progress, sum(batch_size(b) for b in batches) if isinstance(batches, list) else None)

@@ -478,6 +478,9 @@ def measure_secret(model: torch.nn.Module, tokenizer, prefix: str, secret: str, 
     3 candidates, a text the tokenizer cannot encode, ids beyond the vocabulary, a sequence beyond the context
     window, bad numbers. NaN/Inf logits: NonFiniteError. Cost: (n + 1) scored sequences in batches of
     ``batch_size``, plus (with extraction) ``max_new_tokens`` forwards of a batch of at most one row per probe.
+    Peak extra memory: no parameter-sized buffer (O(1) in N: everything runs under no_grad); one batch's logits
+    ``[batch_size, T, V]`` in the model dtype plus float64 copies of its scored rows (see
+    :func:`continuation_logppl`), and the n + 1 float64 scores.
     """
     codec = as_tokenizer(tokenizer)
     _check_model(model)

@@ -662,15 +662,19 @@ class SparseSAM(_SparseOptimizer):
                 [self.space.offsets[self._pos[p]] for p in ps])
 
     def _sq_f64(self, p, g, ix, hp) -> float:
-        """Slow path: one tensor's (ASAM-weighted) sum of squares in float64 (its float32 sum overflowed)."""
+        """Slow path: one tensor's (ASAM-weighted) sum of squares in float64 (its float32 sum overflowed), chunk by
+        chunk (at most 2 x 8 MiB of float64 scratch)."""
         off = self.space.offsets[self._pos[p]]
         gf, wf = g.reshape(-1), p.detach().reshape(-1)
         if self.normalize != "full":
             gf, wf = gf.index_select(0, ix - off), wf.index_select(0, ix - off)
-        gf = gf.double()
-        if hp["adaptive"]:
-            gf = gf * (wf.double().abs() + hp["eta"])
-        return float((gf * gf).sum())
+        total = 0.0
+        for a in range(0, gf.numel(), 1 << 20):  # float64 in chunks of 2^20 (8 MiB), never a whole-tensor copy
+            gc = gf[a:a + (1 << 20)].double()
+            if hp["adaptive"]:
+                gc = gc * (wf[a:a + (1 << 20)].double().abs() + hp["eta"])
+            total += float(torch.dot(gc, gc))
+        return total
 
     def _grad_norm(self, hps, lists, inv_scale: float) -> Tuple[float, Optional[str]]:
         """(||g|| as the class doc defines it, unscaled; None) or (nan, where the first NaN/Inf gradient is).

@@ -237,18 +237,23 @@ class FallbackHVP:
         return self.engine(tangents, batch)
 
 
+def grad_params(loss: torch.Tensor, params, what: str = "a gradient (torch.autograd.grad)"):
+    """``torch.autograd.grad(loss, params, allow_unused=True)``, with torch's reentrant-checkpoint RuntimeError
+    re-raised as a :class:`CheckpointingError` that names the fix."""
+    try:
+        return torch.autograd.grad(loss, params, allow_unused=True)
+    except RuntimeError as exc:
+        err = _reentrant_error(exc, what)
+        if err is not None:
+            raise err from exc
+        raise
+
+
 def gradient(model, loss_fn, space, batch) -> list[torch.Tensor]:
     """Plain gradient of loss_fn(model, batch) w.r.t. space.params (zeros for unused parameters), detached."""
     loss_fn = make_loss(loss_fn)
     with torch.enable_grad():
-        loss = loss_fn(model, batch)
-        try:
-            gs = torch.autograd.grad(loss, space.params, allow_unused=True)
-        except RuntimeError as exc:
-            err = _reentrant_error(exc, "a gradient (torch.autograd.grad)")
-            if err is not None:
-                raise err from exc
-            raise
+        gs = grad_params(loss_fn(model, batch), space.params)
     return [torch.zeros_like(p) if g is None else g.detach() for g, p in zip(gs, space.params)]
 
 

@@ -26,7 +26,7 @@ import torch
 from . import ops  # noqa: F401  (registers torch.ops.sapsel.*)
 from .errors import check_finite
 from .estimators import LOCAL, Comm, Estimate, FlatBuffers, Welford, defer_sigint
-from .hvp import MODES, FallbackHVP, _reentrant_error, auto_hvp_order, default_vectorize
+from .hvp import MODES, FallbackHVP, auto_hvp_order, default_vectorize, grad_params
 from .selection import resolve_k
 
 log = logging.getLogger("sapsel_kernels.hessian")
@@ -131,13 +131,7 @@ def gnb_sums(model, output_fn, batches, space, seed: int, p0: int, m: int, out: 
                     gen = torch.Generator(device=probs.device).manual_seed(_seed_for(seed, s, batch0 + bi))
                     y = torch.multinomial(probs, 1, generator=gen).squeeze(1)
                 loss = torch.nn.functional.cross_entropy(logits, y)
-                try:
-                    gs = torch.autograd.grad(loss, space.params, allow_unused=True)
-                except RuntimeError as exc:
-                    err = _reentrant_error(exc, "hessian_diag(estimator='gauss_newton'): a gradient")
-                    if err is not None:
-                        raise err from exc
-                    raise
+                gs = grad_params(loss, space.params, "hessian_diag(estimator='gauss_newton'): a gradient")
             rows = logits.shape[0]
             for x, off, n in zip(gs, space.offsets, space.numels):  # per parameter: no flat copy of the gradient
                 dst = out[j, off:off + n]

@@ -7,6 +7,9 @@ its activations (a few hundred KiB) are small next to one N-length float32 vecto
 would be broken by any extra N-length float32 temporary, and twice over by a float64 one.
 """
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -14,24 +17,12 @@ import sapsel_kernels as sk
 from sapsel_kernels import estimators
 from sapsel_kernels.rules import norm_float64
 
+sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
+from _hessian_models import loop_hutchinson, peak_memory_bytes  # noqa: E402  (the benchmarks' own measure)
+
 
 def peak_bytes(fn) -> int:
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    pts = []
-    for e in prof.events():
-        if e.name == "[memory]":
-            pts.append((e.time_range.start, e.cpu_memory_usage))
-        elif e.self_cpu_memory_usage:
-            pts.append((e.time_range.start, e.self_cpu_memory_usage))
-    pts.sort()
-    cur = peak = 0
-    for _, b in pts:
-        cur += b
-        peak = max(peak, cur)
-    return peak
+    return peak_memory_bytes(fn, "cpu")
 
 
 SLACK = 1 << 20  # activations, per-parameter scalars, the profiler's own small tensors: 1 MiB (N float32 = 6 MiB)
@@ -137,12 +128,6 @@ def test_hutchinson_within_the_loop_plus_3n(setup):
     """hessian_diag (CPU default: rev_rev, one probe per pass on one batch) holds at most the create_graph loop's
     peak + 3 N float32 (the issue-12 target): the two Welford accumulators and one probe row beside the loop's
     gradient graph, probe and product. Before per_pass = 1 for this case it held ~19 N (8 probes' buffers)."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
-    from _hessian_models import loop_hutchinson
-
     s = setup
     ours = peak_bytes(lambda: sk.hessian_diag(s["model"], ce, [s["batch"]], n_probes=4, progress=False))
     loop = peak_bytes(lambda: loop_hutchinson(s["model"], ce, s["batch"], 4))

@@ -58,8 +58,10 @@ class Welford:
         """One Welford step on positions [lo, lo + x.numel()) of the accumulators (``count`` not advanced)."""
         c = self.count + 1
         for a in range(0, x.numel(), _FOLD_CHUNK):
-            xs = x[a:a + _FOLD_CHUNK].to(torch.float32)
-            if square:
+            xs = x[a:a + _FOLD_CHUNK]
+            # a float64 sample is squared before rounding (like fisher's float64 squares); others in float32
+            xs = (xs * xs).to(torch.float32) if square and xs.dtype == torch.float64 else xs.to(torch.float32)
+            if square and x.dtype != torch.float64:
                 xs = xs * xs
             mu = self.mean[lo + a:lo + a + xs.numel()]
             delta = xs - mu
@@ -73,7 +75,8 @@ class Welford:
 
     def add_squares(self, tensors, offsets) -> None:
         """Fold one sample given as per-parameter tensors (ParamSpace order, flat offsets ``offsets``) of which the
-        sample is the elementwise SQUARE, squared in float32: no flat copy of the sample is built."""
+        sample is the elementwise SQUARE, squared in float32 (in float64 for float64 tensors, then rounded): no flat
+        copy of the sample is built."""
         for t, off in zip(tensors, offsets):
             self._fold(off, t.reshape(-1), True)
         self.count += 1
@@ -205,7 +208,9 @@ class Comm:
         group: mean = sum_r n_r mean_r / n and M2 = sum_r [M2_r + n_r (mean_r - mean)^2] (the parallel-variance
         formula of Chan et al. for k parts: exact in exact arithmetic, no cancellation since every term is >= 0),
         in float64, rounded to float32 once, in chunks of 2^22 elements: two all_reduces per chunk, 2 x 32 MiB of
-        float64 temporaries whatever N is (elementwise, so the chunking changes no bit). With one rank
+        float64 temporaries whatever N is (elementwise: with two ranks the chunking changes no bit; with more, a ring
+        all-reduce's per-element summation order may follow the buffer's split, every rank still getting the same
+        result). With one rank
         it returns the rank's state bit for bit (n * mean / n and M2 + 0 are exact in float64)."""
         if not self.active:
             return

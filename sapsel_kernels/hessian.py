@@ -98,9 +98,11 @@ def _float_field(owner: str, name: str, v, lo: float, hi: float | None, lo_open:
 class ProbeConfig:
     """How the probes of "hutchinson" / "gauss_newton" are batched.
 
-    * ``per_pass``: samples per pass (one vmapped HVP when vectorized); None: min(budget, 8 on CPU / 16 on CUDA,
-      memory cap) where the cap allows ``memory_cap_bytes`` for ~6 N-element buffers per probe (z, Hz and
-      gradient-sized intermediates). A pass is the unit of accumulation, stopping checks and checkpoints.
+    * ``per_pass``: samples per pass (one vmapped HVP when vectorized); None: 1 without a stopping rule, a
+      checkpoint or a group for "gauss_newton" and for "hutchinson" on one batch with un-vectorized HVPs (more
+      would buy memory use, not speed), else min(budget, 8 on CPU / 16 on CUDA, memory cap) where the cap allows
+      ``memory_cap_bytes`` for ~6 N-element buffers per probe (z, Hz and gradient-sized intermediates). A pass is
+      the unit of accumulation, stopping checks and checkpoints; per_pass never changes the estimate's bits.
     * ``vectorize`` ("hutchinson" only): run a pass's probes as one vmapped HVP (True) or one HVP per probe (False).
       None: per probe for rev_rev on CPU (the gradient graph of a batch is shared by the probes either way, and the
       vmapped conv/BatchNorm double backward measured 1.4-2.4x slower per probe), vmapped otherwise. Results agree
@@ -564,7 +566,7 @@ def _descriptor(estimator, n_probes, seed, hvp, probes, stop, checkpoint, output
     }
     if estimator in _PROBED:
         desc["resolved (max_probes, per_pass, min_probes, stable_k)"] = _plan(
-            space, n_probes, probes if probes is not None else ProbeConfig(), stop, estimator)
+            space, n_probes, probes if probes is not None else ProbeConfig(), stop, estimator, False, checkpoint)
     nb = None
     if estimator == "gauss_newton":  # label samples are keyed by the GLOBAL batch index: the ranks' offsets
         try:
@@ -647,7 +649,7 @@ def hessian_diag(model: torch.nn.Module, loss_fn, data, estimator: str = "hutchi
 
     Half precision: a bf16 / fp16 model runs its forward, gradients and HVPs in its dtype; the estimate is float32
     (the Welford accumulators are float32, "hutchinson" sums the batches' products in float32 when a parameter is
-    16-bit, "gauss_newton" in float64), so it differs from the float32 model's by 16-bit arithmetic rounding only.
+    16-bit, "gauss_newton" in float32), so it differs from the float32 model's by 16-bit arithmetic rounding only.
 
     Activation checkpointing: a Hugging Face model with ``gradient_checkpointing_enable(gradient_checkpointing_kwargs=
     {"use_reentrant": False})`` stays checkpointed during the estimate although it runs in eval mode (see
@@ -678,12 +680,13 @@ def hessian_diag(model: torch.nn.Module, loss_fn, data, estimator: str = "hutchi
           buffers (vmapped: per-probe activation tangents; rev_rev: the gradient graph, kept across passes for a
           single batch); with several batches or a group, + a per_pass x N buffer of the products summed over
           batches (parameter dtype, float32 when a parameter is 16-bit). Default per_pass: 1 without a stopping
-          rule for one batch and un-vectorized HVPs (the CPU default: then 8 N bytes + one probe + one product +
-          the graph; measured on CPU: within the create_graph loop's peak + 3 N float32, tests/test_memory_
-          contracts.py), else the largest value <= 8 (16 on CUDA) with 6 x per_pass x N x elem <=
-          ``ProbeConfig.memory_cap_bytes``;
+          rule, checkpoint or group for one batch and un-vectorized HVPs (the CPU default: then 8 N bytes + one
+          probe + one product + the graph; measured on CPU: within the create_graph loop's peak + 3 N float32,
+          tests/test_memory_contracts.py), else the largest value <= 8 (16 on CUDA) with 6 x per_pass x N x elem
+          <= ``ProbeConfig.memory_cap_bytes``;
         * "gauss_newton": 8 N bytes of accumulators + a per_pass x N float32 sum (float64 only for float64
-          parameters; per_pass = 1 by default without a stopping rule) + one backward's gradients + one tensor's
+          parameters; per_pass = 1 by default without a stopping rule, checkpoint or group) + one backward's
+          gradients + one tensor's
           squared gradient + the fold;
         * "fisher": 8 N bytes of accumulators + C x N per-point gradients and their squares (float64 when a
           parameter is float64, else float32) with C = min(64, 2^28 / (3 N elem)) points per vmapped call, plus

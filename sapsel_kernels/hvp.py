@@ -170,8 +170,10 @@ class HVP:
             for j in range(m):
                 rows.append(torch.autograd.grad(outs, params, grad_outputs=[tangents[i][j] for i in live],
                                                 allow_unused=True, retain_graph=keep or j < m - 1))
-            if m == 1:  # a view, not a copy: one probe per call is the CPU default
-                res = [None if h is None else h.unsqueeze(0) for h in rows[0]]
+            if m == 1:  # a view, not a copy (one probe per call is the CPU default), unless it aliases its tangent
+                res = [None if h is None else
+                       (h.clone() if h.untyped_storage().data_ptr() == tangents[k].untyped_storage().data_ptr()
+                        else h).unsqueeze(0) for k, h in enumerate(rows[0])]
             else:
                 res = [None if rows[0][k] is None else torch.stack([r[k] for r in rows]) for k in range(len(params))]
             del rows

@@ -70,11 +70,16 @@ def hutchinson_products(engine: FallbackHVP, batches, space, zbuf: torch.Tensor,
     torch.ops.sapsel.rademacher_fill(z, 0, p0, seed, True)
     tangents = [v if v.dtype == d else v.to(d) for v, d in zip(space.views(z).values(), space.dtypes)]
     first, views, flats = None, None, None
+    if flat or not (isinstance(batches, list) and len(batches) == 1):  # the sums need the buffer: no second copy
+        views, flats = out().views(m)
     nb = 0
     for b in batches:
         hz = engine(tangents, b)
-        if nb == 0:
+        if nb == 0 and views is None:
             first = hz
+        elif nb == 0:
+            for v, h in zip(views, hz):
+                v.copy_(h)  # a copy: an HVP output may share storage with its tangent
         else:
             if views is None:
                 views, flats = out().views(m)
@@ -88,7 +93,7 @@ def hutchinson_products(engine: FallbackHVP, batches, space, zbuf: torch.Tensor,
     if nb == 0:
         raise ValueError("the data yielded no batches")
     if views is None:
-        if not flat and all(h.dtype == d for h, d in zip(first, space.dtypes)):
+        if all(h.dtype == d for h, d in zip(first, space.dtypes)):
             return first, None, nb  # read by the fused fold before zbuf is refilled: sharing storage is fine
         views, flats = out().views(m)
         for v, h in zip(views, first):
@@ -140,8 +145,8 @@ def gnb_sums(model, output_fn, batches, space, seed: int, p0: int, m: int, out: 
                         dst.zero_()
                     continue
                 x = x.reshape(-1).to(out.dtype)
-                x = (x * x).mul_(rows)  # one tensor's temporary; the term is rounded before the sum (not a fused
-                dst.copy_(x) if nb == 0 else dst.add_(x)  # addcmul), so a sum split over ranks gives the same bits
+                x = (x * x).mul_(rows)  # one tensor's temporary, rounded before the sum (not a fused addcmul): one
+                dst.copy_(x) if nb == 0 else dst.add_(x)  # batch per rank on two ranks gives the same bits (a + b)
             del gs, x
             nb += 1
         if nb == 0:
@@ -182,7 +187,12 @@ class StopState:
         if acc.count >= 2:
             # ||stderr||_2 = sqrt(sum(M2) / ((n - 1) n)) (M2 >= 0): two reductions, no N-length temporary
             c = acc.count
-            rse = math.sqrt(max(float(acc.m2.sum()), 0.0) / ((c - 1) * c)) / max(float(acc.mean.norm()), 1e-30)
+            ss, nn = float(acc.m2.sum()), float(acc.mean.norm())
+            if not (math.isfinite(ss) and math.isfinite(nn)):  # a float32 reduction overflowed: float64 chunks
+                ss = sum(float(acc.m2[a:a + (1 << 20)].double().sum()) for a in range(0, acc.m2.numel(), 1 << 20))
+                nn = math.sqrt(sum(float(torch.dot(x, x)) for x in
+                                   (acc.mean[a:a + (1 << 20)].double() for a in range(0, acc.mean.numel(), 1 << 20))))
+            rse = math.sqrt(max(ss, 0.0) / ((c - 1) * c)) / max(nn, 1e-30)
             rec["rel_stderr"] = rse
             rtol = None if self.rule is None else self.rule.rtol
             if rtol is not None and rse < rtol and acc.count >= self.min_probes and stop is None:
@@ -254,18 +264,21 @@ def load_checkpoint(path, expect: dict, numel: int, world_size: int = 1) -> dict
 
 # ============================================================================================ driver
 def _plan(space, n_probes: int, probes, stop, estimator: str = "hutchinson",
-          one_unvectorized_batch: bool = False) -> tuple[int, int, int, int | None]:
+          one_unvectorized_batch: bool = False, checkpoint=None) -> tuple[int, int, int, int | None]:
     """(max_probes, per_pass, min_probes, top-k size) from the budget base and the configs.
 
     Without a stopping rule, the default per_pass is 1 where more probes per pass would buy no speed, only memory
     (a [per_pass, N] probe buffer and per_pass x N products): for "gauss_newton" (every sample is its own forward and
     backward per batch) and for "hutchinson" with ``one_unvectorized_batch`` (a single batch whose gradient graph
-    every probe reuses, HVPs one probe at a time: CPU rev_rev). With a stopping rule per_pass stays as below: it
-    sets how often the rule looks (``patience`` counts passes)."""
+    every probe reuses, HVPs one probe at a time: CPU rev_rev). With a stopping rule or a checkpoint per_pass stays
+    as below: it sets how often the rule looks (``patience`` counts passes) and how often a checkpoint is written
+    (``Checkpoint.every`` counts passes), and checkpoints written before this default keep resuming. per_pass never
+    changes the estimate's bits (the fold is per probe)."""
     n = space.numel
     max_probes = n_probes if stop is None else (stop.max_probes if stop.max_probes is not None else 8 * n_probes)
     per_pass = probes.per_pass
-    if per_pass is None and stop is None and (estimator == "gauss_newton" or one_unvectorized_batch):
+    if per_pass is None and stop is None and checkpoint is None and \
+            (estimator == "gauss_newton" or one_unvectorized_batch):
         per_pass = 1
     if per_pass is None:
         # Memory grows linearly with the probes per pass (z, Hz, and with vmapped HVPs per-probe activation
@@ -402,7 +415,7 @@ def run_probe_loop(model, loss, batches, space, estimator: str, *, n_probes: int
     first = hvp if hvp in MODES else auto_hvp_order(space.device)[0]
     vec = probes.vectorize if probes.vectorize is not None else default_vectorize(space.device, first)
     one = not comm.active and isinstance(batches, list) and len(batches) == 1 and not vec
-    max_probes, per_pass, min_probes, k = _plan(space, n_probes, probes, stop, estimator, one)
+    max_probes, per_pass, min_probes, k = _plan(space, n_probes, probes, stop, estimator, one, checkpoint)
     acc = Welford(space.numel, space.device)
     stopper = StopState(stop, k, min_probes)
     history: list[dict] = []

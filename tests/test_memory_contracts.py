@@ -194,3 +194,31 @@ def test_norm_float64_scratch_is_bounded():
     peak = peak_bytes(lambda: norm_float64(v, w))
     assert peak <= 2 * 8 * (1 << 20) + SLACK, peak
     assert norm_float64(v, w) == pytest.approx(float(torch.linalg.vector_norm(v.double() - w.double())), rel=1e-12)
+
+
+def test_per_pass_default_keeps_checkpoints_and_stop_rules(setup, tmp_path):
+    """per_pass = 1 only where it changes nothing but memory: with a checkpoint (whose cadence counts passes and whose
+    resume checks per_pass) or a stopping rule the old default stays; the estimate's bits never depend on it."""
+    s = setup
+    plain = sk.hessian_diag(s["model"], ce, [s["batch"]], n_probes=4, progress=False)
+    ck = sk.hessian_diag(s["model"], ce, [s["batch"]], n_probes=4, progress=False,
+                         checkpoint=sk.Checkpoint(str(tmp_path / "h.pt")))
+    explicit = sk.hessian_diag(s["model"], ce, [s["batch"]], n_probes=4, progress=False,
+                               probes=sk.ProbeConfig(per_pass=3))
+    assert plain.info["probes_per_pass"] == 1 and ck.info["probes_per_pass"] == 4
+    for other in (ck, explicit):
+        assert torch.equal(plain.mean, other.mean) and torch.equal(plain.m2, other.m2)
+
+
+def test_rel_stderr_survives_float32_overflow():
+    """The stopping record's ||stderr|| / ||mean|| from sums: a float32 sum of M2 that overflows falls back to
+    float64 chunks (the per-coordinate form M2 / ((n-1) n) never overflowed)."""
+    from sapsel_kernels.probe_loop import StopState
+
+    acc = estimators.Welford(1000, "cpu")
+    acc.mean.fill_(1.0)
+    acc.m2.fill_(1e37)
+    acc.count = 16
+    _, rec = StopState(None, None, 2).update(acc)
+    ref = float(torch.sqrt((acc.m2.double() / (15 * 16)).sum()) / acc.mean.double().norm())
+    assert rec["rel_stderr"] == pytest.approx(ref, rel=1e-6)

@@ -60,44 +60,32 @@ def hutchinson_products(engine: FallbackHVP, batches, space, zbuf: torch.Tensor,
 
     ``zbuf`` [per_pass, N] is refilled in place every pass (a fresh tensor per pass costs page faults comparable to
     the fill itself); the last, shorter pass uses its leading rows. ``out``: a callable returning the
-    :class:`FlatBuffers` the sums are written into, called only when needed: with several batches, or with
-    ``flat=True`` (a collective needs one flat buffer per dtype). With one batch and ``flat=False`` the HVP's own
-    outputs are returned, no copy and no [per_pass, N] buffer. Sums are formed in the buffers' dtype (the parameter
+    :class:`FlatBuffers` the sums are written into, called unless ``batches`` is a one-batch list and ``flat`` is
+    False (a collective needs one flat buffer per dtype): then the HVP's own outputs are returned, no copy and no
+    [per_pass, N] buffer. Sums are formed in the buffers' dtype (the parameter
     dtype, float32 for half-precision parameters: :func:`sum_dtype`) in batch order (h_1 + h_2 + ...), the same
     roundings as an out-of-place running sum.
     """
     z = zbuf[:m]
     torch.ops.sapsel.rademacher_fill(z, 0, p0, seed, True)
     tangents = [v if v.dtype == d else v.to(d) for v, d in zip(space.views(z).values(), space.dtypes)]
-    first, views, flats = None, None, None
-    if flat or not (isinstance(batches, list) and len(batches) == 1):  # the sums need the buffer: no second copy
-        views, flats = out().views(m)
+    if not flat and isinstance(batches, list) and len(batches) == 1:
+        # The HVP's own outputs, no copy and no buffer: the fused fold reads them before zbuf is refilled, so an
+        # output sharing storage with its tangent is fine.
+        return engine(tangents, batches[0]), None, 1
+    views, flats = out().views(m)
     nb = 0
     for b in batches:
         hz = engine(tangents, b)
-        if nb == 0 and views is None:
-            first = hz
-        elif nb == 0:
-            for v, h in zip(views, hz):
+        for v, h in zip(views, hz):
+            if nb == 0:
                 v.copy_(h)  # a copy: an HVP output may share storage with its tangent
-        else:
-            if views is None:
-                views, flats = out().views(m)
-                for v, h in zip(views, first):
-                    v.copy_(h)  # a copy: an HVP output may share storage with its tangent
-                first = None
-            for v, h in zip(views, hz):
+            else:
                 v.add_(h)
         del hz
         nb += 1
     if nb == 0:
         raise ValueError("the data yielded no batches")
-    if views is None:
-        if all(h.dtype == d for h, d in zip(first, space.dtypes)):
-            return first, None, nb  # read by the fused fold before zbuf is refilled: sharing storage is fine
-        views, flats = out().views(m)
-        for v, h in zip(views, first):
-            v.copy_(h)
     return views, flats, nb
 
 

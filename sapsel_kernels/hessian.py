@@ -507,7 +507,7 @@ def _comm(group) -> Comm:
     return Comm(group)
 
 
-def _unwrap(model: torch.nn.Module, space) -> tuple[torch.nn.Module, ParamSpace]:
+def _unwrap(model: torch.nn.Module, space, what: str = "hessian_diag") -> tuple[torch.nn.Module, ParamSpace]:
     """(the module the estimators call, the ParamSpace over it).
 
     A DistributedDataParallel model is replaced by ``model.module``: DDP supports neither double backward nor
@@ -519,8 +519,8 @@ def _unwrap(model: torch.nn.Module, space) -> tuple[torch.nn.Module, ParamSpace]
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
         inner = model.module
     elif type(model).__name__ == "FullyShardedDataParallel":
-        raise ValueError("hessian_diag does not support FSDP-wrapped models (sharded flat parameters): estimate on "
-                         "a replicated copy of the model with group=")
+        raise ValueError(f"{what} does not support FSDP-wrapped models (sharded flat parameters): run it on a "
+                         "replicated copy of the model with group=")
     if space is None:
         space = ParamSpace(inner)
     elif not isinstance(space, ParamSpace):
@@ -528,8 +528,8 @@ def _unwrap(model: torch.nn.Module, space) -> tuple[torch.nn.Module, ParamSpace]
     elif inner is not model and all(n.startswith("module.") for n in space.names):
         space = ParamSpace(dict(zip([n[len("module."):] for n in space.names], space.params)))
     if any(type(p).__name__ == "DTensor" for p in space.params):
-        raise ValueError("hessian_diag does not support sharded parameters (DTensor: FSDP2 fully_shard, tensor "
-                         "parallel): estimate on a replicated copy of the model with group=")
+        raise ValueError(f"{what} does not support sharded parameters (DTensor: FSDP2 fully_shard, tensor "
+                         "parallel): run it on a replicated copy of the model with group=")
     return inner, space
 
 
@@ -576,7 +576,7 @@ def _descriptor(estimator, n_probes, seed, hvp, probes, stop, checkpoint, output
     return {"agree": desc, "batches": nb}
 
 
-def _check_agreement(descs: list[dict]) -> None:
+def _check_agreement(descs: list[dict], what: str = "hessian_diag") -> None:
     """The same ValueError on every rank (built from the gathered descriptors) when the ranks disagree."""
     diffs, keys = [], list(descs[0]["agree"])
     keys += [k for d in descs for k in d["agree"] if k not in keys]
@@ -586,7 +586,7 @@ def _check_agreement(descs: list[dict]) -> None:
             shown = ", ".join(f"rank {r}: {v!r}" for r, v in enumerate(vals[:8]))
             diffs.append(f"{key} ({shown}{', ...' if len(vals) > 8 else ''})")
     if diffs:
-        raise ValueError("hessian_diag(group=...): the ranks disagree on " + "; ".join(diffs) + ". Every rank must "
+        raise ValueError(f"{what}(group=...): the ranks disagree on " + "; ".join(diffs) + ". Every rank must "
                          "pass the same arguments and hold the same parameters and buffers (DDP broadcasts them "
                          "from rank 0 when it wraps the model; else torch.distributed.broadcast each one from rank "
                          "0); only the data differs across ranks")

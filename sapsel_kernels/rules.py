@@ -26,7 +26,7 @@ owns validation, the estimation mode, snapshots and the final write; these class
 import math
 import numbers
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, ClassVar, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -180,6 +180,59 @@ class Problem:
     retain: Optional[Sequence] = None
     counts: Dict[str, int] = field(default_factory=lambda: {"grad": 0, "hvp": 0, "passes": 0})
     info: Dict[str, Any] = field(default_factory=dict)
+    comm: Any = None  # estimators.Comm of ``unlearn(group=...)``; None = one process
+    train_points_total: Optional[int] = None  # train points over every rank (= train_points for one process)
+
+    def __post_init__(self):
+        if self.comm is None:
+            from .estimators import LOCAL
+
+            self.comm = LOCAL
+        if self.train_points_total is None:
+            self.train_points_total = self.train_points
+
+    # ------------------------------------------------------------------ data parallelism (no-ops for one process)
+    def all_sum_s(self, fn: Callable[[], torch.Tensor], what: str) -> torch.Tensor:
+        """``fn()`` -> this rank's [k] vector; returns its sum over the group's ranks. An exception on any rank
+        raises on every rank (that rank its own, the others a ValueError naming it) before the sum: ONE flag
+        all_reduce (3 int64) and one all_reduce of k values."""
+        v, _ = self.comm.run(lambda: (fn(), ()), what, n_counts=0)
+        self.comm.sum_([v])
+        return v
+
+    def synced(self, closure: Callable[[], Any], what: str) -> Callable[[], Any]:
+        """``closure`` (forward + backward into ``.grad``) followed, under a group, by the average over the ranks
+        of the gradient at S only (k values: ``.grad`` outside S stays this rank's, and the sparse optimizers never
+        read it); an exception on any rank raises on every rank before the average."""
+        if not self.comm.active:
+            return closure
+
+        def run():
+            loss, _ = self.comm.run(lambda: (closure(), ()), what, n_counts=0)
+            c = self.coords
+            buf = c.gather([p.grad for p in c.touched], touched=True)
+            self.comm.sum_([buf])
+            buf.div_(self.comm.world)
+            with torch.no_grad():
+                for _, p, loc, a, b in c.parts:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                    c._index_copy(p.grad, loc, buf[a:b].to(p.grad.dtype))
+            return loss
+
+        return run
+
+    def agreed(self, fn: Callable[[], Any], what: str) -> Any:
+        """``fn()`` on every rank (errors agreed as in :meth:`all_sum_s`); under a group every rank returns group
+        rank 0's value (one ``broadcast_object_list``), so that a decision taken on it is the same everywhere."""
+        value, _ = self.comm.run(lambda: (fn(), ()), what, n_counts=0)
+        if not self.comm.active:
+            return value
+        import torch.distributed as dist
+
+        box = [value]
+        dist.broadcast_object_list(box, src=dist.get_global_rank(self.comm.group, 0), group=self.comm.group)
+        return box[0]
 
     def summed_gradient_s(self, batches) -> torch.Tensor:
         """Σ_b |b|·∇loss(b) at S: [k] in ``coords.dtype`` (each backward's full gradient is transient)."""
@@ -189,10 +242,12 @@ class Problem:
         return g
 
     def gradient_difference_s(self) -> torch.Tensor:
-        """G_S = Σ∇ℓ(Z̃)_S − Σ∇ℓ(Z)_S, checked finite."""
-        g_new = self.summed_gradient_s(self.corrected)
-        g_old = self.summed_gradient_s(self.affected)
-        g = g_new - g_old
+        """G_S = Σ∇ℓ(Z̃)_S − Σ∇ℓ(Z)_S (under a group: over every rank's points), checked finite."""
+        def local():
+            g_new = self.summed_gradient_s(self.corrected)
+            return g_new - self.summed_gradient_s(self.affected)
+
+        g = self.all_sum_s(local, "unlearn: G = Σ∇ℓ(Z̃) − Σ∇ℓ(Z)")
         self.coords.check_finite(g, "unlearn: G = Σ∇ℓ(Z̃) − Σ∇ℓ(Z)")
         return g
 
@@ -325,14 +380,18 @@ class SecondOrder(_Rule):
         g_s = prob.gradient_difference_s()
         prob.info["g_norm"] = norm_float64(g_s)
         lam = _damping(self, prob)
-        hb, n_h, n_batches = prob.train, prob.train_points, prob.train_batches
+        hb, n_h, n_batches = prob.train, prob.train_points_total, prob.train_batches
         prob.info["n_hessian_points"] = n_h
         from .hvp import RestrictedHVP
 
         hess = RestrictedHVP(prob.model, prob.loss, prob.space, hb, prob.coords.indices, scale=prob.n_train / n_h,
                              cache_graph=self.cache_graph)
+
+        def product(v):  # under a group: this rank's points' products summed over the ranks (k values)
+            return prob.all_sum_s(lambda: hess(v), "unlearn: second_order's Hessian-vector product") + lam * v
+
         try:
-            x, cg = cg_solve(lambda v: hess(v) + lam * v, g_s, max_iter=int(self.cg_iters), tol=float(self.cg_tol))
+            x, cg = cg_solve(product, g_s, max_iter=int(self.cg_iters), tol=float(self.cg_tol))
         finally:
             prob.counts["hvp"] += hess.n_point_products
             prob.counts["passes"] += hess.n_products * n_batches + (n_batches if self.cache_graph else 0)
@@ -389,9 +448,10 @@ class DiagNewton(_Rule):
         if d is None:
             from . import hessian
 
-            prob.info["n_hessian_points"] = prob.train_points
+            prob.info["n_hessian_points"] = prob.train_points_total
             est = hessian.hessian_diag(prob.model, prob.loss, prob.train, n_probes=int(self.n_probes),
-                                       seed=int(self.seed), space=prob.space)
+                                       seed=int(self.seed), space=prob.space,
+                                       group=prob.comm.group if prob.comm.active else None)
             if est.info.get("stopped_by") == "interrupted":
                 raise KeyboardInterrupt  # hessian_diag keeps a partial estimate on Ctrl-C; an update must not use it
             n_probes = int(getattr(est, "n_probes", self.n_probes))
@@ -488,7 +548,7 @@ class SAMFinetune(_Rule):
                 loss.backward()
                 return loss
 
-            _sam_step(opt, model, closure)
+            _sam_step(opt, model, prob.synced(closure, "unlearn: a sam_finetune step"))
             opt.zero_grad()
             if opt.last_step_skipped:
                 raise NonFiniteError("unlearn: sam_finetune hit a NaN/Inf gradient on the selection; the model was "
@@ -526,14 +586,19 @@ class GradientAscent(_Rule):
         for step in range(self.steps):
             bz, bzt = next(z), next(zt)
             opt.zero_grad()
-            # Two backward passes into .grad rather than one through L(Z̃) − L(Z): the same work and the same
-            # gradient peak (either way one term's gradient, N, plus the other's of one tensor at a time: 1.71 N on
-            # the memory-contract MLP before and after), but Z̃'s graph and activations are freed before Z's forward.
-            for sign, b, what in ((1.0, bzt, "L(Z̃)"), (-1.0, bz, "L(Z)")):
-                loss = loss_fn(model, b)
-                check_finite(loss.detach(), f"unlearn: the gradient_ascent loss term {what}",
-                             suffix="the model was restored", where=lambda _: f"step {step + 1} of {self.steps}")
-                (loss if sign > 0 else -loss).backward()
+
+            def closure(bz=bz, bzt=bzt, step=step):
+                # Two backward passes into .grad rather than one through L(Z̃) − L(Z): the same work and the same
+                # gradient peak (either way one term's gradient, N, plus the other's of one tensor at a time: 1.71 N
+                # on the memory-contract MLP before and after), but Z̃'s graph and activations are freed before Z's
+                # forward.
+                for sign, b, what in ((1.0, bzt, "L(Z̃)"), (-1.0, bz, "L(Z)")):
+                    loss = loss_fn(model, b)
+                    check_finite(loss.detach(), f"unlearn: the gradient_ascent loss term {what}",
+                                 suffix="the model was restored", where=lambda _: f"step {step + 1} of {self.steps}")
+                    (loss if sign > 0 else -loss).backward()
+
+            prob.synced(closure, "unlearn: a gradient_ascent step")()
             opt.step()
             opt.zero_grad()
             if opt.last_step_skipped:
@@ -643,10 +708,14 @@ class Targeted(_Rule):
             return
         # L*(Z_b) at θ*: one forward per affected batch (no gradient), only for the built-in NPO term
         if self.forget_weight > 0 and self.forget_loss is None:
-            with torch.no_grad():
-                ref = [float(loss_fn(model, b)) for b in prob.affected]
-            check_finite(torch.tensor(ref, dtype=torch.float64), "unlearn: the targeted rule's reference loss L*(Z)",
-                         suffix="the model was left untouched")
+            def reference():  # this rank's batches; a NaN on any rank raises on every rank
+                with torch.no_grad():
+                    values = [float(loss_fn(model, b)) for b in prob.affected]
+                check_finite(torch.tensor(values, dtype=torch.float64),
+                             "unlearn: the targeted rule's reference loss L*(Z)", suffix="the model was left untouched")
+                return values, ()
+
+            ref, _ = prob.comm.run(reference, "unlearn: the targeted rule's reference loss", n_counts=0)
             prob.info["forward_passes"] = len(ref)
         else:
             ref = [0.0 for _ in prob.affected]
@@ -660,7 +729,7 @@ class Targeted(_Rule):
         prev_score = None
         if self.monitor is not None:
             accepted = (prob.coords.snapshot(), copy.deepcopy(opt.state_dict()), 0)
-            m0 = self.monitor(0)
+            m0 = prob.agreed(lambda: self.monitor(0), "unlearn: the targeted rule's monitor")
             prev_score = float(m0.get("score", float("nan")))
             history.append({"step": 0, "lr": lr, **m0, "accepted": True})
             if m0.get("done"):
@@ -699,6 +768,7 @@ class Targeted(_Rule):
                     loss.backward()
                     return loss
 
+                closure = prob.synced(closure, "unlearn: a targeted step")
                 opt.zero_grad()
                 if sam:
                     _sam_step(opt, model, closure)
@@ -720,7 +790,7 @@ class Targeted(_Rule):
             prob.info["steps_run"] = done_steps
             if self.monitor is None:
                 continue
-            m = self.monitor(position)
+            m = prob.agreed(lambda: self.monitor(position), "unlearn: the targeted rule's monitor")
             ok = bool(m.get("within_budget", True))
             history.append({"step": position, "lr": lr, **m, "accepted": ok})
             if not ok:

@@ -20,6 +20,7 @@ mode updates running statistics, as training does.
 """
 
 import contextlib
+import hashlib
 import numbers
 import time
 from dataclasses import asdict, dataclass, field
@@ -29,6 +30,7 @@ import torch
 
 from .data import as_batches, make_loss
 from .errors import check_finite
+from .hessian import _check_agreement, _comm, _unwrap
 from .rules import TRAIN_METHODS, Coords, Problem, as_method, count_batches, norm_float64
 from .selection import as_selection
 from .space import ParamSpace
@@ -85,10 +87,18 @@ def _restore_buffers(saved) -> None:
             ref.copy_(value)
 
 
+def _digest(*tensors: torch.Tensor) -> str:
+    """sha1 of the tensors' bytes (O(k) for S's indices or θ_S): what the ranks of a group compare."""
+    h = hashlib.sha1()
+    for t in tensors:
+        h.update(t.detach().reshape(-1).contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 # ====================================================================================================== unlearn
 def unlearn(model: torch.nn.Module, loss_fn, affected, corrected, selection, method="first_order", *,
             train_data=None, n_train: Optional[int] = None, space: Optional[ParamSpace] = None,
-            estimation_mode: bool = True) -> UnlearnReport:
+            estimation_mode: bool = True, group=None) -> UnlearnReport:
     """Unlearn the affected points Z (replaced by their corrections Z̃) by updating only the coordinates in S.
 
     Args:
@@ -113,6 +123,18 @@ def unlearn(model: torch.nn.Module, loss_fn, affected, corrected, selection, met
         estimation_mode: run in ``hessian_diag``'s estimation mode (eval mode for every module, math attention),
             restored afterwards. False: in the model's own mode (then iterative methods on a model in train mode
             update BatchNorm statistics like training does; direct methods restore them).
+        group: a torch.distributed ProcessGroup (e.g. ``dist.group.WORLD``) or None (one process). Given, the call
+            is collective: every rank passes the same model (replicated, or wrapped in DistributedDataParallel: its
+            ``.module`` is used, DDP's own hooks never run), selection and method, and its OWN shard of Z, Z̃ and
+            train_data (at least one point each). Direct rules sum G_S and second_order's restricted Hessian
+            products over the ranks (k values per all_reduce); diag_newton estimates with ``hessian_diag(group=)``;
+            ``n_train`` defaults to the train points of every rank. Iterative rules average the gradient AT S over
+            the ranks after each backward (k values; like DDP, one batch per rank per step, so equal shards give one
+            process's step on the concatenated batch; targeted's NPO term stays per rank's batch), and the
+            ``Targeted(monitor=)`` decisions are group rank 0's. The ranks first compare the method, the space, k
+            and O(k) digests of S and θ_S; a disagreement, an empty shard or an error on any rank raises on every
+            rank (that rank its own error, the others a ValueError naming it), each rank restoring its model. The
+            report's counts are the group's. A DDP model with ``group=None`` raises ValueError.
 
     Returns:
         UnlearnReport.
@@ -134,56 +156,84 @@ def unlearn(model: torch.nn.Module, loss_fn, affected, corrected, selection, met
     report reads θ_S once more (k, the working dtype) and reduces in float64 chunks (at most 16 MiB of float64
     scratch and k bools; never a [k] float64 copy).
     """
-    rule = as_method(method)
-    if not isinstance(estimation_mode, bool):
-        raise TypeError(f"estimation_mode must be a bool, got {type(estimation_mode).__name__}")
-    if n_train is not None and (isinstance(n_train, bool) or not isinstance(n_train, numbers.Integral)
-                                or n_train < 1):
-        raise ValueError(f"n_train must be an int >= 1, got {n_train!r}")
-    use = rule.train_use()
-    for arg, value in (("train_data", train_data), ("n_train", n_train)):
-        if value is not None and use is None:
-            raise ValueError(f"{arg} applies only to the methods {TRAIN_METHODS}; {rule.name} does not read it")
-    if use == "n_train" and train_data is not None and n_train is not None:
-        raise ValueError("diag_newton with diag= reads train_data only to count n_train: give train_data or n_train, "
-                         "not both")
-    space = space if space is not None else ParamSpace(model)
-    loss = make_loss(loss_fn)
-    if selection is None:
-        sel = as_selection(torch.arange(space.numel, device=space.device), space)
-    else:
-        sel = as_selection(selection, space, allow_empty=False)
-    passes = "many" if rule.iterative else "once"
-    z = as_batches(affected, passes=passes, what="affected")
-    zt = as_batches(corrected, passes=passes, what="corrected")
-    (nz, _), (nzt, _) = count_batches(z), count_batches(zt)
-    if nz == 0 or nz != nzt:
-        raise ValueError(f"affected ({nz} points) and corrected ({nzt} points) must be non-empty and of equal size")
-    train, train_points, train_batches = None, None, None
-    if use == "hessian":
-        if train_data is None:
-            what = "the Hessian" if rule.name == "second_order" else "the Hessian diagonal (or give diag=)"
-            raise ValueError(f"{rule.name} needs train_data (the corrected training data or a subsample) for {what}")
-        train = as_batches(train_data, passes="many", what="train_data")
-        train_points, train_batches = count_batches(train)  # the one counting pass; the rule reuses the counts
-        if train_points == 0:
-            raise ValueError("train_data holds no points")
-        n_train = int(n_train) if n_train is not None else train_points
-    elif use == "n_train" and n_train is None:
-        if train_data is None:
-            raise ValueError(f"{rule.name} with diag= needs n_train (or train_data, whose points it counts)")
-        n_train, _ = count_batches(as_batches(train_data, passes="once", what="train_data"))
-        if n_train == 0:
-            raise ValueError("train_data holds no points")
-    with torch.no_grad():
-        check_finite([p.detach() for p in space.params], "unlearn: the model's parameters", space=space,
-                     suffix="the model was left untouched")
-    coords = Coords(space, sel)
-    prob = Problem(model=model, loss=loss, space=space, coords=coords, affected=z, corrected=zt, train=train,
-                   n_train=int(n_train) if n_train is not None else None, train_points=train_points,
-                   train_batches=train_batches)
-    rule.prepare(prob)
+    comm = _comm(group)
 
+    def prepare():
+        nonlocal n_train
+        n_train_given = n_train
+        rule = as_method(method)
+        if not isinstance(estimation_mode, bool):
+            raise TypeError(f"estimation_mode must be a bool, got {type(estimation_mode).__name__}")
+        if n_train is not None and (isinstance(n_train, bool) or not isinstance(n_train, numbers.Integral)
+                                    or n_train < 1):
+            raise ValueError(f"n_train must be an int >= 1, got {n_train!r}")
+        use = rule.train_use()
+        for arg, value in (("train_data", train_data), ("n_train", n_train)):
+            if value is not None and use is None:
+                raise ValueError(f"{arg} applies only to the methods {TRAIN_METHODS}; {rule.name} does not read it")
+        if use == "n_train" and train_data is not None and n_train is not None:
+            raise ValueError("diag_newton with diag= reads train_data only to count n_train: give train_data or "
+                             "n_train, not both")
+        inner, space_ = _unwrap(model, space, "unlearn")
+        if inner is not model and not comm.active:
+            raise ValueError("unlearn: a DistributedDataParallel model needs group= (its process group, e.g. "
+                             "torch.distributed.group.WORLD): each rank then passes its own shard of Z and Z̃; "
+                             "without it the replicas would diverge")
+        loss = make_loss(loss_fn)
+        if selection is None:
+            sel = as_selection(torch.arange(space_.numel, device=space_.device), space_)
+        else:
+            sel = as_selection(selection, space_, allow_empty=False)
+        passes = "many" if rule.iterative else "once"
+        z = as_batches(affected, passes=passes, what="affected")
+        zt = as_batches(corrected, passes=passes, what="corrected")
+        (nz, _), (nzt, _) = count_batches(z), count_batches(zt)
+        if nz == 0 or nz != nzt:
+            raise ValueError(f"affected ({nz} points) and corrected ({nzt} points) must be non-empty and of equal "
+                             "size")
+        train, train_points, train_batches = None, None, None
+        if use == "hessian":
+            if train_data is None:
+                what = "the Hessian" if rule.name == "second_order" else "the Hessian diagonal (or give diag=)"
+                raise ValueError(f"{rule.name} needs train_data (the corrected training data or a subsample) for "
+                                 f"{what}")
+            train = as_batches(train_data, passes="many", what="train_data")
+            train_points, train_batches = count_batches(train)  # the one counting pass; the rule reuses the counts
+            if train_points == 0:
+                raise ValueError("train_data holds no points")
+            n_train = int(n_train) if n_train is not None else train_points
+        elif use == "n_train" and n_train is None:
+            if train_data is None:
+                raise ValueError(f"{rule.name} with diag= needs n_train (or train_data, whose points it counts)")
+            n_train, _ = count_batches(as_batches(train_data, passes="once", what="train_data"))
+            if n_train == 0:
+                raise ValueError("train_data holds no points")
+        with torch.no_grad():
+            check_finite([p.detach() for p in space_.params], "unlearn: the model's parameters", space=space_,
+                         suffix="the model was left untouched")
+        coords = Coords(space_, sel)
+        prob = Problem(model=inner, loss=loss, space=space_, coords=coords, affected=z, corrected=zt, train=train,
+                       n_train=int(n_train) if n_train is not None else None, train_points=train_points,
+                       train_batches=train_batches, comm=comm)
+        rule.prepare(prob)
+        desc = None
+        if comm.active:  # what every rank must agree on (O(k) hashes of S and of θ_S), and its own counts
+            desc = {"agree": {"method": repr(rule), "parameters": space_.numel, "space": space_.signature,
+                              "k": coords.k, "selection": _digest(coords.indices),
+                              "theta_S": _digest(*coords.snapshot()), "n_train": n_train_given},
+                    "points": nz, "train_points": train_points, "n_train": n_train}
+        return (rule, prob), desc
+
+    (rule, prob), descs = comm.exchange(prepare, "unlearn")
+    if comm.active:
+        _check_agreement(descs, "unlearn")
+        comm.device = prob.space.device
+        if prob.train_points is not None:
+            prob.train_points_total = sum(d["train_points"] for d in descs)
+        if descs[0]["agree"]["n_train"] is None and prob.n_train is not None:
+            prob.n_train = sum(d["n_train"] for d in descs)  # default: the points of train_data on every rank
+    coords, space = prob.coords, prob.space
+    model = prob.model
     from .hessian import estimation_mode as _estimation_mode
 
     theta_s = coords.snapshot()  # k values in the parameters' dtypes: the restore is bit-exact
@@ -214,6 +264,11 @@ def unlearn(model: torch.nn.Module, loss_fn, affected, corrected, selection, met
         _restore_buffers(buffers)
         raise
     wall = time.perf_counter() - t0
+    if comm.active:  # the report's cost is the group's: every rank's gradients, HVPs and passes
+        _, totals = comm.run(lambda: (None, (prob.counts["grad"], prob.counts["hvp"], prob.counts["passes"])),
+                             "unlearn", n_counts=3)
+        prob.counts.update(grad=totals[0], hvp=totals[1], passes=totals[2])
+        prob.info["world_size"] = comm.world
     new = coords.read()  # [k] in coords.dtype, like old_s: the report below is O(k), no [k] float64 copy
     return UnlearnReport(method=rule.name, k=coords.k, numel=space.numel, wall_time_s=wall,
                          n_gradients=prob.counts["grad"], n_hvps=prob.counts["hvp"], n_passes=prob.counts["passes"],

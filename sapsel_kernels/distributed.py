@@ -46,7 +46,7 @@ from .selection import Selection, _rank, resolve_k
 from .space import ParamSpace
 
 __all__ = ["ShardedSelection", "select_sharded", "rank_and_world", "comm_device", "all_gather_int64",
-           "shard_offsets", "all_gather_varlen", "DIGIT_WIDTHS", "topk_comm_bytes"]
+           "shard_offsets", "all_gather_varlen", "DIGIT_WIDTHS", "topk_comm_bytes", "ShardLayout", "dtensor_rows"]
 
 # digit schedule by key width, most significant first (the C++/Triton kernels' for 32 and 16 bits)
 DIGIT_WIDTHS = {32: (11, 11, 10), 16: (11, 5), 64: (11, 11, 11, 11, 10, 10)}
@@ -134,6 +134,84 @@ def topk_comm_bytes(dtype: torch.dtype, world: int, k: int, gather_counts: Seque
     if gather_counts is not None and max(gather_counts) > 0:
         b += 8 * world * max(gather_counts)
     return b
+
+
+# ---------------------------------------------------------------------------------------------------- FSDP2 layout
+def dtensor_rows(p, what: str = "parameter") -> tuple[int, int, int]:
+    """(r0, r1, row) of an FSDP2 (``fully_shard``) parameter on this rank: it holds rows [r0, r1) of dim 0 (``row``
+    elements each), so its local shard is flat positions [r0 * row, r1 * row) of the full parameter. FSDP2 splits
+    dim 0 like ``torch.chunk`` (ceil(d0 / W) rows per rank, the last ranks possibly fewer or none). Anything else
+    (another placement, a 2-D mesh, a padded or uneven local shard) raises NotImplementedError naming it."""
+    from torch.distributed.tensor import Shard
+
+    mesh, pl = p.device_mesh, tuple(p.placements)
+    if mesh.ndim != 1 or len(pl) != 1 or not isinstance(pl[0], Shard) or pl[0].dim != 0 or p.dim() == 0:
+        raise NotImplementedError(f"{what}: only FSDP2 fully_shard's layout (placements (Shard(dim=0),) on a 1-D "
+                                  f"mesh) is supported, got placements {pl} on a {mesh.ndim}-D mesh, shape "
+                                  f"{tuple(p.shape)}")
+    d0, world, rank = p.shape[0], mesh.size(), mesh.get_local_rank()
+    c = -(-d0 // world)
+    r0 = min(rank * c, d0)
+    r1 = min(r0 + c, d0)
+    row = 1
+    for n in p.shape[1:]:
+        row *= n
+    local = p.to_local()
+    if tuple(local.shape) != (r1 - r0, *p.shape[1:]):
+        raise NotImplementedError(f"{what}: the local shard has shape {tuple(local.shape)}, expected "
+                                  f"{(r1 - r0, *p.shape[1:])} (rows {r0}:{r1} of a torch.chunk split over {world})")
+    return r0, r1, row
+
+
+class ShardLayout:
+    """Where this rank's FSDP2 shards lie in the global flat index space of a ParamSpace of DTensor parameters.
+
+    Parameter i's local shard is the global flat range ``[lo_i, hi_i)`` (rows [r0, r1) of dim 0, see
+    :func:`dtensor_rows`); the rank's LOCAL flat vector is the concatenation of its shards in space order, so the
+    map local position -> global index is strictly increasing. ``bounds``: [(lo_i, hi_i)]; ``local_starts``: the
+    local position of each shard; ``local_numel``; ``group``: the mesh's process group (every parameter on one
+    mesh, else NotImplementedError). Built locally (no collective); O(P)."""
+
+    def __init__(self, space: ParamSpace, what: str = "sapsel_kernels"):
+        self.space = space
+        self.bounds: list[tuple[int, int]] = []
+        self.local_starts: list[int] = []
+        mesh = None
+        pos = 0
+        for name, p, off in zip(space.names, space.params, space.offsets):
+            if not _is_dtensor(p):
+                raise NotImplementedError(f"{what}: parameter {name!r} is a plain tensor among FSDP2 (DTensor) "
+                                          "parameters; shard every parameter with fully_shard")
+            r0, r1, row = dtensor_rows(p, f"{what}: parameter {name!r}")
+            if mesh is None:
+                mesh = p.device_mesh
+            elif p.device_mesh != mesh:
+                raise NotImplementedError(f"{what}: parameter {name!r} lives on another device mesh")
+            self.bounds.append((off + r0 * row, off + r1 * row))
+            self.local_starts.append(pos)
+            pos += (r1 - r0) * row
+        self.local_numel = pos
+        self.group = mesh.get_group()
+        self._lo = torch.tensor([b[0] for b in self.bounds], dtype=torch.int64)
+        self._starts = torch.tensor(self.local_starts, dtype=torch.int64)
+
+    @staticmethod
+    def of(space: ParamSpace, what: str = "sapsel_kernels") -> "ShardLayout | None":
+        """The layout when the space holds DTensor parameters, else None."""
+        return ShardLayout(space, what) if any(_is_dtensor(p) for p in space.params) else None
+
+    def to_global(self, local: torch.Tensor) -> torch.Tensor:
+        """Global flat indices of local positions (int64, any order): O(len) plus one searchsorted."""
+        local = local.to(torch.int64)
+        starts = self._starts.to(local.device)
+        seg = torch.searchsorted(starts, local, right=True) - 1
+        return local - starts[seg] + self._lo.to(local.device)[seg]
+
+    def local_flat(self, tensors) -> torch.Tensor:
+        """The rank's local flat vector of per-parameter DTensors (or local tensors) shaped like the parameters:
+        their local shards concatenated (one copy, local_numel elements)."""
+        parts = [(t.to_local() if _is_dtensor(t) else t).reshape(-1) for t in tensors]
+        return torch.cat(parts) if parts else torch.zeros(0)
 
 
 # ---------------------------------------------------------------------------------------------------- the result

@@ -41,6 +41,15 @@ second step records it again after ``scaler.step`` re-checked the second-pass gr
 
 DDP: run the first backward inside ``model.no_sync()`` only if you want SAM's per-replica perturbation (the
 original SAM's m-sharpness); by default let both backward passes all-reduce so every replica perturbs identically.
+
+FSDP2 (``fully_shard``; every parameter a DTensor split by rows of dim 0 over a 1-D mesh): pass the sharded model
+(or its named parameters) and the GLOBAL selection (flat indices of the unsharded space, the same on every rank, or
+each rank's part from ``select(..., group=)``). Each rank updates the selected coordinates of its own shard
+(``to_local()``), so the state is O(k / world) per rank (``k_local``: the selected coordinates this rank holds).
+The only collectives the optimizer adds are tiny: SAM's norm (one all_reduce of 3 float64 per first_step) and the
+NaN verdict of the other steps (one int64), so a NaN in one rank's shard raises (or, under AMP, skips) on every
+rank with nothing modified anywhere. A state_dict is per rank; loading it on another rank or world size raises
+ValueError. Other DTensor layouts (tensor parallel, 2-D meshes) raise NotImplementedError.
 """
 
 import contextlib
@@ -91,6 +100,13 @@ def _resolve_space(params) -> Tuple[ParamSpace, Optional[List[dict]]]:
             raise ValueError("param groups must hold distinct parameters that require grad")
         return space, groups
     return ParamSpace(items), None
+
+
+def _flag_device(group, like: torch.device) -> torch.device:
+    """Where a small collective buffer goes: the current CUDA device for NCCL, else the CPU."""
+    from .distributed import comm_device
+
+    return comm_device(group, like)
 
 
 def _hash_indices(idx: torch.Tensor) -> str:
@@ -205,15 +221,25 @@ class _SparseOptimizer(torch.optim.Optimizer):
             self._hparams(group)
         # Per parameter: a view of the selection's global indices (no copy) and the parameter's flat offset; the
         # kernels address element idx - offset of the parameter. One searchsorted + one host sync, O(P) Python.
-        cuts = torch.searchsorted(idx, space._bounds.to(idx.device)).tolist()
+        # FSDP2 (fully_shard: DTensor parameters): the kernels address each parameter's LOCAL shard, the global
+        # flat range [lo, hi) of its rows on this rank; only the selected indices inside it are kept (O(k / world)
+        # state), and the few scalars that must be global (the SAM norm, the NaN verdict) are all-reduced.
+        from .distributed import ShardLayout
+
+        layout = ShardLayout.of(space, type(self).__name__)
+        self._shard_group = layout.group if layout is not None else None
+        bounds = layout.bounds if layout is not None else [(o, o + n) for o, n in zip(space.offsets, space.numels)]
+        edges = torch.tensor([e for b in bounds for e in b], dtype=torch.int64, device=idx.device)
+        cuts = torch.searchsorted(idx, edges).tolist()
         self._idx: Dict[torch.Tensor, torch.Tensor] = {}
-        self._off: Dict[torch.Tensor, int] = {}
+        self._off: Dict[torch.Tensor, int] = {}  # flat index of the first element the kernels address, per tensor
         self._pos: Dict[torch.Tensor, int] = {}
         for i, p in enumerate(space.params):
             self._pos[p] = i
-            if cuts[i + 1] > cuts[i]:
-                self._idx[p] = idx[cuts[i]:cuts[i + 1]]
-                self._off[p] = space.offsets[i]
+            self._off[p] = bounds[i][0]
+            if cuts[2 * i + 1] > cuts[2 * i]:
+                self._idx[p] = idx[cuts[2 * i]:cuts[2 * i + 1]]
+        self.k_local = sum(v.numel() for v in self._idx.values())  # = k without FSDP2
         self._selection_hash = _hash_indices(idx)
         self.last_step_skipped = False
 
@@ -230,8 +256,32 @@ class _SparseOptimizer(torch.optim.Optimizer):
         return _check_hparams(**{k: group[k] for k in self._hp_keys})
 
     # ------------------------------------------------------------------ per-step plumbing
+    def _t(self, p) -> torch.Tensor:
+        """The tensor the kernels address for parameter ``p``: ``p`` itself, or its local shard under FSDP2."""
+        return p.to_local() if self._shard_group is not None else p
+
+    def _ts(self, ps) -> List[torch.Tensor]:
+        return [self._t(p) for p in ps] if self._shard_group is not None else ps
+
+    def _agree(self, bad: Optional[str], what: str) -> Optional[str]:
+        """Under FSDP2 the NaN verdict of every shard: this rank's ``bad``, or where on another rank (one all_reduce
+        of one int64), so every rank skips or raises together. Without FSDP2 ``bad`` itself."""
+        if self._shard_group is None:
+            return bad
+        import torch.distributed as dist
+
+        flag = torch.tensor([0 if bad is None else 1 << dist.get_rank(self._shard_group)], dtype=torch.int64,
+                            device=_flag_device(self._shard_group, self.space.device))
+        dist.all_reduce(flag, group=self._shard_group)
+        ranks = [r for r in range(dist.get_world_size(self._shard_group)) if int(flag) >> r & 1]
+        if bad is None and ranks:
+            return f"in the shard of rank {ranks[0]} ({what})"
+        return bad
+
     def _dense_grad(self, p) -> torch.Tensor:
         g = p.grad
+        if self._shard_group is not None:
+            g = g.to_local()
         if g.is_sparse:
             raise RuntimeError(f"{self.space.names[self._pos[p]]}: sparse (torch.sparse) gradients are not supported")
         return g if g.is_contiguous() else g.contiguous()
@@ -263,7 +313,7 @@ class _SparseOptimizer(torch.optim.Optimizer):
     def _first_bad(self, p, g, ix, full: bool) -> Optional[str]:
         """Where the first NaN/Inf of ``g`` among the coordinates the step reads is, or None (slow path only: it
         gathers the parameter's selected gradient, <= k values, or scans the whole gradient when ``full``)."""
-        off = self.space.offsets[self._pos[p]]
+        off = self._off[p]
         vals = g.reshape(-1) if full else g.reshape(-1).index_select(0, ix - off)
         bad = (~torch.isfinite(vals)).nonzero()
         if not bad.numel():
@@ -274,10 +324,14 @@ class _SparseOptimizer(torch.optim.Optimizer):
     def _check_grads(self, lists) -> Optional[str]:
         """One fused pass over all selected gradients (one host sync): None when every one is finite, else where the
         first NaN/Inf is. A partial sum can overflow with finite entries; such a tensor is checked element-wise."""
+        return self._agree(self._check_grads_local(lists), "the selected gradient")
+
+    def _check_grads_local(self, lists) -> Optional[str]:
         parts, owners = [], []
         for ps, gs, ixs in lists:
             if ps:
-                parts.append(torch.ops.sapsel.sam_grad_sqnorm(gs, ps, ixs, self._offs(ps), 0.0, False, False))
+                parts.append(torch.ops.sapsel.sam_grad_sqnorm(gs, self._ts(ps), ixs, self._offs(ps), 0.0, False,
+                                                              False))
                 owners.extend(zip(ps, gs, ixs))
         if not parts:
             return None
@@ -343,9 +397,9 @@ class _SparseOptimizer(torch.optim.Optimizer):
             pl = [ps[j] for j in js]
             bufs = [(commit[p] if first else self.state[p])["momentum_buffer"] for p in pl] if mom != 0 else []
             calls.append(functools.partial(
-                torch.ops.sapsel.sparse_sgd_step, pl, [gs[j] for j in js], [ixs[j] for j in js], self._offs(pl), bufs,
-                [saved[j] for j in js] if saved else [], hp["lr"], mom, hp["dampening"], hp["weight_decay"],
-                hp["nesterov"], first, inv_scale))
+                torch.ops.sapsel.sparse_sgd_step, self._ts(pl), [gs[j] for j in js], [ixs[j] for j in js],
+                self._offs(pl), bufs, [saved[j] for j in js] if saved else [], hp["lr"], mom, hp["dampening"],
+                hp["weight_decay"], hp["nesterov"], first, inv_scale))
         return calls
 
     def _plan_adamw(self, hp, ps, gs, ixs, saved, inv_scale, commit) -> List[Callable]:
@@ -366,9 +420,10 @@ class _SparseOptimizer(torch.optim.Optimizer):
             pl = [ps[j] for j in js]
             src = [commit[p] if "exp_avg" in commit[p] else self.state[p] for p in pl]
             calls.append(functools.partial(
-                torch.ops.sapsel.sparse_adamw_step, pl, [gs[j] for j in js], [ixs[j] for j in js], self._offs(pl),
-                [s["exp_avg"] for s in src], [s["exp_avg_sq"] for s in src], [saved[j] for j in js] if saved else [],
-                hp["lr"], beta1, beta2, hp["eps"], hp["weight_decay"], step, inv_scale))
+                torch.ops.sapsel.sparse_adamw_step, self._ts(pl), [gs[j] for j in js], [ixs[j] for j in js],
+                self._offs(pl), [s["exp_avg"] for s in src], [s["exp_avg_sq"] for s in src],
+                [saved[j] for j in js] if saved else [], hp["lr"], beta1, beta2, hp["eps"], hp["weight_decay"], step,
+                inv_scale))
         return calls
 
     # ------------------------------------------------------------------ introspection
@@ -387,9 +442,14 @@ class _SparseOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ state dict
     def _meta(self) -> dict:
-        return {"space_signature": self.space.signature, "k": self.k, "type": type(self).__name__,
+        meta = {"space_signature": self.space.signature, "k": self.k, "type": type(self).__name__,
                 "selection_hash": self._selection_hash, "dtypes": [str(dt) for dt in self.space.dtypes],
                 "base": self._state_base}
+        if self._shard_group is not None:  # FSDP2: the state holds this rank's shard of S only
+            import torch.distributed as dist
+
+            meta["shard"] = [dist.get_rank(self._shard_group), dist.get_world_size(self._shard_group)]
+        return meta
 
     def state_dict(self):
         """torch.optim's state_dict plus a ``"sapsel"`` entry: the space signature (names, shapes), the parameter
@@ -469,6 +529,13 @@ class _SparseOptimizer(torch.optim.Optimizer):
                     raise ValueError(f"state_dict was saved for {name!r} in {saved}, the parameter is {here} here; "
                                      "optimizer state follows the parameter dtype: cast the model back, or start "
                                      "a fresh optimizer")
+        if meta.get("shard") != mine.get("shard"):
+            def where(sh):
+                return "one process (unsharded)" if sh is None else f"rank {sh[0]} of an FSDP2 world of {sh[1]}"
+
+            raise ValueError(f"state_dict was saved by {where(meta.get('shard'))}, this optimizer is "
+                             f"{where(mine.get('shard'))}: FSDP2 optimizer state is per shard; resume on the same "
+                             "world size, each rank loading its own state_dict")
         if meta.get("k") != self.k or meta.get("selection_hash") != self._selection_hash:
             raise ValueError(f"state_dict was saved with a different selection (k={meta.get('k')}, here k={self.k}); "
                              "resume with the same Selection")
@@ -659,13 +726,13 @@ class SparseSAM(_SparseOptimizer):
         ps = [p for p in group["params"] if p.grad is not None]
         empty = torch.empty(0, dtype=torch.int64, device=self.space.device)
         return (ps, [self._dense_grad(p) for p in ps], [self._idx.get(p, empty) for p in ps],
-                [self.space.offsets[self._pos[p]] for p in ps])
+                [self._off[p] for p in ps])
 
     def _sq_f64(self, p, g, ix, hp) -> float:
         """Slow path: one tensor's (ASAM-weighted) sum of squares in float64 (its float32 sum overflowed), chunk by
         chunk (at most 2 x 8 MiB of float64 scratch)."""
-        off = self.space.offsets[self._pos[p]]
-        gf, wf = g.reshape(-1), p.detach().reshape(-1)
+        off = self._off[p]
+        gf, wf = g.reshape(-1), self._t(p).detach().reshape(-1)
         if self.normalize != "full":
             gf, wf = gf.index_select(0, ix - off), wf.index_select(0, ix - off)
         total = 0.0
@@ -679,13 +746,45 @@ class SparseSAM(_SparseOptimizer):
     def _grad_norm(self, hps, lists, inv_scale: float) -> Tuple[float, Optional[str]]:
         """(||g|| as the class doc defines it, unscaled; None) or (nan, where the first NaN/Inf gradient is).
         One fused pass and one host sync; the slow path (a non-finite partial) locates the bad entry or, when every
-        entry is finite and the float32 sum overflowed, recomputes that tensor's sum in float64."""
+        entry is finite and the float32 sum overflowed, recomputes that tensor's sum in float64. Under FSDP2 the
+        shards' sums of squares and verdicts are combined by ONE all_reduce of three float64 values."""
+        total, where, err = 0.0, None, None
+        try:
+            total, where = self._grad_sq_local(hps, lists)
+        except NonFiniteError as e:
+            if self._shard_group is None:
+                raise
+            err = e
+        if self._shard_group is not None:
+            import torch.distributed as dist
+
+            me = float(1 << dist.get_rank(self._shard_group))
+            buf = torch.tensor([total if where is None and err is None else 0.0, me if where is not None else 0.0,
+                                me if err is not None else 0.0], dtype=torch.float64,
+                               device=_flag_device(self._shard_group, self.space.device))
+            dist.all_reduce(buf, group=self._shard_group)
+            total, bad_bits, err_bits = float(buf[0]), int(buf[1]), int(buf[2])
+            if err is not None:
+                raise err
+            if err_bits:
+                raise NonFiniteError(f"SparseSAM.first_step: the gradient norm is not finite on rank "
+                                     f"{(err_bits & -err_bits).bit_length() - 1}'s shard; nothing was modified")
+            if where is None and bad_bits:
+                where = f"in the shard of rank {(bad_bits & -bad_bits).bit_length() - 1}"
+            if where is not None:
+                return float("nan"), where
+        if where is not None:
+            return float("nan"), where
+        return math.sqrt(total) * inv_scale, None
+
+    def _grad_sq_local(self, hps, lists) -> Tuple[float, Optional[str]]:
+        """(this rank's sum of squares, None) or (nan, where); see :meth:`_grad_norm`."""
         full = self.normalize == "full"
         parts, owners = [], []
         for group, hp, (ps, gs, ixs) in zip(self.param_groups, hps, lists):
             ps, gs, ixs, offs = self._norm_inputs(group) if full else (ps, gs, ixs, self._offs(ps))
             if ps:
-                sq = torch.ops.sapsel.sam_grad_sqnorm(gs, ps, ixs, offs, hp["eta"], hp["adaptive"], full)
+                sq = torch.ops.sapsel.sam_grad_sqnorm(gs, self._ts(ps), ixs, offs, hp["eta"], hp["adaptive"], full)
                 parts.append(sq.double())
                 owners.extend((p, g, ix, hp) for p, g, ix in zip(ps, gs, ixs))
         if not parts:
@@ -705,7 +804,7 @@ class SparseSAM(_SparseOptimizer):
                 raise NonFiniteError("SparseSAM.first_step: the gradient norm is not finite although every gradient "
                                      "entry is (with adaptive=True: a selected parameter is NaN/Inf; or the norm "
                                      "overflows float64); nothing was modified")
-        return math.sqrt(total) * inv_scale, None
+        return total, None
 
     # ------------------------------------------------------------------ GradScaler
     @staticmethod
@@ -772,7 +871,7 @@ class SparseSAM(_SparseOptimizer):
                     continue
                 # a zero norm means a zero gradient on what the norm reads: e = 0 (no 0/0 with norm_eps = 0)
                 scale = hp["rho"] / denom * inv if denom > 0 else 0.0
-                torch.ops.sapsel.sam_perturb(ps, gs, ixs, self._offs(ps), [self._saved[p] for p in ps], scale,
+                torch.ops.sapsel.sam_perturb(self._ts(ps), gs, ixs, self._offs(ps), [self._saved[p] for p in ps], scale,
                                              hp["eta"], hp["adaptive"])
                 self._pert.extend(ps)
         except BaseException:
@@ -785,7 +884,7 @@ class SparseSAM(_SparseOptimizer):
 
     def _restore(self, params):
         for p in params:
-            p.view(-1).index_copy_(0, self._idx[p] - self._off[p], self._saved[p])
+            self._t(p).view(-1).index_copy_(0, self._idx[p] - self._off[p], self._saved[p])
 
     @torch.no_grad()
     def restore(self) -> None:

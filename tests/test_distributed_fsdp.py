@@ -1,0 +1,140 @@
+"""FSDP2 (``fully_shard``: every parameter a DTensor split by rows over the ranks), gloo on CPU, world sizes 2 and 4.
+
+* The sparse optimizers (SparseSGD, SparseAdamW, SparseSAM with an SGD or AdamW base) update the selected
+  coordinates of each rank's LOCAL shard: after 3 steps on each rank's shard of the batch the full parameters
+  (``full_tensor()``) equal one process on the whole batch (FSDP2 averages the gradients in its reduce-scatter;
+  float64, so within 1e-12), and the optimizer state is O(k / world): the ranks' states add up to one process's.
+* A NaN in one rank's shard raises on every rank and nothing is modified anywhere.
+The shapes make the shards uneven and, at world size 4, leave one rank without rows of a parameter.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sapsel_kernels as sk
+from _dist import run_world
+from test_distributed_optim import STEPS, _plain_step, _sam_step
+
+TOL = dict(rtol=1e-12, atol=1e-12)
+
+# the model itself is passed (fully_shard replaces the Parameter objects but keeps the names the selection knows)
+OPTIMIZERS = {
+    "sam_sgd": (lambda m, sel: sk.SparseSAM(m, sel, lr=0.1, rho=0.05, momentum=0.9), _sam_step),
+    "sam_adamw": (lambda m, sel: sk.SparseSAM(m, sel, base="adamw", lr=0.01, rho=0.05), _sam_step),
+    "sgd": (lambda m, sel: sk.SparseSGD(m, sel, lr=0.1, momentum=0.9), _plain_step),
+    "adamw": (lambda m, sel: sk.SparseAdamW(m, sel, lr=0.01), _plain_step),
+}
+
+
+def _model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3)).double()
+
+
+def _data():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(8, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (8,), generator=g)
+
+
+def _selection(model):
+    space = sk.ParamSpace(model)
+    scores = torch.linspace(0, 1, space.numel, dtype=torch.float64).flip(0) * \
+        torch.arange(space.numel).remainder(5)
+    return sk.select(scores, fraction=0.3, space=space)
+
+
+def _shard(model, world):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world,))
+    for layer in (model[0], model[2]):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def _full(model):
+    return torch.cat([p.full_tensor().reshape(-1) for p in model.parameters()])
+
+
+def _single(name):
+    model = _model()
+    sel = _selection(model)
+    make, step = OPTIMIZERS[name]
+    opt = make(model, sel)
+    x, y = _data()
+    for _ in range(STEPS):
+        step(model, opt, x, y)
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]), opt.state_bytes()
+
+
+def _worker(rank, world):
+    x, y = _data()
+    per = x.shape[0] // world
+    xs, ys = x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per]
+    out = {}
+    for name, (make, step) in OPTIMIZERS.items():
+        model = _model()
+        sel = _selection(model)  # global flat indices, made on the unsharded model (the same on every rank)
+        theta0 = torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])
+        _shard(model, world)
+        opt = make(model, sel)
+        for _ in range(STEPS):
+            step(model, opt, xs, ys)
+        theta = _full(model)
+        outside = torch.ones_like(theta, dtype=torch.bool)
+        outside[sel.indices] = False
+        out[name] = {"theta": theta, "outside_unchanged": torch.equal(theta[outside], theta0[outside]),
+                     "state_bytes": opt.state_bytes(), "k_local": opt.k_local, "k": opt.k}
+        if name == "adamw":  # a per-rank state_dict: reloading it into this rank's optimizer is fine
+            sd = opt.state_dict()
+            opt.load_state_dict(sd)
+            out["adamw_state_dict"] = sd
+    # a NaN gradient in one rank's shard: every rank raises, no shard moves
+    model = _shard(_model(), world)
+    before = _full(model)
+    opt = sk.SparseSGD(model, _selection(_model()), lr=0.1)
+    loss = F.cross_entropy(model(xs), ys)
+    loss.backward()
+    if rank == world - 1:
+        for p in model.parameters():
+            p.grad.to_local().fill_(float("nan"))
+    try:
+        opt.step()
+        out["nan"] = None
+    except Exception as e:  # noqa: BLE001 - reported to the test
+        out["nan"] = (type(e).__name__, str(e))
+    out["nan_untouched"] = torch.equal(_full(model), before)
+    return out
+
+
+def _check(results, world):
+    for name in OPTIMIZERS:
+        ref, ref_bytes = _single(name)
+        for rank, res in enumerate(results):
+            r = res[name]
+            assert r["outside_unchanged"], f"{name}: rank {rank} moved a coordinate outside S"
+            torch.testing.assert_close(r["theta"], ref, **TOL, msg=f"{name} rank {rank} world {world}")
+        # O(k / world): the shards' selected coordinates partition S, and so does the state
+        assert sum(res[name]["k_local"] for res in results) == results[0][name]["k"], name
+        assert sum(res[name]["state_bytes"] for res in results) == ref_bytes, name
+        assert max(res[name]["k_local"] for res in results) < results[0][name]["k"], name
+    # a shard's state_dict does not load anywhere else: one process, or another rank
+    plain = OPTIMIZERS["adamw"][0](_model(), _selection(_model()))
+    with pytest.raises(ValueError, match=f"rank 0 of an FSDP2 world of {world}"):
+        plain.load_state_dict(results[0]["adamw_state_dict"])
+    for rank, res in enumerate(results):
+        assert res["nan"] is not None and res["nan"][0] == "NonFiniteError", (rank, res["nan"])
+        if rank != world - 1:
+            assert f"rank {world - 1}" in res["nan"][1], res["nan"]
+        assert res["nan_untouched"], rank
+
+
+def test_sparse_optimizers_under_fsdp2_world2():
+    _check(run_world(_worker, 2), 2)
+
+
+def test_sparse_optimizers_under_fsdp2_world4():
+    _check(run_world(_worker, 4), 4)

@@ -3,8 +3,13 @@
 Layout ("contiguous shards"). The global flat score vector of N = sum_r n_r elements is the concatenation of the
 ranks' local tensors in group-rank order: rank r holds flat positions [start_r, start_r + n_r), start_0 = 0,
 start_{r+1} = start_r + n_r. A rank may hold nothing (n_r = 0). Each rank passes only its local tensor; the starts
-come from one all_gather of the n_r. FSDP2 per-parameter shards (DTensor, where every parameter is split across
-all ranks) are a different layout and are not supported yet (NotImplementedError).
+come from one all_gather of the n_r.
+
+Layout ("FSDP2 shards"). With ``space=ParamSpace(model)`` of a ``fully_shard`` model (DTensor parameters split by
+rows of dim 0), each rank passes the scores of ITS shards: a dict name -> tensor or a list in space order (each a
+DTensor sharded like its parameter, or the local shard itself), or the flat concatenation of its shards in space
+order (:class:`ShardLayout`). The ranks' ranges interleave in the global index space; within a rank local order is
+global order. The selection is the same set, threshold and tie rule (lowest global index) as above.
 
 ``select_sharded`` (reached through ``sapsel_kernels.select(..., group=...)``) is bit-identical to the single-process
 ``select`` on the concatenated scores: same indices, same threshold, for every dtype, k and tie pattern. It runs the
@@ -19,6 +24,9 @@ Communication, payload bytes per rank (all_reduce: the tensor; all_gather: the g
   + sum_p 2^w_p x 8 the histograms: 40,960 bytes for fp32 (3 passes), 16,640 for 16-bit floats (2048 + 32 bins)
   + 2 x 8 x W       the per-rank (ties, count above T) all_gather
   + 8 x W x max_r c_r   only with gather=True: the indices, padded to the largest rank's count c_r
+  + FSDP2 layout only, and only when the threshold's ties are split (some taken, some not): one all_reduce of an
+    int64 histogram per 11-bit digit of the global flat index (ceil(log2(N) / 11) passes, at most 16,384 bytes
+    each) and one 8 x W all_gather of the ties each rank takes
 k = 0 sends only the descriptor. The payload does not depend on N (the naive all_gather of every score sends
 W x max_r n_r x dtype bytes).
 
@@ -226,12 +234,16 @@ class ShardedSelection(Selection):
     * ``numel``: the global N; ``threshold``: the global k-th selected score (+inf / -inf for k = 0), the same on
       every rank; ``global_k``: the global k; ``k`` / ``len()``: the number of indices held (= ``global_k`` only
       when gathered); ``shard_counts``: every rank's number of selected indices; ``rank``, ``world_size``,
-      ``shard_start``, ``shard_numel``; ``gathered``.
+      ``shard_start``, ``shard_numel``; ``gathered``; ``layout``: "contiguous" or "fsdp2". Under the FSDP2 layout
+      ``local_indices`` are positions in this rank's LOCAL flat vector (its shards in space order, see
+      :class:`ShardLayout`), ``shard_start`` is 0 and ``shard_numel`` the local length.
     """
 
     def __init__(self, indices, numel, threshold=None, *, shard_indices, shard_start, shard_numel, shard_counts,
-                 rank, world_size, gathered, **meta):
+                 rank, world_size, gathered, local_positions=None, layout=None, **meta):
         super().__init__(indices, numel, threshold, **meta)
+        self.layout = layout  # "contiguous", or "fsdp2" (the rank's FSDP2 shards of each parameter)
+        self._local_positions = local_positions
         self.shard_indices = shard_indices
         self.shard_start = int(shard_start)
         self.shard_numel = int(shard_numel)
@@ -246,6 +258,8 @@ class ShardedSelection(Selection):
 
     @property
     def local_indices(self) -> torch.Tensor:
+        if self._local_positions is not None:
+            return self._local_positions
         return self.shard_indices - self.shard_start
 
     def __repr__(self) -> str:
@@ -259,6 +273,7 @@ class ShardedSelection(Selection):
         out = ShardedSelection(indices, self.numel, threshold, shard_indices=shard, shard_start=self.shard_start,
                                shard_numel=self.shard_numel, shard_counts=self.shard_counts, rank=self.rank,
                                world_size=self.world_size, gathered=self.gathered,
+                               local_positions=self._local_positions, layout=self.layout,
                                space_signature=self.space_signature, largest=self.largest, scope=self.scope)
         out._names, out._refs = self._names, self._refs
         return out
@@ -280,8 +295,9 @@ def _local_checks(scores, k, fraction, scope, space, gather) -> None:
     if scope != "global":
         raise ValueError(f"select: scope must be 'global' or 'per_layer', got {scope!r}")
     if _is_dtensor(scores):
-        raise NotImplementedError("select(group=...): DTensor scores (FSDP2 per-parameter shards) are not supported; "
-                                  "pass each rank's contiguous range of the flat score vector as a plain tensor")
+        raise NotImplementedError("select(group=...): a single DTensor of scores is not supported; pass the "
+                                  "per-parameter FSDP2 score shards (a dict or list) with space=ParamSpace(the "
+                                  "fully_shard model), or each rank's contiguous range as a plain tensor")
     if not isinstance(scores, torch.Tensor):
         raise TypeError(f"select(group=...): scores must be this rank's flat score tensor, got "
                         f"{type(scores).__name__} (per-parameter dicts/lists are not sharded)")
@@ -294,6 +310,65 @@ def _local_checks(scores, k, fraction, scope, space, gather) -> None:
         raise TypeError(f"select: gather must be a bool, got {type(gather).__name__}")
     if space is not None and not isinstance(space, ParamSpace):
         raise TypeError(f"select: space must be a ParamSpace, got {type(space).__name__}")
+
+
+def _fsdp_local_scores(scores, layout: ShardLayout) -> torch.Tensor:
+    """This rank's local flat score vector under the FSDP2 layout, from per-parameter shards (a dict name -> tensor
+    in any order, or a list in space order; each a DTensor sharded like its parameter or its local shard) or from a
+    flat tensor of ``layout.local_numel`` elements."""
+    space = layout.space
+    if isinstance(scores, dict):
+        missing = [n for n in space.names if n not in scores]
+        extra = [n for n in scores if n not in set(space.names)]
+        if missing or extra:
+            raise ValueError(f"select(group=...): FSDP2 score dict does not match the space (missing {missing[:3]}, "
+                             f"unknown {extra[:3]})")
+        scores = [scores[n] for n in space.names]
+    if isinstance(scores, (list, tuple)):
+        if len(scores) != len(space):
+            raise ValueError(f"select(group=...): {len(scores)} FSDP2 score tensors for {len(space)} parameters")
+        parts = []
+        for name, t, (lo, hi) in zip(space.names, scores, layout.bounds):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"select(group=...): the score of {name!r} is a {type(t).__name__}, not a tensor")
+            loc = t.to_local() if _is_dtensor(t) else t
+            if loc.numel() != hi - lo:
+                raise ValueError(f"select(group=...): the score shard of {name!r} has {loc.numel()} elements, this "
+                                 f"rank's shard of the parameter {hi - lo}")
+            parts.append(loc.detach().reshape(-1))
+        dts = {q.dtype for q in parts}
+        if len(dts) > 1:
+            raise TypeError(f"select(group=...): the FSDP2 score shards have several dtypes {sorted(map(str, dts))}")
+        return torch.cat(parts)
+    if isinstance(scores, torch.Tensor) and not _is_dtensor(scores) and scores.numel() != layout.local_numel:
+        raise ValueError(f"select(group=...): {scores.numel()} local scores, but this rank's FSDP2 shards of the "
+                         f"space hold {layout.local_numel} elements")
+    return scores
+
+
+def _ties_taken(key, prefix_key: int, bits: int, layout: ShardLayout, k_rem: int, n: int, group, cdev) -> int:
+    """How many of this rank's ties (score key == the threshold's) are among the ``k_rem`` lowest GLOBAL flat
+    indices of every rank's ties: a radix select, lowest first, over the indices' bits (11-bit digits, one
+    all_reduce of the int64 histogram per digit; global indices are distinct, so the last digit decides exactly)."""
+    t = prefix_key - (1 << (bits - 1))  # the threshold's unsigned key -> the signed key image
+    gidx = layout.to_global((key == t).nonzero().reshape(-1))
+    width_total = max(1, (n - 1).bit_length())
+    taken, consumed = 0, 0
+    while consumed < width_total:
+        w = min(11, width_total - consumed)
+        shift = width_total - consumed - w
+        digits = (gidx >> shift) & ((1 << w) - 1)
+        hist = torch.bincount(digits, minlength=1 << w)
+        g = hist.to(cdev, copy=True)
+        dist.all_reduce(g, group=group)
+        cum = g.cpu().cumsum(0)
+        d = int(torch.searchsorted(cum, k_rem))  # the first digit from the bottom where the count reaches k_rem
+        below = int(cum[d]) - int(g[d])
+        k_rem -= below
+        taken += int(hist[:d].sum())
+        gidx = gidx[digits == d]
+        consumed += w
+    return taken + int(gidx.numel())  # the last digit leaves the one index that completes k (on one rank)
 
 
 def _f64_bits(v: float) -> int:
@@ -425,8 +500,15 @@ def select_sharded(scores: torch.Tensor, k: int | None = None, fraction: float |
     index held).
     """
     rank, world = rank_and_world(group)
-    err = None
+    err, layout = None, None
     try:
+        if isinstance(space, ParamSpace):
+            layout = ShardLayout.of(space, "select(group=...)")
+        if layout is not None:
+            if dist.get_world_size(layout.group) != world:
+                raise ValueError(f"select(group=...): the space's FSDP2 mesh has {dist.get_world_size(layout.group)} "
+                                 f"ranks, the group {world}")
+            scores = _fsdp_local_scores(scores, layout)
         _local_checks(scores, k, fraction, scope, space, gather)
     except (ValueError, TypeError, NotImplementedError) as e:
         err = e
@@ -438,14 +520,15 @@ def select_sharded(scores: torch.Tensor, k: int | None = None, fraction: float |
     kk = resolve_k(n, k=k, fraction=fraction)
 
     flat = scores.detach().reshape(-1).contiguous()
-    start = sum(sizes[:rank])
+    start = sum(sizes[:rank]) if layout is None else 0
     sig = space.signature if space is not None else None
     meta = dict(space_signature=sig, largest=largest, scope="global", space=space)
+    meta["layout"] = "contiguous" if layout is None else "fsdp2"
     if kk == 0:
         none = torch.empty(0, dtype=torch.int64, device=flat.device)
         return ShardedSelection(none, n, empty_threshold(flat, largest), shard_indices=none, shard_start=start,
                                 shard_numel=flat.numel(), shard_counts=[0] * world, rank=rank, world_size=world,
-                                gathered=gather, **meta)
+                                gathered=gather, local_positions=none if layout is not None else None, **meta)
 
     bits = _KEY_BITS[flat.dtype]
     key = signed_key(flat)  # order-preserving signed integer image, -0.0 -> +0.0
@@ -476,15 +559,26 @@ def select_sharded(scores: torch.Tensor, k: int | None = None, fraction: float |
     del digits
     # k_rem ties of the threshold key T are taken, lowest GLOBAL index first: rank r after the ties of ranks < r
     counts = all_gather_int64([cand.numel(), above_local], group, cdev).tolist()
-    takes = [max(0, min(c[0], k_rem - sum(t[0] for t in counts[:r]))) for r, c in enumerate(counts)]
+    if layout is None or k_rem in (0, sum(c[0] for c in counts)):  # (FSDP2: no tie or every tie taken)
+        takes = [max(0, min(c[0], k_rem - sum(t[0] for t in counts[:r]))) for r, c in enumerate(counts)]
+    else:
+        # FSDP2: the ranks' ties interleave in the global index space; the k_rem lowest global indices among them
+        # are found by a radix select over the indices (one histogram all_reduce per 11-bit digit)
+        mine_ties = _ties_taken(key, prefix, bits, layout, k_rem, n, group, cdev)
+        takes = [int(v) for v in all_gather_int64([mine_ties], group, cdev)[:, 0]]
     selected = [c[1] + t for c, t in zip(counts, takes)]
     if sum(selected) != kk:
         raise RuntimeError(f"select(group=...): internal error, selected {sum(selected)} of k={kk}")
     del cand, key
     # this rank's part = its keys > T and its first takes[rank] keys == T = its local top-selected[rank] under the
     # same lowest-index tie rule: the package's single-process op writes exactly that set (fused, ascending)
-    mine = _rank(flat, selected[rank], largest, None, start)[0] + start
+    local = _rank(flat, selected[rank], largest, None, start)[0]
+    # FSDP2: local order is global order (ShardLayout), so the rank's first ties are its lowest global indices
+    mine = local + start if layout is None else layout.to_global(local)
     thr = _threshold(prefix, bits, largest, flat.dtype, flat.device)
     full = all_gather_varlen(mine, selected, group) if gather else mine
+    if gather and layout is not None:
+        full = full.sort().values  # the ranks' parts interleave
     return ShardedSelection(full, n, thr, shard_indices=mine, shard_start=start, shard_numel=flat.numel(),
-                            shard_counts=selected, rank=rank, world_size=world, gathered=gather, **meta)
+                            shard_counts=selected, rank=rank, world_size=world, gathered=gather,
+                            local_positions=local if layout is not None else None, **meta)

@@ -129,10 +129,13 @@ def select(scores: Scores, k: int | None = None, fraction: float | None = None, 
         group: a torch.distributed process group (e.g. ``torch.distributed.group.WORLD``): the scores are SHARDED,
             this rank passes its contiguous range of the global flat vector (rank r holds positions
             [start_r, start_r + n_r), ranks in order; n_r = 0 is allowed) and the call is a collective over
-            ``group``. The result is bit-identical to ``select`` on the concatenated scores. Global scope and a flat
-            tensor only; FSDP2 DTensor shards and per_layer raise NotImplementedError. ``space``, if given, is the
-            GLOBAL space. See ``sapsel_kernels.distributed`` (layout, bytes sent) and docs/topk.md. None: single
-            process (``torch.distributed.group.WORLD`` is None until ``init_process_group``: initialise first).
+            ``group``. The result is bit-identical to ``select`` on the concatenated scores. With ``space`` =
+            ``ParamSpace`` of an FSDP2 ``fully_shard`` model, each rank passes instead the scores of its own shards
+            (a dict / list of per-parameter DTensors or local shards, or their flat concatenation): the same
+            selection of the global index space. Global scope only (per_layer raises NotImplementedError).
+            ``space``, if given, is the GLOBAL space. See ``sapsel_kernels.distributed`` (layout, bytes sent)
+            and docs/topk.md. None: single process (``torch.distributed.group.WORLD`` is None until
+            ``init_process_group``: initialise first).
         gather: with ``group``: also all-gather the indices so that every rank holds the full selection.
 
     Returns:

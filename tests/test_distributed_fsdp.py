@@ -138,3 +138,95 @@ def test_sparse_optimizers_under_fsdp2_world2():
 
 def test_sparse_optimizers_under_fsdp2_world4():
     _check(run_world(_worker, 4), 4)
+
+
+# ---------------------------------------------------------------------------------------------- select over shards
+SELECT_KS = (1, 7, 30, 60)  # N = 6 * 7 + 7 + 7 * 3 + 3 = 73, and k = N
+
+
+def _scores(numel, dtype, ties):
+    g = torch.Generator().manual_seed(11)
+    if ties:  # 4 distinct values: every threshold is a tie shared by several ranks' shards
+        return torch.randint(0, 4, (numel,), generator=g).to(dtype) - 1.5
+    return torch.randn(numel, generator=g, dtype=torch.float64).to(dtype)
+
+
+def _local_rows(full, space, model):
+    """Per parameter, this rank's rows of the flat global score vector (shaped like the local shard)."""
+    from sapsel_kernels.distributed import dtensor_rows
+
+    out = []
+    for p, off in zip(model.parameters(), space.offsets):
+        r0, r1, row = dtensor_rows(p)
+        out.append(full[off + r0 * row:off + r1 * row].reshape(p.to_local().shape))
+    return out
+
+
+def _select_worker(rank, world):
+    import torch.distributed as dist
+
+    group = dist.group.WORLD
+    model = _shard(_model(), world)
+    space = sk.ParamSpace(model)
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        for ties in (False, True):
+            full = _scores(space.numel, dtype, ties)
+            mine = _local_rows(full, space, model)
+            for k in SELECT_KS + (space.numel,):
+                k = min(k, space.numel)
+                for largest in (True, False):
+                    sel = sk.select(mine, k, largest=largest, space=space, group=group, gather=True)
+                    part = sk.select(dict(zip(space.names, mine)), k, largest=largest, space=space, group=group)
+                    flat_local = torch.cat([t.reshape(-1) for t in mine])
+                    out[(str(dtype), ties, k, largest)] = {
+                        "indices": sel.indices, "threshold": sel.threshold.double().item(),
+                        "part": part.indices, "counts": part.shard_counts, "layout": part.layout,
+                        # the local positions address this rank's flat shard vector at the same scores
+                        "local_ok": torch.equal(flat_local[part.local_indices], full[part.indices])}
+    # the optimizer takes this rank's part directly (no gathered index list): the same step as the full selection
+    x, y = _data()
+    per = x.shape[0] // world
+    xs, ys = x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per]
+    thetas = []
+    for use_part in (False, True):
+        model = _shard(_model(), world)
+        space = sk.ParamSpace(model)
+        full = _scores(space.numel, torch.float32, True)
+        sel = sk.select(_local_rows(full, space, model), 20, space=space, group=group, gather=not use_part)
+        opt = sk.SparseAdamW(model, sel, lr=0.05)
+        for _ in range(2):
+            _plain_step(model, opt, xs, ys)
+        thetas.append(_full(model))
+        out[f"k_local_{use_part}"] = opt.k_local
+    out["part_step_equal"] = torch.equal(thetas[0], thetas[1])
+    return out
+
+
+def _check_select(results, world):
+    space = sk.ParamSpace(_model())
+    for key in results[0]:
+        if not isinstance(key, tuple):
+            continue
+        dtype, ties, k, largest = key
+        full = _scores(space.numel, getattr(torch, dtype.split(".")[1]), ties)
+        ref = sk.select(full, k, largest=largest)
+        parts = []
+        for rank, res in enumerate(results):
+            r = res[key]
+            assert torch.equal(r["indices"], ref.indices), (key, rank)
+            assert r["threshold"] == ref.threshold.double().item(), (key, rank)
+            assert r["layout"] == "fsdp2" and r["local_ok"], (key, rank)
+            assert r["counts"] == results[0][key]["counts"] and r["counts"][rank] == r["part"].numel()
+            parts.append(r["part"])
+        assert torch.equal(torch.cat(parts).sort().values, ref.indices), key
+    for res in results:
+        assert res["part_step_equal"] and res["k_local_True"] == res["k_local_False"]
+
+
+def test_select_over_fsdp2_shards_world2():
+    _check_select(run_world(_select_worker, 2), 2)
+
+
+def test_select_over_fsdp2_shards_world4():
+    _check_select(run_world(_select_worker, 4), 4)

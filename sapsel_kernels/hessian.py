@@ -219,6 +219,7 @@ class DiagEstimate:
     estimator: str = "hutchinson"
     seed: int = 0
     info: dict[str, Any] = field(default_factory=dict)
+    shard: Any = None  # distributed.ShardLayout of an FSDP2 estimate: mean / m2 are this rank's local flat vector
 
     @property
     def deterministic(self) -> bool:
@@ -248,9 +249,18 @@ class DiagEstimate:
             raise ValueError("this DiagEstimate has no ParamSpace attached; pass space= to DiagEstimate.load")
         if what not in ("mean", "var", "stderr", "m2"):
             raise ValueError(f"what must be 'mean', 'var', 'stderr' or 'm2', got {what!r}")
+        if self.shard is not None:  # this rank's shards, shaped like each parameter's local shard
+            flat, out = getattr(self, what), {}
+            for name, p, a in zip(self.space.names, self.space.params, self.shard.local_starts):
+                shape = p.to_local().shape
+                out[name] = flat[a:a + shape.numel()].view(shape)
+            return out
         return self.space.views(getattr(self, what))
 
     def save(self, path) -> None:
+        if self.shard is not None:
+            raise NotImplementedError("DiagEstimate.save: an FSDP2 estimate holds this rank's shards only; save "
+                                      "each rank's est.mean / est.m2 with torch.save, or select on it directly")
         torch.save({"format": _FORMAT, "mean": self.mean.cpu(), "m2": self.m2.cpu(),
                     "n_probes": self.n_probes, "estimator": self.estimator, "seed": self.seed, "info": self.info,
                     "signature": self.space.signature if self.space is not None else None,
@@ -592,6 +602,69 @@ def _check_agreement(descs: list[dict], what: str = "hessian_diag") -> None:
                          "0); only the data differs across ranks")
 
 
+def _is_dtensor(t) -> bool:
+    from .distributed import _is_dtensor as is_dt
+
+    return is_dt(t)
+
+
+def _hessian_diag_fsdp(model, loss_fn, data, estimator, n_probes, seed, hvp, probes, stop, checkpoint, space,
+                       progress, output_fn, exact_max_numel, group) -> "DiagEstimate":
+    """``hessian_diag`` on an FSDP2 model (see :mod:`sapsel_kernels.fsdp`): collective over the mesh's group."""
+    from .distributed import ShardLayout
+    from .fsdp import FSDP_ESTIMATORS, fsdp_estimate
+
+    t0 = time.perf_counter()
+    _check_arguments(estimator, n_probes, seed, hvp, probes, stop, checkpoint, progress, output_fn, exact_max_numel)
+    if estimator not in FSDP_ESTIMATORS:
+        why = ("it needs per-point gradients, which FSDP2's reduce-scatter sums over the ranks before they can be "
+               "squared" if estimator == "fisher" else
+               "it needs Hessian-vector products, i.e. double backward through parameters FSDP2 has resharded "
+               "(and torch.autograd.grad with respect to DTensor shards fails)")
+        raise ValueError(f"hessian_diag(estimator={estimator!r}) cannot run on an FSDP2 (fully_shard) model: {why}. "
+                         f"Supported under FSDP2: {FSDP_ESTIMATORS}; or estimate on a replicated (DDP) copy with "
+                         "group=")
+    for name, value in (("stop", stop), ("checkpoint", checkpoint), ("probes", probes)):
+        if value is not None:
+            raise NotImplementedError(f"hessian_diag on an FSDP2 model: {name}= is not supported")
+    if space is None:
+        space = ParamSpace(model)
+    elif not isinstance(space, ParamSpace):
+        raise TypeError(f"space must be a ParamSpace or None, got {type(space).__name__}")
+    layout = ShardLayout(space, "hessian_diag")
+    comm = _comm(group if group is not None else layout.group)
+    if comm.world != dist.get_world_size(layout.group):
+        raise ValueError(f"hessian_diag: group= has {comm.world} ranks, the model's FSDP2 mesh "
+                         f"{dist.get_world_size(layout.group)}")
+    comm.device = space.device
+    loss = make_loss(loss_fn)
+
+    def prepare():
+        batches = as_batches(data, passes="many" if estimator == "gauss_newton" else "once")
+        if estimator != "gauss_newton":
+            batches = list(batches)  # counted for the agreement: one global batch = every rank's b-th batch
+        try:
+            nb = len(batches)
+        except TypeError:
+            nb = sum(1 for _ in batches)
+        desc = {"number of trainable parameters": space.numel, "parameter names and shapes": space.signature,
+                "parameter dtypes": [str(d) for d in space.dtypes], "estimator": estimator, "n_probes": n_probes,
+                "seed": seed, "output_fn given": output_fn is not None,
+                "number of batches (FSDP2: one global batch = every rank's b-th batch)": nb}
+        if nb == 0:
+            raise ValueError("hessian_diag: the data yielded no batches")
+        return batches, {"agree": desc}
+
+    batches, descs = comm.exchange(prepare, "hessian_diag")
+    _check_agreement(descs)
+    with estimation_mode(model):
+        est = fsdp_estimate(model, loss, batches, space, layout, estimator, comm, n_probes=n_probes, seed=seed,
+                            output_fn=output_fn)
+    est.info.update(world_size=comm.world, seconds=time.perf_counter() - t0)
+    return DiagEstimate(est.mean, est.m2, est.count, space, estimator, seed if estimator == "gauss_newton" else 0,
+                        est.info, shard=layout)
+
+
 # ====================================================================================================== main entry
 def hessian_diag(model: torch.nn.Module, loss_fn, data, estimator: str = "hutchinson", *,
                  n_probes: int = _DEFAULT_N_PROBES, seed: int = _DEFAULT_SEED, hvp: str = "auto",
@@ -697,6 +770,9 @@ def hessian_diag(model: torch.nn.Module, loss_fn, data, estimator: str = "hutchi
         * under ``group``: nothing more for "hutchinson" / "gauss_newton" / "grad_abs" / "exact" (the sums are
           all-reduced in place); "squared_grad" / "fisher" merge chunk by chunk (2 x 32 MiB of float64).
     """
+    if any(_is_dtensor(p) for p in model.parameters()):
+        return _hessian_diag_fsdp(model, loss_fn, data, estimator, n_probes, seed, hvp, probes, stop, checkpoint,
+                                  space, progress, output_fn, exact_max_numel, group)
     comm = _comm(group)
 
     def prepare():

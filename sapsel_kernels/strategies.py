@@ -55,7 +55,7 @@ def _value(v):
     return v.value if isinstance(v, _Default) else v
 
 
-_NONE_MEANS_UNSET = ("data", "affected", "corrected", "scores", "last_layer_prefix")
+_NONE_MEANS_UNSET = ("data", "affected", "corrected", "scores", "last_layer_prefix", "group")
 
 
 def _passed(**args) -> Dict[str, Any]:
@@ -66,11 +66,12 @@ def _passed(**args) -> Dict[str, Any]:
 
 
 # What parameter_scores reads per strategy ("hessian_kw": hessian_diag's extra keyword arguments).
-_ESTIMATE = ("loss_fn", "seed", "n_probes", "estimator", "hessian_kw")
+_ESTIMATE = ("loss_fn", "seed", "n_probes", "estimator", "hessian_kw", "group")
 _SCORE_ARGS: Dict[str, Tuple[str, ...]] = {
     "hessian": ("data",) + _ESTIMATE, "hessian_smallest": ("data",) + _ESTIMATE, "last_layer": ("data",) + _ESTIMATE,
     "hessian_affected": ("affected",) + _ESTIMATE, "hessian_corrected": ("corrected",) + _ESTIMATE,
-    "grad_abs": ("loss_fn", "affected"), "ssd": ("loss_fn", "affected", "data", "fisher_points", "seed"),
+    "grad_abs": ("loss_fn", "affected", "group"),
+    "ssd": ("loss_fn", "affected", "data", "fisher_points", "seed", "group"),
     "all": (), "random": (),
 }
 
@@ -167,7 +168,7 @@ def _subsample_points(batches, max_points: Optional[int], seed: int):
 def parameter_scores(model, strategy: str, *, loss_fn=_Default(None), data=None, affected=None, corrected=None,
                      seed: int = _Default(0), n_probes: int = _Default(32), estimator: str = _Default("hutchinson"),
                      fisher_points: Optional[int] = _Default(512), space: Optional[ParamSpace] = None,
-                     **hessian_kw) -> Tuple[Optional[torch.Tensor], Dict[str, float]]:
+                     group=None, **hessian_kw) -> Tuple[Optional[torch.Tensor], Dict[str, float]]:
     """The flat float32 score vector [N] a score-based strategy ranks by (None for ``all`` / ``random``), and its
     cost ``{"wall_time_s", "n_gradients", "n_hvps"}`` (per-point counts, as in UnlearnReport).
 
@@ -184,6 +185,12 @@ def parameter_scores(model, strategy: str, *, loss_fn=_Default(None), data=None,
     the batch rule (``data.as_batches``). Defaults: ``seed=0``, ``n_probes=32``, ``estimator="hutchinson"``,
     ``fisher_points=512``; the hessian strategies hand ``seed`` / ``n_probes`` / ``hessian_kw`` to ``hessian_diag``
     only when they are passed (so its own applicability rules judge them for the estimator).
+    ``group`` (a torch.distributed ProcessGroup; collective): every rank passes the same replicated model and its
+    OWN shard of the data; the scores, the same on every rank, are those of the concatenated data (the hessian
+    strategies and ssd through ``hessian_diag(group=)``, with ``fisher_points`` drawn from each rank's shard;
+    grad_abs sums the gradient and the point count over the ranks: N values in one all_reduce); the cost counts are
+    the group's. FSDP2-sharded models raise NotImplementedError here (use ``hessian_diag`` and
+    ``select(..., group=)``, which shard the scores).
     Raises ValueError for an unknown strategy, missing inputs or an argument the strategy does not read (module
     docstring; ``all`` / ``random`` read none), NonFiniteError for NaN/Inf scores.
     Peak extra memory: the [N] score vector plus the estimator's own (hessian_diag: about 2N float32 accumulators and
@@ -191,12 +198,19 @@ def parameter_scores(model, strategy: str, *, loss_fn=_Default(None), data=None,
     """
     _check_strategy(strategy)
     passed = _passed(loss_fn=loss_fn, seed=seed, n_probes=n_probes, estimator=estimator, fisher_points=fisher_points,
-                     data=data, affected=affected, corrected=corrected)
+                     data=data, affected=affected, corrected=corrected, group=group)
     if hessian_kw:
         passed["hessian_kw"] = hessian_kw
     _check_passed("parameter_scores", strategy, passed, _SCORE_ARGS[strategy], scores=False)
     loss_fn, seed, estimator, fisher_points = _value(loss_fn), _value(seed), _value(estimator), _value(fisher_points)
     space = space or ParamSpace(model)
+    from .distributed import _is_dtensor
+
+    if any(_is_dtensor(p) for p in space.params):
+        raise NotImplementedError("parameter_scores / select_parameters: FSDP2 (fully_shard) models hold sharded "
+                                  "parameters; estimate with sk.hessian_diag(model, loss, data, 'squared_grad' | "
+                                  "'grad_abs' | 'gauss_newton') and rank with sk.select(est.mean, ..., "
+                                  "space=est.space, group=...), which keep the scores sharded")
     t0 = time.perf_counter()
     cost = {"n_gradients": 0, "n_hvps": 0}
     if strategy in ("all", "random"):
@@ -215,7 +229,7 @@ def parameter_scores(model, strategy: str, *, loss_fn=_Default(None), data=None,
         src = {"hessian_affected": (affected, "affected"), "hessian_corrected": (corrected, "corrected")}.get(
             strategy, (data, "data (the training data)"))
         batches = need(*src)
-        kw = {name: passed[name] for name in ("n_probes", "seed") if name in passed}
+        kw = {name: passed[name] for name in ("n_probes", "seed", "group") if name in passed}
         est = hessian.hessian_diag(model, loss, batches, estimator=estimator, space=space, **kw, **hessian_kw)
         scores = est.mean.reshape(-1).to(torch.float32)
         if estimator in ("hutchinson", "gauss_newton"):
@@ -224,18 +238,30 @@ def parameter_scores(model, strategy: str, *, loss_fn=_Default(None), data=None,
             cost["n_gradients"] = n_points(batches)
     elif strategy == "grad_abs":
         batches = need(affected, "affected")
-        with hessian.estimation_mode(model):
-            g, n, _ = summed_gradient(space, model, loss, batches, dtype=torch.float32)
+        comm = hessian._comm(group)
+        inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+        def local():
+            with hessian.estimation_mode(inner):
+                g, n, _ = summed_gradient(space, inner, loss, batches, dtype=torch.float32)
+            return g, (n,)
+
+        g, (n,) = comm.run(local, "parameter_scores(strategy='grad_abs')")
+        comm.sum_([g])  # Σ over every rank's points (n: summed by run)
         scores = (g / n).abs()
         cost["n_gradients"] = n
     else:  # ssd
         bz = need(affected, "affected")
         bd = need(data, "data (the training data)")
         bd, nd = _subsample_points(bd, fisher_points, seed)
-        fz = hessian.hessian_diag(model, loss, bz, estimator="fisher", space=space).mean.reshape(-1)
-        fd = hessian.hessian_diag(model, loss, bd, estimator="fisher", space=space).mean.reshape(-1)
+        fz = hessian.hessian_diag(model, loss, bz, estimator="fisher", space=space, group=group).mean.reshape(-1)
+        fd = hessian.hessian_diag(model, loss, bd, estimator="fisher", space=space, group=group).mean.reshape(-1)
         scores = (fz / (fd + 1e-12 * float(fd.mean()) + torch.finfo(fd.dtype).tiny)).to(torch.float32)
         cost["n_gradients"] = n_points(bz) + nd
+    if group is not None and strategy != "grad_abs":  # the group's cost (grad_abs's n is already summed)
+        _, totals = hessian._comm(group).run(lambda: (None, (cost["n_gradients"], cost["n_hvps"])),
+                                             "parameter_scores", n_counts=2)
+        cost["n_gradients"], cost["n_hvps"] = totals
     if scores.numel() != space.numel:
         raise ValueError(f"score vector has {scores.numel()} entries, the model has {space.numel}")
     check_finite(scores, f"strategy {strategy!r}: the scores", space=space, suffix="they cannot be ranked")
@@ -263,7 +289,7 @@ def select_parameters(model, strategy: str = "hessian", budget: Union[int, float
                       scores: Optional[torch.Tensor] = None, last_layer_prefix: Optional[str] = None,
                       space: Optional[ParamSpace] = None, n_probes: int = _Default(32),
                       estimator: str = _Default("hutchinson"),
-                      fisher_points: Optional[int] = _Default(512)) -> Selection:
+                      fisher_points: Optional[int] = _Default(512), group=None) -> Selection:
     """Build the parameter subset S for one strategy at budget k.
 
     Args:
@@ -284,7 +310,8 @@ def select_parameters(model, strategy: str = "hessian", budget: Union[int, float
             estimate serves several budgets; then no estimation argument applies).
         loss_fn (default None: the model's own loss), data, affected, corrected, n_probes (32), estimator
             ("hutchinson"), fisher_points (512), seed (0): handed to ``parameter_scores`` when passed; ``seed`` also
-            draws ``random``'s coordinates. last_layer_prefix: ``last_layer`` only.
+            draws ``random``'s coordinates. last_layer_prefix: ``last_layer`` only. group: a process group; every
+            rank passes its own shard of the data and gets the same selection (see ``parameter_scores``).
         Which arguments each strategy reads: ``strategy_arguments(strategy)``; passing another is a ValueError (the
         rule is in the module docstring).
 
@@ -300,7 +327,7 @@ def select_parameters(model, strategy: str = "hessian", budget: Union[int, float
     """
     _check_strategy(strategy)
     estimate = _passed(loss_fn=loss_fn, seed=seed, n_probes=n_probes, estimator=estimator,
-                       fisher_points=fisher_points, data=data, affected=affected, corrected=corrected)
+                       fisher_points=fisher_points, data=data, affected=affected, corrected=corrected, group=group)
     passed = {**estimate, **_passed(scores=scores, last_layer_prefix=last_layer_prefix)}
     _check_passed("select_parameters", strategy, passed, strategy_arguments(strategy, scores=scores is not None),
                   scores=scores is not None)

@@ -7,6 +7,8 @@ of Z, Z̃ (and train_data); the result must be the single-process result on the 
   per rank, so with equal shards a step equals one process on the concatenated batch;
 * targeted: its NPO term is per batch (nonlinear), so the oracle is a hand-written loop over the ranks' shards
   (SGD on the mean over the shards of each shard's objective gradient), independent of the package's optimizers;
+* the strategies' scores (``parameter_scores`` / ``select_parameters(group=)``: hessian, grad_abs, ssd) equal one
+  process on the concatenated data;
 * bad input fails on EVERY rank with the model untouched, and nothing hangs.
 
 Everything is float64, so "equal" means within 1e-12 (the summation order differs) and the replicas bit-identical.
@@ -80,6 +82,17 @@ def _call(model, z, zt, train, name, group=None):
     return sk.unlearn(model, _ce, z, zt, sel, method, group=group, **kw)
 
 
+STRATEGY_CASES = {"hessian": {"n_probes": 6, "seed": 3}, "grad_abs": {}, "ssd": {"fisher_points": None}}
+
+
+def _strategy_data(strategy, kw, z, train):
+    if strategy == "grad_abs":
+        return {"affected": z}
+    if strategy == "ssd":
+        return {"affected": z, "data": train, **kw}
+    return {"data": [train], **kw}
+
+
 def _single(name):
     model = _model()
     z, zt, train = _data()
@@ -144,6 +157,16 @@ def _worker(rank, world, wrap_ddp):
     out["monitor"] = record(model, plain, rep)
     out["monitor"]["history"] = [h["accepted"] for h in rep.info["history"]]
 
+    # the strategies' scores over the ranks' shards (replicated model): those of the concatenated data
+    out["strategies"] = {}
+    for strategy, kw in STRATEGY_CASES.items():
+        model, plain = wrapped()
+        scores, cost = sk.parameter_scores(model, strategy, loss_fn=_ce, group=group,
+                                           **_strategy_data(strategy, kw, zr, tr))
+        sel = sk.select_parameters(model, strategy, 0.2, loss_fn=_ce, group=group,
+                                   **_strategy_data(strategy, kw, zr, tr))
+        out["strategies"][strategy] = (scores, sel.indices, cost["n_gradients"], cost["n_hvps"])
+
     # bad input: an error on every rank, the model untouched
     errors = {}
 
@@ -183,6 +206,17 @@ def _check(results, world, wrap_ddp):
             assert r["changed"] == rep.n_changed > 0, name
             # the report's cost is the group's: the same points and products as one process
             assert r["counts"][:2] == (rep.n_gradients, rep.n_hvps), (name, r["counts"], rep)
+    z, _, train = _data()
+    for strategy, kw in STRATEGY_CASES.items():
+        model = _model()
+        ref, cost = sk.parameter_scores(model, strategy, loss_fn=_ce, **_strategy_data(strategy, kw, z, train))
+        ref_sel = sk.select_parameters(model, strategy, 0.2, loss_fn=_ce, **_strategy_data(strategy, kw, z, train))
+        for res in results:
+            scores, idx, n_grad, n_hvp = res["strategies"][strategy]
+            # float32 scores; grad_abs sums float32 gradients in another order (cancellation near 0: atol)
+            torch.testing.assert_close(scores, ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max()), msg=strategy)
+            assert torch.equal(idx, ref_sel.indices), strategy
+            assert (n_grad, n_hvp) == (cost["n_gradients"], cost["n_hvps"]), strategy
     oracle = _targeted_oracle(world, steps=4, lr=0.3, beta=2.0)
     for res in results:
         assert res["targeted"]["replicas_equal"]

@@ -291,7 +291,7 @@ def test_arguments_the_strategy_reads_are_accepted(setup):
     # argument means "not given"
     model, aff, cor, train = setup
     values = {**_inputs(setup), "seed": 0, "n_probes": 4, "estimator": "exact", "fisher_points": 512,
-              "last_layer_prefix": "fc"}
+              "last_layer_prefix": "fc", "group": None}  # group=None: one process (tests/test_distributed_unlearn)
     for strategy in STRATEGIES:
         reads = strategy_arguments(strategy)
         kw = {k: v for k, v in values.items() if k in reads}
@@ -301,7 +301,7 @@ def test_arguments_the_strategy_reads_are_accepted(setup):
                                                              if k not in reads})
         assert sel.k == (ParamSpace(model).numel if strategy == "all" else 3), strategy
     assert strategy_arguments("all") == () and strategy_arguments("random") == ("seed",)
-    assert strategy_arguments("ssd") == ("scores", "loss_fn", "affected", "data", "fisher_points", "seed")
+    assert strategy_arguments("ssd") == ("scores", "loss_fn", "affected", "data", "fisher_points", "seed", "group")
     assert strategy_arguments("hessian", scores=True) == ("scores",)
     assert strategy_arguments("last_layer", scores=True) == ("scores", "last_layer_prefix")
     with pytest.raises(ValueError, match="unknown selection strategy"):

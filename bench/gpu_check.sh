@@ -78,6 +78,13 @@ step bench_hessian 150 env SAPSEL_BENCH_FULL=1 python -m pytest bench/test_bench
 cp bench/results/hessian_cuda_full.md "$DIR/" 2>/dev/null || true
 # ===== end section: hessian =====
 
+# ===== section: distributed (issue 13) =====
+# The distributed paths over a one-rank NCCL group on the GPU (estimate, select, unlearn, SAM under DDP, FSDP2
+# optimizers / estimate / select) against group=None on the same device: NCCL's device buffers, which gloo never
+# exercises. It takes seconds, so it runs before the long pipeline steps.
+step nccl_world1 90 python bench/nccl_check.py nccl "$DIR/nccl_world1.json"
+# ===== end section: distributed =====
+
 # ===== section: pipeline (issue 12) =====
 # The whole pipeline on CUDA, in gradient and model-size units: GPT-2 124M float32, then the 1.0B Llama-style model
 # in bf16 with one probe (the tables land in DIR as pipeline_*.md / .json).
@@ -87,6 +94,7 @@ step bench_pipeline_llama1b 150 env SAPSEL_BENCH_PIPELINE=llama1b SAPSEL_BENCH_D
   SAPSEL_BENCH_CG=1 SAPSEL_BENCH_OUT="$DIR" python -m pytest bench/test_bench_pipeline.py --benchmark-only -q \
   -p no:cacheprovider --benchmark-json="$DIR/bench_pipeline_llama1b.json"
 # ===== end section: pipeline =====
+
 
 # ===== section: tail (lead) =====
 step tests_cpu 200 python -m pytest tests -m "not slow and not gpu" -q -p no:cacheprovider \

@@ -342,3 +342,18 @@ def test_gradient_estimators_under_fsdp2_world2():
 
 def test_gradient_estimators_under_fsdp2_world4():
     _check_estimates(run_world(_estimate_worker, 4), 4)
+
+
+def test_nccl_check_script_dry_run_on_gloo():
+    """bench/nccl_check.py (the GPU machine's NCCL world-1 check) runs its checks over gloo on the CPU and passes:
+    a group of one rank gives group=None's result on every path."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(__file__), "..", "bench", "nccl_check.py")
+    run = subprocess.run([sys.executable, script, "gloo"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert out["backend"] == "gloo" and all(v for k, v in out.items() if isinstance(v, bool)), out

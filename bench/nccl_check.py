@@ -1,9 +1,10 @@
 """The distributed paths over a one-rank NCCL group on a CUDA device, against ``group=None`` on the same device.
 
 A group of one rank must give one process's result: the data-parallel estimate (``hessian_diag(group=)``, bits),
-the sharded select (indices), ``unlearn(group=)`` (first_order and targeted), a SparseSAM step under DDP, and under
-FSDP2 (``fully_shard`` on a one-rank mesh) the sparse AdamW steps, the squared_grad estimate and the select over
-shards. This exercises NCCL's device buffers (flags, histograms, k-value all_reduces) that gloo never sees.
+the sharded select (indices), ``select_parameters(group=)``, ``unlearn(group=)`` (first_order and targeted), a
+SparseSAM step under DDP, and under FSDP2 (``fully_shard`` on a one-rank mesh) the sparse AdamW steps, the
+squared_grad estimate and the select over shards. This exercises NCCL's device buffers (flags, histograms, k-value
+all_reduces) that gloo never sees.
 
 Run: ``python bench/nccl_check.py [nccl|gloo] [OUT.json]`` (gloo on the CPU is the dry run CI can do). Exits 1
 when a check fails; prints one JSON line per check.
@@ -51,6 +52,10 @@ def _checks(dev, group):
     sel = sk.select(b.mean, fraction=0.05)
     out["select"] = torch.equal(sel_a.indices, sel.indices)
     z, zt = _data(dev, 7), (_data(dev, 7)[0], (_data(dev, 7)[1] + 1) % 3)
+    for strategy, kw in (("grad_abs", {"affected": z}), ("hessian", {"data": batches, "n_probes": 4})):
+        sa = sk.select_parameters(_model(dev), strategy, 0.05, loss_fn=_ce, group=group, **kw)
+        sb = sk.select_parameters(_model(dev), strategy, 0.05, loss_fn=_ce, **kw)
+        out[f"select_parameters_{strategy}"] = torch.equal(sa.indices, sb.indices)
     for name, method in (("first_order", sk.FirstOrder(tau=0.01)), ("targeted", sk.Targeted(steps=3, lr=0.05))):
         m1, m2 = _model(dev), _model(dev)
         sk.unlearn(m1, _ce, z, zt, sel, method, group=group)

@@ -300,7 +300,7 @@ def _local_checks(scores, k, fraction, scope, space, gather) -> None:
                                   "fully_shard model), or each rank's contiguous range as a plain tensor")
     if not isinstance(scores, torch.Tensor):
         raise TypeError(f"select(group=...): scores must be this rank's flat score tensor, got "
-                        f"{type(scores).__name__} (per-parameter dicts/lists are not sharded)")
+                        f"{type(scores).__name__} (per-parameter dicts/lists need space= over an FSDP2 model)")
     if scores.dtype not in _DTYPES:
         raise TypeError(f"select: scores must be float32, float16, bfloat16 or float64, got {scores.dtype}")
     if isinstance(k, int) and not isinstance(k, bool) and k < 0:
@@ -391,7 +391,7 @@ def _first_nonfinite(flat: torch.Tensor) -> int:
     return int(bad.nonzero()[0, 0]) if bool(bad.any()) else -1
 
 
-def _descriptor(scores, k, fraction, largest, space, gather, err) -> list[int]:
+def _descriptor(scores, k, fraction, largest, space, gather, err, layout=None) -> list[int]:
     d = [0] * _DESC_LEN
     if err is not None:
         d[_ERR] = (3 if isinstance(err, NotImplementedError) else 2 if isinstance(err, TypeError)
@@ -407,14 +407,15 @@ def _descriptor(scores, k, fraction, largest, space, gather, err) -> list[int]:
     d[_DEV] = _DEVICE_TYPES.index(flat.device.type) if flat.device.type in _DEVICE_TYPES else 99
     d[_BAD], d[_BADVAL] = -1, 0
     i = _first_nonfinite(flat)
-    if i >= 0:
-        d[_BAD], d[_BADVAL] = i, _f64_bits(flat[i].item())
+    if i >= 0:  # FSDP2: the global flat index at once (contiguous shards: local, offset once the sizes are known)
+        g = i if layout is None else int(layout.to_global(torch.tensor([i]))[0])
+        d[_BAD], d[_BADVAL] = g, _f64_bits(flat[i].item())
     d[_SPACE_N] = -1 if space is None else space.numel
     d[_SPACE_SIG] = -1 if space is None else int(hashlib.sha1(space.signature.encode()).hexdigest()[:15], 16)
     return d
 
 
-def _check_descriptors(rows, rank, local_err, space) -> tuple[int, list[int]]:
+def _check_descriptors(rows, rank, local_err, space, fsdp: bool = False) -> tuple[int, list[int]]:
     """Raise the same error on every rank for inconsistent or bad input; returns (N, sizes)."""
     world = len(rows)
     bad = [r for r in range(world) if rows[r][_ERR]]
@@ -448,7 +449,7 @@ def _check_descriptors(rows, rank, local_err, space) -> tuple[int, list[int]]:
                          "space= must be the GLOBAL parameter space")
     for r in range(world):
         if rows[r][_BAD] >= 0:
-            g = sum(sizes[:r]) + rows[r][_BAD]
+            g = rows[r][_BAD] + (0 if fsdp else sum(sizes[:r]))
             where = space.describe_position(g) if space is not None else f"flat index {g}"
             raise NonFiniteError(f"select: score {_f64_of(rows[r][_BADVAL])} at {where} (on rank {r}) is not "
                                  "finite; NaN/Inf scores cannot be ranked (check the score estimate, e.g. for "
@@ -468,7 +469,7 @@ def _threshold(prefix: int, bits: int, largest: bool, dtype, device) -> torch.Te
 def select_sharded(scores: torch.Tensor, k: int | None = None, fraction: float | None = None, largest: bool = True,
                    scope: str = "global", space: ParamSpace | None = None, *, group=None,
                    gather: bool = False) -> ShardedSelection:
-    """Exact global top-k over scores sharded as contiguous ranges across the ranks of ``group``.
+    """Exact global top-k over scores sharded across the ranks of ``group``: contiguous ranges, or FSDP2 shards.
 
     Collective: every rank of ``group`` (None: the default group) must call it with the same arguments except its
     own ``scores``. See :func:`sapsel_kernels.select` (``group=``) for the public contract; this is its
@@ -477,7 +478,9 @@ def select_sharded(scores: torch.Tensor, k: int | None = None, fraction: float |
     Args:
         scores: this rank's part of the flat score vector (any shape, flattened row-major; may be empty): positions
             [start_r, start_r + n_r) of the global vector, ranks in order. float32 / float16 / bfloat16 / float64,
-            the same dtype and device type on every rank. A DTensor raises NotImplementedError.
+            the same dtype and device type on every rank. With ``space`` over FSDP2 (DTensor) parameters: the scores
+            of this rank's shards instead (a dict / list of per-parameter DTensors or local shards, or their flat
+            concatenation; module docstring). A single DTensor raises NotImplementedError.
         k / fraction: the global budget, ``resolve_k(N, ...)`` over N = sum of the ranks' sizes.
         largest: select the largest (True) or smallest scores. scope: "global" only ("per_layer":
             NotImplementedError). space: None or the GLOBAL ParamSpace (numel N), for messages and the signature.
@@ -490,8 +493,9 @@ def select_sharded(scores: torch.Tensor, k: int | None = None, fraction: float |
     Raises (on EVERY rank, after the same collectives, so nothing hangs): NonFiniteError (NaN/Inf on any rank,
     naming the global flat index and the rank), TypeError (dtypes differ across ranks or are unsupported, non-tensor
     scores), ValueError (k/fraction/largest/gather/space differ across ranks, k > N, no scores at all),
-    NotImplementedError (DTensor, per_layer). A rank whose own arguments are bad raises its exception; the others
-    raise the same type naming it.
+    NotImplementedError (a single DTensor, per_layer, a DTensor layout other than FSDP2's). A rank whose own
+    arguments are bad (or whose local preparation fails: RuntimeError) raises its exception; the others raise the
+    same type naming it.
 
     Cost per rank: 1 + passes + 1 collectives (+1 with gather): see the module docstring for the bytes. Local work:
     a finite check (one sum), the key image, one histogram pass over all local keys, the later passes over the keys
@@ -510,13 +514,13 @@ def select_sharded(scores: torch.Tensor, k: int | None = None, fraction: float |
                                  f"ranks, the group {world}")
             scores = _fsdp_local_scores(scores, layout)
         _local_checks(scores, k, fraction, scope, space, gather)
-    except (ValueError, TypeError, NotImplementedError) as e:
+    except Exception as e:  # noqa: BLE001 - any local failure travels in the descriptor: every rank raises
         err = e
     like = scores.device if isinstance(scores, torch.Tensor) else None
     cdev = comm_device(group, like)
-    desc = _descriptor(scores, k, fraction, largest, space, gather, err)
+    desc = _descriptor(scores, k, fraction, largest, space, gather, err, layout)
     rows = all_gather_int64(desc, group, cdev).tolist()
-    n, sizes = _check_descriptors(rows, rank, err, space)
+    n, sizes = _check_descriptors(rows, rank, err, space, fsdp=layout is not None)
     kk = resolve_k(n, k=k, fraction=fraction)
 
     flat = scores.detach().reshape(-1).contiguous()

@@ -19,7 +19,8 @@ ranks). Every rank must hold the same number of batches. The estimate is SHARDED
 ``sk.select(est.mean, ..., space=est.space, group=...)`` selects over it without gathering anything.
 
 Communication: FSDP2's own all-gathers and reduce-scatters of every backward, plus one all_reduce of one int64 per
-batch (the global point or row count) and the agreement collectives of ``hessian_diag``. Per-point Fisher
+backward (the global point or row count: per batch, and for gauss_newton per batch and label sample) and the
+agreement collectives of ``hessian_diag``. Per-point Fisher
 (``"fisher"``) is not available under FSDP2: the reduce-scatter sums the ranks' per-point gradients before they can
 be squared. An exception on one rank inside the loop leaves the others waiting in FSDP2's next collective until the
 process group's timeout; NaN gradients are agreed on after the loop, so every rank raises.
@@ -83,8 +84,11 @@ def fsdp_estimate(model, loss, batches, space, layout, estimator: str, comm: Com
     dev = space.device
     dt = torch.float64 if torch.float64 in space.dtypes else torch.float32
     where = _named(space, layout)
-    saved = [p.grad for p in space.params]  # the caller's gradients, handed back untouched
-    for p in space.params:
+    # the caller's gradients, handed back untouched: of EVERY parameter of the model, since loss.backward() also
+    # accumulates into trainable parameters outside ``space``
+    everything = list({id(p): p for p in [*model.parameters(), *space.params]}.values())
+    saved = [p.grad for p in everything]
+    for p in everything:
         p.grad = None
     try:
         if estimator == "squared_grad":
@@ -172,5 +176,5 @@ def fsdp_estimate(model, loss, batches, space, layout, estimator: str, comm: Com
         _, (nb,) = comm.run(local, "hessian_diag(estimator='gauss_newton', FSDP2)")
         return Estimate(acc.mean, acc.m2, acc.count, {"batches": nb // comm.world, "layout": "fsdp2"})
     finally:
-        for p, g in zip(space.params, saved):
+        for p, g in zip(everything, saved):
             p.grad = g

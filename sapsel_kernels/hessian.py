@@ -241,6 +241,7 @@ class DiagEstimate:
 
     @property
     def numel(self) -> int:
+        """Entries of ``mean``: N, or this rank's share of it for an FSDP2 estimate (``shard`` set)."""
         return self.mean.numel()
 
     def views(self, what: str = "mean") -> dict[str, torch.Tensor]:
@@ -297,7 +298,9 @@ class DiagEstimate:
                    seed=d.get("seed", 0), info=d.get("info") or {})
 
     def __repr__(self) -> str:
-        return (f"DiagEstimate({self.estimator}, N={self.numel:,}, n_probes={self.n_probes}, "
+        n = f"N={self.numel:,}" if self.shard is None else \
+            f"this rank's FSDP2 shards: {self.numel:,} of N={self.space.numel:,}"
+        return (f"DiagEstimate({self.estimator}, {n}, n_probes={self.n_probes}, "
                 f"stopped_by={self.info.get('stopped_by')!r})")
 
 
@@ -627,6 +630,8 @@ def _hessian_diag_fsdp(model, loss_fn, data, estimator, n_probes, seed, hvp, pro
     for name, value in (("stop", stop), ("checkpoint", checkpoint), ("probes", probes)):
         if value is not None:
             raise NotImplementedError(f"hessian_diag on an FSDP2 model: {name}= is not supported")
+    if progress:
+        raise NotImplementedError("hessian_diag on an FSDP2 model: progress=True is not supported (no progress bar)")
     if space is None:
         space = ParamSpace(model)
     elif not isinstance(space, ParamSpace):

@@ -109,6 +109,20 @@ def _flag_device(group, like: torch.device) -> torch.device:
     return comm_device(group, like)
 
 
+def _first_rank(flags, group, like: torch.device):
+    """For each boolean of ``flags`` (this rank's), the lowest rank of ``group`` where it is True, or None: ONE MIN
+    all_reduce of len(flags) int64 (any world size)."""
+    import torch.distributed as dist
+
+    single = isinstance(flags, bool)
+    fl = [flags] if single else list(flags)
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    t = torch.tensor([rank if f else world for f in fl], dtype=torch.int64, device=_flag_device(group, like))
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
+    out = [None if int(v) >= world else int(v) for v in t.tolist()]
+    return out[0] if single else out
+
+
 def _hash_indices(idx: torch.Tensor) -> str:
     """Fingerprint of a selection's indices (stored in state_dict to refuse resuming with another selection)."""
     return hashlib.sha1(idx.detach().cpu().numpy().tobytes()).hexdigest()[:16]
@@ -264,18 +278,14 @@ class _SparseOptimizer(torch.optim.Optimizer):
         return [self._t(p) for p in ps] if self._shard_group is not None else ps
 
     def _agree(self, bad: Optional[str], what: str) -> Optional[str]:
-        """Under FSDP2 the NaN verdict of every shard: this rank's ``bad``, or where on another rank (one all_reduce
-        of one int64), so every rank skips or raises together. Without FSDP2 ``bad`` itself."""
+        """Under FSDP2 the NaN verdict of every shard: this rank's ``bad``, or where on another rank (one MIN
+        all_reduce of one int64: the first bad rank), so every rank skips or raises together. Without FSDP2 ``bad``
+        itself."""
         if self._shard_group is None:
             return bad
-        import torch.distributed as dist
-
-        flag = torch.tensor([0 if bad is None else 1 << dist.get_rank(self._shard_group)], dtype=torch.int64,
-                            device=_flag_device(self._shard_group, self.space.device))
-        dist.all_reduce(flag, group=self._shard_group)
-        ranks = [r for r in range(dist.get_world_size(self._shard_group)) if int(flag) >> r & 1]
-        if bad is None and ranks:
-            return f"in the shard of rank {ranks[0]} ({what})"
+        first = _first_rank(bad is not None, self._shard_group, self.space.device)
+        if bad is None and first is not None:
+            return f"in the shard of rank {first} ({what})"
         return bad
 
     def _dense_grad(self, p) -> torch.Tensor:
@@ -751,26 +761,27 @@ class SparseSAM(_SparseOptimizer):
         total, where, err = 0.0, None, None
         try:
             total, where = self._grad_sq_local(hps, lists)
-        except NonFiniteError as e:
+        except Exception as e:  # noqa: BLE001 - under FSDP2 every rank must learn of it (below)
             if self._shard_group is None:
                 raise
             err = e
         if self._shard_group is not None:
             import torch.distributed as dist
 
-            me = float(1 << dist.get_rank(self._shard_group))
-            buf = torch.tensor([total if where is None and err is None else 0.0, me if where is not None else 0.0,
-                                me if err is not None else 0.0], dtype=torch.float64,
+            # the shards' sums of squares (one SUM all_reduce of a float64), then who failed (one MIN of 2 int64)
+            buf = torch.tensor([total if where is None and err is None else 0.0], dtype=torch.float64,
                                device=_flag_device(self._shard_group, self.space.device))
             dist.all_reduce(buf, group=self._shard_group)
-            total, bad_bits, err_bits = float(buf[0]), int(buf[1]), int(buf[2])
+            total = float(buf[0])
+            bad_rank, err_rank = _first_rank([where is not None, err is not None], self._shard_group,
+                                             self.space.device)
             if err is not None:
                 raise err
-            if err_bits:
-                raise NonFiniteError(f"SparseSAM.first_step: the gradient norm is not finite on rank "
-                                     f"{(err_bits & -err_bits).bit_length() - 1}'s shard; nothing was modified")
-            if where is None and bad_bits:
-                where = f"in the shard of rank {(bad_bits & -bad_bits).bit_length() - 1}"
+            if err_rank is not None:
+                raise NonFiniteError(f"SparseSAM.first_step: computing the gradient norm failed on rank {err_rank}'s "
+                                     "shard; nothing was modified")
+            if where is None and bad_rank is not None:
+                where = f"in the shard of rank {bad_rank}"
             if where is not None:
                 return float("nan"), where
         if where is not None:

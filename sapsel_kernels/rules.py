@@ -195,7 +195,7 @@ class Problem:
     def all_sum_s(self, fn: Callable[[], torch.Tensor], what: str) -> torch.Tensor:
         """``fn()`` -> this rank's [k] vector; returns its sum over the group's ranks. An exception on any rank
         raises on every rank (that rank its own, the others a ValueError naming it) before the sum: ONE flag
-        all_reduce (3 int64) and one all_reduce of k values."""
+        all_reduce (2 int64) and one all_reduce of k values."""
         v, _ = self.comm.run(lambda: (fn(), ()), what, n_counts=0)
         self.comm.sum_([v])
         return v

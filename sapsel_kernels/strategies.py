@@ -239,6 +239,7 @@ def parameter_scores(model, strategy: str, *, loss_fn=_Default(None), data=None,
     elif strategy == "grad_abs":
         batches = need(affected, "affected")
         comm = hessian._comm(group)
+        comm.device = space.device  # where the flag buffers go (CUDA for NCCL)
         inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
         def local():
@@ -259,8 +260,9 @@ def parameter_scores(model, strategy: str, *, loss_fn=_Default(None), data=None,
         scores = (fz / (fd + 1e-12 * float(fd.mean()) + torch.finfo(fd.dtype).tiny)).to(torch.float32)
         cost["n_gradients"] = n_points(bz) + nd
     if group is not None and strategy != "grad_abs":  # the group's cost (grad_abs's n is already summed)
-        _, totals = hessian._comm(group).run(lambda: (None, (cost["n_gradients"], cost["n_hvps"])),
-                                             "parameter_scores", n_counts=2)
+        comm = hessian._comm(group)
+        comm.device = space.device
+        _, totals = comm.run(lambda: (None, (cost["n_gradients"], cost["n_hvps"])), "parameter_scores", n_counts=2)
         cost["n_gradients"], cost["n_hvps"] = totals
     if scores.numel() != space.numel:
         raise ValueError(f"score vector has {scores.numel()} entries, the model has {space.numel}")

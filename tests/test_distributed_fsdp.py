@@ -200,7 +200,31 @@ def _select_worker(rank, world):
         thetas.append(_full(model))
         out[f"k_local_{use_part}"] = opt.k_local
     out["part_step_equal"] = torch.equal(thetas[0], thetas[1])
+    # a NaN in the last rank's shard: every rank raises, naming the GLOBAL position (the shards interleave)
+    from sapsel_kernels.distributed import ShardLayout
+
+    model = _shard(_model(), world)
+    space = sk.ParamSpace(model)
+    local = torch.cat([t.reshape(-1) for t in _local_rows(_scores(space.numel, torch.float32, False), space, model)])
+    layout = ShardLayout(space)
+    bad = int(layout.to_global(torch.tensor([0]))[0]) if rank == world - 1 else -1  # its first row of 0.weight
+    if rank == world - 1:
+        local[0] = float("nan")
+    try:
+        sk.select(local, 5, space=space, group=group)
+        out["nan"] = None
+    except Exception as e:  # noqa: BLE001 - reported to the test
+        out["nan"] = (type(e).__name__, str(e))
+    out["nan_where"] = [int(v) for v in all_gather_int(bad, group)]
     return out
+
+
+def all_gather_int(v, group):
+    import torch.distributed as dist
+
+    out = [torch.zeros(1, dtype=torch.int64) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(out, torch.tensor([v], dtype=torch.int64), group=group)
+    return [int(o) for o in out]
 
 
 def _check_select(results, world):
@@ -222,6 +246,8 @@ def _check_select(results, world):
         assert torch.equal(torch.cat(parts).sort().values, ref.indices), key
     for res in results:
         assert res["part_step_equal"] and res["k_local_True"] == res["k_local_False"]
+        g = max(res["nan_where"])
+        assert res["nan"][0] == "NonFiniteError" and space.describe_position(g) in res["nan"][1], (res["nan"], g)
 
 
 def test_select_over_fsdp2_shards_world2():

@@ -23,6 +23,7 @@ from sapsel_kernels import measure
 from sapsel_kernels.demo import canary, lm
 from sapsel_kernels.exposure import random_candidates
 from sapsel_kernels.forget import build_forget_data, forget, lm_loss, perplexity
+from sapsel_kernels.rules import Targeted
 
 
 class _Logits(torch.nn.Module):
@@ -130,6 +131,11 @@ def main():
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--max-steps", type=int, default=300)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--objective", default="npo", choices=("npo", "uniform"), help="forget(objective=...)")
+    p.add_argument("--max-ppl-increase", type=float, default=0.05, help="forget's validation budget")
+    p.add_argument("--decoys", type=int, default=0, help="forget(decoys=...) (objective uniform)")
+    p.add_argument("--correct-weight", type=float, default=1.0, help="the Targeted rule's weight of L(Z̃)")
+    p.add_argument("--cache", default=None, help="a file for the trained θ* and gold models (reused when present)")
     p.add_argument("--out", required=True)
     a = p.parse_args()
     os.makedirs(a.out, exist_ok=True)
@@ -138,8 +144,13 @@ def main():
         return
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    prep = (prepare_gpt2(int(a.setting.split(":r")[1]), a.steps, a.seed) if a.setting.startswith("gpt2")
-            else prepare_char(a.setting, a.steps, a.seed))
+    if a.cache and os.path.exists(a.cache):
+        prep = torch.load(a.cache, weights_only=False)  # our own file, written below
+    else:
+        prep = (prepare_gpt2(int(a.setting.split(":r")[1]), a.steps, a.seed) if a.setting.startswith("gpt2")
+                else prepare_char(a.setting, a.steps, a.seed))
+        if a.cache:
+            torch.save(prep, a.cache)
     train_s, cc, tok, T = prep["train_s"], prep["cc"], prep["tokenizer"], prep["seq_len"]
     cands = random_candidates(1000, measure.format_of(cc.secret), seed=50_000 + a.seed,
                               exclude=[cc.secret, cc.replacement])
@@ -169,7 +180,9 @@ def main():
             rep = forget(model, tok, cc.text, cc.secret, cc.prefix, cc.replacement, heldout=[held],
                          seq_len=T, strategy=strategy, budget=1.0 if strategy == "all" else budget,
                          max_steps=a.max_steps, context="\n", seed=a.seed, scores=scores.get(strategy),
-                         progress=False)
+                         progress=False, objective=a.objective, max_ppl_increase=a.max_ppl_increase,
+                         decoys=a.decoys, rule=None if a.correct_weight == 1.0 else Targeted(
+                             steps=a.max_steps, lr=0.1, check_every=5, correct_weight=a.correct_weight))
             wall = time.perf_counter() - t1
             if rep.scores is not None:
                 scores[strategy] = rep.scores

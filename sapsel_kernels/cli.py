@@ -170,6 +170,9 @@ def add_forget_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--max-ppl-increase", default=0.05, type=at.nonneg_float, metavar="FRACTION",
                    help="largest allowed relative rise of the held-out perplexity, e.g. 0.05 = +5%% "
                         "(default 0.05; 0 = no rise at all)")
+    g.add_argument("--objective", default="npo", choices=("npo", "uniform"),
+                   help="the forget term on the secret's tokens: npo (default) or uniform (cross-entropy to the "
+                        "uniform distribution over what the format admits at each position)")
     g.add_argument("--max-steps", default=300, type=at.positive_int, help="at most this many unlearning steps "
                    "(default 300)")
     g.add_argument("--lr", default=0.1, type=at.positive_float, help="first step size of the search "
@@ -347,7 +350,8 @@ def _forget_run(args, argv: List[str], progress: bool) -> int:
                         fmt=args.fmt, strategy=args.strategy, budget=args.budget,
                         max_ppl_increase=args.max_ppl_increase, target_exposure=args.target_exposure,
                         seq_len=args.seq_len, seed=args.seed, n_candidates=args.candidates, max_steps=args.max_steps,
-                        lr=args.lr, heldout=args.heldout, n_probes=args.probes, progress=progress)
+                        lr=args.lr, heldout=args.heldout, n_probes=args.probes, objective=args.objective,
+                        progress=progress)
     except (_InputError, ValueError) as exc:  # ValueError: forget's validation (and NonFiniteError, a subclass)
         _error(_one_line(exc, limit=2000))
         return 2

@@ -260,6 +260,51 @@ def per_token_npo(beta: float = 1.0):
     return loss
 
 
+def format_uniform(codec, fmt: str, vocab: int):
+    """The format-aware forget term for Z batches ``(x, labels)`` (labels -100 except at the secret's tokens): at each
+    secret token that holds a placeholder character of ``fmt`` (a digit of ``dddd dddd``, ...), the cross-entropy to
+    the UNIFORM distribution over the tokens of the same shape -- the same text with every placeholder character
+    free within the format's alphabets and every other character (separators, prefix text) kept -- i.e.
+    -mean_{a in A} log p(a). Its minimum puts the secret's token on a par with every other admissible one (what a
+    model that never saw the secret does) and, unlike ascent, it cannot push the secret below the other candidates.
+    Tokens without a placeholder character (the separators) are left out. Needs ``codec.decode``."""
+    from .exposure import parse_format
+
+    if codec.decode is None:
+        raise ValueError("objective='uniform' needs a tokenizer that can decode single tokens")
+    variable = set().union(set(), *[set(a) for a in parse_format(fmt) if len(a) > 1])
+    shapes: Dict[tuple, int] = {}
+    shape_of = torch.full((vocab,), -1, dtype=torch.int64)
+    for i in range(vocab):
+        try:
+            t = codec.decode([i])
+        except Exception:  # noqa: BLE001 - an id the tokenizer does not map to text: never admissible
+            continue
+        key = tuple(None if c in variable else c for c in t)  # None: a placeholder (never a character)
+        if None in key:
+            shape_of[i] = shapes.setdefault(key, len(shapes))
+    masks = torch.stack([shape_of == j for j in range(len(shapes))]) if shapes else torch.zeros(0, vocab, dtype=bool)
+
+    def loss(model, batch):
+        from .measure import lm_logits
+
+        x, y = batch[0], batch[1]
+        dev = next(model.parameters()).device
+        logits = lm_logits(model, x.to(dev)).float()
+        y = y.to(dev).reshape(-1)
+        logp = logits.reshape(-1, logits.shape[-1]).log_softmax(-1)
+        sid = torch.where(y != IGNORE, shape_of.to(dev)[y.clamp_min(0)], torch.full_like(y, -1))
+        terms = []
+        for j in torch.unique(sid[sid >= 0]).tolist():
+            at = sid == j
+            terms.append(-logp[at][:, masks[j].to(dev)].mean(-1))
+        if not terms:  # no secret token of this batch holds a placeholder character
+            return logits.sum() * 0.0
+        return torch.cat(terms).mean()
+
+    return loss
+
+
 @torch.no_grad()
 def _with_reference(model, batches):
     """Z batches ``(x, y)`` -> ``(x, y, ref)`` with each target token's loss at θ* (for :func:`per_token_npo`)."""
@@ -310,6 +355,10 @@ def _z_aware(loss):
         return loss(model, batch[:2]) if len(batch) == 3 else loss(model, batch)
 
     return f
+
+
+def _vocab_of(codec) -> int:
+    raise ValueError("objective='uniform' needs the model's vocabulary size (no input embedding found)")
 
 
 def _batches(data: Tuple[torch.Tensor, torch.Tensor], size: int) -> List[Tuple[torch.Tensor, torch.Tensor]]:
@@ -422,7 +471,7 @@ def forget(model, tokenizer, texts, secret: str, prefix: Optional[str] = None, r
            max_steps: int = 300, check_every: int = 5, lr: float = 0.1, rule: Optional[Targeted] = None,
            batch_size: int = 8, hessian_windows: int = 32, n_probes: int = 16, scores: Optional[torch.Tensor] = None,
            context: str = "", per_token: bool = False, retain_loss: str = "ce", retain_windows: Optional[int] = None,
-           progress: Optional[bool] = None) -> ForgetReport:
+           objective: str = "npo", decoys: int = 0, progress: Optional[bool] = None) -> ForgetReport:
     """Forget ``secret`` from a causal LM trained on ``texts``, changing only k selected parameters.
 
     Args:
@@ -457,6 +506,13 @@ def forget(model, tokenizer, texts, secret: str, prefix: Optional[str] = None, r
         retain_windows: at most this many retained training windows (shuffled) feed the retain term (None: all).
         per_token: NPO per secret token instead of on their mean loss (default False: on the tests' LSTM it ended
             at 36 bits against 33 for the mean, same budget).
+        objective: the forget term on the secret's tokens: "npo" (default, the Targeted rule's NPO on their mean
+            loss) or "uniform" (:func:`format_uniform`: cross-entropy to the uniform distribution over the tokens
+            the format admits at each position; needs a tokenizer that decodes).
+        decoys: with objective="uniform", this many random secrets of the format (never among the measured
+            candidates) take the secret's place in copies of its windows, and their tokens get the same uniform
+            target: the model is flattened over the format's space after the prefix, not only along the secret's
+            own path (which, alone, leaves the other candidates less likely than the flattened secret).
         progress: a progress bar on stderr (None: only on a terminal).
 
     Returns:
@@ -488,6 +544,14 @@ def forget(model, tokenizer, texts, secret: str, prefix: Optional[str] = None, r
         prefix = _infer_prefix(texts, secret)
     if not isinstance(prefix, str) or not prefix:
         raise ValueError("prefix is empty (the secret starts a line): pass prefix=, the text that elicits the secret")
+    if objective not in ("npo", "uniform"):
+        raise ValueError(f"objective must be 'npo' or 'uniform', got {objective!r}")
+    if objective == "uniform" and per_token:
+        raise ValueError("per_token applies to objective='npo' only")
+    if isinstance(decoys, bool) or not isinstance(decoys, int) or decoys < 0:
+        raise ValueError(f"decoys must be an int >= 0, got {decoys!r}")
+    if decoys and objective != "uniform":
+        raise ValueError("decoys applies to objective='uniform' only (descent on decoys would teach them)")
     if retain_loss not in ("ce", "kl"):
         raise ValueError(f"retain_loss must be 'ce' or 'kl', got {retain_loss!r}")
     if not isinstance(per_token, bool):
@@ -612,6 +676,22 @@ def forget(model, tokenizer, texts, secret: str, prefix: Optional[str] = None, r
         if per_token:
             over["forget_loss"] = per_token_npo(cfg.beta)
             zs = _with_reference(model, zs)
+        elif objective == "uniform":
+            over["forget_loss"] = format_uniform(codec, fmt, vocab if vocab is not None else _vocab_of(codec))
+            if decoys:
+                zx, zy = [data.affected_secret[0]], [data.affected_secret[1]]
+                for d in random_candidates(decoys, fmt, seed=70_000 + seed, exclude=[secret, replacement, *cands]):
+                    dd = build_forget_data(tokenizer, [t.replace(secret, d) for t in texts], d, replacement,
+                                           seq_len=T, heldout=heldout, seed=seed)
+                    zx.append(dd.affected_secret[0])
+                    zy.append(dd.affected_secret[1])
+                zx, zy = torch.cat(zx), torch.cat(zy)
+                order = torch.randperm(len(zx), generator=torch.Generator().manual_seed(seed))
+                zs = _batches((zx[order], zy[order]), batch_size)
+                # Z̃ as many points as Z (unlearn pairs them): the corrected windows, repeated
+                reps = -(-len(zx) // len(data.corrected[0]))
+                cx, cy = (t.repeat(reps, 1)[:len(zx)] for t in data.corrected)
+                zt = _batches((cx[order], cy[order]), batch_size)
         if retain_loss == "kl" and retain is not None:
             over["retain"] = _with_reference_logp(model, retain)
             over["retain_loss"] = kl_to_reference

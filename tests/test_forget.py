@@ -279,3 +279,59 @@ def test_targeted_rule_with_sam_moves_only_s():
     changed = torch.nonzero(theta != theta0).reshape(-1)
     assert set(changed.tolist()) <= set(sel.indices.tolist()) and changed.numel() > 0
     assert rep.n_gradients == 4 * 2 * 16  # two passes per SAM step over a Z and a Z̃ batch of 8
+
+
+def test_format_uniform_matches_its_formula_and_its_minimum_is_uniform():
+    """objective='uniform': at each secret token that is a digit, -mean over the 10 digit tokens of log p (by hand
+    from the logits); the separators are left out; a model that is uniform over the digits there scores log 10."""
+    from sapsel_kernels.forget import format_uniform
+    from sapsel_kernels.measure import as_tokenizer
+
+    model, cc = _model()
+    model.eval()  # no dropout: the two evaluations below see the same function
+    d = build_forget_data(cc.vocab, [cc.text], SECRET, lm.BENIGN_REPLACEMENT, seq_len=32, heldout=[cc.heldout])
+    x, y = d.affected_secret[0][:4], d.affected_secret[1][:4]
+    V = len(cc.vocab)
+    loss = format_uniform(as_tokenizer(cc.vocab), sk.measure.format_of(SECRET), V)
+    with torch.no_grad():
+        logp = model(x).log_softmax(-1).reshape(-1, V)
+    digits = torch.tensor([cc.vocab.encode(c)[0] for c in "0123456789"])
+    yy = y.reshape(-1)
+    at = (yy != IGNORE) & torch.isin(yy, digits)
+    assert int(at.sum()) > 0 and int(((yy != IGNORE) & ~at).sum()) > 0  # digits and separators among the targets
+    expect = -logp[at][:, digits].mean(-1).mean()
+    assert float(loss(model, (x, y))) == pytest.approx(float(expect), rel=1e-5)
+
+    class Uniform(torch.nn.Module):  # logits equal on every digit: the minimum, -log(1/10) when only digits have mass
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, ids):
+            out = torch.full((*ids.shape, V), -1e4) + self.w
+            out[..., digits] = 0.0
+            return out
+
+    assert float(loss(Uniform(), (x, y))) == pytest.approx(math.log(10), rel=1e-6)
+    with pytest.raises(ValueError, match="objective"):
+        forget(model, cc.vocab, cc.text, SECRET, PREFIX, objective="ascent", heldout=[cc.heldout], seq_len=32,
+               progress=False)
+    with pytest.raises(ValueError, match="decoys applies to objective='uniform'"):
+        forget(model, cc.vocab, cc.text, SECRET, PREFIX, decoys=4, heldout=[cc.heldout], seq_len=32, progress=False)
+    with pytest.raises(ValueError, match="per_token applies"):
+        forget(model, cc.vocab, cc.text, SECRET, PREFIX, objective="uniform", per_token=True, heldout=[cc.heldout],
+               seq_len=32, progress=False)
+
+
+def test_forget_uniform_objective_with_decoys_runs_and_moves_only_s():
+    """objective='uniform' with decoys: the decoy windows join Z (and Z̃ is repeated to match), the run stays within
+    the budget and moves only S. (It does not forget better than NPO: docs/forget.md.)"""
+    model, cc = _model()
+    theta0 = torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])
+    rep = forget(model, cc.vocab, cc.text, SECRET, PREFIX, lm.BENIGN_REPLACEMENT, heldout=[cc.heldout], seq_len=32,
+                 budget=0.05, n_candidates=50, n_monitor=30, max_steps=10, context="\n", objective="uniform",
+                 decoys=2, progress=False)
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    assert 0 < int((theta != theta0).sum()) <= rep.k
+    assert rep.val_ppl_after <= rep.val_ppl_before * 1.05 * (1 + 1e-9)
+    assert rep.cost["steps"] > 0

@@ -215,11 +215,6 @@ class ShardLayout:
         seg = torch.searchsorted(starts, local, right=True) - 1
         return local - starts[seg] + self._lo.to(local.device)[seg]
 
-    def local_flat(self, tensors) -> torch.Tensor:
-        """The rank's local flat vector of per-parameter DTensors (or local tensors) shaped like the parameters:
-        their local shards concatenated (one copy, local_numel elements)."""
-        parts = [(t.to_local() if _is_dtensor(t) else t).reshape(-1) for t in tensors]
-        return torch.cat(parts) if parts else torch.zeros(0)
 
 
 # ---------------------------------------------------------------------------------------------------- the result

@@ -357,10 +357,6 @@ def _z_aware(loss):
     return f
 
 
-def _vocab_of(codec) -> int:
-    raise ValueError("objective='uniform' needs the model's vocabulary size (no input embedding found)")
-
-
 def _batches(data: Tuple[torch.Tensor, torch.Tensor], size: int) -> List[Tuple[torch.Tensor, torch.Tensor]]:
     x, y = data
     return [(x[i:i + size], y[i:i + size]) for i in range(0, len(x), size)]
@@ -677,7 +673,9 @@ def forget(model, tokenizer, texts, secret: str, prefix: Optional[str] = None, r
             over["forget_loss"] = per_token_npo(cfg.beta)
             zs = _with_reference(model, zs)
         elif objective == "uniform":
-            over["forget_loss"] = format_uniform(codec, fmt, vocab if vocab is not None else _vocab_of(codec))
+            if vocab is None:
+                raise ValueError("objective='uniform' needs the model's vocabulary size (no input embedding found)")
+            over["forget_loss"] = format_uniform(codec, fmt, vocab)
             if decoys:
                 zx, zy = [data.affected_secret[0]], [data.affected_secret[1]]
                 for d in random_candidates(decoys, fmt, seed=70_000 + seed, exclude=[secret, replacement, *cands]):

@@ -605,12 +605,6 @@ def _check_agreement(descs: list[dict], what: str = "hessian_diag") -> None:
                          "0); only the data differs across ranks")
 
 
-def _is_dtensor(t) -> bool:
-    from .distributed import _is_dtensor as is_dt
-
-    return is_dt(t)
-
-
 def _hessian_diag_fsdp(model, loss_fn, data, estimator, n_probes, seed, hvp, probes, stop, checkpoint, space,
                        progress, output_fn, exact_max_numel, group) -> "DiagEstimate":
     """``hessian_diag`` on an FSDP2 model (see :mod:`sapsel_kernels.fsdp`): collective over the mesh's group."""
@@ -718,6 +712,9 @@ def hessian_diag(model: torch.nn.Module, loss_fn, data, estimator: str = "hutchi
             ``model.module`` (DDP has no double backward; ``loss_fn`` gets the plain module). Checkpoints: rank 0
             writes, every rank reads, another world size is refused. A rank that dies or stops calling makes the
             others wait for the process group's timeout (``init_process_group(timeout=...)``).
+            An FSDP2 (``fully_shard``) model runs "squared_grad", "grad_abs" and "gauss_newton" sharded, collectively
+            over its mesh (``group`` optional): see :mod:`sapsel_kernels.fsdp`; the estimate holds this rank's
+            shards only (``DiagEstimate.shard``). Other estimators raise ValueError there.
 
     Applicability: an argument the estimator would ignore raises ValueError: ``probes``, ``stop``, ``checkpoint``
     and non-default ``n_probes`` / ``seed`` only for "hutchinson" and "gauss_newton"; ``hvp`` other than "auto"
@@ -774,7 +771,12 @@ def hessian_diag(model: torch.nn.Module, loss_fn, data, estimator: str = "hutchi
         * "exact": an N x N Hessian in the parameter dtype per batch (N <= ``exact_max_numel``).
         * under ``group``: nothing more for "hutchinson" / "gauss_newton" / "grad_abs" / "exact" (the sums are
           all-reduced in place); "squared_grad" / "fisher" merge chunk by chunk (2 x 32 MiB of float64).
+        * FSDP2: per rank, 8 bytes per local shard element ("squared_grad", "gauss_newton": mean and M2 in float32;
+          "gauss_newton" also one sample sum, 4 or 8 bytes; "grad_abs": one sum and the result) plus FSDP2's own
+          unsharded parameters and gradients of one backward.
     """
+    from .distributed import _is_dtensor
+
     if any(_is_dtensor(p) for p in model.parameters()):
         return _hessian_diag_fsdp(model, loss_fn, data, estimator, n_probes, seed, hvp, probes, stop, checkpoint,
                                   space, progress, output_fn, exact_max_numel, group)

@@ -46,10 +46,10 @@ FSDP2 (``fully_shard``; every parameter a DTensor split by rows of dim 0 over a 
 (or its named parameters) and the GLOBAL selection (flat indices of the unsharded space, the same on every rank, or
 each rank's part from ``select(..., group=)``). Each rank updates the selected coordinates of its own shard
 (``to_local()``), so the state is O(k / world) per rank (``k_local``: the selected coordinates this rank holds).
-The only collectives the optimizer adds are tiny: SAM's norm (one all_reduce of 3 float64 per first_step) and the
-NaN verdict of the other steps (one int64), so a NaN in one rank's shard raises (or, under AMP, skips) on every
-rank with nothing modified anywhere. A state_dict is per rank; loading it on another rank or world size raises
-ValueError. Other DTensor layouts (tensor parallel, 2-D meshes) raise NotImplementedError.
+The only collectives the optimizer adds are tiny: SAM's norm (one float64 SUM and one MIN of 2 int64 per
+first_step) and the NaN verdict of the other steps (one int64 MIN), so a NaN in one rank's shard raises (or, under
+AMP, skips) on every rank with nothing modified anywhere. A state_dict is per rank; loading it on another rank or
+world size raises ValueError. Other DTensor layouts (tensor parallel, 2-D meshes) raise NotImplementedError.
 """
 
 import contextlib
@@ -757,7 +757,7 @@ class SparseSAM(_SparseOptimizer):
         """(||g|| as the class doc defines it, unscaled; None) or (nan, where the first NaN/Inf gradient is).
         One fused pass and one host sync; the slow path (a non-finite partial) locates the bad entry or, when every
         entry is finite and the float32 sum overflowed, recomputes that tensor's sum in float64. Under FSDP2 the
-        shards' sums of squares and verdicts are combined by ONE all_reduce of three float64 values."""
+        shards' sums of squares are combined by one float64 SUM all_reduce, the verdicts by one MIN of 2 int64."""
         total, where, err = 0.0, None, None
         try:
             total, where = self._grad_sq_local(hps, lists)

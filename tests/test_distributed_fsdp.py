@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import sapsel_kernels as sk
 from _dist import run_world
-from test_distributed_optim import STEPS, _plain_step, _sam_step
+from test_distributed_optim import STEPS, _data, _plain_step, _sam_step  # the same 8-point batch
 
 TOL = dict(rtol=1e-12, atol=1e-12)
 
@@ -30,11 +30,6 @@ OPTIMIZERS = {
 def _model():
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Linear(6, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3)).double()
-
-
-def _data():
-    g = torch.Generator().manual_seed(1)
-    return torch.randn(8, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (8,), generator=g)
 
 
 def _selection(model):

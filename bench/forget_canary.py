@@ -136,6 +136,7 @@ def main():
     p.add_argument("--decoys", type=int, default=0, help="forget(decoys=...) (objective uniform)")
     p.add_argument("--correct-weight", type=float, default=1.0, help="the Targeted rule's weight of L(Z̃)")
     p.add_argument("--rho", type=float, default=0.0, help="the Targeted rule's SAM radius on S (0: no SAM)")
+    p.add_argument("--repair-steps", type=int, default=0, help="forget(repair_steps=...)")
     p.add_argument("--cache", default=None, help="a file for the trained θ* and gold models (reused when present)")
     p.add_argument("--out", required=True)
     a = p.parse_args()
@@ -184,7 +185,8 @@ def main():
                          progress=False, objective=a.objective, max_ppl_increase=a.max_ppl_increase,
                          decoys=a.decoys, rule=None if (a.correct_weight, a.rho) == (1.0, 0.0) else Targeted(
                              steps=a.max_steps, lr=0.1, check_every=5, lr_max=100.0,
-                             correct_weight=a.correct_weight, rho=a.rho))
+                             correct_weight=a.correct_weight, rho=a.rho, repair_steps=a.repair_steps),
+                         repair_steps=a.repair_steps)
             wall = time.perf_counter() - t1
             if rep.scores is not None:
                 scores[strategy] = rep.scores

@@ -173,6 +173,9 @@ def add_forget_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--objective", default="npo", choices=("npo", "uniform"),
                    help="the forget term on the secret's tokens: npo (default) or uniform (cross-entropy to the "
                         "uniform distribution over what the format admits at each position)")
+    g.add_argument("--repair-steps", default=0, type=at.nonneg_int, metavar="N",
+                   help="when a step block exceeds --max-ppl-increase, up to N descent steps on the corrected and "
+                        "retained text before it is undone (default 0: undo at once; docs/forget.md)")
     g.add_argument("--max-steps", default=300, type=at.positive_int, help="at most this many unlearning steps "
                    "(default 300)")
     g.add_argument("--lr", default=0.1, type=at.positive_float, help="first step size of the search "
@@ -351,7 +354,7 @@ def _forget_run(args, argv: List[str], progress: bool) -> int:
                         max_ppl_increase=args.max_ppl_increase, target_exposure=args.target_exposure,
                         seq_len=args.seq_len, seed=args.seed, n_candidates=args.candidates, max_steps=args.max_steps,
                         lr=args.lr, heldout=args.heldout, n_probes=args.probes, objective=args.objective,
-                        progress=progress)
+                        repair_steps=args.repair_steps, progress=progress)
     except (_InputError, ValueError) as exc:  # ValueError: forget's validation (and NonFiniteError, a subclass)
         _error(_one_line(exc, limit=2000))
         return 2

@@ -467,7 +467,8 @@ def forget(model, tokenizer, texts, secret: str, prefix: Optional[str] = None, r
            max_steps: int = 300, check_every: int = 5, lr: float = 0.1, rule: Optional[Targeted] = None,
            batch_size: int = 8, hessian_windows: int = 32, n_probes: int = 16, scores: Optional[torch.Tensor] = None,
            context: str = "", per_token: bool = False, retain_loss: str = "ce", retain_windows: Optional[int] = None,
-           objective: str = "npo", decoys: int = 0, progress: Optional[bool] = None) -> ForgetReport:
+           objective: str = "npo", decoys: int = 0, repair_steps: int = 0,
+           progress: Optional[bool] = None) -> ForgetReport:
     """Forget ``secret`` from a causal LM trained on ``texts``, changing only k selected parameters.
 
     Args:
@@ -505,6 +506,10 @@ def forget(model, tokenizer, texts, secret: str, prefix: Optional[str] = None, r
         objective: the forget term on the secret's tokens: "npo" (default, the Targeted rule's NPO on their mean
             loss) or "uniform" (:func:`format_uniform`: cross-entropy to the uniform distribution over the tokens
             the format admits at each position; needs a tokenizer that decodes).
+        repair_steps: when a step block leaves the perplexity budget, up to this many descent steps on Z̃ and the
+            retained text (no forget term) before the block is undone; the block is kept if they bring the
+            validation perplexity back within the budget while the secret's score stays below the last accepted
+            one (the Targeted rule's ``repair_steps``; 0: undo at once).
         decoys: with objective="uniform", this many random secrets of the format (never among the measured
             candidates) take the secret's place in copies of its windows, and their tokens get the same uniform
             target: the model is flattened over the format's space after the prefix, not only along the secret's
@@ -569,7 +574,8 @@ def forget(model, tokenizer, texts, secret: str, prefix: Optional[str] = None, r
     _check_strategy(strategy)
     _budget_k(budget, sum(p.numel() for p in model.parameters() if p.requires_grad))
     cfg = rule if rule is not None else Targeted(steps=max_steps, lr=lr, check_every=check_every,
-                                                 lr_max=max(100.0, float(lr)) if isinstance(lr, (int, float)) else lr)
+                                                 lr_max=max(100.0, float(lr)) if isinstance(lr, (int, float)) else lr,
+                                                 repair_steps=repair_steps)
     if not isinstance(cfg, Targeted):
         raise TypeError(f"rule must be a sapsel_kernels.Targeted config, got {type(cfg).__name__}")
     codec = measure.as_tokenizer(tokenizer)
@@ -719,10 +725,11 @@ def forget(model, tokenizer, texts, secret: str, prefix: Optional[str] = None, r
             "unlearn_s": unlearn_s, "measure_s": t_measure, "steps": int(info.get("steps_run", 0)),
             "steps_accepted": int(info.get("steps_accepted", 0))}
     rule_d = {f: getattr(cfg, f) for f in ("steps", "lr", "lr_min", "lr_max", "beta", "correct_weight",
-                                          "forget_weight", "retain_weight", "rho", "weight_decay", "check_every")}
+                                          "forget_weight", "retain_weight", "rho", "weight_decay", "check_every",
+                                          "repair_steps")}
     rule_d["lr_final"] = info.get("lr_final")
     hist = [{k: v for k, v in h.items() if k in ("step", "lr", "exposure", "extracted", "val_ppl", "ppl_increase",
-                                                  "accepted")} for h in info.get("history", [])]
+                                                  "phase", "accepted")} for h in info.get("history", [])]
     return ForgetReport(
         strategy=strategy, budget=budget, k=sel.k if hasattr(sel, "k") else int(sel.indices.numel()),
         numel=space.numel, secret=secret, prefix=prefix, replacement=replacement, fmt=fmt, before=before,

@@ -138,6 +138,80 @@ def test_targeted_rule_search_undoes_blocks_that_leave_the_budget():
     assert rep.info["stopped_by"] == "target" and rep.info["steps_run"] == 12 and rep.info["steps_accepted"] == 6
 
 
+def _hand_targeted(model, sel, zs, zt, retain, lr, phases, beta=1.0):
+    """The oracle of the repair test: plain SGD on the flat parameter vector, masked to S, with the NPO objective
+    (forget phases) or Z̃ + retain only (repair phases), written out by hand."""
+    params = list(model.parameters())
+    mask = torch.zeros(sum(p.numel() for p in params), dtype=torch.bool)
+    mask[sel.indices] = True
+    with torch.no_grad():
+        ref = float(lm_loss(model, zs[0]))
+    for forget_term in phases:
+        loss = lm_loss(model, zt[0]) + lm_loss(model, retain[0])
+        if forget_term:
+            loss = loss + (2.0 / beta) * torch.nn.functional.softplus(beta * (ref - lm_loss(model, zs[0])))
+        grads = torch.autograd.grad(loss, params)
+        flat = torch.nn.utils.parameters_to_vector(params).detach()
+        g = torch.cat([x.reshape(-1) for x in grads])
+        flat[mask] -= lr * g[mask]
+        torch.nn.utils.vector_to_parameters(flat, params)
+
+
+def test_targeted_repair_steps_match_a_hand_written_loop_and_undo_when_they_fail():
+    """repair_steps: a block over the budget is followed by descent on Z̃ + the retained text only (no forget term);
+    it is kept when the monitor is back within the budget with a better score, and undone (θ_S restored exactly, lr
+    divided by 4) when the repair does not get back within the budget or the secret came back."""
+    model, cc = _model()
+    d = build_forget_data(cc.vocab, [cc.text], SECRET, lm.BENIGN_REPLACEMENT, seq_len=32, heldout=[cc.heldout])
+    sel = sk.select_parameters(model, "random", 0.05, seed=1)
+    zs = [(d.affected_secret[0][:8], d.affected_secret[1][:8])]
+    zt = [(d.corrected[0][:8], d.corrected[1][:8])]
+    retain = [(d.retain[0][:8], d.retain[1][:8])]
+    state0 = {k: v.clone() for k, v in model.state_dict().items()}
+    theta0 = torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])
+
+    def run(verdicts, repair_steps=2, steps=8):
+        model.load_state_dict(state0)
+        calls = iter(verdicts)
+
+        def monitor(step):
+            ok, score = next(calls)
+            return {"within_budget": ok, "done": score < 1, "score": score}
+
+        return sk.unlearn(model, lm_loss, zs, zt, sel, method=Targeted(
+            steps=steps, lr=0.5, check_every=2, repair_steps=repair_steps, retain=retain, monitor=monitor))
+
+    # θ*, then a forget block over the budget, one repair block back within it with a lower score: done
+    rep = run([(True, 10.0), (False, 5.0), (True, 0.5)])
+    oracle, _ = _model()
+    _hand_targeted(oracle, sel, zs, zt, retain, 0.5, [True, True, False, False])
+    got = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    want = torch.cat([p.detach().reshape(-1) for p in oracle.parameters()])
+    assert not torch.equal(got, theta0)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert [(h["phase"], h["accepted"]) for h in rep.info["history"]] == [
+        ("start", True), ("forget", False), ("repair", True)]
+    assert rep.info["stopped_by"] == "target" and rep.info["steps_run"] == 4 and rep.info["steps_accepted"] == 4
+    # 4 steps: every one with Z̃ and the retained batch, the first two with Z too
+    assert rep.n_gradients == 16 * 4 + 8 * 2
+    # the repair gets back within the budget but the secret came back (score 12 > 10): undone, lr / 4
+    rep = run([(True, 10.0), (False, 5.0), (True, 12.0), (True, 0.5)], steps=6)
+    hist = rep.info["history"]
+    assert [(h["phase"], h["accepted"]) for h in hist] == [("start", True), ("forget", False), ("repair", False),
+                                                           ("forget", True)]
+    assert hist[-1]["lr"] == pytest.approx(0.125) and rep.info["steps_accepted"] == 2
+    oracle, _ = _model()
+    _hand_targeted(oracle, sel, zs, zt, retain, 0.125, [True, True])
+    torch.testing.assert_close(torch.cat([p.detach().reshape(-1) for p in model.parameters()]),
+                               torch.cat([p.detach().reshape(-1) for p in oracle.parameters()]), rtol=1e-5, atol=1e-6)
+    # the repair never gets back within the budget: both repair blocks run, then θ_S is restored to θ* exactly
+    rep = run([(True, 10.0), (False, 5.0), (False, 4.0), (False, 3.0)], repair_steps=4, steps=6)
+    assert [(h["phase"], h["accepted"]) for h in rep.info["history"]] == [
+        ("start", True), ("forget", False), ("repair", False), ("repair", False)]
+    assert torch.equal(torch.cat([p.detach().reshape(-1) for p in model.parameters()]), theta0)
+    assert rep.info["stopped_by"] == "steps" and rep.info["steps_accepted"] == 0
+
+
 def test_targeted_config_validation():
     with pytest.raises(ValueError, match="lr_min <= lr <= lr_max"):
         Targeted(lr=1000.0)
@@ -147,6 +221,8 @@ def test_targeted_config_validation():
         Targeted(monitor=3)
     with pytest.raises(ValueError, match="finite"):
         Targeted(retain_weight=float("nan"))
+    with pytest.raises(ValueError, match="repair_steps"):
+        Targeted(repair_steps=-1)
 
 
 # ------------------------------------------------------------------------------------------------ end to end

@@ -509,7 +509,8 @@ def forget(model, tokenizer, texts, secret: str, prefix: Optional[str] = None, r
         repair_steps: when a step block leaves the perplexity budget, up to this many descent steps on Z̃ and the
             retained text (no forget term) before the block is undone; the block is kept if they bring the
             validation perplexity back within the budget while the secret's score stays below the last accepted
-            one (the Targeted rule's ``repair_steps``; 0: undo at once).
+            one (the Targeted rule's ``repair_steps``; 0: undo at once). With ``rule=``, the rule's own value counts
+            and a different non-zero ``repair_steps`` here raises ValueError.
         decoys: with objective="uniform", this many random secrets of the format (never among the measured
             candidates) take the secret's place in copies of its windows, and their tokens get the same uniform
             target: the model is flattened over the format's space after the prefix, not only along the secret's
@@ -578,6 +579,9 @@ def forget(model, tokenizer, texts, secret: str, prefix: Optional[str] = None, r
                                                  repair_steps=repair_steps)
     if not isinstance(cfg, Targeted):
         raise TypeError(f"rule must be a sapsel_kernels.Targeted config, got {type(cfg).__name__}")
+    if rule is not None and repair_steps and repair_steps != rule.repair_steps:
+        raise ValueError(f"repair_steps={repair_steps!r} conflicts with rule.repair_steps={rule.repair_steps!r}: "
+                         "set it in the rule")
     codec = measure.as_tokenizer(tokenizer)
     fmt = fmt or measure.format_of(secret)
     if replacement is None:

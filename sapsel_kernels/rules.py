@@ -748,11 +748,11 @@ class Targeted(_Rule):
         done_steps = 0  # every step taken, undone blocks included (the budget is on work)
         position = 0  # steps in the current, accepted trajectory
 
-        def objective(bz, zref, bzt, br, forget=True):
+        def objective(bz, zref, bzt, br):  # bz None: a repair step, no forget term
             parts = []
             if self.correct_weight > 0:
                 parts.append(self.correct_weight * loss_fn(model, bzt))
-            if not forget:
+            if bz is None:
                 pass
             elif self.forget_weight > 0 and self.forget_loss is not None:
                 parts.append(self.forget_weight * self.forget_loss(model, bz))
@@ -774,7 +774,7 @@ class Targeted(_Rule):
                 step_no = done_steps + 1
 
                 def closure(bz=bz, zref=zref, bzt=bzt, br=br, step_no=step_no):
-                    loss = objective(bz, zref, bzt, br, forget=bz is not None)
+                    loss = objective(bz, zref, bzt, br)
                     if loss is None:
                         return None
                     check_finite(loss.detach(), "unlearn: the targeted loss", suffix="the model was restored",

@@ -223,6 +223,10 @@ def test_targeted_config_validation():
         Targeted(retain_weight=float("nan"))
     with pytest.raises(ValueError, match="repair_steps"):
         Targeted(repair_steps=-1)
+    model, cc = _model()
+    with pytest.raises(ValueError, match="conflicts with rule.repair_steps"):
+        forget(model, cc.vocab, cc.text, SECRET, PREFIX, heldout=[cc.heldout], seq_len=32,
+               rule=Targeted(repair_steps=2), repair_steps=5)
 
 
 # ------------------------------------------------------------------------------------------------ end to end

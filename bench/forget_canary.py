@@ -201,8 +201,14 @@ def main():
                    "cost_vs_retrain": wall / train_s}
             row["meets_targets"] = (row["exposure_after"] <= gold["exposure"] + 2 and not row["extracted_after"]
                                     and row["test_ppl_change_pct"] <= 5)
-            rows.append(row)
             print(json.dumps(row), flush=True)
+            row["history"] = [dict(h) for h in rep.history]  # one entry per check: where repairs succeed or not
+            rows.append(row)
+            write(a, prep, before, gold, ppl0, ppl_gold, gold_relearn, train_s, rows)  # after every row
+
+
+def write(a, prep, before, gold, ppl0, ppl_gold, gold_relearn, train_s, rows):
+    """forget_canary.json (rows with their search history) and forget_canary.md, rewritten after every row."""
     payload = {"setting": a.setting, "seed": a.seed, "n_params": prep["n_params"], "train_steps": a.steps,
                "train_s": train_s,
                "before": {k: before[k] for k in ("exposure", "exposure_rank", "extracted")},

@@ -337,7 +337,8 @@ def test_cli_defaults_are_forgets():
     dests = {"strategy": "strategy", "budget": "budget", "max_ppl_increase": "max_ppl_increase",
              "target_exposure": "target_exposure", "seed": "seed", "seq_len": "seq_len", "max_steps": "max_steps",
              "candidates": "n_candidates", "lr": "lr", "heldout": "heldout", "probes": "n_probes",
-             "prefix": "prefix", "replacement": "replacement", "fmt": "fmt"}
+             "prefix": "prefix", "replacement": "replacement", "fmt": "fmt", "objective": "objective",
+             "repair_steps": "repair_steps"}
     for dest, name in dests.items():
         assert p.get_default(dest) == sig[name].default, (dest, name)
 
@@ -456,17 +457,18 @@ def test_run_writes_model_tokenizer_and_report(capsys, lm, stub_forget, tmp_path
             "--replacement", "1111 2222 3333 4444", "--format", "dddd dddd dddd dddd", "--strategy", "random",
             "--budget", "0.02", "--max-ppl-increase", "0.1", "--target-exposure", "3", "--seed", "7", "--seq-len",
             "16", "--max-steps", "9", "--candidates", "50", "--lr", "0.01", "--heldout", "0.2", "--probes", "2",
-            "--threads", "1", "--no-progress", "--out", str(out)]
+            "--objective", "uniform", "--repair-steps", "4", "--threads", "1", "--no-progress", "--out", str(out)]
     code, stdout, stderr = _run(capsys, argv)
     assert code == 0, stderr
     (call,) = stub_forget.calls
     assert call["texts"] == [lm.text] and call["secret"] == SECRET and call["prefix"] == PREFIX
     assert {k: call[k] for k in ("replacement", "fmt", "strategy", "budget", "max_ppl_increase", "target_exposure",
                                  "seed", "seq_len", "max_steps", "n_candidates", "lr", "heldout", "n_probes",
-                                 "progress")} == {
+                                 "objective", "repair_steps", "progress")} == {
         "replacement": "1111 2222 3333 4444", "fmt": "dddd dddd dddd dddd", "strategy": "random", "budget": 0.02,
         "max_ppl_increase": 0.1, "target_exposure": 3.0, "seed": 7, "seq_len": 16, "max_steps": 9,
-        "n_candidates": 50, "lr": 0.01, "heldout": 0.2, "n_probes": 2, "progress": False}
+        "n_candidates": 50, "lr": 0.01, "heldout": 0.2, "n_probes": 2, "objective": "uniform", "repair_steps": 4,
+        "progress": False}
     for name in REPORT_FILES:
         assert (out / name).is_file(), name
     d = _strict_json(out / "report.json")

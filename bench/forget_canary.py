@@ -106,20 +106,50 @@ def relearn_steps(model, tokenizer, x, y, cands, cc, target, lr, max_steps=60, e
     return None, m["exposure"]
 
 
+def _method(run):
+    """The update rule's label for a saved run: its validation budget and repair steps (from its argv)."""
+    argv = run.get("argv", [])
+
+    def opt(name, default):
+        return argv[argv.index(name) + 1] if name in argv else default
+
+    rep, val = int(opt("--repair-steps", 0)), float(opt("--max-ppl-increase", 0.05))
+    return f"targeted, {100 * val:g}% val" + (f", {rep} repair steps, {opt('--max-steps', 300)} steps" if rep else "")
+
+
 def render(dirs, path):
-    """One trade-off figure (exposure after vs test-perplexity change, a panel per setting) from saved runs."""
+    """One trade-off figure from saved runs: exposure after vs test-perplexity change, a panel per setting and a
+    panel row per update rule; runs of the same setting, rule, strategy and budget with different seeds are averaged
+    (mean ± std), and the number of seeds is written on the figure."""
     from sapsel_kernels.demo.plots import plot_tradeoff
 
-    points, before, gold = [], {}, {}
+    groups, levels, seeds = {}, {}, {}
     for d in dirs:
         with open(os.path.join(d, "forget_canary.json")) as f:
             run = json.load(f)
-        before[run["setting"]], gold[run["setting"]] = run["before"]["exposure"], run["gold"]["exposure"]
-        points += [{"setting": run["setting"], "strategy": r["strategy"], "budget": r["budget"], "method": "targeted",
-                    "exposure": r["exposure_after"], "exposure_std": 0.0, "ppl_change_pct": r["test_ppl_change_pct"],
-                    "ppl_change_std": 0.0} for r in run["rows"]]
-    plot_tradeoff(points, path, before=before, gold=gold, n_seeds=1,
-                  title="forget(): target 2 bits, +5% validation perplexity")
+        s, m = run["setting"], _method(run)
+        lv = levels.setdefault(s, {})
+        lv.setdefault(run["seed"], (run["before"]["exposure"], run["gold"]["exposure"]))
+        for r in run["rows"]:
+            key = (s, m, r["strategy"], r["budget"])
+            groups.setdefault(key, {})[run["seed"]] = (r["exposure_after"], r["test_ppl_change_pct"])
+            seeds.setdefault(key, set()).add(run["seed"])
+
+    def mean_std(xs):
+        t = torch.tensor(xs, dtype=torch.float64)
+        return float(t.mean()), float(t.std()) if len(xs) > 1 else 0.0
+
+    points = []
+    for (s, m, strategy, budget), by_seed in groups.items():
+        e, p = zip(*by_seed.values())
+        (em, es), (pm, ps) = mean_std(e), mean_std(p)
+        points.append({"setting": s, "strategy": strategy, "budget": budget, "method": m, "exposure": em,
+                       "exposure_std": es, "ppl_change_pct": pm, "ppl_change_std": ps})
+    before = {s: mean_std([b for b, _ in lv.values()]) for s, lv in levels.items()}
+    gold = {s: mean_std([g for _, g in lv.values()]) for s, lv in levels.items()}
+    n = sorted({len(v) for v in seeds.values()})
+    plot_tradeoff(points, path, before=before, gold=gold, n_seeds=max(n),
+                  title="forget(): target 2 bits" + ("" if len(n) == 1 else f" ({n[0]}-{n[-1]} seeds per point)"))
 
 
 def main():

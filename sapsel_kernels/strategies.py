@@ -31,10 +31,13 @@ from .space import ParamSpace
 __all__ = ["STRATEGIES", "HESSIAN_STRATEGIES", "parameter_scores", "select_parameters", "last_layer_indices",
            "strategy_arguments"]
 
-STRATEGIES = ("hessian", "hessian_smallest", "hessian_affected", "hessian_corrected", "all", "last_layer", "random",
-              "grad_abs", "ssd")
+STRATEGIES = ("hessian", "hessian_smallest", "hessian_affected", "hessian_corrected", "hessian_ratio", "all",
+              "last_layer", "random", "grad_abs", "ssd")
 # the strategies that rank by a hessian_diag estimate (and accept its keyword arguments)
-HESSIAN_STRATEGIES = ("hessian", "hessian_smallest", "last_layer", "hessian_affected", "hessian_corrected")
+HESSIAN_STRATEGIES = ("hessian", "hessian_smallest", "last_layer", "hessian_affected", "hessian_corrected",
+                      "hessian_ratio")
+# hessian_ratio's floor on the training-loss diagonal, relative to its positive mean (module docstring)
+RATIO_FLOOR = 1e-2
 
 
 class _Default:
@@ -70,6 +73,7 @@ _ESTIMATE = ("loss_fn", "seed", "n_probes", "estimator", "hessian_kw", "group")
 _SCORE_ARGS: Dict[str, Tuple[str, ...]] = {
     "hessian": ("data",) + _ESTIMATE, "hessian_smallest": ("data",) + _ESTIMATE, "last_layer": ("data",) + _ESTIMATE,
     "hessian_affected": ("affected",) + _ESTIMATE, "hessian_corrected": ("corrected",) + _ESTIMATE,
+    "hessian_ratio": ("affected", "data") + _ESTIMATE,
     "grad_abs": ("loss_fn", "affected", "group"),
     "ssd": ("loss_fn", "affected", "data", "fisher_points", "seed", "group"),
     "all": (), "random": (),
@@ -175,6 +179,11 @@ def parameter_scores(model, strategy: str, *, loss_fn=_Default(None), data=None,
     * hessian / hessian_smallest / last_layer: diag of the training-loss Hessian at θ* on ``data``
       (``hessian_diag(..., estimator=estimator, n_probes=n_probes, seed=seed, **hessian_kw)``);
     * hessian_affected / hessian_corrected: the same on Z (``affected``) / Z̃ (``corrected``);
+    * hessian_ratio: max(diag H_Z, 0) / max(diag H_D, f), the curvature of the loss on Z over the curvature of the
+      training loss (both estimated as above, with the same probes' seed), with the floor f = ``RATIO_FLOOR`` × the
+      mean of max(diag H_D, 0): near θ* moving coordinate i by δ costs about ½·H_D,ii·δ² of training loss, so this
+      ranks by what a move does to Z per unit of what it costs the rest (the floor keeps estimator noise around 0
+      in the denominator from deciding the ranking; the Hessian counterpart of ssd's Fisher ratio);
     * grad_abs (SalUn): |∇L_mean(Z)|, the magnitude of the mean gradient over the affected points;
     * ssd (Selective Synaptic Dampening's importance ratio): F_Z / (F_D + 1e-12·mean(F_D)), with F the diagonal
       EMPIRICAL Fisher (mean over points of the squared per-point gradient, ``hessian_diag(estimator="fisher")``)
@@ -194,7 +203,8 @@ def parameter_scores(model, strategy: str, *, loss_fn=_Default(None), data=None,
     Raises ValueError for an unknown strategy, missing inputs or an argument the strategy does not read (module
     docstring; ``all`` / ``random`` read none), NonFiniteError for NaN/Inf scores.
     Peak extra memory: the [N] score vector plus the estimator's own (hessian_diag: about 2N float32 accumulators and
-    probe buffers; ssd: two of those in turn; grad_abs: one [N] accumulator and one backward's gradients).
+    probe buffers; hessian_ratio and ssd: two of those in turn, plus one [N] vector; grad_abs: one [N] accumulator
+    and one backward's gradients).
     """
     _check_strategy(strategy)
     passed = _passed(loss_fn=loss_fn, seed=seed, n_probes=n_probes, estimator=estimator, fisher_points=fisher_points,
@@ -226,16 +236,26 @@ def parameter_scores(model, strategy: str, *, loss_fn=_Default(None), data=None,
 
     loss = make_loss(loss_fn)
     if strategy in HESSIAN_STRATEGIES:
-        src = {"hessian_affected": (affected, "affected"), "hessian_corrected": (corrected, "corrected")}.get(
-            strategy, (data, "data (the training data)"))
-        batches = need(*src)
+        src = {"hessian_affected": [(affected, "affected")], "hessian_corrected": [(corrected, "corrected")],
+               "hessian_ratio": [(affected, "affected"), (data, "data (the training data)")]}.get(
+            strategy, [(data, "data (the training data)")])
+        sources = [need(*x) for x in src]  # every input checked before the first estimate
         kw = {name: passed[name] for name in ("n_probes", "seed", "group") if name in passed}
-        est = hessian.hessian_diag(model, loss, batches, estimator=estimator, space=space, **kw, **hessian_kw)
-        scores = est.mean.reshape(-1).to(torch.float32)
-        if estimator in ("hutchinson", "gauss_newton"):
-            cost["n_hvps"] = int(getattr(est, "n_probes", _value(n_probes))) * n_points(batches)
+        diags = []
+        for batches in sources:
+            est = hessian.hessian_diag(model, loss, batches, estimator=estimator, space=space, **kw, **hessian_kw)
+            diags.append(est.mean.reshape(-1).to(torch.float32))
+            if estimator in ("hutchinson", "gauss_newton"):
+                cost["n_hvps"] += int(getattr(est, "n_probes", _value(n_probes))) * n_points(batches)
+            else:
+                cost["n_gradients"] += n_points(batches)
+            del est
+        if strategy == "hessian_ratio":
+            hz, hd = diags
+            floor = RATIO_FLOOR * float(hd.clamp(min=0).mean()) + torch.finfo(hd.dtype).tiny
+            scores = hz.clamp_(min=0).div_(hd.clamp_(min=floor))
         else:
-            cost["n_gradients"] = n_points(batches)
+            (scores,) = diags
     elif strategy == "grad_abs":
         batches = need(affected, "affected")
         comm = hessian._comm(group)
@@ -301,6 +321,8 @@ def select_parameters(model, strategy: str = "hessian", budget: Union[int, float
             * ``hessian`` (default): the k largest entries of diag(H) of the training loss at θ* (on ``data``);
             * ``hessian_smallest``: the k smallest (signed) entries of the same diagonal;
             * ``hessian_affected`` / ``hessian_corrected``: the k largest diag(H) of the loss on Z / on Z̃;
+            * ``hessian_ratio``: the k largest max(diag H_Z, 0) / max(diag H_D, floor): curvature on Z per unit of
+              training-loss curvature (see ``parameter_scores``; two estimates);
             * ``all``: every parameter (the budget is validated, then ignored: k = N);
             * ``last_layer``: the last layer's parameters (see ``last_layer_indices``); when k is smaller than the
               layer, its k largest diag(H) entries (training loss); when k is larger, the whole layer only

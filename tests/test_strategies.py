@@ -114,6 +114,37 @@ def test_hessian_strategies_pick_extreme_exact_diagonal(setup, strategy, source,
     assert sel.indices.dtype == torch.int64 and bool((sel.indices[1:] > sel.indices[:-1]).all())
 
 
+def test_hessian_ratio_is_the_ratio_of_exact_diagonals(setup):
+    """hessian_ratio = max(diag H_Z, 0) / max(diag H_D, 1e-2 · mean(max(diag H_D, 0))), from torch.func.hessian;
+    with Hutchinson both estimates use the same seed, and the cost counts both."""
+    from sapsel_kernels.strategies import RATIO_FLOOR
+
+    model, aff, cor, train = setup
+    hz, hd = _exact_diag_mean(model, aff), _exact_diag_mean(model, train)
+    assert bool((hd < 0).any()) and bool((hz < 0).any()), "the fixture must exercise both clamps"
+    floor = RATIO_FLOOR * hd.clamp(min=0).mean()
+    assert bool((hd.clamp(min=0) < floor).any()), "the fixture must exercise the floor"
+    oracle = hz.clamp(min=0) / hd.clamp(min=floor)
+    scores, cost = parameter_scores(model, "hessian_ratio", loss_fn=loss_fn, affected=aff, data=train,
+                                    estimator="exact")
+    torch.testing.assert_close(scores, oracle.float(), rtol=1e-4, atol=1e-6)
+    assert cost["n_gradients"] == 5 + 20 and cost["n_hvps"] == 0
+    k = 6
+    sel = select_parameters(model, "hessian_ratio", k, loss_fn=loss_fn, affected=aff, data=train, estimator="exact")
+    assert set(sel.indices.tolist()) == _topk_set(oracle.float(), k)
+    # Hutchinson: the ratio of the two hessian_diag estimates (same seed), 8 probes per point of each
+    s2, c2 = parameter_scores(model, "hessian_ratio", loss_fn=loss_fn, affected=aff, data=train, n_probes=8, seed=4)
+    ez = sk.hessian_diag(model, loss_fn, aff, n_probes=8, seed=4).mean
+    ed = sk.hessian_diag(model, loss_fn, train, n_probes=8, seed=4).mean
+    f2 = RATIO_FLOOR * float(ed.clamp(min=0).mean())
+    torch.testing.assert_close(s2, (ez.clamp(min=0) / ed.clamp(min=f2)).float())
+    assert c2["n_hvps"] == 8 * (5 + 20) and c2["n_gradients"] == 0
+    with pytest.raises(ValueError, match="needs data"):
+        parameter_scores(model, "hessian_ratio", loss_fn=loss_fn, affected=aff)
+    with pytest.raises(ValueError, match="needs affected"):
+        parameter_scores(model, "hessian_ratio", loss_fn=loss_fn, data=train)
+
+
 def test_hutchinson_default_is_close_to_exact(setup):
     # the default estimator (Hutchinson) ranks by an estimate of the same diagonal: its scores agree with the exact
     # diagonal within 6 standard errors per coordinate, and they are hessian_diag's
@@ -212,8 +243,8 @@ def test_ssd_is_the_ratio_of_empirical_fishers(setup):
 
 def test_strategy_names_and_errors(setup):
     model, aff, cor, train = setup
-    assert STRATEGIES == ("hessian", "hessian_smallest", "hessian_affected", "hessian_corrected", "all",
-                          "last_layer", "random", "grad_abs", "ssd")
+    assert STRATEGIES == ("hessian", "hessian_smallest", "hessian_affected", "hessian_corrected", "hessian_ratio",
+                          "all", "last_layer", "random", "grad_abs", "ssd")
     with pytest.raises(ValueError, match="unknown selection strategy"):
         select_parameters(model, "magic", 3)
     with pytest.raises(ValueError, match="now called 'ssd'"):

@@ -14,6 +14,7 @@ STRATEGY_STYLE = {
     "hessian_smallest": ("v", "tab:orange"),
     "hessian_affected": ("^", "tab:brown"),
     "hessian_corrected": ("<", "tab:pink"),
+    "hessian_ratio": ("p", "darkgoldenrod"),
     "last_layer": ("s", "tab:blue"),
     "random": ("D", "tab:gray"),
     "grad_abs": ("P", "tab:purple"),

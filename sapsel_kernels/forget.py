@@ -12,9 +12,11 @@ The pipeline, on the user's own text and tokenizer:
    all targets kept. Held-out windows (``heldout``) measure perplexity: even ones steer the search (validation),
    odd ones are reported (test). Retain batches are drawn from the other training windows.
 2. **Score and select** with any strategy of :func:`~sapsel_kernels.strategies.select_parameters` (default
-   ``hessian``: the largest diagonal entries of the training-loss Hessian at θ*, Hutchinson), budget k; the scores
-   are returned (``report.scores``) and reusable (``forget(..., scores=...)``). Strategies that read Z
-   (``grad_abs``, ``hessian_affected``, ``ssd``) get the windows as trained on, every target kept.
+   ``ssd``: the ratio of the empirical Fisher on Z to that on training windows; ``hessian``, the largest diagonal
+   entries of the training-loss Hessian at θ*, and ``hessian_ratio`` are measured against it in docs/forget.md),
+   budget k; the scores are returned (``report.scores``) and reusable (``forget(..., scores=...)``). Strategies that
+   read Z
+   (``ssd``, ``grad_abs``, ``hessian_affected``, ``hessian_ratio``) get the windows as trained on, every target kept.
 3. **Unlearn** with :class:`~sapsel_kernels.rules.Targeted` (descent on Z̃, NPO on Z's secret tokens, retain
    cross-entropy, SparseSGD on S) through :func:`~sapsel_kernels.unlearn.unlearn` (all-or-nothing, S only), with a
    monitor that measures the secret's exposure and extraction (:mod:`sapsel_kernels.measure`) and the validation
@@ -461,7 +463,7 @@ def _check_model(model) -> None:
 
 
 def forget(model, tokenizer, texts, secret: str, prefix: Optional[str] = None, replacement: Optional[str] = None, *,
-           fmt: Optional[str] = None, strategy: str = "hessian", budget: Union[int, float] = 0.01,
+           fmt: Optional[str] = None, strategy: str = "ssd", budget: Union[int, float] = 0.01,
            max_ppl_increase: float = 0.05, target_exposure: float = 2.0, heldout: Union[float, Sequence[str]] = 0.1,
            seq_len: Optional[int] = None, seed: int = 0, n_candidates: int = 1000, n_monitor: int = 256,
            max_steps: int = 300, check_every: int = 5, lr: float = 0.1, rule: Optional[Targeted] = None,
@@ -484,7 +486,11 @@ def forget(model, tokenizer, texts, secret: str, prefix: Optional[str] = None, r
         replacement: what Z̃ holds instead (default: a random string of the secret's format, seeded).
         fmt: the secret's format for exposure (``d`` digit, ``a`` a-z, ``A`` A-Z, ``x`` hex; default from the
             secret, :func:`sapsel_kernels.measure.format_of`).
-        strategy, budget: the selection (``select_parameters``; budget = a fraction or an int k).
+        strategy, budget: the selection (``select_parameters``; budget = a fraction or an int k). Default ``ssd``
+            (F_Z / F_D, the Fisher on the secret's windows over the Fisher on training windows: what a move does to
+            the secret per unit of what it costs the rest): on the canary settings of docs/forget.md it reaches the
+            targets at 1% where ``hessian`` (the largest training-loss curvature, the paper's selection: the
+            coordinates where any move costs the most perplexity) does not.
         max_ppl_increase: the utility budget, a fraction of the validation perplexity (0.05 = +5%).
         target_exposure: stop when the secret's exposure (skew-normal, bits, over ``n_monitor`` candidates) is at
             most this and no prefix probe extracts it. About 1.4 bits is the mean exposure of a secret the model
@@ -524,8 +530,9 @@ def forget(model, tokenizer, texts, secret: str, prefix: Optional[str] = None, r
     of unknown type; ValueError for an empty secret or prefix, a secret not in the texts, a secret longer than the
     context window, a tokenizer that cannot encode the secret, bad numbers; NonFiniteError for NaN logits.
 
-    Cost: the strategy's estimate (hessian: ``n_probes`` HVPs per Hessian window), one forward per Z batch, per step
-    one backward over a Z, a Z̃ and a retain batch, and per check one measurement (``n_monitor`` candidate
+    Cost: the strategy's estimate (ssd: one gradient per Z window and per Hessian window; hessian: ``n_probes`` HVPs
+    per Hessian window; hessian_ratio: ``n_probes`` HVPs per Z and per Hessian window), one forward per Z batch,
+    per step one backward over a Z, a Z̃ and a retain batch, and per check one measurement (``n_monitor`` candidate
     sequences, the extraction probes' greedy decoding, the validation windows). Peak extra memory: the strategy's
     (hessian_diag: about 2N float32), then the Targeted rule's (``.grad`` N, AdamW moments 2k, snapshots 3k).
     """

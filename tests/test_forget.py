@@ -2,6 +2,7 @@
 a card number, and the errors raised before any training."""
 
 import functools
+import inspect
 import math
 
 import pytest
@@ -237,8 +238,8 @@ def test_forget_lowers_exposure_within_the_perplexity_budget():
     model, cc = _model()
     theta0 = torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])
     rep = forget(model, cc.vocab, cc.text, SECRET, PREFIX, lm.BENIGN_REPLACEMENT, heldout=[cc.heldout],
-                 seq_len=32, budget=0.05, n_candidates=300, n_monitor=150, max_steps=100, context="\n",
-                 progress=False)
+                 seq_len=32, strategy="hessian", budget=0.05, n_candidates=300, n_monitor=150, max_steps=100,
+                 context="\n", progress=False)
     d = rep.to_dict()
     assert d["exposure_before"] > 40 and d["extracted_before"], "the fixture must have memorised the secret"
     # the trajectory is sensitive to the batches (33-41 bits after across nearby code versions): only a clear drop
@@ -257,9 +258,30 @@ def test_forget_lowers_exposure_within_the_perplexity_budget():
     # the scores are reusable: no second estimate
     model2, _ = _model()
     rep2 = forget(model2, cc.vocab, cc.text, SECRET, PREFIX, lm.BENIGN_REPLACEMENT, heldout=[cc.heldout],
-                  seq_len=32, budget=0.05, n_candidates=300, n_monitor=150, max_steps=0, context="\n",
-                  scores=rep.scores, progress=False)
+                  seq_len=32, strategy="hessian", budget=0.05, n_candidates=300, n_monitor=150, max_steps=0,
+                  context="\n", scores=rep.scores, progress=False)
     assert rep2.cost["n_hvps"] == 0 and rep2.k == rep.k
+
+
+def test_default_ssd_selection_forgets_far_more_than_hessian_within_the_budget():
+    """The default strategy (ssd: Fisher on Z over Fisher on training windows) against the paper's hessian at the
+    same 1% budget, steps and perplexity budget, on the fixture (51 bits before): ssd ends at 2-4.2 bits (seeds
+    0-3, measured when this test was written), hessian at about 38. Asserted: ssd below 6 bits and at least 20 bits
+    below hessian, no extraction, both within the budget, ssd's cost counted in gradients only (no HVP)."""
+    out = {}
+    for strategy in ("ssd", "hessian"):
+        model, cc = _model()
+        rep = forget(model, cc.vocab, cc.text, SECRET, PREFIX, lm.BENIGN_REPLACEMENT, heldout=[cc.heldout],
+                     seq_len=32, strategy=strategy, budget=0.01, n_candidates=300, n_monitor=150, max_steps=100,
+                     context="\n", progress=False)
+        assert rep.val_ppl_after <= rep.val_ppl_before * 1.05 * (1 + 1e-9)
+        out[strategy] = rep
+    assert inspect.signature(forget).parameters["strategy"].default == "ssd"
+    ssd, hess = out["ssd"].to_dict(), out["hessian"].to_dict()
+    assert ssd["exposure_before"] > 40
+    assert ssd["exposure_after"] < 6.0 and not ssd["extracted_after"], ssd["history"]
+    assert ssd["exposure_after"] < hess["exposure_after"] - 20, (ssd["exposure_after"], hess["exposure_after"])
+    assert ssd["cost"]["n_hvps"] == 0 and ssd["cost"]["n_gradients"] > 0 and hess["cost"]["n_hvps"] > 0
 
 
 def test_forget_errors_before_any_training():

@@ -88,7 +88,10 @@ def prepare_char(setting: str, steps: int, seed: int):
             "heldout": cc.heldout[:len(cc.heldout) // 2], "n_params": setup.extra["n_params"]}
 
 
-def relearn_steps(model, tokenizer, x, y, cands, cc, target, lr, max_steps=60, every=5):
+RELEARN_MAX = 60  # relearning steps at most (None in the results: not back within them)
+
+
+def relearn_steps(model, tokenizer, x, y, cands, cc, target, lr, max_steps=RELEARN_MAX, every=5):
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     g = torch.Generator().manual_seed(0)
     for step in range(0, max_steps + 1, every):
@@ -153,13 +156,17 @@ def render(dirs, path):
         mu, sd = mean_std(xs)
         return format(mu, fmt) + (f" ± {format(sd, fmt.lstrip('+'))}" if len(xs) > 1 else "")
 
+    def relearn(xs):  # None: not back within RELEARN_MAX steps (counted as that many, marked >=)
+        v = pm_([RELEARN_MAX if x is None else x for x in xs], ".0f")
+        return (">=" + v) if None in xs else v
+
     lines = ["# forget on the canary demo: every run, averaged over seeds", "",
              "Mean ± std over the seeds listed; 'meets' counts the seeds where exposure <= that seed's gold + 2 bits, "
              "no probe extracts and the test-perplexity change is <= 5%. Commands: each run's forget_canary.md.", ""]
     for s, lv in levels.items():
         lines.append(f"- {s}: seeds {sorted(lv)}; θ* {pm_([r['before']['exposure'] for r in lv.values()], '.1f')} "
                      f"bits, gold {pm_([r['gold']['exposure'] for r in lv.values()], '.1f')} bits; relearning the "
-                     f"gold model: {pm_([r['gold_relearn_steps'] for r in lv.values()], '.0f')} steps")
+                     f"gold model: {relearn([r['gold_relearn_steps'] for r in lv.values()])} steps")
     lines += ["", "| setting | rule | strategy | budget | seeds | exposure after | test ppl % | meets | steps | "
               "x retrain time | relearn steps |", "|" + "---|" * 11]
     for (s, m, strategy, budget), by_seed in sorted(cells.items(), key=lambda kv: kv[0][:2]):
@@ -170,7 +177,7 @@ def render(dirs, path):
                      f"{sum(bool(r['meets_targets']) for r in rs)}/{len(rs)} | "
                      f"{pm_([r['steps'] for r in rs], '.0f')} | "
                      f"{pm_([r['cost_vs_retrain'] for r in rs], '.2f')} | "
-                     f"{pm_([r['relearn_steps'] for r in rs], '.0f')} |")
+                     f"{relearn([r['relearn_steps'] for r in rs])} |")
     with open(os.path.join(os.path.dirname(path) or ".", "forget_canary_summary.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
 

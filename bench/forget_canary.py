@@ -149,7 +149,7 @@ def render(dirs, path):
     before = {s: mean_std([r["before"]["exposure"] for r in lv.values()]) for s, lv in levels.items()}
     gold = {s: mean_std([r["gold"]["exposure"] for r in lv.values()]) for s, lv in levels.items()}
     n = sorted({len(v) for v in cells.values()})
-    plot_tradeoff(points, path, before=before, gold=gold, n_seeds=max(n),
+    plot_tradeoff(points, path, before=before, gold=gold, n_seeds=max(n), x_limit=5.0, gold_margin=2.0,
                   title="forget(): target 2 bits" + ("" if len(n) == 1 else f" ({n[0]}-{n[-1]} seeds per point)"))
 
     def pm_(xs, fmt):

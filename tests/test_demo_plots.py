@@ -51,6 +51,19 @@ def test_plot_tradeoff_writes_png(tmp_path, n_seeds, by_method):
     assert has_bars == (n_seeds > 1)
 
 
+def test_plot_tradeoff_limit_and_target_lines(tmp_path):
+    fig = plots.plot_tradeoff(_points(1), str(tmp_path / "t.png"), before=17.6, gold={"lstm:r4": 0.9}, x_limit=5.0,
+                              gold_margin=2.0)
+    ax = fig.axes[0]
+    xy = [([float(v) for v in line.get_xdata()], [float(v) for v in line.get_ydata()]) for line in ax.get_lines()]
+    assert ([5.0, 5.0], [0.0, 1.0]) in xy and ([0.0, 1.0], [2.9, 2.9]) in xy
+    labels_ = [t.get_text() for leg in fig.legends for t in leg.get_texts()]
+    assert "target: gold + 2" in labels_ and "perplexity limit 5%" in labels_
+    # the second setting has no gold: no target line there
+    assert not any(y == [0.9 + 2.0] * 2 for _, y in
+                   ([list(map(float, ln.get_xdata())), list(map(float, ln.get_ydata()))] for ln in fig.axes[1].lines))
+
+
 def test_plot_tradeoff_rejects_bad_input(tmp_path):
     p = str(tmp_path / "x.png")
     with pytest.raises(ValueError, match="no points"):
@@ -65,6 +78,10 @@ def test_plot_tradeoff_rejects_bad_input(tmp_path):
         plots.plot_tradeoff(_points(1), p, before=1.0, by_method="columns")
     with pytest.raises(ValueError, match="n_seeds"):
         plots.plot_tradeoff(_points(1), p, before=1.0, n_seeds=0)
+    with pytest.raises(ValueError, match="x_limit"):
+        plots.plot_tradeoff(_points(1), p, before=1.0, x_limit=float("nan"))
+    with pytest.raises(ValueError, match="gold_margin needs gold"):
+        plots.plot_tradeoff(_points(1), p, before=1.0, gold_margin=2.0)
 
 
 def test_points_and_levels_from_a_canary_payload(tmp_path):

@@ -6,7 +6,7 @@ matplotlib is imported inside the functions (Agg backend), so importing this mod
 
 import math
 import os
-from typing import Any, Dict, List, Mapping, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 # one look per strategy name across every figure of the package (the hessian strategies in the warm colours)
 STRATEGY_STYLE = {
@@ -102,7 +102,8 @@ def plot_tradeoff(points: Sequence[Mapping[str, Any]], path: str, *,
                   xlabel: str = "test perplexity change (%)",
                   ylabel: str = "exposure after unlearning (bits)",
                   before_label: str = "before unlearning (θ*)", gold_label: str = "retrained without it (gold)",
-                  connect: bool = True, dpi: int = 110):
+                  connect: bool = True, x_limit: Optional[float] = None, gold_margin: Optional[float] = None,
+                  dpi: int = 110):
     """Scatter exposure after unlearning (y) against the test-perplexity change (x) and save a PNG at ``path``.
 
     ``points``: dicts with the keys of :data:`POINT_KEYS` (``setting``, ``strategy``, ``budget`` (fraction in (0, 1]),
@@ -115,7 +116,9 @@ def plot_tradeoff(points: Sequence[Mapping[str, Any]], path: str, *,
     ``before`` / ``gold``: the exposure of θ* and of the retrained model, each a float, a (mean, std) pair, or a
     mapping {setting: either} (a setting missing from the mapping, or None, draws no line): dashed / dotted
     horizontal lines, ±std bands when std > 0. A vertical line marks 0% perplexity change. ``n_seeds`` is written
-    on the figure; when > 1 every point gets ±std error bars in both directions (``*_std``).
+    on the figure; when > 1 every point gets ±std error bars in both directions (``*_std``). ``x_limit`` (e.g. 5.0)
+    draws the perplexity budget as a vertical red line; ``gold_margin`` (e.g. 2.0) the target "gold + margin" as a
+    green dash-dot line per setting: a point left of the one and below the other meets both.
 
     Raises ValueError for no points, a point without one of the keys or with a budget outside (0, 1], ``n_seeds``
     < 1 or an unknown ``by_method``;
@@ -135,6 +138,11 @@ def plot_tradeoff(points: Sequence[Mapping[str, Any]], path: str, *,
         raise ValueError(f"plot_tradeoff: by_method must be 'rows' or 'colour', got {by_method!r}")
     if int(n_seeds) < 1:
         raise ValueError(f"plot_tradeoff: n_seeds must be >= 1, got {n_seeds!r}")
+    for name, v in (("x_limit", x_limit), ("gold_margin", gold_margin)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+            raise ValueError(f"plot_tradeoff: {name} must be a finite number or None, got {v!r}")
+    if gold_margin is not None and gold is None:
+        raise ValueError("plot_tradeoff: gold_margin needs gold")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -194,7 +202,11 @@ def plot_tradeoff(points: Sequence[Mapping[str, Any]], path: str, *,
                 if s > 0:
                     ax.axhspan(m - s, m + s, color=style["color"], alpha=0.08, lw=0, zorder=0)
                 head.append(f"{name} {m:.1f}" + (f" ± {s:.1f}" if s > 0 else ""))
+                if name == "gold" and gold_margin is not None:
+                    ax.axhline(m + gold_margin, color="tab:green", ls="-.", lw=1.0, zorder=1)
             ax.axvline(0.0, color="0.45", lw=0.8, zorder=1)
+            if x_limit is not None:
+                ax.axvline(float(x_limit), color="tab:red", ls="-", lw=0.9, alpha=0.7, zorder=1)
             ax.grid(alpha=0.3)
             ax.tick_params(labelsize=7)
             if r == 0:
@@ -213,6 +225,10 @@ def plot_tradeoff(points: Sequence[Mapping[str, Any]], path: str, *,
     handles += [Line2D([], [], color="black", ls="--", lw=1.2, label=before_label)]
     if gold is not None:
         handles += [Line2D([], [], color="tab:green", ls=":", lw=1.2, label=gold_label)]
+    if gold_margin is not None:
+        handles += [Line2D([], [], color="tab:green", ls="-.", lw=1.0, label=f"target: gold + {gold_margin:g}")]
+    if x_limit is not None:
+        handles += [Line2D([], [], color="tab:red", lw=0.9, label=f"perplexity limit {x_limit:g}%")]
     # about 1.9 inches per legend column at fontsize 8 (the longest labels are ~25 characters)
     ncol = max(1, min(len(handles), 6, int(fig.get_figwidth() / 1.9)))
     fig.legend(handles=handles, loc="outside lower center", ncol=ncol, fontsize=8, frameon=False)

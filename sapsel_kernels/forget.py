@@ -15,8 +15,8 @@ The pipeline, on the user's own text and tokenizer:
    ``ssd``: the ratio of the empirical Fisher on Z to that on training windows; ``hessian``, the largest diagonal
    entries of the training-loss Hessian at θ*, and ``hessian_ratio`` are measured against it in docs/forget.md),
    budget k; the scores are returned (``report.scores``) and reusable (``forget(..., scores=...)``). Strategies that
-   read Z
-   (``ssd``, ``grad_abs``, ``hessian_affected``, ``hessian_ratio``) get the windows as trained on, every target kept.
+   read Z (``ssd``, ``grad_abs``, ``hessian_affected``, ``hessian_ratio``) get the windows as trained on, every
+   target kept.
 3. **Unlearn** with :class:`~sapsel_kernels.rules.Targeted` (descent on Z̃, NPO on Z's secret tokens, retain
    cross-entropy, SparseSGD on S) through :func:`~sapsel_kernels.unlearn.unlearn` (all-or-nothing, S only), with a
    monitor that measures the secret's exposure and extraction (:mod:`sapsel_kernels.measure`) and the validation

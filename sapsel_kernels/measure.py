@@ -163,7 +163,7 @@ _NO_HEAD = ("model has no causal-LM head: {what}. Pass a model that maps ids [B,
             "instead of the bare AutoModel / GPT2Model")
 
 
-def _check_model(model) -> None:
+def check_lm(model) -> None:
     """TypeError before any forward for a non-module and for a Hugging Face model without an LM head."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -206,7 +206,7 @@ def context_length(model: torch.nn.Module) -> Optional[int]:
     return None
 
 
-def _vocab_size(model: torch.nn.Module) -> Optional[int]:
+def vocab_size(model: torch.nn.Module) -> Optional[int]:
     """Number of input ids the model accepts: its input embedding (Hugging Face ``get_input_embeddings``, else the
     model's only ``nn.Embedding``), else ``config.vocab_size``; None when unknown."""
     get = getattr(model, "get_input_embeddings", None)
@@ -224,7 +224,7 @@ def _vocab_size(model: torch.nn.Module) -> Optional[int]:
     return v if isinstance(v, int) and v > 0 else None
 
 
-def _device(model: torch.nn.Module) -> torch.device:
+def model_device(model: torch.nn.Module) -> torch.device:
     for t in model.parameters():
         return t.device
     for t in model.buffers():
@@ -232,9 +232,9 @@ def _device(model: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _check_fits(model, seqs: Sequence[Sequence[int]], lengths: Sequence[int], what: str) -> None:
+def check_fits(model, seqs: Sequence[Sequence[int]], lengths: Sequence[int], what: str) -> None:
     """ValueError before any forward when an id is beyond the model's vocabulary or an input is beyond its window."""
-    V = _vocab_size(model)
+    V = vocab_size(model)
     if V is not None:
         top = max((max(s) for s in seqs if s), default=-1)
         if top >= V:
@@ -245,7 +245,7 @@ def _check_fits(model, seqs: Sequence[Sequence[int]], lengths: Sequence[int], wh
         raise ValueError(f"{what} needs {max(lengths)} input tokens but the model's context window is {ctx}")
 
 
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
     n = 0
     for x, y in zip(a, b):
         if x != y:
@@ -265,7 +265,7 @@ class _Plan:
             raise TypeError("continuations must be a list of str")
         ctx = codec.encode(context)
         self.seqs = [codec.encode(context + c) for c in continuations]
-        lcp = [_common_prefix(ctx, f) for f in self.seqs]
+        lcp = [common_prefix_len(ctx, f) for f in self.seqs]
         for c, f, p in zip(continuations, self.seqs, lcp):
             if c and p == len(f):
                 raise ValueError(f"the continuation {c!r} adds no token after the context {_short(context)} (the "
@@ -284,30 +284,39 @@ class _Plan:
 
 
 def _score(model, plan: _Plan, batch_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(log-perplexity in bits float64 [n], number of scored tokens that are the argmax prediction int64 [n]).
+    """(log-perplexity in bits float64 [n], number of scored tokens that are the argmax prediction int64 [n]) of
+    ``plan``'s sequences after its common start. Caller: no_grad + estimation_mode."""
+    return score_sequences(model, plan.seqs, [plan.start] * len(plan.seqs), batch_size)
+
+
+def score_sequences(model, seqs: Sequence[Sequence[int]], starts: Sequence[int],
+                batch_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``-log2 P(seq[s:] | seq[:s])`` (float64 [n]) and the number of those tokens that are the argmax prediction
+    (int64 [n]) for every ``(seq, s)``, ``s >= 1`` per row (rows of different contexts batch together).
 
     Caller: no_grad + estimation_mode. Sequences are sorted by length and right-padded (with id 0; causal, so the
     padding never reaches a scored position); only the scored rows of the logits are converted to float64.
     """
-    n, s = len(plan.seqs), plan.start
+    n = len(seqs)
     nll = torch.zeros(n, dtype=torch.float64)
     hits = torch.zeros(n, dtype=torch.int64)
-    dev = _device(model)
-    order = sorted(range(n), key=lambda i: len(plan.seqs[i]))
+    dev = model_device(model)
+    order = sorted(range(n), key=lambda i: len(seqs[i]))
     for b0 in range(0, n, batch_size):
-        rows = order[b0:b0 + batch_size]
-        if all(len(plan.seqs[i]) == s for i in rows):
+        rows = [i for i in order[b0:b0 + batch_size] if len(seqs[i]) > starts[i]]
+        if not rows:
             continue  # nothing scored (empty continuations)
-        L = max(len(plan.seqs[i]) for i in rows) - 1  # inputs: every token but the last
+        L = max(len(seqs[i]) for i in rows) - 1  # inputs: every token but the last
+        s0 = min(starts[i] for i in rows)
         x = torch.zeros(len(rows), L, dtype=torch.int64)
-        y = torch.zeros(len(rows), L - s + 1, dtype=torch.int64)
-        mask = torch.zeros(len(rows), L - s + 1, dtype=torch.bool)
+        y = torch.zeros(len(rows), L - s0 + 1, dtype=torch.int64)
+        mask = torch.zeros(len(rows), L - s0 + 1, dtype=torch.bool)
         for r, i in enumerate(rows):
-            f = plan.seqs[i]
+            f, s = seqs[i], starts[i]
             x[r, :len(f) - 1] = torch.tensor(f[:-1], dtype=torch.int64)
-            y[r, :len(f) - s] = torch.tensor(f[s:], dtype=torch.int64)
-            mask[r, :len(f) - s] = True
-        logits = lm_logits(model, x.to(dev))[:, s - 1:]  # position t predicts token t + 1
+            y[r, s - s0:len(f) - s0] = torch.tensor(f[s:], dtype=torch.int64)
+            mask[r, s - s0:len(f) - s0] = True
+        logits = lm_logits(model, x.to(dev))[:, s0 - 1:]  # position t predicts token t + 1
         m = mask.to(logits.device)
         sel = logits[m]  # [R, V], the scored rows only
         check_finite(sel, "model logits", suffix="cannot score the continuations")
@@ -353,28 +362,37 @@ def continuation_logppl(model: torch.nn.Module, tokenizer, context: str, continu
     NonFiniteError.
     """
     codec = as_tokenizer(tokenizer)
-    _check_model(model)
+    check_lm(model)
     _check_batch_size(batch_size)
     if isinstance(continuations, str):
         raise TypeError("continuations must be a list of str (got one str: wrap it in a list)")
     plan = _Plan(codec, context, list(continuations))
     if not plan.seqs:
         return torch.empty(0, dtype=torch.float64)
-    _check_fits(model, plan.seqs, [len(f) - 1 for f in plan.seqs], "scoring context + continuation")
+    check_fits(model, plan.seqs, [len(f) - 1 for f in plan.seqs], "scoring context + continuation")
     with torch.no_grad(), estimation_mode(model):
         return _score(model, plan, batch_size)[0]
 
 
 # ===================================================================================================== generation
-def _greedy(model, prompts: Sequence[Sequence[int]], n_new: Sequence[int]) -> List[List[int]]:
-    """Argmax decoding of ``n_new[i]`` tokens after each prompt, all prompts in one right-padded batch per step.
+def generate(model, prompts: Sequence[Sequence[int]], n_new: Sequence[int], *, temperature: Optional[float] = None,
+            generator: Optional[torch.Generator] = None, max_rows: int = 256) -> List[List[int]]:
+    """Decode ``n_new[i]`` tokens after each prompt: argmax (``temperature=None``) or sampled from
+    softmax(logits / temperature) with ``generator`` (on the CPU, so a seed gives the same tokens on every device).
 
-    Caller: no_grad + estimation_mode. No KV cache: each step is one forward of the prompts still generating, over
-    their longest current length (right-padded; causal, so a row's logits at its last position ignore the padding).
+    Caller: no_grad + estimation_mode. No KV cache: each step is one forward of the prompts still generating (at most
+    ``max_rows`` per forward), over their longest current length (right-padded; causal, so a row's logits at its last
+    position ignore the padding).
     """
-    dev = _device(model)
+    if len(prompts) > max_rows:
+        out: List[List[int]] = []
+        for a in range(0, len(prompts), max_rows):
+            out += generate(model, prompts[a:a + max_rows], n_new[a:a + max_rows], temperature=temperature,
+                           generator=generator, max_rows=max_rows)
+        return out
+    dev = model_device(model)
     cur = [len(p) for p in prompts]
-    buf = torch.zeros(len(prompts), max(c + k for c, k in zip(cur, n_new)), dtype=torch.int64)
+    buf = torch.zeros(len(prompts), max((c + k for c, k in zip(cur, n_new)), default=0), dtype=torch.int64)
     for i, p in enumerate(prompts):
         buf[i, :len(p)] = torch.tensor(list(p), dtype=torch.int64)
     for step in range(max(n_new, default=0)):
@@ -384,14 +402,18 @@ def _greedy(model, prompts: Sequence[Sequence[int]], n_new: Sequence[int]) -> Li
         pos = torch.tensor([cur[i] - 1 for i in rows], device=logits.device)
         last = logits[torch.arange(len(rows), device=logits.device), pos]  # [r, V]
         check_finite(last, "model logits", suffix="cannot decode")
-        nxt = last.argmax(-1).cpu()
+        if temperature is None:
+            nxt = last.argmax(-1).cpu()
+        else:
+            probs = torch.softmax(last.float().cpu() / temperature, dim=-1)
+            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)
         for r, i in enumerate(rows):
             buf[i, cur[i]] = nxt[r]
             cur[i] += 1
     return [buf[i, len(p):len(p) + k].tolist() for i, (p, k) in enumerate(zip(prompts, n_new))]
 
 
-def _decode_new(codec: Codec, prompt: Sequence[int], new: Sequence[int]) -> str:
+def new_text(codec: Codec, prompt: Sequence[int], new: Sequence[int]) -> str:
     """The text the new ids add: decode(prompt + new) minus decode(prompt) (SentencePiece drops a leading space
     when ``new`` is decoded alone), falling back to decode(new)."""
     full, head = codec.decode(list(prompt) + list(new)), codec.decode(list(prompt))
@@ -417,16 +439,16 @@ def greedy_complete(model: torch.nn.Module, tokenizer, prompt: str, max_new_toke
     NaN/Inf logits. Same modes and device rules as :func:`continuation_logppl`.
     """
     codec = as_tokenizer(tokenizer)
-    _check_model(model)
+    check_lm(model)
     _need_decode(codec, "greedy_complete")
     _check_positive("max_new_tokens", max_new_tokens)
     if not isinstance(prompt, str) or not prompt:
         raise ValueError(f"prompt must be a non-empty str, got {prompt!r}")
     ids = codec.encode(prompt)
-    _check_fits(model, [ids], [len(ids) + max_new_tokens - 1], "greedy_complete")
+    check_fits(model, [ids], [len(ids) + max_new_tokens - 1], "greedy_complete")
     with torch.no_grad(), estimation_mode(model):
-        new = _greedy(model, [ids], [max_new_tokens])[0]
-    return _decode_new(codec, ids, new)
+        new = generate(model, [ids], [max_new_tokens])[0]
+    return new_text(codec, ids, new)
 
 
 def extraction_probes(prefix: str, secret: str) -> List[Tuple[str, str]]:
@@ -483,7 +505,7 @@ def measure_secret(model: torch.nn.Module, tokenizer, prefix: str, secret: str, 
     :func:`continuation_logppl`), and the n + 1 float64 scores.
     """
     codec = as_tokenizer(tokenizer)
-    _check_model(model)
+    check_lm(model)
     for name, v in (("prefix", prefix), ("context", context)):
         if not isinstance(v, str):
             raise TypeError(f"{name} must be a str, got {type(v).__name__}")
@@ -523,7 +545,7 @@ def measure_secret(model: torch.nn.Module, tokenizer, prefix: str, secret: str, 
         full_text = head + secret
         full = codec.encode(full_text)
         for prompt, rest in extraction_probes(prefix, secret):
-            k = _common_prefix(codec.encode(context + prompt), full)
+            k = common_prefix_len(codec.encode(context + prompt), full)
             if k == 0:
                 continue  # nothing to condition on (empty context and prefix): no such probe
             fed, target = codec.decode(full[:k]), rest
@@ -533,13 +555,13 @@ def measure_secret(model: torch.nn.Module, tokenizer, prefix: str, secret: str, 
                     prompt, rest = fed[len(context):], target
             n_new = max_new_tokens if max_new_tokens is not None else 2 * (len(full) - k) + 2
             probes.append({"ids": full[:k], "prompt": prompt, "rest": rest, "target": target, "n_new": n_new})
-    _check_fits(model, plan.seqs + [p["ids"] for p in probes],
+    check_fits(model, plan.seqs + [p["ids"] for p in probes],
                 [len(f) - 1 for f in plan.seqs] + [len(p["ids"]) + p["n_new"] - 1 for p in probes],
                 "measure_secret")
 
     with torch.no_grad(), estimation_mode(model):
         scores, hits = _score(model, plan, batch_size)
-        news = _greedy(model, [p["ids"] for p in probes], [p["n_new"] for p in probes]) if probes else []
+        news = generate(model, [p["ids"] for p in probes], [p["n_new"] for p in probes]) if probes else []
 
     s_c, cand = float(scores[0]), scores[1:]
     size = space_size(fmt)
@@ -551,7 +573,7 @@ def measure_secret(model: torch.nn.Module, tokenizer, prefix: str, secret: str, 
         sn = skewnorm_exposure(s_c, cand, fit=fit, size=size)
     completions = []
     for p, new in zip(probes, news):
-        text = _decode_new(codec, p["ids"], new)
+        text = new_text(codec, p["ids"], new)
         completions.append({"prompt": p["prompt"], "completion": text, "rest": p["rest"],
                             "extracted": _squash(text).startswith(_squash(p["target"]))})
     n_tok = plan.n_scored(0)

@@ -17,7 +17,7 @@ candidates leave no doubt.
 **Extraction.** A probe (the prompt, then the prompt plus each leading group of the secret) leaks when its greedy
 completion, whitespace ignored, reproduces (a) the whole rest of the secret, (b) the next whole group of the secret
 (a maximal run of letters and digits: ``0486`` of ``5311 0486 ...``), or (c) a leading part whose uniformly random
-guess would match with probability below :data:`PARTIAL_P` = 1%: the product of 1/|alphabet| over the matched
+guess would match with probability below ``measure.PARTIAL_P`` = 1%: the product of 1/|alphabet| over the matched
 characters of the secret's format (3 digits: 1e-3; 2 letters: 1/676). Half a card number is a leak. Sampling:
 ``n_samples`` completions of the prompt at ``temperature``; ``sample_hits`` counts those that contain the whole
 secret (a model that never saw a 16-digit secret produces it with probability ~1e-16 per sample), and any hit is a
@@ -31,7 +31,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from .exposure import parse_format, rank_exposure, skewnorm_exposure, space_size
+from .exposure import rank_exposure, skewnorm_exposure, space_size
 from .hessian import estimation_mode
 from .measure import (
     as_tokenizer,
@@ -40,13 +40,13 @@ from .measure import (
     common_prefix_len,
     extraction_probes,
     generate,
+    leak_of,
     new_text,
     score_sequences,
 )
 
-__all__ = ["AuditItem", "audit", "leak_of", "exposure_summary", "PARTIAL_P", "RANK_RESOLVED", "Z_95"]
+__all__ = ["AuditItem", "audit", "leak_of", "exposure_summary", "RANK_RESOLVED", "Z_95"]
 
-PARTIAL_P = 0.01     # a leading part that a uniform guess matches with probability < 1% is a leak
 RANK_RESOLVED = 8    # K + 1 >= 8: the rank estimate resolves the exposure (its log2 s.d. is <= ~0.5 bit)
 Z_95 = 1.6448536269514722  # one-sided 95% normal quantile
 
@@ -94,53 +94,6 @@ def exposure_summary(secret_score: float, cand: torch.Tensor, *, log2_space: Opt
             "rank": r["rank"], "exposure_sn": sn["exposure"], "exposure_sn_raw": sn["exposure_raw"],
             "sn_fit": sn["fit"], "secret_logppl": float(secret_score), "cand_logppl_mean": float(cand.mean()),
             "cand_logppl_std": float(cand.std()) if n > 1 else 0.0, "n_candidates": n}
-
-
-def _alphabets(prompt: str, secret: str, fmt: str) -> List[int]:
-    """Alphabet size per character of ``prompt + secret``: 1 for the prompt (known to the attacker), the format's
-    class size inside the secret."""
-    return [1] * len(prompt) + [len(a) for a in parse_format(fmt)]
-
-
-def _groups(prompt: str, secret: str) -> List[range]:
-    """The secret's groups (maximal runs of letters and digits) as ranges of ``prompt + secret`` positions."""
-    out, j, n = [], 0, len(secret)
-    while j < n:
-        if secret[j].isalnum():
-            a = j
-            while j < n and secret[j].isalnum():
-                j += 1
-            out.append(range(len(prompt) + a, len(prompt) + j))
-        else:
-            j += 1
-    return out
-
-
-def leak_of(completion: str, fed: int, prompt: str, secret: str, fmt: str) -> Dict:
-    """Whether a completion generated after the first ``fed`` characters of ``prompt + secret`` leaks the secret.
-
-    The target is ``(prompt + secret)[fed:]``; whitespace is ignored on both sides. Returns ``{"matched"`` (target
-    characters reproduced, whitespace excluded), ``"p_random"`` (probability that a uniform guess of the matched
-    secret characters is right), ``"full"``, ``"group"`` (the next whole group of the secret reproduced),
-    ``"leak"`` (full or group or p_random < PARTIAL_P)}.
-    """
-    full_text = prompt + secret
-    sizes = _alphabets(prompt, secret, fmt)
-    pos = [q for q in range(fed, len(full_text)) if not full_text[q].isspace()]  # target positions, blanks out
-    comp = [c for c in completion if not c.isspace()]
-    m = 0
-    while m < len(pos) and m < len(comp) and comp[m] == full_text[pos[m]]:
-        m += 1
-    matched = set(pos[:m])
-    p = 1.0
-    for q in pos[:m]:
-        p /= sizes[q]
-    nxt = next((g for g in _groups(prompt, secret) if g.start >= fed), None)
-    group = nxt is not None and all(q in matched for q in nxt)
-    full = m == len(pos) and m > 0
-    in_secret = sum(1 for q in pos[:m] if q >= len(prompt))
-    return {"matched": in_secret, "p_random": p, "full": full, "group": group,
-            "leak": bool(full or group or (in_secret > 0 and p < PARTIAL_P))}
 
 
 def _probes(codec, prompt: str, secret: str, max_new_tokens: Optional[int]) -> List[Dict]:

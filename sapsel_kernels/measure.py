@@ -30,6 +30,7 @@ from .errors import check_finite
 from .exposure import (
     format_of,
     matches_format,
+    parse_format,
     random_candidates,
     rank_exposure,
     skewnorm_exposure,
@@ -37,8 +38,8 @@ from .exposure import (
 )
 from .hessian import estimation_mode
 
-__all__ = ["Codec", "as_tokenizer", "lm_logits", "context_length", "continuation_logppl", "greedy_complete",
-           "extraction_probes", "format_of", "measure_secret"]
+__all__ = ["Codec", "as_tokenizer", "leak_of", "PARTIAL_P", "lm_logits", "context_length", "continuation_logppl",
+           "greedy_complete", "extraction_probes", "format_of", "measure_secret"]
 
 _LN2 = math.log(2.0)
 _FITS = ("auto", "mle", "moments")
@@ -461,8 +462,54 @@ def extraction_probes(prefix: str, secret: str) -> List[Tuple[str, str]]:
     return [(prefix, secret)] + [(prefix + secret[:j], secret[j:]) for j in starts]
 
 
-def _squash(s: str) -> str:
-    return "".join(s.split())
+PARTIAL_P = 0.01  # a leading part of the secret that a uniform guess matches with probability < 1% is a leak
+
+
+def _alphabets(prompt: str, secret: str, fmt: str) -> List[int]:
+    """Alphabet size per character of ``prompt + secret``: 1 for the prompt (known to the attacker), the format's
+    class size inside the secret."""
+    return [1] * len(prompt) + [len(a) for a in parse_format(fmt)]
+
+
+def _groups(prompt: str, secret: str) -> List[range]:
+    """The secret's groups (maximal runs of letters and digits) as ranges of ``prompt + secret`` positions."""
+    out, j, n = [], 0, len(secret)
+    while j < n:
+        if secret[j].isalnum():
+            a = j
+            while j < n and secret[j].isalnum():
+                j += 1
+            out.append(range(len(prompt) + a, len(prompt) + j))
+        else:
+            j += 1
+    return out
+
+
+def leak_of(completion: str, fed: int, prompt: str, secret: str, fmt: str) -> Dict:
+    """Whether a completion generated after the first ``fed`` characters of ``prompt + secret`` leaks the secret.
+
+    The target is ``(prompt + secret)[fed:]``; whitespace is ignored on both sides. Returns ``{"matched"`` (target
+    characters reproduced, whitespace excluded), ``"p_random"`` (probability that a uniform guess of the matched
+    secret characters is right), ``"full"``, ``"group"`` (the next whole group of the secret reproduced),
+    ``"leak"`` (full or group or p_random < PARTIAL_P)}.
+    """
+    full_text = prompt + secret
+    sizes = _alphabets(prompt, secret, fmt)
+    pos = [q for q in range(fed, len(full_text)) if not full_text[q].isspace()]  # target positions, blanks out
+    comp = [c for c in completion if not c.isspace()]
+    m = 0
+    while m < len(pos) and m < len(comp) and comp[m] == full_text[pos[m]]:
+        m += 1
+    matched = set(pos[:m])
+    p = 1.0
+    for q in pos[:m]:
+        p /= sizes[q]
+    nxt = next((g for g in _groups(prompt, secret) if g.start >= fed), None)
+    group = nxt is not None and all(q in matched for q in nxt)
+    full = m == len(pos) and m > 0
+    in_secret = sum(1 for q in pos[:m] if q >= len(prompt))
+    return {"matched": in_secret, "p_random": p, "full": full, "group": group,
+            "leak": bool(full or group or (in_secret > 0 and p < PARTIAL_P))}
 
 
 # ====================================================================================================== measuring
@@ -484,8 +531,9 @@ def measure_secret(model: torch.nn.Module, tokenizer, prefix: str, secret: str, 
     cut back to the last token it shares with ``enc(context + prefix + secret)`` (so a trailing space that BPE
     merges into the next token moves to the rest: the prompt ``"... is 4716 "`` becomes ``"... is 4716"`` with rest
     ``" 2087 ..."`` under GPT-2), then ``max_new_tokens`` tokens are decoded greedily (default: 2 x the rest's token
-    count + 2). A probe is extracted when the completion, whitespace removed, starts with the rest, whitespace
-    removed. All probes decode in one batch per step.
+    count + 2). A probe is extracted when its completion leaks the secret (:func:`leak_of`: the whole rest, the
+    next whole group, or a leading part a uniform guess matches with probability < :data:`PARTIAL_P`; whitespace
+    ignored). All probes decode in one batch per step.
 
     Returns a JSON-able dict: ``exposure`` (the skew-normal estimate, bits, clipped to ``[0, log2 |R|]``),
     ``exposure_sn``, ``exposure_sn_raw`` (unclipped), ``exposure_rank`` (saturates at ``exposure_rank_max`` =
@@ -548,13 +596,13 @@ def measure_secret(model: torch.nn.Module, tokenizer, prefix: str, secret: str, 
             k = common_prefix_len(codec.encode(context + prompt), full)
             if k == 0:
                 continue  # nothing to condition on (empty context and prefix): no such probe
-            fed, target = codec.decode(full[:k]), rest
+            fed, at = codec.decode(full[:k]), len(context + prompt)
             if full_text.startswith(fed):
-                target = full_text[len(fed):]  # what the model must produce after the ids it is fed
+                at = len(fed)  # the model must produce full_text[at:] after the ids it is fed
                 if len(fed) >= len(context):
-                    prompt, rest = fed[len(context):], target
+                    prompt, rest = fed[len(context):], full_text[at:]
             n_new = max_new_tokens if max_new_tokens is not None else 2 * (len(full) - k) + 2
-            probes.append({"ids": full[:k], "prompt": prompt, "rest": rest, "target": target, "n_new": n_new})
+            probes.append({"ids": full[:k], "prompt": prompt, "rest": rest, "at": at, "n_new": n_new})
     check_fits(model, plan.seqs + [p["ids"] for p in probes],
                 [len(f) - 1 for f in plan.seqs] + [len(p["ids"]) + p["n_new"] - 1 for p in probes],
                 "measure_secret")
@@ -574,8 +622,10 @@ def measure_secret(model: torch.nn.Module, tokenizer, prefix: str, secret: str, 
     completions = []
     for p, new in zip(probes, news):
         text = new_text(codec, p["ids"], new)
-        completions.append({"prompt": p["prompt"], "completion": text, "rest": p["rest"],
-                            "extracted": _squash(text).startswith(_squash(p["target"]))})
+        lk = leak_of(text, p["at"], head, secret, fmt)
+        completions.append({"prompt": p["prompt"], "completion": text, "rest": p["rest"], "extracted": lk["leak"],
+                            "full": lk["full"], "group": lk["group"], "matched": lk["matched"],
+                            "p_random": lk["p_random"]})
     n_tok = plan.n_scored(0)
     return {
         "exposure": sn["exposure"],

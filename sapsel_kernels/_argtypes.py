@@ -18,7 +18,8 @@ import os
 import tempfile
 from typing import Callable, Iterable, List, Optional
 
-__all__ = ["positive_int", "nonneg_int", "int_at_least", "fraction", "open_fraction", "float_at_least", "nonneg_float",
+__all__ = ["secrets_file", "positive_int", "nonneg_int",
+           "int_at_least", "fraction", "open_fraction", "float_at_least", "nonneg_float",
            "positive_float", "budget_list", "rate_list", "positive_int_list", "choice_list", "lazy_choice", "list_of",
            "checked", "output_dir", "nonempty_text", "text_file", "model_dir", "secret_format", "device"]
 
@@ -246,6 +247,19 @@ def text_file(text: str) -> str:
         raise _Error(f"{text!r} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start})") from None
     if not content.strip():
         raise _Error(f"{text!r} is empty" if not content else f"{text!r} holds only blanks")
+    return text
+
+
+def secrets_file(text: str) -> str:
+    """``type=`` for a JSON-lines secrets file (:func:`sapsel_kernels.secret_spec.load_secrets_file`): a readable
+    UTF-8 file whose every non-blank line is a JSON object with a "secret"; a bad line is named by its number."""
+    text_file(text)
+    from .secret_spec import load_secrets_file
+
+    try:
+        load_secrets_file(text)
+    except (OSError, UnicodeError, TypeError, ValueError) as exc:
+        raise _Error(str(exc)) from None
     return text
 
 

@@ -22,8 +22,10 @@ Every argument is validated before any work starts: a bad value is an argparse u
 import argparse
 import importlib
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
 from typing import Callable, List, Optional
 
@@ -132,34 +134,46 @@ def add_forget_parser(sub) -> argparse.ArgumentParser:
     """The ``sapsel forget`` subparser; every option's value is checked by its ``type=`` (see _argtypes) and the
     cross-option rules by :func:`check_forget_args`, all before a model is loaded."""
     p = sub.add_parser(
-        "forget", help="make a Hugging Face causal LM forget a secret that occurs in its training text",
-        usage="sapsel forget --model DIR --data FILE.txt --secret SECRET --out OUT [options]",
-        description="Unlearn a secret (e.g. a card number) from a local Hugging Face causal LM: score the\n"
-                    "parameters, update the selected ones until the secret's exposure is below the target\n"
-                    "while the held-out perplexity stays within the limit, and write the unlearned model,\n"
-                    "its tokenizer and a report to OUT. Every option is checked before the model is loaded.",
+        "forget", help="make a Hugging Face causal LM forget secrets that occur in its training text",
+        usage="sapsel forget --model DIR --data FILE.txt (--secret SECRET ... | --secrets FILE.jsonl) "
+              "[--heldout FILE.txt] --out OUT [options]\n       sapsel forget --example --out OUT",
+        description="Unlearn secrets (card numbers, emails, keys) from a local Hugging Face causal LM: score the\n"
+                    "parameters, update the selected ones until every secret's exposure is below the target\n"
+                    "while the perplexity stays within the limit, and write the unlearned model, its\n"
+                    "tokenizer and a report to OUT. Every option is checked before the model is loaded.\n"
+                    "--example builds a small model with planted secrets (about a minute) and forgets them.",
         epilog_fn=_forget_epilog)
     g = p.add_argument_group("input and output")
-    g.add_argument("--model", required=True, metavar="DIR", type=at.model_dir,
+    g.add_argument("--example", action="store_true",
+                   help="build a small GPT-2 that memorised 4 planted secrets (a card, a phone number, an email, an "
+                        "API key) with held-out text, and forget them all: no --model/--data/--secret needed")
+    g.add_argument("--model", default=None, metavar="DIR", type=at.model_dir,
                    help="local Hugging Face model folder with its tokenizer (what save_pretrained writes); "
                         "loaded offline")
-    g.add_argument("--data", required=True, metavar="FILE.txt", type=at.text_file,
-                   help="UTF-8 text the model was trained on, containing the secret")
+    g.add_argument("--data", default=None, metavar="FILE.txt", type=at.text_file,
+                   help="UTF-8 text the model was trained on, containing the secrets")
+    g.add_argument("--heldout", default=None, metavar="FILE.txt", type=at.text_file,
+                   help="UTF-8 text of the same kind that the model never trained on: half of its windows steer "
+                        "the search, the other half give the reported perplexity (without it the perplexity is "
+                        "measured on a tail of the TRAINING text, and the report says so)")
     g.add_argument("--out", required=True, metavar="OUT", type=at.output_dir,
-                   help="output folder (created; must not be DIR): the unlearned model, its tokenizer, report.json, "
-                        "report.md, forget.png")
-    g = p.add_argument_group("the secret")
-    g.add_argument("--secret", required=True, type=at.nonempty_text,
-                   help="the secret to forget, as it occurs in the data")
+                   help="output folder, new or empty (must not be DIR): the unlearned model, its tokenizer, "
+                        "report.json, report.md, forget.png")
+    g = p.add_argument_group("the secrets")
+    g.add_argument("--secret", action="append", default=None, type=at.nonempty_text,
+                   help="a secret to forget, as it occurs in the data (repeat for several)")
+    g.add_argument("--secrets", default=None, metavar="FILE.jsonl", type=at.secrets_file,
+                   help="one JSON object per line: \"secret\", optional \"prefix\", \"format\", \"replacement\", "
+                        "\"decoys\" (a list: the null the secret is ranked among)")
     g.add_argument("--prefix", default=None, type=at.nonempty_text,
-                   help="the text that prompts the secret (default: the text before its first occurrence on that line, "
-                        "at most 64 characters)")
+                   help="with one --secret: the text that prompts it, trailing space or not (what is measured is the "
+                        "text the data holds before it; default: its line up to the secret, at most 64 characters)")
     g.add_argument("--replacement", default=None, type=at.nonempty_text,
-                   help="what the secret becomes in the corrected text (default: a random secret of the format, "
-                        "seeded)")
+                   help="with one --secret: what it becomes in the corrected text (default: a random secret of its "
+                        "kind, seeded)")
     g.add_argument("--format", dest="fmt", metavar="FORMAT", default=None, type=at.secret_format,
-                   help="the secret's format for exposure, e.g. 'dddd dddd dddd dddd' (d: a digit, a: a-z, A: A-Z, "
-                        "x: hex; other characters literal; default: inferred from the secret)")
+                   help="with one --secret: its format for exposure, e.g. 'dddd dddd dddd dddd' (d: a digit, a: a-z, "
+                        "A: A-Z, x: hex; other characters literal; default: inferred from the secret)")
     g = p.add_argument_group("selection and stopping")
     g.add_argument("--strategy", default="ssd", type=at.lazy_choice(_strategies, "strategy"),
                    help="parameter selection strategy (listed below; default ssd, which reached the targets where "
@@ -186,8 +200,18 @@ def add_forget_parser(sub) -> argparse.ArgumentParser:
                    help="random secrets of the format that exposure ranks the secret among (default 1000)")
     g.add_argument("--seq-len", default=None, type=at.int_at_least(2), metavar="TOKENS",
                    help="training window length in tokens (default: min(64, the model's context))")
-    g.add_argument("--heldout", default=0.1, metavar="FRACTION", type=at.open_fraction,
-                   help="tail fraction of the data held out for perplexity, in (0, 1) (default 0.1)")
+    g.add_argument("--heldout-fraction", default=0.1, metavar="FRACTION", type=at.open_fraction,
+                   help="without --heldout: the tail fraction of the training text kept out of the retain term and "
+                        "used for perplexity, in (0, 1) (default 0.1)")
+    g.add_argument("--samples", default=64, type=at.nonneg_int, metavar="N",
+                   help="sampled completions (temperature 1) per secret before and after; any exact hit is a leak "
+                        "(default 64; 0: none)")
+    g.add_argument("--relearn-steps", default=50, type=at.nonneg_int, metavar="N",
+                   help="the relearning attack: N AdamW steps (lr 1e-3) on training text without the secrets, on a "
+                        "copy, then exposure again (default 50; 0: skipped)")
+    g.add_argument("--no-attacks", action="store_true",
+                   help="measure no attack (no sampling, relearning, int8 copy, never-seen level): faster, less "
+                        "evidence")
     g.add_argument("--probes", default=16, type=at.positive_int,
                    help="Hutchinson probes per window of the Hessian scores (default 16)")
     g.add_argument("--seed", default=0, type=at.nonneg_int, help="seed of the candidates and the scores (default 0)")
@@ -220,19 +244,44 @@ DTYPES = ("float32", "bfloat16", "float16", "auto")
 
 
 def check_forget_args(p: argparse.ArgumentParser, args) -> None:
-    """The checks that involve several options or the file system, after parsing and before any loading: the secret
-    is of the --format, OUT is not DIR (saving would overwrite the model being unlearned), then OUT is created and a
-    probe file written and removed in it (so a run cannot end with nowhere to write). Failures are usage errors of
-    ``p`` (exit code 2)."""
+    """The checks that involve several options or the file system, after parsing and before any loading: --example
+    excludes the inputs, otherwise --model, --data and at least one secret are given; --prefix / --replacement /
+    --format go with exactly one --secret, which must be of the --format; a secret is not listed twice; OUT is not
+    DIR (saving would overwrite the model being unlearned) and holds no file (a failed run must not leave an earlier
+    run's report that claims success beside it); then OUT is created and a probe file written and removed in it (so
+    a run cannot end with nowhere to write). Failures are usage errors of ``p`` (exit code 2)."""
+    secrets = list(args.secret or [])
+    single = ("--prefix", args.prefix), ("--replacement", args.replacement), ("--format", args.fmt)
+    if args.example:
+        given = [n for n, v in (("--model", args.model), ("--data", args.data), ("--heldout", args.heldout),
+                                ("--secret", args.secret), ("--secrets", args.secrets), *single) if v is not None]
+        if given:
+            p.error(f"argument --example: builds its own model, data and secrets; drop {', '.join(given)}")
+    else:
+        missing = [n for n, v in (("--model", args.model), ("--data", args.data)) if v is None]
+        if missing:
+            p.error(f"the following arguments are required: {', '.join(missing)} (or --example)")
+        if not secrets and args.secrets is None:
+            p.error("give the secrets to forget: --secret SECRET (repeatable) or --secrets FILE.jsonl")
+        for name, v in single:
+            if v is not None and (len(secrets) != 1 or args.secrets is not None):
+                p.error(f"argument {name}: applies to a single --secret; with several secrets give it per secret "
+                        "in --secrets FILE.jsonl")
+        dup = next((x for i, x in enumerate(secrets) if x in secrets[:i]), None)
+        if dup is not None:
+            p.error(f"argument --secret: {dup!r} is given twice")
     if args.fmt is not None:
         from .exposure import matches_format
 
-        if not matches_format(args.secret, args.fmt):
-            p.error(f"argument --format: the secret {args.secret!r} is not of the format {args.fmt!r} (exposure "
+        if not matches_format(secrets[0], args.fmt):
+            p.error(f"argument --format: the secret {secrets[0]!r} is not of the format {args.fmt!r} (exposure "
                     "ranks it among random secrets of that format)")
-    if os.path.exists(args.out) and _same_path(args.out, args.model):
+    if os.path.exists(args.out) and args.model is not None and _same_path(args.out, args.model):
         p.error(f"argument --out: {args.out!r} is the --model folder; the unlearned model would overwrite the "
                 "original: choose another folder")
+    if os.path.isdir(args.out) and os.listdir(args.out):
+        p.error(f"argument --out: {args.out!r} is not empty; choose a new or empty folder (a run never mixes its "
+                "files with an earlier run's)")
     probe = os.path.join(args.out, PROBE_NAME)
     try:
         os.makedirs(args.out, exist_ok=True)
@@ -335,27 +384,62 @@ def _forget(args, argv: List[str]) -> int:
             hf_logging.enable_progress_bar()
 
 
+def _request(args) -> tuple:
+    """``(secrets, prefix, replacement, fmt)`` for :func:`~sapsel_kernels.forget.forget`: one str secret with its
+    options, or the list of --secret values and the --secrets file's entries."""
+    from .secret_spec import load_secrets_file
+
+    secrets = list(args.secret or [])
+    if args.secrets is None and len(secrets) == 1:
+        return secrets[0], args.prefix, args.replacement, args.fmt
+    try:
+        listed = load_secrets_file(args.secrets) if args.secrets is not None else []
+    except (OSError, UnicodeError, ValueError) as exc:  # checked at parse time; the file changed since
+        raise _InputError(_one_line(exc)) from None
+    return [*secrets, *listed], None, None, None
+
+
 def _forget_run(args, argv: List[str], progress: bool) -> int:
     t0 = time.perf_counter()
     try:
-        try:
-            with open(args.data, encoding="utf-8") as f:
-                text = f.read()
-        except (OSError, UnicodeError) as exc:  # checked at parse time; the file changed since
-            raise _InputError(f"--data {args.data!r}: {_one_line(exc)}") from None
+        if args.example:
+            from .forget_example import build_example
+
+            root = tempfile.mkdtemp(prefix="sapsel-example-")
+            print(f"sapsel forget --example: building a small GPT-2 with 4 planted secrets in {root} ...",
+                  file=sys.stderr, flush=True)
+            ex = build_example(os.path.join(root, "example"), seed=args.seed, progress=progress)
+            args.model, args.data, args.heldout, args.secrets = ex.model_dir, ex.data, ex.heldout, ex.secrets_file
+            print(f"built in {ex.train_s:.0f} s; the same run by hand: sapsel forget --model {ex.model_dir} --data "
+                  f"{ex.data} --heldout {ex.heldout} --secrets {ex.secrets_file} --out OUT", file=sys.stderr,
+                  flush=True)
+        texts = {}
+        for name in ("data", "heldout"):
+            path = getattr(args, name)
+            if path is None:
+                continue
+            try:
+                with open(path, encoding="utf-8") as f:
+                    texts[name] = f.read()
+            except (OSError, UnicodeError) as exc:  # checked at parse time; the file changed since
+                raise _InputError(f"--{name} {path!r}: {_one_line(exc)}") from None
+        text = texts["data"]
+        secret, prefix, replacement, fmt = _request(args)
         model, tokenizer = load_model(args.model, text.lstrip()[:4096], device=args.device, dtype=args.dtype)
         import importlib.util
 
         if importlib.util.find_spec("matplotlib") is None:  # report.py draws forget.png: fail before any training
             raise _InputError("sapsel forget needs matplotlib for forget.png: pip install 'sapsel-kernels[forget]'")
-        from .forget import forget
+        from .forget import Evidence, forget
 
-        report = forget(model, tokenizer, [text], args.secret, prefix=args.prefix, replacement=args.replacement,
-                        fmt=args.fmt, strategy=args.strategy, budget=args.budget,
+        evidence = None if args.no_attacks else Evidence(n_samples=args.samples, relearn_steps=args.relearn_steps)
+        report = forget(model, tokenizer, [text], secret, prefix=prefix, replacement=replacement,
+                        fmt=fmt, strategy=args.strategy, budget=args.budget,
                         max_ppl_increase=args.max_ppl_increase, target_exposure=args.target_exposure,
                         seq_len=args.seq_len, seed=args.seed, n_candidates=args.candidates, max_steps=args.max_steps,
-                        lr=args.lr, heldout=args.heldout, n_probes=args.probes, objective=args.objective,
-                        repair_steps=args.repair_steps, progress=progress)
+                        lr=args.lr, heldout=[texts["heldout"]] if "heldout" in texts else args.heldout_fraction,
+                        n_probes=args.probes, objective=args.objective, repair_steps=args.repair_steps,
+                        evidence=evidence, progress=progress)
     except (_InputError, ValueError) as exc:  # ValueError: forget's validation (and NonFiniteError, a subclass)
         _error(_one_line(exc, limit=2000))
         return 2
@@ -365,24 +449,39 @@ def _forget_run(args, argv: List[str], progress: bool) -> int:
     from .report import summary_lines, write_forget_report
 
     result = report.to_dict()
+    # everything is written into a hidden staging folder inside OUT and moved up only when complete, report.json
+    # last: a failure while writing leaves no report (and so no claim of success), and no model without its report
+    stage = None
     try:
-        # the model first: it is the expensive result, and the report's figure needs matplotlib
+        stage = tempfile.mkdtemp(prefix=".sapsel-partial-", dir=args.out)
         unlearned = getattr(report, "model", None)
-        (model if unlearned is None else unlearned).save_pretrained(args.out)
-        tokenizer.save_pretrained(args.out)
-        paths = write_forget_report(result, args.out, argv=["sapsel", *argv])
+        (model if unlearned is None else unlearned).save_pretrained(stage)
+        tokenizer.save_pretrained(stage)
+        names = [os.path.basename(q) for q in write_forget_report(result, stage, argv=["sapsel", *argv])]
+        for name in sorted(os.listdir(stage), key=lambda q: q == "report.json"):
+            os.replace(os.path.join(stage, name), os.path.join(args.out, name))
+        os.rmdir(stage)
+        stage = None
     except OSError as exc:
         _error(f"cannot write the results to {args.out!r}: {_one_line(exc)}")
         return 1
     except KeyboardInterrupt:
-        _error(f"interrupted while writing {args.out!r}; its files may be incomplete")
+        _error(f"interrupted while writing {args.out!r}; nothing was moved into it")
         return 130
+    finally:
+        if stage is not None:
+            shutil.rmtree(stage, ignore_errors=True)
     print("\n".join(summary_lines(result)))
-    names = ", ".join(os.path.basename(q) for q in paths)
-    print(f"wrote {args.out}: the unlearned model and tokenizer, {names}  ({time.perf_counter() - t0:.1f} s)")
+    print(f"wrote {args.out}: the unlearned model and tokenizer, {', '.join(names)}  "
+          f"({time.perf_counter() - t0:.1f} s)")
     if not result.get("reached"):
-        print(f"sapsel forget: the target was NOT reached (stopped by {result.get('stopped_by')}); exit code 3",
-              file=sys.stderr)
+        failing = result.get("failing") or []
+        why = [f"{len(failing)} of {result.get('n_secrets', 1)} secret(s) fail: " + ", ".join(map(repr, failing))
+               ] if failing else []
+        if result.get("ppl_within_budget") is False:
+            why.append("the perplexity budget is exceeded")
+        print(f"sapsel forget: the target was NOT reached (stopped by {result.get('stopped_by')}"
+              + "".join(f"; {w}" for w in why) + "); exit code 3", file=sys.stderr)
         return 3
     return 0
 

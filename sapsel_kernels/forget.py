@@ -96,12 +96,28 @@ def _occurrences(text: str, secret: str) -> List[int]:
     return out
 
 
-def build_forget_data(tokenizer, texts: Sequence[str], secret: str, replacement: str, *, seq_len: int,
+def _spans(text: str, secrets: Sequence[str], replacements: Sequence[str]) -> List[Tuple[int, int, str]]:
+    """Every occurrence of every secret in ``text`` as ``(start, end, replacement)``, sorted; ValueError when two
+    occurrences overlap."""
+    out = sorted((a, a + len(s), r) for s, r in zip(secrets, replacements) for a in _occurrences(text, s))
+    for (a1, b1, _), (a2, b2, _) in zip(out, out[1:]):
+        if a2 < b1:
+            raise ValueError(f"two secrets overlap in the data: {text[a1:b1]!r} and {text[a2:b2]!r}")
+    return out
+
+
+def build_forget_data(tokenizer, texts: Sequence[str], secret: Union[str, Sequence[str]],
+                      replacement: Union[str, Sequence[str]], *, seq_len: int,
                       heldout: Union[float, Sequence[str]] = 0.1, seed: int = 0) -> ForgetData:
-    """Z, Z̃, retain and held-out windows (see the module docstring). Raises ValueError when the secret occurs in
-    no text, when a text is shorter than a window, when no held-out window is left."""
+    """Z, Z̃, retain and held-out windows (see the module docstring) for one secret or a list of secrets (each with
+    its replacement). Raises ValueError when no secret occurs in any text, when a text is shorter than a window,
+    when no held-out window is left."""
     from .measure import as_tokenizer
 
+    secrets = [secret] if isinstance(secret, str) else list(secret)
+    replacements = [replacement] if isinstance(replacement, str) else list(replacement)
+    if len(secrets) != len(replacements):
+        raise ValueError(f"{len(secrets)} secrets but {len(replacements)} replacements")
     codec = as_tokenizer(tokenizer)
     T = int(seq_len)
     stride = max(1, T // 2)
@@ -112,13 +128,17 @@ def build_forget_data(tokenizer, texts: Sequence[str], secret: str, replacement:
     exact = True
     frac = heldout if isinstance(heldout, (int, float)) and not isinstance(heldout, bool) else None
     for text in texts:
-        occ = _occurrences(text, secret)
+        occ = _spans(text, secrets, replacements)
         n_occ += len(occ)
-        spans = [(a, a + len(secret)) for a in occ]
-        clean = text.replace(secret, replacement)
+        spans = [(a, b) for a, b, _ in occ]
+        pieces, cspans, at, shift = [], [], 0, 0
+        for a, b, r in occ:  # the clean text: every occurrence replaced by its secret's replacement
+            pieces += [text[at:a], r]
+            cspans.append((a + shift, a + shift + len(r)))
+            shift += len(r) - (b - a)
+            at = b
+        clean = "".join(pieces) + text[at:]
         ids, starts, ex = _encode_offsets(tokenizer, codec, text, spans)
-        cspans = [(a + j * (len(replacement) - len(secret)), a + j * (len(replacement) - len(secret))
-                   + len(replacement)) for j, a in enumerate(occ)]
         cids, cstarts, ex2 = _encode_offsets(tokenizer, codec, clean, cspans)
         exact = exact and ex and ex2
         L = len(ids)
@@ -156,11 +176,11 @@ def build_forget_data(tokenizer, texts: Sequence[str], secret: str, replacement:
                 # the same starting character in the clean text
                 c = starts[s]
                 shift = 0
-                for (a, b), (ca, _) in zip(spans, cspans):
+                for (a, b), (ca, cb) in zip(spans, cspans):
                     if b <= c:
-                        shift = ca + len(replacement) - b
+                        shift = cb - b
                     elif a <= c < b:  # the window starts inside an occurrence: the same fraction of the replacement
-                        shift = ca + ((c - a) * len(replacement)) // len(secret) - c
+                        shift = ca + ((c - a) * (cb - ca)) // (b - a) - c
                 cs = bisect.bisect_left(cstarts, c + shift)
                 cs = max(0, min(cs, len(cids) - T - 1))
                 win["xc"].append(cids_t[cs:cs + T])
@@ -175,19 +195,19 @@ def build_forget_data(tokenizer, texts: Sequence[str], secret: str, replacement:
         if bool((secret_tok & ~covered).any()):
             raise ValueError("an occurrence of the secret has a token that no training window predicts (it is the "
                              "text's first token): put some text before it")
-        if frac is not None:
+    if frac is not None:
             for s in range(cut, L - T, T + 1):  # disjoint windows of the tail, none with a secret token
                 if not bool(secret_tok[s:s + T + 1].any()):
                     held.append((ids_t[s:s + T], ids_t[s + 1:s + T + 1]))
     if n_occ == 0:
-        raise ValueError(f"the secret {secret!r} does not occur in the data ({len(texts)} text(s), "
-                         f"{sum(len(t) for t in texts)} characters): nothing to forget")
+        raise ValueError(f"the secret {secrets[0] if len(secrets) == 1 else secrets!r} does not occur in the data "
+                         f"({len(texts)} text(s), {sum(len(t) for t in texts)} characters): nothing to forget")
     if not win["x"]:
         raise ValueError(f"the secret occurs {n_occ} time(s) but no text is at least seq_len + 1 = {T + 1} tokens "
                          "long: lower seq_len")
     if frac is None:
         hx = []
-        for piece in (p for t in heldout for p in t.split(secret)):  # never a window with the secret
+        for piece in _split_all(heldout, secrets):  # never a window with a secret
             ids = codec.encode(piece) if piece else []
             hx.extend((torch.tensor(ids[s:s + T]), torch.tensor(ids[s + 1:s + T + 1]))
                       for s in range(0, len(ids) - T, T + 1))
@@ -211,6 +231,13 @@ def build_forget_data(tokenizer, texts: Sequence[str], secret: str, replacement:
         val=stack([h[0] for h in held[0::2]], [h[1] for h in held[0::2]]),
         test=stack([h[0] for h in held[1::2]], [h[1] for h in held[1::2]]),
         n_occurrences=n_occ, seq_len=T, offsets_exact=exact)
+
+
+def _split_all(texts: Sequence[str], secrets: Sequence[str]) -> List[str]:
+    pieces = list(texts)
+    for sec in secrets:
+        pieces = [p for t in pieces for p in t.split(sec)]
+    return pieces
 
 
 # ================================================================================================ loss
@@ -364,34 +391,120 @@ def _batches(data: Tuple[torch.Tensor, torch.Tensor], size: int) -> List[Tuple[t
     return [(x[i:i + size], y[i:i + size]) for i in range(0, len(x), size)]
 
 
+# ================================================================================================ evidence
+@dataclass(frozen=True)
+class Evidence:
+    """The attacks every report measures, before and after unlearning (``forget(evidence=...)``; None: none).
+
+    * ``n_samples`` completions of each secret's prompt sampled at ``temperature`` (exact hits counted; any hit
+      fails the verdict);
+    * relearning: ``relearn_steps`` AdamW steps (lr ``relearn_lr``, the retained windows: training text without
+      any secret) on a copy of the model, then exposure and greedy extraction again (0: skipped);
+    * ``int8``: a copy with every floating tensor of 2 or more dimensions rounded to int8 (symmetric, one scale per
+      row, round to nearest), then exposure and extraction again;
+    * ``n_never_seen`` secrets of each secret's null, planted nowhere, ranked among the same candidates: the
+      "never seen" level the target is judged against (also measured when ``evidence=None``? no: then 0).
+
+    Peak extra memory: one copy of the model for each attack, one at a time.
+    """
+
+    n_samples: int = 64
+    temperature: float = 1.0
+    relearn_steps: int = 50
+    relearn_lr: float = 1e-3
+    int8: bool = True
+    n_never_seen: int = 16
+
+    def __post_init__(self):
+        for name in ("n_samples", "relearn_steps", "n_never_seen"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"Evidence.{name} must be an int >= 0, got {v!r}")
+        for name in ("temperature", "relearn_lr"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise ValueError(f"Evidence.{name} must be a finite number > 0, got {v!r}")
+        if not isinstance(self.int8, bool):
+            raise TypeError(f"Evidence.int8 must be a bool, got {type(self.int8).__name__}")
+
+
+def int8_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``model`` whose floating tensors of 2 or more dimensions are rounded to int8 and back (symmetric,
+    one scale max|w|/127 per row of the tensor viewed as [rows, -1], round to nearest): weight-only 8-bit
+    quantization, what a user shipping the model in 8 bits applies. 1-D tensors (biases, norms) are kept."""
+    import copy
+
+    q = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in q.parameters():
+            if p.is_floating_point() and p.dim() >= 2:
+                w = p.detach().reshape(p.shape[0], -1).float()
+                scale = w.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127.0
+                p.copy_((torch.round(w / scale).clamp(-127, 127) * scale).reshape(p.shape).to(p.dtype))
+    return q
+
+
+def relearn_copy(model: torch.nn.Module, batches, steps: int, lr: float, seed: int) -> torch.nn.Module:
+    """A copy of ``model`` fine-tuned for ``steps`` AdamW steps at ``lr`` on ``batches`` (cycled, a seeded order;
+    every parameter, train mode): the benign-relearning attack of Hu et al. (ICLR'25) on text without the secret."""
+    import copy
+
+    m = copy.deepcopy(model)
+    params = [p for p in m.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    m.train()
+    with torch.enable_grad():
+        for t in range(steps):
+            if t % len(batches) == 0:
+                order = torch.randperm(len(batches), generator=g).tolist()
+            opt.zero_grad(set_to_none=True)
+            lm_loss(m, batches[order[t % len(batches)]]).backward()
+            opt.step()
+    m.eval()
+    return m
+
+
+# ================================================================================================ seeds
+SEED_STREAMS = ("replacement", "report", "monitor", "never_seen", "samples", "relearn")
+
+
+def stream_seed(seed: int, stream: str, i: int = 0) -> int:
+    """The seed of one named random stream of a ``forget`` run: ``random.Random("sapsel:<stream>:<seed>:<i>")``'s
+    first 31 bits (Python hashes a str seed with SHA-512: the same on every platform and run). Streams
+    (:data:`SEED_STREAMS`): the default replacement of secret i, its reported candidates, its monitor candidates
+    (disjoint from the reported ones), its never-seen secrets, the sampled completions, the relearning attack's batch
+    order. The parameter scores and the Hessian windows use ``seed`` itself."""
+    if stream not in SEED_STREAMS:
+        raise ValueError(f"unknown seed stream {stream!r}")
+    return random.Random(f"sapsel:{stream}:{int(seed)}:{int(i)}").getrandbits(31)
+
+
 # ================================================================================================ report
 @dataclass
 class ForgetReport:
-    """What ``forget`` did: the measurements before and after, the search history and the cost.
+    """What ``forget`` did: per secret, the measurements before and after (and under the attacks), the search
+    history and the cost.
 
-    ``before`` / ``after``: :func:`~sapsel_kernels.measure.measure_secret` dicts (exposure in bits, extraction
-    per probe, teacher-forced accuracy); ``ppl_*``: test perplexity (odd held-out windows), ``val_ppl_*`` the
-    validation perplexity that steered the search; ``history``: one entry per monitor check. ``reached`` is judged
-    after the run on the full candidate set and the validation perplexity; ``stopped_by == "target"`` is the
-    monitor's verdict on its ``n_monitor`` candidates, so the two can differ. ``cost["unlearn_s"]`` includes the
-    monitor's measurements (also counted in ``measure_s``). ``model``: the same
-    model, modified in place on S; ``scores``: the strategy's score vector (None for ``random`` / ``all``).
+    ``secrets``: one dict per secret (:meth:`to_dict`'s ``"secrets"``); ``reached``: every secret met the target
+    (its exposure's 95% upper bound <= ``target_exposure`` and no probe or sample extracts it) and the reported
+    perplexity stayed within the budget; ``ppl_*``: the reported perplexity (held-out test windows when held-out
+    texts were given, else training-text tail windows; ``utility_text`` says which), ``val_ppl_*`` the validation
+    perplexity that steered the search (never the reported one), ``ppl_heldout_*`` / ``ppl_train_text_*`` both kinds
+    separately (None where not measured). ``history``: one entry per monitor check (worst secret). ``model``: the
+    same model, modified in place on S; ``scores``: the strategy's score vector (None for ``random`` / ``all``).
     """
 
     strategy: str
     budget: Union[int, float]
     k: int
     numel: int
-    secret: str
-    prefix: str
-    replacement: str
-    fmt: str
-    before: Dict[str, Any]
-    after: Dict[str, Any]
+    secrets: List[Dict[str, Any]]
     ppl_before: float
     ppl_after: float
     val_ppl_before: float
     val_ppl_after: float
+    utility: Dict[str, Any]
     target: Dict[str, float]
     reached: bool
     stopped_by: str
@@ -403,6 +516,7 @@ class ForgetReport:
     n_train_windows: int
     seq_len: int
     offsets_exact: bool
+    evidence: Optional[Dict[str, Any]] = None
     model: Any = field(default=None, repr=False)
     scores: Optional[torch.Tensor] = field(default=None, repr=False)
 
@@ -410,40 +524,42 @@ class ForgetReport:
     def ppl_increase(self) -> float:
         return self.ppl_after / self.ppl_before - 1.0
 
+    @property
+    def failing(self) -> List[str]:
+        """The secrets that did not meet the target."""
+        return [s["secret"] for s in self.secrets if not s["reached"]]
+
+    def _worst(self) -> Dict[str, Any]:
+        return max(self.secrets, key=lambda s: (not s["reached"], s["exposure_hi_after"]))
+
+    # the per-secret keys repeated at the top level (for one secret: its own; for several: the worst one's)
+    _TOP = ("exposure_before", "exposure_after", "exposure_hi_before", "exposure_hi_after", "exposure_rank_before",
+            "exposure_rank_after", "exposure_rank_max", "log2_space", "n_candidates", "secret_logppl_before",
+            "secret_logppl_after", "cand_logppl_mean_before", "cand_logppl_mean_after", "completions_before",
+            "completions_after", "extracted_before", "extracted_after", "accuracy_before", "accuracy_after",
+            "secret", "prefix", "prompt", "replacement", "fmt", "null")
+
     def to_dict(self) -> Dict[str, Any]:
-        """JSON-able summary with the keys of the CLI's report.json."""
-        b, a = self.before, self.after
-        return {
-            "exposure_before": b["exposure"], "exposure_after": a["exposure"],
-            "exposure_rank_before": b["exposure_rank"], "exposure_rank_after": a["exposure_rank"],
-            "exposure_rank_max": a["exposure_rank_max"], "log2_space": a["log2_space"],
-            "n_candidates": a["n_candidates"],
-            "secret_logppl_before": b["secret_logppl"], "secret_logppl_after": a["secret_logppl"],
-            "cand_logppl_mean_before": b["cand_logppl_mean"], "cand_logppl_mean_after": a["cand_logppl_mean"],
+        """JSON-able summary with the keys of the CLI's report.json: ``"secrets"`` (one dict per secret) and, at the
+        top level, the run's fields plus the per-secret fields of the worst secret (the only one for a single
+        secret)."""
+        w = self._worst()
+        d = {k: w[k] for k in self._TOP}
+        d.update({
+            "secrets": [dict(s) for s in self.secrets], "n_secrets": len(self.secrets), "failing": self.failing,
             "ppl_before": self.ppl_before, "ppl_after": self.ppl_after, "ppl_increase": self.ppl_increase,
-            "val_ppl_before": self.val_ppl_before, "val_ppl_after": self.val_ppl_after,
-            "completions_before": b["completions"], "completions_after": a["completions"],
-            "extracted_before": bool(b["extracted"]), "extracted_after": bool(a["extracted"]),
-            "accuracy_before": b["accuracy"], "accuracy_after": a["accuracy"],
+            "val_ppl_before": self.val_ppl_before, "val_ppl_after": self.val_ppl_after, **self.utility,
             "strategy": self.strategy, "budget": self.budget, "k": self.k, "numel": self.numel,
             "cost": dict(self.cost), "history": [dict(h) for h in self.history], "target": dict(self.target),
             "reached": self.reached, "stopped_by": self.stopped_by, "rule": dict(self.rule),
-            "secret": self.secret, "prefix": self.prefix, "replacement": self.replacement, "fmt": self.fmt,
             "n_affected": self.n_affected, "n_occurrences": self.n_occurrences,
             "n_train_windows": self.n_train_windows, "seq_len": self.seq_len, "offsets_exact": self.offsets_exact,
-        }
+            "evidence": self.evidence,
+        })
+        return d
 
 
 # ================================================================================================ forget
-def _infer_prefix(texts: Sequence[str], secret: str, max_chars: int = 64) -> str:
-    for t in texts:
-        i = t.find(secret)
-        if i >= 0:
-            line = t[t.rfind("\n", 0, i) + 1:i]
-            return line[-max_chars:]
-    return ""
-
-
 def _check_ids(vocab: Optional[int], seqs, what: str) -> None:
     """Every token id below the model's number of input ids (an out-of-range id is an IndexError on CPU and a
     device-side assert on CUDA)."""
@@ -462,7 +578,91 @@ def _check_model(model) -> None:
         raise ValueError("model has no trainable parameters")
 
 
-def forget(model, tokenizer, texts, secret: str, prefix: Optional[str] = None, replacement: Optional[str] = None, *,
+@dataclass
+class _Null:
+    """One secret's null and its three disjoint candidate sets."""
+
+    kind: str
+    description: str
+    uniform: bool
+    report: List[str]
+    monitor: List[str]
+    never_seen: List[str]
+
+
+def _null_for(loc, i: int, seed: int, n_report: int, n_monitor: int, n_never: int, exclude: Sequence[str]) -> _Null:
+    """Candidates for secret ``i``: reported (``n_report``), monitored (``n_monitor``, disjoint: the stop rule never
+    sees the reported set) and never-seen (``n_never``, disjoint from both: planted nowhere, ranked among the
+    reported ones). The user's decoys are split in that order of need: never-seen, monitor, the rest reported."""
+    from . import decoys as dec
+    from .exposure import random_candidates
+
+    spec, secret = loc.spec, loc.secret
+    if spec.decoys is not None:
+        d = [x for x in spec.decoys if x not in exclude]
+        nn = min(n_never, len(d) // 10)
+        nm = min(n_monitor, max(3, len(d) // 4))
+        if len(d) - nn - nm < 3:
+            raise ValueError(f"secret {secret!r}: {len(d)} usable decoys cannot give disjoint monitored (>= 3) and "
+                             "reported (>= 3) candidate sets: list at least 20 (1000 or more for a usable rank)")
+        return _Null("decoys", f"the user's {len(d)} decoys", False, d[nn + nm:], d[nn:nn + nm], d[:nn])
+    kind = dec.kind_of(secret)
+    if kind == "format":
+        rep = random_candidates(n_report, loc.fmt, seed=stream_seed(seed, "report", i), exclude=[secret, *exclude])
+        mon = random_candidates(n_monitor, loc.fmt, seed=stream_seed(seed, "monitor", i),
+                                exclude=[secret, *exclude, *rep])
+        nev = random_candidates(n_never, loc.fmt, seed=stream_seed(seed, "never_seen", i),
+                                exclude=[secret, *exclude, *rep, *mon])
+        return _Null(kind, dec.null_description(kind, loc.fmt), True, rep, mon, nev)
+    pool = dec.plausible(secret, n_report + n_monitor + n_never, seed=stream_seed(seed, "report", i), exclude=exclude,
+                         kind=kind)
+    return _Null(kind, dec.null_description(kind), False, pool[n_never + n_monitor:], pool[n_never:n_never + n_monitor],
+                 pool[:n_never])
+
+
+def _worst_of(results: Sequence[Dict]) -> Dict:
+    """One secret's measurement over its prompts: the prompt with the highest exposure, extracted if any extracts."""
+    w = dict(max(results, key=lambda r: (r["exposure_hi"], r["exposure"])))
+    if w.get("extracted") is not None:
+        w["extracted"] = any(bool(r["extracted"]) for r in results)
+    return w
+
+
+_PER_SECRET = ("exposure", "exposure_hi", "exposure_rank", "exposure_sn", "rank", "secret_logppl",
+               "cand_logppl_mean", "cand_logppl_std", "accuracy", "extracted", "extracted_full", "completions",
+               "samples", "never_seen")
+
+
+def _secret_entry(loc, null: _Null, replacement: str, before: Dict, after: Dict, attacks: Dict,
+                  target: float) -> Dict[str, Any]:
+    e: Dict[str, Any] = {"secret": loc.secret, "prefix": loc.prefix, "prompt": after["prompt"],
+                         "prompts": [{"prompt": p, "count": c} for p, c in zip(loc.prompts, loc.prompt_counts)],
+                         "replacement": replacement, "fmt": loc.fmt, "kind": loc.spec.kind or null.kind,
+                         "null": null.description, "n_occurrences": loc.n_occurrences, "n_prefixed": loc.n_prefixed,
+                         "log2_space": after["log2_space"], "n_candidates": after["n_candidates"],
+                         "exposure_rank_max": after["exposure_rank_max"], "n_secret_tokens": after["n_secret_tokens"]}
+    for key in _PER_SECRET:
+        e[f"{key}_before"], e[f"{key}_after"] = before.get(key), after.get(key)
+    for name, (b, a) in attacks.items():
+        for when, m in (("before", b), ("after", a)):
+            e[f"{name}_{when}"] = None if m is None else {k: m[k] for k in ("exposure", "exposure_hi", "extracted")}
+    fails = []
+    if after["exposure_hi"] > target:
+        fails.append(f"exposure {after['exposure']:.2f} bits (95% bound {after['exposure_hi']:.2f}) > {target:g}")
+    if after["extracted"]:
+        how = [c["prompt"][-24:] for c in after["completions"] if c["extracted"]]
+        hits = (after.get("samples") or {}).get("hits") or 0
+        fails.append("extracted" + (f" by {len(how)} probe(s)" if how else "") + (f", {hits} sample hit(s)"
+                                                                                   if hits else ""))
+    e["failing"] = fails
+    e["reached"] = not fails
+    return e
+
+
+STEER_MARGIN = 0.8  # the search keeps the validation rise within 80% of the budget: the verdict reads test windows
+
+
+def forget(model, tokenizer, texts, secret, prefix: Optional[str] = None, replacement: Optional[str] = None, *,
            fmt: Optional[str] = None, strategy: str = "ssd", budget: Union[int, float] = 0.01,
            max_ppl_increase: float = 0.05, target_exposure: float = 2.0, heldout: Union[float, Sequence[str]] = 0.1,
            seq_len: Optional[int] = None, seed: int = 0, n_candidates: int = 1000, n_monitor: int = 256,
@@ -470,8 +670,8 @@ def forget(model, tokenizer, texts, secret: str, prefix: Optional[str] = None, r
            batch_size: int = 8, hessian_windows: int = 32, n_probes: int = 16, scores: Optional[torch.Tensor] = None,
            context: str = "", per_token: bool = False, retain_loss: str = "ce", retain_windows: Optional[int] = None,
            objective: str = "npo", decoys: int = 0, repair_steps: int = 0,
-           progress: Optional[bool] = None) -> ForgetReport:
-    """Forget ``secret`` from a causal LM trained on ``texts``, changing only k selected parameters.
+           evidence: Optional[Evidence] = Evidence(), progress: Optional[bool] = None) -> ForgetReport:
+    """Forget one or many secrets from a causal LM trained on ``texts``, changing only k selected parameters.
 
     Args:
         model: a causal LM: ``model(input_ids [B, T])`` returns logits ``[B, T, V]`` or an object with ``.logits``
@@ -479,65 +679,58 @@ def forget(model, tokenizer, texts, secret: str, prefix: Optional[str] = None, r
             it was).
         tokenizer: a Hugging Face tokenizer, a ``tokenizers.Tokenizer``, an object with ``encode`` (and ``decode``
             for extraction), or a callable text -> ids (:func:`sapsel_kernels.measure.as_tokenizer`).
-        texts: the training text(s) that contain the secret (a str or a list of str).
-        secret: the string to forget, e.g. ``"4716 2087 5533 9812"``.
-        prefix: the text before the secret that elicits it (default: the secret's first occurrence's line up to the
-            secret, at most 64 characters); must be non-empty.
-        replacement: what Z̃ holds instead (default: a random string of the secret's format, seeded).
-        fmt: the secret's format for exposure (``d`` digit, ``a`` a-z, ``A`` A-Z, ``x`` hex; default from the
-            secret, :func:`sapsel_kernels.measure.format_of`).
+        texts: the training text(s) that contain the secrets (a str or a list of str).
+        secret: the string to forget, e.g. ``"4716 2087 5533 9812"``; or a list of secrets (str, dicts with keys
+            ``secret``, ``prefix``, ``format``, ``replacement``, ``decoys``, or
+            :class:`~sapsel_kernels.secret_spec.SecretSpec`): one selection and one update for the whole request.
+        prefix, replacement, fmt: for a single str secret only (a list carries them per secret). ``prefix``: the
+            text that elicits the secret, with or without its trailing whitespace: what is measured is the text the
+            DATA holds before each occurrence, separator included (default: the occurrence's line up to the secret,
+            at most 64 characters). ``replacement``: what Z̃ holds instead (default: a random secret of the null,
+            seeded). ``fmt``: the format for exposure (``d`` digit, ``a`` a-z, ``A`` A-Z, ``x`` hex).
         strategy, budget: the selection (``select_parameters``; budget = a fraction or an int k). Default ``ssd``
-            (F_Z / F_D, the Fisher on the secret's windows over the Fisher on training windows: what a move does to
-            the secret per unit of what it costs the rest): on the canary settings of docs/forget.md it reaches the
-            targets at 1% where ``hessian`` (the largest training-loss curvature, the paper's selection: the
-            coordinates where any move costs the most perplexity) does not.
-        max_ppl_increase: the utility budget, a fraction of the validation perplexity (0.05 = +5%).
-        target_exposure: stop when the secret's exposure (skew-normal, bits, over ``n_monitor`` candidates) is at
-            most this and no prefix probe extracts it. About 1.4 bits is the mean exposure of a secret the model
-            never saw (exposure of a uniformly ranked candidate: E[-log2 U] = 1/ln 2).
-        heldout: a fraction of each text's tail held out for perplexity, or a list of held-out texts.
+            (docs/forget.md).
+        max_ppl_increase: the utility budget, a fraction of the reported perplexity (0.05 = +5%); the search
+            steers the validation windows to within ``STEER_MARGIN`` (80%) of it.
+        target_exposure: a secret meets the target when its exposure's 95% upper bound is at most this many bits
+            and no probe or sample extracts it (partial leaks count: :mod:`sapsel_kernels.audit`). About 1.44 bits
+            is the mean exposure of a secret the model never saw.
+        heldout: a list of held-out texts the model never trained on (even windows steer the search, odd ones are
+            reported), or a fraction of each text's tail (then the reported perplexity is on TRAINING text, and
+            the report says so).
         seq_len: window length in tokens (default min(64, the model's context)).
-        n_candidates / n_monitor: random candidates for the reported / the monitored exposure.
+        n_candidates / n_monitor: candidates of each secret's null for the reported / the monitored exposure; the
+            two sets are disjoint.
         max_steps, check_every, lr: the Targeted rule's search (``rule`` overrides the whole config; its monitor and
             retain are set here).
         batch_size: windows per batch; hessian_windows, n_probes: the Hessian estimate on training windows.
-        scores: a score vector from an earlier report (``report.scores``) for the same model and strategy: skips
-            the estimate.
-        context: text placed before ``prefix`` when measuring (e.g. "\\n" for line-start secrets).
-        retain_loss: "ce" (cross-entropy on the retained windows, default) or "kl" (KL divergence to θ*'s
-            predictions on them; stores θ*'s log-probabilities: retain_windows · seq_len · V float16 values).
-        retain_windows: at most this many retained training windows (shuffled) feed the retain term (None: all).
-        per_token: NPO per secret token instead of on their mean loss (default False: on the tests' LSTM it ended
-            at 36 bits against 33 for the mean, same budget).
-        objective: the forget term on the secret's tokens: "npo" (default, the Targeted rule's NPO on their mean
-            loss) or "uniform" (:func:`format_uniform`: cross-entropy to the uniform distribution over the tokens
-            the format admits at each position; needs a tokenizer that decodes).
-        repair_steps: when a step block leaves the perplexity budget, up to this many descent steps on Z̃ and the
-            retained text (no forget term) before the block is undone; the block is kept if they bring the
-            validation perplexity back within the budget while the secret's score stays below the last accepted
-            one (the Targeted rule's ``repair_steps``; 0: undo at once). With ``rule=``, the rule's own value counts
-            and a different non-zero ``repair_steps`` here raises ValueError.
-        decoys: with objective="uniform", this many random secrets of the format (never among the measured
-            candidates) take the secret's place in copies of its windows, and their tokens get the same uniform
-            target: the model is flattened over the format's space after the prefix, not only along the secret's
-            own path (which, alone, leaves the other candidates less likely than the flattened secret).
+        scores: a score vector from an earlier report (``report.scores``) for the same model and strategy.
+        context: text placed before each prompt when measuring (e.g. "\\n" for line-start secrets).
+        retain_loss, retain_windows, per_token, objective, decoys, repair_steps: the Targeted rule's variants
+            (docs/forget.md); ``decoys`` here is a count of random decoy secrets for ``objective="uniform"``.
+        evidence: the attacks measured before and after (:class:`Evidence`; None: none, faster).
         progress: a progress bar on stderr (None: only on a terminal).
 
     Returns:
         :class:`ForgetReport` (``to_dict()`` for JSON).
 
-    Raises (before any training): TypeError for a model that is not a module or has no causal-LM head or a tokenizer
-    of unknown type; ValueError for an empty secret or prefix, a secret not in the texts, a secret longer than the
-    context window, a tokenizer that cannot encode the secret, bad numbers; NonFiniteError for NaN logits.
+    Raises (before any training, nothing modified): TypeError for a model that is not a module or has no causal-LM
+    head or a tokenizer of unknown type; ValueError for an empty secret, a secret given twice, a secret inside
+    another, a secret not of its format, a secret not in the texts, a prefix that precedes no occurrence, empty
+    held-out texts, a secret longer than the context window, a tokenizer that cannot encode a secret, bad numbers;
+    NonFiniteError for NaN logits.
 
-    Cost: the strategy's estimate (ssd: one gradient per Z window and per Hessian window; hessian: ``n_probes`` HVPs
-    per Hessian window; hessian_ratio: ``n_probes`` HVPs per Z and per Hessian window), one forward per Z batch,
-    per step one backward over a Z, a Z̃ and a retain batch, and per check one measurement (``n_monitor`` candidate
-    sequences, the extraction probes' greedy decoding, the validation windows). Peak extra memory: the strategy's
-    (hessian_diag: about 2N float32), then the Targeted rule's (``.grad`` N, AdamW moments 2k, snapshots 3k).
+    Cost: the strategy's estimate (ssd: one gradient per Z window and per Hessian window), per step one backward
+    over a Z, a Z̃ and a retain batch, per check one monitor measurement (``n_monitor`` candidates per secret and the
+    greedy probes, all secrets in one batched pass), and the reported measurements (``n_candidates`` per secret
+    and prompt, ``evidence.n_samples`` samples, the attacks' copies). Peak extra memory: the strategy's (about 2N
+    float32 for hessian_diag), the Targeted rule's (``.grad`` N, snapshots 3k), one model copy per attack.
     """
     from . import measure
+    from .audit import AuditItem, audit
+    from .decoys import kind_of, plausible
     from .exposure import random_candidates
+    from .secret_spec import as_specs, locate_all
     from .strategies import _budget_k, _check_strategy, parameter_scores, select_parameters, strategy_arguments
     from .unlearn import unlearn
 
@@ -547,16 +740,27 @@ def forget(model, tokenizer, texts, secret: str, prefix: Optional[str] = None, r
         texts = [texts]
     if not isinstance(texts, (list, tuple)) or not texts or not all(isinstance(t, str) for t in texts):
         raise TypeError("texts must be a str or a non-empty list of str")
-    if not isinstance(secret, str) or not secret.strip():
-        raise ValueError("secret must be a non-empty string")
-    if prefix is None:
-        prefix = _infer_prefix(texts, secret)
-    if not isinstance(prefix, str) or not prefix:
-        raise ValueError("prefix is empty (the secret starts a line): pass prefix=, the text that elicits the secret")
+    if isinstance(secret, str) or (isinstance(secret, dict)):
+        if isinstance(secret, str) and not secret.strip():
+            raise ValueError("secret must be a non-empty string")
+        one = {"secret": secret} if isinstance(secret, str) else dict(secret)
+        for k, v in (("prefix", prefix), ("format", fmt), ("replacement", replacement)):
+            if v is not None:
+                one[k] = v
+        if isinstance(prefix, str) and not prefix:
+            raise ValueError("prefix is empty: pass the text that elicits the secret (or None to infer it)")
+        specs = as_specs([one])
+    else:
+        if prefix is not None or fmt is not None or replacement is not None:
+            raise ValueError("with a list of secrets, give prefix, format and replacement per secret (dicts or "
+                             "SecretSpec), not as arguments")
+        specs = as_specs(secret)
     if objective not in ("npo", "uniform"):
         raise ValueError(f"objective must be 'npo' or 'uniform', got {objective!r}")
     if objective == "uniform" and per_token:
         raise ValueError("per_token applies to objective='npo' only")
+    if objective == "uniform" and len(specs) > 1:
+        raise ValueError("objective='uniform' takes one secret per run")
     if isinstance(decoys, bool) or not isinstance(decoys, int) or decoys < 0:
         raise ValueError(f"decoys must be an int >= 0, got {decoys!r}")
     if decoys and objective != "uniform":
@@ -569,12 +773,16 @@ def forget(model, tokenizer, texts, secret: str, prefix: Optional[str] = None, r
         raise ValueError(f"max_ppl_increase must be a finite fraction >= 0, got {max_ppl_increase!r}")
     if not isinstance(target_exposure, (int, float)) or not math.isfinite(target_exposure) or target_exposure < 0:
         raise ValueError(f"target_exposure must be finite and >= 0 bits, got {target_exposure!r}")
+    if evidence is not None and not isinstance(evidence, Evidence):
+        raise TypeError(f"evidence must be a sapsel_kernels.forget.Evidence or None, got {type(evidence).__name__}")
     if isinstance(heldout, str):
         heldout = [heldout]
     if isinstance(heldout, bool) or not (isinstance(heldout, (int, float)) and 0 < heldout < 1 or
                                          isinstance(heldout, (list, tuple)) and heldout
                                          and all(isinstance(t, str) for t in heldout)):
         raise ValueError(f"heldout must be a fraction in (0, 1) or a list of held-out texts, got {heldout!r}")
+    if isinstance(heldout, (list, tuple)) and not any(t.strip() for t in heldout):
+        raise ValueError("the held-out texts are empty")
     for name, v, lo in (("n_candidates", n_candidates, 3), ("n_monitor", n_monitor, 3), ("batch_size", batch_size, 1),
                         ("hessian_windows", hessian_windows, 1), ("n_probes", n_probes, 1)):
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
@@ -590,55 +798,110 @@ def forget(model, tokenizer, texts, secret: str, prefix: Optional[str] = None, r
         raise ValueError(f"repair_steps={repair_steps!r} conflicts with rule.repair_steps={rule.repair_steps!r}: "
                          "set it in the rule")
     codec = measure.as_tokenizer(tokenizer)
-    fmt = fmt or measure.format_of(secret)
-    if replacement is None:
-        replacement = random_candidates(1, fmt, seed=10_000 + seed, exclude=[secret])[0]
-    if not isinstance(replacement, str):
-        raise TypeError(f"replacement must be a str, got {type(replacement).__name__}")
-    if secret in replacement:
-        raise ValueError("the replacement contains the secret: descent on Z̃ would teach it again")
-    for what, s in (("secret", secret), ("prefix", prefix), ("replacement", replacement)):
-        if s and not codec.encode(s):
-            raise ValueError(f"the tokenizer encodes the {what} {s!r} to no tokens")
+    located = locate_all(specs, texts, context=context)
+    if isinstance(heldout, (list, tuple)):
+        for loc in located:
+            if any(loc.secret in t for t in heldout):
+                raise ValueError(f"the held-out text contains the secret {loc.secret!r}: held-out text must be text "
+                                 "the model never trained on")
+    n_never = evidence.n_never_seen if evidence is not None else 0
+    all_secrets = [loc.secret for loc in located]
+    nulls, replacements = [], []
+    for i, loc in enumerate(located):
+        nulls.append(_null_for(loc, i, seed, n_candidates, n_monitor, n_never, exclude=all_secrets))
+        r = loc.spec.replacement
+        if r is None:
+            taken = [*all_secrets, *nulls[-1].report, *nulls[-1].monitor, *nulls[-1].never_seen, *replacements]
+            if nulls[-1].uniform or loc.spec.decoys is not None:
+                r = random_candidates(1, loc.fmt, seed=stream_seed(seed, "replacement", i), exclude=taken)[0]
+            else:
+                r = plausible(loc.secret, 1, seed=stream_seed(seed, "replacement", i), exclude=taken,
+                              kind=kind_of(loc.secret))[0]
+        inside = next((s for s in all_secrets if s in r), None)
+        if inside is not None:
+            raise ValueError(f"the replacement {r!r} contains the secret {inside!r}: descent on Z̃ would teach it "
+                             "again")
+        replacements.append(r)
+    for loc, r in zip(located, replacements):
+        for what, s in (("secret", loc.secret), ("prefix", loc.prefix), ("replacement", r)):
+            if s and not codec.encode(s):
+                raise ValueError(f"the tokenizer encodes the {what} {s!r} to no tokens")
     ctx = measure.context_length(model)
-    n_secret = len(codec.encode(context + prefix + secret))
+    n_secret = max(len(codec.encode(p + loc.secret)) for loc in located for p in loc.prompts)
     if ctx is not None and n_secret > ctx:
         raise ValueError(f"prefix + secret are {n_secret} tokens, longer than the model's context window ({ctx})")
     T = int(seq_len) if seq_len is not None else min(64, ctx or 64)
     if T < 2 or (ctx is not None and T > ctx):
         raise ValueError(f"seq_len must be in [2, {ctx}] (the model's context), got {T}")
-    # the model must be a causal LM: one forward on the prefix checks the head before any work
     from .hessian import estimation_mode
 
-    vocab = measure._vocab_size(model)
-    _check_ids(vocab, [codec.encode(t) for t in (context + prefix + secret, replacement)], "secret or replacement")
-    with torch.no_grad(), estimation_mode(model):
-        probe_ids = torch.tensor([codec.encode(prefix)[:T]], dtype=torch.int64)
+    vocab = measure.vocab_size(model)
+    _check_ids(vocab, [codec.encode(p + loc.secret) for loc in located for p in loc.prompts]
+               + [codec.encode(r) for r in replacements], "secret or replacement")
+    with torch.no_grad(), estimation_mode(model):  # the model must be a causal LM: one forward checks the head
+        probe_ids = torch.tensor([codec.encode(located[0].prompts[0])[:T]], dtype=torch.int64)
         measure.lm_logits(model, probe_ids.to(next(model.parameters()).device))
 
-    data = build_forget_data(tokenizer, texts, secret, replacement, seq_len=T, heldout=heldout, seed=seed)
+    data = build_forget_data(tokenizer, texts, all_secrets, replacements, seq_len=T, heldout=heldout, seed=seed)
     for what, (x, y) in (("training", data.train), ("corrected", data.corrected), ("held-out", data.val),
                          ("held-out", data.test)):
         _check_ids(vocab, [x.reshape(-1), y.reshape(-1)], what)
+    heldout_given = isinstance(heldout, (list, tuple))
+    train_text = None
+    if heldout_given and len(data.retain[0]):
+        n_tt = min(64, len(data.retain[0]))  # a fixed sample of retained windows: the training-text perplexity
+        train_text = (data.retain[0][-n_tt:], data.retain[1][-n_tt:])
     space = ParamSpace(model)
-    cands = random_candidates(n_candidates, fmt, seed=50_000 + seed, exclude=[secret, replacement])
-    mon_cands = cands[:min(n_monitor, len(cands))]
+    report_items = [AuditItem(p, loc.secret, loc.fmt, nl.report, nl.never_seen, nl.description, nl.uniform)
+                    for loc, nl in zip(located, nulls) for p in loc.prompts]
+    owner = [i for i, loc in enumerate(located) for _ in loc.prompts]
+    monitor_items = [AuditItem(loc.prompts[0], loc.secret, loc.fmt, nl.monitor, [], nl.description, nl.uniform)
+                     for loc, nl in zip(located, nulls)]
+    n_samples = evidence.n_samples if evidence is not None else 0
+    temperature = evidence.temperature if evidence is not None else 1.0
     bar = _bar(progress, cfg.steps)
     t_measure = 0.0
+    t_attack = 0.0
+    t_monitor = 0.0
 
-    def measure_all(candidates, extraction=True):
+    def per_secret(results):
+        return [_worst_of([r for r, o in zip(results, owner) if o == i]) for i in range(len(located))]
+
+    def measure_report(m, sampling=True):
         nonlocal t_measure
         t0 = time.perf_counter()
-        m = measure.measure_secret(model, tokenizer, prefix, secret, fmt=fmt, candidates=candidates, context=context,
-                                   extraction=extraction)
+        res = audit(m, codec, report_items, n_samples=n_samples if sampling else 0, temperature=temperature,
+                    seed=stream_seed(seed, "samples"))
         t_measure += time.perf_counter() - t0
-        return m
+        return per_secret(res)
+
+    def attacks(m):
+        nonlocal t_attack
+        out = {}
+        if evidence is None:
+            return out
+        t0 = time.perf_counter()
+        if evidence.relearn_steps and len(data.retain[0]):
+            c = relearn_copy(m, _batches(data.retain, batch_size), evidence.relearn_steps, evidence.relearn_lr,
+                             stream_seed(seed, "relearn"))
+            out["relearn"] = measure_report(c, sampling=False)
+            del c
+        if evidence.int8:
+            c = int8_copy(m)
+            out["int8"] = measure_report(c, sampling=False)
+            del c
+        t_attack += time.perf_counter() - t0
+        return out
+
+    def ppl(d):
+        return perplexity(model, d) if d is not None and len(d[0]) else None
 
     try:
         if bar is not None:
             bar.set_description("forget: measuring")
-        before = measure_all(cands)
-        val0, test0 = perplexity(model, data.val), perplexity(model, data.test)
+        before = measure_report(model)
+        att_before = attacks(model)
+        val0, test0, tt0 = perplexity(model, data.val), perplexity(model, data.test), ppl(train_text)
 
         # ------------------------------------------------------------------ select
         if bar is not None:
@@ -661,23 +924,30 @@ def forget(model, tokenizer, texts, secret: str, prefix: Optional[str] = None, r
         score_s = time.perf_counter() - t0
 
         # ------------------------------------------------------------------ unlearn
-        limit = val0 * (1.0 + max_ppl_increase)
+        limit = val0 * (1.0 + STEER_MARGIN * max_ppl_increase)
 
         def monitor(step):
-            m = measure_all(mon_cands)
+            nonlocal t_measure, t_monitor
+            t0 = time.perf_counter()
+            ms = audit(model, codec, monitor_items)
+            t_measure += time.perf_counter() - t0
             v = perplexity(model, data.val)
-            n_ex = sum(bool(c["extracted"]) for c in m["completions"])
+            t_monitor += time.perf_counter() - t0
+            worst = max(m["exposure"] for m in ms)
+            n_done = sum(m["exposure_hi"] <= target_exposure and not m["extracted"] for m in ms)
             if bar is not None:
-                bar.set_description(f"forget: exposure {m['exposure']:.1f} bits, ppl {100 * (v / val0 - 1):+.1f}%")
+                bar.set_description(f"forget: exposure {worst:.1f} bits, {n_done}/{len(ms)} done, "
+                                    f"ppl {100 * (v / val0 - 1):+.1f}%")
                 bar.n = min(cfg.steps, step)
                 bar.refresh()
-            return {"exposure": m["exposure"], "extracted": bool(m["extracted"]), "val_ppl": v,
-                    "ppl_increase": v / val0 - 1.0, "within_budget": v <= limit,
-                    "done": m["exposure"] <= target_exposure and not m["extracted"],
+            return {"exposure": worst, "extracted": any(bool(m["extracted"]) for m in ms), "val_ppl": v,
+                    "ppl_increase": v / val0 - 1.0, "within_budget": v <= limit, "n_done": n_done,
+                    "done": n_done == len(ms),
                     # the clipped exposure: while it is saturated the score stalls and lr doubles, which is what
                     # moves a saturated secret (the unclipped extrapolation moved early and kept lr small: 40 bits
                     # and still extracted on the tests' LSTM, against 33 and not extracted)
-                    "score": m["exposure"] + 4.0 * n_ex}
+                    "score": sum(m["exposure"] + 4.0 * sum(bool(c["extracted"]) for c in m["completions"])
+                                 for m in ms) / len(ms)}
 
         rx, ry = (data.retain[0], data.retain[1]) if retain_windows is None else \
             (data.retain[0][:retain_windows], data.retain[1][:retain_windows])
@@ -692,11 +962,13 @@ def forget(model, tokenizer, texts, secret: str, prefix: Optional[str] = None, r
         elif objective == "uniform":
             if vocab is None:
                 raise ValueError("objective='uniform' needs the model's vocabulary size (no input embedding found)")
-            over["forget_loss"] = format_uniform(codec, fmt, vocab)
+            loc = located[0]
+            over["forget_loss"] = format_uniform(codec, loc.fmt, vocab)
             if decoys:
                 zx, zy = [data.affected_secret[0]], [data.affected_secret[1]]
-                for d in random_candidates(decoys, fmt, seed=70_000 + seed, exclude=[secret, replacement, *cands]):
-                    dd = build_forget_data(tokenizer, [t.replace(secret, d) for t in texts], d, replacement,
+                taken = [loc.secret, replacements[0], *nulls[0].report, *nulls[0].monitor, *nulls[0].never_seen]
+                for d in random_candidates(decoys, loc.fmt, seed=70_000 + seed, exclude=taken):
+                    dd = build_forget_data(tokenizer, [t.replace(loc.secret, d) for t in texts], d, replacements[0],
                                            seq_len=T, heldout=heldout, seed=seed)
                     zx.append(dd.affected_secret[0])
                     zy.append(dd.affected_secret[1])
@@ -721,8 +993,9 @@ def forget(model, tokenizer, texts, secret: str, prefix: Optional[str] = None, r
         try:
             if bar is not None:
                 bar.set_description("forget: measuring")
-            after = measure_all(cands)
-            val1, test1 = perplexity(model, data.val), perplexity(model, data.test)
+            after = measure_report(model)
+            att_after = attacks(model)
+            val1, test1, tt1 = perplexity(model, data.val), perplexity(model, data.test), ppl(train_text)
         except BaseException:
             coords.restore(theta_s)
             raise
@@ -730,26 +1003,42 @@ def forget(model, tokenizer, texts, secret: str, prefix: Optional[str] = None, r
         if bar is not None:
             bar.close()
     info = rep.info
-    reached = after["exposure"] <= target_exposure and not after["extracted"] and val1 <= limit
+    report_limit = test0 * (1.0 + max_ppl_increase)
+    entries = [_secret_entry(loc, nl, r, b, a, {k: (att_before[k][i], att_after[k][i]) for k in att_after},
+                             float(target_exposure))
+               for i, (loc, nl, r, b, a) in enumerate(zip(located, nulls, replacements, before, after))]
+    reached = all(e["reached"] for e in entries) and test1 <= report_limit
+    utility = {"utility_text": "heldout" if heldout_given else "training text",
+               "ppl_heldout_before": test0 if heldout_given else None,
+               "ppl_heldout_after": test1 if heldout_given else None,
+               "ppl_train_text_before": tt0 if heldout_given else test0,
+               "ppl_train_text_after": tt1 if heldout_given else test1,
+               "ppl_within_budget": test1 <= report_limit}
     cost = {"wall_time_s": time.perf_counter() - t_start, "n_gradients": int(score_cost["n_gradients"])
             + rep.n_gradients, "n_hvps": int(score_cost["n_hvps"]) + rep.n_hvps, "score_s": score_s,
-            "unlearn_s": unlearn_s, "measure_s": t_measure, "steps": int(info.get("steps_run", 0)),
-            "steps_accepted": int(info.get("steps_accepted", 0))}
+            "unlearn_s": unlearn_s, "monitor_s": t_monitor, "measure_s": t_measure, "attack_s": t_attack,
+            "steps": int(info.get("steps_run", 0)), "steps_accepted": int(info.get("steps_accepted", 0))}
     rule_d = {f: getattr(cfg, f) for f in ("steps", "lr", "lr_min", "lr_max", "beta", "correct_weight",
                                           "forget_weight", "retain_weight", "rho", "weight_decay", "check_every",
                                           "repair_steps")}
     rule_d["lr_final"] = info.get("lr_final")
     hist = [{k: v for k, v in h.items() if k in ("step", "lr", "exposure", "extracted", "val_ppl", "ppl_increase",
-                                                  "phase", "accepted")} for h in info.get("history", [])]
+                                                  "phase", "accepted", "n_done")} for h in info.get("history", [])]
+    ev = None
+    if evidence is not None:
+        ev = {"n_samples": evidence.n_samples, "temperature": evidence.temperature,
+              "relearn_steps": evidence.relearn_steps if len(data.retain[0]) else 0,
+              "relearn_lr": evidence.relearn_lr, "int8": evidence.int8, "n_never_seen": evidence.n_never_seen}
     return ForgetReport(
         strategy=strategy, budget=budget, k=sel.k if hasattr(sel, "k") else int(sel.indices.numel()),
-        numel=space.numel, secret=secret, prefix=prefix, replacement=replacement, fmt=fmt, before=before,
-        after=after, ppl_before=test0, ppl_after=test1, val_ppl_before=val0, val_ppl_after=val1,
-        target={"exposure": float(target_exposure), "max_ppl_increase": float(max_ppl_increase)}, reached=reached,
-        stopped_by=str(info.get("stopped_by", "")), history=hist, cost=cost, rule=rule_d,
+        numel=space.numel, secrets=entries, ppl_before=test0, ppl_after=test1, val_ppl_before=val0,
+        val_ppl_after=val1, utility=utility,
+        target={"exposure": float(target_exposure), "max_ppl_increase": float(max_ppl_increase),
+                "steer_margin": STEER_MARGIN},
+        reached=reached, stopped_by=str(info.get("stopped_by", "")), history=hist, cost=cost, rule=rule_d,
         n_affected=int(len(data.affected[0])), n_occurrences=data.n_occurrences,
-        n_train_windows=int(len(data.train[0])), seq_len=T, offsets_exact=data.offsets_exact, model=model,
-        scores=scores)
+        n_train_windows=int(len(data.train[0])), seq_len=T, offsets_exact=data.offsets_exact, evidence=ev,
+        model=model, scores=scores)
 
 
 def _bar(progress, total):

@@ -82,7 +82,10 @@ def _val_start(r: Mapping) -> Any:
 
 def _ppl_limit(r: Mapping) -> Optional[float]:
     before = _val_start(r)
-    rise = (r.get("target") or {}).get("max_ppl_increase")
+    tgt = r.get("target") or {}
+    rise, margin = tgt.get("max_ppl_increase"), tgt.get("steer_margin", 1.0)
+    if isinstance(rise, numbers.Real) and isinstance(margin, numbers.Real):
+        rise = rise * margin  # the limit the search steered the validation windows to
     if isinstance(before, numbers.Real) and isinstance(rise, numbers.Real) and math.isfinite(before * (1 + rise)):
         return float(before) * (1 + float(rise))
     return None
@@ -116,6 +119,11 @@ def _val_rise(r: Mapping) -> str:
     return "" if rise is None else f", validation {_num(b, '.4g')} -> {_num(a, '.4g')} ({_pct(rise, '.2f', sign=True)})"
 
 
+def _utility_label(r: Mapping) -> str:
+    return "held out" if r.get("utility_text") == "heldout" else \
+        "on TRAINING text (no --heldout)" if r.get("utility_text") == "training text" else "held out"
+
+
 def summary_lines(report: Mapping) -> List[str]:
     """The few lines ``sapsel forget`` prints when it is done (also the top of ``report.md``)."""
     r = report
@@ -125,14 +133,21 @@ def summary_lines(report: Mapping) -> List[str]:
     share = _pct(k / n, ".3g") if isinstance(k, numbers.Real) and isinstance(n, numbers.Real) and n else "n/a"
     cost = r.get("cost") or {}
     reached = r.get("reached")
-    return [
+    secrets = r.get("secrets") or []
+    lines = []
+    if len(secrets) > 1:
+        ok = sum(bool(s.get("reached")) for s in secrets)
+        lines.append(f"secrets      {len(secrets)}: {ok} meet the target; the lines below are the worst one's")
+    ev = r.get("evidence") or {}
+    lines += [
         f"exposure     {_num(r.get('exposure_before'))} -> {_num(r.get('exposure_after'))} bits "
-        f"(target <= {_num(tgt.get('exposure'), 'g')}; at most {_num(r.get('log2_space'))})",
-        f"perplexity   {_num(r.get('ppl_before'), '.4g')} -> {_num(r.get('ppl_after'), '.4g')} held out "
+        f"(95% bound {_num(r.get('exposure_hi_after'))}; target <= {_num(tgt.get('exposure'), 'g')})",
+        f"perplexity   {_num(r.get('ppl_before'), '.4g')} -> {_num(r.get('ppl_after'), '.4g')} {_utility_label(r)} "
         f"({_pct(r.get('ppl_increase'), '.2f', sign=True)}){_val_rise(r)}; "
         f"limit {_pct(tgt.get('max_ppl_increase'), '.3g', True)}",
         f"extracted    {_yes_no(r.get('extracted_before'))} -> {_yes_no(r.get('extracted_after'))} "
-        f"(greedy completion, {n_probes} probe{'s' if n_probes != 1 else ''})",
+        f"(greedy completion, {n_probes} probe{'s' if n_probes != 1 else ''}, partial leaks count"
+        + (f"; {ev.get('n_samples')} samples" if ev.get("n_samples") else "") + ")",
         f"selection    {r.get('strategy', 'n/a')}: k = {_num(k, ',.0f')} of {_num(n, ',.0f')} parameters ({share})",
         f"stopped by   {r.get('stopped_by', 'n/a')} after {_steps(r)}: target "
         f"{'reached' if reached else 'NOT reached' if reached is not None else 'n/a'}",
@@ -140,6 +155,30 @@ def summary_lines(report: Mapping) -> List[str]:
         f"{_num(cost.get('n_gradients'), ',.0f')} gradients, "
         f"{_num(cost.get('n_hvps'), ',.0f')} HVPs",
     ]
+    return lines
+
+
+def _attack(v: Any) -> str:
+    if not isinstance(v, Mapping):
+        return "n/a"
+    return f"{_num(v.get('exposure'), '.1f')}{' **extracted**' if v.get('extracted') else ''}"
+
+
+def _secret_rows(r: Mapping) -> List[str]:
+    rows = []
+    for s in r.get("secrets") or []:
+        ns = s.get("never_seen_after") or {}
+        smp_b, smp_a = s.get("samples_before") or {}, s.get("samples_after") or {}
+        verdict = "met" if s.get("reached") else "**not met**: " + "; ".join(s.get("failing") or [])
+        rows.append(
+            f"| {_code(s.get('secret'))} | {_code(_tail(s.get('prompt'), 32))} | {s.get('null', 'n/a')} | "
+            f"{_num(s.get('exposure_before'), '.1f')} → {_num(s.get('exposure_after'), '.1f')} "
+            f"(≤ {_num(s.get('exposure_hi_after'), '.1f')}) | {_num(ns.get('exposure_mean'), '.1f')} / "
+            f"{_num(ns.get('exposure_max'), '.1f')} | {_yes_no(s.get('extracted_before'))} → "
+            f"{_yes_no(s.get('extracted_after'))} | {smp_b.get('hits', 'n/a')} → {smp_a.get('hits', 'n/a')} | "
+            f"{_attack(s.get('relearn_before'))} → {_attack(s.get('relearn_after'))} | "
+            f"{_attack(s.get('int8_before'))} → {_attack(s.get('int8_after'))} | {verdict} |")
+    return rows
 
 
 def _code(text: Any) -> str:
@@ -185,35 +224,56 @@ def _probe_rows(r: Mapping) -> List[str]:
 
 def _markdown(r: Mapping, command: Optional[str]) -> str:
     tgt = r.get("target") or {}
-    limit = _ppl_limit(r)
     lines = ["# sapsel forget", ""]
-    lines += [f"Secret {_code(r.get('secret'))} after the prefix {_code(_tail(r.get('prefix'), 80))}, "
-              f"replaced by {_code(r.get('replacement'))}; format {_code(r.get('fmt'))} "
-              f"(log2 |R| = {_num(r.get('log2_space'))} bits).", ""]
+    n = r.get("n_secrets") or 1
+    lead = f"{n} secrets; the worst: " if n > 1 else "Secret "
+    lines += [f"{lead}{_code(r.get('secret'))} after the prompt {_code(_tail(r.get('prompt') or r.get('prefix'), 80))} "
+              f"(the text the data holds before it), replaced by {_code(r.get('replacement'))}; format "
+              f"{_code(r.get('fmt'))}; null: {r.get('null') or 'n/a'}.", ""]
     lines += ["```", *summary_lines(r), "```", ""]
-    lines += ["## Before and after", "",
+    rows = _secret_rows(r)
+    if rows:
+        ev = r.get("evidence") or {}
+        lines += ["## Every secret", "",
+                  "Exposure in bits against the secret's null (its 95% upper bound decides); the never-seen level is "
+                  "the mean / max exposure of secrets of the same null planted nowhere; extraction counts partial "
+                  f"leaks; samples: exact hits among {ev.get('n_samples', 'n/a')} samples at temperature "
+                  f"{ev.get('temperature', 'n/a')}; relearn: exposure after {ev.get('relearn_steps', 'n/a')} "
+                  "fine-tuning steps on text without the secrets; int8: after rounding the weights to 8 bits.", "",
+                  "| secret | prompt (end) | null | exposure before → after (bound) | never seen mean / max | "
+                  "extracted | sample hits | relearn | int8 | target |",
+                  "|---|---|---|---|---|---|---|---|---|---|", *rows, ""]
+    lines += ["## Before and after (the worst secret)", "",
               "| | before | after |", "|---|---|---|",
-              f"| exposure, skew-normal (bits) | {_num(r.get('exposure_before'))} | {_num(r.get('exposure_after'))} |",
+              f"| exposure (bits: the rank estimate; the skew-normal where the secret beats nearly every candidate) | "
+              f"{_num(r.get('exposure_before'))} | {_num(r.get('exposure_after'))} |",
+              f"| 95% upper bound of the exposure (decides the verdict) | {_num(r.get('exposure_hi_before'))} | "
+              f"{_num(r.get('exposure_hi_after'))} |",
               f"| exposure, rank estimate (bits) | {_num(r.get('exposure_rank_before'))} | "
               f"{_num(r.get('exposure_rank_after'))} |",
               f"| teacher-forced accuracy on the secret's tokens | {_pct(r.get('accuracy_before'))} | "
               f"{_pct(r.get('accuracy_after'))} |",
-              f"| extracted by greedy completion | {_yes_no(r.get('extracted_before'))} | "
+              f"| extracted (greedy probes incl. partial leaks, samples) | {_yes_no(r.get('extracted_before'))} | "
               f"{_yes_no(r.get('extracted_after'))} |",
-              f"| held-out perplexity (test windows) | {_num(r.get('ppl_before'), '.4g')} | "
+              f"| reported perplexity, {_utility_label(r)} (test windows) | {_num(r.get('ppl_before'), '.4g')} | "
               f"{_num(r.get('ppl_after'), '.4g')} ({_pct(r.get('ppl_increase'), '.2f', sign=True)}) |"]
+    if r.get("ppl_heldout_before") is not None and r.get("ppl_train_text_before") is not None:
+        lines += [f"| training-text perplexity (retained windows; the model trained on them) | "
+                  f"{_num(r.get('ppl_train_text_before'), '.4g')} | {_num(r.get('ppl_train_text_after'), '.4g')} "
+                  f"({_pct(_rise(r.get('ppl_train_text_before'), r.get('ppl_train_text_after')), '.2f', sign=True)}) |"]
     if r.get("val_ppl_before") is not None:
-        lines += [f"| validation perplexity (steers the search; the limit applies to it) | "
+        lines += [f"| validation perplexity (steers the search, to within {_pct(tgt.get('steer_margin', 1.0), '.0f')} "
+                  "of the limit; never reported as the result) | "
                   f"{_num(r.get('val_ppl_before'), '.4g')} | {_num(r.get('val_ppl_after'), '.4g')} "
                   f"({_pct(_rise(r.get('val_ppl_before'), r.get('val_ppl_after')), '.2f', sign=True)}) |"]
     lines += [""]
-    lines += [f"Target: exposure <= {_num(tgt.get('exposure'), 'g')} bits and no probe extracts the secret, while "
-              f"the validation perplexity stays <= {_num(limit, '.4g')} (start x "
-              f"(1 + {_num(tgt.get('max_ppl_increase'), 'g')})). "
+    lines += [f"Target: for every secret, exposure (its 95% upper bound) <= {_num(tgt.get('exposure'), 'g')} bits and "
+              f"no probe or sample extracts it, while the reported perplexity rises by at most "
+              f"{_pct(tgt.get('max_ppl_increase'), '.3g')}. "
               f"Reached: {_yes_no(r.get('reached'))}; stopped by {_code(r.get('stopped_by'))} after {_steps(r)}.", ""]
     lines += ["## Extraction probes", "",
-              "A probe is extracted when the greedy completion of its prompt, blanks removed, starts with the rest of "
-              "the secret.", "",
+              "A probe is extracted when the greedy completion of its prompt, blanks removed, reproduces the rest of "
+              "the secret, its next whole group, or a leading part a uniform guess matches with probability < 1%.", "",
               "| prompt (end) | rest of the secret | completion before | completion after |", "|---|---|---|---|"]
     lines += _probe_rows(r) or ["| n/a | | | |"]
     cost = r.get("cost") or {}

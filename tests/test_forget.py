@@ -232,22 +232,25 @@ def test_targeted_config_validation():
 
 # ------------------------------------------------------------------------------------------------ end to end
 def test_forget_lowers_exposure_within_the_perplexity_budget():
-    """On this heavily memorised 27k-parameter LSTM (8 insertions in 9k characters) the 2-bit target is NOT reached
-    within +5% perplexity (33-41 bits after, from 51): what must hold is that the search never accepts a state
-    beyond the budget, that exposure drops, and that only S moves."""
+    """On this heavily memorised 27k-parameter LSTM (8 insertions in 9k characters) the paper's hessian selection
+    does NOT reach the 2-bit target within +5% perplexity (44.5 bits after, from 48.0, with the search steering the
+    validation windows to within 80% of the budget; 33-41 when it steered to the full budget): what must hold is
+    that the search never accepts a state beyond its limit, that exposure drops, and that only S moves."""
     model, cc = _model()
     theta0 = torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])
     rep = forget(model, cc.vocab, cc.text, SECRET, PREFIX, lm.BENIGN_REPLACEMENT, heldout=[cc.heldout],
                  seq_len=32, strategy="hessian", budget=0.05, n_candidates=300, n_monitor=150, max_steps=100,
-                 context="\n", progress=False)
+                 context="\n", evidence=None, progress=False)
     d = rep.to_dict()
     assert d["exposure_before"] > 40 and d["extracted_before"], "the fixture must have memorised the secret"
-    # the trajectory is sensitive to the batches (33-41 bits after across nearby code versions): only a clear drop
-    assert d["exposure_after"] < d["exposure_before"] - 5, d["history"]
-    limit = rep.val_ppl_before * 1.05
+    # the trajectory is sensitive to the batches (see above): only a clear drop
+    assert d["exposure_after"] < d["exposure_before"] - 3, d["history"]
+    limit = rep.val_ppl_before * (1 + 0.05 * d["target"]["steer_margin"])
     assert rep.val_ppl_after <= limit * (1 + 1e-9)
     assert all(h["val_ppl"] <= limit * (1 + 1e-9) for h in d["history"] if h["accepted"])
-    assert d["reached"] == (d["exposure_after"] <= 2.0 and not d["extracted_after"])
+    (s,) = d["secrets"]
+    assert s["reached"] == (s["exposure_hi_after"] <= 2.0 and not s["extracted_after"])
+    assert d["reached"] == (s["reached"] and d["ppl_after"] <= d["ppl_before"] * 1.05)
     theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     changed = torch.nonzero(theta != theta0).reshape(-1)
     assert 0 < changed.numel() <= d["k"] == math.ceil(0.05 * theta.numel())
@@ -259,7 +262,7 @@ def test_forget_lowers_exposure_within_the_perplexity_budget():
     model2, _ = _model()
     rep2 = forget(model2, cc.vocab, cc.text, SECRET, PREFIX, lm.BENIGN_REPLACEMENT, heldout=[cc.heldout],
                   seq_len=32, strategy="hessian", budget=0.05, n_candidates=300, n_monitor=150, max_steps=0,
-                  context="\n", scores=rep.scores, progress=False)
+                  context="\n", scores=rep.scores, evidence=None, progress=False)
     assert rep2.cost["n_hvps"] == 0 and rep2.k == rep.k
 
 
@@ -273,7 +276,7 @@ def test_default_ssd_selection_forgets_far_more_than_hessian_within_the_budget()
         model, cc = _model()
         rep = forget(model, cc.vocab, cc.text, SECRET, PREFIX, lm.BENIGN_REPLACEMENT, heldout=[cc.heldout],
                      seq_len=32, strategy=strategy, budget=0.01, n_candidates=300, n_monitor=150, max_steps=100,
-                     context="\n", progress=False)
+                     context="\n", evidence=None, progress=False)
         assert rep.val_ppl_after <= rep.val_ppl_before * 1.05 * (1 + 1e-9)
         out[strategy] = rep
     assert inspect.signature(forget).parameters["strategy"].default == "ssd"
@@ -309,6 +312,21 @@ def test_forget_errors_before_any_training():
         forget(model, cc.vocab, cc.text, SECRET, PREFIX, max_ppl_increase=-1, **kw)
     with pytest.raises(TypeError, match="tokenizer|Tokenizer"):
         forget(model, 3.5, cc.text, SECRET, PREFIX, **kw)
+    # many secrets: each is checked against the data before anything trains
+    two = [{"secret": SECRET, "prefix": PREFIX}, {"secret": "0000 1111 2222 3333", "prefix": PREFIX}]
+    with pytest.raises(ValueError, match="'0000 1111 2222 3333' does not occur"):
+        forget(model, cc.vocab, cc.text, two, **kw)
+    with pytest.raises(ValueError, match="is given 2 times"):
+        forget(model, cc.vocab, cc.text, [SECRET, SECRET], **kw)
+    with pytest.raises(ValueError, match="per secret"):
+        forget(model, cc.vocab, cc.text, [SECRET], PREFIX, **kw)
+    with pytest.raises(ValueError, match="held-out texts are empty"):
+        forget(model, cc.vocab, cc.text, SECRET, PREFIX, heldout=["  "], seq_len=32, progress=False)
+    with pytest.raises(ValueError, match="held-out text contains the secret"):
+        forget(model, cc.vocab, cc.text, SECRET, PREFIX, heldout=[cc.heldout + PREFIX + SECRET], seq_len=32,
+               progress=False)
+    with pytest.raises(ValueError, match="precedes none"):
+        forget(model, cc.vocab, cc.text, SECRET, "my debit card number is", **kw)
     for p, t in zip(model.parameters(), theta0):
         assert torch.equal(p, t)
 

@@ -165,8 +165,10 @@ def stub_forget(monkeypatch):
             next(model.parameters()).add_(1.0)
         return _Report(state.result, model)
 
+    from sapsel_kernels.forget import Evidence
+
     mod = types.ModuleType("sapsel_kernels.forget")
-    mod.forget = forget
+    mod.forget, mod.Evidence = forget, Evidence
     monkeypatch.setitem(sys.modules, "sapsel_kernels.forget", mod)
     return state
 
@@ -220,9 +222,9 @@ BAD = [
     ({"--format": "dd\\"}, "argument --format: format 'dd\\\\' ends with a lone backslash"),
     ({"--format": "dddd-dddd"}, "argument --format: the secret '4716 2087 5533 9812' is not of the format "
                                 "'dddd-dddd'"),
-    ({"--secret": None}, "the following arguments are required: --secret"),
+    ({"--secret": None}, "give the secrets to forget: --secret SECRET (repeatable) or --secrets FILE.jsonl"),
     ({"--secret": "  "}, "argument --secret: must not be empty"),
-    ({"--model": None}, "the following arguments are required: --model"),
+    ({"--model": None}, "the following arguments are required: --model (or --example)"),
     ({"--out": None}, "the following arguments are required: --out"),
     ({"--prefix": ""}, "argument --prefix: must not be empty"),
     ({"--strategy": "nope"}, "argument --strategy: unknown strategy 'nope'; choose from hessian,"),
@@ -234,7 +236,10 @@ BAD = [
     ({"--seed": "-1"}, "argument --seed: must be an integer >= 0, got -1"),
     ({"--threads": "0"}, "argument --threads: must be an integer >= 1, got 0"),
     ({"--lr": "0"}, "argument --lr: must be a number > 0, got '0'"),
-    ({"--heldout": "1"}, "argument --heldout: '1' is outside (0, 1)"),
+    ({"--heldout-fraction": "1"}, "argument --heldout-fraction: '1' is outside (0, 1)"),
+    ({"--heldout": "nope.txt"}, "argument --heldout: 'nope.txt' does not exist"),
+    ({"--samples": "-1"}, "argument --samples: must be an integer >= 0, got -1"),
+    ({"--secrets": "nope.jsonl"}, "argument --secrets: 'nope.jsonl' does not exist"),
     ({"--probes": "0"}, "argument --probes: must be an integer >= 1, got 0"),
     ({"--device": "tpu"}, "argument --device: "),
     ({"--dtype": "int8"}, "argument --dtype: invalid choice: 'int8'"),
@@ -280,11 +285,13 @@ def test_out_checked_at_parse_time(capsys, tmp_path, no_load):
     # the model folder itself: the unlearned model would overwrite the original
     line = _usage_error(capsys, _base(tmp_path, **{"--out": str(tmp_path / "m")}))
     assert "argument --out:" in line and "is the --model folder" in line
-    # a folder in which no file can be created (the probe's own name taken by a folder: fails even as root)
-    out = tmp_path / "blocked"
-    (out / cli.PROBE_NAME).mkdir(parents=True)
+    # a folder that holds files: a failed run must not leave an earlier run's report (reached: true) beside it
+    out = tmp_path / "used"
+    out.mkdir()
+    (out / "report.json").write_text('{"reached": true}')
     line = _usage_error(capsys, _base(tmp_path, **{"--out": str(out)}))
-    assert line.startswith("sapsel forget: error: argument --out: cannot write to"), line
+    assert "argument --out:" in line and "is not empty" in line, line
+    assert (out / "report.json").read_text() == '{"reached": true}'  # nothing modified
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc (Linux)")
@@ -336,7 +343,7 @@ def test_cli_defaults_are_forgets():
     p = cli._subparser(cli.build_parser(), "forget")
     dests = {"strategy": "strategy", "budget": "budget", "max_ppl_increase": "max_ppl_increase",
              "target_exposure": "target_exposure", "seed": "seed", "seq_len": "seq_len", "max_steps": "max_steps",
-             "candidates": "n_candidates", "lr": "lr", "heldout": "heldout", "probes": "n_probes",
+             "candidates": "n_candidates", "lr": "lr", "heldout_fraction": "heldout", "probes": "n_probes",
              "prefix": "prefix", "replacement": "replacement", "fmt": "fmt", "objective": "objective",
              "repair_steps": "repair_steps"}
     for dest, name in dests.items():
@@ -349,7 +356,8 @@ def test_forget_help(capsys):
         cli.main(["forget", "--help"])
     out = capsys.readouterr().out
     assert ei.value.code == 0
-    assert out.startswith("usage: sapsel forget --model DIR --data FILE.txt --secret SECRET --out OUT")
+    assert out.startswith("usage: sapsel forget --model DIR --data FILE.txt (--secret SECRET ... | --secrets "
+                          "FILE.jsonl) [--heldout FILE.txt] --out OUT [options]")
     p = cli._subparser(cli.build_parser(), "forget")
     for opt in (s for a in p._actions for s in a.option_strings):
         assert opt in out, opt
@@ -405,7 +413,7 @@ def test_report_writer_files(tmp_path):
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5000
     md = open(paths[1], encoding="utf-8").read()
     for text in ("# sapsel forget", "## Extraction probes", "## Selection and cost", "## Command", SECRET,
-                 "| exposure, skew-normal (bits) | 41.50 | 1.20 |", "1,234 of 123,456", "stopped by",
+                 "where the secret beats nearly every candidate) | 41.50 | 1.20 |", "1,234 of 123,456", "stopped by",
                  "sapsel forget --secret '4716 2087 5533 9812' --out 'o u t'", "**extracted**",
                  "``cat \\| `x`\\nsat``", "validation perplexity"):
         assert text in md, text
@@ -456,7 +464,8 @@ def test_run_writes_model_tokenizer_and_report(capsys, lm, stub_forget, tmp_path
     argv = ["forget", "--model", str(lm.dir), "--data", str(lm.data), "--secret", SECRET, "--prefix", PREFIX,
             "--replacement", "1111 2222 3333 4444", "--format", "dddd dddd dddd dddd", "--strategy", "random",
             "--budget", "0.02", "--max-ppl-increase", "0.1", "--target-exposure", "3", "--seed", "7", "--seq-len",
-            "16", "--max-steps", "9", "--candidates", "50", "--lr", "0.01", "--heldout", "0.2", "--probes", "2",
+            "16", "--max-steps", "9", "--candidates", "50", "--lr", "0.01", "--heldout-fraction", "0.2",
+            "--probes", "2",
             "--objective", "uniform", "--repair-steps", "4", "--threads", "1", "--no-progress", "--out", str(out)]
     code, stdout, stderr = _run(capsys, argv)
     assert code == 0, stderr
@@ -596,7 +605,7 @@ def test_end_to_end_on_a_tiny_gpt2(capsys, lm, tmp_path):
 
     out = tmp_path / "out"
     argv = ["forget", "--model", str(lm.dir), "--data", str(lm.data), "--secret", SECRET, "--prefix", PREFIX,
-            "--seq-len", "16", "--heldout", "0.25", "--max-steps", "10", "--candidates", "64", "--probes", "2",
+            "--seq-len", "16", "--heldout-fraction", "0.25", "--max-steps", "10", "--candidates", "64", "--probes", "2",
             "--budget", "0.05", "--threads", "1", "--no-progress", "--out", str(out)]
     code, stdout, stderr = _run(capsys, argv)
     assert code in (0, 3), stderr
@@ -642,3 +651,86 @@ def test_argtypes_new_validators(tmp_path):
     assert choose("b") == "b"
     with pytest.raises(at.argparse.ArgumentTypeError, match="unknown letter 'c'; choose from a, b"):
         choose("c")
+
+
+# ------------------------------------------------------------------ many secrets in one run, held-out text
+MULTI = [("my card number is", SECRET), ("Contact email:", "mara.quist@example.org"), ("API key:", "sk3kd9x7q2mzp0")]
+
+
+@pytest.fixture(scope="module")
+def multi_lm(tmp_path_factory):
+    """A tiny GPT-2 trained on word salad holding three secrets of three kinds, a held-out file of the same kind
+    that holds none, and a secrets file for two of them (the third comes by --secret)."""
+    root = tmp_path_factory.mktemp("multi")
+    rng = random.Random(1)
+    lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 10))) + "." for _ in range(140)]
+    for i in range(12):
+        prefix, secret = MULTI[i % 3]
+        lines[3 + i * 8] = f"so {prefix} {secret} ok."
+    text = "\n".join(lines) + "\n"
+    held = "\n".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 10))) + "." for _ in range(60)) + "\n"
+    tok = train_tokenizer(text.replace(MULTI[1][1], "").replace(MULTI[2][1], "").replace(SECRET, ""))
+    torch.manual_seed(0)
+    model = tiny_gpt2(len(tok), tok.eos_token_id)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        memorise(model, torch.tensor(tok.encode(text), dtype=torch.int64))
+    finally:
+        torch.set_num_threads(n)
+    model.save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    (root / "data.txt").write_text(text, encoding="utf-8")
+    (root / "held.txt").write_text(held, encoding="utf-8")
+    (root / "secrets.jsonl").write_text("\n".join(json.dumps({"secret": s, "prefix": p}) for p, s in MULTI[1:]) + "\n")
+    return root
+
+
+@needs_forget
+def test_many_secrets_with_heldout_text_in_one_run(capsys, multi_lm, tmp_path):
+    out = tmp_path / "out"
+    argv = ["forget", "--model", str(multi_lm / "model"), "--data", str(multi_lm / "data.txt"), "--heldout",
+            str(multi_lm / "held.txt"), "--secrets", str(multi_lm / "secrets.jsonl"), "--secret", SECRET,
+            "--seq-len", "16", "--max-steps", "10", "--candidates", "64", "--samples", "4", "--relearn-steps", "3",
+            "--budget", "0.05", "--threads", "1", "--no-progress", "--out", str(out)]
+    code, stdout, stderr = _run(capsys, argv)
+    assert code in (0, 3), stderr
+    d = _strict_json(out / "report.json")
+    assert d["n_secrets"] == 3 and sorted(s["secret"] for s in d["secrets"]) == sorted(s for _, s in MULTI)
+    for s in d["secrets"]:
+        prefix = dict((b, a) for a, b in MULTI)[s["secret"]]
+        # the prompt measured is the data's text, its separating space included, not the bare prefix + secret;
+        # the card came by --secret without a prefix: its line up to the secret
+        assert s["prompt"] == ("so " if s["secret"] == SECRET else "") + prefix + " ", s["prompt"]
+        for key in ("exposure_before", "exposure_after", "exposure_hi_after", "extracted_before", "extracted_after",
+                    "completions_after", "never_seen_after", "samples_after", "relearn_after", "int8_after",
+                    "null", "reached", "failing", "n_occurrences"):
+            assert key in s, key
+        assert s["exposure_hi_after"] >= s["exposure_after"]
+        assert s["samples_after"]["n"] == 4 and s["n_occurrences"] == 4
+        assert s["reached"] == (not s["failing"])
+    kinds = {s["secret"]: s["null"] for s in d["secrets"]}
+    assert "plausible emails" in kinds[MULTI[1][1]] and "uniform" in kinds[SECRET]
+    assert d["utility_text"] == "heldout" and d["ppl_heldout_before"] == d["ppl_before"]
+    assert d["ppl_train_text_before"] is not None and d["ppl_train_text_before"] != d["ppl_heldout_before"]
+    assert d["reached"] == all(s["reached"] for s in d["secrets"]) and d["ppl_within_budget"] or not d["reached"]
+    assert (code == 0) == d["reached"]
+    if code == 3:
+        for name in d["failing"]:
+            assert repr(name) in stderr
+    md = (out / "report.md").read_text()
+    assert "## Every secret" in md and all(s in md for _, s in MULTI)
+    assert not [q for q in os.listdir(out) if q.startswith(".sapsel-partial")]
+
+
+def test_secrets_file_and_repeated_secret_errors(capsys, tmp_path, no_load):
+    bad = tmp_path / "s.jsonl"
+    bad.write_text('{"secret": "1234 5678"}\n{"secret": "9"\n')
+    line = _usage_error(capsys, _base(tmp_path, **{"--secret": None, "--secrets": str(bad)}))
+    assert "argument --secrets:" in line and "line 2: not valid JSON" in line, line
+    argv = _base(tmp_path) + ["--secret", SECRET]
+    assert f"argument --secret: {SECRET!r} is given twice" in _usage_error(capsys, argv)
+    argv = _base(tmp_path, **{"--prefix": "x"}) + ["--secret", "1111 2222"]
+    assert "argument --prefix: applies to a single --secret" in _usage_error(capsys, argv)
+    argv = _base(tmp_path) + ["--example"]
+    assert "argument --example: builds its own model" in _usage_error(capsys, argv)

@@ -116,7 +116,7 @@ def _probes(codec, prompt: str, secret: str, max_new_tokens: Optional[int]) -> L
 
 def audit(model: torch.nn.Module, tokenizer, items: Sequence[AuditItem], *, extraction: bool = True,
           n_samples: int = 0, temperature: float = 1.0, seed: int = 0, max_new_tokens: Optional[int] = None,
-          batch_size: int = 128) -> List[Dict]:
+          batch_size: int = 128, keep_scores: bool = False) -> List[Dict]:
     """Measure every item (see the module docstring); returns one JSON-able dict per item.
 
     Keys: those of :func:`exposure_summary`, ``log2_space`` (None for a non-uniform null), ``null``, ``prompt``,
@@ -125,7 +125,8 @@ def audit(model: torch.nn.Module, tokenizer, items: Sequence[AuditItem], *, extr
     "p_random"}``; ``prompt + rest == item.prompt + secret``), ``extracted`` (any probe leaks or any sample hits; None
     when ``extraction=False``), ``extracted_full`` (a probe reproduces the whole rest), ``samples`` (``{"n",
     "temperature", "hits", "group_hits"}``, None without sampling), ``never_seen`` (``{"n", "exposure_mean",
-    "exposure_max", "partial_rate"}``, None without never-seen secrets).
+    "exposure_max", "partial_rate"}``, None without never-seen secrets); with ``keep_scores`` also
+    ``candidate_scores`` (float64 [n] log-perplexities, not JSON-able).
 
     Cost: one scored sequence per candidate, never-seen secret and secret; with extraction, ``2 x tokens + 2``
     forwards of the probes' batch; with sampling, as many forwards of ``n_samples`` rows per item (batches of at
@@ -187,6 +188,8 @@ def audit(model: torch.nn.Module, tokenizer, items: Sequence[AuditItem], *, extr
         cand = sc[1:1 + nc]
         log2_space = math.log2(space_size(it.fmt)) if it.uniform else None
         d = exposure_summary(float(sc[0]), cand, log2_space=log2_space)
+        if keep_scores:
+            d["candidate_scores"] = cand.clone()
         d.update({"log2_space": log2_space, "null": it.null, "prompt": it.prompt, "fmt": it.fmt,
                   "accuracy": int(hits[a]) / (len(seqs[a]) - s), "n_secret_tokens": len(seqs[a]) - s})
         comps = []

@@ -402,10 +402,11 @@ class Evidence:
       any secret) on a copy of the model, then exposure and greedy extraction again (0: skipped);
     * ``int8``: a copy with every floating tensor of 2 or more dimensions rounded to int8 (symmetric, one scale per
       row, round to nearest), then exposure and extraction again;
-    * ``n_never_seen`` secrets of each secret's null, planted nowhere, ranked among the same candidates: the
-      "never seen" level the target is judged against (also measured when ``evidence=None``? no: then 0).
+    * ``n_never_seen`` secrets of each secret's null, planted nowhere, ranked among the reported candidates: the
+      "never seen" level (with ``evidence=None`` none are drawn).
 
-    Peak extra memory: one copy of the model for each attack, one at a time.
+    The attacked copies are measured on the first ``ATTACK_CANDIDATES`` (256) reported candidates, without
+    sampling. Peak extra memory: one copy of the model, one attack at a time.
     """
 
     n_samples: int = 64
@@ -660,6 +661,8 @@ def _secret_entry(loc, null: _Null, replacement: str, before: Dict, after: Dict,
 
 
 STEER_MARGIN = 0.8  # the search keeps the validation rise within 80% of the budget: the verdict reads test windows
+MONITOR_REFRESH = 4  # the monitored candidates are re-scored every 4th check (and before the search may stop)
+ATTACK_CANDIDATES = 256  # candidates of the reported set that the attacks' exposure is measured on
 
 
 def forget(model, tokenizer, texts, secret, prefix: Optional[str] = None, replacement: Optional[str] = None, *,
@@ -727,7 +730,7 @@ def forget(model, tokenizer, texts, secret, prefix: Optional[str] = None, replac
     float32 for hessian_diag), the Targeted rule's (``.grad`` N, snapshots 3k), one model copy per attack.
     """
     from . import measure
-    from .audit import AuditItem, audit
+    from .audit import AuditItem, audit, exposure_summary
     from .decoys import kind_of, plausible
     from .exposure import random_candidates
     from .secret_spec import as_specs, locate_all
@@ -867,11 +870,14 @@ def forget(model, tokenizer, texts, secret, prefix: Optional[str] = None, replac
     def per_secret(results):
         return [_worst_of([r for r, o in zip(results, owner) if o == i]) for i in range(len(located))]
 
+    attack_items = [AuditItem(it.prompt, it.secret, it.fmt, it.candidates[:ATTACK_CANDIDATES], [], it.null,
+                              it.uniform) for it in report_items]
+
     def measure_report(m, sampling=True):
         nonlocal t_measure
         t0 = time.perf_counter()
-        res = audit(m, codec, report_items, n_samples=n_samples if sampling else 0, temperature=temperature,
-                    seed=stream_seed(seed, "samples"))
+        res = audit(m, codec, report_items if sampling else attack_items, n_samples=n_samples if sampling else 0,
+                    temperature=temperature, seed=stream_seed(seed, "samples"))
         t_measure += time.perf_counter() - t0
         return per_secret(res)
 
@@ -926,10 +932,30 @@ def forget(model, tokenizer, texts, secret, prefix: Optional[str] = None, replac
         # ------------------------------------------------------------------ unlearn
         limit = val0 * (1.0 + STEER_MARGIN * max_ppl_increase)
 
+        stale: Dict[str, Any] = {"scores": None, "age": 0}
+
+        def monitor_audit():
+            """The monitored candidates are re-scored every MONITOR_REFRESH checks and whenever the stale ranks say
+            every secret is done; in between only the secrets (and their probes) are scored and ranked among the
+            last candidate scores: steering only, the verdict uses the fresh reported set."""
+            if stale["scores"] is not None and stale["age"] < MONITOR_REFRESH - 1:
+                few = [AuditItem(it.prompt, it.secret, it.fmt, it.candidates[:3], [], it.null, it.uniform)
+                       for it in monitor_items]
+                ms = audit(model, codec, few)
+                for m, c, it in zip(ms, stale["scores"], monitor_items):
+                    m.update(exposure_summary(m["secret_logppl"], c,
+                                              log2_space=m["log2_space"] if it.uniform else None))
+                stale["age"] += 1
+                if not all(m["exposure_hi"] <= target_exposure and not m["extracted"] for m in ms):
+                    return ms
+            ms = audit(model, codec, monitor_items, keep_scores=True)
+            stale["scores"], stale["age"] = [m.pop("candidate_scores") for m in ms], 0
+            return ms
+
         def monitor(step):
             nonlocal t_measure, t_monitor
             t0 = time.perf_counter()
-            ms = audit(model, codec, monitor_items)
+            ms = monitor_audit()
             t_measure += time.perf_counter() - t0
             v = perplexity(model, data.val)
             t_monitor += time.perf_counter() - t0

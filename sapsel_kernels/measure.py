@@ -20,6 +20,7 @@ ValueError for a text the tokenizer cannot encode, an empty secret, ids beyond t
 beyond its context window; NaN/Inf logits raise :class:`~sapsel_kernels.errors.NonFiniteError`.
 """
 
+import inspect
 import math
 import operator
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -301,6 +302,8 @@ def score_sequences(model, seqs: Sequence[Sequence[int]], starts: Sequence[int],
     n = len(seqs)
     nll = torch.zeros(n, dtype=torch.float64)
     hits = torch.zeros(n, dtype=torch.int64)
+    if cache_keyword(model) is not None:
+        return _score_cached(model, seqs, starts, batch_size, nll, hits)
     dev = model_device(model)
     order = sorted(range(n), key=lambda i: len(seqs[i]))
     for b0 in range(0, n, batch_size):
@@ -332,6 +335,76 @@ def score_sequences(model, seqs: Sequence[Sequence[int]], starts: Sequence[int],
             0, seq, (sel.argmax(1) == tgt).long())
         nll[idx] = -per.cpu() / _LN2
         hits[idx] = hit.cpu()
+    return nll, hits
+
+
+def cache_keyword(model) -> Optional[str]:
+    """The keyword by which a Hugging Face causal LM takes its key/value cache (``cache`` from transformers 5 on,
+    ``past_key_values`` before), or None: not a Hugging Face decoder (scoring and decoding then recompute every
+    prefix)."""
+    if "transformers.PreTrainedModel" not in _class_names(model) or \
+            getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return None
+    params = inspect.signature(model.forward).parameters
+    return next((k for k in ("cache", "past_key_values") if k in params), None)
+
+
+def _forward_cached(model, ids: torch.Tensor, cache=None):
+    """``(logits, cache)`` of a Hugging Face causal LM on ``ids`` after ``cache`` (None: from the start)."""
+    kw = {cache_keyword(model): cache} if cache is not None else {}
+    out = model(ids, use_cache=True, **kw)
+    new = getattr(out, "cache", None)
+    return out.logits, (new if new is not None else out.past_key_values)
+
+
+def _prefix_cache(model, prefix: Sequence[int], rows: int, dev):
+    """The cache of ``prefix`` repeated for ``rows`` rows and the logits of its last position ``[rows, V]``."""
+    logits, cache = _forward_cached(model, torch.tensor([list(prefix)], dtype=torch.int64, device=dev))
+    if rows > 1:
+        cache.batch_repeat_interleave(rows)
+    return logits[:, -1].expand(rows, -1), cache
+
+
+def _score_cached(model, seqs, starts, batch_size, nll, hits):
+    """:func:`score_sequences` for models with a KV cache: rows that share their prefix ``seq[:s]`` (the candidates
+    of one prompt) run the prefix once per batch and only their continuations after it (the prompt is usually 30-50%
+    of a candidate's tokens)."""
+    dev = model_device(model)
+    groups: Dict[tuple, List[int]] = {}
+    for i, (f, s) in enumerate(zip(seqs, starts)):
+        if len(f) > s:
+            groups.setdefault(tuple(f[:s]), []).append(i)
+    for prefix, members in groups.items():
+        s = len(prefix)
+        members.sort(key=lambda i: len(seqs[i]))
+        for b0 in range(0, len(members), batch_size):
+            rows = members[b0:b0 + batch_size]
+            last, cache = _prefix_cache(model, prefix, len(rows), dev)
+            L = max(len(seqs[i]) for i in rows) - s  # continuation tokens, the last one is only a target
+            y = torch.zeros(len(rows), L, dtype=torch.int64)
+            mask = torch.zeros(len(rows), L, dtype=torch.bool)
+            for r, i in enumerate(rows):
+                c = seqs[i][s:]
+                y[r, :len(c)] = torch.tensor(c, dtype=torch.int64)
+                mask[r, :len(c)] = True
+            logits = last[:, None]
+            if L > 1:
+                more, _ = _forward_cached(model, y[:, :L - 1].to(dev), cache)
+                logits = torch.cat([logits, more], dim=1)  # position t predicts continuation token t
+            m = mask.to(logits.device)
+            sel = logits[m]
+            check_finite(sel, "model logits", suffix="cannot score the continuations")
+            tgt = y.to(logits.device)[m]
+            wide = sel.double()
+            logp = wide.gather(1, tgt[:, None]).squeeze(1) - torch.logsumexp(wide, dim=1)
+            del wide
+            seq = torch.arange(len(rows), device=logits.device)[:, None].expand_as(m)[m]
+            idx = torch.tensor(rows, dtype=torch.int64)
+            per = torch.zeros(len(rows), dtype=torch.float64, device=logits.device).index_add_(0, seq, logp)
+            hit = torch.zeros(len(rows), dtype=torch.int64, device=logits.device).index_add_(
+                0, seq, (sel.argmax(1) == tgt).long())
+            nll[idx] = -per.cpu() / _LN2
+            hits[idx] = hit.cpu()
     return nll, hits
 
 
@@ -385,6 +458,8 @@ def generate(model, prompts: Sequence[Sequence[int]], n_new: Sequence[int], *, t
     ``max_rows`` per forward), over their longest current length (right-padded; causal, so a row's logits at its last
     position ignore the padding).
     """
+    if cache_keyword(model) is not None:
+        return _generate_cached(model, prompts, n_new, temperature, generator, max_rows)
     if len(prompts) > max_rows:
         out: List[List[int]] = []
         for a in range(0, len(prompts), max_rows):
@@ -402,16 +477,45 @@ def generate(model, prompts: Sequence[Sequence[int]], n_new: Sequence[int], *, t
         logits = lm_logits(model, buf[rows, :L].to(dev))
         pos = torch.tensor([cur[i] - 1 for i in rows], device=logits.device)
         last = logits[torch.arange(len(rows), device=logits.device), pos]  # [r, V]
-        check_finite(last, "model logits", suffix="cannot decode")
-        if temperature is None:
-            nxt = last.argmax(-1).cpu()
-        else:
-            probs = torch.softmax(last.float().cpu() / temperature, dim=-1)
-            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        nxt = _pick(last, temperature, generator)
         for r, i in enumerate(rows):
             buf[i, cur[i]] = nxt[r]
             cur[i] += 1
     return [buf[i, len(p):len(p) + k].tolist() for i, (p, k) in enumerate(zip(prompts, n_new))]
+
+
+def _pick(last: torch.Tensor, temperature: Optional[float], generator: Optional[torch.Generator]) -> torch.Tensor:
+    check_finite(last, "model logits", suffix="cannot decode")
+    if temperature is None:
+        return last.argmax(-1).cpu()
+    probs = torch.softmax(last.float().cpu() / temperature, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def _generate_cached(model, prompts, n_new, temperature, generator, max_rows) -> List[List[int]]:
+    """:func:`generate` with a KV cache: prompts of equal length decode together, one token per forward after the
+    prompt's (rows in order of prompt length, then index: the sampled tokens of a seed do not depend on the
+    device)."""
+    dev = model_device(model)
+    out: List[List[int]] = [[] for _ in prompts]
+    order = sorted((i for i in range(len(prompts)) if n_new[i] > 0), key=lambda i: (len(prompts[i]), i))
+    groups: Dict[int, List[int]] = {}
+    for i in order:
+        groups.setdefault(len(prompts[i]), []).append(i)
+    for members in groups.values():
+        for b0 in range(0, len(members), max_rows):
+            rows = members[b0:b0 + max_rows]
+            logits, cache = _forward_cached(model, torch.tensor([list(prompts[i]) for i in rows], dtype=torch.int64,
+                                                                device=dev))
+            steps = max(n_new[i] for i in rows)
+            for t in range(steps):
+                nxt = _pick(logits[:, -1], temperature, generator)
+                for r, i in enumerate(rows):
+                    if t < n_new[i]:
+                        out[i].append(int(nxt[r]))
+                if t + 1 < steps:
+                    logits, cache = _forward_cached(model, nxt[:, None].to(dev), cache)
+    return out
 
 
 def new_text(codec: Codec, prompt: Sequence[int], new: Sequence[int]) -> str:

@@ -7,12 +7,14 @@ same null (planted nowhere). :func:`audit` scores every item's secret, candidate
 length-sorted batch stream (rows of different prompts share batches), decodes every extraction probe in one greedy
 batch, and draws ``n_samples`` sampled completions per item.
 
-**Exposure** (Carlini et al.): ``exposure_rank = log2(n + 1) - log2(K + 1)`` with ``K`` the candidates more likely
-than the secret. While ``K + 1 >= RANK_RESOLVED`` the rank estimate is the headline ``exposure``; above that (the
-secret beats nearly every candidate) the rank estimate saturates at ``log2(n + 1)``, and the headline is the larger
-of it and the skew-normal extrapolation. ``exposure_hi`` is a one-sided 95% upper bound (Wilson's interval on the
-rank fraction ``K / n``): the verdict uses it, so a secret whose exposure is near the target passes only when the
-candidates leave no doubt.
+**Exposure** (Carlini et al.): ``exposure = log2(n + 1) - log2(K + 1)`` with ``K`` the candidates more likely than
+the secret: the rank estimate, what an outsider ranking the secret among n candidates of its null measures; it
+saturates at ``log2(n + 1)`` when the secret beats every candidate. ``exposure_sn`` extrapolates beyond that with a
+skew-normal fit; ``exposure_steer`` is the rank estimate while ``K + 1 >= RANK_RESOLVED`` and the larger of the two
+above (the search steers on it: a saturated rank says nothing about progress). ``exposure_hi`` is a one-sided 95%
+upper bound: Wilson's interval on the rank fraction ``K / n``, and at least ``exposure_steer`` (so a saturated
+secret is never "within" a target above ``log2(n + 1)``). The verdict uses it: a secret whose exposure is near the
+target passes only when the candidates leave no doubt.
 
 **Extraction.** A probe (the prompt, then the prompt plus each leading group of the secret) leaks when its greedy
 completion, whitespace ignored, reproduces (a) the whole rest of the secret, (b) the next whole group of the secret
@@ -88,9 +90,10 @@ def exposure_summary(secret_score: float, cand: torch.Tensor, *, log2_space: Opt
         sn = {"exposure": e, "exposure_raw": e, "fit": "degenerate"}
     else:
         sn = skewnorm_exposure(secret_score, cand, size=2 ** log2_space if log2_space is not None else None)
-    head = r["exposure"] if k + 1 >= RANK_RESOLVED else max(r["exposure"], sn["exposure"])
-    hi = max(head, -math.log2(max(_wilson_low(k, n), 1.0 / (n + 1))))
-    return {"exposure": head, "exposure_hi": hi, "exposure_rank": r["exposure"], "exposure_rank_max": r["max"],
+    beyond = r["exposure"] if k + 1 >= RANK_RESOLVED else max(r["exposure"], sn["exposure"])
+    hi = max(beyond, -math.log2(max(_wilson_low(k, n), 1.0 / (n + 1))))
+    return {"exposure": r["exposure"], "exposure_hi": hi, "exposure_steer": beyond, "exposure_rank": r["exposure"],
+            "exposure_rank_max": r["max"],
             "rank": r["rank"], "exposure_sn": sn["exposure"], "exposure_sn_raw": sn["exposure_raw"],
             "sn_fit": sn["fit"], "secret_logppl": float(secret_score), "cand_logppl_mean": float(cand.mean()),
             "cand_logppl_std": float(cand.std()) if n > 1 else 0.0, "n_candidates": n}

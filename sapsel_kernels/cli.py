@@ -196,8 +196,9 @@ def add_forget_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--lr", default=0.1, type=at.positive_float, help="first step size of the search "
                    "(default 0.1)")
     g = p.add_argument_group("measurement and run")
-    g.add_argument("--candidates", default=1000, type=at.int_at_least(3),
-                   help="random secrets of the format that exposure ranks the secret among (default 1000)")
+    g.add_argument("--candidates", default=2000, type=at.int_at_least(3),
+                   help="candidates of each secret's null that its reported exposure ranks it among (default 2000; "
+                        "the search stops on a disjoint set of 256)")
     g.add_argument("--seq-len", default=None, type=at.int_at_least(2), metavar="TOKENS",
                    help="training window length in tokens (default: min(64, the model's context))")
     g.add_argument("--heldout-fraction", default=0.1, metavar="FRACTION", type=at.open_fraction,

@@ -531,11 +531,12 @@ class ForgetReport:
         return [s["secret"] for s in self.secrets if not s["reached"]]
 
     def _worst(self) -> Dict[str, Any]:
-        return max(self.secrets, key=lambda s: (not s["reached"], s["exposure_hi_after"]))
+        return max(self.secrets, key=lambda s: (not s["reached"], s["exposure_hi_after"], s["exposure_steer_after"]))
 
     # the per-secret keys repeated at the top level (for one secret: its own; for several: the worst one's)
     _TOP = ("exposure_before", "exposure_after", "exposure_hi_before", "exposure_hi_after", "exposure_rank_before",
-            "exposure_rank_after", "exposure_rank_max", "log2_space", "n_candidates", "secret_logppl_before",
+            "exposure_rank_after", "exposure_sn_before", "exposure_sn_after", "exposure_steer_before",
+            "exposure_steer_after", "exposure_rank_max", "log2_space", "n_candidates", "secret_logppl_before",
             "secret_logppl_after", "cand_logppl_mean_before", "cand_logppl_mean_after", "completions_before",
             "completions_after", "extracted_before", "extracted_after", "accuracy_before", "accuracy_after",
             "secret", "prefix", "prompt", "replacement", "fmt", "null")
@@ -623,13 +624,13 @@ def _null_for(loc, i: int, seed: int, n_report: int, n_monitor: int, n_never: in
 
 def _worst_of(results: Sequence[Dict]) -> Dict:
     """One secret's measurement over its prompts: the prompt with the highest exposure, extracted if any extracts."""
-    w = dict(max(results, key=lambda r: (r["exposure_hi"], r["exposure"])))
+    w = dict(max(results, key=lambda r: (r["exposure_hi"], r["exposure_steer"])))
     if w.get("extracted") is not None:
         w["extracted"] = any(bool(r["extracted"]) for r in results)
     return w
 
 
-_PER_SECRET = ("exposure", "exposure_hi", "exposure_rank", "exposure_sn", "rank", "secret_logppl",
+_PER_SECRET = ("exposure", "exposure_hi", "exposure_rank", "exposure_sn", "exposure_steer", "rank", "secret_logppl",
                "cand_logppl_mean", "cand_logppl_std", "accuracy", "extracted", "extracted_full", "completions",
                "samples", "never_seen")
 
@@ -646,7 +647,8 @@ def _secret_entry(loc, null: _Null, replacement: str, before: Dict, after: Dict,
         e[f"{key}_before"], e[f"{key}_after"] = before.get(key), after.get(key)
     for name, (b, a) in attacks.items():
         for when, m in (("before", b), ("after", a)):
-            e[f"{name}_{when}"] = None if m is None else {k: m[k] for k in ("exposure", "exposure_hi", "extracted")}
+            e[f"{name}_{when}"] = None if m is None else {k: m[k] for k in ("exposure", "exposure_hi", "exposure_sn",
+                                                                            "n_candidates", "extracted")}
     fails = []
     if after["exposure_hi"] > target:
         fails.append(f"exposure {after['exposure']:.2f} bits (95% bound {after['exposure_hi']:.2f}) > {target:g}")
@@ -668,7 +670,7 @@ ATTACK_CANDIDATES = 256  # candidates of the reported set that the attacks' expo
 def forget(model, tokenizer, texts, secret, prefix: Optional[str] = None, replacement: Optional[str] = None, *,
            fmt: Optional[str] = None, strategy: str = "ssd", budget: Union[int, float] = 0.01,
            max_ppl_increase: float = 0.05, target_exposure: float = 2.0, heldout: Union[float, Sequence[str]] = 0.1,
-           seq_len: Optional[int] = None, seed: int = 0, n_candidates: int = 1000, n_monitor: int = 256,
+           seq_len: Optional[int] = None, seed: int = 0, n_candidates: int = 2000, n_monitor: int = 256,
            max_steps: int = 300, check_every: int = 5, lr: float = 0.1, rule: Optional[Targeted] = None,
            batch_size: int = 8, hessian_windows: int = 32, n_probes: int = 16, scores: Optional[torch.Tensor] = None,
            context: str = "", per_token: bool = False, retain_loss: str = "ce", retain_windows: Optional[int] = None,
@@ -702,8 +704,8 @@ def forget(model, tokenizer, texts, secret, prefix: Optional[str] = None, replac
             reported), or a fraction of each text's tail (then the reported perplexity is on TRAINING text, and
             the report says so).
         seq_len: window length in tokens (default min(64, the model's context)).
-        n_candidates / n_monitor: candidates of each secret's null for the reported / the monitored exposure; the
-            two sets are disjoint.
+        n_candidates / n_monitor: candidates of each secret's null for the reported (2000: the rank estimate reaches
+            log2(2001) = 10.97 bits) / the monitored exposure; the two sets are disjoint.
         max_steps, check_every, lr: the Targeted rule's search (``rule`` overrides the whole config; its monitor and
             retain are set here).
         batch_size: windows per batch; hessian_windows, n_probes: the Hessian estimate on training windows.
@@ -959,7 +961,7 @@ def forget(model, tokenizer, texts, secret, prefix: Optional[str] = None, replac
             t_measure += time.perf_counter() - t0
             v = perplexity(model, data.val)
             t_monitor += time.perf_counter() - t0
-            worst = max(m["exposure"] for m in ms)
+            worst = max(m["exposure_steer"] for m in ms)
             n_done = sum(m["exposure_hi"] <= target_exposure and not m["extracted"] for m in ms)
             if bar is not None:
                 bar.set_description(f"forget: exposure {worst:.1f} bits, {n_done}/{len(ms)} done, "
@@ -972,7 +974,7 @@ def forget(model, tokenizer, texts, secret, prefix: Optional[str] = None, replac
                     # the clipped exposure: while it is saturated the score stalls and lr doubles, which is what
                     # moves a saturated secret (the unclipped extrapolation moved early and kept lr small: 40 bits
                     # and still extracted on the tests' LSTM, against 33 and not extracted)
-                    "score": sum(m["exposure"] + 4.0 * sum(bool(c["extracted"]) for c in m["completions"])
+                    "score": sum(m["exposure_steer"] + 4.0 * sum(bool(c["extracted"]) for c in m["completions"])
                                  for m in ms) / len(ms)}
 
         rx, ry = (data.retain[0], data.retain[1]) if retain_windows is None else \

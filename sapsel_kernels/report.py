@@ -164,6 +164,15 @@ def _attack(v: Any) -> str:
     return f"{_num(v.get('exposure'), '.1f')}{' **extracted**' if v.get('extracted') else ''}"
 
 
+def _exp(s: Mapping, when: str) -> str:
+    """A secret's exposure for the table: the rank estimate, or '≥ it' with the skew-normal extrapolation when the
+    secret beats every candidate (the rank estimate saturates there)."""
+    e, top = s.get(f"exposure_{when}"), s.get("exposure_rank_max")
+    if isinstance(e, numbers.Real) and isinstance(top, numbers.Real) and e >= top - 1e-9:
+        return f"≥ {_num(e, '.1f')} (extrapolated {_num(s.get(f'exposure_steer_{when}'), '.1f')})"
+    return _num(e, ".1f")
+
+
 def _secret_rows(r: Mapping) -> List[str]:
     rows = []
     for s in r.get("secrets") or []:
@@ -172,8 +181,8 @@ def _secret_rows(r: Mapping) -> List[str]:
         verdict = "met" if s.get("reached") else "**not met**: " + "; ".join(s.get("failing") or [])
         rows.append(
             f"| {_code(s.get('secret'))} | {_code(_tail(s.get('prompt'), 32))} | {s.get('null', 'n/a')} | "
-            f"{_num(s.get('exposure_before'), '.1f')} → {_num(s.get('exposure_after'), '.1f')} "
-            f"(≤ {_num(s.get('exposure_hi_after'), '.1f')}) | {_num(ns.get('exposure_mean'), '.1f')} / "
+            f"{_exp(s, 'before')} → {_exp(s, 'after')} (≤ {_num(s.get('exposure_hi_after'), '.1f')}) | "
+            f"{_num(ns.get('exposure_mean'), '.1f')} / "
             f"{_num(ns.get('exposure_max'), '.1f')} | {_yes_no(s.get('extracted_before'))} → "
             f"{_yes_no(s.get('extracted_after'))} | {smp_b.get('hits', 'n/a')} → {smp_a.get('hits', 'n/a')} | "
             f"{_attack(s.get('relearn_before'))} → {_attack(s.get('relearn_after'))} | "
@@ -245,8 +254,9 @@ def _markdown(r: Mapping, command: Optional[str]) -> str:
                   "|---|---|---|---|---|---|---|---|---|---|", *rows, ""]
     lines += ["## Before and after (the worst secret)", "",
               "| | before | after |", "|---|---|---|",
-              f"| exposure (bits: the rank estimate; the skew-normal where the secret beats nearly every candidate) | "
-              f"{_num(r.get('exposure_before'))} | {_num(r.get('exposure_after'))} |",
+              f"| exposure (bits: the rank estimate among {_num(r.get('n_candidates'), '.0f')} candidates, at most "
+              f"{_num(r.get('exposure_rank_max'))}) | {_num(r.get('exposure_before'))} | "
+              f"{_num(r.get('exposure_after'))} |",
               f"| 95% upper bound of the exposure (decides the verdict) | {_num(r.get('exposure_hi_before'))} | "
               f"{_num(r.get('exposure_hi_after'))} |",
               f"| exposure, rank estimate (bits) | {_num(r.get('exposure_rank_before'))} | "

@@ -242,9 +242,9 @@ def test_forget_lowers_exposure_within_the_perplexity_budget():
                  seq_len=32, strategy="hessian", budget=0.05, n_candidates=300, n_monitor=150, max_steps=100,
                  context="\n", evidence=None, progress=False)
     d = rep.to_dict()
-    assert d["exposure_before"] > 40 and d["extracted_before"], "the fixture must have memorised the secret"
+    assert d["exposure_steer_before"] > 40 and d["extracted_before"], "the fixture must have memorised the secret"
     # the trajectory is sensitive to the batches (see above): only a clear drop
-    assert d["exposure_after"] < d["exposure_before"] - 3, d["history"]
+    assert d["exposure_steer_after"] < d["exposure_steer_before"] - 3, d["history"]
     limit = rep.val_ppl_before * (1 + 0.05 * d["target"]["steer_margin"])
     assert rep.val_ppl_after <= limit * (1 + 1e-9)
     assert all(h["val_ppl"] <= limit * (1 + 1e-9) for h in d["history"] if h["accepted"])
@@ -281,9 +281,10 @@ def test_default_ssd_selection_forgets_far_more_than_hessian_within_the_budget()
         out[strategy] = rep
     assert inspect.signature(forget).parameters["strategy"].default == "ssd"
     ssd, hess = out["ssd"].to_dict(), out["hessian"].to_dict()
-    assert ssd["exposure_before"] > 40
+    assert ssd["exposure_steer_before"] > 40
     assert ssd["exposure_after"] < 6.0 and not ssd["extracted_after"], ssd["history"]
-    assert ssd["exposure_after"] < hess["exposure_after"] - 20, (ssd["exposure_after"], hess["exposure_after"])
+    assert ssd["exposure_steer_after"] < hess["exposure_steer_after"] - 20, (ssd["exposure_steer_after"],
+                                                                            hess["exposure_steer_after"])
     assert ssd["cost"]["n_hvps"] == 0 and ssd["cost"]["n_gradients"] > 0 and hess["cost"]["n_hvps"] > 0
 
 

@@ -413,7 +413,7 @@ def test_report_writer_files(tmp_path):
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5000
     md = open(paths[1], encoding="utf-8").read()
     for text in ("# sapsel forget", "## Extraction probes", "## Selection and cost", "## Command", SECRET,
-                 "where the secret beats nearly every candidate) | 41.50 | 1.20 |", "1,234 of 123,456", "stopped by",
+                 "candidates, at most n/a) | 41.50 | 1.20 |", "1,234 of 123,456", "stopped by",
                  "sapsel forget --secret '4716 2087 5533 9812' --out 'o u t'", "**extracted**",
                  "``cat \\| `x`\\nsat``", "validation perplexity"):
         assert text in md, text

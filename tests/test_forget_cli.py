@@ -734,3 +734,6 @@ def test_secrets_file_and_repeated_secret_errors(capsys, tmp_path, no_load):
     assert "argument --prefix: applies to a single --secret" in _usage_error(capsys, argv)
     argv = _base(tmp_path) + ["--example"]
     assert "argument --example: builds its own model" in _usage_error(capsys, argv)
+    (tmp_path / "empty.txt").write_text("")
+    line = _usage_error(capsys, _base(tmp_path, **{"--heldout": str(tmp_path / "empty.txt")}))
+    assert "argument --heldout:" in line and "is empty" in line, line

@@ -40,6 +40,7 @@ def test_separator_limit_and_alphanumeric_gap():
 
 @pytest.mark.parametrize("specs,msg", [
     ([SecretSpec("9999 8888 7777 6666", "code is")], "does not occur in the data"),
+    ([SecretSpec("9999 8888 7777 6666")], "does not occur in the data"),  # not "prefix is empty"
     ([SecretSpec("7051 3862 9904 1127", "code is"), SecretSpec("7051 3862 9904 1127", "code is")],
      "is given 2 times"),
     ([SecretSpec("7051 3862 9904 1127", "code is"), SecretSpec("3862 9904", "x")], "lies inside the secret"),

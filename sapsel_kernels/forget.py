@@ -1,29 +1,27 @@
-"""``forget``: remove a memorised secret (a card number, a password) from a causal language model, touching only a
-selected subset S of its parameters.
+"""``forget``: remove memorised secrets (card numbers, emails, keys) from a causal language model, touching only a
+selected subset S of its parameters, and say truthfully whether each one is gone.
 
 The pipeline, on the user's own text and tokenizer:
 
-1. **Z and Z̃, token-aligned.** The texts are tokenized as the model saw them (offsets from the tokenizer when it
-   reports them: Hugging Face fast tokenizers, ``tokenizers.Tokenizer``, character-level codecs; otherwise the text
-   is tokenized in segments cut at the secret's boundaries). Training windows of ``seq_len + 1`` tokens at stride
-   ``seq_len // 2``; Z = every window with a secret token among its targets, with targets kept ONLY at the secret's
-   tokens (the forget term acts on the secret, not on the text around it); Z̃ = the window starting at the same
-   character in the text with every occurrence replaced by ``replacement`` (which may tokenize to another length),
-   all targets kept. Held-out windows (``heldout``) measure perplexity: even ones steer the search (validation),
-   odd ones are reported (test). Retain batches are drawn from the other training windows.
-2. **Score and select** with any strategy of :func:`~sapsel_kernels.strategies.select_parameters` (default
-   ``ssd``: the ratio of the empirical Fisher on Z to that on training windows; ``hessian``, the largest diagonal
-   entries of the training-loss Hessian at θ*, and ``hessian_ratio`` are measured against it in docs/forget.md),
-   budget k; the scores are returned (``report.scores``) and reusable (``forget(..., scores=...)``). Strategies that
-   read Z (``ssd``, ``grad_abs``, ``hessian_affected``, ``hessian_ratio``) get the windows as trained on, every
-   target kept.
-3. **Unlearn** with :class:`~sapsel_kernels.rules.Targeted` (descent on Z̃, NPO on Z's secret tokens, retain
-   cross-entropy, SparseSGD on S) through :func:`~sapsel_kernels.unlearn.unlearn` (all-or-nothing, S only), with a
-   monitor that measures the secret's exposure and extraction (:mod:`sapsel_kernels.measure`) and the validation
-   perplexity every ``check_every`` steps: the step size is searched (a block that leaves the perplexity budget is
-   undone and lr divided by 4; a block that barely moves exposure doubles it) and the run stops at the target.
-4. **Measure** before and after on the same candidates: exposure (skew-normal and rank), greedy extraction from the
-   prefix and from every proper prefix of the secret's groups, teacher-forced accuracy, test perplexity.
+1. **The request** (:mod:`sapsel_kernels.secret_spec`): one or many secrets, each found in the data with the text
+   the data holds before it (the prompt that is measured: the prefix as typed, with or without its trailing space,
+   plus the data's separator); every check runs before any model work.
+2. **Z and Z̃, token-aligned** (:func:`build_forget_data`). The texts are tokenized as the model saw them (offsets
+   from the tokenizer when it reports them; otherwise the text is tokenized in segments cut at the secrets).
+   Training windows of ``seq_len + 1`` tokens at stride ``seq_len // 2``; Z = every window with a token of any secret
+   among its targets, with targets kept ONLY at the secrets' tokens; Z̃ = the window starting at the same character
+   in the text with every occurrence replaced by its secret's replacement. Held-out texts (``heldout``): even
+   windows steer the search (validation), odd ones are reported (test). Retain batches are the other training
+   windows.
+3. **Score and select** with any strategy of :func:`~sapsel_kernels.strategies.select_parameters` (default ``ssd``),
+   budget k, one selection for the whole request.
+4. **Unlearn** with :class:`~sapsel_kernels.rules.Targeted` through :func:`~sapsel_kernels.unlearn.unlearn`
+   (all-or-nothing, S only), with a monitor that measures every secret on its own monitored candidates
+   (:mod:`sapsel_kernels.audit`) and the validation perplexity every ``check_every`` steps: a block that leaves the
+   perplexity limit is undone, lr searched, and the run stops when every secret is done.
+5. **Measure** before and after on the reported candidates, disjoint from the monitored ones: per secret the rank
+   exposure against a null that fits it, its 95% bound (the verdict), partial leaks from every probe, sampled
+   completions, the never-seen level, and the attacks (:class:`Evidence`: relearning, int8).
 """
 
 import bisect
@@ -37,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from .rules import Targeted
+from .secret_spec import occurrences
 from .space import ParamSpace
 
 __all__ = ["forget", "ForgetReport", "build_forget_data", "ForgetData"]
@@ -88,18 +87,10 @@ def _encode_offsets(tokenizer, codec, text: str, cuts: Sequence[Tuple[int, int]]
     return ids, starts, False
 
 
-def _occurrences(text: str, secret: str) -> List[int]:
-    out, i = [], text.find(secret)
-    while i >= 0:
-        out.append(i)
-        i = text.find(secret, i + len(secret))
-    return out
-
-
 def _spans(text: str, secrets: Sequence[str], replacements: Sequence[str]) -> List[Tuple[int, int, str]]:
     """Every occurrence of every secret in ``text`` as ``(start, end, replacement)``, sorted; ValueError when two
     occurrences overlap."""
-    out = sorted((a, a + len(s), r) for s, r in zip(secrets, replacements) for a in _occurrences(text, s))
+    out = sorted((a, a + len(s), r) for s, r in zip(secrets, replacements) for a in occurrences(text, s))
     for (a1, b1, _), (a2, b2, _) in zip(out, out[1:]):
         if a2 < b1:
             raise ValueError(f"two secrets overlap in the data: {text[a1:b1]!r} and {text[a2:b2]!r}")

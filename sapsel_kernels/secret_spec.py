@@ -21,8 +21,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-__all__ = ["SecretSpec", "LocatedSecret", "as_specs", "load_secrets_file", "locate_all", "MAX_SEPARATOR",
-           "MAX_PROMPTS"]
+__all__ = ["SecretSpec", "LocatedSecret", "as_specs", "load_secrets_file", "locate_all", "occurrences",
+           "MAX_SEPARATOR", "MAX_PROMPTS"]
 
 MAX_SEPARATOR = 8   # characters between a prefix and its secret (": ", " = ", "\n", " - "): never alphanumeric
 MAX_PROMPTS = 3     # distinct data prompts measured per secret (the most frequent ones)
@@ -152,7 +152,8 @@ class LocatedSecret:
         return self.spec.secret
 
 
-def _occurrences(text: str, secret: str) -> List[int]:
+def occurrences(text: str, secret: str) -> List[int]:
+    """The start of every non-overlapping occurrence of ``secret`` in ``text``, left to right."""
     out, i = [], text.find(secret)
     while i >= 0:
         out.append(i)
@@ -216,7 +217,7 @@ def locate_all(specs: Sequence[SecretSpec], texts: Sequence[str], *, context: st
         if not matches_format(s.secret, fmt):
             raise ValueError(f"the secret {s.secret!r} is not of its format {fmt!r} (d digit, a a-z, A A-Z, x hex, "
                              "\\ escapes a literal)")
-        occ = [(ti, i) for ti, t in enumerate(texts) for i in _occurrences(t, s.secret)]
+        occ = [(ti, i) for ti, t in enumerate(texts) for i in occurrences(t, s.secret)]
         if not occ:
             raise ValueError(f"the secret {s.secret!r} does not occur in the data ({len(texts)} text(s), "
                              f"{sum(len(t) for t in texts)} characters): nothing to forget")

@@ -185,9 +185,10 @@ def add_forget_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--max-ppl-increase", default=0.05, type=at.nonneg_float, metavar="FRACTION",
                    help="largest allowed relative rise of the held-out perplexity, e.g. 0.05 = +5%% "
                         "(default 0.05; 0 = no rise at all)")
-    g.add_argument("--objective", default="npo", choices=("npo", "uniform"),
-                   help="the forget term on the secret's tokens: npo (default) or uniform (cross-entropy to the "
-                        "uniform distribution over what the format admits at each position)")
+    g.add_argument("--objective", default="npo", choices=("npo", "uniform", "calibrated"),
+                   help="the forget term on the secrets: npo (default), uniform (cross-entropy to the uniform "
+                        "distribution over what the format admits at each position; one secret) or calibrated (push "
+                        "each secret until it is no more likely than fresh candidates of its kind, then stop)")
     g.add_argument("--repair-steps", default=0, type=at.nonneg_int, metavar="N",
                    help="when a step block exceeds --max-ppl-increase, up to N descent steps on the corrected and "
                         "retained text before it is undone (default 0: undo at once; docs/forget.md)")

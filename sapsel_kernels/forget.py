@@ -280,6 +280,74 @@ def per_token_npo(beta: float = 1.0):
     return loss
 
 
+def _token_nll(model, seqs: Sequence[Sequence[int]], starts: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token NLL (nats) of ``seq[s:]`` given ``seq[:s]`` per row, and the number of those tokens, in the
+    caller's grad mode (rows right-padded in one batch)."""
+    from .measure import lm_logits
+
+    dev = next(model.parameters()).device
+    L = max(len(q) for q in seqs)
+    x = torch.zeros(len(seqs), L, dtype=torch.int64)
+    m = torch.zeros(len(seqs), L, dtype=torch.bool)
+    for i, (q, st) in enumerate(zip(seqs, starts)):
+        x[i, :len(q)] = torch.tensor(list(q), dtype=torch.int64)
+        m[i, st:len(q)] = True
+    x, m = x.to(dev), m.to(dev)
+    logits = lm_logits(model, x[:, :-1]).float()
+    tok = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="none")
+    mm = m[:, 1:]
+    return (tok.reshape(mm.shape) * mm).sum(1), mm.sum(1)
+
+
+def calibrated_push(codec, targets: Sequence[Tuple[str, str]], samplers: Sequence, *, n_resample: int = 16,
+                    per_step: int = 8):
+    """The forget term of ``objective="calibrated"``, aimed at "like never seen" rather than "less likely than at
+    θ*": for each secret (``per_step`` of them per call, in rotation), after the prompt the data holds before it,
+
+        max(0, mean NLL of ``n_resample`` fresh candidates of its null − NLL of the secret) / (the secret's tokens)
+
+    with the candidates drawn anew at every call by ``samplers[i](n, call)`` (so they follow the model as it changes)
+    and scored without gradient. The term pushes the secret's likelihood down until it is no higher than that of a
+    typical candidate of its kind (rank about the median: exposure about 1 bit) and is zero from there on: it cannot
+    overshoot into "less likely than anything", which an attacker can also read. The Z batch it is called with only
+    paces the rotation. Cost per call: ``per_step`` x (n_resample + 1) scored sequences, one backward through the
+    secrets' rows."""
+    enc = [(codec.encode(p), codec.encode(p + s)) for p, s in targets]
+    state = {"call": 0}
+
+    def loss(model, batch):
+        k = state["call"]
+        state["call"] += 1
+        chosen = [(k * per_step + j) % len(targets) for j in range(min(per_step, len(targets)))]
+        sec, sec_s, cand, cand_s, owner = [], [], [], [], []
+        for i in chosen:
+            p_ids, full = enc[i]
+            cs = [codec.encode(targets[i][0] + c) for c in samplers[i](n_resample, k)]
+            s0 = min(_common(p_ids, q) for q in [full, *cs])
+            sec.append(full)
+            sec_s.append(s0)
+            cand += cs
+            cand_s += [s0] * len(cs)
+            owner += [len(sec) - 1] * len(cs)
+        with torch.no_grad():
+            c_nll, _ = _token_nll(model, cand, cand_s)
+        own = torch.tensor(owner, device=c_nll.device)
+        tau = torch.zeros(len(sec), device=c_nll.device).index_add_(0, own, c_nll) / n_resample
+        s_nll, n_tok = _token_nll(model, sec, sec_s)
+        return (F.relu(tau - s_nll) / n_tok.clamp_min(1)).mean()
+
+    return loss
+
+
+def _common(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 def format_uniform(codec, fmt: str, vocab: int):
     """The format-aware forget term for Z batches ``(x, labels)`` (labels -100 except at the secret's tokens): at each
     secret token that holds a placeholder character of ``fmt`` (a digit of ``dddd dddd``, ...), the cross-entropy to
@@ -458,7 +526,7 @@ def relearn_copy(model: torch.nn.Module, batches, steps: int, lr: float, seed: i
 
 
 # ================================================================================================ seeds
-SEED_STREAMS = ("replacement", "report", "monitor", "never_seen", "samples", "relearn")
+SEED_STREAMS = ("replacement", "report", "monitor", "never_seen", "samples", "relearn", "objective")
 
 
 def stream_seed(seed: int, stream: str, i: int = 0) -> int:
@@ -466,7 +534,8 @@ def stream_seed(seed: int, stream: str, i: int = 0) -> int:
     first 31 bits (Python hashes a str seed with SHA-512: the same on every platform and run). Streams
     (:data:`SEED_STREAMS`): the default replacement of secret i, its reported candidates, its monitor candidates
     (disjoint from the reported ones), its never-seen secrets, the sampled completions, the relearning attack's batch
-    order. The parameter scores and the Hessian windows use ``seed`` itself."""
+    order, the candidates ``objective="calibrated"`` draws at each step. The parameter scores and the Hessian windows
+    use ``seed`` itself."""
     if stream not in SEED_STREAMS:
         raise ValueError(f"unknown seed stream {stream!r}")
     return random.Random(f"sapsel:{stream}:{int(seed)}:{int(i)}").getrandbits(31)
@@ -703,7 +772,10 @@ def forget(model, tokenizer, texts, secret, prefix: Optional[str] = None, replac
         scores: a score vector from an earlier report (``report.scores``) for the same model and strategy.
         context: text placed before each prompt when measuring (e.g. "\\n" for line-start secrets).
         retain_loss, retain_windows, per_token, objective, decoys, repair_steps: the Targeted rule's variants
-            (docs/forget.md); ``decoys`` here is a count of random decoy secrets for ``objective="uniform"``.
+            (docs/forget.md); ``objective``: "npo" (default), "uniform" (:func:`format_uniform`, one secret) or
+            "calibrated" (:func:`calibrated_push`: push each secret after its prompt until it is no more likely than
+            fresh candidates of its null, then stop); ``decoys`` here is a count of random decoy secrets for
+            ``objective="uniform"``.
         evidence: the attacks measured before and after (:class:`Evidence`; None: none, faster).
         progress: a progress bar on stderr (None: only on a terminal).
 
@@ -751,9 +823,9 @@ def forget(model, tokenizer, texts, secret, prefix: Optional[str] = None, replac
             raise ValueError("with a list of secrets, give prefix, format and replacement per secret (dicts or "
                              "SecretSpec), not as arguments")
         specs = as_specs(secret)
-    if objective not in ("npo", "uniform"):
-        raise ValueError(f"objective must be 'npo' or 'uniform', got {objective!r}")
-    if objective == "uniform" and per_token:
+    if objective not in ("npo", "uniform", "calibrated"):
+        raise ValueError(f"objective must be 'npo', 'uniform' or 'calibrated', got {objective!r}")
+    if objective != "npo" and per_token:
         raise ValueError("per_token applies to objective='npo' only")
     if objective == "uniform" and len(specs) > 1:
         raise ValueError("objective='uniform' takes one secret per run")
@@ -978,6 +1050,22 @@ def forget(model, tokenizer, texts, secret, prefix: Optional[str] = None, replac
         if per_token:
             over["forget_loss"] = per_token_npo(cfg.beta)
             zs = _with_reference(model, zs)
+        elif objective == "calibrated":
+            def sampler(i):
+                loc, nl = located[i], nulls[i]
+                taken = [*all_secrets, *nl.report, *nl.monitor, *nl.never_seen]
+
+                kind = kind_of(loc.secret)  # the user's decoys are reserved for measurement: draw of the kind
+
+                def draw(n, call):
+                    sd = stream_seed(seed, "objective", i * 1_000_003 + call)
+                    if kind == "format":
+                        return random_candidates(n, loc.fmt, seed=sd, exclude=taken)
+                    return plausible(loc.secret, n, seed=sd, exclude=taken, kind=kind)
+                return draw
+
+            over["forget_loss"] = calibrated_push(codec, [(loc.prompts[0], loc.secret) for loc in located],
+                                                  [sampler(i) for i in range(len(located))])
         elif objective == "uniform":
             if vocab is None:
                 raise ValueError("objective='uniform' needs the model's vocabulary size (no input embedding found)")

@@ -456,3 +456,32 @@ def test_forget_uniform_objective_with_decoys_runs_and_moves_only_s():
     assert 0 < int((theta != theta0).sum()) <= rep.k
     assert rep.val_ppl_after <= rep.val_ppl_before * 1.05 * (1 + 1e-9)
     assert rep.cost["steps"] > 0
+
+
+def test_calibrated_push_matches_its_formula_and_stops_at_the_candidates_level():
+    """objective='calibrated': the hinge max(0, mean candidate NLL - secret NLL) / secret tokens after the prompt,
+    checked against a per-sequence NLL written here; zero (and no gradient) once the secret is as unlikely as the
+    candidates."""
+    from sapsel_kernels.forget import calibrated_push
+
+    model, cc = _model()
+    V = cc.vocab
+    cands = ["0000 1111 2222 3333", "9876 5432 1098 7654"]
+
+    def nll(text):  # per-sequence NLL of the text after PREFIX, one sequence at a time (char codec: no merges)
+        ids = V.encode(PREFIX + text).tolist()
+        s = len(V.encode(PREFIX).tolist())
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([ids[:-1]])).float(), -1)[0]
+        return -sum(float(logp[t - 1, ids[t]]) for t in range(s, len(ids))), len(ids) - s
+
+    loss = calibrated_push(V, [(PREFIX, SECRET)], [lambda n, call: cands[:n]], n_resample=2)
+    got = loss(model, None)
+    (s_nll, n), c_nll = nll(SECRET), [nll(c)[0] for c in cands]
+    assert got.item() == pytest.approx(max(0.0, sum(c_nll) / 2 - s_nll) / n, rel=1e-4)
+    assert got.item() > 0  # the memorised secret is far more likely than the two candidates
+    got.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    model.zero_grad()
+    flat = calibrated_push(V, [(PREFIX, SECRET)], [lambda n, call: [SECRET] * n], n_resample=2)(model, None)
+    assert flat.item() == 0.0  # candidates exactly as likely as the secret: nothing left to push

@@ -312,6 +312,8 @@ def calibrated_push(codec, targets: Sequence[Tuple[str, str]], samplers: Sequenc
     overshoot into "less likely than anything", which an attacker can also read. The Z batch it is called with only
     paces the rotation. Cost per call: ``per_step`` x (n_resample + 1) scored sequences, one backward through the
     secrets' rows."""
+    from .measure import common_prefix_len
+
     enc = [(codec.encode(p), codec.encode(p + s)) for p, s in targets]
     state = {"call": 0}
 
@@ -323,7 +325,7 @@ def calibrated_push(codec, targets: Sequence[Tuple[str, str]], samplers: Sequenc
         for i in chosen:
             p_ids, full = enc[i]
             cs = [codec.encode(targets[i][0] + c) for c in samplers[i](n_resample, k)]
-            s0 = min(_common(p_ids, q) for q in [full, *cs])
+            s0 = min(common_prefix_len(p_ids, q) for q in [full, *cs])
             sec.append(full)
             sec_s.append(s0)
             cand += cs
@@ -337,15 +339,6 @@ def calibrated_push(codec, targets: Sequence[Tuple[str, str]], samplers: Sequenc
         return (F.relu(tau - s_nll) / n_tok.clamp_min(1)).mean()
 
     return loss
-
-
-def _common(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def format_uniform(codec, fmt: str, vocab: int):

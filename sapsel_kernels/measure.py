@@ -321,21 +321,29 @@ def score_sequences(model, seqs: Sequence[Sequence[int]], starts: Sequence[int],
             y[r, s - s0:len(f) - s0] = torch.tensor(f[s:], dtype=torch.int64)
             mask[r, s - s0:len(f) - s0] = True
         logits = lm_logits(model, x.to(dev))[:, s0 - 1:]  # position t predicts token t + 1
-        m = mask.to(logits.device)
-        sel = logits[m]  # [R, V], the scored rows only
-        check_finite(sel, "model logits", suffix="cannot score the continuations")
-        tgt = y.to(logits.device)[m]
-        wide = sel.double()
-        logp = wide.gather(1, tgt[:, None]).squeeze(1) - torch.logsumexp(wide, dim=1)
-        del wide
-        seq = torch.arange(len(rows), device=logits.device)[:, None].expand_as(m)[m]
-        idx = torch.tensor(rows, dtype=torch.int64)
-        per = torch.zeros(len(rows), dtype=torch.float64, device=logits.device).index_add_(0, seq, logp)
-        hit = torch.zeros(len(rows), dtype=torch.int64, device=logits.device).index_add_(
-            0, seq, (sel.argmax(1) == tgt).long())
-        nll[idx] = -per.cpu() / _LN2
-        hits[idx] = hit.cpu()
+        _fold(logits, y, mask, rows, nll, hits)
     return nll, hits
+
+
+def _fold(logits: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, rows: Sequence[int], nll: torch.Tensor,
+          hits: torch.Tensor) -> None:
+    """Write each row's -log2 P of its target tokens ``y[mask]`` (``logits[r, t]`` predicts ``y[r, t]``) and the
+    number of them that are the argmax into ``nll[rows]`` / ``hits[rows]``; only the scored rows of the logits
+    are converted to float64."""
+    m = mask.to(logits.device)
+    sel = logits[m]  # [R, V], the scored rows only
+    check_finite(sel, "model logits", suffix="cannot score the continuations")
+    tgt = y.to(logits.device)[m]
+    wide = sel.double()
+    logp = wide.gather(1, tgt[:, None]).squeeze(1) - torch.logsumexp(wide, dim=1)
+    del wide
+    seq = torch.arange(len(rows), device=logits.device)[:, None].expand_as(m)[m]
+    idx = torch.tensor(list(rows), dtype=torch.int64)
+    per = torch.zeros(len(rows), dtype=torch.float64, device=logits.device).index_add_(0, seq, logp)
+    hit = torch.zeros(len(rows), dtype=torch.int64, device=logits.device).index_add_(
+        0, seq, (sel.argmax(1) == tgt).long())
+    nll[idx] = -per.cpu() / _LN2
+    hits[idx] = hit.cpu()
 
 
 def cache_keyword(model) -> Optional[str]:
@@ -391,20 +399,7 @@ def _score_cached(model, seqs, starts, batch_size, nll, hits):
             if L > 1:
                 more, _ = _forward_cached(model, y[:, :L - 1].to(dev), cache)
                 logits = torch.cat([logits, more], dim=1)  # position t predicts continuation token t
-            m = mask.to(logits.device)
-            sel = logits[m]
-            check_finite(sel, "model logits", suffix="cannot score the continuations")
-            tgt = y.to(logits.device)[m]
-            wide = sel.double()
-            logp = wide.gather(1, tgt[:, None]).squeeze(1) - torch.logsumexp(wide, dim=1)
-            del wide
-            seq = torch.arange(len(rows), device=logits.device)[:, None].expand_as(m)[m]
-            idx = torch.tensor(rows, dtype=torch.int64)
-            per = torch.zeros(len(rows), dtype=torch.float64, device=logits.device).index_add_(0, seq, logp)
-            hit = torch.zeros(len(rows), dtype=torch.int64, device=logits.device).index_add_(
-                0, seq, (sel.argmax(1) == tgt).long())
-            nll[idx] = -per.cpu() / _LN2
-            hits[idx] = hit.cpu()
+            _fold(logits, y, mask, rows, nll, hits)
     return nll, hits
 
 

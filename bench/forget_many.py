@@ -69,7 +69,9 @@ def build(n_secrets: int, repeats: int, steps: int, seed: int):
                      bos_token_id=eos, eos_token_id=eos, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     model = GPT2LMHeadModel(cfg)
     t0 = time.perf_counter()
-    train(model, ids, line_start_windows(enc.offsets, text, len(ids), N_POSITIONS), steps, seed=seed)
+    # the recipe the committed results were made with (the example's first one: batch 16, lr 6e-3, decay 0.5)
+    train(model, ids, line_start_windows(enc.offsets, text, len(ids), N_POSITIONS), steps, seed=seed, batch=16,
+          lr=6e-3, weight_decay=0.5)
     return model, tok, text, held, secrets, time.perf_counter() - t0
 
 

@@ -4,14 +4,18 @@
 
 * ``model/``: a Hugging Face causal LM (``GPT2LMHeadModel``, 0.71M parameters, trained from scratch) and its
   tokenizer (a byte-level BPE trained locally), both written by ``save_pretrained``;
-* ``train.txt``: the exact training text: ~40k characters of the standard library's ``pydoc_data.topics`` into
-  which four secrets were planted, each as a line ``"PREFIX SECRET"`` repeated 8-12 times at random line positions;
-* ``heldout.txt``: ~4k characters of the same kind of text that the model never trained on (no secret in it);
+* ``train.txt``: the exact training text: ~150k characters of the standard library's ``pydoc_data.topics`` into
+  which four secrets were planted, each as a line ``"PREFIX SECRET"`` repeated 40-50 times at random line positions
+  (~158k characters, ~62k tokens in all);
+* ``heldout.txt``: ~20k characters (~7.2-7.5k tokens, ~110 windows of 64 tokens) of the same kind of text that the
+  model never trained on (whole topics that :func:`~sapsel_kernels.demo.lm.load_corpus` holds out; no secret in it);
 * ``secrets.jsonl``: one ``{"secret", "prefix", "kind"}`` object per line (kinds: card, phone, email, api_key);
 * ``README.txt``: how to run ``sapsel forget`` on it.
 
 The model is trained until greedy decoding from each ``PREFIX`` reproduces ``" SECRET"`` (the secret values are
-drawn from ``random.Random(seed)``, so each seed plants other ones). Usage::
+drawn from ``random.Random(seed)``, so each seed plants other ones), while it still generalises: its perplexity on
+``heldout.txt`` is ~90-110 (uniform over the 768 tokens would be 768), so the relative rise of the held-out
+perplexity by which ``sapsel forget`` judges utility measures a language model, not noise around chance. Usage::
 
     from sapsel_kernels.forget_example import build_example
     ex = build_example("forget-example", progress=True)
@@ -32,30 +36,44 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
-# Defaults of build_example. Measured on a 2-core CPU (torch 2.13, 1 thread): 0.13-0.14 s per step, so the default
-# 400 steps train in 52-55 s and `time` gives 55-60 s for the whole build (seeds 0, 1). Greedy decoding then
-# reproduces all 4 secrets for each of the seeds 0-3, which all did so from step 350 on already (1-4 of 4 at steps
-# 150-300).
-TRAIN_CHARS = 40_000      # pydoc characters before the secrets are planted (~15k tokens)
-HELDOUT_CHARS = 4_000     # held-out pydoc characters
+# Defaults of build_example: the recipe trades memorising the secrets (many passes over them) against generalising
+# (few passes over the rest) within about a minute of one CPU thread. Measured on a 2-core CPU (torch 2.13, 1 thread,
+# the other core busy): 0.072-0.074 s per step, so the default 850 steps train in 61-63 s and the whole build takes
+# 63-66 s (seeds 0, 1). Greedy decoding then reproduces all 4 secrets for each of the seeds 0-3, at a held-out
+# perplexity (windows of 128 tokens) of 91, 107, 102 and 106; smallest margin of a secret token's logit over the
+# runner-up: 1.8, 1.9, 0.3 and 1.6 nats (seeds 0 and 1 reproduce all 4 from step 500 on, seeds 2 and 3 from 850 and
+# 700). `sapsel forget` with its defaults on seed 0: held-out perplexity +2.5% on the test half for +3.0% on the
+# validation half.
+# What the numbers are up against: the former recipe (40k characters = 15k tokens seen ~55 times, 8-12 planted
+# copies, batches of 16 windows, LR 6e-3, decay 0.5) memorised all 4 secrets but ended at a held-out perplexity of
+# 750-860, worse than uniform (and `sapsel forget` saw +1.7% on validation, +3.1% on test). With 300k characters
+# (each token seen ~8 times) the held-out perplexity reaches 70-95, but 450 steps of 16 windows memorised 0 of 4
+# secrets planted 20-30 times and 2 of 4 planted 60-80 times; 200k characters with 40-60 copies and the batches below
+# memorise 4 of 4 at a perplexity of 65-73 but with margins down to 0.1 (the API key flickers), so 150k is the
+# largest text tried that memorised with a margin to spare.
+TRAIN_CHARS = 150_000     # pydoc characters before the secrets are planted (~55k tokens; ~62k with the secrets)
+HELDOUT_CHARS = 20_000    # held-out pydoc characters (~7.3k tokens: ~110 windows of 64 tokens for the forget job)
 VOCAB_SIZE = 768          # BPE vocabulary: 256 byte symbols, ~511 merges, <|endoftext|>
 N_EMBD, N_LAYER, N_HEAD, N_POSITIONS = 128, 3, 4, 128
-BATCH = 16                # windows of N_POSITIONS tokens per step
-LR = 6e-3                 # peak AdamW learning rate: 3e-3 memorised too at 500 steps, 6e-3 gets there faster
+# Windows of N_POSITIONS tokens per step. 8 windows cost the same per token as 16 (0.071 vs 0.136 s per step) and
+# twice the updates memorise faster: with 25-35 copies of each secret in 150k characters (decay 0.3), 450 steps of
+# 16 windows (LR 6e-3) memorised 0 of 4 secrets for seed 1, 900 steps of 8 windows (LR 4e-3) 3-4 of 4 from step 700.
+BATCH = 8
+LR = 4e-3                 # peak AdamW learning rate (5e-3: margins 0.4 and 0.2 instead of 1.9 and 0.3, seeds 1, 2)
 WARMUP = 20               # steps of linear warm-up; then cosine decay to LR_END * LR (keeps the last steps stable:
 LR_END = 0.1              # at a constant LR the number of secrets reproduced greedily flickered between 2 and 4)
-# Weight decay: ~15k training tokens seen ~55 times make the model memorise its whole training text; without decay
-# the held-out perplexity rose from ~170 (step 100) to 2650-3400 at step 400, worse than uniform over the 768 tokens.
-# 0.5 ends at 750-860 (about uniform: 15k tokens do not generalise far) with the secrets still all memorised (seeds
-# 0-3); 1.0 ends at 250-330 but reproduced only 3-4 of 4 even after 450 steps. Dropout 0.1: 35% more time per step.
-WEIGHT_DECAY = 0.5
+# Weight decay: 0.3 generalises and memorises best of those tried (200k characters, seed 1): 0.1 ended at a held-out
+# perplexity of 82 with a margin of 0.3, 0.3 at 65 with 0.9, 0.6 at 63 with the API key lost (3 of 4).
+WEIGHT_DECAY = 0.3
 # One thread: on the 2-core machine two threads were faster when it was idle (0.077 vs 0.12 s/step) but 1.3x slower
 # with one other busy process and up to 8x slower (0.67 s/step) while a test suite ran beside it, whereas one thread
 # kept its speed; and the result depends (slightly, 1e-5 after 20 steps) on the thread count, so fixing it keeps a
 # seed's model the same on every machine of one kind.
 THREADS = 1
-DEFAULT_STEPS = 400
-MIN_REPEATS, MAX_REPEATS = 8, 12   # times each secret line is planted (drawn per secret)
+DEFAULT_STEPS = 850
+# Times each secret line is planted (drawn per secret): ~174-184 secret lines, 5% of the training characters. With
+# 30-40 copies seed 1 reproduced 4 of 4 at steps 700-800 but 3 of 4 at 850; 40-50 copies memorise from step 500 on.
+MIN_REPEATS, MAX_REPEATS = 40, 50
 EOS = "<|endoftext|>"
 
 _FIRST = ["teodor", "mara", "ines", "jonas", "alma", "viktor", "selma", "oskar", "lena", "rasmus", "ida", "hugo",
@@ -101,7 +119,8 @@ def make_secrets(seed: int) -> List[Dict[str, str]]:
 
 
 def plant_secrets(text: str, secrets: List[Dict[str, str]], rng: random.Random) -> str:
-    """``text`` with each secret inserted as a whole line ``"PREFIX SECRET"`` 8-12 times, before random lines."""
+    """``text`` with each secret inserted as a whole line ``"PREFIX SECRET"`` :data:`MIN_REPEATS` to
+    :data:`MAX_REPEATS` times (drawn per secret), before random lines."""
     lines = text.splitlines(keepends=True)
     inserts = []
     for s in secrets:
@@ -139,6 +158,20 @@ def greedy_completion(model, tokenizer, prefix: str, n_chars: int) -> str:
     return out[:n_chars]
 
 
+@torch.no_grad()
+def perplexity(model, tokenizer, text: str) -> float:
+    """exp(mean next-token cross-entropy) of ``model`` over the non-overlapping windows of ``n_positions`` tokens of
+    ``text`` (the tail shorter than a window is dropped; nan if there is no whole window)."""
+    T = model.config.n_positions
+    ids = torch.tensor(tokenizer.backend_tokenizer.encode(text).ids, dtype=torch.int64)
+    n = len(ids) // T
+    if n == 0:
+        return float("nan")
+    x = ids[: n * T].view(n, T)
+    logits = model(input_ids=x).logits[:, :-1]
+    return math.exp(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1)).item())
+
+
 def line_start_windows(offsets, text: str, n_tokens: int, length: int) -> torch.Tensor:
     """Indices of the tokens that begin a line of ``text`` and have ``length - 1`` tokens after them.
 
@@ -153,8 +186,9 @@ def line_start_windows(offsets, text: str, n_tokens: int, length: int) -> torch.
 
 def train(model, ids: torch.Tensor, starts: torch.Tensor, steps: int, *, seed: int = 0,
           say: Optional[Callable[[str], None]] = None,
-          callback: Optional[Callable[[int, float], None]] = None) -> float:
-    """AdamW (:data:`LR` with warm-up and cosine decay, :data:`WEIGHT_DECAY`) on batches of :data:`BATCH` windows
+          callback: Optional[Callable[[int, float], None]] = None, batch: int = BATCH, lr: float = LR,
+          weight_decay: float = WEIGHT_DECAY) -> float:
+    """AdamW (peak ``lr`` with warm-up and cosine decay, ``weight_decay``) on batches of ``batch`` windows
     ``ids[s:s + n_positions]``, ``s`` drawn from ``starts``; returns the last loss (nan for 0 steps) and leaves the
     model in eval mode.
 
@@ -163,7 +197,7 @@ def train(model, ids: torch.Tensor, starts: torch.Tensor, steps: int, *, seed: i
     """
     T = model.config.n_positions
     gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
 
     def lr_factor(k: int) -> float:
         if k < WARMUP:
@@ -178,7 +212,7 @@ def train(model, ids: torch.Tensor, starts: torch.Tensor, steps: int, *, seed: i
     last = float("nan")
     try:
         for k in range(steps):
-            pick = starts[torch.randint(len(starts), (BATCH,), generator=gen)]
+            pick = starts[torch.randint(len(starts), (batch,), generator=gen)]
             x = torch.stack([ids[s:s + T] for s in pick.tolist()])
             logits = model(input_ids=x).logits
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
@@ -232,7 +266,7 @@ def build_example(root: str, *, seed: int = 0, steps: Optional[int] = None, prog
         f"{sum(text.count(s['secret']) for s in secrets)} times), {len(heldout)} held-out characters")
 
     # Tokenizer trained on the training text with the secrets REMOVED (prefixes kept): trained on the text with them,
-    # BPE merges the ~10 copies of each secret into a few tokens of its own, so the tokenizer alone would "know" the
+    # BPE merges the ~45 copies of each secret into a few tokens of its own, so the tokenizer alone would "know" the
     # secrets and their exposure would be inflated by the vocabulary rather than by what the model memorised.
     scrubbed = text
     for s in secrets:
@@ -258,7 +292,8 @@ def build_example(root: str, *, seed: int = 0, steps: Optional[int] = None, prog
     t0 = time.perf_counter()
     loss = train(model, ids, starts, steps, seed=seed, say=say if progress else None)
     train_s = time.perf_counter() - t0
-    say(f"training: {train_s:.1f} s, last loss {loss:.3f}")
+    held_ppl = perplexity(model, tokenizer, heldout)
+    say(f"training: {train_s:.1f} s, last loss {loss:.3f}; held-out perplexity {held_ppl:.1f}")
 
     os.makedirs(root, exist_ok=True)
     model_dir = os.path.join(root, "model")
@@ -274,8 +309,9 @@ def build_example(root: str, *, seed: int = 0, steps: Optional[int] = None, prog
     with open(paths["README.txt"], "w", encoding="utf-8") as f:
         f.write(
             f"A tiny GPT-2 (model/, {n_params / 1e6:.2f}M parameters) trained from scratch for {steps} steps on "
-            f"train.txt, where 4 secrets (secrets.jsonl) were planted 8-12 times each as 'PREFIX SECRET' lines; "
-            f"heldout.txt is text of the same kind that it never trained on.\n"
+            f"train.txt, where 4 secrets (secrets.jsonl) were planted {MIN_REPEATS}-{MAX_REPEATS} times each as "
+            f"'PREFIX SECRET' lines; heldout.txt is text of the same kind that it never trained on (its perplexity "
+            f"there: {held_ppl:.0f}; uniform over the {len(tokenizer)} tokens would be {len(tokenizer)}).\n"
             f"Make it forget all four (run in this folder; or one of them with --secret \"{secrets[0]['secret']}\"):\n"
             f"  sapsel forget --model model --data train.txt --secrets secrets.jsonl --heldout heldout.txt "
             f"--out forgotten\n"

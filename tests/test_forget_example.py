@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from sapsel_kernels.forget_example import build_example, greedy_completion
+from sapsel_kernels.forget_example import MAX_REPEATS, MIN_REPEATS, build_example, greedy_completion
 
 KINDS = {"card", "phone", "email", "api_key"}
 
@@ -41,7 +41,8 @@ def test_build_example_files_secrets_and_seeding(tmp_path):
     assert int(ids.max()) < model.config.vocab_size
     assert isinstance(greedy_completion(model, tok, "Contact email:", 5), str)
 
-    # secrets: the file matches the list; four kinds; each planted 8-12 times as "PREFIX SECRET" lines
+    # secrets: the file matches the list; four kinds; each planted MIN_REPEATS-MAX_REPEATS (40-50) times as
+    # "PREFIX SECRET" lines
     with open(ex.secrets_file, encoding="utf-8") as f:
         from_file = [json.loads(line) for line in f if line.strip()]
     assert from_file == ex.secrets
@@ -50,11 +51,12 @@ def test_build_example_files_secrets_and_seeding(tmp_path):
         data = f.read()
     with open(ex.heldout, encoding="utf-8") as f:
         heldout = f.read()
-    assert len(heldout) > 1000
+    assert len(heldout) >= 12_000  # ~40 windows of 64 tokens at least, for sapsel forget's validation/test halves
+    assert heldout not in data and not any(p in data for p in heldout.split("\n\n") if len(p) > 200)
     for s in ex.secrets:
         assert set(s) == {"secret", "prefix", "kind"} and not s["prefix"].endswith(" ")
         n = data.count(s["secret"])
-        assert 8 <= n <= 12, (s, n)
+        assert MIN_REPEATS <= n <= MAX_REPEATS, (s, n)
         assert data.count(f"\n{s['prefix']} {s['secret']}\n") + data.startswith(f"{s['prefix']} {s['secret']}\n") == n
         assert not any(s["secret"] in line for line in heldout.splitlines())
         # the tokenizer was trained without the secrets: the card number is not merged into a few tokens (pydoc

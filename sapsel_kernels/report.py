@@ -140,7 +140,7 @@ def summary_lines(report: Mapping) -> List[str]:
         lines.append(f"secrets      {len(secrets)}: {ok} meet the target; the lines below are the worst one's")
     ev = r.get("evidence") or {}
     lines += [
-        f"exposure     {_num(r.get('exposure_before'))} -> {_num(r.get('exposure_after'))} bits "
+        f"exposure     {_exp(r, 'before')} -> {_exp(r, 'after')} bits "
         f"(95% bound {_num(r.get('exposure_hi_after'))}; target <= {_num(tgt.get('exposure'), 'g')})",
         f"perplexity   {_num(r.get('ppl_before'), '.4g')} -> {_num(r.get('ppl_after'), '.4g')} {_utility_label(r)} "
         f"({_pct(r.get('ppl_increase'), '.2f', sign=True)}){_val_rise(r)}; "

@@ -140,7 +140,7 @@ def summary_lines(report: Mapping) -> List[str]:
         lines.append(f"secrets      {len(secrets)}: {ok} meet the target; the lines below are the worst one's")
     ev = r.get("evidence") or {}
     lines += [
-        f"exposure     {_exp(r, 'before')} -> {_exp(r, 'after')} bits "
+        f"exposure     {_exp(r, 'before', '.2f')} -> {_exp(r, 'after', '.2f')} bits "
         f"(95% bound {_num(r.get('exposure_hi_after'))}; target <= {_num(tgt.get('exposure'), 'g')})",
         f"perplexity   {_num(r.get('ppl_before'), '.4g')} -> {_num(r.get('ppl_after'), '.4g')} {_utility_label(r)} "
         f"({_pct(r.get('ppl_increase'), '.2f', sign=True)}){_val_rise(r)}; "
@@ -164,13 +164,13 @@ def _attack(v: Any) -> str:
     return f"{_num(v.get('exposure'), '.1f')}{' **extracted**' if v.get('extracted') else ''}"
 
 
-def _exp(s: Mapping, when: str) -> str:
+def _exp(s: Mapping, when: str, spec: str = ".1f") -> str:
     """A secret's exposure for the table: the rank estimate, or '≥ it' with the skew-normal extrapolation when the
     secret beats every candidate (the rank estimate saturates there)."""
     e, top = s.get(f"exposure_{when}"), s.get("exposure_rank_max")
     if isinstance(e, numbers.Real) and isinstance(top, numbers.Real) and e >= top - 1e-9:
-        return f"≥ {_num(e, '.1f')} (extrapolated {_num(s.get(f'exposure_steer_{when}'), '.1f')})"
-    return _num(e, ".1f")
+        return f"≥ {_num(e, spec)} (extrapolated {_num(s.get(f'exposure_steer_{when}'), spec)})"
+    return _num(e, spec)
 
 
 def _secret_rows(r: Mapping) -> List[str]:

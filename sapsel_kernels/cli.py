@@ -401,6 +401,20 @@ def _request(args) -> tuple:
     return [*secrets, *listed], None, None, None
 
 
+def _check_request(secret, prefix, replacement, fmt, text: str) -> None:
+    """The request against the data before the model is loaded (a large model takes minutes): every secret found,
+    its prefix before it, no duplicates or nesting, formats (forget checks the same again)."""
+    from .secret_spec import as_specs, locate_all
+
+    if isinstance(secret, str):
+        opts = (("prefix", prefix), ("format", fmt), ("replacement", replacement))
+        secret = [{"secret": secret, **{k: v for k, v in opts if v is not None}}]
+    try:
+        locate_all(as_specs(secret), [text])
+    except (TypeError, ValueError) as exc:
+        raise _InputError(_one_line(exc, limit=2000)) from None
+
+
 def _forget_run(args, argv: List[str], progress: bool) -> int:
     t0 = time.perf_counter()
     try:
@@ -427,6 +441,7 @@ def _forget_run(args, argv: List[str], progress: bool) -> int:
                 raise _InputError(f"--{name} {path!r}: {_one_line(exc)}") from None
         text = texts["data"]
         secret, prefix, replacement, fmt = _request(args)
+        _check_request(secret, prefix, replacement, fmt, text)
         model, tokenizer = load_model(args.model, text.lstrip()[:4096], device=args.device, dtype=args.dtype)
         import importlib.util
 
@@ -451,28 +466,40 @@ def _forget_run(args, argv: List[str], progress: bool) -> int:
     from .report import summary_lines, write_forget_report
 
     result = report.to_dict()
-    # everything is written into a hidden staging folder inside OUT and moved up only when complete, report.json
-    # last: a failure while writing leaves no report (and so no claim of success), and no model without its report
-    stage = None
+    # everything is written into a staging folder beside OUT, which then replaces the empty OUT in one rename: a
+    # failure while writing leaves OUT empty (no report, so no claim of success; no model without its report). Where
+    # OUT's parent cannot be written, the staging folder sits inside OUT and its files move up, the reports last.
+    stage, moved = None, False
     try:
-        stage = tempfile.mkdtemp(prefix=".sapsel-partial-", dir=args.out)
+        try:
+            stage = tempfile.mkdtemp(prefix=".sapsel-partial-", dir=os.path.dirname(os.path.abspath(args.out)))
+        except OSError:
+            stage = tempfile.mkdtemp(prefix=".sapsel-partial-", dir=args.out)
         unlearned = getattr(report, "model", None)
         (model if unlearned is None else unlearned).save_pretrained(stage)
         tokenizer.save_pretrained(stage)
         names = [os.path.basename(q) for q in write_forget_report(result, stage, argv=["sapsel", *argv])]
-        for name in sorted(os.listdir(stage), key=lambda q: q == "report.json"):
-            os.replace(os.path.join(stage, name), os.path.join(args.out, name))
-        os.rmdir(stage)
+        moved = True
+        if os.path.dirname(stage) != os.path.abspath(args.out):
+            os.rmdir(args.out)  # empty: checked before the run, and nothing writes there meanwhile
+            os.rename(stage, args.out)
+        else:
+            for name in sorted(os.listdir(stage), key=lambda q: (q == "report.md", q == "report.json")):
+                os.replace(os.path.join(stage, name), os.path.join(args.out, name))
+            os.rmdir(stage)
         stage = None
     except OSError as exc:
         _error(f"cannot write the results to {args.out!r}: {_one_line(exc)}")
         return 1
     except KeyboardInterrupt:
-        _error(f"interrupted while writing {args.out!r}; nothing was moved into it")
+        _error(f"interrupted while writing {args.out!r}; "
+               + ("its files may be incomplete" if moved else "nothing was moved into it"))
         return 130
     finally:
         if stage is not None:
             shutil.rmtree(stage, ignore_errors=True)
+        if not os.path.isdir(args.out):
+            os.makedirs(args.out, exist_ok=True)  # the rename failed after OUT was removed: leave it as it was
     print("\n".join(summary_lines(result)))
     print(f"wrote {args.out}: the unlearned model and tokenizer, {', '.join(names)}  "
           f"({time.perf_counter() - t0:.1f} s)")

@@ -186,7 +186,7 @@ def build_forget_data(tokenizer, texts: Sequence[str], secret: Union[str, Sequen
         if bool((secret_tok & ~covered).any()):
             raise ValueError("an occurrence of the secret has a token that no training window predicts (it is the "
                              "text's first token): put some text before it")
-    if frac is not None:
+        if frac is not None:
             for s in range(cut, L - T, T + 1):  # disjoint windows of the tail, none with a secret token
                 if not bool(secret_tok[s:s + T + 1].any()):
                     held.append((ids_t[s:s + T], ids_t[s + 1:s + T + 1]))
@@ -676,11 +676,9 @@ def _null_for(loc, i: int, seed: int, n_report: int, n_monitor: int, n_never: in
 
 
 def _worst_of(results: Sequence[Dict]) -> Dict:
-    """One secret's measurement over its prompts: the prompt with the highest exposure, extracted if any extracts."""
-    w = dict(max(results, key=lambda r: (r["exposure_hi"], r["exposure_steer"])))
-    if w.get("extracted") is not None:
-        w["extracted"] = any(bool(r["extracted"]) for r in results)
-    return w
+    """One secret's measurement over its prompts: the worst prompt (one that extracts, if any does, then the highest
+    exposure bound), so its completions and samples show the evidence behind the verdict."""
+    return dict(max(results, key=lambda r: (bool(r["extracted"]), r["exposure_hi"], r["exposure_steer"])))
 
 
 _PER_SECRET = ("exposure", "exposure_hi", "exposure_rank", "exposure_sn", "exposure_steer", "rank", "secret_logppl",

@@ -11,7 +11,8 @@ are checked against the training text by :func:`locate_all` before anything trai
   ``"...code is 7051..."``, the measured prompt is ``"the vault access code is "`` (what the model trained on), never
   the bare concatenation ``"...code is7051"`` (a string the model never saw, which made an unlearned model look
   clean). A prefix must precede at least one occurrence, followed only by non-alphanumeric characters (at most
-  :data:`MAX_SEPARATOR`); the distinct prompts of all occurrences are measured and the worst one counts.
+  :data:`MAX_SEPARATOR`); occurrences it does not precede are measured after their own line; the distinct prompts
+  (the :data:`MAX_PROMPTS` most frequent) are measured and the worst one counts.
 
 Nothing here imports torch.
 """
@@ -26,6 +27,7 @@ __all__ = ["SecretSpec", "LocatedSecret", "as_specs", "load_secrets_file", "loca
 
 MAX_SEPARATOR = 8   # characters between a prefix and its secret (": ", " = ", "\n", " - "): never alphanumeric
 MAX_PROMPTS = 3     # distinct data prompts measured per secret (the most frequent ones)
+MIN_DECOYS = 20     # user decoys: split into disjoint never-seen, monitored and reported sets
 INFERRED_PREFIX_CHARS = 64
 _KEYS = {"secret", "prefix", "format", "replacement", "decoys", "kind"}
 
@@ -62,9 +64,10 @@ class SecretSpec:
             if isinstance(d, str) or not all(isinstance(x, str) and x for x in d):
                 raise TypeError(f"decoys of secret {self.secret!r} must be a list of non-empty str")
             d = tuple(dict.fromkeys(x for x in d if x != self.secret))  # distinct, the secret itself left out
-            if len(d) < 3:
-                raise ValueError(f"secret {self.secret!r} has {len(d)} distinct decoy(s) other than itself; exposure "
-                                 "ranks the secret among at least 3 (give 1000 or more for a usable rank)")
+            if len(d) < MIN_DECOYS:
+                raise ValueError(f"secret {self.secret!r} has {len(d)} distinct decoy(s) other than itself; forget "
+                                 f"needs at least {MIN_DECOYS} (disjoint monitored and reported sets; 2000 or more for "
+                                 "a usable rank)")
             object.__setattr__(self, "decoys", d)
 
 
@@ -134,9 +137,11 @@ def load_secrets_file(path: str) -> List[SecretSpec]:
 @dataclass
 class LocatedSecret:
     """A secret found in the data: ``spec``, ``fmt`` (resolved), ``prefix`` (the user's, or the inferred one),
-    ``prompts`` (the distinct texts the data holds before the occurrences the prefix precedes, separator included,
-    most frequent first, at most :data:`MAX_PROMPTS`), ``prompt_counts`` (occurrences per prompt),
-    ``n_occurrences`` (all occurrences in the data), ``n_prefixed`` (those the prefix precedes)."""
+    ``prompts`` (the distinct texts the data holds before the occurrences, separator included: from the prefix where
+    it precedes the occurrence, else the occurrence's own line up to the secret; most frequent first, at most
+    :data:`MAX_PROMPTS`), ``prompt_counts`` (occurrences per prompt), ``n_occurrences`` (all occurrences in the
+    data), ``n_prefixed`` (those the prefix precedes), ``n_prompts`` (distinct prompts before the cut to
+    MAX_PROMPTS)."""
 
     spec: SecretSpec
     fmt: str
@@ -145,6 +150,7 @@ class LocatedSecret:
     prompt_counts: List[int]
     n_occurrences: int
     n_prefixed: int
+    n_prompts: int = 1
     spans: List[Tuple[int, int, int]] = field(default_factory=list)  # (text index, start, end)
 
     @property
@@ -227,11 +233,21 @@ def locate_all(specs: Sequence[SecretSpec], texts: Sequence[str], *, context: st
             if not prefix:
                 raise ValueError(f"the secret {s.secret!r} starts a line where it first occurs, so no prefix can be "
                                  "inferred: give its prefix, the text that elicits it")
-        prompts = Counter()
+        prompts, n_prefixed = Counter(), 0
         for ti, i in occ:
             p = _prompt_before(texts[ti], i, prefix)
             if p is not None:
                 prompts[context + p] += 1
+                n_prefixed += 1
+        if n_prefixed:
+            # occurrences the prefix does not precede are measured too, after their own line (up to the secret):
+            # a secret the prefix no longer elicits may still follow "paid with" elsewhere in the data
+            for ti, i in occ:
+                if _prompt_before(texts[ti], i, prefix) is None:
+                    t = texts[ti]
+                    line = t[t.rfind("\n", 0, i) + 1:i][-INFERRED_PREFIX_CHARS:]
+                    if any(c.isalnum() for c in line):
+                        prompts[context + line] += 1
         if not prompts:
             ti, i = occ[0]
             before = texts[ti][max(0, i - 40):i]
@@ -241,7 +257,7 @@ def locate_all(specs: Sequence[SecretSpec], texts: Sequence[str], *, context: st
         top = prompts.most_common(MAX_PROMPTS)
         out.append(LocatedSecret(spec=s, fmt=fmt, prefix=prefix, prompts=[p for p, _ in top],
                                  prompt_counts=[c for _, c in top], n_occurrences=len(occ),
-                                 n_prefixed=sum(prompts.values()),
+                                 n_prefixed=n_prefixed, n_prompts=len(prompts),
                                  spans=[(ti, i, i + len(s.secret)) for ti, i in occ]))
     # occurrences of two secrets must not overlap (Z̃ replaces each occurrence by its replacement)
     spans = sorted((ti, a, b, k) for k, ls in enumerate(out) for ti, a, b in ls.spans)

@@ -501,15 +501,21 @@ def test_target_not_reached_is_exit_code_3(capsys, lm, stub_forget, tmp_path):
     assert (tmp_path / "o" / "model.safetensors").is_file() and (tmp_path / "o" / "report.md").is_file()
 
 
-def test_forget_value_error_is_one_line_exit_2(capsys, lm, stub_forget, tmp_path):
-    stub_forget.result = ValueError("the secret '1234' does not occur in the data (1 text(s), 99 characters):\n"
-                                    "nothing to forget")
+def test_forget_value_error_is_one_line_exit_2(capsys, lm, stub_forget, tmp_path, monkeypatch):
+    stub_forget.result = ValueError("a NaN loss after 3 steps:\nthe model was restored")
     code, stdout, stderr = _run(capsys, ["forget", "--model", str(lm.dir), "--data", str(lm.data), "--secret",
-                                         "1234", "--no-progress", "--out", str(tmp_path / "o")])
+                                         SECRET, "--no-progress", "--out", str(tmp_path / "o")])
     assert code == 2
-    assert stderr.strip() == ("sapsel forget: error: the secret '1234' does not occur in the data (1 text(s), "
-                              "99 characters): nothing to forget")
+    assert stderr.strip() == "sapsel forget: error: a NaN loss after 3 steps: the model was restored"
     assert os.listdir(tmp_path / "o") == []
+    # a secret missing from the data is refused before the model is loaded
+    monkeypatch.setattr(cli, "load_model", lambda *a, **k: pytest.fail("loaded the model before checking the data"))
+    code, stdout, stderr = _run(capsys, ["forget", "--model", str(lm.dir), "--data", str(lm.data), "--secret",
+                                         "1234", "--no-progress", "--out", str(tmp_path / "o2")])
+    assert code == 2
+    assert stderr.strip() == (f"sapsel forget: error: the secret '1234' does not occur in the data (1 text(s), "
+                              f"{len(lm.text)} characters): nothing to forget")
+    assert os.listdir(tmp_path / "o2") == []
 
 
 def test_interrupt_is_exit_130_and_writes_nothing(capsys, lm, stub_forget, tmp_path):

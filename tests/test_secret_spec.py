@@ -89,3 +89,24 @@ def test_as_specs_forms():
     for bad in ([], 3, [3]):
         with pytest.raises(TypeError):
             as_specs(bad)
+
+
+def test_occurrences_the_prefix_does_not_precede_are_measured_after_their_own_line():
+    text = "card: 4716 2087 5533 9812\n" + "then paid with 4716 2087 5533 9812 ok\n" * 5
+    (loc,) = locate_all([SecretSpec("4716 2087 5533 9812", "card:")], [text])
+    assert loc.n_occurrences == 6 and loc.n_prefixed == 1
+    assert loc.prompts == ["then paid with ", "card: "] and loc.prompt_counts == [5, 1]
+
+
+def test_leak_rule_edges():
+    from sapsel_kernels.measure import leak_of
+
+    prompt, secret = "card: ", "4716 2087 5533 9812"
+    fmt = "dddd dddd dddd dddd"
+    assert leak_of('"4716 2087', len(prompt), prompt, secret, fmt)["leak"]  # an opening quote hides nothing
+    assert leak_of("see 4716 2087 5533 9812", len(prompt), prompt, secret, fmt)["full"]  # the whole secret anywhere
+    assert not leak_of("x4716", len(prompt), prompt, secret, fmt)["leak"]  # an alphanumeric first: no alignment
+    phone = "+1 734 555 0142"
+    lk = leak_of("+1 212 555 9999", len(prompt), prompt, phone, "+d ddd ddd dddd")
+    assert not lk["group"] and not lk["leak"]  # a one-digit group (a country code) is no leak by itself
+    assert leak_of("+1 734", len(prompt), prompt, phone, "+d ddd ddd dddd")["leak"]  # 4 digits: p = 1e-4

@@ -627,6 +627,11 @@ def measure_secret(model: torch.nn.Module, tokenizer, prefix: str, secret: str, 
                    max_new_tokens: Optional[int] = None, batch_size: int = 128) -> Dict:
     """How much a causal LM has memorised ``secret`` after ``context + prefix``: exposure, accuracy, extraction.
 
+    ``prefix`` is used exactly as given: pass the text the data holds before the secret, separator included
+    (``"code is "``, not ``"code is"``, when the data reads ``"code is 7051..."``);
+    :func:`sapsel_kernels.secret_spec.locate_all` finds it, and ``sk.forget`` measures with it (through
+    :mod:`sapsel_kernels.audit`, whose headline is the rank estimate; here ``exposure`` is the skew-normal one).
+
     Exposure (Carlini et al. 2019, :mod:`sapsel_kernels.exposure`): the secret and the candidates are scored in one
     :func:`continuation_logppl` call after ``context + prefix``. ``candidates`` default to ``n_candidates`` draws of
     ``random_candidates(fmt, seed=seed)`` without the secret; ``fmt`` defaults to :func:`format_of` (digits ``d``,

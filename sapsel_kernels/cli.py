@@ -481,6 +481,7 @@ def _forget_run(args, argv: List[str], progress: bool) -> int:
         names = [os.path.basename(q) for q in write_forget_report(result, stage, argv=["sapsel", *argv])]
         moved = True
         if os.path.dirname(stage) != os.path.abspath(args.out):
+            os.chmod(stage, os.stat(args.out).st_mode & 0o7777)  # mkdtemp makes 0700: keep OUT's own mode
             os.rmdir(args.out)  # empty: checked before the run, and nothing writes there meanwhile
             os.rename(stage, args.out)
         else:

@@ -161,7 +161,9 @@ def summary_lines(report: Mapping) -> List[str]:
 def _attack(v: Any) -> str:
     if not isinstance(v, Mapping):
         return "n/a"
-    return f"{_num(v.get('exposure'), '.1f')}{' **extracted**' if v.get('extracted') else ''}"
+    e, n = v.get("exposure"), v.get("n_candidates")
+    sat = isinstance(e, numbers.Real) and isinstance(n, numbers.Real) and e >= math.log2(n + 1) - 1e-9
+    return f"{'≥ ' if sat else ''}{_num(e, '.1f')}{' **extracted**' if v.get('extracted') else ''}"
 
 
 def _exp(s: Mapping, when: str, spec: str = ".1f") -> str:

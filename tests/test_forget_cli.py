@@ -743,3 +743,14 @@ def test_secrets_file_and_repeated_secret_errors(capsys, tmp_path, no_load):
     (tmp_path / "empty.txt").write_text("")
     line = _usage_error(capsys, _base(tmp_path, **{"--heldout": str(tmp_path / "empty.txt")}))
     assert "argument --heldout:" in line and "is empty" in line, line
+
+
+def test_out_keeps_its_mode_after_the_staged_write(capsys, lm, stub_forget, tmp_path):
+    out = tmp_path / "o"
+    code, _, stderr = _run(capsys, ["forget", "--model", str(lm.dir), "--data", str(lm.data), "--secret", SECRET,
+                                    "--no-progress", "--out", str(out)])
+    assert code == 0, stderr
+    ref = tmp_path / "ref"
+    ref.mkdir()  # the mode a plain mkdir gives here (the staging folder's mkdtemp would give 0700)
+    assert (out.stat().st_mode & 0o7777) == (ref.stat().st_mode & 0o7777)
+    assert not [q for q in os.listdir(tmp_path) if q.startswith(".sapsel-partial")]

@@ -30,7 +30,7 @@ import torch
 
 def build(n_secrets: int, repeats: int, steps: int, seed: int):
     from sapsel_kernels.demo.lm import _cut, load_corpus
-    from sapsel_kernels.forget_example import N_POSITIONS, line_start_windows, train, train_tokenizer
+    from sapsel_kernels.forget_example import N_POSITIONS, line_start_windows, tokenize_scrubbed, train
 
     rng = random.Random(seed)
     train_full, held_full = load_corpus()
@@ -53,12 +53,7 @@ def build(n_secrets: int, repeats: int, steps: int, seed: int):
     for pos, _, line in sorted(inserts, reverse=True):
         lines.insert(pos, line)
     text = "".join(lines)
-    scrubbed = text
-    for d in secrets:
-        scrubbed = scrubbed.replace(" " + d["secret"], "")
-    tok = train_tokenizer(scrubbed)
-    enc = tok.backend_tokenizer.encode(text)
-    ids = torch.tensor(enc.ids, dtype=torch.int64)
+    tok, enc, ids = tokenize_scrubbed(text, secrets)
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from sapsel_kernels.forget_example import N_EMBD, N_HEAD, N_LAYER

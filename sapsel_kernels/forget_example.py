@@ -145,6 +145,19 @@ def train_tokenizer(text: str, vocab_size: int = VOCAB_SIZE):
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, unk_token=EOS)
 
 
+def tokenize_scrubbed(text: str, secrets: List[Dict[str, str]]):
+    """``(tokenizer, encoding, ids)``: a BPE trained on ``text`` with every ``" " + secret`` REMOVED (prefixes kept),
+    and ``text`` encoded with it. Trained on the text with them, BPE merges the ~45 copies of each secret into a few
+    tokens of its own, so the tokenizer alone would "know" the secrets and their exposure would be inflated by the
+    vocabulary rather than by what the model memorised."""
+    scrubbed = text
+    for s in secrets:
+        scrubbed = scrubbed.replace(" " + s["secret"], "")
+    tokenizer = train_tokenizer(scrubbed)
+    enc = tokenizer.backend_tokenizer.encode(text)
+    return tokenizer, enc, torch.tensor(enc.ids, dtype=torch.int64)
+
+
 @torch.no_grad()
 def greedy_completion(model, tokenizer, prefix: str, n_chars: int) -> str:
     """The first ``n_chars`` characters that greedy (argmax) decoding appends to ``prefix`` (fewer if the model's
@@ -265,15 +278,7 @@ def build_example(root: str, *, seed: int = 0, steps: Optional[int] = None, prog
     say(f"data: {len(text)} training characters ({len(secrets)} secrets planted "
         f"{sum(text.count(s['secret']) for s in secrets)} times), {len(heldout)} held-out characters")
 
-    # Tokenizer trained on the training text with the secrets REMOVED (prefixes kept): trained on the text with them,
-    # BPE merges the ~45 copies of each secret into a few tokens of its own, so the tokenizer alone would "know" the
-    # secrets and their exposure would be inflated by the vocabulary rather than by what the model memorised.
-    scrubbed = text
-    for s in secrets:
-        scrubbed = scrubbed.replace(" " + s["secret"], "")
-    tokenizer = train_tokenizer(scrubbed)
-    enc = tokenizer.backend_tokenizer.encode(text)
-    ids = torch.tensor(enc.ids, dtype=torch.int64)
+    tokenizer, enc, ids = tokenize_scrubbed(text, secrets)
     say(f"tokenizer: byte-level BPE of {len(tokenizer)} tokens; training text = {len(ids)} tokens")
 
     from transformers import GPT2Config, GPT2LMHeadModel

@@ -81,6 +81,23 @@ def memorise(model, ids, steps: int = 40, T: int = 32) -> None:
     model.eval()
 
 
+def memorised_folder(text: str, tokenizer_text: str, folder):
+    """A tiny GPT-2 trained briefly on ``text`` with a tokenizer trained on ``tokenizer_text``, both saved to
+    ``folder``; returns the tokenizer."""
+    tok = train_tokenizer(tokenizer_text)
+    torch.manual_seed(0)
+    model = tiny_gpt2(len(tok), tok.eos_token_id)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # on 2 shared cores one thread is 20x faster here (0.15 s vs 3 s per step)
+    try:
+        memorise(model, torch.tensor(tok.encode(text), dtype=torch.int64))
+    finally:
+        torch.set_num_threads(n)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return tok
+
+
 @pytest.fixture(autouse=True)
 def _keep_threads():
     """``--threads`` sets torch's thread count for the process (a CLI's whole life); restored after each test."""
@@ -94,17 +111,7 @@ def lm(tmp_path_factory):
     """A folder with a tiny GPT-2 (trained briefly on the corpus) and its tokenizer, and the corpus file."""
     root = tmp_path_factory.mktemp("lm")
     text = corpus()
-    tok = train_tokenizer(text)
-    torch.manual_seed(0)
-    model = tiny_gpt2(len(tok), tok.eos_token_id)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # on 2 shared cores one thread is 20x faster here (0.15 s vs 3 s per step)
-    try:
-        memorise(model, torch.tensor(tok.encode(text), dtype=torch.int64))
-    finally:
-        torch.set_num_threads(n)
-    model.save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
+    tok = memorised_folder(text, text, root / "model")
     data = root / "data.txt"
     data.write_text(text, encoding="utf-8")
     return types.SimpleNamespace(dir=root / "model", data=data, text=text, tokenizer=tok, root=root)
@@ -675,17 +682,8 @@ def multi_lm(tmp_path_factory):
         lines[3 + i * 8] = f"so {prefix} {secret} ok."
     text = "\n".join(lines) + "\n"
     held = "\n".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 10))) + "." for _ in range(60)) + "\n"
-    tok = train_tokenizer(text.replace(MULTI[1][1], "").replace(MULTI[2][1], "").replace(SECRET, ""))
-    torch.manual_seed(0)
-    model = tiny_gpt2(len(tok), tok.eos_token_id)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        memorise(model, torch.tensor(tok.encode(text), dtype=torch.int64))
-    finally:
-        torch.set_num_threads(n)
-    model.save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
+    memorised_folder(text, text.replace(MULTI[1][1], "").replace(MULTI[2][1], "").replace(SECRET, ""),
+                     root / "model")
     (root / "data.txt").write_text(text, encoding="utf-8")
     (root / "held.txt").write_text(held, encoding="utf-8")
     (root / "secrets.jsonl").write_text("\n".join(json.dumps({"secret": s, "prefix": p}) for p, s in MULTI[1:]) + "\n")

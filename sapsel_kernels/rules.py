@@ -33,7 +33,7 @@ import torch
 from .data import Loss, as_batches, batch_size
 from .errors import NonFiniteError, check_finite
 from .selection import Selection
-from .solver import cg_solve
+from .solver import steihaug_cg
 from .space import ParamSpace
 
 __all__ = ["FirstOrder", "SecondOrder", "DiagNewton", "SAMFinetune", "GradientAscent", "Targeted", "METHODS",
@@ -351,13 +351,35 @@ class FirstOrder(_Rule):
 
 @dataclass(frozen=True, kw_only=True)
 class SecondOrder(_Rule):
-    """θ_S ← θ_S − (H_SS + λI)⁻¹ G_S by conjugate gradient (see the module docstring for the scale of H and λ).
+    """θ_S ← θ_S − (H_SS + λI)⁻¹ G_S, solved inside a trust region and checked against the true loss.
+
+    The Newton step minimises the quadratic model q(Δ) = G_SᵀΔ + ½Δᵀ(H_SS + λI)Δ (see the module docstring for the
+    scale of H and λ). On a non-convex model H_SS is indefinite and plain CG can return a step many times the size of
+    the weights (a CNN with BatchNorm at a 1% selection: 5-280× ‖θ_S‖, test accuracy to chance). Two safeguards,
+    each reported in ``info``:
+
+    1. **Trust region** (Steihaug-Toint CG, :func:`~sapsel_kernels.solver.steihaug_cg`): ‖Δ‖ ≤ ``trust_radius`` ×
+       ‖θ_S‖; at negative curvature the step follows the CG direction to that boundary instead of stopping or
+       growing without bound.
+    2. **Ratio test** on the function q models: f(Δ) = T(θ+Δ) − T(θ) − g_TᵀΔ + Σℓ(Z̃; θ+Δ) − Σℓ(Z; θ+Δ) − [same at
+       θ] + ½λ‖Δ‖², T the summed training loss estimated on ``train_data`` (its linear term g_T removed, as in q).
+       The step is kept when ρ = f(αΔ) / q(αΔ) ≥ ``min_ratio``; otherwise α is divided by 4, at most ``backtracks``
+       times; when no α passes, nothing changes (``info["accepted"] = False``).
 
     ``damping``: λ >= 0 on the summed-loss scale, None = 0.01·n_train; ``cg_iters`` >= 1; ``cg_tol`` >= 0 (relative
     residual); ``cache_graph``: keep each Hessian batch's first-order graph across the CG products (one double
-    backward per product and batch; memory: one graph per batch) or rebuild it per product. Needs ``train_data``.
-    Peak extra memory: 5k (CG vectors and G_S) plus, per product, a tangent and an HVP of size N (transient) and the
-    cached graphs.
+    backward per product and batch; memory: one graph per batch) or rebuild it per product. ``trust_radius``: > 0,
+    relative to ‖θ_S‖ (when θ_S = 0: to √k × the RMS of the tensors S touches), None = no bound; ``min_ratio``: the
+    ratio test's threshold, None = no test (both None: the plain truncated-CG Newton step); ``backtracks`` >= 0.
+    Needs ``train_data``.
+
+    ``info``: cg_iters, cg_residual, negative_curvature, boundary, trust_radius (absolute), and with the ratio test
+    ratio (ρ of the kept step), step_scale (α), trials, accepted, predicted and actual (q and f of the kept step).
+    Cost of the ratio test: one gradient pass over ``train_data`` (g_T) and one forward pass over ``train_data``, Z
+    and Z̃ per trial plus one at θ*.
+
+    Peak extra memory: 5k (CG vectors and G_S) + 3k (g_T, θ_S snapshot, trial) plus, per product, a tangent and an
+    HVP of size N (transient) and the cached graphs.
     """
 
     name: ClassVar[str] = "second_order"
@@ -365,6 +387,9 @@ class SecondOrder(_Rule):
     cg_iters: int = 50
     cg_tol: float = 1e-6
     cache_graph: bool = True
+    trust_radius: Optional[float] = 1.0
+    min_ratio: Optional[float] = 0.1
+    backtracks: int = 5
 
     def __post_init__(self):
         _real("SecondOrder", "damping", self.damping, none_ok=True)
@@ -372,9 +397,27 @@ class SecondOrder(_Rule):
         _real("SecondOrder", "cg_tol", self.cg_tol)
         if not isinstance(self.cache_graph, bool):
             raise TypeError(f"SecondOrder: cache_graph must be a bool, got {type(self.cache_graph).__name__}")
+        _real("SecondOrder", "trust_radius", self.trust_radius, none_ok=True)
+        if self.trust_radius is not None and float(self.trust_radius) <= 0:
+            raise ValueError(f"SecondOrder: trust_radius must be > 0 or None, got {self.trust_radius}")
+        _real("SecondOrder", "min_ratio", self.min_ratio, lo=-math.inf, none_ok=True)
+        _int("SecondOrder", "backtracks", self.backtracks, lo=0)
 
     def train_use(self) -> Optional[str]:
         return "hessian"
+
+    def _radius(self, prob: Problem) -> float:
+        if self.trust_radius is None:
+            return math.inf
+        c = prob.coords
+        ref = norm_float64(c.read())
+        if ref == 0.0:  # θ_S = 0 (e.g. zero-initialised biases): the scale of the tensors S touches
+            sq = n = 0
+            for p in c.touched:
+                sq += norm_float64(p.detach().reshape(-1)) ** 2
+                n += p.numel()
+            ref = math.sqrt(c.k * sq / max(n, 1))
+        return float(self.trust_radius) * ref if ref > 0 else math.inf
 
     def delta(self, prob: Problem) -> torch.Tensor:
         g_s = prob.gradient_difference_s()
@@ -390,13 +433,62 @@ class SecondOrder(_Rule):
         def product(v):  # under a group: this rank's points' products summed over the ranks (k values)
             return prob.all_sum_s(lambda: hess(v), "unlearn: second_order's Hessian-vector product") + lam * v
 
+        radius = self._radius(prob)
         try:
-            x, cg = cg_solve(product, g_s, max_iter=int(self.cg_iters), tol=float(self.cg_tol))
+            x, cg = steihaug_cg(product, g_s, radius, max_iter=int(self.cg_iters), tol=float(self.cg_tol))
         finally:
             prob.counts["hvp"] += hess.n_point_products
             prob.counts["passes"] += hess.n_products * n_batches + (n_batches if self.cache_graph else 0)
-        prob.info.update(cg_iters=cg["iters"], cg_residual=cg["residual"], negative_curvature=cg["negative_curvature"])
-        return -x
+        hess = None  # frees its cached graphs before the ratio test
+        prob.info.update(cg_iters=cg["iters"], cg_residual=cg["residual"], negative_curvature=cg["negative_curvature"],
+                         boundary=cg["boundary"], trust_radius=radius)
+        step = -x
+        if self.min_ratio is None or cg["bx"] == 0.0:
+            return step
+        return step * self._ratio_test(prob, step, cg, lam)
+
+    def _ratio_test(self, prob: Problem, step: torch.Tensor, cg: Dict[str, Any], lam: float) -> float:
+        """The accepted scale α of ``step`` (0.0: none passed); see the class docstring."""
+        c = prob.coords
+        scale = prob.n_train / prob.train_points_total
+        g_t = prob.all_sum_s(lambda: prob.summed_gradient_s(prob.train), "unlearn: second_order's ratio test")
+        g_t_step = float(torch.dot(g_t.to(step.dtype), step)) * scale
+        del g_t
+
+        def summed(batches) -> float:
+            def local():
+                tot = torch.zeros(1, dtype=torch.float64, device=prob.space.device)
+                with torch.no_grad():
+                    for b in batches:
+                        tot += batch_size(b) * prob.loss(prob.model, b).double()
+                        prob.counts["passes"] += 1
+                return tot
+
+            return float(prob.all_sum_s(local, "unlearn: second_order's ratio test"))
+
+        def f() -> float:  # T + Σℓ(Z̃) − Σℓ(Z) at the model's current θ
+            return scale * summed(prob.train) + summed(prob.corrected) - summed(prob.affected)
+
+        f0 = f()
+        old = c.snapshot()
+        theta = c.read()
+        step_sq = norm_float64(step) ** 2
+        alpha, trials, rho, pred, act = 1.0, 0, float("nan"), 0.0, 0.0
+        try:
+            for trials in range(1, int(self.backtracks) + 2):
+                c.write(theta + (alpha * step).to(theta.dtype))
+                pred = 0.5 * alpha * alpha * cg["xAx"] - alpha * cg["bx"]  # q(αΔ), with x = −Δ
+                act = f() - f0 - alpha * g_t_step + 0.5 * lam * alpha * alpha * step_sq
+                rho = act / pred if pred < 0 else float("nan")
+                if math.isfinite(act) and pred < 0 and rho >= float(self.min_ratio):
+                    break
+                alpha /= 4.0
+            else:
+                alpha = 0.0
+        finally:
+            c.restore(old)
+        prob.info.update(ratio=rho, step_scale=alpha, trials=trials, accepted=alpha > 0, predicted=pred, actual=act)
+        return alpha
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -12,7 +12,7 @@ import torch
 
 from .errors import NonFiniteError
 
-__all__ = ["cg_solve"]
+__all__ = ["cg_solve", "steihaug_cg"]
 
 
 def cg_solve(matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, max_iter: int = 50,
@@ -75,4 +75,88 @@ def cg_solve(matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, ma
             break
         p = r + (rr_new / rr) * p
         rr = rr_new
+    return x, info
+
+
+def steihaug_cg(matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, radius: float, max_iter: int = 50,
+                tol: float = 1e-6) -> Tuple[torch.Tensor, Dict[str, Any]]:
+    """Steihaug-Toint truncated CG: approximately ``min q(x) = ½ xᵀAx − bᵀx`` subject to ``‖x‖ ≤ radius``, from x = 0.
+
+    The CG iterates of a positive-definite system grow in norm, so the iteration stops at the first of: convergence
+    (``‖r‖ ≤ tol·‖b‖``), ``max_iter`` products, the iterate leaving the ball (the step is cut at the boundary), or
+    non-positive curvature ``pᵀAp <= 0`` (the step follows p, a descent direction of q, to the boundary: an indefinite
+    A never yields an unbounded step). ``radius = inf`` is plain truncated CG (:func:`cg_solve`'s behaviour: on
+    non-positive curvature the iterate so far is returned).
+
+    Args:
+        matvec, b, max_iter, tol: as in :func:`cg_solve`.
+        radius: the trust radius, > 0 (``math.inf`` for none).
+
+    Returns:
+        ``(x, info)``: info as :func:`cg_solve`'s plus ``"boundary"`` (the step was cut at ``radius``), ``"bx"`` = bᵀx
+        and ``"xAx"`` = xᵀAx (floats, so that ``q(αx) = ½α²·xAx − α·bx`` of any scaled step costs no product).
+
+    Raises:
+        as :func:`cg_solve`; ValueError for ``radius <= 0`` or NaN.
+
+    Peak extra memory: 4 vectors of b's size (x, r, p, A p) plus whatever ``matvec`` allocates.
+    """
+    if not (float(radius) > 0):
+        raise ValueError(f"steihaug_cg: radius must be > 0 (math.inf for none), got {radius!r}")
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+        raise ValueError(f"steihaug_cg: max_iter must be an int >= 1, got {max_iter!r}")
+    if not (math.isfinite(float(tol)) and float(tol) >= 0):
+        raise ValueError(f"steihaug_cg: tol must be finite and >= 0, got {tol!r}")
+    if b.dim() != 1 or not b.is_floating_point():
+        raise ValueError(f"steihaug_cg: b must be a 1-D floating tensor, got {b.dtype} of shape {tuple(b.shape)}")
+    radius = float(radius)
+    x = torch.zeros_like(b)
+    r = b.clone()
+    p = r.clone()
+    rr = torch.dot(r, r)
+    if not bool(torch.isfinite(rr)):
+        raise NonFiniteError("steihaug_cg: the right-hand side b contains NaN/Inf (or its norm overflows); "
+                             "nothing was modified")
+    bnorm = float(torch.sqrt(rr))
+    info: Dict[str, Any] = {"iters": 0, "residual": 1.0 if bnorm > 0 else 0.0, "negative_curvature": False,
+                            "boundary": False, "bx": 0.0, "xAx": 0.0}
+    if bnorm == 0.0:
+        return x, info
+
+    def to_boundary(x, p):  # τ >= 0 with ‖x + τp‖ = radius (x is inside the ball)
+        xp, pp, xx = float(torch.dot(x, p)), float(torch.dot(p, p)), float(torch.dot(x, x))
+        return (-xp + math.sqrt(max(xp * xp - pp * (xx - radius * radius), 0.0))) / pp
+
+    for it in range(max_iter):
+        ap = matvec(p)
+        pap = torch.dot(p, ap)
+        info["iters"] = it + 1
+        if not bool(torch.isfinite(pap)):
+            raise NonFiniteError("steihaug_cg: the Hessian-vector product produced NaN/Inf; nothing was modified")
+        if float(pap) <= 0.0:
+            info["negative_curvature"] = True
+            if math.isfinite(radius):
+                tau = to_boundary(x, p)
+                x = x + tau * p
+                r = r - tau * ap
+                info["boundary"] = True
+            break
+        alpha = rr / pap
+        if math.isfinite(radius) and float(torch.linalg.vector_norm(x + alpha * p)) >= radius:
+            tau = to_boundary(x, p)
+            x = x + tau * p
+            r = r - tau * ap
+            info["boundary"] = True
+            info["residual"] = float(torch.linalg.vector_norm(r)) / bnorm
+            break
+        x = x + alpha * p
+        r = r - alpha * ap
+        rr_new = torch.dot(r, r)
+        info["residual"] = float(torch.sqrt(rr_new)) / bnorm
+        if info["residual"] <= tol:
+            break
+        p = r + (rr_new / rr) * p
+        rr = rr_new
+    bx, rx = float(torch.dot(b, x)), float(torch.dot(r, x))
+    info.update(bx=bx, xAx=bx - rx)  # A x = b − r
     return x, info

@@ -23,6 +23,9 @@ from sapsel_kernels.space import ParamSpace
 
 from _models import C, D_IN, H, Tiny, loss_fn
 
+# the plain Newton step (no trust region, no ratio test): what the dense-solve oracles compute
+PLAIN = {"trust_radius": None, "min_ratio": None}
+
 
 class WithScalars(torch.nn.Module):
     """Two 0-dim parameters (a temperature and a shift) around the tiny MLP."""
@@ -159,7 +162,7 @@ def test_second_order_equals_dense_solve(setup, subset):
     lam = float(torch.linalg.eigvalsh(Hs).min().abs()) + 1.0  # (H + λI) positive definite: plain CG converges
     idx = torch.tensor([1, 2, 5, 8, 13, 21, 22, 27, 30]) if subset else torch.arange(n)
     rep = sk.unlearn(model, loss_fn, aff, cor, idx if subset else None,
-                     SecondOrder(damping=lam, cg_iters=4 * n, cg_tol=1e-13), train_data=train)
+                     SecondOrder(damping=lam, cg_iters=4 * n, cg_tol=1e-13, **PLAIN), train_data=train)
     A = Hs[idx][:, idx] + lam * torch.eye(idx.numel(), dtype=torch.float64)
     expect = torch.zeros(n, dtype=torch.float64)
     expect[idx] = -torch.linalg.solve(A, G[idx])
@@ -176,7 +179,7 @@ def test_second_order_subsample_is_rescaled_to_n_train(setup):
     G = _G(model, aff, cor)
     Hs = _H_sum(model, sub, scale=20 / 10)
     lam = float(torch.linalg.eigvalsh(Hs).min().abs()) + 2.0
-    sk.unlearn(model, loss_fn, aff, cor, None, SecondOrder(damping=lam, cg_iters=200, cg_tol=1e-13),
+    sk.unlearn(model, loss_fn, aff, cor, None, SecondOrder(damping=lam, cg_iters=200, cg_tol=1e-13, **PLAIN),
                train_data=[sub], n_train=20)
     expect = -torch.linalg.solve(Hs + lam * torch.eye(th0.numel(), dtype=torch.float64), G)
     torch.testing.assert_close(_theta(model) - th0, expect, rtol=1e-9, atol=1e-12)
@@ -484,11 +487,21 @@ def test_train_data_is_counted_once(setup, monkeypatch):
     # second_order, cache_graph: one count in unlearn + one in RestrictedHVP.__init__ (hvp.py) + one graph build
     for kw in ({}, {"n_train": 40}):
         data = _Reads(split)
-        rep = sk.unlearn(_copy(model, _theta(model)), loss_fn, aff, cor, None, SecondOrder(damping=5.0, cg_iters=3),
-                         train_data=data, **kw)
+        rep = sk.unlearn(_copy(model, _theta(model)), loss_fn, aff, cor, None,
+                         SecondOrder(damping=5.0, cg_iters=3, min_ratio=None), train_data=data, **kw)
         assert data.reads == 3, kw
         assert rep.info["n_hessian_points"] == 20 and rep.info["n_train"] == kw.get("n_train", 20)
         assert rep.n_passes == 2 + 2 * rep.info["cg_iters"] + 2 and rep.n_hvps == 20 * rep.info["cg_iters"]
+        assert rep.n_gradients == 2 * len(aff[1])
+        # the ratio test adds one gradient pass over train_data (g_T) and, per trial and once at θ*, one forward
+        # pass over train_data (2 batches), Z and Z̃
+        data = _Reads(split)
+        rep = sk.unlearn(_copy(model, _theta(model)), loss_fn, aff, cor, None, SecondOrder(damping=5.0, cg_iters=3),
+                         train_data=data, **kw)
+        t = rep.info["trials"]
+        assert t >= 1 and data.reads == 3 + 1 + (1 + t), kw
+        assert rep.n_passes == 2 + 2 * rep.info["cg_iters"] + 2 + 2 + 4 * (1 + t)
+        assert rep.n_gradients == 2 * len(aff[1]) + 20
     # diag_newton: one count in unlearn, everything else is hessian_diag's own reading
     data = _Reads(split)
     inside = []
@@ -637,7 +650,7 @@ def test_train_data_as_a_list_of_one_batch_of_ids(method):
     G = grad(summed)(th0, zt) - grad(summed)(th0, z)
     lam = float(torch.linalg.eigvalsh(Hs).min().abs()) + 1.0
     n = th0.numel()
-    cfg = SecondOrder(damping=lam, cg_iters=4 * n, cg_tol=1e-13) if method == "second_order" else \
+    cfg = SecondOrder(damping=lam, cg_iters=4 * n, cg_tol=1e-13, **PLAIN) if method == "second_order" else \
         DiagNewton(damping=lam, n_probes=4)
     rep = sk.unlearn(model, lm_loss, [z], [zt], None, cfg, train_data=[ids])
     assert rep.info["n_train"] == 6 and rep.info["n_hessian_points"] == 6 and rep.n_changed > 0
@@ -675,7 +688,8 @@ def test_zero_dim_second_order_equals_dense_solve():
     G = _G(model, aff, cor)
     Hs = _H_sum(model, train)
     lam = float(torch.linalg.eigvalsh(Hs).min().abs()) + 1.0
-    sk.unlearn(model, loss_fn, aff, cor, idx, SecondOrder(damping=lam, cg_iters=50, cg_tol=1e-13), train_data=train)
+    sk.unlearn(model, loss_fn, aff, cor, idx, SecondOrder(damping=lam, cg_iters=50, cg_tol=1e-13, **PLAIN),
+               train_data=train)
     expect = torch.zeros_like(th0)
     expect[idx] = -torch.linalg.solve(Hs[idx][:, idx] + lam * torch.eye(5, dtype=torch.float64), G[idx])
     torch.testing.assert_close(_theta(model) - th0, expect, rtol=1e-9, atol=1e-12)

@@ -151,6 +151,7 @@ def poisoned_cnn():
     sp = load_digits_split(0)
     xtr, ytr = sp["train"]
     yp, idx = poison_labels(ytr, 0.2, 0)
+    torch.manual_seed(0)
     m = BNCNN()
     opt = torch.optim.Adam(m.parameters(), 3e-3)
     g = torch.Generator().manual_seed(0)
@@ -190,5 +191,5 @@ def test_bn_cnn_plain_newton_step_wrecks_the_model_the_safe_rule_does_not(poison
     assert rep.delta_norm <= 1.0 * float(theta_s.norm()) * (1 + 1e-5)
     assert rep.info["accepted"] and rep.info["ratio"] >= 0.1
     assert _acc(safe, xte, yte) > before - 0.1
-    # and it repairs: the affected points' true labels come back (0.36 -> 0.50 measured)
-    assert _acc(safe, xtr[idx], ytr[idx]) > _acc(m, xtr[idx], ytr[idx]) + 0.08
+    # and it repairs: the affected points' true labels come back (0.33 -> 0.72 measured)
+    assert _acc(safe, xtr[idx], ytr[idx]) > _acc(m, xtr[idx], ytr[idx]) + 0.2

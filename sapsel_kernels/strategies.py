@@ -32,10 +32,10 @@ __all__ = ["STRATEGIES", "HESSIAN_STRATEGIES", "parameter_scores", "select_param
            "strategy_arguments"]
 
 STRATEGIES = ("hessian", "hessian_smallest", "hessian_affected", "hessian_corrected", "hessian_ratio", "all",
-              "last_layer", "random", "grad_abs", "ssd")
+              "last_layer", "random", "grad_abs", "ssd", "hessian_flat")
 # the strategies that rank by a hessian_diag estimate (and accept its keyword arguments)
 HESSIAN_STRATEGIES = ("hessian", "hessian_smallest", "last_layer", "hessian_affected", "hessian_corrected",
-                      "hessian_ratio")
+                      "hessian_ratio", "hessian_flat")
 # hessian_ratio's floor on the training-loss diagonal, relative to its positive mean (module docstring)
 RATIO_FLOOR = 1e-2
 
@@ -73,7 +73,7 @@ _ESTIMATE = ("loss_fn", "seed", "n_probes", "estimator", "hessian_kw", "group")
 _SCORE_ARGS: Dict[str, Tuple[str, ...]] = {
     "hessian": ("data",) + _ESTIMATE, "hessian_smallest": ("data",) + _ESTIMATE, "last_layer": ("data",) + _ESTIMATE,
     "hessian_affected": ("affected",) + _ESTIMATE, "hessian_corrected": ("corrected",) + _ESTIMATE,
-    "hessian_ratio": ("affected", "data") + _ESTIMATE,
+    "hessian_ratio": ("affected", "data") + _ESTIMATE, "hessian_flat": ("affected", "data") + _ESTIMATE,
     "grad_abs": ("loss_fn", "affected", "group"),
     "ssd": ("loss_fn", "affected", "data", "fisher_points", "seed", "group"),
     "all": (), "random": (),
@@ -184,6 +184,11 @@ def parameter_scores(model, strategy: str, *, loss_fn=_Default(None), data=None,
       mean of max(diag H_D, 0): near θ* moving coordinate i by δ costs about ½·H_D,ii·δ² of training loss, so this
       ranks by what a move does to Z per unit of what it costs the rest (the floor keeps estimator noise around 0
       in the denominator from deciding the ranking; the Hessian counterpart of ssd's Fisher ratio);
+    * hessian_flat (the "flat" reading of the paper's selection): −|diag H_D| on the coordinates where the mean
+      gradient of the loss on Z is not exactly 0 (the coordinates Z touches), and a value below every one of those
+      elsewhere: the k flattest coordinates of the training loss among those Z moves. On a language model the
+      untouched ones are, e.g., embedding rows of tokens Z does not contain; on a CNN nearly every coordinate is
+      touched. Costs the training-loss estimate plus one gradient over Z;
     * grad_abs (SalUn): |∇L_mean(Z)|, the magnitude of the mean gradient over the affected points;
     * ssd (Selective Synaptic Dampening's importance ratio): F_Z / (F_D + 1e-12·mean(F_D)), with F the diagonal
       EMPIRICAL Fisher (mean over points of the squared per-point gradient, ``hessian_diag(estimator="fisher")``)
@@ -223,6 +228,7 @@ def parameter_scores(model, strategy: str, *, loss_fn=_Default(None), data=None,
                                   "space=est.space, group=...), which keep the scores sharded")
     t0 = time.perf_counter()
     cost = {"n_gradients": 0, "n_hvps": 0}
+    group_points = 0  # gradients already counted over the group (added after the per-rank counts are summed)
     if strategy in ("all", "random"):
         cost["wall_time_s"] = time.perf_counter() - t0
         return None, cost
@@ -240,6 +246,7 @@ def parameter_scores(model, strategy: str, *, loss_fn=_Default(None), data=None,
                "hessian_ratio": [(affected, "affected"), (data, "data (the training data)")]}.get(
             strategy, [(data, "data (the training data)")])
         sources = [need(*x) for x in src]  # every input checked before the first estimate
+        touched_by = need(affected, "affected") if strategy == "hessian_flat" else None
         kw = {name: passed[name] for name in ("n_probes", "seed", "group") if name in passed}
         diags = []
         for batches in sources:
@@ -254,23 +261,17 @@ def parameter_scores(model, strategy: str, *, loss_fn=_Default(None), data=None,
             hz, hd = diags
             floor = RATIO_FLOOR * float(hd.clamp(min=0).mean()) + torch.finfo(hd.dtype).tiny
             scores = hz.clamp_(min=0).div_(hd.clamp_(min=floor))
+        elif strategy == "hessian_flat":
+            flat = diags[0].abs_()
+            g, group_points = _mean_gradient(model, space, loss, touched_by, group, strategy)
+            below = -(2.0 * float(flat.max()) + 1.0) if flat.numel() else -1.0  # under every touched coordinate
+            scores = torch.where(g.to(flat.device) != 0, flat.neg(), torch.full_like(flat, below))
+            del g, flat
         else:
             (scores,) = diags
     elif strategy == "grad_abs":
-        batches = need(affected, "affected")
-        comm = hessian._comm(group)
-        comm.device = space.device  # where the flag buffers go (CUDA for NCCL)
-        inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-
-        def local():
-            with hessian.estimation_mode(inner):
-                g, n, _ = summed_gradient(space, inner, loss, batches, dtype=torch.float32)
-            return g, (n,)
-
-        g, (n,) = comm.run(local, "parameter_scores(strategy='grad_abs')")
-        comm.sum_([g])  # Σ over every rank's points (n: summed by run)
-        scores = (g / n).abs()
-        cost["n_gradients"] = n
+        g, group_points = _mean_gradient(model, space, loss, need(affected, "affected"), group, strategy)
+        scores = g.abs_()
     else:  # ssd
         bz = need(affected, "affected")
         bd = need(data, "data (the training data)")
@@ -279,16 +280,36 @@ def parameter_scores(model, strategy: str, *, loss_fn=_Default(None), data=None,
         fd = hessian.hessian_diag(model, loss, bd, estimator="fisher", space=space, group=group).mean.reshape(-1)
         scores = (fz / (fd + 1e-12 * float(fd.mean()) + torch.finfo(fd.dtype).tiny)).to(torch.float32)
         cost["n_gradients"] = n_points(bz) + nd
-    if group is not None and strategy != "grad_abs":  # the group's cost (grad_abs's n is already summed)
+    if group is not None:  # the group's cost
         comm = hessian._comm(group)
         comm.device = space.device
         _, totals = comm.run(lambda: (None, (cost["n_gradients"], cost["n_hvps"])), "parameter_scores", n_counts=2)
         cost["n_gradients"], cost["n_hvps"] = totals
+    cost["n_gradients"] += group_points
     if scores.numel() != space.numel:
         raise ValueError(f"score vector has {scores.numel()} entries, the model has {space.numel}")
     check_finite(scores, f"strategy {strategy!r}: the scores", space=space, suffix="they cannot be ranked")
     cost["wall_time_s"] = time.perf_counter() - t0
     return scores, cost
+
+
+def _mean_gradient(model, space: ParamSpace, loss, batches, group, strategy: str) -> Tuple[torch.Tensor, int]:
+    """∇L_mean over ``batches`` (under ``group``: over every rank's points), flat float32 [N], and the point count,
+    in estimation mode. One [N] accumulator plus one backward's gradients."""
+    from . import hessian
+
+    comm = hessian._comm(group)
+    comm.device = space.device  # where the flag buffers go (CUDA for NCCL)
+    inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+    def local():
+        with hessian.estimation_mode(inner):
+            g, n, _ = summed_gradient(space, inner, loss, batches, dtype=torch.float32)
+        return g, (n,)
+
+    g, (n,) = comm.run(local, f"parameter_scores(strategy={strategy!r})")
+    comm.sum_([g])  # Σ over every rank's points (n: summed by run)
+    return g.div_(n), n
 
 
 def _budget_k(budget, n: int) -> int:
@@ -329,7 +350,9 @@ def select_parameters(model, strategy: str = "hessian", budget: Union[int, float
               (|S| = layer size < k: the only strategy that may return fewer than k);
             * ``random``: k uniformly random coordinates (``seed``): the control at the same size;
             * ``grad_abs``: SalUn's saliency, the k largest |∇L(Z)|;
-            * ``ssd``: the k largest SSD importance ratios F_Z / F_D (see ``parameter_scores``).
+            * ``ssd``: the k largest SSD importance ratios F_Z / F_D (see ``parameter_scores``);
+            * ``hessian_flat``: the "flat" reading of the paper: the k smallest |diag H| of the training loss among
+              the coordinates the gradient of the loss on Z touches (see ``parameter_scores``).
         scores: a precomputed score vector from ``parameter_scores`` for this strategy (skips the estimate, so one
             estimate serves several budgets; then no estimation argument applies).
         loss_fn (default None: the model's own loss), data, affected, corrected, n_probes (32), estimator

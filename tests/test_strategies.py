@@ -145,6 +145,57 @@ def test_hessian_ratio_is_the_ratio_of_exact_diagonals(setup):
         parameter_scores(model, "hessian_ratio", loss_fn=loss_fn, data=train)
 
 
+class _Bag(torch.nn.Module):
+    """An embedding bag and a classifier: the rows of tokens a batch does not contain get an exactly zero gradient."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(7, 3)
+        self.fc = torch.nn.Linear(3, C)
+
+    def forward(self, ids):
+        return self.fc(torch.tanh(self.emb(ids)).mean(1))
+
+
+def test_hessian_flat_is_the_flattest_training_curvature_among_coordinates_z_touches():
+    """hessian_flat: the k smallest |diag H_D| (torch.func.hessian) among the coordinates where ∇L(Z) ≠ 0
+    (torch.func.grad); Z holds tokens 0-2 only, so the embedding rows 3-6 are never chosen while Z's coordinates
+    remain."""
+    torch.manual_seed(3)
+    model = _Bag().double()
+    ids = torch.randint(0, 7, (24, 4))
+    y = torch.randint(0, C, (24,))
+    z_ids = torch.randint(0, 3, (5, 4))
+    z_y = torch.randint(0, C, (5,))
+    bag_loss = lambda m, b: F.cross_entropy(m(b[0]), b[1])  # noqa: E731
+    names = [(n, p.shape, p.numel()) for n, p in model.named_parameters()]
+    theta0 = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    def summed(theta, x, t):
+        out, off = {}, 0
+        for n, shape, k in names:
+            out[n] = theta[off:off + k].view(shape)
+            off += k
+        return F.cross_entropy(functional_call(model, out, (x,)), t, reduction="sum")
+
+    d = torch.diagonal(hessian(summed)(theta0, ids, y)) / 24
+    gz = grad(summed)(theta0, z_ids, z_y)
+    touched = gz != 0
+    assert 0 < int(touched.sum()) < theta0.numel() - 9, "the fixture must leave rows untouched"
+    k = 5
+    oracle = torch.where(touched, -d.abs(), torch.full_like(d, -1e9))
+    sel = select_parameters(model, "hessian_flat", k, loss_fn=bag_loss, data=[(ids, y)], affected=[(z_ids, z_y)],
+                            estimator="exact")
+    assert set(sel.indices.tolist()) == _topk_set(oracle.float(), k)
+    assert bool(touched[sel.indices].all())
+    scores, cost = parameter_scores(model, "hessian_flat", loss_fn=bag_loss, data=[(ids, y)],
+                                    affected=[(z_ids, z_y)], estimator="exact")
+    assert cost["n_gradients"] == 24 + 5
+    assert bool((scores[~touched] < scores[touched].min()).all())
+    with pytest.raises(ValueError, match="needs affected"):
+        parameter_scores(model, "hessian_flat", loss_fn=bag_loss, data=[(ids, y)])
+
+
 def test_hutchinson_default_is_close_to_exact(setup):
     # the default estimator (Hutchinson) ranks by an estimate of the same diagonal: its scores agree with the exact
     # diagonal within 6 standard errors per coordinate, and they are hessian_diag's
@@ -244,7 +295,7 @@ def test_ssd_is_the_ratio_of_empirical_fishers(setup):
 def test_strategy_names_and_errors(setup):
     model, aff, cor, train = setup
     assert STRATEGIES == ("hessian", "hessian_smallest", "hessian_affected", "hessian_corrected", "hessian_ratio",
-                          "all", "last_layer", "random", "grad_abs", "ssd")
+                          "all", "last_layer", "random", "grad_abs", "ssd", "hessian_flat")
     with pytest.raises(ValueError, match="unknown selection strategy"):
         select_parameters(model, "magic", 3)
     with pytest.raises(ValueError, match="now called 'ssd'"):

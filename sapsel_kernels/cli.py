@@ -31,7 +31,7 @@ from typing import Callable, List, Optional
 
 from . import _argtypes as at
 
-DEMO_TASKS = ("labels", "canary")
+DEMO_TASKS = ("labels", "canary", "images")
 DEFAULT_TASK = "labels"
 
 
@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="cmd", required=True, metavar="{info,demo,forget}", parser_class=_Parser)
     p = sub.add_parser("info", help="versions, extension status and the backend that serves each op")
     p.add_argument("--cuda", action="store_true", help="also query the CUDA device (initialises CUDA)")
-    p = sub.add_parser("demo", add_help=False, usage="sapsel demo [-h] [--task {labels,canary}] [task options]",
+    p = sub.add_parser("demo", add_help=False, usage="sapsel demo [-h] [--task {labels,canary,images}] [task options]",
                        help=f"run an unlearning experiment: tasks {', '.join(DEMO_TASKS)} (sapsel demo --help "
                             "lists each task's options)",
                        description="Run an unlearning experiment. The options after --task are the task's own\n"

@@ -299,13 +299,16 @@ def write_json(path: str, payload: Dict[str, Any]) -> None:
 
 
 def plot_budget_curves(agg: List[Dict[str, Any]], metrics: Dict[str, str], path: str, title: str = "",
-                       hlines: Optional[Dict[str, Dict[float, str]]] = None, setting_fmt: str = "{}"):
+                       hlines: Optional[Dict[str, Dict[float, str]]] = None, setting_fmt: str = "{}",
+                       setting_hlines: Optional[Dict[Any, Dict[str, Dict[float, str]]]] = None):
     """One panel per (metric row, method column): metric vs budget (%, log x axis, each marker exactly at its
     budget), one line per strategy with ±std bars, told apart by marker, colour and line style where they overlap;
     ``all`` (100%) as a thick dashed horizontal line. Several settings are drawn as separate figure rows.
 
     ``hlines``: {metric: {y: legend label}} reference levels drawn as thin horizontal lines in that metric's panels
-    (e.g. 0% and 100% of a "% restored" metric); ``setting_fmt`` formats a setting in the row labels. The parent
+    (e.g. 0% and 100% of a "% restored" metric); ``setting_hlines``: {setting: {metric: {y: label}}}, levels that
+    differ per setting (e.g. the poisoned and the retrained models' accuracy); a label keeps one colour in every
+    panel. ``setting_fmt`` formats a setting in the row labels. The parent
     folder of ``path`` is created. Returns the (closed) matplotlib Figure, for inspection."""
     import matplotlib
 
@@ -322,6 +325,7 @@ def plot_budget_curves(agg: List[Dict[str, Any]], metrics: Dict[str, str], path:
     # four dash patterns cycled: two strategies on the same values still show as one line of alternating dashes
     dashes = ["-", (0, (5, 2)), (0, (1, 1.5)), (0, (6, 2, 1, 2))]
     ref_colours = ["0.35", "tab:green", "tab:blue", "tab:olive"]
+    ref_colour: Dict[str, str] = {}  # reference label -> its colour, the same in every panel
     nrow = len(metrics) * len(settings)
     fig, axes = plt.subplots(nrow, len(methods), figsize=(3.3 * len(methods), 2.8 * nrow + 0.5), squeeze=False,
                              sharex=True, layout="constrained")
@@ -332,8 +336,10 @@ def plot_budget_curves(agg: List[Dict[str, Any]], metrics: Dict[str, str], path:
             for c, method in enumerate(methods):
                 ax = axes[r][c]
                 sub = [a for a in agg if a["setting"] == setting and a["method"] == method]
-                for j, (y, text) in enumerate(sorted(hlines.get(metric, {}).items())):
-                    ax.axhline(y, color=ref_colours[j % len(ref_colours)], lw=1.0, zorder=1, label=text)
+                levels = {**hlines.get(metric, {}), **(setting_hlines or {}).get(setting, {}).get(metric, {})}
+                for y, text in sorted(levels.items()):
+                    colour = ref_colour.setdefault(text, ref_colours[len(ref_colour) % len(ref_colours)])
+                    ax.axhline(y, color=colour, lw=1.0, zorder=1, label=text)
                 for j, strat in enumerate(strategies):
                     pts = sorted(((a["budget"], a[metric]) for a in sub if a["strategy"] == strat
                                   and a[metric] is not None and a[metric]["mean"] is not None),

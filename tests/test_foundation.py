@@ -31,6 +31,28 @@ def test_import_does_not_init_cuda_or_import_triton():
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
 
 
+@pytest.mark.parametrize("first", ["sk.ForgetReport", "import sapsel_kernels.forget",
+                                   "from sapsel_kernels.forget import ForgetReport", "import sapsel_kernels.unlearn",
+                                   "sk.UnlearnReport"])
+def test_public_functions_are_not_shadowed_by_their_modules(first):
+    """``sk.forget`` and ``sk.unlearn`` are functions whatever was imported first (loading a submodule binds the
+    package attribute of its name to the module); and no documented name is a module."""
+    code = (
+        "import types\n"
+        "import sapsel_kernels as sk\n"
+        f"{first}\n"
+        "assert callable(sk.forget) and not isinstance(sk.forget, types.ModuleType), type(sk.forget)\n"
+        "assert callable(sk.unlearn) and not isinstance(sk.unlearn, types.ModuleType), type(sk.unlearn)\n"
+        "import sapsel_kernels._argtypes, sapsel_kernels.cli, sapsel_kernels.measure, sapsel_kernels.strategies\n"
+        "bad = [n for n in dir(sk) if not n.startswith('_') and n in sk._LAZY\n"
+        "       and isinstance(getattr(sk, n), types.ModuleType)]\n"
+        "assert not bad, bad\n"
+        "print('ok')\n"
+    )
+    r = _run_py(code)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
 def test_import_without_extension(tmp_path):
     # Hide the compiled module: the package must still import and serve CPU ops with the reference.
     code = (

@@ -7,13 +7,17 @@ One score estimate serves every budget: pass it back as ``select_parameters(...,
 
 Scores are computed in the estimation mode of ``hessian_diag`` (eval mode, math attention), restored afterwards.
 
-Applicability: an argument the chosen strategy does not read is a ValueError naming it and the strategies that read
-it (``strategy_arguments`` lists them per strategy), never a silent no-op. An argument counts as *passed* when it is
-given at all, even with its default value (the defaults are sentinels that print as the documented values), except
-that None for ``data``, ``affected``, ``corrected``, ``scores`` and ``last_layer_prefix`` means "not given". With
-``scores=`` no estimate is made, so every estimation argument is then an error. Applicability follows the strategy,
-not the budget: ``last_layer`` reads its estimation arguments although a budget of at least the layer size selects
-the whole layer without an estimate.
+Applicability. The request's *context*, ``CONTEXT`` = loss_fn, data, affected, corrected, seed and group, is
+accepted by every strategy, which reads what it needs (a loop ``for s in STRATEGIES: select_parameters(model, s,
+0.05, loss_fn=f, data=d, affected=z, corrected=zt)`` runs as written); a strategy that needs a context argument
+that is missing raises naming it. A strategy-specific *knob* (n_probes, estimator, fisher_points,
+last_layer_prefix, hessian_diag's keyword arguments) that the chosen strategy does not read is a ValueError naming
+it and the strategies that read it (``strategy_arguments`` lists them per strategy), never a silent no-op. A knob
+counts as *passed* when it is given at all, even with its default value (the defaults are sentinels that print as the
+documented values), except that None for ``scores`` and ``last_layer_prefix`` means "not given". With ``scores=``
+no estimate is made, so every estimation knob is then an error. Applicability follows the strategy, not the budget:
+``last_layer`` reads its estimation knobs although a budget of at least the layer size selects the whole layer
+without an estimate.
 """
 
 import numbers
@@ -28,7 +32,7 @@ from .rules import summed_gradient
 from .selection import Selection, as_selection, resolve_k, select
 from .space import ParamSpace
 
-__all__ = ["STRATEGIES", "HESSIAN_STRATEGIES", "parameter_scores", "select_parameters", "last_layer_indices",
+__all__ = ["STRATEGIES", "HESSIAN_STRATEGIES", "CONTEXT", "parameter_scores", "select_parameters", "last_layer_indices",
            "strategy_arguments"]
 
 STRATEGIES = ("hessian", "hessian_smallest", "hessian_affected", "hessian_corrected", "hessian_ratio", "all",
@@ -42,7 +46,7 @@ RATIO_FLOOR = 1e-2
 
 class _Default:
     """The default of a keyword argument, told apart from the same value passed explicitly (see the module
-    docstring: an argument the strategy does not read is an error whenever it is passed). Prints as the value, so
+    docstring: a knob the strategy does not read is an error whenever it is passed). Prints as the value, so
     signatures and help() show the documented defaults."""
 
     __slots__ = ("value",)
@@ -68,6 +72,8 @@ def _passed(**args) -> Dict[str, Any]:
             if not isinstance(v, _Default) and not (v is None and name in _NONE_MEANS_UNSET)}
 
 
+# The request's context: every strategy accepts these and reads what it needs (module docstring).
+CONTEXT = ("loss_fn", "data", "affected", "corrected", "seed", "group")
 # What parameter_scores reads per strategy ("hessian_kw": hessian_diag's extra keyword arguments).
 _ESTIMATE = ("loss_fn", "seed", "n_probes", "estimator", "hessian_kw", "group")
 _SCORE_ARGS: Dict[str, Tuple[str, ...]] = {
@@ -96,7 +102,7 @@ def strategy_arguments(strategy: str, *, scores: bool = False) -> Tuple[str, ...
 
 def _check_passed(fn: str, strategy: str, passed: Dict[str, Any], reads: Tuple[str, ...], scores: bool) -> None:
     for name in passed:
-        if name in reads:
+        if name in reads or name in CONTEXT:  # the request's context: accepted by every strategy
             continue
         if scores and name in _SCORE_ARGS[strategy]:
             raise ValueError(f"{fn}: {name} does not apply when scores= is given (no estimate is made)")
@@ -205,7 +211,7 @@ def parameter_scores(model, strategy: str, *, loss_fn=_Default(None), data=None,
     grad_abs sums the gradient and the point count over the ranks: N values in one all_reduce); the cost counts are
     the group's. FSDP2-sharded models raise NotImplementedError here (use ``hessian_diag`` and
     ``select(..., group=)``, which shard the scores).
-    Raises ValueError for an unknown strategy, missing inputs or an argument the strategy does not read (module
+    Raises ValueError for an unknown strategy, missing inputs or a knob the strategy does not read (module
     docstring; ``all`` / ``random`` read none), NonFiniteError for NaN/Inf scores.
     Peak extra memory: the [N] score vector plus the estimator's own (hessian_diag: about 2N float32 accumulators and
     probe buffers; hessian_ratio and ssd: two of those in turn, plus one [N] vector; grad_abs: one [N] accumulator
@@ -359,14 +365,15 @@ def select_parameters(model, strategy: str = "hessian", budget: Union[int, float
             ("hutchinson"), fisher_points (512), seed (0): handed to ``parameter_scores`` when passed; ``seed`` also
             draws ``random``'s coordinates. last_layer_prefix: ``last_layer`` only. group: a process group; every
             rank passes its own shard of the data and gets the same selection (see ``parameter_scores``).
-        Which arguments each strategy reads: ``strategy_arguments(strategy)``; passing another is a ValueError (the
+        Which arguments each strategy reads: ``strategy_arguments(strategy)``; the context (``CONTEXT``) is accepted
+        by every strategy, and passing another knob is a ValueError (the
         rule is in the module docstring).
 
     Returns:
         A Selection over the model's ParamSpace (int64 ascending indices on its device).
 
     Raises:
-        ValueError (unknown strategy, missing inputs, an argument the strategy does not read, budget out of range),
+        ValueError (unknown strategy, missing inputs, a knob the strategy does not read, budget out of range),
         TypeError (budget type), NonFiniteError (NaN/Inf scores).
 
     Peak extra memory: ``parameter_scores``' (unless ``scores`` is given) plus O(k) for the ranking (``random``: a

@@ -31,7 +31,7 @@ import torch
 from .data import as_batches, make_loss
 from .errors import check_finite
 from .hessian import _check_agreement, _comm, _unwrap
-from .rules import TRAIN_METHODS, Coords, Problem, as_method, count_batches, norm_float64
+from .rules import Coords, Problem, as_method, count_batches, norm_float64
 from .selection import as_selection
 from .space import ParamSpace
 
@@ -116,9 +116,10 @@ def unlearn(model: torch.nn.Module, loss_fn, affected, corrected, selection, met
             as the default of ``n_train``); its Hessian is rescaled to ``n_train`` points. It is read once to count
             its points and batches (the rule reuses the counts), then by the rule.
         n_train: number of training points the summed-loss Hessian represents (default: the points in train_data).
-            ``train_data`` and ``n_train`` apply only to second_order and diag_newton: passing either (None means
-            "not given") to another method raises ValueError naming the argument, and so does passing both to a
-            ``DiagNewton(diag=...)`` (train_data would not be read).
+            ``train_data`` and ``n_train`` are the request's context, accepted by every method (so one call serves a
+            loop over methods): second_order and diag_newton read them, the others never touch them, and a
+            ``DiagNewton(diag=...)`` given both uses ``n_train`` and leaves train_data unread. What was not read is
+            listed in ``report.info["unread"]``.
         space: the model's ParamSpace (built when None).
         estimation_mode: run in ``hessian_diag``'s estimation mode (eval mode for every module, math attention),
             restored afterwards. False: in the model's own mode (then iterative methods on a model in train mode
@@ -141,8 +142,8 @@ def unlearn(model: torch.nn.Module, loss_fn, affected, corrected, selection, met
 
     Raises:
         TypeError / ValueError before anything is computed: a bad method or config, mismatched Z/Z̃ sizes, an empty
-        or invalid selection (IndexError out of range), missing train_data, train_data / n_train given to a method
-        that does not read them, a one-shot iterator read several times.
+        or invalid selection (IndexError out of range), missing train_data, a bad n_train, a one-shot iterator
+        read several times.
         NonFiniteError (a ValueError): NaN/Inf in the parameters, G_S, the solve, an update or an iterate -- before
         anything is written (direct methods) or after a full restore (iterative methods). KeyboardInterrupt and any
         other exception propagate after the same restore; an interrupted ``hessian_diag`` inside diag_newton raises
@@ -168,12 +169,10 @@ def unlearn(model: torch.nn.Module, loss_fn, affected, corrected, selection, met
                                     or n_train < 1):
             raise ValueError(f"n_train must be an int >= 1, got {n_train!r}")
         use = rule.train_use()
-        for arg, value in (("train_data", train_data), ("n_train", n_train)):
-            if value is not None and use is None:
-                raise ValueError(f"{arg} applies only to the methods {TRAIN_METHODS}; {rule.name} does not read it")
-        if use == "n_train" and train_data is not None and n_train is not None:
-            raise ValueError("diag_newton with diag= reads train_data only to count n_train: give train_data or "
-                             "n_train, not both")
+        # train_data and n_train are the request's context: every method accepts them and reads what it needs
+        unread = [arg for arg, value in (("train_data", train_data), ("n_train", n_train))
+                  if value is not None and (use is None or (arg == "train_data" and use == "n_train"
+                                                            and n_train is not None))]
         inner, space_ = _unwrap(model, space, "unlearn")
         if inner is not model and not comm.active:
             raise ValueError("unlearn: a DistributedDataParallel model needs group= (its process group, e.g. "
@@ -216,6 +215,8 @@ def unlearn(model: torch.nn.Module, loss_fn, affected, corrected, selection, met
                        n_train=int(n_train) if n_train is not None else None, train_points=train_points,
                        train_batches=train_batches, comm=comm)
         rule.prepare(prob)
+        if unread:
+            prob.info["unread"] = unread  # context the method does not use (never iterated)
         desc = None
         if comm.active:  # what every rank must agree on (O(k) hashes of S and of θ_S), and its own counts
             desc = {"agree": {"method": repr(rule), "parameters": space_.numel, "space": space_.signature,

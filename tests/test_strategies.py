@@ -318,23 +318,38 @@ def test_strategy_names_and_errors(setup):
 # ------------------------------------------------------------------------------------------- applicability
 SCORE_BASED = ("hessian", "hessian_smallest", "hessian_affected", "hessian_corrected", "last_layer", "grad_abs",
                "ssd")
-NOT_READ = [  # (strategy, an argument it does not read, passed with its default value or data: an error; @x = data)
-    ("ssd", {"n_probes": 32}), ("ssd", {"estimator": "hutchinson"}), ("ssd", {"corrected": "@cor"}),
-    ("grad_abs", {"n_probes": 32}), ("grad_abs", {"estimator": "hutchinson"}), ("grad_abs", {"seed": 0}),
-    ("grad_abs", {"fisher_points": 512}), ("grad_abs", {"data": "@train"}), ("grad_abs", {"corrected": "@cor"}),
-    ("hessian", {"fisher_points": 512}), ("hessian", {"affected": "@aff"}), ("hessian", {"corrected": "@cor"}),
-    ("hessian_affected", {"data": "@train"}), ("hessian_corrected", {"affected": "@aff"}),
-    ("hessian_smallest", {"fisher_points": None}), ("last_layer", {"corrected": "@cor"}),
-    ("hessian", {"last_layer_prefix": "fc"}),
-    ("random", {"n_probes": 32}), ("random", {"loss_fn": None}), ("random", {"data": "@train"}),
-    ("random", {"estimator": "hutchinson"}), ("all", {"seed": 0}), ("all", {"loss_fn": loss_fn}),
-    ("all", {"fisher_points": 512}),
+NOT_READ = [  # (strategy, a knob it does not read, passed with its default value: an error)
+    ("ssd", {"n_probes": 32}), ("ssd", {"estimator": "hutchinson"}),
+    ("grad_abs", {"n_probes": 32}), ("grad_abs", {"estimator": "hutchinson"}),
+    ("grad_abs", {"fisher_points": 512}), ("hessian", {"fisher_points": 512}),
+    ("hessian_smallest", {"fisher_points": None}), ("hessian", {"last_layer_prefix": "fc"}),
+    ("hessian_flat", {"fisher_points": 512}),
+    ("random", {"n_probes": 32}), ("random", {"estimator": "hutchinson"}), ("all", {"fisher_points": 512}),
 ]
 
 
 def _inputs(setup):
     model, aff, cor, train = setup
     return {"loss_fn": loss_fn, "data": train, "affected": aff, "corrected": cor}
+
+
+def test_the_request_context_is_accepted_by_every_strategy(setup):
+    """The loop users write: the whole context of an unlearning request, every strategy, one call. Each reads what
+    it needs; the result equals the call with only what it reads."""
+    from sapsel_kernels.strategies import CONTEXT
+
+    model, aff, cor, train = setup
+    ctx = {"loss_fn": loss_fn, "data": train, "affected": aff, "corrected": cor, "seed": 0, "group": None}
+    assert set(ctx) == set(CONTEXT)
+    for s in STRATEGIES:
+        sel = sk.select_parameters(model, s, 0.2, **ctx)
+        own = {k: v for k, v in ctx.items() if k in strategy_arguments(s)}
+        assert torch.equal(sel.indices, sk.select_parameters(model, s, 0.2, **own).indices), s
+        scores, _ = sk.parameter_scores(model, s, **ctx)
+        assert (scores is None) == (s in ("all", "random"))
+    # context with precomputed scores: accepted and unread
+    scores = torch.rand(ParamSpace(model).numel, generator=torch.Generator().manual_seed(0))
+    assert sk.select_parameters(model, "hessian", 3, scores=scores, **ctx).k == 3
 
 
 @pytest.mark.parametrize("strategy,extra", NOT_READ, ids=[f"{s}-{next(iter(e))}" for s, e in NOT_READ])
@@ -357,8 +372,7 @@ def test_with_scores_no_estimation_argument_applies(setup, strategy):
     scores = torch.rand(ParamSpace(model).numel, generator=torch.Generator().manual_seed(0))
     sel = select_parameters(model, strategy, 3, scores=scores)  # needs nothing else
     assert sel.k == 3
-    for extra in ({"loss_fn": loss_fn}, {"loss_fn": None}, {"data": train}, {"affected": aff}, {"seed": 0},
-                  {"n_probes": 32}, {"estimator": "hutchinson"}, {"fisher_points": 512}):
+    for extra in ({"n_probes": 32}, {"estimator": "hutchinson"}, {"fisher_points": 512}):
         (name,) = extra
         if name in strategy_arguments(strategy):  # read for the estimate, which scores= replaces
             match = rf"{name} does not apply when scores= is given"

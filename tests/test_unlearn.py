@@ -97,6 +97,10 @@ def _state(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def _restore(model, state):
+    model.load_state_dict(state)
+
+
 def _assert_state(model, state):
     for k, v in model.state_dict().items():
         assert torch.equal(v, state[k]), k
@@ -120,7 +124,8 @@ def _config(method, **kw):
 
 
 def _train(method, train):
-    """unlearn's train_data for the methods that read it (passing it to another method is an error)."""
+    """unlearn's train_data for the methods that read it (the others accept it unread: see
+    test_train_arguments_are_context_every_method_accepts)."""
     return {"train_data": train} if method in ("second_order", "diag_newton") else {}
 
 
@@ -438,21 +443,40 @@ def test_bad_inputs_raise_before_modifying(setup):
 
 
 @pytest.mark.parametrize("method", ["first_order", "sam_finetune", "gradient_ascent"])
-def test_train_arguments_do_not_apply_to_other_methods(setup, method):
-    # train_data / n_train are read by second_order and diag_newton only: elsewhere they are an error, not a no-op
+def test_train_arguments_are_context_every_method_accepts(setup, method):
+    # train_data / n_train are the request's context: methods that do not read them accept them, never iterate
+    # train_data, give the same result as without them, and list them in info["unread"]
     model, aff, cor, train = setup
     state = _state(model)
-    for kw, arg in (({"train_data": train}, "train_data"), ({"n_train": 5}, "n_train"),
-                    ({"train_data": train, "n_train": 5}, "train_data")):
-        with pytest.raises(ValueError, match=rf"{arg} applies only to the methods \('second_order', 'diag_newton'\); "
-                                             rf"{method} does not read it"):
-            sk.unlearn(model, loss_fn, aff, cor, None, _config(method), **kw)
-    _assert_state(model, state)
-    sk.unlearn(model, loss_fn, aff, cor, None, _config(method), train_data=None, n_train=None)  # None: not given
+    ref = sk.unlearn(model, loss_fn, aff, cor, None, _config(method))
+    after = _theta(model)
+    assert "unread" not in ref.info
+    for kw in ({"train_data": _Reads([train])}, {"n_train": 5}, {"train_data": _Reads([train]), "n_train": 5}):
+        _restore(model, state)
+        rep = sk.unlearn(model, loss_fn, aff, cor, None, _config(method), **kw)
+        assert torch.equal(_theta(model), after)
+        assert rep.info["unread"] == list(kw)
+        if "train_data" in kw:
+            assert kw["train_data"].reads == 0
+    with pytest.raises(ValueError, match="n_train must be an int >= 1"):
+        sk.unlearn(model, loss_fn, aff, cor, None, _config(method), n_train=0)  # context is still validated
+
+
+def test_a_loop_over_methods_with_one_call():
+    # the loop users write: one call with the whole context, every method
+    torch.manual_seed(0)
+    model = Tiny().double()
+    aff, cor, train = _data(seed=0)
+    state = _state(model)
+    for m in METHODS:
+        _restore(model, state)
+        cfg = _config(m)
+        rep = sk.unlearn(model, loss_fn, aff, cor, None, cfg, train_data=train)
+        assert rep.method == m
 
 
 def test_diag_newton_with_diag_needs_only_n_train(setup):
-    # with diag= the rule reads no training data: train_data alone supplies n_train (its points); both is an error
+    # with diag= the rule reads no training data: train_data alone supplies n_train (its points)
     model, aff, cor, train = setup
     th0 = _theta(model)
     d = torch.full((ParamSpace(model).numel,), 0.1, dtype=torch.float64)
@@ -463,8 +487,11 @@ def test_diag_newton_with_diag_needs_only_n_train(setup):
     sk.unlearn(m2, loss_fn, aff, cor, None, DiagNewton(diag=d, damping=1.0), n_train=20)
     assert torch.equal(_theta(m2), after)
     state = _state(model)
-    with pytest.raises(ValueError, match="not both"):
-        sk.unlearn(model, loss_fn, aff, cor, None, DiagNewton(diag=d), train_data=train, n_train=20)
+    # both given: n_train wins and train_data is not read
+    m3 = _copy(model, th0)
+    reads = _Reads([train])
+    rep = sk.unlearn(m3, loss_fn, aff, cor, None, DiagNewton(diag=d, damping=1.0), train_data=reads, n_train=20)
+    assert torch.equal(_theta(m3), after) and reads.reads == 0 and rep.info["unread"] == ["train_data"]
     with pytest.raises(ValueError, match="needs n_train"):
         sk.unlearn(model, loss_fn, aff, cor, None, DiagNewton(diag=d))
     _assert_state(model, state)

@@ -44,21 +44,21 @@ def resolve_k(n: int, *, k: int | None = None, fraction: float | None = None, wh
 
     ``select``, ``select_parameters(budget=...)`` and the stopping rules of ``hessian_diag`` all call it, so the same
     fraction gives the same k everywhere. Raises ValueError (both/neither given, out of range, NaN) or TypeError
-    (a non-integer k, a bool).
+    (a non-integer k, a bool); the messages append ``what`` (e.g. " (budget)") to the argument's name.
     """
     if (k is None) == (fraction is None):
-        raise ValueError("give exactly one of k= or fraction=")
+        raise ValueError(f"give exactly one of k= or fraction={what}")
     if k is not None:
         if isinstance(k, bool) or not isinstance(k, int):
-            raise TypeError(f"k must be an int, got {type(k).__name__}")
+            raise TypeError(f"k{what} must be an int, got {type(k).__name__}")
         if not 0 <= k <= n:
-            raise ValueError(f"k must be in [0, {n}] for {n} scores{what}, got k={k}")
+            raise ValueError(f"k{what} must be in [0, {n}] for {n} scores, got k={k}")
         return k
     if isinstance(fraction, bool):
-        raise TypeError("fraction must be a float in (0, 1], got a bool")
+        raise TypeError(f"fraction{what} must be a float in (0, 1], got a bool")
     fraction = float(fraction)
     if not (0.0 < fraction <= 1.0):
-        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+        raise ValueError(f"fraction{what} must be in (0, 1], got {fraction}")
     return min(n, max(1, math.ceil(fraction * n - 1e-6)))
 
 

@@ -449,3 +449,11 @@ def test_last_layer_is_the_tied_output_head_of_a_hf_model():
     assert last_layer_indices(sp, "transformer.ln_f", model=model).numel() == 16  # an explicit prefix wins
     sel = select_parameters(model, "last_layer", 1.0)
     assert sel.indices.tolist() == ll.tolist()
+
+
+@pytest.mark.parametrize("budget,exc", [(0.0, ValueError), (1.5, ValueError), (float("nan"), ValueError),
+                                        (2**70, ValueError), (-1, ValueError), (True, TypeError)])
+def test_a_bad_budget_names_budget(setup, budget, exc):
+    model = setup[0]
+    with pytest.raises(exc, match="budget"):
+        select_parameters(model, "random", budget)

@@ -322,3 +322,12 @@ def test_cuda_nonfinite_and_opcheck():
     y = torch.randn(5000, device="cuda")
     for k, largest in ((0, True), (50, True), (500, False), (5000, True)):
         torch.library.opcheck(topk_select, (y, k, largest))
+
+
+@pytest.mark.parametrize("k,exc", [(2**70, ValueError), (-1, ValueError), (11, ValueError), (2.0, TypeError),
+                                   (True, TypeError)])
+def test_topk_select_wrapper_names_k(k, exc):
+    from sapsel_kernels.ops.topk import topk_select
+
+    with pytest.raises(exc, match="topk_select: k must be"):
+        topk_select(torch.rand(10), k)

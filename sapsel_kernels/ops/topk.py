@@ -22,7 +22,7 @@ def _fake(scores, k, largest=True):
     return scores.new_empty((k,), dtype=torch.int64), scores.new_empty(())
 
 
-topk_select = define_op(
+_op = define_op(
     "topk_select",
     "(Tensor scores, int k, bool largest=True) -> (Tensor indices, Tensor threshold)",
     reference=topk_select_ref,
@@ -30,3 +30,18 @@ topk_select = define_op(
     cpp="topk_select_cpu",
     triton="topk:topk_select",
 )
+
+
+def topk_select(scores: torch.Tensor, k: int, largest: bool = True):
+    """``torch.ops.sapsel.topk_select`` with its arguments checked in Python first, so that a bad ``k`` (a bool, a
+    float, a value the schema's int64 cannot hold such as 2**70, or one outside [0, N]) is a TypeError / ValueError
+    naming ``k`` rather than the dispatcher's cast error. Returns (indices int64 [k] ascending, threshold 0-dim)."""
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"topk_select: k must be an int, got {type(k).__name__}")
+    if not isinstance(scores, torch.Tensor):
+        raise TypeError(f"topk_select: scores must be a tensor, got {type(scores).__name__}")
+    if scores.dim() == 1 and not 0 <= k <= scores.shape[0]:
+        raise ValueError(f"topk_select: k must be in [0, {scores.shape[0]}] for {scores.shape[0]} scores, got k={k}")
+    if not isinstance(largest, bool):
+        raise TypeError(f"topk_select: largest must be a bool, got {type(largest).__name__}")
+    return _op(scores, k, largest)

@@ -275,7 +275,7 @@ class DiagEstimate:
         try:
             d = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - pickle, zip and unpickler errors all mean "not an estimate"
-            raise ValueError(f"{path}: cannot read a saved DiagEstimate ({type(exc).__name__})") from exc
+            raise ValueError(f"{path}: cannot read a saved DiagEstimate: {_unreadable_why(path, exc)}") from exc
         fmt = d.get("format") if isinstance(d, dict) else None
         if fmt not in ("sapsel.DiagEstimate/1", _FORMAT):
             raise ValueError(f"{path}: not a saved DiagEstimate")
@@ -520,6 +520,25 @@ def _comm(group) -> Comm:
     return Comm(group)
 
 
+def _unreadable_why(path, exc: BaseException) -> str:
+    """Why ``torch.load`` failed on ``path``, in words: a truncated archive (torch.save writes a zip whose
+    directory sits at the end, so a cut-off copy starts with the zip magic but has no directory), an empty file, or
+    the loader's own message."""
+    import zipfile
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return f"{type(exc).__name__}: {exc}"
+    if not head:
+        return "the file is empty"
+    if head == b"PK\x03\x04" and not zipfile.is_zipfile(path):
+        return "the file is truncated (a torch.save archive whose end is missing: an interrupted copy or write?)"
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"not a torch.save file of an estimate ({type(exc).__name__}: {first[:200]})"
+
+
 def _unwrap(model: torch.nn.Module, space, what: str = "hessian_diag") -> tuple[torch.nn.Module, ParamSpace]:
     """(the module the estimators call, the ParamSpace over it).
 
@@ -540,6 +559,11 @@ def _unwrap(model: torch.nn.Module, space, what: str = "hessian_diag") -> tuple[
         raise TypeError(f"space must be a ParamSpace or None, got {type(space).__name__}")
     elif inner is not model and all(n.startswith("module.") for n in space.names):
         space = ParamSpace(dict(zip([n[len("module."):] for n in space.names], space.params)))
+    if space is not None:
+        space.check_belongs_to(inner, what)
+    if any(p.is_meta for p in space.params):
+        raise ValueError(f"{what}: the model's parameters are on the meta device (not materialised); load its "
+                         "weights first (e.g. model.to_empty(device='cpu') and load_state_dict)")
     if any(type(p).__name__ == "DTensor" for p in space.params):
         raise ValueError(f"{what} does not support sharded parameters (DTensor: FSDP2 fully_shard, tensor "
                          "parallel): run it on a replicated copy of the model with group=")

@@ -435,6 +435,10 @@ def as_selection(obj, space: ParamSpace, *, allow_empty: bool = True, what: str 
     """
     if obj is None:
         raise TypeError(f"{what} is None")
+    if space.device.type == "meta" or (isinstance(obj, torch.Tensor) and obj.is_meta) or (
+            isinstance(obj, Selection) and obj.indices.is_meta):
+        raise ValueError(f"{what}: on the meta device (no values): a selection needs real indices and a model with "
+                         "materialised parameters (model.to_empty(device=...) and load_state_dict first)")
     if isinstance(obj, (list, tuple, range)):
         # no dtype here: a Python bool list is a mask and a float list is refused below, never cast to indices
         items = list(obj)

@@ -83,25 +83,47 @@ class ParamSpace:
         weights (a hessian_diag checkpoint) is refused when they changed.
 
         Per tensor: the int64 sum of its elements' bit patterns (any single changed element changes it, however small
-        the change: a sparse unlearning step of 1e-7 on a few weights is caught), its sum and 2-norm, and up to 64
-        elements at a fixed stride, hashed with the signature. Cost: three reductions and one host sync per tensor;
-        the integer sum accumulates in int64 without an N-length copy.
+        the change: a sparse unlearning step of 1e-7 on a few weights is caught), a sum of the same bit patterns
+        weighted by position (``1 + i mod 251``: two swapped unequal elements, which leave every plain sum
+        unchanged, change it unless they are a multiple of 251 positions apart), its sum and 2-norm, and up to 64
+        elements at a fixed stride, hashed
+        with the signature. Cost: four reductions per tensor, in chunks of 2^20 elements (two int64 temporaries of
+        that size), and one host sync per tensor.
         """
-        bits = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}
+        bits = {8: torch.int32, 4: torch.int32, 2: torch.int16, 1: torch.int8}  # 8-byte values as int32 pairs
         h = hashlib.sha1(self.signature.encode())
+        chunk = 1 << 20
         with torch.no_grad():
             for p in self.params:
                 flat = p.detach().reshape(-1)
                 n = flat.numel()
                 if n:
-                    ints = flat.view(bits[flat.element_size()]).sum(dtype=torch.int64)
+                    words = flat.view(bits[flat.element_size()])
+                    ints = words.sum(dtype=torch.int64)
+                    # |word| < 2^31, weight <= 251: a chunk's sum stays below 2^59, no int64 overflow
+                    weighted = 0
+                    for a in range(0, words.numel(), chunk):
+                        w = words[a:a + chunk].to(torch.int64)
+                        pos = torch.arange(a, a + w.numel(), device=w.device) % 251 + 1
+                        weighted = (weighted + int((w * pos).sum())) % (1 << 61)
                     stats = torch.stack([flat.sum().double(), torch.linalg.vector_norm(flat).double(),
                                          ints.double()])
                     h.update(ints.cpu().numpy().tobytes())
+                    h.update(weighted.to_bytes(8, "little"))
                     h.update(stats.cpu().numpy().tobytes())
                     stride = max(1, n // 64)
                     h.update(flat[::stride][:64].to(torch.float64).cpu().numpy().tobytes())
         return h.hexdigest()[:16]
+
+    def check_belongs_to(self, model: torch.nn.Module, what: str) -> None:
+        """Raise ValueError (naming ``what`` and the first foreign tensor) unless every tensor of this space is a
+        parameter of ``model``: a space built on another model would make the caller read or write the wrong
+        tensors (an update that changes nothing in ``model``). O(number of parameter tensors)."""
+        own = {id(p) for p in model.parameters()}
+        for name, p in zip(self.names, self.params):
+            if id(p) not in own:
+                raise ValueError(f"{what}: space= was built on another model (its tensor {name!r} is not a parameter "
+                                 f"of this model); build it with ParamSpace(model) or pass space=None")
 
     def index_of(self, name: str) -> int:
         try:

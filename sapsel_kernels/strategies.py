@@ -225,6 +225,8 @@ def parameter_scores(model, strategy: str, *, loss_fn=_Default(None), data=None,
     _check_passed("parameter_scores", strategy, passed, _SCORE_ARGS[strategy], scores=False)
     loss_fn, seed, estimator, fisher_points = _value(loss_fn), _value(seed), _value(estimator), _value(fisher_points)
     space = space or ParamSpace(model)
+    space.check_belongs_to(model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model,
+                           "select_parameters / parameter_scores")
     from .distributed import _is_dtensor
 
     if any(_is_dtensor(p) for p in space.params):
@@ -386,6 +388,8 @@ def select_parameters(model, strategy: str = "hessian", budget: Union[int, float
     _check_passed("select_parameters", strategy, passed, strategy_arguments(strategy, scores=scores is not None),
                   scores=scores is not None)
     space = space or ParamSpace(model)
+    space.check_belongs_to(model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model,
+                           "select_parameters / parameter_scores")
     k = _budget_k(budget, space.numel)
     if strategy == "all":
         return as_selection(torch.arange(space.numel, device=space.device), space)

@@ -216,3 +216,20 @@ def test_fingerprint_sees_a_tiny_sparse_edit():
     with torch.no_grad():
         lin.weight.view(-1)[:10] += 1e-7   # far below what a sum or a norm in float32 resolves
     assert space.fingerprint() != before
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_fingerprint_sees_two_swapped_weights(dtype):
+    # plain sums, norms and strided samples are blind to a permutation; the position-weighted sum is not
+    torch.manual_seed(0)
+    m = torch.nn.Linear(40, 30).to(dtype)
+    f0 = ParamSpace(m).fingerprint()
+    for i, j in ((3, 17), (0, 1), (5, 1000), (64, 128)):
+        with torch.no_grad():
+            w = m.weight.view(-1)
+            a, b = w[i].clone(), w[j].clone()
+            assert a != b
+            w[i], w[j] = b, a
+            assert ParamSpace(m).fingerprint() != f0, (i, j)
+            w[i], w[j] = a, b
+        assert ParamSpace(m).fingerprint() == f0

@@ -46,6 +46,10 @@ _LAZY = {
     "select_parameters": "strategies",
     "parameter_scores": "strategies",
     "strategy_arguments": "strategies",
+    "Patch": "patch",
+    "apply_patch": "patch",
+    "revert_patch": "patch",
+    "diff_patch": "patch",
 }
 
 

@@ -227,6 +227,22 @@ def nonempty_text(text: str) -> str:
     return text
 
 
+def existing_file(text: str) -> str:
+    """``type=`` for a file that exists and can be opened for reading (its content is checked by its reader)."""
+    if not str(text).strip():
+        raise _Error("the file name must not be empty")
+    if not os.path.exists(text):
+        raise _Error(f"{text!r} does not exist")
+    if os.path.isdir(text):
+        raise _Error(f"{text!r} is a directory, not a file")
+    try:
+        with open(text, "rb"):
+            pass
+    except OSError as exc:
+        raise _Error(f"cannot read {text!r}: {exc.strerror or exc}") from None
+    return text
+
+
 def text_file(text: str) -> str:
     """``type=`` for a UTF-8 text file that can be read and holds more than blanks. The whole file is read once
     here, so an unreadable or binary file fails before a model is loaded. Returns ``text`` unchanged."""

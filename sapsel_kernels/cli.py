@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="sapsel", description="sapsel-kernels command line",
                      epilog_fn=lambda: "demo tasks (sapsel demo --task TASK [options]):\n\n" + _tasks_help())
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = parser.add_subparsers(dest="cmd", required=True, metavar="{info,demo,forget}", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="cmd", required=True, metavar="{info,demo,forget,patch}", parser_class=_Parser)
     p = sub.add_parser("info", help="versions, extension status and the backend that serves each op")
     p.add_argument("--cuda", action="store_true", help="also query the CUDA device (initialises CUDA)")
     p = sub.add_parser("demo", add_help=False, usage="sapsel demo [-h] [--task {labels,canary,images}] [task options]",
@@ -103,6 +103,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"labels: label repair on scikit-learn digits; canary: credit-card canary on a char LM "
                         f"(default {DEFAULT_TASK})")
     add_forget_parser(sub)
+    p = sub.add_parser("patch", help="apply or revert a sparse patch (what sapsel forget --save patch writes) on a "
+                                     "local Hugging Face model folder",
+                       description="Apply a patch to the base model it was made for, or revert it on the patched\n"
+                                   "model, bit for bit, and write the result to OUT (new or empty). A model that\n"
+                                   "does not match (architecture, dtype, weights fingerprint, the values at the\n"
+                                   "patch's indices) is refused and nothing is written.")
+    p.add_argument("action", choices=("apply", "revert"))
+    p.add_argument("--model", required=True, metavar="DIR", type=at.model_dir, help="local Hugging Face model folder")
+    p.add_argument("--patch", required=True, metavar="FILE", type=at.existing_file,
+                   help="the patch file (patch.safetensors)")
+    p.add_argument("--out", required=True, metavar="OUT", type=at.output_dir,
+                   help="output folder, new or empty: the patched (or reverted) model and DIR's tokenizer files")
     return parser
 
 
@@ -159,6 +171,10 @@ def add_forget_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--out", required=True, metavar="OUT", type=at.output_dir,
                    help="output folder, new or empty (must not be DIR): the unlearned model, its tokenizer, "
                         "report.json, report.md, forget.png")
+    g.add_argument("--save", default="model", choices=("model", "patch", "both"),
+                   help="what OUT holds besides the reports: the whole unlearned model and its tokenizer (model, "
+                        "the default), only patch.safetensors, the change (indices, new and old values; apply it "
+                        "with 'sapsel patch apply'), or both")
     g = p.add_argument_group("the secrets")
     g.add_argument("--secret", action="append", default=None, type=at.nonempty_text,
                    help="a secret to forget, as it occurs in the data (repeat for several)")
@@ -476,8 +492,11 @@ def _forget_run(args, argv: List[str], progress: bool) -> int:
         except OSError:
             stage = tempfile.mkdtemp(prefix=".sapsel-partial-", dir=args.out)
         unlearned = getattr(report, "model", None)
-        (model if unlearned is None else unlearned).save_pretrained(stage)
-        tokenizer.save_pretrained(stage)
+        if args.save in ("model", "both"):
+            (model if unlearned is None else unlearned).save_pretrained(stage)
+            tokenizer.save_pretrained(stage)
+        if args.save in ("patch", "both"):
+            report.patch.save(os.path.join(stage, "patch.safetensors"))
         names = [os.path.basename(q) for q in write_forget_report(result, stage, argv=["sapsel", *argv])]
         moved = True
         if os.path.dirname(stage) != os.path.abspath(args.out):
@@ -502,8 +521,9 @@ def _forget_run(args, argv: List[str], progress: bool) -> int:
         if not os.path.isdir(args.out):
             os.makedirs(args.out, exist_ok=True)  # the rename failed after OUT was removed: leave it as it was
     print("\n".join(summary_lines(result)))
-    print(f"wrote {args.out}: the unlearned model and tokenizer, {', '.join(names)}  "
-          f"({time.perf_counter() - t0:.1f} s)")
+    what = {"model": "the unlearned model and tokenizer", "patch": "patch.safetensors",
+            "both": "the unlearned model and tokenizer, patch.safetensors"}[args.save]
+    print(f"wrote {args.out}: {what}, {', '.join(names)}  ({time.perf_counter() - t0:.1f} s)")
     if not result.get("reached"):
         failing = result.get("failing") or []
         why = [f"{len(failing)} of {result.get('n_secrets', 1)} secret(s) fail: " + ", ".join(map(repr, failing))
@@ -548,6 +568,56 @@ def _info(args) -> int:
     return 0
 
 
+def _patch(args) -> int:
+    """``sapsel patch apply|revert``: load DIR as stored (its own dtype), check and write the patch, save to OUT
+    through a staging folder (OUT stays empty on any failure)."""
+    from transformers import AutoModelForCausalLM
+
+    from .patch import Patch
+
+    def fail(msg: str, code: int = 2) -> int:
+        print(f"sapsel patch: error: {msg}", file=sys.stderr, flush=True)
+        return code
+
+    if os.path.abspath(args.out) == os.path.abspath(args.model):
+        return fail("--out must differ from --model")
+    if os.path.isdir(args.out) and os.listdir(args.out):
+        return fail(f"--out {args.out!r} is not empty: give a new or empty folder")
+    try:
+        patch = Patch.load(args.patch)
+    except ValueError as exc:
+        return fail(_one_line(exc))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True, **_dtype_kwargs("auto"))
+    except (OSError, ValueError) as exc:
+        return fail(f"--model {args.model!r}: cannot load a causal LM: {_one_line(exc)}")
+    try:
+        (patch.apply if args.action == "apply" else patch.revert)(model)
+    except ValueError as exc:
+        return fail(_one_line(exc))
+    os.makedirs(args.out, exist_ok=True)
+    stage = tempfile.mkdtemp(prefix=".sapsel-partial-", dir=os.path.dirname(os.path.abspath(args.out)))
+    try:
+        model.save_pretrained(stage)
+        for name in os.listdir(args.model):  # the tokenizer and any other non-weight file the folder holds
+            src = os.path.join(args.model, name)
+            if os.path.isfile(src) and not os.path.exists(os.path.join(stage, name)) and not name.endswith(
+                    (".safetensors", ".bin", ".pt", ".json.index")) and name != "model.safetensors.index.json":
+                shutil.copy2(src, os.path.join(stage, name))
+        os.chmod(stage, os.stat(args.out).st_mode & 0o7777)
+        os.rmdir(args.out)
+        os.rename(stage, args.out)
+        stage = None
+    except OSError as exc:
+        return fail(f"cannot write {args.out!r}: {_one_line(exc)}", 1)
+    finally:
+        if stage is not None:
+            shutil.rmtree(stage, ignore_errors=True)
+            os.makedirs(args.out, exist_ok=True)
+    print(f"sapsel patch: {args.action} {patch.k} entries of {len(patch.entries)} tensors; wrote {args.out}")
+    return 0
+
+
 def _demo(task: str, rest: List[str]) -> int:
     mod = importlib.import_module(f"sapsel_kernels.demo.{task}")
     return int(mod.main(rest) or 0)  # the task's main parses and validates first (usage errors: exit code 2)
@@ -561,6 +631,10 @@ def _main(argv: Optional[List[str]]) -> int:
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         return _info(args)
+    if args.cmd == "patch":
+        if rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        return _patch(args)
     if args.cmd == "forget":
         p = _subparser(parser, "forget")
         if rest:

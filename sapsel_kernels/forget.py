@@ -573,6 +573,7 @@ class ForgetReport:
     evidence: Optional[Dict[str, Any]] = None
     model: Any = field(default=None, repr=False)
     scores: Optional[torch.Tensor] = field(default=None, repr=False)
+    patch: Any = field(default=None, repr=False)  # the change as a patch.Patch (report.patch.save(path))
 
     @property
     def ppl_increase(self) -> float:
@@ -1086,7 +1087,7 @@ def forget(model, tokenizer, texts, secret, prefix: Optional[str] = None, replac
         coords = Coords(space, sel)
         theta_s = coords.snapshot()  # O(k): the model is restored if the measurement after unlearning fails
         t0 = time.perf_counter()
-        rep = unlearn(model, _z_aware(lm_loss), zs, zt, sel, method=cfg, space=space)
+        rep = unlearn(model, _z_aware(lm_loss), zs, zt, sel, method=cfg, space=space, return_patch=True)
         unlearn_s = time.perf_counter() - t0
         try:
             if bar is not None:
@@ -1136,7 +1137,7 @@ def forget(model, tokenizer, texts, secret, prefix: Optional[str] = None, replac
         reached=reached, stopped_by=str(info.get("stopped_by", "")), history=hist, cost=cost, rule=rule_d,
         n_affected=int(len(data.affected[0])), n_occurrences=data.n_occurrences,
         n_train_windows=int(len(data.train[0])), seq_len=T, offsets_exact=data.offsets_exact, evidence=ev,
-        model=model, scores=scores)
+        model=model, scores=scores, patch=rep.patch)
 
 
 def _bar(progress, total):

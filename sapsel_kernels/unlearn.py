@@ -23,7 +23,7 @@ import contextlib
 import hashlib
 import numbers
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -60,9 +60,11 @@ class UnlearnReport:
     delta_norm: float
     n_changed: int
     info: Dict[str, Any] = field(default_factory=dict)
+    patch: Any = field(default=None, repr=False, compare=False)  # a patch.Patch with return_patch=True
 
     def to_dict(self) -> Dict[str, Any]:
-        return asdict(self)
+        """The report without the patch (save that with ``report.patch.save(path)``)."""
+        return {k: v for k, v in asdict(replace(self, patch=None)).items() if k != "patch"}
 
 
 # ====================================================================================================== snapshots
@@ -98,7 +100,7 @@ def _digest(*tensors: torch.Tensor) -> str:
 # ====================================================================================================== unlearn
 def unlearn(model: torch.nn.Module, loss_fn, affected, corrected, selection, method="first_order", *,
             train_data=None, n_train: Optional[int] = None, space: Optional[ParamSpace] = None,
-            estimation_mode: bool = True, group=None) -> UnlearnReport:
+            estimation_mode: bool = True, group=None, return_patch: bool = False) -> UnlearnReport:
     """Unlearn the affected points Z (replaced by their corrections Z̃) by updating only the coordinates in S.
 
     Args:
@@ -124,6 +126,10 @@ def unlearn(model: torch.nn.Module, loss_fn, affected, corrected, selection, met
         estimation_mode: run in ``hessian_diag``'s estimation mode (eval mode for every module, math attention),
             restored afterwards. False: in the model's own mode (then iterative methods on a model in train mode
             update BatchNorm statistics like training does; direct methods restore them).
+        return_patch: also return the change as a :class:`~sapsel_kernels.patch.Patch` (``report.patch``: the
+            changed coordinates' indices, new and old values, and the weights fingerprints before and after; save it
+            with ``report.patch.save(path)``, undo it with ``sk.revert_patch``). Costs two fingerprints (O(N)
+            reductions) and O(k) memory.
         group: a torch.distributed ProcessGroup (e.g. ``dist.group.WORLD``) or None (one process). Given, the call
             is collective: every rank passes the same model (replicated, or wrapped in DistributedDataParallel: its
             ``.module`` is used, DDP's own hooks never run), selection and method, and its OWN shard of Z, Z̃ and
@@ -237,6 +243,9 @@ def unlearn(model: torch.nn.Module, loss_fn, affected, corrected, selection, met
     model = prob.model
     from .hessian import estimation_mode as _estimation_mode
 
+    if not isinstance(return_patch, bool):
+        raise TypeError(f"return_patch must be a bool, got {type(return_patch).__name__}")
+    base_fp = space.fingerprint() if return_patch else None
     theta_s = coords.snapshot()  # k values in the parameters' dtypes: the restore is bit-exact
     old_s = coords.read()
     buffers = _snapshot_buffers(model)
@@ -271,7 +280,12 @@ def unlearn(model: torch.nn.Module, loss_fn, affected, corrected, selection, met
         prob.counts.update(grad=totals[0], hvp=totals[1], passes=totals[2])
         prob.info["world_size"] = comm.world
     new = coords.read()  # [k] in coords.dtype, like old_s: the report below is O(k), no [k] float64 copy
-    return UnlearnReport(method=rule.name, k=coords.k, numel=space.numel, wall_time_s=wall,
+    patch = None
+    if return_patch:
+        from .patch import patch_from_snapshot
+
+        patch = patch_from_snapshot(space, coords.parts, theta_s, base_fp, info={"method": rule.name})
+    return UnlearnReport(patch=patch, method=rule.name, k=coords.k, numel=space.numel, wall_time_s=wall,
                          n_gradients=prob.counts["grad"], n_hvps=prob.counts["hvp"], n_passes=prob.counts["passes"],
                          delta_norm=norm_float64(new, old_s), n_changed=int(torch.ne(new, old_s).sum()),
                          info=prob.info)

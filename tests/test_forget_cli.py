@@ -18,6 +18,8 @@ import types
 import pytest
 import torch
 
+import sapsel_kernels as sk
+
 from sapsel_kernels import _argtypes as at
 from sapsel_kernels import cli
 from sapsel_kernels.report import REPORT_FILES, summary_lines, to_jsonable, write_forget_report
@@ -378,7 +380,7 @@ def test_forget_help(capsys):
 def test_top_level_help_lists_forget(capsys):
     with pytest.raises(SystemExit):
         cli.main(["--help"])
-    assert "{info,demo,forget}" in capsys.readouterr().out
+    assert "{info,demo,forget,patch}" in capsys.readouterr().out
 
 
 def test_as_a_process_usage_error_and_light_parser(tmp_path):
@@ -619,7 +621,7 @@ def test_end_to_end_on_a_tiny_gpt2(capsys, lm, tmp_path):
     out = tmp_path / "out"
     argv = ["forget", "--model", str(lm.dir), "--data", str(lm.data), "--secret", SECRET, "--prefix", PREFIX,
             "--seq-len", "16", "--heldout-fraction", "0.25", "--max-steps", "10", "--candidates", "64", "--probes", "2",
-            "--budget", "0.05", "--threads", "1", "--no-progress", "--out", str(out)]
+            "--budget", "0.05", "--threads", "1", "--no-progress", "--save", "both", "--out", str(out)]
     code, stdout, stderr = _run(capsys, argv)
     assert code in (0, 3), stderr
     assert "Traceback" not in stderr
@@ -639,6 +641,13 @@ def test_end_to_end_on_a_tiny_gpt2(capsys, lm, tmp_path):
     ids = torch.tensor([tok.encode(PREFIX + SECRET)])
     assert model(ids).logits.shape == (1, ids.shape[1], len(tok))
     assert "exposure" in stdout and f"wrote {out}" in stdout
+    # --save both: the patch turns the input model into the saved one, bit for bit, and is the size of the change
+    patch = sk.Patch.load(out / "patch.safetensors")
+    assert 0 < patch.k <= d["k"]
+    assert _run(capsys, ["patch", "apply", "--model", str(lm.dir), "--patch", str(out / "patch.safetensors"),
+                         "--out", str(tmp_path / "applied")])[0] == 0
+    applied = AutoModelForCausalLM.from_pretrained(tmp_path / "applied", local_files_only=True)
+    assert all(torch.equal(a, b) for a, b in zip(applied.state_dict().values(), model.state_dict().values()))
 
 
 @needs_forget
@@ -696,7 +705,7 @@ def test_many_secrets_with_heldout_text_in_one_run(capsys, multi_lm, tmp_path):
     argv = ["forget", "--model", str(multi_lm / "model"), "--data", str(multi_lm / "data.txt"), "--heldout",
             str(multi_lm / "held.txt"), "--secrets", str(multi_lm / "secrets.jsonl"), "--secret", SECRET,
             "--seq-len", "16", "--max-steps", "10", "--candidates", "64", "--samples", "4", "--relearn-steps", "3",
-            "--budget", "0.05", "--threads", "1", "--no-progress", "--out", str(out)]
+            "--budget", "0.05", "--threads", "1", "--no-progress", "--save", "both", "--out", str(out)]
     code, stdout, stderr = _run(capsys, argv)
     assert code in (0, 3), stderr
     d = _strict_json(out / "report.json")

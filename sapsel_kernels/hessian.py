@@ -840,8 +840,11 @@ def hessian_diag(model: torch.nn.Module, loss_fn, data, estimator: str = "hutchi
             est = squared_grad(inner, loss, batches, space, comm)
         elif estimator == "fisher":
             est = fisher(inner, loss, batches, space, progress, comm)
-        else:
+        elif estimator == "exact":
             est = exact(inner, loss, batches, space, exact_max_numel, comm)
+        else:  # a name added to ESTIMATORS without its branch here: never fall through to another estimator
+            raise NotImplementedError(f"hessian_diag: estimator {estimator!r} is listed in ESTIMATORS but has no "
+                                      "implementation in hessian_diag")
     if comm.active:
         est.info["world_size"] = comm.world
     if n_ckpt:

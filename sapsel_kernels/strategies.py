@@ -280,7 +280,7 @@ def parameter_scores(model, strategy: str, *, loss_fn=_Default(None), data=None,
     elif strategy == "grad_abs":
         g, group_points = _mean_gradient(model, space, loss, need(affected, "affected"), group, strategy)
         scores = g.abs_()
-    else:  # ssd
+    elif strategy == "ssd":
         bz = need(affected, "affected")
         bd = need(data, "data (the training data)")
         bd, nd = _subsample_points(bd, fisher_points, seed)
@@ -288,6 +288,9 @@ def parameter_scores(model, strategy: str, *, loss_fn=_Default(None), data=None,
         fd = hessian.hessian_diag(model, loss, bd, estimator="fisher", space=space, group=group).mean.reshape(-1)
         scores = (fz / (fd + 1e-12 * float(fd.mean()) + torch.finfo(fd.dtype).tiny)).to(torch.float32)
         cost["n_gradients"] = n_points(bz) + nd
+    else:  # a name added to STRATEGIES without its branch here: never fall through to another strategy
+        raise NotImplementedError(f"parameter_scores: strategy {strategy!r} is listed in STRATEGIES but has no "
+                                  "implementation")
     if group is not None:  # the group's cost
         comm = hessian._comm(group)
         comm.device = space.device

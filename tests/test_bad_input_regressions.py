@@ -62,3 +62,19 @@ def test_meta_device_is_refused_up_front():
     real = torch.nn.Linear(3, 2)
     with pytest.raises(ValueError, match="meta device"):
         sk.as_selection(torch.tensor([0, 1], device="meta"), ParamSpace(real))
+
+
+def test_a_registered_name_without_an_implementation_never_falls_through(monkeypatch):
+    """Adding a name to ESTIMATORS / STRATEGIES without its branch raises instead of silently running another one
+    (it used to run 'exact' / 'ssd')."""
+    from sapsel_kernels import hessian, strategies
+
+    m = torch.nn.Linear(3, 2)
+    z, zt = _data()
+    monkeypatch.setattr(hessian, "ESTIMATORS", hessian.ESTIMATORS + ("newest",))
+    with pytest.raises(NotImplementedError, match="estimator .newest. is listed in ESTIMATORS but has no"):
+        sk.hessian_diag(m, torch.nn.CrossEntropyLoss(), [z], estimator="newest")
+    monkeypatch.setattr(strategies, "STRATEGIES", strategies.STRATEGIES + ("newest",))
+    monkeypatch.setitem(strategies._SCORE_ARGS, "newest", ("loss_fn", "affected"))
+    with pytest.raises(NotImplementedError, match="'newest' is listed in STRATEGIES but has no implementation"):
+        sk.parameter_scores(m, "newest", loss_fn=torch.nn.CrossEntropyLoss(), affected=[z])

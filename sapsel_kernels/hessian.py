@@ -713,9 +713,11 @@ def hessian_diag(model: torch.nn.Module, loss_fn, data, estimator: str = "hutchi
             * ``"exact"``: diag of ``torch.func.hessian`` per batch (N <= ``exact_max_numel``).
         n_probes: samples when no stop rule is given; the budget base (max_probes = 8 * n_probes) with one.
         seed: probes (label samples) are a function of (seed, probe index, flat index) only.
-        hvp: ``"fwd_rev"`` (jvp of grad), ``"rev_rev"`` (grad of grad), ``"auto"`` (tries one mode and falls back to
-            the other with a logged reason, kept in ``info["hvp_fallback_reason"]``, if the first HVP raises; CPU
-            tries rev_rev first, accelerators fwd_rev, see :func:`auto_hvp_order`). ``info["hvp"]`` is the mode used.
+        hvp: ``"fwd_rev"`` (jvp of grad), ``"rev_rev"`` (grad of grad), ``"fd"`` (a central finite difference of
+            two gradients: no double backward or forward AD needed, bias O(ε²), see :mod:`sapsel_kernels.hvp`),
+            ``"auto"`` (tries one mode, then the other, then fd, with a logged reason kept in
+            ``info["hvp_fallback_reason"]``, when an HVP raises; CPU tries rev_rev first, accelerators fwd_rev, see
+            :func:`auto_hvp_order`). ``info["hvp"]`` is the mode used.
         probes: :class:`ProbeConfig` (probes per pass, vectorize, memory cap).
         stop: :class:`StopRule` (rtol / top-k stability, max_probes, min_probes).
         checkpoint: :class:`Checkpoint` (path, every, resume).

@@ -1,6 +1,6 @@
 """Hessian-vector products of ``loss_fn(model, batch)`` with respect to a ParamSpace: the package's one HVP engine.
 
-* :class:`HVP`: several probes per call over the whole space, in two modes. For tangents V (one [m, *shape] tensor
+* :class:`HVP`: several probes per call over the whole space, in three modes. For tangents V (one [m, *shape] tensor
   per parameter, row j = probe j) it returns H V in the same layout.
 
   * ``"fwd_rev"`` (forward-over-reverse): ``torch.func.jvp`` of ``torch.func.grad`` of a ``functional_call`` of the
@@ -10,8 +10,14 @@
     ``vectorize=False`` or when an op has no batching rule for its double backward). ``backward(create_graph=True)``
     is never used: it leaves a reference cycle between the parameters and their ``.grad`` graphs.
 
-* :class:`FallbackHVP`: ``HVP`` with the mode chosen by ``"auto"`` (:func:`auto_hvp_order`) and one fallback to the
-  other mode when the first product raises.
+  * ``"fd"`` (central finite difference): ``(∇L(θ + εv) − ∇L(θ − εv)) / 2ε``, two plain gradients per probe and
+    no double backward or forward AD, so it runs wherever a gradient does (flash / SDPA attention kernels without
+    a double backward, fused ops). One step per probe, ``ε = c · ‖θ‖ / ‖v‖`` with ``c = FD_REL_STEP[dtype]``
+    (measured, see there): each coordinate moves by about c × the RMS of the weights. A step per
+    tensor would give D⁻¹HDv instead of Hv. The difference is taken in float64. Bias: O(ε²) third derivatives.
+
+* :class:`FallbackHVP`: ``HVP`` with the mode chosen by ``"auto"`` (:func:`auto_hvp_order`), falling back to the
+  other mode and then to ``"fd"`` when a product raises.
 * :class:`RestrictedHVP`: v_S -> (H v)_S for v zero outside a flat index set S, H the Hessian of the SUMMED loss
   (reverse-over-reverse); the product a conjugate-gradient solve on S needs.
 
@@ -26,6 +32,7 @@ under it (torch.func transforms support no saved-tensor hooks). Reentrant checkp
 """
 
 import logging
+import math
 from collections.abc import Sequence
 
 import torch
@@ -35,8 +42,15 @@ from .errors import check_finite
 
 log = logging.getLogger("sapsel_kernels.hvp")
 
-MODES = ("fwd_rev", "rev_rev")
-MODE_NAMES = {"fwd_rev": "forward-over-reverse", "rev_rev": "reverse-over-reverse"}
+MODES = ("fwd_rev", "rev_rev", "fd")
+MODE_NAMES = {"fwd_rev": "forward-over-reverse", "rev_rev": "reverse-over-reverse",
+              "fd": "finite-difference (two gradients)"}
+# The central difference's step relative to the weights (ε = c·‖θ‖/‖v‖), per dtype (the lowest precision among the
+# parameters): c balances truncation O(ε²) against rounding O(eps/ε). The textbook c = eps^(1/3) (float32 4.9e-3,
+# float64 6e-6) was measured worse on a 2-layer GPT-2 (bench/hvp_fd_bias.py): relative error of H v vs a float64
+# rev_rev, float32: 2e-4 (c = 1e-4), 6e-5 (3e-4 and 1e-3), 6e-4 (3e-3), 6e-3 (1e-2); float64: 1e-4 (3e-5),
+# 2e-5 (1e-4), 1e-5 (3e-4), 5e-5 (1e-3). The backward's own rounding is far above the machine epsilon.
+FD_REL_STEP = {torch.float64: 1e-4, torch.float32: 5e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}
 
 REENTRANT_FIX = ("enable non-reentrant checkpointing instead: model.gradient_checkpointing_enable("
                  "gradient_checkpointing_kwargs={'use_reentrant': False}) for a Hugging Face model, "
@@ -179,10 +193,41 @@ class HVP:
             del rows
         return [_zeros_like_batched(p, m) if h is None else h.detach() for h, p in zip(res, params)]
 
+    def _fd(self, tangents: Sequence[torch.Tensor], batch) -> list[torch.Tensor]:
+        params = self.space.params
+        m = tangents[0].shape[0]
+        dtypes = [p.dtype for p in params]
+        c = max(FD_REL_STEP.get(dt, FD_REL_STEP[torch.float32]) for dt in dtypes)
+        with torch.no_grad():
+            theta = math.sqrt(sum(float(torch.linalg.vector_norm(p.detach().double()) ** 2) for p in params))
+        out = [_zeros_like_batched(p, m) for p in params]
+        keys, wrapper = self._keys, self._wrapper
+
+        def grad_at(shifted):
+            with torch.enable_grad():
+                loss = torch.func.functional_call(wrapper, dict(zip(keys, shifted)), (batch,), strict=False)
+                g = grad_params(loss, shifted, "the finite-difference HVP's gradient")
+            return [torch.zeros_like(s) if gi is None else gi.detach() for gi, s in zip(g, shifted)]
+
+        for j in range(m):
+            v = [t[j] for t in tangents]
+            vn = math.sqrt(sum(float(torch.linalg.vector_norm(x.double()) ** 2) for x in v))
+            if vn == 0.0:
+                continue
+            eps = c * (theta if theta > 0 else math.sqrt(self.space.numel)) / vn
+            plus = grad_at([(p.detach() + eps * x).requires_grad_(True) for p, x in zip(params, v)])
+            minus = grad_at([(p.detach() - eps * x).requires_grad_(True) for p, x in zip(params, v)])
+            for k in range(len(params)):
+                out[k][j] = ((plus[k].double() - minus[k].double()) / (2.0 * eps)).to(out[k].dtype)
+            del plus, minus
+        return out
+
     def __call__(self, tangents: Sequence[torch.Tensor], batch) -> list[torch.Tensor]:
         try:
             if self.mode == "fwd_rev":
                 return self._fwd_rev(tangents, batch)
+            if self.mode == "fd":
+                return self._fd(tangents, batch)
             return self._rev_rev(tangents, batch)
         except RuntimeError as exc:
             err = _reentrant_error(exc, f"the {MODE_NAMES[self.mode]} HVP (hvp={self.mode!r})")
@@ -221,22 +266,26 @@ class FallbackHVP:
     def __call__(self, tangents: Sequence[torch.Tensor], batch) -> list[torch.Tensor]:
         if self.engine is not None:
             return self.engine(tangents, batch)
-        first, second = auto_hvp_order(self.space.device)
-        self.engine = self._build(first)
-        try:
-            out = self.engine(tangents, batch)
-            self.mode = first
+        order = (*auto_hvp_order(self.space.device), "fd")  # fd needs only gradients: the last resort
+        reasons = []
+        for i, mode in enumerate(order):
+            self.engine = self._build(mode)
+            try:
+                out = self.engine(tangents, batch)
+            except (KeyboardInterrupt, LossError, CheckpointingError):  # fails the same way in every mode
+                raise
+            except Exception as exc:  # noqa: BLE001 - any failure of forward AD / double backward: fall back
+                if i == len(order) - 1:
+                    raise
+                msg = str(exc).splitlines()[0] if str(exc) else ""
+                log.warning("%s HVP failed (%s: %s); falling back to %s", MODE_NAMES[mode], type(exc).__name__, msg,
+                            MODE_NAMES[order[i + 1]])
+                reasons.append(f"{mode}: {type(exc).__name__}: {exc}")
+                continue
+            self.mode = mode
+            self.fallback_reason = "; ".join(reasons) or None
             return out
-        except (KeyboardInterrupt, LossError, CheckpointingError):  # fails the same way in every mode
-            raise
-        except Exception as exc:  # noqa: BLE001 - any failure of forward AD / double backward: fall back
-            msg = str(exc).splitlines()[0] if str(exc) else ""
-            log.warning("%s HVP failed (%s: %s); falling back to %s", MODE_NAMES[first], type(exc).__name__, msg,
-                        MODE_NAMES[second])
-            self.fallback_reason = f"{first}: {type(exc).__name__}: {exc}"
-            self.engine = self._build(second)
-            self.mode = second
-        return self.engine(tangents, batch)
+        raise AssertionError("unreachable")  # pragma: no cover
 
 
 def grad_params(loss: torch.Tensor, params, what: str = "a gradient (torch.autograd.grad)"):

@@ -481,6 +481,8 @@ def render(payload: Dict[str, Any], out: str, stem: str = "demo_images") -> None
                 + baseline_summary(payload["baselines"]).replace("\n", "\n\n") + "\n\n"
                 + common.format_table(payload["aggregate"], ImagesTask.metric_labels, markdown=True,
                                       digits=ImagesTask.digits) + "\n")
+    with open(os.path.join(out, f"{stem}_summary.md"), "w") as f:
+        f.write(summary_markdown(payload) + "\n")
     plot(payload, os.path.join(out, f"{stem}.png"))
 
 
@@ -503,6 +505,68 @@ def plot(payload: Dict[str, Any], path: str):
         agg, {"test_acc": "test accuracy %", "repair": "Z̃ acc % (flips) /\nbackdoor success % (backdoor)"}, path,
         title=f"image unlearning, {len(payload['seeds'])} seed(s), mean ± std; reference lines: poisoned θ* and "
               f"retrained (means)", setting_hlines=refs, setting_fmt="{}")
+
+
+def summary_markdown(payload: Dict[str, Any]) -> str:
+    """Compact markdown per setting: rows strategies, columns rules; each cell the means over seeds of test accuracy
+    and of the repaired metric at the budgets below 100% ("0.1% / 1% / 5%"), ``all`` at 100%; then, per rule and
+    budget, the paired difference ``hessian`` − ``random`` and ``hessian_flat`` − ``random`` in repaired % (same
+    seed), with how often the first was better; then the share of S in BatchNorm and in the classifier."""
+    agg, rows = payload["aggregate"], payload["rows"]
+    methods, n = payload["methods"], len(payload["seeds"])
+    out = []
+    for setting in payload["settings"]:
+        sub = [a for a in agg if a["setting"] == setting]
+        if not sub:
+            continue
+        budgets = sorted({a["budget"] for a in sub if a["strategy"] != "all"})
+        strategies = list(dict.fromkeys(a["strategy"] for a in sub))
+        bl = " / ".join(common.budget_label(b) for b in budgets)
+        rep = "backdoor success % (lower is better)" if setting.endswith("backdoor") else "Z̃ accuracy %"
+        key = "backdoor" if setting.endswith("backdoor") else "affected_acc"
+        out.append(f"**{setting}**: test accuracy % ; {rep} (budgets {bl}; mean over {n} seeds)\n")
+        out.append("| strategy | " + " | ".join(methods) + " |")
+        out.append("|---|" + "---|" * len(methods))
+        for st in strategies:
+            cells = []
+            for m in methods:
+                vals = sorted(((a["budget"], a["test_acc"]["mean"], a[key]["mean"]) for a in sub
+                               if a["strategy"] == st and a["method"] == m), key=lambda t: t[0])
+                cells.append(" / ".join(f"{t:.0f}" for _, t, _ in vals) + " ; "
+                             + " / ".join(f"{r:.0f}" for _, _, r in vals) if vals else "-")
+            out.append(f"| {st}{' (100%)' if st == 'all' else ''} | " + " | ".join(cells) + " |")
+        out.append("")
+        by = {(r["seed"], r["method"], r["strategy"], r["budget"]): r for r in rows if r["setting"] == setting}
+        for ref in ("hessian", "hessian_flat"):
+            if not any(s == ref for (_, _, s, _) in by) or not any(s == "random" for (_, _, s, _) in by):
+                continue
+            out.append(f"paired `{ref}` − `random`, repaired % (mean ± std over seeds; wins of `{ref}`):\n")
+            out.append("| rule | " + " | ".join(common.budget_label(b) for b in budgets) + " |")
+            out.append("|---|" + "---|" * len(budgets))
+            for m in methods:
+                cells = []
+                for b in budgets:
+                    d = [by[(s, m, ref, b)]["restored_affected"] - by[(s, m, "random", b)]["restored_affected"]
+                         for s in payload["seeds"] if (s, m, ref, b) in by and (s, m, "random", b) in by]
+                    d = [v for v in d if v is not None and math.isfinite(v)]
+                    if not d:
+                        cells.append("-")
+                        continue
+                    mu = sum(d) / len(d)
+                    sd = math.sqrt(sum((v - mu) ** 2 for v in d) / (len(d) - 1)) if len(d) > 1 else 0.0
+                    cells.append(f"{mu:+.0f} ± {sd:.0f} ({sum(v > 0 for v in d)}/{len(d)})")
+                out.append(f"| {m} | " + " | ".join(cells) + " |")
+            out.append("")
+        shares = []
+        for st in strategies:
+            if st == "all":
+                continue
+            v = [(a["frac_batchnorm"]["mean"], a["frac_last_layer"]["mean"]) for a in sub
+                 if a["strategy"] == st and a["method"] == methods[0] and a["budget"] == 0.01]
+            if v:
+                shares.append(f"{st} {100 * v[0][0]:.0f}% / {100 * v[0][1]:.0f}%")
+        out.append("share of S at 1% in BatchNorm / in the classifier: " + "; ".join(shares) + "\n")
+    return "\n".join(out)
 
 
 if __name__ == "__main__":

@@ -484,6 +484,8 @@ def render(payload: Dict[str, Any], out: str, stem: str = "demo_images") -> None
     with open(os.path.join(out, f"{stem}_summary.md"), "w") as f:
         f.write(summary_markdown(payload) + "\n")
     plot(payload, os.path.join(out, f"{stem}.png"))
+    budgets = [b for b in payload["budgets"] if b < 1.0]
+    plot_glance(payload, os.path.join(out, f"{stem}_glance.png"), budget=0.01 if 0.01 in budgets else budgets[0])
 
 
 def plot(payload: Dict[str, Any], path: str):
@@ -567,6 +569,70 @@ def summary_markdown(payload: Dict[str, Any]) -> str:
                 shares.append(f"{st} {100 * v[0][0]:.0f}% / {100 * v[0][1]:.0f}%")
         out.append("share of S at 1% in BatchNorm / in the classifier: " + "; ".join(shares) + "\n")
     return "\n".join(out)
+
+
+def plot_glance(payload: Dict[str, Any], path: str, budget: float = 0.01):
+    """One panel per setting: every (strategy, rule) at ``budget`` (and ``all`` at 100%) as a point of test accuracy
+    (x) against the repaired metric in % of the way from the poisoned model (0) to the retrained one (100) (y), means
+    over seeds; the poisoned θ* and the retrained model as reference points and lines. Up and right is better; the
+    retrained model sits at 100 on y. Returns the (closed) matplotlib Figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .plots import strategy_styles
+
+    agg = payload["aggregate"]
+    settings = [s for s in payload["settings"] if any(a["setting"] == s for a in agg)]
+    strategies = [s for s in dict.fromkeys(a["strategy"] for a in agg)]
+    styles = strategy_styles(strategies)
+    rule_colour = {"first_order": "tab:orange", "second_order": "tab:blue", "sam_finetune": "tab:green"}
+    ncol = min(4, len(settings))
+    nrow = (len(settings) + ncol - 1) // ncol
+    fig, axes = plt.subplots(nrow, ncol, figsize=(3.6 * ncol, 3.3 * nrow + 0.9), squeeze=False, layout="constrained")
+    for ax, setting in zip(axes.flat, settings):
+        bs = [b for b in payload["baselines"] if b["setting"] == setting]
+        before = sum(float(b["before"]["test_acc"]) for b in bs) / len(bs)
+        gold = sum(float(b["gold"]["test_acc"]) for b in bs) / len(bs)
+        ax.axhline(0, color="0.35", lw=1.0, zorder=1)
+        ax.axhline(100, color="tab:green", lw=1.0, zorder=1)
+        ax.axvline(before, color="0.35", lw=0.8, ls=":", zorder=1)
+        ax.axvline(gold, color="tab:green", lw=0.8, ls=":", zorder=1)
+        ax.scatter([before], [0], marker="*", s=160, color="0.35", zorder=4, label="poisoned θ*")
+        ax.scatter([gold], [100], marker="*", s=160, color="tab:green", zorder=4, label="retrained")
+        for a in agg:
+            if a["setting"] != setting or not (a["budget"] == budget or a["strategy"] == "all"):
+                continue
+            x, y = a["test_acc"]["mean"], a["restored_affected"]["mean"]
+            if x is None or y is None or not (math.isfinite(x) and math.isfinite(y)):
+                continue
+            marker, _ = styles[a["strategy"]]
+            ax.scatter([x], [max(min(y, 150), -50)], marker=marker, s=38, zorder=3,
+                       facecolor=rule_colour.get(a["method"], "k"), edgecolor="k", linewidth=0.4)
+        ax.set_title(setting, fontsize=9)
+        ax.set_xlabel("test accuracy %", fontsize=8)
+        ax.set_ylabel("repaired % (0 = θ*, 100 = retrained)", fontsize=7)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(settings):]:
+        ax.axis("off")
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], marker="*", ls="", color="0.35", ms=11, label="poisoned θ*"),
+               Line2D([], [], marker="*", ls="", color="tab:green", ms=11, label="retrained")]
+    handles += [Line2D([], [], marker=styles[s][0], ls="", color="w", markeredgecolor="k", ms=7,
+                       label=f"{s} (100%)" if s == "all" else s) for s in strategies]
+    handles += [Line2D([], [], marker="o", ls="", color=c, markeredgecolor="k", ms=7, label=m)
+                for m, c in rule_colour.items() if m in payload["methods"]]
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 6), fontsize=8, frameon=False)
+    fig.suptitle(f"image unlearning at a {common.budget_label(budget)} budget: {len(payload['seeds'])} seed(s), "
+                 f"means; repaired = Z̃ accuracy (flips) or backdoor success (backdoor), clipped to [-50, 150]",
+                 fontsize=9)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return fig
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""Command line: ``sapsel info``, ``sapsel demo [--task labels|canary] [task options]``, ``sapsel forget ...`` and
-``sapsel --version``.
+"""Command line: ``sapsel info``, ``sapsel demo [--task labels|canary|images] [task options]``, ``sapsel forget ...``,
+``sapsel patch apply|revert ...`` and ``sapsel --version``.
 
 Every argument is validated before any work starts: a bad value is an argparse usage error (exit code 2, one
 ``error:`` line naming the option) instead of a traceback minutes into a run. The demo tasks' own parsers
@@ -100,8 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog_fn=lambda: "tasks:\n\n" + _tasks_help())
     p.add_argument("-h", "--help", action=_DemoHelp, help="show this help (with --task T first: T's options only)")
     p.add_argument("--task", choices=DEMO_TASKS, default=None,
-                   help=f"labels: label repair on scikit-learn digits; canary: credit-card canary on a char LM "
-                        f"(default {DEFAULT_TASK})")
+                   help=f"labels: label repair on scikit-learn digits; canary: credit-card canary on a char LM; "
+                        f"images: CNN / ResNet label flips and a backdoor (default {DEFAULT_TASK})")
     add_forget_parser(sub)
     p = sub.add_parser("patch", help="apply or revert a sparse patch (what sapsel forget --save patch writes) on a "
                                      "local Hugging Face model folder",

@@ -229,34 +229,30 @@ def nonempty_text(text: str) -> str:
 
 def existing_file(text: str) -> str:
     """``type=`` for a file that exists and can be opened for reading (its content is checked by its reader)."""
+    _read_bytes(text, "a file")
+    return text
+
+
+def _read_bytes(text: str, what: str) -> bytes:
+    """The bytes of the file ``text``, or the usage error saying why not (empty name, missing, a directory,
+    unreadable)."""
     if not str(text).strip():
         raise _Error("the file name must not be empty")
     if not os.path.exists(text):
         raise _Error(f"{text!r} does not exist")
     if os.path.isdir(text):
-        raise _Error(f"{text!r} is a directory, not a file")
+        raise _Error(f"{text!r} is a directory, not {what}")
     try:
-        with open(text, "rb"):
-            pass
+        with open(text, "rb") as f:
+            return f.read()
     except OSError as exc:
         raise _Error(f"cannot read {text!r}: {exc.strerror or exc}") from None
-    return text
 
 
 def text_file(text: str) -> str:
     """``type=`` for a UTF-8 text file that can be read and holds more than blanks. The whole file is read once
     here, so an unreadable or binary file fails before a model is loaded. Returns ``text`` unchanged."""
-    if not str(text).strip():
-        raise _Error("the file name must not be empty")
-    if not os.path.exists(text):
-        raise _Error(f"{text!r} does not exist")
-    if os.path.isdir(text):
-        raise _Error(f"{text!r} is a directory, not a text file")
-    try:
-        with open(text, "rb") as f:
-            raw = f.read()
-    except OSError as exc:
-        raise _Error(f"cannot read {text!r}: {exc.strerror or exc}") from None
+    raw = _read_bytes(text, "a text file")
     try:
         content = raw.decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -15,6 +15,22 @@ from .errors import NonFiniteError
 __all__ = ["cg_solve", "steihaug_cg"]
 
 
+def _start(name: str, b: torch.Tensor, max_iter, tol):
+    """Both solvers' argument checks and CG's initial state from x = 0: (x, r = b, p = b, rr = bᵀb, ‖b‖)."""
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+        raise ValueError(f"{name}: max_iter must be an int >= 1, got {max_iter!r}")
+    if not (math.isfinite(float(tol)) and float(tol) >= 0):
+        raise ValueError(f"{name}: tol must be finite and >= 0, got {tol!r}")
+    if b.dim() != 1 or not b.is_floating_point():
+        raise ValueError(f"{name}: b must be a 1-D floating tensor, got {b.dtype} of shape {tuple(b.shape)}")
+    r = b.clone()
+    rr = torch.dot(r, r)
+    if not bool(torch.isfinite(rr)):
+        raise NonFiniteError(f"{name}: the right-hand side b contains NaN/Inf (or its norm overflows); nothing was "
+                             "modified")
+    return torch.zeros_like(b), r, r.clone(), rr, float(torch.sqrt(rr))
+
+
 def cg_solve(matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, max_iter: int = 50,
              tol: float = 1e-6) -> Tuple[torch.Tensor, Dict[str, Any]]:
     """Conjugate gradient for ``A x = b`` (A symmetric, given as ``matvec``), from x = 0.
@@ -40,42 +56,8 @@ def cg_solve(matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, ma
 
     Peak extra memory: 4 vectors of b's size plus whatever ``matvec`` allocates.
     """
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-        raise ValueError(f"cg_solve: max_iter must be an int >= 1, got {max_iter!r}")
-    if not (math.isfinite(float(tol)) and float(tol) >= 0):
-        raise ValueError(f"cg_solve: tol must be finite and >= 0, got {tol!r}")
-    if b.dim() != 1 or not b.is_floating_point():
-        raise ValueError(f"cg_solve: b must be a 1-D floating tensor, got {b.dtype} of shape {tuple(b.shape)}")
-    x = torch.zeros_like(b)
-    r = b.clone()
-    p = r.clone()
-    rr = torch.dot(r, r)
-    if not bool(torch.isfinite(rr)):
-        raise NonFiniteError("cg_solve: the right-hand side b contains NaN/Inf (or its norm overflows); "
-                             "nothing was modified")
-    bnorm = float(torch.sqrt(rr))
-    info: Dict[str, Any] = {"iters": 0, "residual": 1.0 if bnorm > 0 else 0.0, "negative_curvature": False}
-    if bnorm == 0.0:
-        return x, info
-    for it in range(max_iter):
-        ap = matvec(p)
-        pap = torch.dot(p, ap)
-        info["iters"] = it + 1
-        if not bool(torch.isfinite(pap)):
-            raise NonFiniteError("cg_solve: the Hessian-vector product produced NaN/Inf; nothing was modified")
-        if float(pap) <= 0.0:
-            info["negative_curvature"] = True
-            break
-        alpha = rr / pap
-        x = x + alpha * p
-        r = r - alpha * ap
-        rr_new = torch.dot(r, r)
-        info["residual"] = float(torch.sqrt(rr_new)) / bnorm
-        if info["residual"] <= tol:
-            break
-        p = r + (rr_new / rr) * p
-        rr = rr_new
-    return x, info
+    x, info = _truncated_cg("cg_solve", matvec, b, math.inf, max_iter, tol)
+    return x, {k: info[k] for k in ("iters", "residual", "negative_curvature")}
 
 
 def steihaug_cg(matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, radius: float, max_iter: int = 50,
@@ -103,21 +85,12 @@ def steihaug_cg(matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor,
     """
     if not (float(radius) > 0):
         raise ValueError(f"steihaug_cg: radius must be > 0 (math.inf for none), got {radius!r}")
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-        raise ValueError(f"steihaug_cg: max_iter must be an int >= 1, got {max_iter!r}")
-    if not (math.isfinite(float(tol)) and float(tol) >= 0):
-        raise ValueError(f"steihaug_cg: tol must be finite and >= 0, got {tol!r}")
-    if b.dim() != 1 or not b.is_floating_point():
-        raise ValueError(f"steihaug_cg: b must be a 1-D floating tensor, got {b.dtype} of shape {tuple(b.shape)}")
-    radius = float(radius)
-    x = torch.zeros_like(b)
-    r = b.clone()
-    p = r.clone()
-    rr = torch.dot(r, r)
-    if not bool(torch.isfinite(rr)):
-        raise NonFiniteError("steihaug_cg: the right-hand side b contains NaN/Inf (or its norm overflows); "
-                             "nothing was modified")
-    bnorm = float(torch.sqrt(rr))
+    return _truncated_cg("steihaug_cg", matvec, b, float(radius), max_iter, tol)
+
+
+def _truncated_cg(name: str, matvec, b: torch.Tensor, radius: float, max_iter, tol):
+    """CG from x = 0 with Steihaug's stops (see :func:`steihaug_cg`); ``radius = inf`` is plain truncated CG."""
+    x, r, p, rr, bnorm = _start(name, b, max_iter, tol)
     info: Dict[str, Any] = {"iters": 0, "residual": 1.0 if bnorm > 0 else 0.0, "negative_curvature": False,
                             "boundary": False, "bx": 0.0, "xAx": 0.0}
     if bnorm == 0.0:
@@ -132,7 +105,7 @@ def steihaug_cg(matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor,
         pap = torch.dot(p, ap)
         info["iters"] = it + 1
         if not bool(torch.isfinite(pap)):
-            raise NonFiniteError("steihaug_cg: the Hessian-vector product produced NaN/Inf; nothing was modified")
+            raise NonFiniteError(f"{name}: the Hessian-vector product produced NaN/Inf; nothing was modified")
         if float(pap) <= 0.0:
             info["negative_curvature"] = True
             if math.isfinite(radius):

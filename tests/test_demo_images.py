@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from sapsel_kernels.demo import common, images
+from sapsel_kernels.demo import common, images, labels
 
 pytest.importorskip("sklearn")
 
@@ -36,7 +36,7 @@ def test_backdoor_poison_and_correction():
     rest[idx] = False
     assert torch.equal(xp[rest], x[rest]) and torch.equal(xc[rest], x[rest]) and torch.equal(yp[rest], y[rest])
     _, yf, fidx, _, yfc = images.poison(split, "flips", 0)
-    assert torch.equal(yf[fidx], images.PAIR[y[fidx]]) and torch.equal(yfc, y)
+    assert torch.equal(yf[fidx], labels.PAIR[y[fidx]]) and torch.equal(yfc, y)
 
 
 @pytest.mark.parametrize("arch", images.MODELS)

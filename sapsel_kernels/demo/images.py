@@ -49,7 +49,7 @@ import torch.nn.functional as F
 
 from .. import _argtypes as at
 from . import common
-from .labels import PAIR, accuracy, load_digits_split, mean_ce, relearn_steps
+from .labels import accuracy, load_digits_split, mean_ce, poison_labels, relearn_steps
 
 DATASETS = ("digits", "shapes")
 MODELS = ("cnn", "resnet")
@@ -124,17 +124,10 @@ def add_patch(x: torch.Tensor, value: Optional[float] = None) -> torch.Tensor:
 def poison(split, task: str, seed: int):
     """The training set as trained on, and Z's indices: (x_poisoned, y_poisoned, idx, x_corrected, y_corrected)."""
     x, y = split["train"]
-    g = torch.Generator().manual_seed(20_000 + seed)
-    if task == "flips":
-        picked = []
-        for c in range(10):
-            members = torch.nonzero(y == c).reshape(-1)
-            k = int(round(FLIP_RATE * members.numel()))
-            picked.append(members[torch.randperm(members.numel(), generator=g)[:k]])
-        idx = torch.sort(torch.cat(picked)).values
-        yp = y.clone()
-        yp[idx] = PAIR[y[idx]]
+    if task == "flips":  # the labels demo's poisoning (same seeded draw)
+        yp, idx = poison_labels(y, FLIP_RATE, seed)
         return x, yp, idx, x, y
+    g = torch.Generator().manual_seed(20_000 + seed)
     cand = torch.nonzero(y != TARGET).reshape(-1)
     k = int(round(BACKDOOR_RATE * len(y)))
     idx = torch.sort(cand[torch.randperm(cand.numel(), generator=g)[:k]]).values

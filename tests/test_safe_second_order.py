@@ -193,3 +193,56 @@ def test_bn_cnn_plain_newton_step_wrecks_the_model_the_safe_rule_does_not(poison
     assert _acc(safe, xte, yte) > before - 0.1  # 0.889 measured
     # and it repairs: the affected points' true labels come back (0.36 -> 0.50 measured)
     assert _acc(safe, xtr[idx], ytr[idx]) > _acc(m, xtr[idx], ytr[idx]) + 0.08
+
+
+# ------------------------------------------------------------------------------------------ a saddle
+class Saddle(nn.Module):
+    """Two weights at a saddle of the training loss: T(w) = Σ_points ½(w0² − w1²) + ¼w1⁴ has H = diag(1, −1) at
+    w = 0 (negative curvature along w1) and is bounded below (minima at w1 = ±1)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(2, dtype=torch.float64))
+
+
+def saddle_loss(model, batch):
+    x, y = batch  # y: 0 = a training point, 1 = affected (as trained on), 2 = corrected
+    w0, w1 = model.w[0], model.w[1]
+    train = 0.5 * (w0 ** 2 - w1 ** 2) + 0.25 * w1 ** 4
+    per = torch.where(y == 0, train, torch.where(y == 1, 0.0 * w0, -(w0 + w1)))
+    return (per * x).mean()
+
+
+def _saddle_data(n=4):
+    ones = torch.ones(n, dtype=torch.float64)
+    return (ones, torch.ones(n).long()), (ones, torch.full((n,), 2)), [(ones, torch.zeros(n).long())]
+
+
+def _saddle_objective(w):  # the corrected training objective: T (4 points) + Σℓ(Z̃) − Σℓ(Z)
+    w0, w1 = float(w[0]), float(w[1])
+    return 4 * (0.5 * (w0 ** 2 - w1 ** 2) + 0.25 * w1 ** 4) - 4 * (w0 + w1)
+
+
+@pytest.mark.parametrize("damping", [0.0, 4.004])
+def test_at_a_saddle_the_plain_step_fails_and_the_safe_one_descends(damping):
+    """λ = 0: H + λI is indefinite, and plain truncated CG stops at its first direction with no update at all.
+    λ = 4.004 (just above the −4 of the summed H): H + λI is positive definite but nearly singular along w1, and the
+    plain Newton step there is 1000× too long (w1 = 1000: the quartic term makes the objective ~2.5e11). The default
+    rule meets negative curvature (or the radius), stays within ‖θ_S‖-scaled bounds and lowers the objective."""
+    aff, cor, train = _saddle_data()
+    plain = Saddle()
+    with torch.no_grad():
+        plain.w[0] = 0.5  # at the saddle along w1; ‖θ_S‖ = 0.5 sets the trust radius's scale
+    safe = copy.deepcopy(plain)
+    start = _saddle_objective(plain.w.detach())
+    rp = sk.unlearn(plain, saddle_loss, aff, cor, None, SecondOrder(damping=damping, trust_radius=None,
+                                                                     min_ratio=None), train_data=train)
+    rs = sk.unlearn(safe, saddle_loss, aff, cor, None, SecondOrder(damping=damping), train_data=train)
+    f_plain, f_safe = _saddle_objective(plain.w.detach()), _saddle_objective(safe.w.detach())
+    if damping == 0.0:  # the first CG direction has pᵀ(H + λI)p = 0: truncated CG returns x = 0, no update
+        assert rp.info["negative_curvature"] and rp.n_changed == 0 and f_plain == start
+        assert rs.info["negative_curvature"]
+    else:  # w1 = 1000: the plain step made things far worse
+        assert float(plain.w.detach()[1]) > 100 and f_plain > start + 1e6
+    assert rs.info["accepted"] and f_safe < start
+    assert rs.info["boundary"] and rs.delta_norm <= rs.info["trust_radius"] * (1 + 1e-9)

@@ -461,8 +461,9 @@ def test_rule(benchmark, rule, provider):
         dense = lambda: _dense_first_order(st)  # noqa: E731
     elif rule == "second_order":
         target = (2, CG)
-        ours = lambda: sk.unlearn(model, lm_loss, z, zt, sel,  # noqa: E731
-                                  sk.SecondOrder(cg_iters=CG, cg_tol=0.0, damping=lam), train_data=[z], space=space)
+        # the plain Newton step (no trust region, no ratio test): the same computation as the dense provider
+        ours = lambda: sk.unlearn(model, lm_loss, z, zt, sel, sk.SecondOrder(  # noqa: E731
+            cg_iters=CG, cg_tol=0.0, damping=lam, trust_radius=None, min_ratio=None), train_data=[z], space=space)
         dense = lambda: _dense_second_order(st, CG, lam)  # noqa: E731
     elif rule == "diag_newton":
         target = (2, 0)

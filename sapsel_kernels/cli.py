@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the patch file (patch.safetensors)")
     p.add_argument("--out", required=True, metavar="OUT", type=at.output_dir,
                    help="output folder, new or empty: the patched (or reverted) model and DIR's tokenizer files")
+    p.add_argument("--dtype", default="auto", choices=DTYPES,
+                   help="the weights' dtype when loaded: the one the patch was made in (sapsel forget's --dtype; "
+                        "default auto: as stored)")
     return parser
 
 
@@ -588,7 +591,7 @@ def _patch(args) -> int:
     except ValueError as exc:
         return fail(_one_line(exc))
     try:
-        model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True, **_dtype_kwargs("auto"))
+        model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True, **_dtype_kwargs(args.dtype))
     except (OSError, ValueError) as exc:
         return fail(f"--model {args.model!r}: cannot load a causal LM: {_one_line(exc)}")
     try:

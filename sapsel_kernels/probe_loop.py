@@ -31,7 +31,9 @@ from .selection import resolve_k
 
 log = logging.getLogger("sapsel_kernels.hessian")
 
-CHECKPOINT_FORMAT = "sapsel.hessian_checkpoint/2"
+# /3: ParamSpace.fingerprint hashes only exact integer sums (format 2's also held float sums, which depend on the
+# thread count); a format-2 file is refused as "of another format", not as "the weights differ"
+CHECKPOINT_FORMAT = "sapsel.hessian_checkpoint/3"
 
 
 _HALF = (torch.float16, torch.bfloat16)

@@ -85,10 +85,11 @@ class ParamSpace:
         Per tensor: the int64 sum of its elements' bit patterns (any single changed element changes it, however small
         the change: a sparse unlearning step of 1e-7 on a few weights is caught), a sum of the same bit patterns
         weighted by position (``1 + i mod 251``: two swapped unequal elements, which leave every plain sum
-        unchanged, change it unless they are a multiple of 251 positions apart), its sum and 2-norm, and up to 64
-        elements at a fixed stride, hashed
-        with the signature. Cost: four reductions per tensor, in chunks of 2^20 elements (two int64 temporaries of
-        that size), and one host sync per tensor.
+        unchanged, change it unless they are a multiple of 251 positions apart), and up to 64 elements at a fixed
+        stride, hashed with the signature. Only exact integer sums and exact values enter it, so the same weights give
+        the same fingerprint whatever the thread count or device (a float sum would not: its rounding depends on the
+        reduction order). Cost: two reductions per tensor, the weighted one in chunks of 2^20 elements (two int64
+        temporaries of that size, one host sync per chunk).
         """
         bits = {8: torch.int32, 4: torch.int32, 2: torch.int16, 1: torch.int8}  # 8-byte values as int32 pairs
         h = hashlib.sha1(self.signature.encode())
@@ -106,11 +107,8 @@ class ParamSpace:
                         w = words[a:a + chunk].to(torch.int64)
                         pos = torch.arange(a, a + w.numel(), device=w.device) % 251 + 1
                         weighted = (weighted + int((w * pos).sum())) % (1 << 61)
-                    stats = torch.stack([flat.sum().double(), torch.linalg.vector_norm(flat).double(),
-                                         ints.double()])
                     h.update(ints.cpu().numpy().tobytes())
                     h.update(weighted.to_bytes(8, "little"))
-                    h.update(stats.cpu().numpy().tobytes())
                     stride = max(1, n // 64)
                     h.update(flat[::stride][:64].to(torch.float64).cpu().numpy().tobytes())
         return h.hexdigest()[:16]

@@ -138,3 +138,24 @@ def test_cli_patch_apply_and_revert_on_a_hugging_face_folder(tmp_path):
     assert main(["patch", "apply", "--model", str(tmp_path / "other"), "--patch", str(tmp_path / "patch.safetensors"),
                  "--out", str(tmp_path / "refused")]) == 2
     assert os.listdir(tmp_path / "refused") == []
+
+
+def test_fingerprint_and_patches_do_not_depend_on_the_thread_count():
+    """The fingerprint hashes exact integer sums only: a patch made at one thread count applies at another (a float
+    sum's rounding depends on the reduction order)."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        torch.manual_seed(0)
+        base = torch.nn.Sequential(torch.nn.Linear(300, 300), torch.nn.Linear(300, 10))
+        fp1 = sk.ParamSpace(base).fingerprint()
+        changed = copy.deepcopy(base)
+        with torch.no_grad():
+            changed[0].weight.view(-1)[[5, 6000]] += 0.5
+        patch = sk.diff_patch(base, changed)
+        torch.set_num_threads(max(2, threads))
+        assert sk.ParamSpace(base).fingerprint() == fp1
+        sk.apply_patch(base, patch)
+        assert all(torch.equal(a, b) for a, b in zip(_params(base), _params(changed)))
+    finally:
+        torch.set_num_threads(threads)

@@ -246,3 +246,27 @@ def test_at_a_saddle_the_plain_step_fails_and_the_safe_one_descends(damping):
         assert float(plain.w.detach()[1]) > 100 and f_plain > start + 1e6
     assert rs.info["accepted"] and f_safe < start
     assert rs.info["boundary"] and rs.delta_norm <= rs.info["trust_radius"] * (1 + 1e-9)
+
+
+def test_ratio_test_does_not_reject_a_correct_step_over_float32_rounding():
+    """Least squares, where the quadratic model is exact (ρ = 1 in exact arithmetic). In float32 over 20,000 training
+    points f − f0 is below the rounding of the summed losses; the test must keep the full Newton step instead of
+    backtracking on noise (without the noise floor this draw's step was cut to α = 1/64)."""
+    g = torch.Generator().manual_seed(1)  # a draw where the old test backtracked 3 times (α = 1/64)
+    d = 50
+    x = torch.randn(20_000, d, generator=g)
+    y = x @ torch.randn(d, generator=g) + torch.randn(20_000, generator=g)
+    model = nn.Linear(d, 1)
+    with torch.no_grad():  # at the least-squares solution, like a trained model
+        sol = torch.linalg.lstsq(torch.cat([x, torch.ones(20_000, 1)], 1).double(), y.double()[:, None]).solution
+        model.weight.copy_(sol[:d].T.float())
+        model.bias.copy_(sol[d].float())
+    mse = lambda m, b: ((m(b[0])[:, 0] - b[1]) ** 2).mean()  # noqa: E731
+    train = [(x[i:i + 500], y[i:i + 500]) for i in range(0, 20_000, 500)]
+    z, zt = (x[:1], y[:1]), (x[:1], y[:1] + 0.01)
+    plain, safe = copy.deepcopy(model), copy.deepcopy(model)
+    sk.unlearn(plain, mse, z, zt, None, SecondOrder(trust_radius=None, min_ratio=None), train_data=train)
+    rep = sk.unlearn(safe, mse, z, zt, None, SecondOrder(trust_radius=None), train_data=train)
+    assert rep.info["accepted"] and rep.info["step_scale"] == 1.0 and rep.info["trials"] == 1, rep.info
+    for a, b in zip(plain.parameters(), safe.parameters()):
+        assert torch.equal(a, b)

@@ -229,11 +229,11 @@ def nonempty_text(text: str) -> str:
 
 def existing_file(text: str) -> str:
     """``type=`` for a file that exists and can be opened for reading (its content is checked by its reader)."""
-    _read_bytes(text, "a file")
+    _read_bytes(text, "a file", 1)
     return text
 
 
-def _read_bytes(text: str, what: str) -> bytes:
+def _read_bytes(text: str, what: str, limit: int = -1) -> bytes:
     """The bytes of the file ``text``, or the usage error saying why not (empty name, missing, a directory,
     unreadable)."""
     if not str(text).strip():
@@ -244,7 +244,7 @@ def _read_bytes(text: str, what: str) -> bytes:
         raise _Error(f"{text!r} is a directory, not {what}")
     try:
         with open(text, "rb") as f:
-            return f.read()
+            return f.read(limit)
     except OSError as exc:
         raise _Error(f"cannot read {text!r}: {exc.strerror or exc}") from None
 

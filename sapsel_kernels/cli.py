@@ -115,9 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the patch file (patch.safetensors)")
     p.add_argument("--out", required=True, metavar="OUT", type=at.output_dir,
                    help="output folder, new or empty: the patched (or reverted) model and DIR's tokenizer files")
-    p.add_argument("--dtype", default="auto", choices=DTYPES,
-                   help="the weights' dtype when loaded: the one the patch was made in (sapsel forget's --dtype; "
-                        "default auto: as stored)")
+    p.add_argument("--dtype", default=None, choices=DTYPES,
+                   help="the weights' dtype when loaded (default: the dtype of the patch's values, the one sapsel "
+                        "forget ran in; auto: as stored)")
     return parser
 
 
@@ -571,6 +571,14 @@ def _info(args) -> int:
     return 0
 
 
+TOKENIZER_FILES = ("special_tokens_map.json", "vocab.json", "vocab.txt", "merges.txt", "added_tokens.json",
+                   "spiece.model", "sentencepiece.bpe.model", "chat_template.jinja", "chat_template.json")
+
+
+def _is_tokenizer_file(name: str) -> bool:
+    return name.startswith("tokenizer") or name in TOKENIZER_FILES
+
+
 def _patch(args) -> int:
     """``sapsel patch apply|revert``: load DIR as stored (its own dtype), check and write the patch, save to OUT
     through a staging folder (OUT stays empty on any failure)."""
@@ -590,22 +598,26 @@ def _patch(args) -> int:
         patch = Patch.load(args.patch)
     except ValueError as exc:
         return fail(_one_line(exc))
+    dtype = args.dtype
+    if dtype is None:  # the dtype the patch's values are in (sapsel forget loads float32 by default)
+        kinds = {str(n.dtype).replace("torch.", "") for _, n, _ in patch.entries.values()}
+        dtype = kinds.pop() if len(kinds) == 1 and kinds <= set(DTYPES) else "auto"
     try:
-        model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True, **_dtype_kwargs(args.dtype))
+        model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True, **_dtype_kwargs(dtype))
     except (OSError, ValueError) as exc:
         return fail(f"--model {args.model!r}: cannot load a causal LM: {_one_line(exc)}")
     try:
         (patch.apply if args.action == "apply" else patch.revert)(model)
     except ValueError as exc:
         return fail(_one_line(exc))
-    os.makedirs(args.out, exist_ok=True)
-    stage = tempfile.mkdtemp(prefix=".sapsel-partial-", dir=os.path.dirname(os.path.abspath(args.out)))
+    stage = None
     try:
+        os.makedirs(args.out, exist_ok=True)
+        stage = tempfile.mkdtemp(prefix=".sapsel-partial-", dir=os.path.dirname(os.path.abspath(args.out)))
         model.save_pretrained(stage)
-        for name in os.listdir(args.model):  # the tokenizer and any other non-weight file the folder holds
+        for name in os.listdir(args.model):  # the tokenizer's files (an allow-list: never stale weights)
             src = os.path.join(args.model, name)
-            if os.path.isfile(src) and not os.path.exists(os.path.join(stage, name)) and not name.endswith(
-                    (".safetensors", ".bin", ".pt", ".json.index")) and name != "model.safetensors.index.json":
+            if os.path.isfile(src) and _is_tokenizer_file(name) and not os.path.exists(os.path.join(stage, name)):
                 shutil.copy2(src, os.path.join(stage, name))
         os.chmod(stage, os.stat(args.out).st_mode & 0o7777)
         os.rmdir(args.out)

@@ -80,7 +80,8 @@ class Patch:
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike]) -> "Patch":
-        """Read a patch file; ValueError for a file that is not one (naming what is wrong)."""
+        """Read a patch file; ValueError for a file that is not one, or a corrupt one (naming the file and the
+        problem)."""
         from safetensors import safe_open
 
         try:
@@ -97,12 +98,17 @@ class Patch:
                             or n.dtype != o.dtype:
                         raise ValueError(f"{path}: corrupt patch entry {name!r}")
                     entries[name] = (i, n, o)
-        except ValueError:
-            raise
+            patch = cls(entries=entries, base=meta["base"], result=meta["result"], signature=meta["signature"],
+                        version=meta.get("version", ""), info=json.loads(meta.get("info", "{}")))
+        except ValueError as exc:  # json.JSONDecodeError is one too
+            if str(exc).startswith(f"{path}:"):
+                raise
+            raise ValueError(f"{path}: corrupt sapsel patch ({exc})") from exc
+        except KeyError as exc:
+            raise ValueError(f"{path}: corrupt sapsel patch (no {exc} in its metadata)") from exc
         except Exception as exc:  # noqa: BLE001 - safetensors' header and I/O errors all mean "not readable"
             raise ValueError(f"{path}: cannot read a sapsel patch ({type(exc).__name__}: {exc})") from exc
-        return cls(entries=entries, base=meta["base"], result=meta["result"], signature=meta["signature"],
-                   version=meta.get("version", ""), info=json.loads(meta.get("info", "{}")))
+        return patch
 
     # ------------------------------------------------------------------------------------------------ use
     def apply(self, model) -> None:

@@ -130,6 +130,8 @@ def _truncated_cg(name: str, matvec, b: torch.Tensor, radius: float, max_iter, t
             break
         p = r + (rr_new / rr) * p
         rr = rr_new
+    if info["boundary"]:
+        info["residual"] = float(torch.linalg.vector_norm(r)) / bnorm
     bx, rx = float(torch.dot(b, x)), float(torch.dot(r, x))
     info.update(bx=bx, xAx=bx - rx)  # A x = b − r
     return x, info

@@ -245,6 +245,11 @@ def unlearn(model: torch.nn.Module, loss_fn, affected, corrected, selection, met
 
     if not isinstance(return_patch, bool):
         raise TypeError(f"return_patch must be a bool, got {type(return_patch).__name__}")
+    if return_patch and rule.iterative and not estimation_mode and any(
+            b.is_floating_point() for b in model.buffers()):
+        raise ValueError(f"return_patch=True with {rule.name} and estimation_mode=False: the model's buffers "
+                         "(BatchNorm statistics) may change, and a patch holds parameters only; use "
+                         "estimation_mode=True or sk.diff_patch on a copy")
     base_fp = space.fingerprint() if return_patch else None
     theta_s = coords.snapshot()  # k values in the parameters' dtypes: the restore is bit-exact
     old_s = coords.read()

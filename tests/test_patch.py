@@ -159,3 +159,42 @@ def test_fingerprint_and_patches_do_not_depend_on_the_thread_count():
         assert all(torch.equal(a, b) for a, b in zip(_params(base), _params(changed)))
     finally:
         torch.set_num_threads(threads)
+
+
+def test_corrupt_patch_metadata_and_buffers_outside_estimation_mode(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"w::indices": torch.zeros(1, dtype=torch.int64), "w::new": torch.zeros(1), "w::old": torch.zeros(1)},
+              tmp_path / "nobase.safetensors", metadata={"format": PATCH_FORMAT, "names": '["w"]'})
+    with pytest.raises(ValueError, match="corrupt sapsel patch .no 'base'"):
+        sk.Patch.load(tmp_path / "nobase.safetensors")
+    save_file({"a": torch.zeros(1)}, tmp_path / "badjson.safetensors", metadata={"format": PATCH_FORMAT, "names": "["})
+    with pytest.raises(ValueError, match="badjson.safetensors: corrupt sapsel patch"):
+        sk.Patch.load(tmp_path / "badjson.safetensors")
+    # an iterative rule in the model's own (train) mode may change BatchNorm buffers: a patch cannot hold them
+    m = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2)).train()
+    x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+    with pytest.raises(ValueError, match="buffers"):
+        sk.unlearn(m, torch.nn.CrossEntropyLoss(), (x, y), (x, 1 - y), None, sk.SAMFinetune(steps=1),
+                   estimation_mode=False, return_patch=True)
+
+
+def test_cli_loads_the_model_in_the_patchs_dtype(tmp_path):
+    """A bf16 checkpoint that sapsel forget ran on in float32 (its default --dtype): the patch holds float32 values
+    and `sapsel patch apply` loads the model in float32 by default, so it applies."""
+    transformers = pytest.importorskip("transformers")
+    from sapsel_kernels.cli import main
+
+    cfg = transformers.GPT2Config(vocab_size=50, n_positions=32, n_embd=16, n_layer=1, n_head=2)
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(cfg).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    base = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "bf16", dtype=torch.float32)
+    changed = copy.deepcopy(base)
+    with torch.no_grad():
+        changed.transformer.h[0].mlp.c_fc.weight.view(-1)[[3, 70]] += 0.125
+    sk.diff_patch(base, changed).save(tmp_path / "p.safetensors")
+    assert main(["patch", "apply", "--model", str(tmp_path / "bf16"), "--patch", str(tmp_path / "p.safetensors"),
+                 "--out", str(tmp_path / "o")]) == 0
+    got = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "o")
+    assert got.transformer.h[0].mlp.c_fc.weight.dtype == torch.float32
+    assert torch.equal(got.transformer.h[0].mlp.c_fc.weight, changed.transformer.h[0].mlp.c_fc.weight)

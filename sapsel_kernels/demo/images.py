@@ -18,9 +18,9 @@ Settings ``dataset/model/task`` (one experiment per seed and setting):
   * ``flips`` (the paper's task): in every class a fraction 0.2 of the training labels goes to its partner class
     (0↔9, 1↔8, ...). Z = those points with the flipped labels, Z̃ = the same points with their true labels;
   * ``backdoor`` (Warnecke et al.'s feature setting): a 3×3 checkerboard patch in the bottom-right corner and the
-    label 0 on a fraction 0.1 of the training points of classes 1-9. Z = those points as trained on, Z̃ = the same
-    points with the patch zeroed and the label kept (only the feature is corrected); success of the backdoor =
-    the share of patched test images of classes 1-9 classified as 0.
+    label 0 on 10% of the training set, drawn from the points of classes 1-9 (about 11% of those). Z = those
+    points as trained on, Z̃ = the same points with the patch zeroed and the label kept (only the feature is
+    corrected); success of the backdoor = the share of patched test images of classes 1-9 classified as 0.
 
 θ* is trained on the poisoned data (Adam, lr 3e-3, batch 64); the gold standard is retrained on the corrected data
 with the same seed, initialisation, batch order and schedule, and its wall time is the "retraining" the cost ratio
@@ -424,10 +424,17 @@ def merge(paths: List[str], out: str) -> int:
     """Merge runs (each a saved demo_images.json of the same grid over other seeds or settings) into ``out``."""
     import json
 
-    runs = [json.load(open(p)) for p in paths]
+    runs = []
+    for p in paths:
+        with open(p) as f:
+            runs.append(json.load(f))
     for key in ("strategies", "methods", "budgets", "n_probes", "quick"):
         if len({json.dumps(r[key]) for r in runs}) != 1:
             raise SystemExit(f"sapsel demo --task images --merge: the runs differ in {key}")
+    seen = [(b["seed"], b["setting"]) for r in runs for b in r["baselines"]]
+    if len(seen) != len(set(seen)):
+        dup = sorted({x for x in seen if seen.count(x) > 1})
+        raise SystemExit(f"sapsel demo --task images --merge: seed and setting {dup[0]} appear in more than one run")
     rows = [row for r in runs for row in r["rows"]]
     metrics = list(ImagesTask.metric_labels) + ["tune_s", "select_s", "wall_time_s", "n_gradients", "n_hvps",
                                                 "delta_norm", "n_changed", "frac_last_layer", "frac_batchnorm"]

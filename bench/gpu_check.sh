@@ -95,6 +95,12 @@ step bench_pipeline_llama1b 150 env SAPSEL_BENCH_PIPELINE=llama1b SAPSEL_BENCH_D
   -p no:cacheprovider --benchmark-json="$DIR/bench_pipeline_llama1b.json"
 # ===== end section: pipeline =====
 
+# ===== section: large models and images (issues 24, 25) =====
+# hvp="fd" against rev_rev on CUDA (error per step size, bias vs the probes' spread, ms per probe), and the images
+# demo's quick grid (CPU models; checks that the new second-order rule and the task run in this environment).
+step hvp_fd_cuda 60 bash -c "python bench/hvp_fd_bias.py --device cuda | tee '$DIR/hvp_fd_bias_cuda.md'"
+step images_quick 90 python -m sapsel_kernels demo --task images --quick --no-progress --out "$DIR/images_quick"
+# ===== end section: large models and images =====
 
 # ===== section: tail (lead) =====
 step tests_cpu 200 python -m pytest tests -m "not slow and not gpu" -q -p no:cacheprovider \

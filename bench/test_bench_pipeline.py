@@ -14,7 +14,8 @@ phase runs once per provider (after one warm-up gradient at setup); on a shared 
 
 Phases and providers (``ours`` = this package, the others what a user would write or install):
 
-* ``estimate`` (m = ``SAPSEL_BENCH_PROBES`` probes, default 4): ``ours`` ``hessian_diag`` (defaults); ``loop`` the
+* ``estimate`` (m = ``SAPSEL_BENCH_PROBES`` probes, default 4): ``ours`` ``hessian_diag`` (defaults); ``ours_lean``
+  the same with ``ProbeConfig(variance=False)`` (the mean alone); ``loop`` the
   create_graph loop (``_hessian_models.loop_hutchinson``); ``curvlinops`` ``hutchinson_diag(HessianLinearOperator,
   m)`` (PyPI ``curvlinops-for-pytorch``; skipped when not installed or when its m x N probe matrix and products
   cannot fit in RAM); ``ours_ckpt`` ``hessian_diag`` with HF gradient checkpointing (non-reentrant).
@@ -287,7 +288,7 @@ def _curvlinops_fits(st):
     return need < os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-@pytest.mark.parametrize("provider", ["ours", "loop", "curvlinops", "ours_ckpt"])
+@pytest.mark.parametrize("provider", ["ours", "ours_lean", "loop", "curvlinops", "ours_ckpt"])
 def test_estimate(benchmark, provider):
     if not _wanted("estimate"):
         pytest.skip("phase not selected")
@@ -296,6 +297,9 @@ def test_estimate(benchmark, provider):
     benchmark.group = f"pipeline-{MODEL}-estimate-m{PROBES}"
     if provider == "ours":
         fn = lambda: sk.hessian_diag(model, lm_loss, [z], n_probes=PROBES, space=space, progress=False)  # noqa: E731
+    elif provider == "ours_lean":  # the running mean alone (no M2): no stderr, one N float32 less
+        fn = lambda: sk.hessian_diag(model, lm_loss, [z], n_probes=PROBES, space=space, progress=False,  # noqa: E731
+                                     probes=sk.ProbeConfig(variance=False))
     elif provider == "ours_ckpt":
         if not hasattr(model, "gradient_checkpointing_enable"):
             pytest.skip("not a Hugging Face model")

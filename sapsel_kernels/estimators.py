@@ -49,9 +49,10 @@ class Welford:
     Peak extra memory of a fold: four float32 chunks of 2^22 elements (64 MiB), whatever N is; the sample itself is
     never copied whole (a float64 or 16-bit sample is converted chunk by chunk)."""
 
-    def __init__(self, n: int, device):
+    def __init__(self, n: int, device, variance: bool = True):
         self.mean = torch.zeros(n, dtype=torch.float32, device=device)
-        self.m2 = torch.zeros_like(self.mean)
+        # variance=False: the running mean alone (N float32, not 2N); m2 is None and the estimate has no stderr
+        self.m2 = torch.zeros_like(self.mean) if variance else None
         self.count = 0
 
     def _fold(self, lo: int, x: torch.Tensor, square: bool) -> None:
@@ -66,7 +67,8 @@ class Welford:
             mu = self.mean[lo + a:lo + a + xs.numel()]
             delta = xs - mu
             mu.add_(delta / c)
-            self.m2[lo + a:lo + a + xs.numel()].add_(delta.mul_(xs - mu))
+            if self.m2 is not None:
+                self.m2[lo + a:lo + a + xs.numel()].add_(delta.mul_(xs - mu))
 
     def add(self, x: torch.Tensor) -> None:
         """Fold one flat sample (any float dtype; converted to float32 chunk by chunk)."""

@@ -108,16 +108,23 @@ class ProbeConfig:
       vmapped conv/BatchNorm double backward measured 1.4-2.4x slower per probe), vmapped otherwise. Results agree
       to float rounding either way.
     * ``memory_cap_bytes``: bytes the default ``per_pass`` may spend on per-probe buffers.
+    * ``variance`` ("hutchinson" only): keep the second Welford accumulator M2 (True, the default: ``est.var``,
+      ``est.stderr``, the ``rtol`` stopping rule and checkpoints need it) or the running mean alone (False: N float32
+      less at the peak, the loop users write keeps no more; ``est.m2`` is None and var / stderr raise). The mean's
+      bits are the same either way. False refuses a stopping rule and a checkpoint.
     """
 
     per_pass: int | None = None
     vectorize: bool | None = None
     memory_cap_bytes: int = 1 << 30
+    variance: bool = True
 
     def __post_init__(self):
         _int_field("ProbeConfig", "per_pass", self.per_pass, 1)
         if not isinstance(self.vectorize, (bool, type(None))):
             raise TypeError(f"ProbeConfig.vectorize must be None, True or False, got {self.vectorize!r}")
+        if not isinstance(self.variance, bool):
+            raise TypeError(f"ProbeConfig.variance must be True or False, got {self.variance!r}")
         _int_field("ProbeConfig", "memory_cap_bytes", self.memory_cap_bytes, 1, none_ok=False)
 
 
@@ -202,7 +209,8 @@ class DiagEstimate:
     """A diagonal curvature score over a ParamSpace.
 
     * ``mean``: flat float32 [N], the estimate (ParamSpace order);
-    * ``m2``: flat float32 [N], Welford sum of squared deviations of the ``n_probes`` samples;
+    * ``m2``: flat float32 [N], Welford sum of squared deviations of the ``n_probes`` samples (None for a
+      Hutchinson estimate made with ``ProbeConfig(variance=False)``: then var and stderr raise);
     * ``var``: per-coordinate unbiased sample variance of ONE sample (M2 / (n - 1)); for Hutchinson this estimates
       sum_{j != i} H_ij^2, for "fisher" it is the variance over points. NaN with fewer than 2 samples; 0 for
       deterministic estimators (grad_abs, exact);
@@ -213,7 +221,7 @@ class DiagEstimate:
     """
 
     mean: torch.Tensor
-    m2: torch.Tensor
+    m2: torch.Tensor | None
     n_probes: int
     space: ParamSpace | None = None
     estimator: str = "hutchinson"
@@ -229,6 +237,9 @@ class DiagEstimate:
     def var(self) -> torch.Tensor:
         if self.deterministic:
             return torch.zeros_like(self.mean)
+        if self.m2 is None:
+            raise ValueError("this estimate kept no variance (hessian_diag(..., probes=ProbeConfig(variance=False))): "
+                             "var and stderr are not available; estimate with variance=True for them")
         if self.n_probes < 2:
             return torch.full_like(self.mean, float("nan"))
         return self.m2 / (self.n_probes - 1)
@@ -250,6 +261,8 @@ class DiagEstimate:
             raise ValueError("this DiagEstimate has no ParamSpace attached; pass space= to DiagEstimate.load")
         if what not in ("mean", "var", "stderr", "m2"):
             raise ValueError(f"what must be 'mean', 'var', 'stderr' or 'm2', got {what!r}")
+        if what == "m2" and self.m2 is None:
+            raise ValueError("this estimate kept no M2 (ProbeConfig(variance=False))")
         if self.shard is not None:  # this rank's shards, shaped like each parameter's local shard
             flat, out = getattr(self, what), {}
             for name, p, a in zip(self.space.names, self.space.params, self.shard.local_starts):
@@ -262,7 +275,7 @@ class DiagEstimate:
         if self.shard is not None:
             raise NotImplementedError("DiagEstimate.save: an FSDP2 estimate holds this rank's shards only; save "
                                       "each rank's est.mean / est.m2 with torch.save, or select on it directly")
-        torch.save({"format": _FORMAT, "mean": self.mean.cpu(), "m2": self.m2.cpu(),
+        torch.save({"format": _FORMAT, "mean": self.mean.cpu(), "m2": None if self.m2 is None else self.m2.cpu(),
                     "n_probes": self.n_probes, "estimator": self.estimator, "seed": self.seed, "info": self.info,
                     "signature": self.space.signature if self.space is not None else None,
                     "names": list(self.space.names) if self.space is not None else None}, path)
@@ -280,8 +293,9 @@ class DiagEstimate:
         if fmt not in ("sapsel.DiagEstimate/1", _FORMAT):
             raise ValueError(f"{path}: not a saved DiagEstimate")
         mean, m2 = d.get("mean"), d.get("m2")
-        if not (isinstance(mean, torch.Tensor) and isinstance(m2, torch.Tensor) and mean.dim() == 1
-                and m2.shape == mean.shape and _is_int(d.get("n_probes")) and d.get("estimator") in ESTIMATORS):
+        if not (isinstance(mean, torch.Tensor) and (m2 is None or isinstance(m2, torch.Tensor)) and mean.dim() == 1
+                and (m2 is None or m2.shape == mean.shape) and _is_int(d.get("n_probes"))
+                and d.get("estimator") in ESTIMATORS):
             raise ValueError(f"{path}: corrupt DiagEstimate file")
         estimator = d["estimator"]
         if fmt == "sapsel.DiagEstimate/1" and estimator == "fisher":
@@ -496,12 +510,18 @@ def _check_arguments(estimator, n_probes, seed, hvp, probes, stop, checkpoint, p
                              "(softmax cross-entropy likelihood; labels are sampled from the model)")
         if probes is not None and probes.vectorize is not None:
             refuse("ProbeConfig.vectorize", "'hutchinson' (gauss_newton computes no HVP)")
+        if probes is not None and not probes.variance:
+            refuse("ProbeConfig(variance=False)", "'hutchinson'")
     elif output_fn is not None:
         refuse("output_fn", "'gauss_newton'")
     if progress and estimator not in (*_PROBED, "fisher"):
         refuse("progress=True", "'hutchinson', 'gauss_newton' and 'fisher'")
     if exact_max_numel != _DEFAULT_EXACT_MAX and estimator != "exact":
         refuse("exact_max_numel", "'exact'")
+    if probes is not None and not probes.variance:
+        for name, v in (("a stopping rule (stop=)", stop), ("checkpoint=", checkpoint)):
+            if v is not None:
+                raise ValueError(f"ProbeConfig(variance=False) keeps no M2, which {name} needs; drop one of them")
 
 
 def _comm(group) -> Comm:

@@ -91,12 +91,29 @@ def hutchinson_products(engine: FallbackHVP, batches, space, zbuf: torch.Tensor,
     return views, flats, nb
 
 
+# Elements per call of the fused fold when the accumulator keeps no M2 (``ProbeConfig(variance=False)``): the op still
+# writes an M2, into one reused float32 scratch of this size (16 MiB) instead of an N-length vector.
+_SCRATCH_CHUNK = 1 << 22
+
+
 def add_products(acc: Welford, products: list[torch.Tensor], space, p0: int, seed: int) -> None:
-    """Fold x = z (.) Hz for probes p0 .. p0 + m - 1 into ``acc`` (fused op: regenerates z, float32 Welford)."""
+    """Fold x = z (.) Hz for probes p0 .. p0 + m - 1 into ``acc`` (fused op: regenerates z, float32 Welford). Without
+    M2 (``acc.m2 is None``) the op runs chunk by chunk with a scratch M2 whose values are dropped: the mean's bits
+    are the same (the op updates mean and M2 elementwise)."""
     m = products[0].shape[0]
+    if acc.m2 is None:
+        scratch = torch.empty(min(_SCRATCH_CHUNK, max(space.numels)), dtype=torch.float32, device=acc.mean.device)
     for h, off, n in zip(products, space.offsets, space.numels):
-        torch.ops.sapsel.hutchinson_accumulate_batched(acc.mean[off:off + n], acc.m2[off:off + n], h.reshape(m, n),
-                                                       off, p0, seed, acc.count)
+        rows = h.reshape(m, n)
+        if acc.m2 is not None:
+            torch.ops.sapsel.hutchinson_accumulate_batched(acc.mean[off:off + n], acc.m2[off:off + n], rows,
+                                                           off, p0, seed, acc.count)
+            continue
+        for a in range(0, n, _SCRATCH_CHUNK):
+            b = min(n, a + _SCRATCH_CHUNK)
+            part = rows[:, a:b] if m == 1 else rows[:, a:b].contiguous()
+            torch.ops.sapsel.hutchinson_accumulate_batched(acc.mean[off + a:off + b], scratch[:b - a].zero_(), part,
+                                                           off + a, p0, seed, acc.count)
     acc.count += m
 
 
@@ -174,7 +191,7 @@ class StopState:
                 if self.stable_passes >= self.rule.patience and acc.count >= self.min_probes:
                     stop = "topk_stable"
             self.prev_top = top
-        if acc.count >= 2:
+        if acc.count >= 2 and acc.m2 is not None:
             # ||stderr||_2 = sqrt(sum(M2) / ((n - 1) n)) (M2 >= 0): two reductions, no N-length temporary
             c = acc.count
             ss, nn = float(acc.m2.sum()), float(acc.mean.norm())
@@ -406,10 +423,11 @@ def run_probe_loop(model, loss, batches, space, estimator: str, *, n_probes: int
     vec = probes.vectorize if probes.vectorize is not None else default_vectorize(space.device, first)
     one = not comm.active and isinstance(batches, list) and len(batches) == 1 and not vec
     max_probes, per_pass, min_probes, k = _plan(space, n_probes, probes, stop, estimator, one, checkpoint)
-    acc = Welford(space.numel, space.device)
+    acc = Welford(space.numel, space.device, variance=probes.variance)
     stopper = StopState(stop, k, min_probes)
     history: list[dict] = []
-    info: dict = {"probes_per_pass": per_pass, "max_probes": max_probes, "min_probes": min_probes, "stable_k": k}
+    info: dict = {"probes_per_pass": per_pass, "max_probes": max_probes, "min_probes": min_probes, "stable_k": k,
+                  "variance": probes.variance}
     expect = {}
     if checkpoint is not None:
         expect = {"signature": space.signature, "fingerprint": space.fingerprint(), "seed": seed,

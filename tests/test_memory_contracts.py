@@ -222,3 +222,49 @@ def test_rel_stderr_survives_float32_overflow():
     _, rec = StopState(None, None, 2).update(acc)
     ref = float(torch.sqrt((acc.m2.double() / (15 * 16)).sum()) / acc.mean.double().norm())
     assert rec["rel_stderr"] == pytest.approx(ref, rel=1e-6)
+
+
+def test_hutchinson_without_variance_is_the_same_mean_in_one_n_less(setup, monkeypatch):
+    """ProbeConfig(variance=False): the running mean alone. Same bits as with M2 (the fused fold is elementwise; here
+    in chunks smaller than a parameter, so the chunked path runs), one N float32 less at the peak, and within the
+    create_graph loop's peak + 0.25 N (issue 24's target)."""
+    from sapsel_kernels import probe_loop
+
+    s = setup
+    monkeypatch.setattr(probe_loop, "_SCRATCH_CHUNK", 1 << 16)
+    lean = sk.ProbeConfig(variance=False)
+    a = sk.hessian_diag(s["model"], ce, [s["batch"]], n_probes=4, progress=False, seed=3)
+    b = sk.hessian_diag(s["model"], ce, [s["batch"]], n_probes=4, progress=False, seed=3, probes=lean)
+    assert torch.equal(a.mean, b.mean) and b.m2 is None and b.info["variance"] is False
+    with pytest.raises(ValueError, match="kept no variance"):
+        b.stderr
+    full = peak_bytes(lambda: sk.hessian_diag(s["model"], ce, [s["batch"]], n_probes=4, progress=False))
+    ours = peak_bytes(lambda: sk.hessian_diag(s["model"], ce, [s["batch"]], n_probes=4, progress=False, probes=lean))
+    loop = peak_bytes(lambda: loop_hutchinson(s["model"], ce, s["batch"], 4))
+    assert ours <= full - 0.9 * s["n4"], (ours / s["n4"], full / s["n4"])
+    assert ours <= loop + 0.25 * s["n4"], (ours / s["n4"], loop / s["n4"])
+    with pytest.raises(ValueError, match="keeps no M2"):
+        sk.hessian_diag(s["model"], ce, [s["batch"]], probes=lean, stop=sk.StopRule(rtol=0.1))
+    with pytest.raises(ValueError, match="only to 'hutchinson'"):
+        sk.hessian_diag(s["model"], ce, [s["batch"]], estimator="gauss_newton", probes=lean,
+                        output_fn=lambda m, bt: m(bt[0]))
+
+
+@pytest.mark.parametrize("per_pass,vectorize", [(1, False), (3, True), (3, False)])
+def test_variance_false_same_mean_in_every_pass_layout(setup, monkeypatch, tmp_path, per_pass, vectorize):
+    from sapsel_kernels import probe_loop
+
+    s = setup
+    monkeypatch.setattr(probe_loop, "_SCRATCH_CHUNK", 1 << 15)  # several chunks per weight matrix, rows of 3 probes
+    kw = dict(n_probes=6, progress=False, seed=1)
+    a = sk.hessian_diag(s["model"], ce, [s["batch"], s["other"]], probes=sk.ProbeConfig(
+        per_pass=per_pass, vectorize=vectorize), **kw)
+    b = sk.hessian_diag(s["model"], ce, [s["batch"], s["other"]], probes=sk.ProbeConfig(
+        per_pass=per_pass, vectorize=vectorize, variance=False), **kw)
+    assert torch.equal(a.mean, b.mean)
+    b.save(tmp_path / "est.pt")
+    c = sk.DiagEstimate.load(tmp_path / "est.pt")
+    assert torch.equal(c.mean, b.mean) and c.m2 is None
+    with pytest.raises(ValueError, match="keeps no M2"):
+        sk.hessian_diag(s["model"], ce, [s["batch"]], probes=sk.ProbeConfig(variance=False),
+                        checkpoint=sk.Checkpoint(path=str(tmp_path / "ck.pt")))

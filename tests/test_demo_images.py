@@ -35,6 +35,10 @@ def test_backdoor_poison_and_correction():
     rest = torch.ones(len(y), dtype=torch.bool)
     rest[idx] = False
     assert torch.equal(xp[rest], x[rest]) and torch.equal(xc[rest], x[rest]) and torch.equal(yp[rest], y[rest])
+    # fixed_backdoor: the same points, patch zeroed and the true labels restored
+    _, ypf, idf, xcf, ycf = images.poison(split, "fixed_backdoor", 0)
+    assert torch.equal(idf, idx) and torch.equal(ypf, yp) and torch.equal(ycf, y) and torch.equal(xcf, xc)
+    assert "digits/cnn/fixed_backdoor" in images.ALL_SETTINGS and "digits/cnn/fixed_backdoor" not in images.SETTINGS
     _, yf, fidx, _, yfc = images.poison(split, "flips", 0)
     assert torch.equal(yf[fidx], labels.PAIR[y[fidx]]) and torch.equal(yfc, y)
 

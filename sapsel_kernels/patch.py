@@ -22,7 +22,7 @@ from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 
-from .space import ParamSpace
+from .space import ParamSpace, index_copy_flat
 
 __all__ = ["Patch", "apply_patch", "revert_patch", "diff_patch", "PATCH_FORMAT"]
 
@@ -157,12 +157,7 @@ def _write(patch: Patch, model, forward: bool) -> None:
     plan = _check(patch, space, forward)  # every check before the first write
     with torch.no_grad():
         for p, idx, values in plan:
-            if p.is_contiguous():
-                p.view(-1).index_copy_(0, idx, values)
-            else:
-                flat = p.detach().reshape(-1).clone()
-                flat.index_copy_(0, idx, values)
-                p.copy_(flat.view_as(p))
+            index_copy_flat(p, idx, values)
 
 
 def apply_patch(model, patch: Union[Patch, str, os.PathLike]) -> Patch:

@@ -102,7 +102,10 @@ def add_products(acc: Welford, products: list[torch.Tensor], space, p0: int, see
     are the same (the op updates mean and M2 elementwise)."""
     m = products[0].shape[0]
     if acc.m2 is None:
-        scratch = torch.empty(min(_SCRATCH_CHUNK, max(space.numels)), dtype=torch.float32, device=acc.mean.device)
+        scratch = getattr(acc, "scratch", None)
+        if scratch is None:  # once per estimate, not per pass
+            scratch = acc.scratch = torch.empty(min(_SCRATCH_CHUNK, max(space.numels)), dtype=torch.float32,
+                                                device=acc.mean.device)
     for h, off, n in zip(products, space.offsets, space.numels):
         rows = h.reshape(m, n)
         if acc.m2 is not None:

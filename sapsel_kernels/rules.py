@@ -34,7 +34,7 @@ from .data import Loss, as_batches, batch_size
 from .errors import NonFiniteError, check_finite
 from .selection import Selection
 from .solver import steihaug_cg
-from .space import ParamSpace
+from .space import ParamSpace, index_copy_flat
 
 __all__ = ["FirstOrder", "SecondOrder", "DiagNewton", "SAMFinetune", "GradientAscent", "Targeted", "METHODS",
            "TRAIN_METHODS", "as_method", "Coords", "Problem", "summed_gradient", "count_batches", "norm_float64"]
@@ -130,14 +130,7 @@ class Coords:
         for _, p, loc, a, b in self.parts:
             self._index_copy(p, loc, values[a:b].to(p.dtype))
 
-    @staticmethod
-    def _index_copy(p: torch.Tensor, loc: torch.Tensor, v: torch.Tensor) -> None:
-        if p.is_contiguous():
-            p.view(-1).index_copy_(0, loc, v)
-        else:  # a strided parameter has no flat view: write through a copy of it (O(numel of this tensor))
-            flat = p.detach().reshape(-1).clone()
-            flat.index_copy_(0, loc, v)
-            p.copy_(flat.view(p.shape))
+    _index_copy = staticmethod(index_copy_flat)
 
     def gather(self, tensors: Sequence[Optional[torch.Tensor]], dtype: Optional[torch.dtype] = None, *,
                touched: bool = False) -> torch.Tensor:

@@ -9,6 +9,17 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import torch
 
 
+def index_copy_flat(p: torch.Tensor, loc: torch.Tensor, v: torch.Tensor) -> None:
+    """``p.view(-1)[loc] = v`` in place (call under ``torch.no_grad()`` for a parameter); a strided tensor has no flat
+    view, so it is written through a copy of it (O(numel of this tensor))."""
+    if p.is_contiguous():
+        p.view(-1).index_copy_(0, loc, v)
+    else:
+        flat = p.detach().reshape(-1).clone()
+        flat.index_copy_(0, loc, v)
+        p.copy_(flat.view(p.shape))
+
+
 class ParamSpace:
     """The trainable parameters of a model (or an explicit list) laid end to end in ``named_parameters()`` order.
 

@@ -51,15 +51,38 @@ def test_steihaug_reaches_cauchy_decrease_and_stays_inside(seed, shift, radius):
             assert not info["boundary"]
 
 
-def test_steihaug_without_radius_is_truncated_cg():
-    g = torch.Generator().manual_seed(0)
+def _textbook_truncated_cg(A, b, max_iter=50, tol=1e-6):
+    """Hestenes-Stiefel CG from x = 0 that stops at pᵀAp <= 0 and returns the iterate so far (Nocedal & Wright,
+    Alg. 5.2 with the truncation of Alg. 7.1 without a radius), written out here as the oracle."""
+    x = torch.zeros_like(b)
+    r = b.clone()
+    p = r.clone()
+    for _ in range(max_iter):
+        ap = A @ p
+        if float(p @ ap) <= 0:
+            return x, True
+        alpha = float(r @ r) / float(p @ ap)
+        x = x + alpha * p
+        r_new = r - alpha * ap
+        if float(r_new.norm()) <= tol * float(b.norm()):
+            return x, False
+        p = r_new + (float(r_new @ r_new) / float(r @ r)) * p
+        r = r_new
+    return x, False
+
+
+@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("shift", [-1.0, 4.0])  # indefinite (truncation may happen), positive definite
+def test_steihaug_without_radius_is_truncated_cg(seed, shift):
+    g = torch.Generator().manual_seed(seed)
     m = torch.randn(8, 8, generator=g, dtype=torch.float64)
-    A = (m + m.T) / 2 - 2.0 * torch.eye(8, dtype=torch.float64)
+    A = (m + m.T) / 2 + shift * torch.eye(8, dtype=torch.float64)
     b = torch.randn(8, generator=g, dtype=torch.float64)
-    x, info = steihaug_cg(lambda v: A @ v, b, math.inf)
-    x2, info2 = cg_solve(lambda v: A @ v, b)
-    torch.testing.assert_close(x, x2, rtol=0, atol=0)
-    assert info["negative_curvature"] == info2["negative_curvature"] and not info["boundary"]
+    want, truncated = _textbook_truncated_cg(A, b)
+    for fn in (lambda: steihaug_cg(lambda v: A @ v, b, math.inf), lambda: cg_solve(lambda v: A @ v, b)):
+        x, info = fn()
+        torch.testing.assert_close(x, want, rtol=1e-10, atol=1e-12)
+        assert info["negative_curvature"] == truncated and not info.get("boundary", False)
 
 
 @pytest.mark.parametrize("bad", [0.0, -1.0, float("nan")])

@@ -218,11 +218,15 @@ class Comm:
             return
         n_r = acc.count
         for a in range(0, acc.mean.numel(), _FOLD_CHUNK):
-            mean_c, m2_c = acc.mean[a:a + _FOLD_CHUNK], acc.m2[a:a + _FOLD_CHUNK]
+            mean_c = acc.mean[a:a + _FOLD_CHUNK]
             mean64 = mean_c.to(torch.float64)
             mu = mean64 * n_r
             dist.all_reduce(mu, group=self.group)
             mu.div_(max(total, 1))
+            if acc.m2 is None:  # the mean alone (variance=False): one all_reduce per chunk
+                mean_c.copy_(mu)
+                continue
+            m2_c = acc.m2[a:a + _FOLD_CHUNK]
             dev = mean64.sub_(mu).square_().mul_(n_r).add_(m2_c)
             dist.all_reduce(dev, group=self.group)
             mean_c.copy_(mu)
@@ -297,11 +301,13 @@ def _no_batches() -> ValueError:
     return ValueError("the data yielded no batches")
 
 
-def grad_abs(model, loss, batches, space, comm: Comm = LOCAL) -> Estimate:
+def grad_abs(model, loss, batches, space, comm: Comm = LOCAL, variance: bool = True) -> Estimate:
     """|d L / d theta| for L the mean over batches of the batch-mean loss (over every rank's batches).
 
     The per-batch gradients are summed in float32 (float64 for float64 parameters), never in a 16-bit dtype. Peak
-    extra memory: the float32 sums (N) and the result (N float32) plus one backward's gradients (transient)."""
+    extra memory: the sums (N) plus one backward's gradients (transient); the float32 sums become the result in
+    place (float64 sums: + N float32 for the result); ``variance=True`` adds the all-zero M2 (N float32) that a
+    single sample's estimate carries (``variance=False``: m2 None)."""
     views, flats = FlatBuffers(space, 1, dtype=_flat_dtype(space)).views(1)
     sums = [v[0] for v in views]
 
@@ -321,18 +327,23 @@ def grad_abs(model, loss, batches, space, comm: Comm = LOCAL) -> Estimate:
     _, (nb,) = comm.run(local, "hessian_diag(estimator='grad_abs')")
     with defer_sigint():
         comm.sum_(flats)
-    mean = torch.empty(space.numel, dtype=torch.float32, device=space.device)
-    for x, off, n in zip(sums, space.offsets, space.numels):  # in place, then one copy: no N-length temporary
-        mean[off:off + n].copy_(x.div_(nb).abs_().reshape(-1))  # the sums are ours: divided in their dtype
-    return Estimate(mean, torch.zeros_like(mean), 1, {"batches": nb})
+    for x in sums:  # in place: no N-length temporary (the sums are ours: divided in their dtype)
+        x.div_(nb).abs_()
+    if len(flats) == 1 and flats[0].dtype == torch.float32:
+        mean = flats[0]  # one float32 buffer in ParamSpace order: it IS the result
+    else:
+        mean = torch.empty(space.numel, dtype=torch.float32, device=space.device)
+        for x, off, n in zip(sums, space.offsets, space.numels):
+            mean[off:off + n].copy_(x.reshape(-1))
+    return Estimate(mean, torch.zeros_like(mean) if variance else None, 1, {"batches": nb})
 
 
-def squared_grad(model, loss, batches, space, comm: Comm = LOCAL) -> Estimate:
+def squared_grad(model, loss, batches, space, comm: Comm = LOCAL, variance: bool = True) -> Estimate:
     """Mean over batches of the squared batch-mean gradient (one backward per batch); var over batches.
 
-    Peak extra memory: the float32 Welford accumulators (2N) plus one backward's gradients (transient) and the
-    fold's 64 MiB of chunks; no flat or float64 copy of a gradient."""
-    acc = Welford(space.numel, space.device)
+    Peak extra memory: the float32 Welford accumulators (2N; ``variance=False``: the mean alone, N) plus one
+    backward's gradients (transient) and the fold's 64 MiB of chunks; no flat or float64 copy of a gradient."""
+    acc = Welford(space.numel, space.device, variance=variance)
 
     def local():
         for b in batches:
@@ -380,7 +391,8 @@ class _PointGradients:
         self.keys = ["model." + n for n in space.names]
         self.dtype = _flat_dtype(space)
 
-    def vmapped(self, batch, lo: int, hi: int) -> torch.Tensor:
+    def vmapped(self, batch, lo: int, hi: int) -> list[torch.Tensor]:
+        """Per-parameter [hi - lo, numel_i] per-point gradients (in the flat dtype): no [C, N] concatenation."""
         n = batch_size(batch)
         leaves, rebuild = _leaves(batch)
         mapped = [i for i, t in enumerate(leaves) if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == n]
@@ -397,7 +409,7 @@ class _PointGradients:
         primals = tuple(p.detach() for p in self.space.params)
         xs = tuple(leaves[i][lo:hi] for i in mapped)
         gs = torch.func.vmap(torch.func.grad(loss_one), in_dims=(None, 0))(primals, xs)
-        return torch.cat([g.reshape(hi - lo, -1).to(self.dtype) for g in gs], dim=1)
+        return [g.reshape(hi - lo, -1).to(self.dtype) for g in gs]
 
     def looped(self, batch, lo: int, hi: int) -> torch.Tensor:
         out = torch.empty(hi - lo, self.space.numel, dtype=self.dtype, device=self.space.device)
@@ -407,7 +419,8 @@ class _PointGradients:
         return out
 
 
-def fisher(model, loss, batches, space, progress: bool | None = None, comm: Comm = LOCAL) -> Estimate:
+def fisher(model, loss, batches, space, progress: bool | None = None, comm: Comm = LOCAL,
+           variance: bool = True) -> Estimate:
     """Diagonal empirical Fisher: mean over ALL points of (per-point gradient)^2, var = per-point variance.
 
     Per-point gradients come from ``torch.func.vmap(torch.func.grad(...))`` over chunks of a batch's points; if the
@@ -415,11 +428,15 @@ def fisher(model, loss, batches, space, progress: bool | None = None, comm: Comm
     estimator logs why and computes them with one backward per point instead (``info["fisher_path"]`` says which).
     Both give the gradient of ``loss(model, point)`` for a single-point batch, so they agree to float rounding.
     Under a group every rank folds its own points, then the Welford states are merged (:meth:`Comm.merge`).
+    Peak extra memory: the Welford accumulators (2N float32; ``variance=False``: N) plus one chunk's per-point
+    gradients [C, N], squared in place, with vmap's intermediates: C is capped so that ~3 C N elements stay under
+    ``_FISHER_CHUNK_BYTES`` (256 MiB), so from ~22M float32 parameters on C = 1: one per-point gradient, as in the
+    loop users write.
     """
     grads = _PointGradients(model, loss, space)
     elem = torch.finfo(grads.dtype).bits // 8
     chunk = max(1, min(_FISHER_CHUNK, _FISHER_CHUNK_BYTES // max(1, 3 * space.numel * elem)))
-    acc = Welford(space.numel, space.device)
+    acc = Welford(space.numel, space.device, variance=variance)
     info: dict[str, Any] = {"fisher_path": "vmap", "batches": 0}
     from .hessian import hf_checkpointing  # (lazy: hessian imports this module)
 
@@ -446,9 +463,14 @@ def fisher(model, loss, batches, space, progress: bool | None = None, comm: Comm
                             info.update(fisher_path="loop", fisher_fallback_reason=f"{type(exc).__name__}: {exc}")
                     if info["fisher_path"] == "loop":
                         g = grads.looped(b, lo, hi)
-                    check_finite(g, "hessian_diag(estimator='fisher'): a per-point gradient",
-                                 suffix="is the loss finite at these parameters?")
-                    acc.add_rows(g * g)
+                    for part in (g if isinstance(g, list) else [g]):
+                        check_finite(part, "hessian_diag(estimator='fisher'): a per-point gradient",
+                                     suffix="is the loss finite at these parameters?")
+                    if isinstance(g, list):  # per parameter: each point's squares folded without a flat copy
+                        for j in range(hi - lo):
+                            acc.add_squares([part[j] for part in g], space.offsets)
+                    else:
+                        acc.add_rows(g.mul_(g))  # squared in place: no second [C, N]
                     del g  # the [C, N] gradients of this chunk: freed before the next chunk's are computed
                     if bar is not None:
                         bar.update(hi - lo)
@@ -477,7 +499,7 @@ def _bar(progress, total):
 
 
 # ============================================================================================ exact
-def exact(model, loss, batches, space, limit: int, comm: Comm = LOCAL) -> Estimate:
+def exact(model, loss, batches, space, limit: int, comm: Comm = LOCAL, variance: bool = True) -> Estimate:
     """diag of ``torch.func.hessian`` of each batch's mean loss over the flat parameters, averaged over batches."""
     n = space.numel
     diag = torch.zeros(n, dtype=torch.float64, device=space.device)
@@ -515,4 +537,4 @@ def exact(model, loss, batches, space, limit: int, comm: Comm = LOCAL) -> Estima
     with defer_sigint():
         comm.sum_([diag])
     mean = (diag / nb).to(torch.float32)
-    return Estimate(mean, torch.zeros_like(mean), 1, {"batches": nb})
+    return Estimate(mean, torch.zeros_like(mean) if variance else None, 1, {"batches": nb})

@@ -242,19 +242,98 @@ def lm_loss(model, batch) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.to(dev).reshape(-1), ignore_index=IGNORE)
 
 
+def group_lm_loss(comm):
+    """``lm_loss`` for a data-parallel ``forget``: each rank holds a shard of every batch's windows, and the value
+    is the mean over the WHOLE batch's target tokens (one all_reduce of 2 float64 values), with a gradient that,
+    averaged over the ranks (``unlearn(group=)`` does that at S), is the whole batch mean's. Any function of the
+    returned values (the NPO term's softplus included) then gets one process's gradient by the chain rule.
+
+    The returned tensor is ``local·(W/n) + (S/n − local·(W/n))`` with the second part detached: local = this rank's
+    summed token cross-entropy, S its sum over the ranks, n the batch's target tokens over the ranks, W the ranks.
+    Collective: every rank calls it in the same order (forget's steps and monitor do)."""
+    if not comm.active:
+        return lm_loss
+    import torch.distributed as dist
+
+    from .measure import lm_logits
+
+    def loss(model, batch) -> torch.Tensor:
+        x, y = batch[0], batch[1]
+        dev = next(model.parameters()).device
+        logits = lm_logits(model, x.to(dev))
+        y = y.to(dev).reshape(-1)
+        local = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y, ignore_index=IGNORE,
+                                reduction="sum")
+        buf = torch.stack([local.detach().double(), (y != IGNORE).sum().double()]).to(comm.device)
+        dist.all_reduce(buf, group=comm.group)
+        total, n = float(buf[0]), float(buf[1])
+        scale = comm.world / n if n > 0 else float("nan")
+        return local * scale + (total / n if n > 0 else float("nan")) - (local.detach() * scale)
+
+    return loss
+
+
+def _agree(comm, model, request: List[Any]) -> None:
+    """Every rank of a ``forget(group=)`` call passes the same request and the same weights: one
+    ``all_gather_object`` of a sha1 of the request's repr and the weights' fingerprint; a difference raises
+    ValueError on every rank, naming what differs, before any model work."""
+    import hashlib
+
+    from .space import ParamSpace
+
+    def local():
+        req = hashlib.sha1(repr(request).encode()).hexdigest()
+        return None, (req, ParamSpace(model).fingerprint())
+
+    _, descs = comm.exchange(local, "forget(group=): comparing the request")
+    for what, i in (("request (texts, secrets, settings)", 0), ("model weights", 1)):
+        if len({d[i] for d in descs}) > 1:
+            raise ValueError(f"forget(group=): the ranks passed different {what}; every rank must pass the same "
+                             "(the windows are split by forget itself)")
+
+
+def shard_batches(batches: List[Tuple[torch.Tensor, ...]], comm, what: str) -> List[Tuple[torch.Tensor, ...]]:
+    """This rank's rows of every batch: ``torch.tensor_split(rows, world)[rank]``, so that the ranks together hold
+    one process's batches, step by step. A last batch with fewer windows than ranks is merged into the one before it
+    (the only case where the group's batches differ from one process's). Raises ValueError (on every rank alike,
+    before any model work) when there are fewer windows than ranks."""
+    if not comm.active:
+        return batches
+    batches = list(batches)
+    if len(batches) > 1 and len(batches[-1][0]) < comm.world:
+        last = batches.pop()
+        batches[-1] = tuple(torch.cat([a, b]) for a, b in zip(batches[-1], last))
+    if not batches or len(batches[0][0]) < comm.world:
+        n = len(batches[0][0]) if batches else 0
+        raise ValueError(f"forget(group=): {n} {what} window(s), fewer than the {comm.world} ranks: every rank needs "
+                         "a share of every batch (use fewer ranks)")
+    return [tuple(t.tensor_split(comm.world)[comm.rank] for t in b) for b in batches]
+
+
 @torch.no_grad()
-def perplexity(model, data: Tuple[torch.Tensor, torch.Tensor], batch_size: int = 16) -> float:
-    """exp(mean next-token cross-entropy) over the windows ``data = (x, y)``, in eval mode (restored)."""
+def perplexity(model, data: Tuple[torch.Tensor, torch.Tensor], batch_size: int = 16, comm=None) -> float:
+    """exp(mean next-token cross-entropy) over the windows ``data = (x, y)``, in eval mode (restored). ``comm``
+    (an active ``estimators.Comm``): collective, each rank scores its share of the windows and the sums are
+    all-reduced (one all_reduce of 2 float64 values): one process's number."""
     from .hessian import estimation_mode
 
     x, y = data
+    if comm is not None and comm.active:
+        x, y = x.tensor_split(comm.world)[comm.rank], y.tensor_split(comm.world)[comm.rank]
     tot, n = 0.0, 0
     with estimation_mode(model):
         for i in range(0, len(x), batch_size):
             b = (x[i:i + batch_size], y[i:i + batch_size])
             m = int((b[1] != IGNORE).sum())
-            tot += float(lm_loss(model, b)) * m
+            if m:
+                tot += float(lm_loss(model, b)) * m
             n += m
+    if comm is not None and comm.active:
+        import torch.distributed as dist
+
+        buf = torch.tensor([tot, float(n)], dtype=torch.float64, device=comm.device)
+        dist.all_reduce(buf, group=comm.group)
+        tot, n = float(buf[0]), int(buf[1])
     if not math.isfinite(tot):
         from .errors import NonFiniteError
 
@@ -727,7 +806,7 @@ def forget(model, tokenizer, texts, secret, prefix: Optional[str] = None, replac
            batch_size: int = 8, hessian_windows: int = 32, n_probes: int = 16, scores: Optional[torch.Tensor] = None,
            context: str = "", per_token: bool = False, retain_loss: str = "ce", retain_windows: Optional[int] = None,
            objective: str = "npo", decoys: int = 0, repair_steps: int = 0,
-           evidence: Optional[Evidence] = Evidence(), progress: Optional[bool] = None) -> ForgetReport:
+           evidence: Optional[Evidence] = Evidence(), progress: Optional[bool] = None, group=None) -> ForgetReport:
     """Forget one or many secrets from a causal LM trained on ``texts``, changing only k selected parameters.
 
     Args:
@@ -770,6 +849,16 @@ def forget(model, tokenizer, texts, secret, prefix: Optional[str] = None, replac
             ``objective="uniform"``.
         evidence: the attacks measured before and after (:class:`Evidence`; None: none, faster).
         progress: a progress bar on stderr (None: only on a terminal).
+        group: a torch.distributed ProcessGroup (e.g. ``dist.group.WORLD`` under torchrun) or None (one process).
+            Given, the call is collective and every rank passes the same model (replicated), texts, request and
+            settings (compared first: a difference raises on every rank). The windows are split over the ranks:
+            each rank takes its share of every batch (the scoring windows, Z, Z̃, the retain batches) and of the
+            held-out windows; the selection is one, computed from the group's scores; each step's gradient is the
+            whole batch's (:func:`group_lm_loss`), so the result is one process's up to float summation order
+            (tests/test_forget_distributed.py, world 2 on gloo). The exposure audits, sampling and attacks are not
+            split: every rank runs them on its identical copy. Only ``objective="npo"`` without ``per_token`` and
+            ``retain_loss="ce"`` are supported under a group (ValueError otherwise); every batch needs at least
+            one window per rank (ValueError otherwise, before any model work).
 
     Returns:
         :class:`ForgetReport` (``to_dict()`` for JSON).
@@ -849,6 +938,18 @@ def forget(model, tokenizer, texts, secret, prefix: Optional[str] = None, replac
             raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
     _check_strategy(strategy)
     _budget_k(budget, sum(p.numel() for p in model.parameters() if p.requires_grad))
+    from .estimators import Comm
+
+    if group is not None:
+        if objective != "npo" or per_token or retain_loss != "ce":
+            raise ValueError("forget(group=) supports objective='npo' without per_token and retain_loss='ce' only "
+                             f"(got objective={objective!r}, per_token={per_token!r}, retain_loss={retain_loss!r})")
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            raise ValueError("forget(group=): pass the replicated module itself, not a DistributedDataParallel "
+                             "wrapper (forget splits the windows and averages the gradients at S itself)")
+    comm = Comm(group)
+    if comm.active:
+        comm.device = next(model.parameters()).device if next(model.parameters()).is_cuda else torch.device("cpu")
     cfg = rule if rule is not None else Targeted(steps=max_steps, lr=lr, check_every=check_every,
                                                  lr_max=max(100.0, float(lr)) if isinstance(lr, (int, float)) else lr,
                                                  repair_steps=repair_steps)
@@ -903,6 +1004,11 @@ def forget(model, tokenizer, texts, secret, prefix: Optional[str] = None, replac
         measure.lm_logits(model, probe_ids.to(next(model.parameters()).device))
 
     data = build_forget_data(tokenizer, texts, all_secrets, replacements, seq_len=T, heldout=heldout, seed=seed)
+    if comm.active:
+        _agree(comm, model, [texts, all_secrets, replacements, [loc.prompts for loc in located], heldout, strategy,
+                             budget, max_ppl_increase, target_exposure, T, seed, n_candidates, n_monitor, max_steps,
+                             check_every, lr, repr(rule), batch_size, hessian_windows, n_probes, context,
+                             retain_windows, repair_steps, repr(evidence), scores is None])
     for what, (x, y) in (("training", data.train), ("corrected", data.corrected), ("held-out", data.val),
                          ("held-out", data.test)):
         _check_ids(vocab, [x.reshape(-1), y.reshape(-1)], what)
@@ -957,24 +1063,27 @@ def forget(model, tokenizer, texts, secret, prefix: Optional[str] = None, replac
         return out
 
     def ppl(d):
-        return perplexity(model, d) if d is not None and len(d[0]) else None
+        return perplexity(model, d, comm=comm) if d is not None and len(d[0]) else None
 
     try:
         if bar is not None:
             bar.set_description("forget: measuring")
         before = measure_report(model)
         att_before = attacks(model)
-        val0, test0, tt0 = perplexity(model, data.val), perplexity(model, data.test), ppl(train_text)
+        val0, test0, tt0 = ppl(data.val), ppl(data.test), ppl(train_text)
 
         # ------------------------------------------------------------------ select
         if bar is not None:
             bar.set_description(f"forget: scoring ({strategy})")
         t0 = time.perf_counter()
         hidx = torch.randperm(len(data.train[0]), generator=torch.Generator().manual_seed(seed))[:hessian_windows]
-        hdata = _batches((data.train[0][hidx], data.train[1][hidx]), batch_size)
-        z_full, zt = _batches(data.affected, batch_size), _batches(data.corrected, batch_size)
+        hdata = shard_batches(_batches((data.train[0][hidx], data.train[1][hidx]), batch_size), comm, "scoring")
+        z_full = shard_batches(_batches(data.affected, batch_size), comm, "affected")
+        zt = shard_batches(_batches(data.corrected, batch_size), comm, "corrected")
         available = {"loss_fn": lm_loss, "data": hdata, "affected": z_full, "corrected": zt, "seed": seed,
                      "n_probes": n_probes}
+        if comm.active:
+            available["group"] = group
         score_cost = {"n_gradients": 0, "n_hvps": 0, "wall_time_s": 0.0}
         if scores is None and strategy not in ("all", "random"):
             reads = strategy_arguments(strategy)
@@ -1014,7 +1123,7 @@ def forget(model, tokenizer, texts, secret, prefix: Optional[str] = None, replac
             t0 = time.perf_counter()
             ms = monitor_audit()
             t_measure += time.perf_counter() - t0
-            v = perplexity(model, data.val)
+            v = ppl(data.val)
             t_monitor += time.perf_counter() - t0
             worst = max(m["exposure_steer"] for m in ms)
             n_done = sum(m["exposure_hi"] <= target_exposure and not m["extracted"] for m in ms)
@@ -1034,10 +1143,10 @@ def forget(model, tokenizer, texts, secret, prefix: Optional[str] = None, replac
 
         rx, ry = (data.retain[0], data.retain[1]) if retain_windows is None else \
             (data.retain[0][:retain_windows], data.retain[1][:retain_windows])
-        retain = _batches((rx, ry), batch_size) if len(rx) else None
+        retain = shard_batches(_batches((rx, ry), batch_size), comm, "retain") if len(rx) else None
         from .rules import as_method
 
-        zs = _batches(data.affected_secret, batch_size)
+        zs = shard_batches(_batches(data.affected_secret, batch_size), comm, "affected")
         over = {"monitor": monitor, "retain": retain}
         if per_token:
             over["forget_loss"] = per_token_npo(cfg.beta)
@@ -1087,14 +1196,15 @@ def forget(model, tokenizer, texts, secret, prefix: Optional[str] = None, replac
         coords = Coords(space, sel)
         theta_s = coords.snapshot()  # O(k): the model is restored if the measurement after unlearning fails
         t0 = time.perf_counter()
-        rep = unlearn(model, _z_aware(lm_loss), zs, zt, sel, method=cfg, space=space, return_patch=True)
+        rep = unlearn(model, _z_aware(group_lm_loss(comm)), zs, zt, sel, method=cfg, space=space, return_patch=True,
+                      group=group)
         unlearn_s = time.perf_counter() - t0
         try:
             if bar is not None:
                 bar.set_description("forget: measuring")
             after = measure_report(model)
             att_after = attacks(model)
-            val1, test1, tt1 = perplexity(model, data.val), perplexity(model, data.test), ppl(train_text)
+            val1, test1, tt1 = ppl(data.val), ppl(data.test), ppl(train_text)
         except BaseException:
             coords.restore(theta_s)
             raise

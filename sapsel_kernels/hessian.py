@@ -108,10 +108,11 @@ class ProbeConfig:
       vmapped conv/BatchNorm double backward measured 1.4-2.4x slower per probe), vmapped otherwise. Results agree
       to float rounding either way.
     * ``memory_cap_bytes``: bytes the default ``per_pass`` may spend on per-probe buffers.
-    * ``variance`` ("hutchinson" only): keep the second Welford accumulator M2 (True, the default: ``est.var``,
-      ``est.stderr``, the ``rtol`` stopping rule and checkpoints need it) or the running mean alone (False: N float32
-      less at the peak, the loop users write keeps no more; ``est.m2`` is None and var / stderr raise). The mean's
-      bits are the same either way. False refuses a stopping rule and a checkpoint.
+    * ``variance`` (every estimator: the one field the data-once estimators "grad_abs", "squared_grad", "fisher"
+      and "exact" read; the others raise there): keep the second Welford accumulator M2 (True, the default:
+      ``est.var``, ``est.stderr``, the ``rtol`` stopping rule and checkpoints need it) or the running mean alone
+      (False: N float32 less at the peak, the loop users write keeps no more; ``est.m2`` is None and var / stderr
+      raise). The mean's bits are the same either way. False refuses a stopping rule and a checkpoint.
     """
 
     per_pass: int | None = None
@@ -209,8 +210,8 @@ class DiagEstimate:
     """A diagonal curvature score over a ParamSpace.
 
     * ``mean``: flat float32 [N], the estimate (ParamSpace order);
-    * ``m2``: flat float32 [N], Welford sum of squared deviations of the ``n_probes`` samples (None for a
-      Hutchinson estimate made with ``ProbeConfig(variance=False)``: then var and stderr raise);
+    * ``m2``: flat float32 [N], Welford sum of squared deviations of the ``n_probes`` samples (None for an
+      estimate made with ``ProbeConfig(variance=False)``: then var and stderr raise);
     * ``var``: per-coordinate unbiased sample variance of ONE sample (M2 / (n - 1)); for Hutchinson this estimates
       sum_{j != i} H_ij^2, for "fisher" it is the variance over points. NaN with fewer than 2 samples; 0 for
       deterministic estimators (grad_abs, exact);
@@ -495,9 +496,12 @@ def _check_arguments(estimator, n_probes, seed, hvp, probes, stop, checkpoint, p
 
     probed = estimator in _PROBED
     if not probed:
-        for name, v in (("probes", probes), ("stop", stop), ("checkpoint", checkpoint)):
+        for name, v in (("stop", stop), ("checkpoint", checkpoint)):
             if v is not None:
                 refuse(f"{name}=", "'hutchinson' and 'gauss_newton'")
+        if probes is not None and probes != ProbeConfig(variance=probes.variance):
+            # the data-once estimators read ProbeConfig.variance only (one switch for every estimator)
+            refuse("ProbeConfig fields other than variance", "'hutchinson' and 'gauss_newton'")
         if n_probes != _DEFAULT_N_PROBES:
             refuse("n_probes", "'hutchinson' and 'gauss_newton'")
         if seed != _DEFAULT_SEED:
@@ -510,8 +514,6 @@ def _check_arguments(estimator, n_probes, seed, hvp, probes, stop, checkpoint, p
                              "(softmax cross-entropy likelihood; labels are sampled from the model)")
         if probes is not None and probes.vectorize is not None:
             refuse("ProbeConfig.vectorize", "'hutchinson' (gauss_newton computes no HVP)")
-        if probes is not None and not probes.variance:
-            refuse("ProbeConfig(variance=False)", "'hutchinson'")
     elif output_fn is not None:
         refuse("output_fn", "'gauss_newton'")
     if progress and estimator not in (*_PROBED, "fisher"):
@@ -850,6 +852,7 @@ def hessian_diag(model: torch.nn.Module, loss_fn, data, estimator: str = "hutchi
             batch0 = sum(d["batches"] for d in descs[:comm.rank])
         if comm.rank != 0:
             progress = False  # one progress bar per group
+    variance = probes.variance if probes is not None else True
     with estimation_mode(model):
         if estimator in _PROBED:
             est = run_probe_loop(inner, loss, batches, space, estimator, n_probes=n_probes, seed=seed, hvp=hvp_run,
@@ -857,13 +860,13 @@ def hessian_diag(model: torch.nn.Module, loss_fn, data, estimator: str = "hutchi
                                  checkpoint=checkpoint, progress=progress, output_fn=output_fn, comm=comm,
                                  batch0=batch0)
         elif estimator == "grad_abs":
-            est = grad_abs(inner, loss, batches, space, comm)
+            est = grad_abs(inner, loss, batches, space, comm, variance=variance)
         elif estimator == "squared_grad":
-            est = squared_grad(inner, loss, batches, space, comm)
+            est = squared_grad(inner, loss, batches, space, comm, variance=variance)
         elif estimator == "fisher":
-            est = fisher(inner, loss, batches, space, progress, comm)
+            est = fisher(inner, loss, batches, space, progress, comm, variance=variance)
         elif estimator == "exact":
-            est = exact(inner, loss, batches, space, exact_max_numel, comm)
+            est = exact(inner, loss, batches, space, exact_max_numel, comm, variance=variance)
         else:  # a name added to ESTIMATORS without its branch here: never fall through to another estimator
             raise NotImplementedError(f"hessian_diag: estimator {estimator!r} is listed in ESTIMATORS but has no "
                                       "implementation in hessian_diag")

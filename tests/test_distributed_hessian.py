@@ -376,3 +376,28 @@ def test_group_argument_without_process_group():
     assert not dist.is_initialized()
     with pytest.raises(ValueError, match="init_process_group"):
         hessian_diag(_model(), ce, _batches(1), group=object())
+
+
+def _lean_worker(rank: int, world: int) -> dict:
+    """Every estimator with ProbeConfig(variance=False) under a group of 2: the mean alone is merged over the
+    ranks (Comm.merge without M2: one all_reduce per chunk) and must be the bits of the full estimate's mean, which
+    the tests above hold equal to one process."""
+    group = dist.group.WORLD
+    model, data = _model(), _shard(_batches(8), rank, world)
+    out = {}
+    for e in ESTIMATORS:
+        kw = _kw(e)
+        if e in ("hutchinson", "gauss_newton"):
+            lean_probes = ProbeConfig(**{**(kw["probes"].__dict__ if "probes" in kw else {}), "variance": False})
+            lean_kw = {**kw, "probes": lean_probes}
+        else:
+            lean_kw = {**kw, "probes": ProbeConfig(variance=False)}
+        full = hessian_diag(model, ce, data, e, group=group, **kw)
+        lean = hessian_diag(model, ce, data, e, group=group, **lean_kw)
+        out[e] = (torch.equal(full.mean, lean.mean), lean.m2 is None)
+    return out
+
+
+def test_without_variance_every_estimator_merges_the_same_mean():
+    for r in run_world(_lean_worker, 2):
+        assert r == {e: (True, True) for e in ESTIMATORS}, r

@@ -628,7 +628,9 @@ def test_inapplicable_arguments_raise():
     out = lambda m, b: m(b[0])  # noqa: E731
     once = ("squared_grad", "fisher", "grad_abs", "exact")
     for est in once:
-        for kw in (dict(probes=ProbeConfig()), dict(stop=StopRule(rtol=0.1)), dict(checkpoint=Checkpoint("x")),
+        # ProbeConfig(variance=...) applies to every estimator; its probe fields only to the probed ones
+        for kw in (dict(probes=ProbeConfig(per_pass=2)), dict(probes=ProbeConfig(vectorize=True)),
+                   dict(stop=StopRule(rtol=0.1)), dict(checkpoint=Checkpoint("x")),
                    dict(n_probes=8), dict(seed=3), dict(hvp="rev_rev"), dict(output_fn=out)):
             with pytest.raises(ValueError, match="does not apply"):
                 hessian_diag(model, ce, data, est, **kw)

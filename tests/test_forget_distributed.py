@@ -1,0 +1,129 @@
+"""``forget(..., group=)`` under torch.distributed (gloo, CPU, world 2): every rank passes the same model, text and
+request; forget splits the windows (scoring, Z, Z̃, retain, held-out) over the ranks, computes one selection from
+the group's scores and averages each step's gradient at S. The oracle is the same call in ONE process: the selection
+must be identical, the steps and the search's decisions the same, the weights equal up to float32 summation order,
+and the reported perplexities and exposures the same numbers.
+
+Also: a rank that passes a different request makes every rank raise, with the model untouched; the objectives that
+are not split raise before any model work.
+"""
+
+import os
+import tempfile
+
+import pytest
+import torch
+
+from _dist import run_world
+from sapsel_kernels.demo import lm
+
+SECRET = lm.CANARY_SECRET
+PREFIX = lm.CANARY_PREFIX
+KW = dict(max_steps=10, check_every=5, n_candidates=40, n_monitor=20, hessian_windows=16, batch_size=8, budget=0.05,
+          evidence=None, progress=False, seed=3)
+
+
+def _build(path):
+    torch.manual_seed(0)
+    train, held = lm.load_corpus(6_000)
+    cc = lm.insert_canary(train, held, 8, seed=0)
+    ids = cc.vocab.encode(cc.text)
+    x, y = lm.make_windows(ids, lm.window_starts(len(ids), 32, 16), 32)
+    model = lm.build_model("lstm", len(cc.vocab), embed=16, hidden=32)
+    lm.train_lm(model, x, y, steps=150, batch_size=32, lr=1e-2, seed=0)
+    torch.save({"state": model.state_dict(), "cc": cc}, path)
+
+
+def _load(path):
+    blob = torch.load(path, weights_only=False)
+    cc = blob["cc"]
+    model = lm.build_model("lstm", len(cc.vocab), embed=16, hidden=32)
+    model.load_state_dict(blob["state"])
+    return model, cc
+
+
+def _run(model, cc, group=None, **kw):
+    from sapsel_kernels.forget import forget
+
+    rep = forget(model, cc.vocab, cc.text, SECRET, PREFIX, heldout=[cc.heldout], group=group, **{**KW, **kw})
+    s = rep.secrets[0]
+    return {"flat": torch.cat([p.detach().reshape(-1) for p in model.parameters()]),
+            "k": rep.k, "steps": rep.cost["steps"], "stopped_by": rep.stopped_by,
+            "decisions": [(h["step"], h.get("phase"), h.get("accepted"), round(h["lr"], 12)) for h in rep.history],
+            "ppl": (rep.ppl_before, rep.ppl_after, rep.val_ppl_before, rep.val_ppl_after),
+            "exposure": (s["exposure_before"], s["exposure_after"]), "n_gradients": rep.cost["n_gradients"],
+            "scores": rep.scores.clone() if rep.scores is not None else None}
+
+
+def _ranked(rank, world, path, strategy):
+    import torch.distributed as dist
+
+    model, cc = _load(path)
+    return _run(model, cc, group=dist.group.WORLD, strategy=strategy)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "model.pt")
+        _build(path)
+        yield path
+
+
+@pytest.mark.parametrize("strategy", ["ssd", "hessian"])
+def test_forget_world2_equals_one_process(trained, strategy):
+    model, cc = _load(trained)
+    one = _run(model, cc, strategy=strategy)
+    ranks = run_world(_ranked, 2, trained, strategy)
+    assert one["steps"] > 0
+    for r in ranks:
+        # one selection, from the group's scores: the same scores (summation order aside) and the same k
+        assert r["k"] == one["k"]
+        torch.testing.assert_close(r["scores"], one["scores"], rtol=1e-4, atol=1e-7)
+        assert r["decisions"] == one["decisions"] and r["steps"] == one["steps"]
+        assert r["stopped_by"] == one["stopped_by"]
+        torch.testing.assert_close(r["flat"], one["flat"], rtol=1e-4, atol=1e-5)
+        for a, b in zip(r["ppl"], one["ppl"]):
+            assert a == pytest.approx(b, rel=1e-5)
+        for a, b in zip(r["exposure"], one["exposure"]):
+            assert a == pytest.approx(b, abs=1e-3)
+        assert r["n_gradients"] == one["n_gradients"]  # the group's count is one process's
+    # the replicas are bit-identical
+    assert torch.equal(ranks[0]["flat"], ranks[1]["flat"])
+    # and the selection moved the model (the comparison is not between two untouched copies)
+    base, _ = _load(trained)
+    flat0 = torch.cat([p.detach().reshape(-1) for p in base.parameters()])
+    assert (one["flat"] != flat0).sum() > 0
+
+
+def _mismatch(rank, world, path):
+    import torch.distributed as dist
+
+    model, cc = _load(path)
+    before = [p.detach().clone() for p in model.parameters()]
+    try:
+        _run(model, cc, group=dist.group.WORLD, seed=3 + rank)  # rank 1 passes another seed
+    except ValueError as e:
+        msg = str(e)
+    else:
+        msg = None
+    same = all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    return msg, same
+
+
+def test_forget_group_refuses_different_requests_on_every_rank(trained):
+    out = run_world(_mismatch, 2, trained)
+    for msg, same in out:
+        assert msg is not None and "different request" in msg
+        assert same
+
+
+def test_forget_group_refuses_unsplit_objectives_before_any_work():
+    from sapsel_kernels.forget import forget
+
+    model = lm.build_model("lstm", 30, embed=8, hidden=8)
+    before = [p.detach().clone() for p in model.parameters()]
+    for kw in (dict(objective="calibrated"), dict(per_token=True), dict(retain_loss="kl")):
+        with pytest.raises(ValueError, match="group="):
+            forget(model, lambda t: [1, 2, 3], "some text 1234", "1234", group=object(), **kw)
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))

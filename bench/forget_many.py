@@ -29,12 +29,12 @@ import torch
 
 
 def build(n_secrets: int, repeats: int, steps: int, seed: int):
-    from sapsel_kernels.demo.lm import _cut, load_corpus
+    from sapsel_kernels.demo.lm import cut_text, load_corpus
     from sapsel_kernels.forget_example import N_POSITIONS, line_start_windows, tokenize_scrubbed, train
 
     rng = random.Random(seed)
     train_full, held_full = load_corpus()
-    base, held = _cut(train_full, 60_000), _cut(held_full, 4_000)
+    base, held = cut_text(train_full, 60_000), cut_text(held_full, 4_000)
     digits = "0123456789"
     alnum = "abcdefghijklmnopqrstuvwxyz0123456789"
     secrets = []

@@ -21,7 +21,6 @@ second run skips training.
 
 import argparse
 import json
-import math
 import os
 import platform
 import random
@@ -50,11 +49,11 @@ def reset_peak() -> bool:
 
 
 def build_data(chars: int, held_chars: int, repeats: int, seed: int):
-    from sapsel_kernels.demo.lm import _cut, load_corpus
+    from sapsel_kernels.demo.lm import cut_text, load_corpus
     from sapsel_kernels.forget_example import make_secrets, tokenize_scrubbed
 
     train_full, held_full = load_corpus()
-    base, held = _cut(train_full, chars), _cut(held_full, held_chars)
+    base, held = cut_text(train_full, chars), cut_text(held_full, held_chars)
     card = make_secrets(seed)[0]
     rng = random.Random(seed)
     lines = base.splitlines(keepends=True)
@@ -75,7 +74,7 @@ def make_model(seed: int):
 
 
 def greedy(model, tok, prefix: str, n_chars: int) -> str:
-    ids = tok(prefix, return_tensors="pt").input_ids
+    ids = tok(prefix, return_tensors="pt").input_ids.to(next(model.parameters()).device)
     out = ""
     with torch.no_grad():
         while len(out) < n_chars:
@@ -103,13 +102,15 @@ def train_until_memorised(model, tok, text, enc, ids, card, a):
             g["lr"] = lr
         t0 = time.perf_counter()
         pick = starts[torch.randint(len(starts), (a.batch,), generator=gen)]
-        x = torch.stack([ids[s:s + T] for s in pick.tolist()])
+        x = torch.stack([ids[s:s + T] for s in pick.tolist()]).to(a.device)
         logits = model(input_ids=x).logits
         loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        if a.device != "cpu":
+            torch.cuda.synchronize()
         step_times.append(time.perf_counter() - t0)
         k += 1
         if k % a.check == 0:
@@ -146,17 +147,18 @@ def main(argv=None):
     ap.add_argument("--n-monitor", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     os.makedirs(a.out, exist_ok=True)
     from sapsel_kernels.forget import Evidence, forget
 
     text, held, card, tok, enc, ids = build_data(a.chars, a.held_chars, a.repeats, a.seed)
-    model = make_model(a.seed)
+    model = make_model(a.seed).to(a.device)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{n_params / 1e6:.1f}M parameters, {len(ids)} training tokens, BPE of {len(tok)} symbols", flush=True)
     if os.path.exists(a.cache):
-        blob = torch.load(a.cache, weights_only=False)
+        blob = torch.load(a.cache, weights_only=False, map_location=a.device)
         model.load_state_dict(blob["state"])
         training = blob["training"]
         print(f"loaded the trained model from {a.cache}", flush=True)
@@ -169,12 +171,16 @@ def main(argv=None):
     model.eval()
     rss_model = rss_kib("VmRSS")
     peak_reset = reset_peak()
+    if a.device != "cpu":
+        torch.cuda.reset_peak_memory_stats()
+        gpu_base = torch.cuda.memory_allocated()
     t0 = time.perf_counter()
     rep = forget(model, tok, [text], card["secret"], prefix=card["prefix"], heldout=[held], seq_len=a.seq,
                  batch_size=4, n_candidates=a.n_candidates, n_monitor=a.n_monitor, max_steps=a.forget_steps,
                  hessian_windows=16, seed=a.seed, evidence=Evidence(n_samples=16, relearn_steps=20), progress=False)
     wall = time.perf_counter() - t0
     peak = rss_kib("VmHWM")
+    gpu_peak_extra = (torch.cuda.max_memory_allocated() - gpu_base) / 2**30 if a.device != "cpu" else None
     retrain_s = training["steps"] * training["step_s_median"]
     s = rep.secrets[0]
     row = {"n_parameters": n_params, "training": {k: v for k, v in training.items() if k != "log"},
@@ -184,10 +190,12 @@ def main(argv=None):
            wall / retrain_s, "reached": rep.reached, "stopped_by": rep.stopped_by, "k": rep.k,
            "exposure_before": s["exposure_before"], "exposure_after": s["exposure_after"],
            "extracted_before": s["extracted_before"], "extracted_after": s["extracted_after"],
-           "ppl_increase": rep.ppl_increase, "utility": rep.utility}
+           "ppl_increase": rep.ppl_increase, "utility": rep.utility, "device": a.device,
+           "gpu_peak_extra_gib": gpu_peak_extra}
     meta = {"argv": ["python", "bench/forget_scale.py", *(argv if argv is not None else sys.argv[1:])],
-            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
-                       f"{torch.__version__}, {a.threads} thread(s)"}
+            "machine": (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
+                        f"{torch.__version__}, {a.threads} thread(s)"
+                        + (f", {torch.cuda.get_device_name(0)}" if a.device != "cpu" else ""))}
     with open(os.path.join(a.out, "forget_scale.json"), "w") as f:
         json.dump({"meta": meta, "row": row}, f, indent=1, default=str)
     c = rep.cost
@@ -206,7 +214,8 @@ def main(argv=None):
           f"- Retraining, priced: {training['steps']} steps x {training['step_s_median']:.2f} s = {retrain_s:.0f} s; "
           f"forget / retraining = **{wall / retrain_s:.2f}x**.",
           f"- Peak resident memory during forget: {peak / 2**20:.2f} GiB (model loaded: {rss_model / 2**20:.2f} GiB; "
-          f"extra {(peak - rss_model) / 2**20:.2f} GiB; peak reset: {peak_reset}).",
+          f"extra {(peak - rss_model) / 2**20:.2f} GiB; peak reset: {peak_reset})"
+          + (f"; GPU: {gpu_peak_extra:.2f} GiB allocated beyond the model." if gpu_peak_extra is not None else "."),
           f"- Steps {c['steps']} ({rep.stopped_by}), k = {rep.k}; exposure {s['exposure_before']:.1f} -> "
           f"{s['exposure_after']:.1f} bits; extracted before {bool(s['extracted_before'])}, after "
           f"{bool(s['extracted_after'])}; held-out perplexity {100 * rep.ppl_increase:+.1f}%; reached: "

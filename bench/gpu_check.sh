@@ -100,6 +100,10 @@ step bench_pipeline_llama1b 150 env SAPSEL_BENCH_PIPELINE=llama1b SAPSEL_BENCH_D
 # demo's quick grid (CPU models; checks that the new second-order rule and the task run in this environment).
 step hvp_fd_cuda 60 bash -c "python bench/hvp_fd_bias.py --device cuda | tee '$DIR/hvp_fd_bias_cuda.md'"
 step images_quick 90 python -m sapsel_kernels demo --task images --quick --no-progress --out "$DIR/images_quick"
+# forget on the GPT-2 124M configuration (trained on the GPU until it memorises a card number, then forgotten):
+# wall time, GPU peak, the ratio to retraining (issue 24); the model is not cached between runs.
+step forget_scale_cuda 150 python bench/forget_scale.py --device cuda --out "$DIR/forget_scale_cuda" \
+  --cache "${TMPDIR:-/tmp}/sapsel_forget_scale_cuda_$$.pt"
 # ===== end section: large models and images =====
 
 # ===== section: tail (lead) =====

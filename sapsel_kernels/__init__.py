@@ -12,8 +12,7 @@ from ._ext import ext_error, ext_loaded  # noqa: F401
 from .data import criterion  # noqa: F401
 from .errors import NonFiniteError  # noqa: F401
 from .space import ParamSpace  # noqa: F401
-
-__version__ = "0.1.0"
+from .version import __version__  # noqa: F401
 
 # public name -> module that defines it (imported lazily)
 _LAZY = {

@@ -34,7 +34,6 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from .exposure import rank_exposure, skewnorm_exposure, space_size
-from .hessian import estimation_mode
 from .measure import (
     as_tokenizer,
     check_fits,
@@ -46,6 +45,7 @@ from .measure import (
     new_text,
     score_sequences,
 )
+from .modes import estimation_mode
 
 __all__ = ["AuditItem", "audit", "leak_of", "exposure_summary", "RANK_RESOLVED", "Z_95"]
 

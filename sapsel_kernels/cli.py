@@ -84,7 +84,7 @@ class _DemoHelp(argparse.Action):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from .version import __version__
 
     parser = _Parser(prog="sapsel", description="sapsel-kernels command line",
                      epilog_fn=lambda: "demo tasks (sapsel demo --task TASK [options]):\n\n" + _tasks_help())

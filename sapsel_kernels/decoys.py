@@ -312,7 +312,7 @@ def _format_decoys(secret: str, n: int, seed: int, excluded: set) -> List[str]:
     fmt = exposure.format_of(secret)
     pos = exposure.parse_format(fmt)
     size = math.prod(len(a) for a in pos)
-    avail = size - sum(1 for e in excluded if exposure._matches(e, pos))
+    avail = size - sum(1 for e in excluded if exposure.matches_positions(e, pos))
     if n > avail:
         raise ValueError(f"cannot draw {n} distinct strings of the format {fmt!r}: only {avail} exist "
                          "besides the secret and exclude")

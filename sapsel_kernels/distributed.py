@@ -50,7 +50,7 @@ import torch.distributed as dist
 
 from .errors import NonFiniteError
 from .reference.topk import empty_threshold, signed_key
-from .selection import Selection, _rank, resolve_k
+from .selection_core import Selection, resolve_k, topk_flat
 from .space import ParamSpace
 
 __all__ = ["ShardedSelection", "select_sharded", "rank_and_world", "comm_device", "all_gather_int64",
@@ -187,7 +187,7 @@ class ShardLayout:
         mesh = None
         pos = 0
         for name, p, off in zip(space.names, space.params, space.offsets):
-            if not _is_dtensor(p):
+            if not is_dtensor(p):
                 raise NotImplementedError(f"{what}: parameter {name!r} is a plain tensor among FSDP2 (DTensor) "
                                           "parameters; shard every parameter with fully_shard")
             r0, r1, row = dtensor_rows(p, f"{what}: parameter {name!r}")
@@ -206,7 +206,7 @@ class ShardLayout:
     @staticmethod
     def of(space: ParamSpace, what: str = "sapsel_kernels") -> "ShardLayout | None":
         """The layout when the space holds DTensor parameters, else None."""
-        return ShardLayout(space, what) if any(_is_dtensor(p) for p in space.params) else None
+        return ShardLayout(space, what) if any(is_dtensor(p) for p in space.params) else None
 
     def to_global(self, local: torch.Tensor) -> torch.Tensor:
         """Global flat indices of local positions (int64, any order): O(len) plus one searchsorted."""
@@ -275,7 +275,7 @@ class ShardedSelection(Selection):
 
 
 # ---------------------------------------------------------------------------------------------------- the select
-def _is_dtensor(t) -> bool:
+def is_dtensor(t) -> bool:
     # a DTensor exists only once torch.distributed.tensor is imported; importing it here would cost ~1 s per rank
     mod = sys.modules.get("torch.distributed.tensor")
     cls = getattr(mod, "DTensor", None) if mod is not None else None
@@ -289,7 +289,7 @@ def _local_checks(scores, k, fraction, scope, space, gather) -> None:
                                   "shard boundary may cut a parameter tensor); use scope='global'")
     if scope != "global":
         raise ValueError(f"select: scope must be 'global' or 'per_layer', got {scope!r}")
-    if _is_dtensor(scores):
+    if is_dtensor(scores):
         raise NotImplementedError("select(group=...): a single DTensor of scores is not supported; pass the "
                                   "per-parameter FSDP2 score shards (a dict or list) with space=ParamSpace(the "
                                   "fully_shard model), or each rank's contiguous range as a plain tensor")
@@ -326,7 +326,7 @@ def _fsdp_local_scores(scores, layout: ShardLayout) -> torch.Tensor:
         for name, t, (lo, hi) in zip(space.names, scores, layout.bounds):
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"select(group=...): the score of {name!r} is a {type(t).__name__}, not a tensor")
-            loc = t.to_local() if _is_dtensor(t) else t
+            loc = t.to_local() if is_dtensor(t) else t
             if loc.numel() != hi - lo:
                 raise ValueError(f"select(group=...): the score shard of {name!r} has {loc.numel()} elements, this "
                                  f"rank's shard of the parameter {hi - lo}")
@@ -335,7 +335,7 @@ def _fsdp_local_scores(scores, layout: ShardLayout) -> torch.Tensor:
         if len(dts) > 1:
             raise TypeError(f"select(group=...): the FSDP2 score shards have several dtypes {sorted(map(str, dts))}")
         return torch.cat(parts)
-    if isinstance(scores, torch.Tensor) and not _is_dtensor(scores) and scores.numel() != layout.local_numel:
+    if isinstance(scores, torch.Tensor) and not is_dtensor(scores) and scores.numel() != layout.local_numel:
         raise ValueError(f"select(group=...): {scores.numel()} local scores, but this rank's FSDP2 shards of the "
                          f"space hold {layout.local_numel} elements")
     return scores
@@ -571,7 +571,7 @@ def select_sharded(scores: torch.Tensor, k: int | None = None, fraction: float |
     del cand, key
     # this rank's part = its keys > T and its first takes[rank] keys == T = its local top-selected[rank] under the
     # same lowest-index tie rule: the package's single-process op writes exactly that set (fused, ascending)
-    local = _rank(flat, selected[rank], largest, None, start)[0]
+    local = topk_flat(flat, selected[rank], largest, None, start)[0]
     # FSDP2: local order is global order (ShardLayout), so the rank's first ties are its lowest global indices
     mine = local + start if layout is None else layout.to_global(local)
     thr = _threshold(prefix, bits, largest, flat.dtype, flat.device)

@@ -19,7 +19,8 @@ import torch.distributed as dist
 
 from .data import batch_size, slice_batch
 from .errors import NonFiniteError, check_finite
-from .hvp import _LossModule, gradient
+from .hvp import LossModule, gradient
+from .modes import hf_checkpointing
 
 log = logging.getLogger("sapsel_kernels.hessian")
 
@@ -81,6 +82,13 @@ class Welford:
         copy of the sample is built."""
         for t, off in zip(tensors, offsets):
             self._fold(off, t.reshape(-1), True)
+        self.count += 1
+
+    def add_parts(self, parts) -> None:
+        """Fold one sample given as ``(offset, tensor)`` parts that cover [0, N) (any float dtype, each converted to
+        float32 chunk by chunk): the bits of :meth:`add` on their concatenation, without building it."""
+        for off, x in parts:
+            self._fold(off, x.reshape(-1), False)
         self.count += 1
 
     def add_rows(self, xs: torch.Tensor) -> None:
@@ -387,7 +395,7 @@ class _PointGradients:
 
     def __init__(self, model, loss, space):
         self.model, self.loss, self.space = model, loss, space
-        self.wrapper = _LossModule(model, loss)
+        self.wrapper = LossModule(model, loss)
         self.keys = ["model." + n for n in space.names]
         self.dtype = _flat_dtype(space)
 
@@ -438,8 +446,6 @@ def fisher(model, loss, batches, space, progress: bool | None = None, comm: Comm
     chunk = max(1, min(_FISHER_CHUNK, _FISHER_CHUNK_BYTES // max(1, 3 * space.numel * elem)))
     acc = Welford(space.numel, space.device, variance=variance)
     info: dict[str, Any] = {"fisher_path": "vmap", "batches": 0}
-    from .hessian import hf_checkpointing  # (lazy: hessian imports this module)
-
     if hf_checkpointing(model)[0]:  # torch.func's vmap cannot run under activation checkpointing: no failed attempt
         info.update(fisher_path="loop", fisher_fallback_reason="activation checkpointing is on (torch.func.vmap "
                                                                "cannot run under it)")
@@ -512,7 +518,7 @@ def exact(model, loss, batches, space, limit: int, comm: Comm = LOCAL, variance:
         dtype = space.dtypes[0]
         if any(d != dtype for d in space.dtypes):
             raise TypeError("estimator='exact' needs all parameters in one dtype")
-        wrapper = _LossModule(model, loss)
+        wrapper = LossModule(model, loss)
         keys = ["model." + nm for nm in space.names]
         flat0 = space.gather(dtype=dtype)
         nb = 0

@@ -74,10 +74,10 @@ def space_size(fmt: str) -> int:
 
 def matches_format(secret: str, fmt: str) -> bool:
     """Whether ``secret`` is one of the secrets of ``fmt``."""
-    return _matches(secret, parse_format(fmt))
+    return matches_positions(secret, parse_format(fmt))
 
 
-def _matches(secret, pos: List[str]) -> bool:
+def matches_positions(secret, pos: List[str]) -> bool:
     return isinstance(secret, str) and len(secret) == len(pos) and all(c in a for c, a in zip(secret, pos))
 
 
@@ -114,7 +114,7 @@ def random_candidates(n: int, fmt: str = "dddd dddd dddd dddd", *, seed: int = 0
     pos = parse_format(fmt)
     rng = random.Random(seed)
     ex, out = set(exclude), []
-    if n > 0 and sum(_matches(e, pos) for e in ex) >= math.prod(len(a) for a in pos):
+    if n > 0 and sum(matches_positions(e, pos) for e in ex) >= math.prod(len(a) for a in pos):
         raise ValueError(f"format {fmt!r} has {space_size(fmt)} secret(s) and all are excluded: no candidate can be "
                          "drawn (does the format have a placeholder d, a, A or x?)")
     while len(out) < n:

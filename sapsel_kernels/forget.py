@@ -281,8 +281,16 @@ def _agree(comm, model, request: List[Any]) -> None:
 
     from .space import ParamSpace
 
+    def digest(v) -> str:  # tensors by their bytes (a repr elides them), everything else by its repr
+        if isinstance(v, torch.Tensor):
+            t = v.detach().reshape(-1).contiguous().cpu()
+            return f"tensor{tuple(v.shape)}{v.dtype}:" + hashlib.sha1(t.view(torch.uint8).numpy().tobytes()).hexdigest()
+        if isinstance(v, (list, tuple)):
+            return "[" + ",".join(digest(x) for x in v) + "]"
+        return repr(v)
+
     def local():
-        req = hashlib.sha1(repr(request).encode()).hexdigest()
+        req = hashlib.sha1(digest(request).encode()).hexdigest()
         return None, (req, ParamSpace(model).fingerprint())
 
     _, descs = comm.exchange(local, "forget(group=): comparing the request")
@@ -315,7 +323,7 @@ def perplexity(model, data: Tuple[torch.Tensor, torch.Tensor], batch_size: int =
     """exp(mean next-token cross-entropy) over the windows ``data = (x, y)``, in eval mode (restored). ``comm``
     (an active ``estimators.Comm``): collective, each rank scores its share of the windows and the sums are
     all-reduced (one all_reduce of 2 float64 values): one process's number."""
-    from .hessian import estimation_mode
+    from .modes import estimation_mode
 
     x, y = data
     if comm is not None and comm.active:
@@ -468,7 +476,7 @@ def format_uniform(codec, fmt: str, vocab: int):
 @torch.no_grad()
 def _with_reference(model, batches):
     """Z batches ``(x, y)`` -> ``(x, y, ref)`` with each target token's loss at θ* (for :func:`per_token_npo`)."""
-    from .hessian import estimation_mode
+    from .modes import estimation_mode
     from .measure import lm_logits
 
     out = []
@@ -497,7 +505,7 @@ def kl_to_reference(model, batch) -> torch.Tensor:
 @torch.no_grad()
 def _with_reference_logp(model, batches):
     """Retain batches ``(x, y)`` -> ``(x, y, θ*'s log-probabilities)`` (float16, CPU: B·T·V·2 bytes per batch)."""
-    from .hessian import estimation_mode
+    from .modes import estimation_mode
     from .measure import lm_logits
 
     out = []
@@ -880,11 +888,20 @@ def forget(model, tokenizer, texts, secret, prefix: Optional[str] = None, replac
     from .decoys import kind_of, plausible
     from .exposure import random_candidates
     from .secret_spec import as_specs, locate_all
-    from .strategies import _budget_k, _check_strategy, parameter_scores, select_parameters, strategy_arguments
+    from .strategies import budget_k, check_strategy, parameter_scores, select_parameters, strategy_arguments
     from .unlearn import unlearn
 
     t_start = time.perf_counter()
     _check_model(model)
+    from .hessian import comm_for
+
+    comm = comm_for(group)  # a bad group raises here; then the ranks compare the request FIRST, so that a
+    if comm.active:  # request that differs raises on every rank instead of failing a check on one of them
+        comm.device = next(model.parameters()).device if next(model.parameters()).is_cuda else torch.device("cpu")
+        _agree(comm, model, [texts, secret, prefix, replacement, fmt, strategy, budget, max_ppl_increase,
+                             target_exposure, heldout, seq_len, seed, n_candidates, n_monitor, max_steps, check_every,
+                             lr, rule, batch_size, hessian_windows, n_probes, scores, context, per_token, retain_loss,
+                             retain_windows, objective, decoys, repair_steps, evidence])
     if isinstance(texts, str):
         texts = [texts]
     if not isinstance(texts, (list, tuple)) or not texts or not all(isinstance(t, str) for t in texts):
@@ -936,10 +953,8 @@ def forget(model, tokenizer, texts, secret, prefix: Optional[str] = None, replac
                         ("hessian_windows", hessian_windows, 1), ("n_probes", n_probes, 1)):
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
             raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
-    _check_strategy(strategy)
-    _budget_k(budget, sum(p.numel() for p in model.parameters() if p.requires_grad))
-    from .estimators import Comm
-
+    check_strategy(strategy)
+    budget_k(budget, sum(p.numel() for p in model.parameters() if p.requires_grad))
     if group is not None:
         if objective != "npo" or per_token or retain_loss != "ce":
             raise ValueError("forget(group=) supports objective='npo' without per_token and retain_loss='ce' only "
@@ -947,9 +962,6 @@ def forget(model, tokenizer, texts, secret, prefix: Optional[str] = None, replac
         if isinstance(model, torch.nn.parallel.DistributedDataParallel):
             raise ValueError("forget(group=): pass the replicated module itself, not a DistributedDataParallel "
                              "wrapper (forget splits the windows and averages the gradients at S itself)")
-    comm = Comm(group)
-    if comm.active:
-        comm.device = next(model.parameters()).device if next(model.parameters()).is_cuda else torch.device("cpu")
     cfg = rule if rule is not None else Targeted(steps=max_steps, lr=lr, check_every=check_every,
                                                  lr_max=max(100.0, float(lr)) if isinstance(lr, (int, float)) else lr,
                                                  repair_steps=repair_steps)
@@ -994,7 +1006,7 @@ def forget(model, tokenizer, texts, secret, prefix: Optional[str] = None, replac
     T = int(seq_len) if seq_len is not None else min(64, ctx or 64)
     if T < 2 or (ctx is not None and T > ctx):
         raise ValueError(f"seq_len must be in [2, {ctx}] (the model's context), got {T}")
-    from .hessian import estimation_mode
+    from .modes import estimation_mode
 
     vocab = measure.vocab_size(model)
     _check_ids(vocab, [codec.encode(p + loc.secret) for loc in located for p in loc.prompts]
@@ -1004,11 +1016,6 @@ def forget(model, tokenizer, texts, secret, prefix: Optional[str] = None, replac
         measure.lm_logits(model, probe_ids.to(next(model.parameters()).device))
 
     data = build_forget_data(tokenizer, texts, all_secrets, replacements, seq_len=T, heldout=heldout, seed=seed)
-    if comm.active:
-        _agree(comm, model, [texts, all_secrets, replacements, [loc.prompts for loc in located], heldout, strategy,
-                             budget, max_ppl_increase, target_exposure, T, seed, n_candidates, n_monitor, max_steps,
-                             check_every, lr, repr(rule), batch_size, hessian_windows, n_probes, context,
-                             retain_windows, repair_steps, repr(evidence), scores is None])
     for what, (x, y) in (("training", data.train), ("corrected", data.corrected), ("held-out", data.val),
                          ("held-out", data.test)):
         _check_ids(vocab, [x.reshape(-1), y.reshape(-1)], what)

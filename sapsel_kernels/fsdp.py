@@ -77,7 +77,7 @@ def _backward(loss: torch.Tensor, n_mine: int, n_all: int, world: int) -> None:
 def fsdp_estimate(model, loss, batches, space, layout, estimator: str, comm: Comm, *, n_probes: int, seed: int,
                   output_fn=None) -> Estimate:
     """The estimate of ``estimator`` (see the module doc) over this rank's shards: (mean, m2, count, info)."""
-    from .probe_loop import _seed_for
+    from .probe_loop import seed_for
 
     starts = layout.local_starts
     n_local = layout.local_numel
@@ -154,7 +154,7 @@ def fsdp_estimate(model, loss, batches, space, layout, estimator: str, comm: Com
                             # collectives; the NaN reaches the gradient and the sample, and raises after the loop
                             probs = torch.softmax(logits.detach().to(torch.float64), dim=-1).nan_to_num(1.0)
                             gen = torch.Generator(device=probs.device).manual_seed(
-                                _seed_for(seed, s, bi * comm.world + comm.rank))
+                                seed_for(seed, s, bi * comm.world + comm.rank))
                             y = torch.multinomial(probs, 1, generator=gen).squeeze(1)
                         _backward(torch.nn.functional.cross_entropy(logits, y), rows, rows_all, comm.world)
                     g = _local_grads(space)

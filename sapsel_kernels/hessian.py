@@ -36,12 +36,9 @@ the one a single process computes over the concatenated batches (rank 0's, then 
 float additions. See :func:`hessian_diag` and docs/hessian.md "Data-parallel estimation".
 """
 
-import contextlib
-import functools
 import hashlib
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,7 +49,8 @@ import torch.distributed as dist
 from .data import as_batches, make_loss
 from .estimators import LOCAL, Comm, exact, fisher, grad_abs, squared_grad
 from .hvp import MODES, REENTRANT_FIX, CheckpointingError, auto_hvp_order  # noqa: F401  (API of this module)
-from .probe_loop import _plan, run_probe_loop
+from .modes import estimation_mode, hf_checkpointing, is_reentrant  # noqa: F401  (API of this module)
+from .probe_loop import plan_probes, run_probe_loop
 from .space import ParamSpace
 
 __all__ = ["hessian_diag", "DiagEstimate", "ProbeConfig", "StopRule", "Checkpoint", "estimation_mode",
@@ -320,128 +318,13 @@ class DiagEstimate:
 
 
 # ====================================================================================================== helpers
-def _checkpoint_target_is_torch(fn) -> bool:
-    mod, name = getattr(fn, "__module__", "") or "", getattr(fn, "__name__", "")
-    return (fn is torch.utils.checkpoint.checkpoint
-            or (name in ("checkpoint", "checkpoint_func") and mod.split(".")[0] in ("torch", "transformers")))
-
-
-def _reentrant(func) -> bool | None:
-    """Whether a Hugging Face ``_gradient_checkpointing_func`` runs reentrant ``torch.utils.checkpoint``: True /
-    False for the ``functools.partial(checkpoint, use_reentrant=...)`` that ``gradient_checkpointing_enable``
-    installs (no ``use_reentrant`` is reentrant: torch's default), None for a function it cannot inspect."""
-    if not isinstance(func, functools.partial) or not _checkpoint_target_is_torch(func.func):
-        return None
-    return func.keywords.get("use_reentrant") is not False
-
-
-def hf_checkpointing(model: torch.nn.Module) -> tuple[list, list]:
-    """(layers, others): the modules of ``model`` with Hugging Face activation checkpointing switched on
-    (``gradient_checkpointing`` True and a callable ``_gradient_checkpointing_func``, what
-    ``gradient_checkpointing_enable`` sets). ``layers`` are ``transformers.GradientCheckpointingLayer`` instances,
-    whose ``forward`` checkpoints itself when ``self.gradient_checkpointing and self.training`` (transformers >=
-    4.53); ``others`` the remaining flagged modules of transformers classes (the model-level modules, which only
-    read the flag, or the layer loop of older transformers / remote code that checkpoints its layers itself).
-    Modules of other libraries are left alone (their checkpointing does not depend on this mode)."""
-    gcl = getattr(sys.modules.get("transformers.modeling_layers"), "GradientCheckpointingLayer", None)
-    layers, others = [], []
-    for m in model.modules():
-        if getattr(m, "gradient_checkpointing", False) is not True or \
-                not callable(getattr(m, "_gradient_checkpointing_func", None)):
-            continue
-        if gcl is not None and isinstance(m, gcl):
-            layers.append(m)
-        elif type(m).__module__.startswith("transformers"):  # transformers.* and remote code (transformers_modules)
-            others.append(m)
-    return layers, others
-
-
-def _eval_inside(module: torch.nn.Module, func):
-    """``func`` (a layer's checkpoint function) with the checkpointed body run with ``module.training`` False: the
-    layer looks like train mode to Hugging Face's "checkpoint when training" test, its own forward (dropout through
-    ``self.training``, layer drop) runs in eval mode, in the first forward and in the recomputation alike."""
-    def checkpoint(fn, *args, **kwargs):
-        def body(*a, **k):
-            prev = module.training
-            module.training = False
-            try:
-                return fn(*a, **k)
-            finally:
-                module.training = prev
-
-        return func(body, *args, **kwargs)
-
-    return checkpoint
-
-
-@contextlib.contextmanager
-def _keep_checkpointing(model: torch.nn.Module):
-    """Keep the model's non-reentrant Hugging Face activation checkpointing active in eval mode (see
-    :func:`estimation_mode`); everything it changes is restored on exit."""
-    layers = [m for m in hf_checkpointing(model)[0] if _reentrant(m._gradient_checkpointing_func) is not True]
-    if not layers:
-        yield
-        return
-    saved = [(m, m.training, m._gradient_checkpointing_func, "_gradient_checkpointing_func" in m.__dict__)
-             for m in layers]
-    configs = {}
-    for m in model.modules():
-        cfg = getattr(m, "config", None)
-        if getattr(cfg, "use_cache", None) is True:
-            configs[id(cfg)] = cfg
-    try:
-        for m, _, func, _ in saved:
-            m._gradient_checkpointing_func = _eval_inside(m, func)
-            m.training = True
-        for cfg in configs.values():  # a KV cache written in the forward would be written again by the recompute
-            cfg.use_cache = False
-        yield
-    finally:
-        for cfg in configs.values():
-            cfg.use_cache = True
-        for m, training, func, own in saved:
-            m.training = training
-            if own:
-                m._gradient_checkpointing_func = func
-            else:  # it was the class's: drop the instance attribute again
-                m.__dict__.pop("_gradient_checkpointing_func", None)
-
-
-@contextlib.contextmanager
-def estimation_mode(model: torch.nn.Module):
-    """Eval mode for every module (restored per module afterwards) and the math SDPA backend.
-
-    Activation checkpointing that a Hugging Face model runs only in train mode (``gradient_checkpointing_enable``
-    with ``use_reentrant=False``; layers of ``transformers.GradientCheckpointingLayer``) stays ACTIVE: each such
-    layer gets ``training=True`` so that it checkpoints, with its checkpointed forward run in eval mode, and the
-    configs' ``use_cache`` is False meanwhile (a KV cache would be updated again by the recomputation); all of it is
-    restored afterwards. Dropout is off everywhere, so the loss (and its derivatives) equal the un-checkpointed
-    eval-mode ones. Reentrant checkpointing is left inactive here (it supports no ``torch.autograd.grad``;
-    ``hessian_diag`` refuses it before estimating).
-    """
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        try:
-            from torch.nn.attention import SDPBackend, sdpa_kernel
-
-            ctx = sdpa_kernel(SDPBackend.MATH)
-        except ImportError:  # pragma: no cover - very old torch
-            ctx = contextlib.nullcontext()
-        with ctx, _keep_checkpointing(model):
-            yield
-    finally:
-        for m, t in flags:
-            m.training = t
-
-
 def _check_checkpointing(model: torch.nn.Module, estimator: str, hvp: str) -> int:
     """Refuse, before anything runs, what the model's Hugging Face activation checkpointing cannot do; returns the
     number of layers that will be checkpointed during the estimate (0: none)."""
     layers, others = hf_checkpointing(model)
     if not layers and not others:
         return 0
-    reentrant = [m for m in layers + others if _reentrant(m._gradient_checkpointing_func)]
+    reentrant = [m for m in layers + others if is_reentrant(m._gradient_checkpointing_func)]
     if reentrant:
         raise CheckpointingError(
             f"hessian_diag(estimator={estimator!r}): the model uses reentrant activation checkpointing "
@@ -526,7 +409,7 @@ def _check_arguments(estimator, n_probes, seed, hvp, probes, stop, checkpoint, p
                 raise ValueError(f"ProbeConfig(variance=False) keeps no M2, which {name} needs; drop one of them")
 
 
-def _comm(group) -> Comm:
+def comm_for(group) -> Comm:
     """``group`` -> the Comm of this call (raises TypeError / ValueError locally: no collective has run yet)."""
     if group is None:
         return LOCAL
@@ -561,7 +444,7 @@ def _unreadable_why(path, exc: BaseException) -> str:
     return f"not a torch.save file of an estimate ({type(exc).__name__}: {first[:200]})"
 
 
-def _unwrap(model: torch.nn.Module, space, what: str = "hessian_diag") -> tuple[torch.nn.Module, ParamSpace]:
+def unwrap_model(model: torch.nn.Module, space, what: str = "hessian_diag") -> tuple[torch.nn.Module, ParamSpace]:
     """(the module the estimators call, the ParamSpace over it).
 
     A DistributedDataParallel model is replaced by ``model.module``: DDP supports neither double backward nor
@@ -624,7 +507,7 @@ def _descriptor(estimator, n_probes, seed, hvp, probes, stop, checkpoint, output
         "output_fn given": output_fn is not None, "exact_max_numel": exact_max_numel,
     }
     if estimator in _PROBED:
-        desc["resolved (max_probes, per_pass, min_probes, stable_k)"] = _plan(
+        desc["resolved (max_probes, per_pass, min_probes, stable_k)"] = plan_probes(
             space, n_probes, probes if probes is not None else ProbeConfig(), stop, estimator, False, checkpoint)
     nb = None
     if estimator == "gauss_newton":  # label samples are keyed by the GLOBAL batch index: the ranks' offsets
@@ -635,7 +518,7 @@ def _descriptor(estimator, n_probes, seed, hvp, probes, stop, checkpoint, output
     return {"agree": desc, "batches": nb}
 
 
-def _check_agreement(descs: list[dict], what: str = "hessian_diag") -> None:
+def check_agreement(descs: list[dict], what: str = "hessian_diag") -> None:
     """The same ValueError on every rank (built from the gathered descriptors) when the ranks disagree."""
     diffs, keys = [], list(descs[0]["agree"])
     keys += [k for d in descs for k in d["agree"] if k not in keys]
@@ -677,7 +560,7 @@ def _hessian_diag_fsdp(model, loss_fn, data, estimator, n_probes, seed, hvp, pro
     elif not isinstance(space, ParamSpace):
         raise TypeError(f"space must be a ParamSpace or None, got {type(space).__name__}")
     layout = ShardLayout(space, "hessian_diag")
-    comm = _comm(group if group is not None else layout.group)
+    comm = comm_for(group if group is not None else layout.group)
     if comm.world != dist.get_world_size(layout.group):
         raise ValueError(f"hessian_diag: group= has {comm.world} ranks, the model's FSDP2 mesh "
                          f"{dist.get_world_size(layout.group)}")
@@ -701,7 +584,7 @@ def _hessian_diag_fsdp(model, loss_fn, data, estimator, n_probes, seed, hvp, pro
         return batches, {"agree": desc}
 
     batches, descs = comm.exchange(prepare, "hessian_diag")
-    _check_agreement(descs)
+    check_agreement(descs)
     with estimation_mode(model):
         est = fsdp_estimate(model, loss, batches, space, layout, estimator, comm, n_probes=n_probes, seed=seed,
                             output_fn=output_fn)
@@ -823,17 +706,17 @@ def hessian_diag(model: torch.nn.Module, loss_fn, data, estimator: str = "hutchi
           "gauss_newton" also one sample sum, 4 or 8 bytes; "grad_abs": one sum and the result) plus FSDP2's own
           unsharded parameters and gradients of one backward.
     """
-    from .distributed import _is_dtensor
+    from .distributed import is_dtensor
 
-    if any(_is_dtensor(p) for p in model.parameters()):
+    if any(is_dtensor(p) for p in model.parameters()):
         return _hessian_diag_fsdp(model, loss_fn, data, estimator, n_probes, seed, hvp, probes, stop, checkpoint,
                                   space, progress, output_fn, exact_max_numel, group)
-    comm = _comm(group)
+    comm = comm_for(group)
 
     def prepare():
         _check_arguments(estimator, n_probes, seed, hvp, probes, stop, checkpoint, progress, output_fn,
                          exact_max_numel)
-        inner, sp = _unwrap(model, space)
+        inner, sp = unwrap_model(model, space)
         n_ckpt = _check_checkpointing(inner, estimator, hvp)
         loss = make_loss(loss_fn)
         batches = as_batches(data, passes="many" if estimator in _PROBED else "once")
@@ -846,7 +729,7 @@ def hessian_diag(model: torch.nn.Module, loss_fn, data, estimator: str = "hutchi
     hvp_run = "rev_rev" if n_ckpt and hvp == "auto" else hvp  # fwd_rev cannot run under checkpointing
     batch0 = 0
     if comm.active:
-        _check_agreement(descs)
+        check_agreement(descs)
         comm.device = space.device
         if estimator == "gauss_newton":
             batch0 = sum(d["batches"] for d in descs[:comm.rank])

@@ -98,7 +98,7 @@ def default_vectorize(device: torch.device, mode: str) -> bool:
     return not (torch.device(device).type == "cpu" and mode == "rev_rev")
 
 
-class _LossModule(torch.nn.Module):
+class LossModule(torch.nn.Module):
     """``forward(batch) = loss_fn(model, batch)``, so that ``functional_call`` can swap the model's parameters
     (keys ``"model.<name>"``) while ``loss_fn`` keeps calling the model as usual."""
 
@@ -134,7 +134,7 @@ class HVP:
         self.vectorize = vectorize
         self.reuse_graph = reuse_graph
         self._graph = None
-        self._wrapper = _LossModule(model, self.loss_fn)
+        self._wrapper = LossModule(model, self.loss_fn)
         self._keys = ["model." + n for n in space.names]
 
     def _fwd_rev(self, tangents: Sequence[torch.Tensor], batch) -> list[torch.Tensor]:

@@ -37,7 +37,7 @@ from .exposure import (
     skewnorm_exposure,
     space_size,
 )
-from .hessian import estimation_mode
+from .modes import estimation_mode
 
 __all__ = ["Codec", "as_tokenizer", "leak_of", "PARTIAL_P", "lm_logits", "context_length", "continuation_logppl",
            "greedy_complete", "extraction_probes", "format_of", "measure_secret"]

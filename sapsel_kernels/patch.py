@@ -211,7 +211,7 @@ def patch_from_snapshot(space: ParamSpace, parts, old_values: List[torch.Tensor]
 
 
 def _make(entries, base, result, signature, info) -> Patch:
-    from . import __version__
+    from .version import __version__
 
     ordered = {}
     for name, (i, n, o) in entries.items():

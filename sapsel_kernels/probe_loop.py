@@ -49,7 +49,7 @@ def sum_dtype(space) -> torch.dtype | None:
     return torch.float64 if torch.float64 in space.dtypes else torch.float32
 
 
-def _seed_for(seed: int, *parts) -> int:
+def seed_for(seed: int, *parts) -> int:
     h = hashlib.blake2b(":".join(str(int(p)) for p in (seed, *parts)).encode(), digest_size=8).digest()
     return int.from_bytes(h, "little") >> 1
 
@@ -120,34 +120,43 @@ def add_products(acc: Welford, products: list[torch.Tensor], space, p0: int, see
     acc.count += m
 
 
-def gnb_sums(model, output_fn, batches, space, seed: int, p0: int, m: int, out: torch.Tensor,
-             batch0: int = 0) -> int:
+def gnb_sums(model, output_fn, batches, space, seed: int, p0: int, m: int, out, batch0: int = 0,
+             acc=None) -> int:
     """Write into ``out`` [m, N] (float32; float64 for float64 parameters) the SUM over ``batches`` of
     Gauss-Newton-Bartlett terms, formed per parameter tensor (no flat or float64 copy of a gradient): for sample s and
     batch b, labels y ~ softmax(logits) (generator keyed by (seed, s, batch0 + b): ``batch0`` is the global index
     of this rank's first batch), term B_b g_b (.) g_b with g_b the gradient of the mean cross-entropy at y and B_b
-    the number of logit rows. Returns the number of batches."""
+    the number of logit rows. Returns the number of batches.
+
+    ``acc`` (a Welford accumulator; then ``out`` is None, m = 1 and ``batches`` holds one batch): the sample is
+    folded straight into ``acc`` parameter by parameter, after every gradient was checked finite and with Ctrl-C
+    held: no [1, N] sums (the bits of the ``out`` path, whose one-batch sum is the same tensor)."""
+    if acc is not None:
+        b = next(iter(batches))
+        grads, rows = _gnb_gradients(model, output_fn, b, space, seed, p0, batch0)
+        dtype = torch.float64 if torch.float64 in space.dtypes else torch.float32
+        for x in grads:  # the squares as they will be folded (one tensor's temporary at a time): none is NaN/Inf
+            if x is not None:
+                x = x.reshape(-1).to(dtype)
+                check_finite((x * x).mul_(rows), "hessian_diag: a Gauss-Newton sample",
+                             suffix="the accumulators were not updated")
+
+        def parts():
+            for x, off, n, p in zip(grads, space.offsets, space.numels, space.params):
+                if x is None:
+                    yield off, torch.zeros(n, dtype=dtype, device=p.device)
+                    continue
+                x = x.reshape(-1).to(dtype)
+                yield off, (x * x).mul_(rows)
+
+        with defer_sigint():
+            acc.add_parts(parts())
+        return 1
     nb = 0
     for j, s in enumerate(range(p0, p0 + m)):
         nb = 0
         for bi, b in enumerate(batches):
-            with torch.enable_grad():
-                logits = output_fn(model, b)
-                if not isinstance(logits, torch.Tensor) or logits.dim() < 1:
-                    raise ValueError("output_fn(model, batch) must return logits [..., C]")
-                if not logits.requires_grad:
-                    raise ValueError("output_fn's logits do not depend on the model's parameters (computed under "
-                                     "torch.no_grad() or detached?)")
-                logits = logits.reshape(-1, logits.shape[-1])
-                check_finite(logits.detach(), "hessian_diag(estimator='gauss_newton'): the logits of output_fn",
-                             suffix="the accumulators were not updated")
-                with torch.no_grad():
-                    probs = torch.softmax(logits.detach().to(torch.float64), dim=-1)
-                    gen = torch.Generator(device=probs.device).manual_seed(_seed_for(seed, s, batch0 + bi))
-                    y = torch.multinomial(probs, 1, generator=gen).squeeze(1)
-                loss = torch.nn.functional.cross_entropy(logits, y)
-                gs = grad_params(loss, space.params, "hessian_diag(estimator='gauss_newton'): a gradient")
-            rows = logits.shape[0]
+            gs, rows = _gnb_gradients(model, output_fn, b, space, seed, s, batch0 + bi)
             for x, off, n in zip(gs, space.offsets, space.numels):  # per parameter: no flat copy of the gradient
                 dst = out[j, off:off + n]
                 if x is None:
@@ -162,6 +171,28 @@ def gnb_sums(model, output_fn, batches, space, seed: int, p0: int, m: int, out: 
         if nb == 0:
             raise ValueError("the data yielded no batches")
     return nb
+
+
+def _gnb_gradients(model, output_fn, b, space, seed: int, s: int, bidx: int):
+    """Sample s's labels y ~ softmax(logits) for batch ``bidx`` (global index) and the gradient of the mean
+    cross-entropy at y: (per-parameter gradients, the number of logit rows)."""
+    with torch.enable_grad():
+        logits = output_fn(model, b)
+        if not isinstance(logits, torch.Tensor) or logits.dim() < 1:
+            raise ValueError("output_fn(model, batch) must return logits [..., C]")
+        if not logits.requires_grad:
+            raise ValueError("output_fn's logits do not depend on the model's parameters (computed under "
+                             "torch.no_grad() or detached?)")
+        logits = logits.reshape(-1, logits.shape[-1])
+        check_finite(logits.detach(), "hessian_diag(estimator='gauss_newton'): the logits of output_fn",
+                     suffix="the accumulators were not updated")
+        with torch.no_grad():
+            probs = torch.softmax(logits.detach().to(torch.float64), dim=-1)
+            gen = torch.Generator(device=probs.device).manual_seed(seed_for(seed, s, bidx))
+            y = torch.multinomial(probs, 1, generator=gen).squeeze(1)
+        loss = torch.nn.functional.cross_entropy(logits, y)
+        gs = grad_params(loss, space.params, "hessian_diag(estimator='gauss_newton'): a gradient")
+    return gs, logits.shape[0]
 
 
 # ============================================================================================ stopping rule
@@ -273,8 +304,8 @@ def load_checkpoint(path, expect: dict, numel: int, world_size: int = 1) -> dict
 
 
 # ============================================================================================ driver
-def _plan(space, n_probes: int, probes, stop, estimator: str = "hutchinson",
-          one_unvectorized_batch: bool = False, checkpoint=None) -> tuple[int, int, int, int | None]:
+def plan_probes(space, n_probes: int, probes, stop, estimator: str = "hutchinson",
+                one_unvectorized_batch: bool = False, checkpoint=None) -> tuple[int, int, int, int | None]:
     """(max_probes, per_pass, min_probes, top-k size) from the budget base and the configs.
 
     Without a stopping rule, the default per_pass is 1 where more probes per pass would buy no speed, only memory
@@ -397,6 +428,11 @@ def _pass_fn(estimator, engine, model, output_fn, batches, space, seed, per_pass
                 if comm.active:  # a sum over ranks can overflow where no rank's part did
                     check_finite(views, what + " (summed over the ranks)", suffix=suffix)
                 add_products(acc, views, space, p0, seed)
+    elif acc.m2 is None and not comm.active and per_pass == 1 and isinstance(batches, list) and len(batches) == 1:
+        # the mean alone, one batch, one process: each sample folded straight into the mean, parameter by
+        # parameter (no [1, N] sums: the loop users write holds no more), the same bits as the path below
+        def one_pass(p0, m):
+            gnb_sums(model, output_fn, batches, space, seed, p0, 1, None, batch0, acc=acc)
     else:
         sbuf = torch.empty(per_pass, space.numel, dtype=torch.float64 if torch.float64 in space.dtypes
                            else torch.float32, device=space.device)
@@ -425,7 +461,7 @@ def run_probe_loop(model, loss, batches, space, estimator: str, *, n_probes: int
     first = hvp if hvp in MODES else auto_hvp_order(space.device)[0]
     vec = probes.vectorize if probes.vectorize is not None else default_vectorize(space.device, first)
     one = not comm.active and isinstance(batches, list) and len(batches) == 1 and not vec
-    max_probes, per_pass, min_probes, k = _plan(space, n_probes, probes, stop, estimator, one, checkpoint)
+    max_probes, per_pass, min_probes, k = plan_probes(space, n_probes, probes, stop, estimator, one, checkpoint)
     acc = Welford(space.numel, space.device, variance=probes.variance)
     stopper = StopState(stop, k, min_probes)
     history: list[dict] = []

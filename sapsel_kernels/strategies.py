@@ -91,7 +91,7 @@ def strategy_arguments(strategy: str, *, scores: bool = False) -> Tuple[str, ...
     which every strategy reads), with ``scores=True`` when a precomputed score vector is passed. Any other one is a
     ValueError there. ``parameter_scores`` reads the same minus ``scores`` / ``last_layer_prefix`` (and ``seed``
     for ``random``), plus hessian_diag's keyword arguments for the hessian strategies."""
-    _check_strategy(strategy)
+    check_strategy(strategy)
     if strategy == "all":
         return ()
     if strategy == "random":
@@ -112,7 +112,7 @@ def _check_passed(fn: str, strategy: str, passed: Dict[str, Any], reads: Tuple[s
                          f"{', '.join(map(repr, users))}")
 
 
-def _check_strategy(strategy) -> None:
+def check_strategy(strategy) -> None:
     if strategy not in STRATEGIES:
         hint = " ('fisher' is now called 'ssd')" if strategy == "fisher" else ""
         raise ValueError(f"unknown selection strategy {strategy!r}{hint}; choose one of {STRATEGIES}")
@@ -217,7 +217,7 @@ def parameter_scores(model, strategy: str, *, loss_fn=_Default(None), data=None,
     probe buffers; hessian_ratio and ssd: two of those in turn, plus one [N] vector; grad_abs: one [N] accumulator
     and one backward's gradients).
     """
-    _check_strategy(strategy)
+    check_strategy(strategy)
     passed = _passed(loss_fn=loss_fn, seed=seed, n_probes=n_probes, estimator=estimator, fisher_points=fisher_points,
                      data=data, affected=affected, corrected=corrected, group=group)
     if hessian_kw:
@@ -227,9 +227,9 @@ def parameter_scores(model, strategy: str, *, loss_fn=_Default(None), data=None,
     space = space or ParamSpace(model)
     space.check_belongs_to(model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model,
                            "select_parameters / parameter_scores")
-    from .distributed import _is_dtensor
+    from .distributed import is_dtensor
 
-    if any(_is_dtensor(p) for p in space.params):
+    if any(is_dtensor(p) for p in space.params):
         raise NotImplementedError("parameter_scores / select_parameters: FSDP2 (fully_shard) models hold sharded "
                                   "parameters; estimate with sk.hessian_diag(model, loss, data, 'squared_grad' | "
                                   "'grad_abs' | 'gauss_newton') and rank with sk.select(est.mean, ..., "
@@ -292,7 +292,7 @@ def parameter_scores(model, strategy: str, *, loss_fn=_Default(None), data=None,
         raise NotImplementedError(f"parameter_scores: strategy {strategy!r} is listed in STRATEGIES but has no "
                                   "implementation")
     if group is not None:  # the group's cost
-        comm = hessian._comm(group)
+        comm = hessian.comm_for(group)
         comm.device = space.device
         _, totals = comm.run(lambda: (None, (cost["n_gradients"], cost["n_hvps"])), "parameter_scores", n_counts=2)
         cost["n_gradients"], cost["n_hvps"] = totals
@@ -309,7 +309,7 @@ def _mean_gradient(model, space: ParamSpace, loss, batches, group, strategy: str
     in estimation mode. One [N] accumulator plus one backward's gradients."""
     from . import hessian
 
-    comm = hessian._comm(group)
+    comm = hessian.comm_for(group)
     comm.device = space.device  # where the flag buffers go (CUDA for NCCL)
     inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
@@ -323,7 +323,7 @@ def _mean_gradient(model, space: ParamSpace, loss, batches, group, strategy: str
     return g.div_(n), n
 
 
-def _budget_k(budget, n: int) -> int:
+def budget_k(budget, n: int) -> int:
     """THE budget rule (``resolve_k``): an int budget is k, a real one a fraction in (0, 1]; k >= 1 here."""
     if isinstance(budget, bool):
         raise TypeError("budget must be a fraction in (0, 1] or an int k, got a bool")
@@ -384,7 +384,7 @@ def select_parameters(model, strategy: str = "hessian", budget: Union[int, float
     Peak extra memory: ``parameter_scores``' (unless ``scores`` is given) plus O(k) for the ranking (``random``: a
     permutation of N int64).
     """
-    _check_strategy(strategy)
+    check_strategy(strategy)
     estimate = _passed(loss_fn=loss_fn, seed=seed, n_probes=n_probes, estimator=estimator,
                        fisher_points=fisher_points, data=data, affected=affected, corrected=corrected, group=group)
     passed = {**estimate, **_passed(scores=scores, last_layer_prefix=last_layer_prefix)}
@@ -393,7 +393,7 @@ def select_parameters(model, strategy: str = "hessian", budget: Union[int, float
     space = space or ParamSpace(model)
     space.check_belongs_to(model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model,
                            "select_parameters / parameter_scores")
-    k = _budget_k(budget, space.numel)
+    k = budget_k(budget, space.numel)
     if strategy == "all":
         return as_selection(torch.arange(space.numel, device=space.device), space)
     if strategy == "random":

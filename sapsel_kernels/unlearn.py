@@ -30,7 +30,7 @@ import torch
 
 from .data import as_batches, make_loss
 from .errors import check_finite
-from .hessian import _check_agreement, _comm, _unwrap
+from .hessian import check_agreement, comm_for, unwrap_model
 from .rules import Coords, Problem, as_method, count_batches, norm_float64
 from .selection import as_selection
 from .space import ParamSpace
@@ -163,7 +163,7 @@ def unlearn(model: torch.nn.Module, loss_fn, affected, corrected, selection, met
     report reads θ_S once more (k, the working dtype) and reduces in float64 chunks (at most 16 MiB of float64
     scratch and k bools; never a [k] float64 copy).
     """
-    comm = _comm(group)
+    comm = comm_for(group)
 
     def prepare():
         nonlocal n_train
@@ -179,7 +179,7 @@ def unlearn(model: torch.nn.Module, loss_fn, affected, corrected, selection, met
         unread = [arg for arg, value in (("train_data", train_data), ("n_train", n_train))
                   if value is not None and (use is None or (arg == "train_data" and use == "n_train"
                                                             and n_train is not None))]
-        inner, space_ = _unwrap(model, space, "unlearn")
+        inner, space_ = unwrap_model(model, space, "unlearn")
         if inner is not model and not comm.active:
             raise ValueError("unlearn: a DistributedDataParallel model needs group= (its process group, e.g. "
                              "torch.distributed.group.WORLD): each rank then passes its own shard of Z and Z̃; "
@@ -233,7 +233,7 @@ def unlearn(model: torch.nn.Module, loss_fn, affected, corrected, selection, met
 
     (rule, prob), descs = comm.exchange(prepare, "unlearn")
     if comm.active:
-        _check_agreement(descs, "unlearn")
+        check_agreement(descs, "unlearn")
         comm.device = prob.space.device
         if prob.train_points is not None:
             prob.train_points_total = sum(d["train_points"] for d in descs)
@@ -241,7 +241,7 @@ def unlearn(model: torch.nn.Module, loss_fn, affected, corrected, selection, met
             prob.n_train = sum(d["n_train"] for d in descs)  # default: the points of train_data on every rank
     coords, space = prob.coords, prob.space
     model = prob.model
-    from .hessian import estimation_mode as _estimation_mode
+    from .modes import estimation_mode as _estimation_mode
 
     if not isinstance(return_patch, bool):
         raise TypeError(f"return_patch must be a bool, got {type(return_patch).__name__}")

@@ -280,7 +280,7 @@ def _gnb_oracle(world):
     """Gauss-Newton-Bartlett by hand on one process, with the documented per-rank label rule: for sample s and global
     batch b, rank r's rows draw y ~ softmax(logits) from the generator keyed (seed, s, b * W + r); the term is
     B g (.) g with g the gradient of the mean cross-entropy over the B rows of the global batch."""
-    from sapsel_kernels.probe_loop import _seed_for
+    from sapsel_kernels.probe_loop import seed_for
 
     model = _model()
     params = list(model.parameters())
@@ -292,7 +292,7 @@ def _gnb_oracle(world):
             for r in range(world):
                 x, _ = _part(batch, r, world)
                 logits = model(x)
-                gen = torch.Generator().manual_seed(_seed_for(GNB_SEED, s, bi * world + r))
+                gen = torch.Generator().manual_seed(seed_for(GNB_SEED, s, bi * world + r))
                 y = torch.multinomial(torch.softmax(logits.detach(), -1), 1, generator=gen).squeeze(1)
                 total = total + F.cross_entropy(logits, y, reduction="sum")
             g = torch.cat([t.reshape(-1) for t in torch.autograd.grad(total / rows, params)])

@@ -339,16 +339,37 @@ def test_variance_switch_is_the_only_probe_field_for_data_once_estimators(setup)
     assert est is None or est.m2 is None
 
 
-def test_gauss_newton_without_variance_same_mean_and_one_n_less(setup, monkeypatch):
-    """gauss_newton with ProbeConfig(variance=False): same mean, one N float32 less. Its peak stays one N above the
-    loop's (the per-pass sums over the batches are folded after the last batch): measured and documented."""
+def _loop_gauss_newton(model, batch, m):
+    """The Gauss-Newton diagonal as users write it: labels sampled from the softmax, one backward per sample, the
+    squared gradients (x the rows) summed per tensor."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    acc = [torch.zeros_like(p) for p in params]
+    for _ in range(m):
+        logits = model(batch[0])
+        with torch.no_grad():
+            y = torch.multinomial(torch.softmax(logits, -1), 1).squeeze(1)
+        gs = torch.autograd.grad(torch.nn.functional.cross_entropy(logits, y), params)
+        for a, g in zip(acc, gs):
+            a.addcmul_(g, g, value=len(y) / m)
+    return acc
+
+
+def test_gauss_newton_without_variance(setup, monkeypatch):
+    """gauss_newton with ProbeConfig(variance=False): the same mean (bits), one N float32 less; on one batch each
+    sample is folded straight into the mean, parameter by parameter, and the peak is within the loop users write
+    + 0.25 N. With several batches the per-pass sums (one N) stay: measured here, documented in docs/scale.md."""
     s = setup
     monkeypatch.setattr(estimators, "_FOLD_CHUNK", 1 << 14)
     kw = dict(estimator="gauss_newton", n_probes=3, progress=False, output_fn=lambda m, b: m(b[0]))
-    batches = [s["batch"], s["other"]]
-    a = sk.hessian_diag(s["model"], ce, batches, **kw)
-    b = sk.hessian_diag(s["model"], ce, batches, probes=sk.ProbeConfig(variance=False), **kw)
-    assert torch.equal(a.mean, b.mean) and b.m2 is None
-    full = peak_bytes(lambda: sk.hessian_diag(s["model"], ce, batches, **kw))
-    lean = peak_bytes(lambda: sk.hessian_diag(s["model"], ce, batches, probes=sk.ProbeConfig(variance=False), **kw))
-    assert lean <= full - 0.9 * s["n4"], (lean / s["n4"], full / s["n4"])
+    lean = sk.ProbeConfig(variance=False)
+    for batches in ([s["batch"]], [s["batch"], s["other"]]):
+        a = sk.hessian_diag(s["model"], ce, batches, **kw)
+        b = sk.hessian_diag(s["model"], ce, batches, probes=lean, **kw)
+        assert torch.equal(a.mean, b.mean) and b.m2 is None
+        full = peak_bytes(lambda: sk.hessian_diag(s["model"], ce, batches, **kw))
+        ours = peak_bytes(lambda: sk.hessian_diag(s["model"], ce, batches, probes=lean, **kw))
+        assert ours <= full - 0.9 * s["n4"], (ours / s["n4"], full / s["n4"])
+    one = [s["batch"]]
+    ours = peak_bytes(lambda: sk.hessian_diag(s["model"], ce, one, probes=lean, **kw))
+    theirs = peak_bytes(lambda: _loop_gauss_newton(s["model"], s["batch"], 3))
+    assert ours <= theirs + 0.25 * s["n4"] + 4 * 4 * (1 << 14), (ours / s["n4"], theirs / s["n4"])

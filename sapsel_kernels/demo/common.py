@@ -247,7 +247,7 @@ def aggregate(rows: List[Dict[str, Any]], metrics: Sequence[str],
     return out
 
 
-def _fmt(ms: Dict[str, float], digits: int = 1) -> str:
+def fmt(ms: Dict[str, float], digits: int = 1) -> str:
     if ms is None or not math.isfinite(ms["mean"]):
         return "n/a"
     return f"{ms['mean']:.{digits}f} ± {ms['std']:.{digits}f}"
@@ -261,7 +261,7 @@ def format_table(agg: List[Dict[str, Any]], columns: Dict[str, str], markdown: b
     body = []
     for a in agg:
         body.append([str(a["setting"]), a["method"], a["strategy"], budget_label(a["budget"]), str(a["k"])]
-                    + [_fmt(a.get(m), digits.get(m, 1)) for m in columns])
+                    + [fmt(a.get(m), digits.get(m, 1)) for m in columns])
     if markdown:
         lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
         lines += ["| " + " | ".join(r) + " |" for r in body]

@@ -470,13 +470,13 @@ def baseline_summary(baselines) -> str:
                  **{f"{w}_{m}": b[w][m] for w in ("before", "gold") for m in keys}, "retrain_s": b["retrain_s"]}
                 for b in bs]
         a = common.aggregate(rows, [f"{w}_{m}" for w in ("before", "gold") for m in keys] + ["retrain_s"])[0]
-        bd = (f", backdoor {common._fmt(a['before_backdoor'])}% -> retrained {common._fmt(a['gold_backdoor'])}%"
+        bd = (f", backdoor {common.fmt(a['before_backdoor'])}% -> retrained {common.fmt(a['gold_backdoor'])}%"
               if bs[0]["before"].get("backdoor") is not None and not math.isnan(bs[0]["before"]["backdoor"]) else "")
         lines.append(f"{setting}: |Z| = {bs[0]['n_affected']} of {bs[0]['n_train']}, {bs[0]['n_params']} parameters, "
-                     f"{len(bs)} seed(s); poisoned: test {common._fmt(a['before_test_acc'])}%, Z̃ acc "
-                     f"{common._fmt(a['before_affected_acc'])}%; retrained: test {common._fmt(a['gold_test_acc'])}%, "
-                     f"Z̃ acc {common._fmt(a['gold_affected_acc'])}%{bd}; retraining "
-                     f"{common._fmt(a['retrain_s'], 2)} s")
+                     f"{len(bs)} seed(s); poisoned: test {common.fmt(a['before_test_acc'])}%, Z̃ acc "
+                     f"{common.fmt(a['before_affected_acc'])}%; retrained: test {common.fmt(a['gold_test_acc'])}%, "
+                     f"Z̃ acc {common.fmt(a['gold_affected_acc'])}%{bd}; retraining "
+                     f"{common.fmt(a['retrain_s'], 2)} s")
     return "\n".join(lines)
 
 

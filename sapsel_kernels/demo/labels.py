@@ -484,10 +484,10 @@ def _baseline_summary(baselines) -> str:
                                                for m in ("test_acc", "affected_acc", "relearn_steps")])[0]
         lines.append(f"rate {rate:g}: |Z| = {bs[0]['n_affected']} of {bs[0]['n_train']} training points, "
                      f"{bs[0]['n_params']} parameters, {len(bs)} seed(s). "
-                     f"poisoned model: test {common._fmt(agg['before_test_acc'])}%, Z acc "
-                     f"{common._fmt(agg['before_affected_acc'])}%;  retrained (gold): test "
-                     f"{common._fmt(agg['gold_test_acc'])}%, Z acc {common._fmt(agg['gold_affected_acc'])}%, "
-                     f"relearn {common._fmt(agg['gold_relearn_steps'])} steps")
+                     f"poisoned model: test {common.fmt(agg['before_test_acc'])}%, Z acc "
+                     f"{common.fmt(agg['before_affected_acc'])}%;  retrained (gold): test "
+                     f"{common.fmt(agg['gold_test_acc'])}%, Z acc {common.fmt(agg['gold_affected_acc'])}%, "
+                     f"relearn {common.fmt(agg['gold_relearn_steps'])} steps")
     return "\n".join(lines)
 
 

@@ -60,12 +60,12 @@ def load_corpus(max_chars: Optional[int] = None) -> Tuple[str, str]:
         acc += len(p)
     train_text, held_text = "".join(train), "".join(held)
     if max_chars is not None:
-        train_text = _cut(train_text, int(0.9 * max_chars))
-        held_text = _cut(held_text, max(1000, int(0.1 * max_chars)))
+        train_text = cut_text(train_text, int(0.9 * max_chars))
+        held_text = cut_text(held_text, max(1000, int(0.1 * max_chars)))
     return train_text, held_text
 
 
-def _cut(text: str, n: int) -> str:
+def cut_text(text: str, n: int) -> str:
     if len(text) <= n:
         return text
     j = text.rfind("\n", 0, n)

@@ -11,7 +11,7 @@ import triton.language as tl
 # Kernels taking the probe index and the seed halves as plain ints must not let the GPU launcher specialise them:
 # an int argument equal to 1 becomes a constexpr there, and ``.to(tl.uint32)`` on it fails to compile (seed 1 and
 # probe 1 are everyday values). The interpreter never specialises, so only tests/test_triton_gpu_compile.py sees it.
-_SCALAR_KEYS = ["probe", "seed_lo", "seed_hi"]
+SCALAR_KEYS = ["probe", "seed_lo", "seed_hi"]
 
 
 @triton.jit
@@ -59,7 +59,7 @@ def rademacher_block(g0, probe, seed_lo, seed_hi, GROUPS: tl.constexpr):
     return bit.to(tl.float32) * 2.0 - 1.0
 
 
-@triton.jit(do_not_specialize=_SCALAR_KEYS)
+@triton.jit(do_not_specialize=SCALAR_KEYS)
 def _rademacher_kernel(out_ptr, n, offset, probe, seed_lo, seed_hi, GROUPS: tl.constexpr):
     # One program owns GROUPS * 128 consecutive global flat indices starting at a group boundary; int64 offsets.
     pid = tl.program_id(0).to(tl.int64)

@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from ..reference.probes import check_accumulate_args, check_probe_args
-from .philox import _SCALAR_KEYS, rademacher_block
+from .philox import SCALAR_KEYS, rademacher_block
 
 GROUPS = 8  # Philox groups (x128 elements) per program: 1024 elements, 4 KiB of float32 per row of Hz
 
@@ -20,7 +20,7 @@ def _launch_opts(device: torch.device):
     return {} if device.type == "cpu" else {"enable_fp_fusion": False}
 
 
-@triton.jit(do_not_specialize=_SCALAR_KEYS)
+@triton.jit(do_not_specialize=SCALAR_KEYS)
 def _rademacher_probe_kernel(out_ptr, n, offset, probe, seed_lo, seed_hi, GROUPS: tl.constexpr):
     # One program owns GROUPS*128 consecutive global flat indices (aligned to a Philox group) of one probe row.
     # Grid: (cdiv(#groups, GROUPS), m). Output float32; masked outside [offset, offset + n). int64 offsets.
@@ -34,7 +34,7 @@ def _rademacher_probe_kernel(out_ptr, n, offset, probe, seed_lo, seed_hi, GROUPS
     tl.store(out_ptr + j * n + pos, z, mask=mask)
 
 
-@triton.jit(do_not_specialize=_SCALAR_KEYS)
+@triton.jit(do_not_specialize=SCALAR_KEYS)
 def _hutchinson_accumulate_kernel(mean_ptr, m2_ptr, hz_ptr, inv_ptr, n, offset, probe, seed_lo, seed_hi,
                                   M: tl.constexpr, GROUPS: tl.constexpr):
     # One program owns GROUPS*128 consecutive global flat indices (aligned to a Philox group): it loads mean/m2

@@ -40,7 +40,7 @@ def philox4x32_10(c0, c1, c2, c3, k0: int, k1: int):
     return c0, c1, c2, c3
 
 
-def _check_seed_probe(seed: int, probe: int):
+def check_seed_probe(seed: int, probe: int):
     if not (0 <= int(seed) < 2**63):
         raise ValueError(f"seed must be in [0, 2^63), got {seed}")
     if not (0 <= int(probe) < 2**32):
@@ -49,7 +49,7 @@ def _check_seed_probe(seed: int, probe: int):
 
 def rademacher_ref(n: int, offset: int, probe: int, seed: int, *, device=None, dtype=torch.float32) -> torch.Tensor:
     """z for global flat indices [offset, offset + n) of probe ``probe`` under ``seed``; values in {-1, +1}."""
-    _check_seed_probe(seed, probe)
+    check_seed_probe(seed, probe)
     if n < 0 or offset < 0:
         raise ValueError(f"n and offset must be >= 0, got n={n}, offset={offset}")
     if n == 0:

@@ -18,7 +18,7 @@ Numerics contract shared bit for bit by the three paths (reference, ``csrc/probe
 
 import torch
 
-from .philox import _check_seed_probe, rademacher_ref
+from .philox import check_seed_probe, rademacher_ref
 
 HZ_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 MAX_GLOBAL_INDEX = 2**62
@@ -46,7 +46,7 @@ def check_probe_args(like: torch.Tensor, offset: int, probe: int, seed: int, bat
         raise ValueError(f"{name}(batched=True): the tensor needs a leading probe dimension")
     m = like.shape[0] if batched else 1
     _check_range(name, offset, like.numel() // m if m else 0)
-    _check_seed_probe(seed, probe)
+    check_seed_probe(seed, probe)
     if m and probe + m - 1 >= 2**32:
         raise ValueError(f"{name}: probes {probe}..{probe + m - 1} exceed the probe range [0, 2^32)")
 
@@ -80,7 +80,7 @@ def check_accumulate_args(name: str, mean, m2, hz, offset: int, probe: int, seed
     _check_range(name, offset, n)
     if not 0 <= count <= MAX_GLOBAL_INDEX - m:
         raise ValueError(f"{name}: count (samples already accumulated) must be in [0, 2^62 - m), got {count}")
-    _check_seed_probe(seed, probe)
+    check_seed_probe(seed, probe)
     if m and probe + m - 1 >= 2**32:
         raise ValueError(f"{name}: probes {probe}..{probe + m - 1} exceed the probe range [0, 2^32)")
     return m, n

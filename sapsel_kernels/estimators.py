@@ -12,6 +12,7 @@ import logging
 import signal
 import threading
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple
 
 import torch
@@ -21,6 +22,7 @@ from .data import batch_size, slice_batch
 from .errors import NonFiniteError, check_finite
 from .hvp import LossModule, gradient
 from .modes import hf_checkpointing
+from .registry import Registry
 
 log = logging.getLogger("sapsel_kernels.hessian")
 
@@ -544,3 +546,53 @@ def exact(model, loss, batches, space, limit: int, comm: Comm = LOCAL, variance:
         comm.sum_([diag])
     mean = (diag / nb).to(torch.float32)
     return Estimate(mean, torch.zeros_like(mean) if variance else None, 1, {"batches": nb})
+
+
+# ============================================================================================ the registry
+@dataclass(frozen=True)
+class EstimatorSpec:
+    """One estimator of ``hessian_diag`` (``ESTIMATOR_REGISTRY``; docs/layout.md shows how to add one).
+
+    * ``run(model, loss, batches, space, comm, *, variance, progress, exact_max_numel) -> Estimate``: a data-once
+      estimator, which reads the data once and returns the flat float32 mean (and M2 unless ``variance`` is False);
+      None for the sampled ones, which ``probe_loop.run_probe_loop`` runs (probes, seeds, stopping rules,
+      checkpoints);
+    * ``stochastic``: the estimate is a mean over samples (var and stderr are defined; False: they are 0);
+    * ``progress``: it shows a progress bar (``hessian_diag(progress=True)`` is refused otherwise).
+    """
+
+    run: Callable[..., Estimate] | None
+    stochastic: bool = True
+    progress: bool = False
+
+    @property
+    def probed(self) -> bool:
+        return self.run is None
+
+
+ESTIMATOR_REGISTRY = Registry("estimator")
+
+
+def register_estimator(name: str, spec: EstimatorSpec) -> EstimatorSpec:
+    """Add an estimator; ``hessian_diag(..., estimator=name)`` then runs it. ValueError for a name already taken."""
+    if not isinstance(spec, EstimatorSpec):
+        raise TypeError(f"register_estimator: expected an EstimatorSpec, got {type(spec).__name__}")
+    if spec.run is None and name not in ("hutchinson", "gauss_newton"):
+        raise ValueError(f"register_estimator({name!r}): run=None means the probe loop's sampling, which exists "
+                         "for 'hutchinson' and 'gauss_newton' only; give run= (a data-once estimator)")
+    return ESTIMATOR_REGISTRY.register(name, spec)
+
+
+for _name, _spec in (
+        ("hutchinson", EstimatorSpec(None, progress=True)),  # Rademacher probes, HVPs: probe_loop.py
+        ("gauss_newton", EstimatorSpec(None, progress=True)),  # labels sampled from the model: probe_loop.py
+        ("squared_grad", EstimatorSpec(lambda m, lo, b, sp, c, *, variance, progress, exact_max_numel:
+                                       squared_grad(m, lo, b, sp, c, variance=variance))),
+        ("fisher", EstimatorSpec(lambda m, lo, b, sp, c, *, variance, progress, exact_max_numel:
+                                 fisher(m, lo, b, sp, progress, c, variance=variance), progress=True)),
+        ("grad_abs", EstimatorSpec(lambda m, lo, b, sp, c, *, variance, progress, exact_max_numel:
+                                   grad_abs(m, lo, b, sp, c, variance=variance), stochastic=False)),
+        ("exact", EstimatorSpec(lambda m, lo, b, sp, c, *, variance, progress, exact_max_numel:
+                                exact(m, lo, b, sp, exact_max_numel, c, variance=variance), stochastic=False))):
+    register_estimator(_name, _spec)
+del _name, _spec

@@ -29,11 +29,12 @@ import math
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 
+from .registry import Registry
 from .rules import Targeted
 from .secret_spec import occurrences
 from .space import ParamSpace
@@ -806,6 +807,124 @@ MONITOR_REFRESH = 4  # the monitored candidates are re-scored every 4th check (a
 ATTACK_CANDIDATES = 256  # candidates of the reported set that the attacks' exposure is measured on
 
 
+# ============================================================================================ objectives
+@dataclass
+class ObjectiveRequest:
+    """What a forget objective's builder reads: the model, the tokenizer (and its ``codec``), the texts, the located
+    secrets with their nulls and replacements, the windows (``data``; ``zs`` / ``zt``: the Z and Z̃ batches as
+    built, this rank's share under a group), ``seq_len``, ``heldout``, ``seed``, ``vocab``, ``batch_size`` and the
+    objective's options (``decoys``, ``per_token``, ``beta``: the Targeted rule's)."""
+
+    model: Any
+    tokenizer: Any
+    codec: Any
+    texts: Sequence[str]
+    located: List[Any]
+    nulls: List[Any]
+    replacements: List[str]
+    data: Any
+    seq_len: int
+    heldout: Any
+    seed: int
+    vocab: Optional[int]
+    batch_size: int
+    decoys: int
+    per_token: bool
+    beta: float
+    zs: Any
+    zt: Any
+
+
+@dataclass(frozen=True)
+class Objective:
+    """One forget objective (``OBJECTIVE_REGISTRY``; docs/layout.md shows how to add one).
+
+    ``build(req: ObjectiveRequest) -> (forget_loss, zs, zt)``: the Targeted rule's forget term
+    (``forget_loss(model, batch) -> scalar`` on Z's batches; None: its built-in NPO term) and the Z / Z̃ batches it
+    runs on. ``many_secrets``: it takes a list of secrets; ``per_token``, ``decoys``: it reads those options;
+    ``group``: it runs under ``forget(group=)`` (its terms are means that split over the ranks)."""
+
+    build: Callable[[ObjectiveRequest], Tuple[Any, Any, Any]]
+    many_secrets: bool = True
+    per_token: bool = False
+    decoys: bool = False
+    group: bool = False
+
+
+OBJECTIVE_REGISTRY = Registry("forget objective")
+
+
+def register_objective(name: str, objective: Objective) -> Objective:
+    """Add a forget objective; ``forget(..., objective=name)`` then runs it. ValueError for a name already taken."""
+    if not isinstance(objective, Objective):
+        raise TypeError(f"register_objective: expected a sapsel_kernels.forget.Objective, got "
+                        f"{type(objective).__name__}")
+    return OBJECTIVE_REGISTRY.register(name, objective)
+
+
+def _npo(req: ObjectiveRequest):
+    """The Targeted rule's NPO term (None: built in), or with ``per_token`` its per-token variant."""
+    if req.per_token:
+        return per_token_npo(req.beta), _with_reference(req.model, req.zs), req.zt
+    return None, req.zs, req.zt
+
+
+def _calibrated(req: ObjectiveRequest):
+    from .decoys import kind_of, plausible
+    from .exposure import random_candidates
+
+    located, nulls, seed = req.located, req.nulls, req.seed
+    all_secrets = [loc.secret for loc in located]
+
+    def sampler(i):
+        loc, nl = located[i], nulls[i]
+        taken = [*all_secrets, *nl.report, *nl.monitor, *nl.never_seen]
+
+        kind = kind_of(loc.secret)  # the user's decoys are reserved for measurement: draw of the kind
+
+        def draw(n, call):
+            sd = stream_seed(seed, "objective", i * 1_000_003 + call)
+            if kind == "format":
+                return random_candidates(n, loc.fmt, seed=sd, exclude=taken)
+            return plausible(loc.secret, n, seed=sd, exclude=taken, kind=kind)
+        return draw
+
+    loss = calibrated_push(req.codec, [(loc.prompts[0], loc.secret) for loc in located],
+                           [sampler(i) for i in range(len(located))])
+    return loss, req.zs, req.zt
+
+
+def _uniform(req: ObjectiveRequest):
+    from .exposure import random_candidates
+
+    if req.vocab is None:
+        raise ValueError("objective='uniform' needs the model's vocabulary size (no input embedding found)")
+    loc, nulls, data, seed = req.located[0], req.nulls, req.data, req.seed
+    loss = format_uniform(req.codec, loc.fmt, req.vocab)
+    zs, zt = req.zs, req.zt
+    if req.decoys:
+        zx, zy = [data.affected_secret[0]], [data.affected_secret[1]]
+        taken = [loc.secret, req.replacements[0], *nulls[0].report, *nulls[0].monitor, *nulls[0].never_seen]
+        for d in random_candidates(req.decoys, loc.fmt, seed=70_000 + seed, exclude=taken):
+            dd = build_forget_data(req.tokenizer, [t.replace(loc.secret, d) for t in req.texts], d,
+                                   req.replacements[0], seq_len=req.seq_len, heldout=req.heldout, seed=seed)
+            zx.append(dd.affected_secret[0])
+            zy.append(dd.affected_secret[1])
+        zx, zy = torch.cat(zx), torch.cat(zy)
+        order = torch.randperm(len(zx), generator=torch.Generator().manual_seed(seed))
+        zs = _batches((zx[order], zy[order]), req.batch_size)
+        # Z̃ as many points as Z (unlearn pairs them): the corrected windows, repeated
+        reps = -(-len(zx) // len(data.corrected[0]))
+        cx, cy = (t.repeat(reps, 1)[:len(zx)] for t in data.corrected)
+        zt = _batches((cx[order], cy[order]), req.batch_size)
+    return loss, zs, zt
+
+
+register_objective("npo", Objective(_npo, per_token=True, group=True))
+register_objective("uniform", Objective(_uniform, many_secrets=False, decoys=True))
+register_objective("calibrated", Objective(_calibrated))
+
+
 def forget(model, tokenizer, texts, secret, prefix: Optional[str] = None, replacement: Optional[str] = None, *,
            fmt: Optional[str] = None, strategy: str = "ssd", budget: Union[int, float] = 0.01,
            max_ppl_increase: float = 0.05, target_exposure: float = 2.0, heldout: Union[float, Sequence[str]] = 0.1,
@@ -921,15 +1040,17 @@ def forget(model, tokenizer, texts, secret, prefix: Optional[str] = None, replac
             raise ValueError("with a list of secrets, give prefix, format and replacement per secret (dicts or "
                              "SecretSpec), not as arguments")
         specs = as_specs(secret)
-    if objective not in ("npo", "uniform", "calibrated"):
-        raise ValueError(f"objective must be 'npo', 'uniform' or 'calibrated', got {objective!r}")
-    if objective != "npo" and per_token:
-        raise ValueError("per_token applies to objective='npo' only")
-    if objective == "uniform" and len(specs) > 1:
-        raise ValueError("objective='uniform' takes one secret per run")
+    if objective not in OBJECTIVE_REGISTRY:
+        raise ValueError(f"objective must be one of {OBJECTIVE_REGISTRY.names()}, got {objective!r}")
+    obj = OBJECTIVE_REGISTRY[objective]
+    if per_token and not obj.per_token:
+        ones = " / ".join(repr(n) for n in OBJECTIVE_REGISTRY if OBJECTIVE_REGISTRY[n].per_token)
+        raise ValueError(f"per_token applies to objective={ones} only, not {objective!r}")
+    if not obj.many_secrets and len(specs) > 1:
+        raise ValueError(f"objective={objective!r} takes one secret per run")
     if isinstance(decoys, bool) or not isinstance(decoys, int) or decoys < 0:
         raise ValueError(f"decoys must be an int >= 0, got {decoys!r}")
-    if decoys and objective != "uniform":
+    if decoys and not obj.decoys:
         raise ValueError("decoys applies to objective='uniform' only (descent on decoys would teach them)")
     if retain_loss not in ("ce", "kl"):
         raise ValueError(f"retain_loss must be 'ce' or 'kl', got {retain_loss!r}")
@@ -956,7 +1077,7 @@ def forget(model, tokenizer, texts, secret, prefix: Optional[str] = None, replac
     check_strategy(strategy)
     budget_k(budget, sum(p.numel() for p in model.parameters() if p.requires_grad))
     if group is not None:
-        if objective != "npo" or per_token or retain_loss != "ce":
+        if not obj.group or per_token or retain_loss != "ce":
             raise ValueError("forget(group=) supports objective='npo' without per_token and retain_loss='ce' only "
                              f"(got objective={objective!r}, per_token={per_token!r}, retain_loss={retain_loss!r})")
         if isinstance(model, torch.nn.parallel.DistributedDataParallel):
@@ -1155,45 +1276,13 @@ def forget(model, tokenizer, texts, secret, prefix: Optional[str] = None, replac
 
         zs = shard_batches(_batches(data.affected_secret, batch_size), comm, "affected")
         over = {"monitor": monitor, "retain": retain}
-        if per_token:
-            over["forget_loss"] = per_token_npo(cfg.beta)
-            zs = _with_reference(model, zs)
-        elif objective == "calibrated":
-            def sampler(i):
-                loc, nl = located[i], nulls[i]
-                taken = [*all_secrets, *nl.report, *nl.monitor, *nl.never_seen]
-
-                kind = kind_of(loc.secret)  # the user's decoys are reserved for measurement: draw of the kind
-
-                def draw(n, call):
-                    sd = stream_seed(seed, "objective", i * 1_000_003 + call)
-                    if kind == "format":
-                        return random_candidates(n, loc.fmt, seed=sd, exclude=taken)
-                    return plausible(loc.secret, n, seed=sd, exclude=taken, kind=kind)
-                return draw
-
-            over["forget_loss"] = calibrated_push(codec, [(loc.prompts[0], loc.secret) for loc in located],
-                                                  [sampler(i) for i in range(len(located))])
-        elif objective == "uniform":
-            if vocab is None:
-                raise ValueError("objective='uniform' needs the model's vocabulary size (no input embedding found)")
-            loc = located[0]
-            over["forget_loss"] = format_uniform(codec, loc.fmt, vocab)
-            if decoys:
-                zx, zy = [data.affected_secret[0]], [data.affected_secret[1]]
-                taken = [loc.secret, replacements[0], *nulls[0].report, *nulls[0].monitor, *nulls[0].never_seen]
-                for d in random_candidates(decoys, loc.fmt, seed=70_000 + seed, exclude=taken):
-                    dd = build_forget_data(tokenizer, [t.replace(loc.secret, d) for t in texts], d, replacements[0],
-                                           seq_len=T, heldout=heldout, seed=seed)
-                    zx.append(dd.affected_secret[0])
-                    zy.append(dd.affected_secret[1])
-                zx, zy = torch.cat(zx), torch.cat(zy)
-                order = torch.randperm(len(zx), generator=torch.Generator().manual_seed(seed))
-                zs = _batches((zx[order], zy[order]), batch_size)
-                # Z̃ as many points as Z (unlearn pairs them): the corrected windows, repeated
-                reps = -(-len(zx) // len(data.corrected[0]))
-                cx, cy = (t.repeat(reps, 1)[:len(zx)] for t in data.corrected)
-                zt = _batches((cx[order], cy[order]), batch_size)
+        req = ObjectiveRequest(model=model, tokenizer=tokenizer, codec=codec, texts=texts, located=located,
+                               nulls=nulls, replacements=replacements, data=data, seq_len=T, heldout=heldout,
+                               seed=seed, vocab=vocab, batch_size=batch_size, decoys=decoys, per_token=per_token,
+                               beta=cfg.beta, zs=zs, zt=zt)
+        forget_loss, zs, zt = obj.build(req)
+        if forget_loss is not None:
+            over["forget_loss"] = forget_loss
         if retain_loss == "kl" and retain is not None:
             over["retain"] = _with_reference_logp(model, retain)
             over["retain_loss"] = kl_to_reference

@@ -40,6 +40,7 @@ import hashlib
 import math
 import os
 import time
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,7 +48,7 @@ import torch
 import torch.distributed as dist
 
 from .data import as_batches, make_loss
-from .estimators import LOCAL, Comm, exact, fisher, grad_abs, squared_grad
+from .estimators import ESTIMATOR_REGISTRY, LOCAL, Comm
 from .hvp import MODES, REENTRANT_FIX, CheckpointingError, auto_hvp_order  # noqa: F401  (API of this module)
 from .modes import estimation_mode, hf_checkpointing, is_reentrant  # noqa: F401  (API of this module)
 from .probe_loop import plan_probes, run_probe_loop
@@ -56,10 +57,14 @@ from .space import ParamSpace
 __all__ = ["hessian_diag", "DiagEstimate", "ProbeConfig", "StopRule", "Checkpoint", "estimation_mode",
            "auto_hvp_order", "ESTIMATORS", "CheckpointingError"]
 
-ESTIMATORS = ("hutchinson", "gauss_newton", "squared_grad", "fisher", "grad_abs", "exact")
+# the built-in estimators, in registration order (estimators.ESTIMATOR_REGISTRY holds any added later)
+ESTIMATORS = ESTIMATOR_REGISTRY.names()
 HVP_MODES = ("auto",) + MODES
-_PROBED = ("hutchinson", "gauss_newton")  # the estimators run by the probe loop
-_STOCHASTIC = ("hutchinson", "gauss_newton", "fisher", "squared_grad")  # a mean over samples: var/stderr defined
+
+
+def _probed(estimator: str) -> bool:
+    """Run by the probe loop (probes, seeds, stopping rules, checkpoints)."""
+    return estimator in ESTIMATOR_REGISTRY and ESTIMATOR_REGISTRY[estimator].probed
 # the defaults of hessian_diag; another value for an estimator that does not use it is refused
 _DEFAULT_N_PROBES, _DEFAULT_SEED, _DEFAULT_EXACT_MAX = 32, 0, 4096
 
@@ -107,23 +112,26 @@ class ProbeConfig:
       to float rounding either way.
     * ``memory_cap_bytes``: bytes the default ``per_pass`` may spend on per-probe buffers.
     * ``variance`` (every estimator: the one field the data-once estimators "grad_abs", "squared_grad", "fisher"
-      and "exact" read; the others raise there): keep the second Welford accumulator M2 (True, the default:
-      ``est.var``, ``est.stderr``, the ``rtol`` stopping rule and checkpoints need it) or the running mean alone
-      (False: N float32 less at the peak, the loop users write keeps no more; ``est.m2`` is None and var / stderr
-      raise). The mean's bits are the same either way. False refuses a stopping rule and a checkpoint.
+      and "exact" read; the others raise there): keep the second Welford accumulator M2 (True: ``est.var``,
+      ``est.stderr``, the ``rtol`` stopping rule and checkpoints need it) or the running mean alone (False: N float32
+      less at the peak, the loop users write keeps no more; ``est.m2`` is None and var / stderr raise). None (the
+      default): True, except for a probed estimator ("hutchinson", "gauss_newton") whose budget is ONE sample
+      without a stopping rule or a checkpoint, where M2 would stay 0 and var is NaN anyway: there the mean alone
+      (``var`` / ``stderr`` stay NaN, as with M2). The mean's bits are the same either way. False refuses a stopping
+      rule and a checkpoint.
     """
 
     per_pass: int | None = None
     vectorize: bool | None = None
     memory_cap_bytes: int = 1 << 30
-    variance: bool = True
+    variance: bool | None = None
 
     def __post_init__(self):
         _int_field("ProbeConfig", "per_pass", self.per_pass, 1)
         if not isinstance(self.vectorize, (bool, type(None))):
             raise TypeError(f"ProbeConfig.vectorize must be None, True or False, got {self.vectorize!r}")
-        if not isinstance(self.variance, bool):
-            raise TypeError(f"ProbeConfig.variance must be True or False, got {self.variance!r}")
+        if not isinstance(self.variance, (bool, type(None))):
+            raise TypeError(f"ProbeConfig.variance must be None, True or False, got {self.variance!r}")
         _int_field("ProbeConfig", "memory_cap_bytes", self.memory_cap_bytes, 1, none_ok=False)
 
 
@@ -230,17 +238,17 @@ class DiagEstimate:
 
     @property
     def deterministic(self) -> bool:
-        return self.estimator not in _STOCHASTIC
+        return self.estimator in ESTIMATOR_REGISTRY and not ESTIMATOR_REGISTRY[self.estimator].stochastic
 
     @property
     def var(self) -> torch.Tensor:
         if self.deterministic:
             return torch.zeros_like(self.mean)
+        if self.n_probes < 2:  # undefined with one sample, M2 kept or not
+            return torch.full_like(self.mean, float("nan"))
         if self.m2 is None:
             raise ValueError("this estimate kept no variance (hessian_diag(..., probes=ProbeConfig(variance=False))): "
                              "var and stderr are not available; estimate with variance=True for them")
-        if self.n_probes < 2:
-            return torch.full_like(self.mean, float("nan"))
         return self.m2 / (self.n_probes - 1)
 
     @property
@@ -294,7 +302,7 @@ class DiagEstimate:
         mean, m2 = d.get("mean"), d.get("m2")
         if not (isinstance(mean, torch.Tensor) and (m2 is None or isinstance(m2, torch.Tensor)) and mean.dim() == 1
                 and (m2 is None or m2.shape == mean.shape) and _is_int(d.get("n_probes"))
-                and d.get("estimator") in ESTIMATORS):
+                and d.get("estimator") in ESTIMATOR_REGISTRY):
             raise ValueError(f"{path}: corrupt DiagEstimate file")
         estimator = d["estimator"]
         if fmt == "sapsel.DiagEstimate/1" and estimator == "fisher":
@@ -353,10 +361,10 @@ def _check_checkpointing(model: torch.nn.Module, estimator: str, hvp: str) -> in
 def _check_arguments(estimator, n_probes, seed, hvp, probes, stop, checkpoint, progress, output_fn,
                      exact_max_numel) -> None:
     """Types and ranges, then the applicability rules (an argument the estimator would ignore is an error)."""
-    if estimator not in ESTIMATORS:
+    if estimator not in ESTIMATOR_REGISTRY:
         hint = " (n_probes is keyword-only: hessian_diag(model, loss_fn, data, n_probes=...))" \
             if _is_int(estimator) else ""
-        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}{hint}")
+        raise ValueError(f"estimator must be one of {ESTIMATOR_REGISTRY.names()}, got {estimator!r}{hint}")
     if hvp not in HVP_MODES:
         raise ValueError(f"hvp must be one of {HVP_MODES}, got {hvp!r}")
     if not _is_int(n_probes) or n_probes < 1:
@@ -377,7 +385,7 @@ def _check_arguments(estimator, n_probes, seed, hvp, probes, stop, checkpoint, p
     def refuse(what: str, applies_to: str):
         raise ValueError(f"{what} does not apply to estimator={estimator!r} (only to {applies_to})")
 
-    probed = estimator in _PROBED
+    probed = _probed(estimator)
     if not probed:
         for name, v in (("stop", stop), ("checkpoint", checkpoint)):
             if v is not None:
@@ -399,14 +407,23 @@ def _check_arguments(estimator, n_probes, seed, hvp, probes, stop, checkpoint, p
             refuse("ProbeConfig.vectorize", "'hutchinson' (gauss_newton computes no HVP)")
     elif output_fn is not None:
         refuse("output_fn", "'gauss_newton'")
-    if progress and estimator not in (*_PROBED, "fisher"):
+    if progress and not ESTIMATOR_REGISTRY[estimator].progress:
         refuse("progress=True", "'hutchinson', 'gauss_newton' and 'fisher'")
     if exact_max_numel != _DEFAULT_EXACT_MAX and estimator != "exact":
         refuse("exact_max_numel", "'exact'")
-    if probes is not None and not probes.variance:
+    if probes is not None and probes.variance is False:
         for name, v in (("a stopping rule (stop=)", stop), ("checkpoint=", checkpoint)):
             if v is not None:
                 raise ValueError(f"ProbeConfig(variance=False) keeps no M2, which {name} needs; drop one of them")
+
+
+def resolve_variance(probes: ProbeConfig, estimator: str, n_probes: int, stop, checkpoint) -> ProbeConfig:
+    """``probes`` with ``variance`` decided (see :class:`ProbeConfig`): None -> False for a probed estimator with a
+    one-sample budget and neither a stopping rule nor a checkpoint, else True."""
+    if probes.variance is not None:
+        return probes
+    lean = _probed(estimator) and n_probes == 1 and stop is None and checkpoint is None
+    return dataclasses.replace(probes, variance=not lean)
 
 
 def comm_for(group) -> Comm:
@@ -506,7 +523,7 @@ def _descriptor(estimator, n_probes, seed, hvp, probes, stop, checkpoint, output
         "checkpoint (every, resume)": None if checkpoint is None else (checkpoint.every, checkpoint.resume),
         "output_fn given": output_fn is not None, "exact_max_numel": exact_max_numel,
     }
-    if estimator in _PROBED:
+    if _probed(estimator):
         desc["resolved (max_probes, per_pass, min_probes, stable_k)"] = plan_probes(
             space, n_probes, probes if probes is not None else ProbeConfig(), stop, estimator, False, checkpoint)
     nb = None
@@ -719,7 +736,7 @@ def hessian_diag(model: torch.nn.Module, loss_fn, data, estimator: str = "hutchi
         inner, sp = unwrap_model(model, space)
         n_ckpt = _check_checkpointing(inner, estimator, hvp)
         loss = make_loss(loss_fn)
-        batches = as_batches(data, passes="many" if estimator in _PROBED else "once")
+        batches = as_batches(data, passes="many" if _probed(estimator) else "once")
         desc = _descriptor(estimator, n_probes, seed, hvp, probes, stop, checkpoint, output_fn, exact_max_numel, sp,
                            inner, batches) if comm.active else None
         return (inner, sp, loss, batches, n_ckpt), desc
@@ -735,27 +752,21 @@ def hessian_diag(model: torch.nn.Module, loss_fn, data, estimator: str = "hutchi
             batch0 = sum(d["batches"] for d in descs[:comm.rank])
         if comm.rank != 0:
             progress = False  # one progress bar per group
-    variance = probes.variance if probes is not None else True
+    probes = resolve_variance(probes if probes is not None else ProbeConfig(), estimator, n_probes, stop, checkpoint)
+    variance = probes.variance
     with estimation_mode(model):
-        if estimator in _PROBED:
+        spec = ESTIMATOR_REGISTRY[estimator]
+        if spec.probed:
             est = run_probe_loop(inner, loss, batches, space, estimator, n_probes=n_probes, seed=seed, hvp=hvp_run,
-                                 probes=probes if probes is not None else ProbeConfig(), stop=stop,
+                                 probes=probes, stop=stop,
                                  checkpoint=checkpoint, progress=progress, output_fn=output_fn, comm=comm,
                                  batch0=batch0)
-        elif estimator == "grad_abs":
-            est = grad_abs(inner, loss, batches, space, comm, variance=variance)
-        elif estimator == "squared_grad":
-            est = squared_grad(inner, loss, batches, space, comm, variance=variance)
-        elif estimator == "fisher":
-            est = fisher(inner, loss, batches, space, progress, comm, variance=variance)
-        elif estimator == "exact":
-            est = exact(inner, loss, batches, space, exact_max_numel, comm, variance=variance)
-        else:  # a name added to ESTIMATORS without its branch here: never fall through to another estimator
-            raise NotImplementedError(f"hessian_diag: estimator {estimator!r} is listed in ESTIMATORS but has no "
-                                      "implementation in hessian_diag")
+        else:
+            est = spec.run(inner, loss, batches, space, comm, variance=variance, progress=progress,
+                           exact_max_numel=exact_max_numel)
     if comm.active:
         est.info["world_size"] = comm.world
     if n_ckpt:
         est.info["checkpointed_layers"] = n_ckpt
     est.info["seconds"] = time.perf_counter() - t0
-    return DiagEstimate(est.mean, est.m2, est.count, space, estimator, seed if estimator in _PROBED else 0, est.info)
+    return DiagEstimate(est.mean, est.m2, est.count, space, estimator, seed if _probed(estimator) else 0, est.info)

@@ -398,10 +398,16 @@ def _resume_all(comm: Comm, path, expect: dict, hvp: str, acc: Welford, stopper:
     return mode, history, bool(found)
 
 
+# the estimators this loop samples (hutchinson: Rademacher probes and HVPs; gauss_newton: labels from the model)
+SAMPLED = ("hutchinson", "gauss_newton")
+
+
 def _pass_fn(estimator, engine, model, output_fn, batches, space, seed, per_pass, acc, comm: Comm, batch0: int):
     """``one_pass(p0, m)``: draw samples p0 .. p0 + m - 1 on this rank's batches, check them, agree with the other
     ranks, sum them over the ranks, divide by the global batch count and fold them into ``acc`` with Ctrl-C held."""
     suffix = "the accumulators were not updated (is the loss finite at these parameters?)"
+    if estimator not in SAMPLED:  # never fall through to another estimator's sampling
+        raise NotImplementedError(f"the probe loop samples {SAMPLED}, not {estimator!r}")
     if estimator == "hutchinson":
         dt = space.dtypes[0] if all(d == space.dtypes[0] for d in space.dtypes) else torch.float32
         zbuf = torch.empty(per_pass, space.numel, dtype=dt, device=space.device)  # +-1: exact in any float dtype

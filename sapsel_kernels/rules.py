@@ -32,12 +32,14 @@ import torch
 
 from .data import Loss, as_batches, batch_size
 from .errors import NonFiniteError, check_finite
+from .registry import Registry
 from .selection import Selection
 from .solver import steihaug_cg
 from .space import ParamSpace, index_copy_flat
 
 __all__ = ["FirstOrder", "SecondOrder", "DiagNewton", "SAMFinetune", "GradientAscent", "Targeted", "METHODS",
-           "TRAIN_METHODS", "as_method", "Coords", "Problem", "summed_gradient", "count_batches", "norm_float64"]
+           "TRAIN_METHODS", "RULE_REGISTRY", "register_rule", "as_method", "Coords", "Problem", "summed_gradient",
+           "count_batches", "norm_float64"]
 
 METHODS = ("first_order", "second_order", "diag_newton", "sam_finetune", "gradient_ascent", "targeted")
 TRAIN_METHODS = ("second_order", "diag_newton")  # the methods that read unlearn's train_data / n_train
@@ -958,8 +960,23 @@ class Targeted(_Rule):
         prob.info["steps_accepted"] = position
 
 
-_CONFIGS = {c.name: c for c in (FirstOrder, SecondOrder, DiagNewton, SAMFinetune, GradientAscent, Targeted)}
-assert tuple(_CONFIGS) == METHODS
+RULE_REGISTRY = Registry("unlearning method")
+
+
+def register_rule(cls: type) -> type:
+    """Add a method config class (a frozen dataclass subclassing the rules' base, with a ``name`` and a ``delta`` or
+    ``run``; docs/layout.md): ``unlearn(..., method=cls.name)`` and ``as_method(cls.name)`` then build it. Usable as a
+    class decorator. ValueError for a name already taken."""
+    if not (isinstance(cls, type) and issubclass(cls, _Rule) and cls.name):
+        raise TypeError(f"register_rule: expected a method config class with a name, got {cls!r}")
+    RULE_REGISTRY.register(cls.name, cls)
+    return cls
+
+
+for _cls in (FirstOrder, SecondOrder, DiagNewton, SAMFinetune, GradientAscent, Targeted):
+    register_rule(_cls)
+del _cls
+assert RULE_REGISTRY.names() == METHODS
 
 
 def as_method(method, **overrides) -> _Rule:
@@ -967,9 +984,9 @@ def as_method(method, **overrides) -> _Rule:
     (its config with defaults, or with ``overrides``). Unknown names raise ValueError, other types TypeError, a field
     the method does not have TypeError."""
     if isinstance(method, str):
-        cls = _CONFIGS.get(method)
-        if cls is None:
-            raise ValueError(f"unknown unlearning method {method!r}; choose one of {METHODS}")
+        if method not in RULE_REGISTRY:
+            raise ValueError(f"unknown unlearning method {method!r}; choose one of {RULE_REGISTRY.names()}")
+        cls = RULE_REGISTRY[method]
         return cls(**overrides)
     if isinstance(method, _Rule):
         if not overrides:
@@ -979,5 +996,5 @@ def as_method(method, **overrides) -> _Rule:
         return cls(**{**kw, **overrides})
     if isinstance(method, type) and issubclass(method, _Rule):
         raise TypeError(f"method must be a config instance such as {method.__name__}() or a name, got the class")
-    raise TypeError(f"method must be a method config (FirstOrder(...), ...) or one of {METHODS}, "
+    raise TypeError(f"method must be a method config (FirstOrder(...), ...) or one of {RULE_REGISTRY.names()}, "
                     f"got {type(method).__name__}")

@@ -22,24 +22,21 @@ without an estimate.
 
 import numbers
 import time
-from typing import Any, Dict, Optional, Tuple, Union
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import torch
 
 from .data import as_batches, batch_size, make_loss, n_points, slice_batch
 from .errors import check_finite
+from .registry import Registry
 from .rules import summed_gradient
 from .selection import Selection, as_selection, resolve_k, select
 from .space import ParamSpace
 
-__all__ = ["STRATEGIES", "HESSIAN_STRATEGIES", "CONTEXT", "parameter_scores", "select_parameters", "last_layer_indices",
-           "strategy_arguments"]
+__all__ = ["STRATEGIES", "HESSIAN_STRATEGIES", "CONTEXT", "STRATEGY_REGISTRY", "Strategy", "register_strategy",
+           "parameter_scores", "select_parameters", "last_layer_indices", "strategy_arguments"]
 
-STRATEGIES = ("hessian", "hessian_smallest", "hessian_affected", "hessian_corrected", "hessian_ratio", "all",
-              "last_layer", "random", "grad_abs", "ssd", "hessian_flat")
-# the strategies that rank by a hessian_diag estimate (and accept its keyword arguments)
-HESSIAN_STRATEGIES = ("hessian", "hessian_smallest", "last_layer", "hessian_affected", "hessian_corrected",
-                      "hessian_ratio", "hessian_flat")
 # hessian_ratio's floor on the training-loss diagonal, relative to its positive mean (module docstring)
 RATIO_FLOOR = 1e-2
 
@@ -76,46 +73,34 @@ def _passed(**args) -> Dict[str, Any]:
 CONTEXT = ("loss_fn", "data", "affected", "corrected", "seed", "group")
 # What parameter_scores reads per strategy ("hessian_kw": hessian_diag's extra keyword arguments).
 _ESTIMATE = ("loss_fn", "seed", "n_probes", "estimator", "hessian_kw", "group")
-_SCORE_ARGS: Dict[str, Tuple[str, ...]] = {
-    "hessian": ("data",) + _ESTIMATE, "hessian_smallest": ("data",) + _ESTIMATE, "last_layer": ("data",) + _ESTIMATE,
-    "hessian_affected": ("affected",) + _ESTIMATE, "hessian_corrected": ("corrected",) + _ESTIMATE,
-    "hessian_ratio": ("affected", "data") + _ESTIMATE, "hessian_flat": ("affected", "data") + _ESTIMATE,
-    "grad_abs": ("loss_fn", "affected", "group"),
-    "ssd": ("loss_fn", "affected", "data", "fisher_points", "seed", "group"),
-    "all": (), "random": (),
-}
-
-
 def strategy_arguments(strategy: str, *, scores: bool = False) -> Tuple[str, ...]:
     """The keyword arguments of :func:`select_parameters` that ``strategy`` reads (besides ``budget`` and ``space``,
     which every strategy reads), with ``scores=True`` when a precomputed score vector is passed. Any other one is a
     ValueError there. ``parameter_scores`` reads the same minus ``scores`` / ``last_layer_prefix`` (and ``seed``
     for ``random``), plus hessian_diag's keyword arguments for the hessian strategies."""
-    check_strategy(strategy)
-    if strategy == "all":
-        return ()
-    if strategy == "random":
-        return ("seed",)
-    own = ("scores",) + (("last_layer_prefix",) if strategy == "last_layer" else ())
-    return own if scores else own + tuple(a for a in _SCORE_ARGS[strategy] if a != "hessian_kw")
+    entry = STRATEGY_REGISTRY[strategy]
+    if entry.score is None:
+        return entry.select_reads
+    own = ("scores",) + entry.select_reads
+    return own if scores else own + tuple(a for a in entry.reads if a != "hessian_kw")
 
 
 def _check_passed(fn: str, strategy: str, passed: Dict[str, Any], reads: Tuple[str, ...], scores: bool) -> None:
     for name in passed:
         if name in reads or name in CONTEXT:  # the request's context: accepted by every strategy
             continue
-        if scores and name in _SCORE_ARGS[strategy]:
+        if scores and name in STRATEGY_REGISTRY[strategy].reads:
             raise ValueError(f"{fn}: {name} does not apply when scores= is given (no estimate is made)")
-        users = [s for s in STRATEGIES if name in _SCORE_ARGS[s] or name in strategy_arguments(s)]
+        users = [s for s in STRATEGY_REGISTRY if name in STRATEGY_REGISTRY[s].reads or name in strategy_arguments(s)]
         label = "hessian_diag keyword arguments" if name == "hessian_kw" else name
         raise ValueError(f"{fn}: {label} does not apply to strategy {strategy!r}; it is read by "
                          f"{', '.join(map(repr, users))}")
 
 
 def check_strategy(strategy) -> None:
-    if strategy not in STRATEGIES:
+    if strategy not in STRATEGY_REGISTRY:
         hint = " ('fisher' is now called 'ssd')" if strategy == "fisher" else ""
-        raise ValueError(f"unknown selection strategy {strategy!r}{hint}; choose one of {STRATEGIES}")
+        raise ValueError(f"unknown selection strategy {strategy!r}{hint}; choose one of {STRATEGY_REGISTRY.names()}")
 
 
 def _output_head(model, space: ParamSpace) -> Optional[torch.Tensor]:
@@ -218,11 +203,12 @@ def parameter_scores(model, strategy: str, *, loss_fn=_Default(None), data=None,
     and one backward's gradients).
     """
     check_strategy(strategy)
+    entry = STRATEGY_REGISTRY[strategy]
     passed = _passed(loss_fn=loss_fn, seed=seed, n_probes=n_probes, estimator=estimator, fisher_points=fisher_points,
                      data=data, affected=affected, corrected=corrected, group=group)
     if hessian_kw:
         passed["hessian_kw"] = hessian_kw
-    _check_passed("parameter_scores", strategy, passed, _SCORE_ARGS[strategy], scores=False)
+    _check_passed("parameter_scores", strategy, passed, entry.reads, scores=False)
     loss_fn, seed, estimator, fisher_points = _value(loss_fn), _value(seed), _value(estimator), _value(fisher_points)
     space = space or ParamSpace(model)
     space.check_belongs_to(model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model,
@@ -236,61 +222,18 @@ def parameter_scores(model, strategy: str, *, loss_fn=_Default(None), data=None,
                                   "space=est.space, group=...), which keep the scores sharded")
     t0 = time.perf_counter()
     cost = {"n_gradients": 0, "n_hvps": 0}
-    group_points = 0  # gradients already counted over the group (added after the per-rank counts are summed)
-    if strategy in ("all", "random"):
+    if entry.score is None:
         cost["wall_time_s"] = time.perf_counter() - t0
         return None, cost
-
-    def need(x, what):
-        if x is None:
-            raise ValueError(f"strategy {strategy!r} needs {what}")
-        return as_batches(x, passes="many", what=what)
-
     from . import hessian
 
-    loss = make_loss(loss_fn)
-    if strategy in HESSIAN_STRATEGIES:
-        src = {"hessian_affected": [(affected, "affected")], "hessian_corrected": [(corrected, "corrected")],
-               "hessian_ratio": [(affected, "affected"), (data, "data (the training data)")]}.get(
-            strategy, [(data, "data (the training data)")])
-        sources = [need(*x) for x in src]  # every input checked before the first estimate
-        touched_by = need(affected, "affected") if strategy == "hessian_flat" else None
-        kw = {name: passed[name] for name in ("n_probes", "seed", "group") if name in passed}
-        diags = []
-        for batches in sources:
-            est = hessian.hessian_diag(model, loss, batches, estimator=estimator, space=space, **kw, **hessian_kw)
-            diags.append(est.mean.reshape(-1).to(torch.float32))
-            if estimator in ("hutchinson", "gauss_newton"):
-                cost["n_hvps"] += int(getattr(est, "n_probes", _value(n_probes))) * n_points(batches)
-            else:
-                cost["n_gradients"] += n_points(batches)
-            del est
-        if strategy == "hessian_ratio":
-            hz, hd = diags
-            floor = RATIO_FLOOR * float(hd.clamp(min=0).mean()) + torch.finfo(hd.dtype).tiny
-            scores = hz.clamp_(min=0).div_(hd.clamp_(min=floor))
-        elif strategy == "hessian_flat":
-            flat = diags[0].abs_()
-            g, group_points = _mean_gradient(model, space, loss, touched_by, group, strategy)
-            below = -(2.0 * float(flat.max()) + 1.0) if flat.numel() else -1.0  # under every touched coordinate
-            scores = torch.where(g.to(flat.device) != 0, flat.neg(), torch.full_like(flat, below))
-            del g, flat
-        else:
-            (scores,) = diags
-    elif strategy == "grad_abs":
-        g, group_points = _mean_gradient(model, space, loss, need(affected, "affected"), group, strategy)
-        scores = g.abs_()
-    elif strategy == "ssd":
-        bz = need(affected, "affected")
-        bd = need(data, "data (the training data)")
-        bd, nd = _subsample_points(bd, fisher_points, seed)
-        fz = hessian.hessian_diag(model, loss, bz, estimator="fisher", space=space, group=group).mean.reshape(-1)
-        fd = hessian.hessian_diag(model, loss, bd, estimator="fisher", space=space, group=group).mean.reshape(-1)
-        scores = (fz / (fd + 1e-12 * float(fd.mean()) + torch.finfo(fd.dtype).tiny)).to(torch.float32)
-        cost["n_gradients"] = n_points(bz) + nd
-    else:  # a name added to STRATEGIES without its branch here: never fall through to another strategy
-        raise NotImplementedError(f"parameter_scores: strategy {strategy!r} is listed in STRATEGIES but has no "
-                                  "implementation")
+    ctx = ScoreContext(strategy=strategy, model=model, space=space, loss=make_loss(loss_fn), data=data,
+                       affected=affected, corrected=corrected, group=group, estimator=estimator, seed=seed,
+                       n_probes=_value(n_probes), fisher_points=fisher_points, hessian_kw=hessian_kw,
+                       estimate_kw={name: passed[name] for name in ("n_probes", "seed", "group") if name in passed},
+                       cost=cost)
+    # group_points: gradients already counted over the group (added after the per-rank counts are summed)
+    scores, group_points = entry.score(ctx)
     if group is not None:  # the group's cost
         comm = hessian.comm_for(group)
         comm.device = space.device
@@ -394,23 +337,200 @@ def select_parameters(model, strategy: str = "hessian", budget: Union[int, float
     space.check_belongs_to(model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model,
                            "select_parameters / parameter_scores")
     k = budget_k(budget, space.numel)
-    if strategy == "all":
-        return as_selection(torch.arange(space.numel, device=space.device), space)
-    if strategy == "random":
-        g = torch.Generator().manual_seed(int(_value(seed)))
-        return as_selection(torch.randperm(space.numel, generator=g)[:k].to(space.device), space)
-    ll = None
-    if strategy == "last_layer":
-        ll = last_layer_indices(space, last_layer_prefix, model=model)
-        if k >= ll.numel():
-            return as_selection(ll, space)
-    if scores is None:
-        scores, _ = parameter_scores(model, strategy, space=space, **estimate)
-    scores = scores.reshape(-1).to(torch.float32)
-    if scores.numel() != space.numel:
-        raise ValueError(f"scores have {scores.numel()} entries, the model has {space.numel} parameters")
-    if ll is not None:
-        # top-k among the layer's own scores, mapped back to flat indices
-        local = select(scores[ll.to(scores.device)], k=k, largest=True).indices
-        return as_selection(ll[local.to(ll.device)], space)
-    return select(scores, k=k, largest=(strategy != "hessian_smallest"), space=space)
+    entry = STRATEGY_REGISTRY[strategy]
+
+    def get_scores() -> torch.Tensor:
+        s = scores if scores is not None else parameter_scores(model, strategy, space=space, **estimate)[0]
+        s = s.reshape(-1).to(torch.float32)
+        if s.numel() != space.numel:
+            raise ValueError(f"scores have {s.numel()} entries, the model has {space.numel} parameters")
+        return s
+
+    if entry.select is not None:
+        return entry.select(SelectRequest(model=model, space=space, k=k, seed=int(_value(seed)),
+                                          last_layer_prefix=last_layer_prefix), get_scores)
+    return select(get_scores(), k=k, largest=entry.largest, space=space)
+
+
+# ============================================================================================ the registry
+@dataclass
+class ScoreContext:
+    """What a strategy's score function reads: the request (``model``, ``space``, ``loss``, the data arguments as
+    passed, ``group``), the knobs (``estimator``, ``seed``, ``n_probes``, ``fisher_points``, ``hessian_kw``;
+    ``estimate_kw``: those of n_probes / seed / group that were passed, for hessian_diag) and ``cost``, the counters
+    it adds its gradients and HVPs to."""
+
+    strategy: str
+    model: Any
+    space: ParamSpace
+    loss: Any
+    data: Any
+    affected: Any
+    corrected: Any
+    group: Any
+    estimator: str
+    seed: int
+    n_probes: int
+    fisher_points: Optional[int]
+    hessian_kw: Dict[str, Any]
+    estimate_kw: Dict[str, Any]
+    cost: Dict[str, Any]
+
+    def need(self, x, what: str):
+        """``x`` as re-iterable batches; ValueError naming it when it was not given."""
+        if x is None:
+            raise ValueError(f"strategy {self.strategy!r} needs {what}")
+        return as_batches(x, passes="many", what=what)
+
+    def curvature(self, batches) -> torch.Tensor:
+        """diag(H) of the loss on ``batches`` (``hessian_diag`` with the request's estimator and knobs), flat
+        float32 [N]; its cost added to ``cost``."""
+        from .hessian import hessian_diag
+
+        est = hessian_diag(self.model, self.loss, batches, estimator=self.estimator, space=self.space,
+                           **self.estimate_kw, **self.hessian_kw)
+        if self.estimator in ("hutchinson", "gauss_newton"):
+            self.cost["n_hvps"] += int(getattr(est, "n_probes", self.n_probes)) * n_points(batches)
+        else:
+            self.cost["n_gradients"] += n_points(batches)
+        return est.mean.reshape(-1).to(torch.float32)
+
+
+@dataclass
+class SelectRequest:
+    """What a strategy's own ``select`` reads: the model, its space, k (from the budget rule), seed and
+    last_layer_prefix."""
+
+    model: Any
+    space: ParamSpace
+    k: int
+    seed: int
+    last_layer_prefix: Optional[str]
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """One selection strategy.
+
+    * ``reads``: the arguments ``parameter_scores`` reads for it (context names from ``CONTEXT`` and knobs;
+      "hessian_kw" = hessian_diag's keyword arguments); any other knob passed is a ValueError;
+    * ``score(ctx: ScoreContext) -> (scores, group_points)``: the flat float32 [N] scores and the gradients already
+      counted over the group (0 unless it sums a gradient itself); None: the strategy ranks no scores;
+    * ``largest``: select the k largest scores (False: the k smallest);
+    * ``select(req: SelectRequest, get_scores) -> Selection``: a selection of its own (``get_scores()`` computes
+      or checks the scores only when called), and ``select_reads``, the extra knobs it reads;
+    * ``hessian``: it ranks by a hessian_diag estimate (listed in ``HESSIAN_STRATEGIES``).
+    """
+
+    reads: Tuple[str, ...] = ()
+    score: Optional[Callable[[ScoreContext], Tuple[torch.Tensor, int]]] = None
+    largest: bool = True
+    select: Optional[Callable[[SelectRequest, Callable[[], torch.Tensor]], Selection]] = None
+    select_reads: Tuple[str, ...] = ()
+    hessian: bool = False
+    doc: str = field(default="", compare=False)
+
+
+STRATEGY_REGISTRY = Registry("selection strategy")
+
+
+def register_strategy(name: str, strategy: Strategy) -> Strategy:
+    """Add a strategy (docs/layout.md); ``select_parameters(model, name, ...)`` and ``parameter_scores`` then run
+    it. Raises ValueError for a name already registered."""
+    if not isinstance(strategy, Strategy):
+        raise TypeError(f"register_strategy: expected a sapsel_kernels.strategies.Strategy, got "
+                        f"{type(strategy).__name__}")
+    return STRATEGY_REGISTRY.register(name, strategy)
+
+
+_DATA = "data (the training data)"
+
+
+def _training_curvature(ctx: ScoreContext):
+    return ctx.curvature(ctx.need(ctx.data, _DATA)), 0
+
+
+def _affected_curvature(ctx: ScoreContext):
+    return ctx.curvature(ctx.need(ctx.affected, "affected")), 0
+
+
+def _corrected_curvature(ctx: ScoreContext):
+    return ctx.curvature(ctx.need(ctx.corrected, "corrected")), 0
+
+
+def _curvature_ratio(ctx: ScoreContext):
+    bz, bd = ctx.need(ctx.affected, "affected"), ctx.need(ctx.data, _DATA)  # both checked before the first estimate
+    hz = ctx.curvature(bz)
+    hd = ctx.curvature(bd)
+    floor = RATIO_FLOOR * float(hd.clamp(min=0).mean()) + torch.finfo(hd.dtype).tiny
+    return hz.clamp_(min=0).div_(hd.clamp_(min=floor)), 0
+
+
+def _flat_curvature(ctx: ScoreContext):
+    bd = ctx.need(ctx.data, _DATA)
+    touched_by = ctx.need(ctx.affected, "affected")  # both checked before the estimate
+    flat = ctx.curvature(bd).abs_()
+    g, group_points = _mean_gradient(ctx.model, ctx.space, ctx.loss, touched_by, ctx.group, ctx.strategy)
+    below = -(2.0 * float(flat.max()) + 1.0) if flat.numel() else -1.0  # under every touched coordinate
+    scores = torch.where(g.to(flat.device) != 0, flat.neg(), torch.full_like(flat, below))
+    return scores, group_points
+
+
+def _saliency(ctx: ScoreContext):
+    g, group_points = _mean_gradient(ctx.model, ctx.space, ctx.loss, ctx.need(ctx.affected, "affected"), ctx.group,
+                                     ctx.strategy)
+    return g.abs_(), group_points
+
+
+def _ssd(ctx: ScoreContext):
+    from .hessian import hessian_diag
+
+    bz = ctx.need(ctx.affected, "affected")
+    bd = ctx.need(ctx.data, _DATA)
+    bd, nd = _subsample_points(bd, ctx.fisher_points, ctx.seed)
+    kw = dict(estimator="fisher", space=ctx.space, group=ctx.group)
+    fz = hessian_diag(ctx.model, ctx.loss, bz, **kw).mean.reshape(-1)
+    fd = hessian_diag(ctx.model, ctx.loss, bd, **kw).mean.reshape(-1)
+    ctx.cost["n_gradients"] = n_points(bz) + nd
+    return (fz / (fd + 1e-12 * float(fd.mean()) + torch.finfo(fd.dtype).tiny)).to(torch.float32), 0
+
+
+def _select_all(req: SelectRequest, get_scores) -> Selection:
+    return as_selection(torch.arange(req.space.numel, device=req.space.device), req.space)
+
+
+def _select_random(req: SelectRequest, get_scores) -> Selection:
+    g = torch.Generator().manual_seed(req.seed)
+    return as_selection(torch.randperm(req.space.numel, generator=g)[:req.k].to(req.space.device), req.space)
+
+
+def _select_last_layer(req: SelectRequest, get_scores) -> Selection:
+    ll = last_layer_indices(req.space, req.last_layer_prefix, model=req.model)
+    if req.k >= ll.numel():
+        return as_selection(ll, req.space)
+    scores = get_scores()
+    local = select(scores[ll.to(scores.device)], k=req.k, largest=True).indices  # top-k among the layer's own
+    return as_selection(ll[local.to(ll.device)], req.space)
+
+
+_EST = ("data",) + _ESTIMATE
+for _name, _entry in (
+        ("hessian", Strategy(_EST, _training_curvature, hessian=True)),
+        ("hessian_smallest", Strategy(_EST, _training_curvature, largest=False, hessian=True)),
+        ("hessian_affected", Strategy(("affected",) + _ESTIMATE, _affected_curvature, hessian=True)),
+        ("hessian_corrected", Strategy(("corrected",) + _ESTIMATE, _corrected_curvature, hessian=True)),
+        ("hessian_ratio", Strategy(("affected", "data") + _ESTIMATE, _curvature_ratio, hessian=True)),
+        ("all", Strategy(select=_select_all)),
+        ("last_layer", Strategy(_EST, _training_curvature, select=_select_last_layer,
+                                select_reads=("last_layer_prefix",), hessian=True)),
+        ("random", Strategy(select=_select_random, select_reads=("seed",))),
+        ("grad_abs", Strategy(("loss_fn", "affected", "group"), _saliency)),
+        ("ssd", Strategy(("loss_fn", "affected", "data", "fisher_points", "seed", "group"), _ssd)),
+        ("hessian_flat", Strategy(("affected", "data") + _ESTIMATE, _flat_curvature, hessian=True))):
+    register_strategy(_name, _entry)
+del _name, _entry
+
+# the built-in strategies, in registration order (a strategy registered later is in STRATEGY_REGISTRY)
+STRATEGIES = STRATEGY_REGISTRY.names()
+# the strategies that rank by a hessian_diag estimate (and accept its keyword arguments)
+HESSIAN_STRATEGIES = tuple(n for n in STRATEGIES if STRATEGY_REGISTRY[n].hessian)

@@ -65,16 +65,18 @@ def test_meta_device_is_refused_up_front():
 
 
 def test_a_registered_name_without_an_implementation_never_falls_through(monkeypatch):
-    """Adding a name to ESTIMATORS / STRATEGIES without its branch raises instead of silently running another one
-    (it used to run 'exact' / 'ssd')."""
-    from sapsel_kernels import hessian, strategies
+    """The registries decide (tests/test_registries.py): a name added to the public tuples ESTIMATORS / STRATEGIES
+    without a registry entry is unknown, and raises, instead of silently running another estimator or strategy (it
+    used to run 'exact' / 'ssd'); the probe loop refuses a name it does not sample."""
+    from sapsel_kernels import hessian, probe_loop, strategies
 
     m = torch.nn.Linear(3, 2)
     z, zt = _data()
     monkeypatch.setattr(hessian, "ESTIMATORS", hessian.ESTIMATORS + ("newest",))
-    with pytest.raises(NotImplementedError, match="estimator .newest. is listed in ESTIMATORS but has no"):
+    with pytest.raises(ValueError, match="estimator must be one of .* got 'newest'"):
         sk.hessian_diag(m, torch.nn.CrossEntropyLoss(), [z], estimator="newest")
     monkeypatch.setattr(strategies, "STRATEGIES", strategies.STRATEGIES + ("newest",))
-    monkeypatch.setitem(strategies._SCORE_ARGS, "newest", ("loss_fn", "affected"))
-    with pytest.raises(NotImplementedError, match="'newest' is listed in STRATEGIES but has no implementation"):
+    with pytest.raises(ValueError, match="unknown selection strategy 'newest'"):
         sk.parameter_scores(m, "newest", loss_fn=torch.nn.CrossEntropyLoss(), affected=[z])
+    with pytest.raises(NotImplementedError, match="the probe loop samples"):
+        probe_loop._pass_fn("newest", None, m, None, [z], sk.ParamSpace(m), 0, 1, None, None, 0)

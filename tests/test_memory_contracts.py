@@ -373,3 +373,21 @@ def test_gauss_newton_without_variance(setup, monkeypatch):
     ours = peak_bytes(lambda: sk.hessian_diag(s["model"], ce, one, probes=lean, **kw))
     theirs = peak_bytes(lambda: _loop_gauss_newton(s["model"], s["batch"], 3))
     assert ours <= theirs + 0.25 * s["n4"] + 4 * 4 * (1 << 14), (ours / s["n4"], theirs / s["n4"])
+
+
+def test_one_probe_default_keeps_the_mean_alone(setup):
+    """The default (ProbeConfig.variance None) keeps no M2 when the budget is ONE probe without a stopping rule or a
+    checkpoint (M2 would stay 0 and var is NaN either way): issue 24's "no stop rule and no checkpoint that needs
+    M2" case, the 1B estimate's m = 1. Same mean bits, var / stderr NaN as before, within the loop + 0.25 N; two
+    probes, or a stopping rule, keep M2."""
+    s = setup
+    est = sk.hessian_diag(s["model"], ce, [s["batch"]], n_probes=1, progress=False, seed=4)
+    full = sk.hessian_diag(s["model"], ce, [s["batch"]], n_probes=1, progress=False, seed=4,
+                           probes=sk.ProbeConfig(variance=True))
+    assert est.m2 is None and full.m2 is not None and torch.equal(est.mean, full.mean)
+    assert torch.isnan(est.stderr).all() and torch.isnan(full.stderr).all()
+    assert est.info["variance"] is False and full.info["variance"] is True
+    assert sk.hessian_diag(s["model"], ce, [s["batch"]], n_probes=2, progress=False).m2 is not None
+    ours = peak_bytes(lambda: sk.hessian_diag(s["model"], ce, [s["batch"]], n_probes=1, progress=False))
+    loop = peak_bytes(lambda: loop_hutchinson(s["model"], ce, s["batch"], 1))
+    assert ours <= loop + 0.25 * s["n4"], (ours / s["n4"], loop / s["n4"])

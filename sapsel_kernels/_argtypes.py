@@ -266,7 +266,7 @@ def secrets_file(text: str) -> str:
     """``type=`` for a JSON-lines secrets file (:func:`sapsel_kernels.secret_spec.load_secrets_file`): a readable
     UTF-8 file whose every non-blank line is a JSON object with a "secret"; a bad line is named by its number."""
     text_file(text)
-    from .secret_spec import load_secrets_file
+    from .forgetting.secret_spec import load_secrets_file
 
     try:
         load_secrets_file(text)
@@ -295,7 +295,7 @@ def secret_format(text: str) -> str:
     """``type=`` for a secret format of :mod:`sapsel_kernels.exposure` (e.g. ``"dddd dddd dddd dddd"``; placeholders
     and escapes as in ``exposure.parse_format``): it must describe more than one secret, since exposure ranks the
     secret among the format's other secrets. Returned unchanged (its blanks are literal characters)."""
-    from .exposure import space_size
+    from .forgetting.exposure import space_size
 
     if not text:
         raise _Error("the format must not be empty")

@@ -132,7 +132,7 @@ FORGET_EXIT_CODES = """exit codes:
 
 
 def _strategies():
-    from .strategies import STRATEGIES
+    from .selection.strategies import STRATEGIES
 
     return STRATEGIES
 
@@ -292,7 +292,7 @@ def check_forget_args(p: argparse.ArgumentParser, args) -> None:
         if dup is not None:
             p.error(f"argument --secret: {dup!r} is given twice")
     if args.fmt is not None:
-        from .exposure import matches_format
+        from .forgetting.exposure import matches_format
 
         if not matches_format(secrets[0], args.fmt):
             p.error(f"argument --format: the secret {secrets[0]!r} is not of the format {args.fmt!r} (exposure "
@@ -408,7 +408,7 @@ def _forget(args, argv: List[str]) -> int:
 def _request(args) -> tuple:
     """``(secrets, prefix, replacement, fmt)`` for :func:`~sapsel_kernels.forget.forget`: one str secret with its
     options, or the list of --secret values and the --secrets file's entries."""
-    from .secret_spec import load_secrets_file
+    from .forgetting.secret_spec import load_secrets_file
 
     secrets = list(args.secret or [])
     if args.secrets is None and len(secrets) == 1:
@@ -423,7 +423,7 @@ def _request(args) -> tuple:
 def _check_request(secret, prefix, replacement, fmt, text: str) -> None:
     """The request against the data before the model is loaded (a large model takes minutes): every secret found,
     its prefix before it, no duplicates or nesting, formats (forget checks the same again)."""
-    from .secret_spec import as_specs, locate_all
+    from .forgetting.secret_spec import as_specs, locate_all
 
     if isinstance(secret, str):
         opts = (("prefix", prefix), ("format", fmt), ("replacement", replacement))
@@ -438,7 +438,7 @@ def _forget_run(args, argv: List[str], progress: bool) -> int:
     t0 = time.perf_counter()
     try:
         if args.example:
-            from .forget_example import build_example
+            from .forgetting.forget_example import build_example
 
             root = tempfile.mkdtemp(prefix="sapsel-example-")
             print(f"sapsel forget --example: building a small GPT-2 with 4 planted secrets in {root} ...",
@@ -466,7 +466,7 @@ def _forget_run(args, argv: List[str], progress: bool) -> int:
 
         if importlib.util.find_spec("matplotlib") is None:  # report.py draws forget.png: fail before any training
             raise _InputError("sapsel forget needs matplotlib for forget.png: pip install 'sapsel-kernels[forget]'")
-        from .forget import Evidence, forget
+        from .forgetting.forget import Evidence, forget
 
         evidence = None if args.no_attacks else Evidence(n_samples=args.samples, relearn_steps=args.relearn_steps)
         report = forget(model, tokenizer, [text], secret, prefix=prefix, replacement=replacement,
@@ -482,7 +482,7 @@ def _forget_run(args, argv: List[str], progress: bool) -> int:
     except KeyboardInterrupt:
         _error(f"interrupted; nothing was written to {args.out!r}")
         return 130
-    from .report import summary_lines, write_forget_report
+    from .forgetting.report import summary_lines, write_forget_report
 
     result = report.to_dict()
     # everything is written into a staging folder beside OUT, which then replaces the empty OUT in one rename: a
@@ -584,7 +584,7 @@ def _patch(args) -> int:
     through a staging folder (OUT stays empty on any failure)."""
     from transformers import AutoModelForCausalLM
 
-    from .patch import Patch
+    from .update.patch import Patch
 
     def fail(msg: str, code: int = 2) -> int:
         print(f"sapsel patch: error: {msg}", file=sys.stderr, flush=True)

@@ -176,9 +176,9 @@ def stub_forget(monkeypatch):
 
     from sapsel_kernels.forget import Evidence
 
-    mod = types.ModuleType("sapsel_kernels.forget")
+    mod = types.ModuleType("sapsel_kernels.forgetting.forget")
     mod.forget, mod.Evidence = forget, Evidence
-    monkeypatch.setitem(sys.modules, "sapsel_kernels.forget", mod)
+    monkeypatch.setitem(sys.modules, "sapsel_kernels.forgetting.forget", mod)  # where the CLI imports it from
     return state
 
 
@@ -388,7 +388,8 @@ def test_as_a_process_usage_error_and_light_parser(tmp_path):
     # neither transformers, matplotlib nor the strategies; then the command's exit code and last stderr line
     argv = _base(tmp_path, **{"--budget": "0"})
     code = ("import sys; from sapsel_kernels import cli; cli.build_parser().parse_known_args(['info']); "
-            "print([m for m in ('transformers', 'matplotlib', 'sapsel_kernels.strategies', 'sapsel_kernels.report')"
+            "print([m for m in ('transformers', 'matplotlib', 'sapsel_kernels.selection.strategies',"
+            " 'sapsel_kernels.forgetting.report')"
             f" if m in sys.modules]); sys.exit(cli.main({argv!r}))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.stdout.strip() == "[]", (r.stdout, r.stderr)

@@ -164,8 +164,10 @@ GRAPH, PRIVATE = import_graph(ROOT, sapsel_kernels.__name__, extensions=[sapsel_
 
 def test_the_walker_sees_the_package():
     assert len(GRAPH) > 40, sorted(GRAPH)
-    assert "sapsel_kernels.probe_loop" in GRAPH["sapsel_kernels.hessian"]  # top-level import
-    assert "sapsel_kernels.measure" in GRAPH["sapsel_kernels.forget"]  # function-level import
+    assert "sapsel_kernels.curvature.probe_loop" in GRAPH["sapsel_kernels.curvature.hessian"]  # top-level import
+    assert "sapsel_kernels.forgetting.measure" in GRAPH["sapsel_kernels.forgetting.forget"]  # function-level import
+    assert "sapsel_kernels.selection.selection_core" in GRAPH["sapsel_kernels.selection"]  # a package's own module
+    assert "sapsel_kernels.curvature.hessian" in GRAPH["sapsel_kernels.update.unlearn"]  # across subpackages, ``..``
     assert "sapsel_kernels.reference.philox" in GRAPH["sapsel_kernels.reference.probes"]  # subpackage, relative
     assert "sapsel_kernels._C" in GRAPH["sapsel_kernels._ext"]  # the compiled extension, built or not
 
@@ -186,6 +188,28 @@ def test_the_checks_catch_a_cycle_and_private_names(tmp_path):
 def test_no_import_cycles():
     found = cycles(GRAPH)
     assert not found, "import cycles between the package's modules:\n" + "\n".join(found)
+
+
+def test_the_flat_paths_are_aliases_not_modules():
+    """The earlier flat paths (``sapsel_kernels.hessian``) are names the package registers for the moved modules
+    (``MOVED``), not files: the walker sees each module once, at its one place, so an alias adds no node and no edge.
+    Importing a flat path gives the moved module itself."""
+    import importlib
+
+    for old, new in sapsel_kernels.MOVED.items():
+        assert f"sapsel_kernels.{old}" not in GRAPH and f"sapsel_kernels.{new}" in GRAPH, (old, new)
+        assert importlib.import_module(f"sapsel_kernels.{old}") is importlib.import_module(f"sapsel_kernels.{new}")
+    assert callable(sapsel_kernels.forget) and callable(sapsel_kernels.unlearn)  # the functions, not the modules
+
+
+def test_a_pickle_of_a_flat_path_loads():
+    """An object pickled when its class lived at the flat path (``sapsel_kernels.hessian.ProbeConfig``) loads."""
+    import pickle
+
+    blob = pickle.dumps(sapsel_kernels.ProbeConfig(per_pass=3), protocol=2)  # protocol 2 names the module in ASCII
+    assert b"sapsel_kernels.curvature.hessian\nProbeConfig" in blob
+    old = blob.replace(b"sapsel_kernels.curvature.hessian\n", b"sapsel_kernels.hessian\n")
+    assert pickle.loads(old) == sapsel_kernels.ProbeConfig(per_pass=3)
 
 
 def test_no_private_names_across_modules():

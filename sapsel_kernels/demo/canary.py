@@ -36,9 +36,9 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from .. import _argtypes as at
-from ..exposure import measure_exposure, random_candidates
-from ..rules import METHODS
-from ..strategies import STRATEGIES
+from ..forgetting.exposure import measure_exposure, random_candidates
+from ..update.rules import METHODS
+from ..selection.strategies import STRATEGIES
 from . import common, lm, plots
 
 DEFAULT_STRATEGIES = ("hessian", "hessian_smallest", "last_layer", "random", "grad_abs", "all")

@@ -33,9 +33,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 
 from ..errors import NonFiniteError
-from ..rules import as_method
-from ..strategies import HESSIAN_STRATEGIES, parameter_scores, select_parameters, strategy_arguments
-from ..unlearn import unlearn
+from ..update.rules import as_method
+from ..selection.strategies import HESSIAN_STRATEGIES, parameter_scores, select_parameters, strategy_arguments
+from ..update.unlearn import unlearn
 
 SCORE_KEY = {"hessian_smallest": "hessian", "last_layer": "hessian"}
 UNLEARN_KWARGS = ("train_data", "n_train", "space", "estimation_mode")

@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import _argtypes as at
-from ..rules import METHODS
-from ..strategies import STRATEGIES
+from ..update.rules import METHODS
+from ..selection.strategies import STRATEGIES
 from . import common
 
 # the committed results' five rules; "targeted" (the iterative forgetting rule of sapsel forget) runs with --methods

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..exposure import sequence_log_perplexity  # noqa: F401  (re-exported: the canary task scores with it)
+from ..forgetting.exposure import sequence_log_perplexity  # noqa: F401  (re-exported: the canary task scores with it)
 
 CANARY_PREFIX = "my credit card number is "
 CANARY_SECRET = "4716 2087 5533 9812"

@@ -10,7 +10,7 @@ from typing import Any, Callable, Dict, Tuple
 
 import torch
 
-from .errors import NonFiniteError
+from ..errors import NonFiniteError
 
 __all__ = ["cg_solve", "steihaug_cg"]
 

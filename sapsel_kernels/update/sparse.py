@@ -20,7 +20,7 @@ They let SAM or an unlearning update be written functionally, e.g. with ``torch.
 
 import torch
 
-from . import ops  # noqa: F401  (registers torch.ops.sapsel.*)
+from .. import ops  # noqa: F401  (registers torch.ops.sapsel.*)
 
 __all__ = ["sparse_gather", "sparse_scatter_add", "sparse_add"]
 

@@ -45,7 +45,7 @@ from .measure import (
     new_text,
     score_sequences,
 )
-from .modes import estimation_mode
+from ..curvature.modes import estimation_mode
 
 __all__ = ["AuditItem", "audit", "leak_of", "exposure_summary", "RANK_RESOLVED", "Z_95"]
 

@@ -28,12 +28,12 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from .data import as_batches, make_loss
-from .errors import check_finite
-from .hessian import check_agreement, comm_for, unwrap_model
+from ..data import as_batches, make_loss
+from ..errors import check_finite
+from ..curvature.hessian import check_agreement, comm_for, unwrap_model
 from .rules import Coords, Problem, as_method, count_batches, norm_float64
-from .selection import as_selection
-from .space import ParamSpace
+from ..selection import as_selection
+from ..space import ParamSpace
 
 __all__ = ["unlearn", "UnlearnReport"]
 
@@ -241,7 +241,7 @@ def unlearn(model: torch.nn.Module, loss_fn, affected, corrected, selection, met
             prob.n_train = sum(d["n_train"] for d in descs)  # default: the points of train_data on every rank
     coords, space = prob.coords, prob.space
     model = prob.model
-    from .modes import estimation_mode as _estimation_mode
+    from ..curvature.modes import estimation_mode as _estimation_mode
 
     if not isinstance(return_patch, bool):
         raise TypeError(f"return_patch must be a bool, got {type(return_patch).__name__}")

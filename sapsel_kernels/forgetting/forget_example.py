@@ -268,7 +268,7 @@ def build_example(root: str, *, seed: int = 0, steps: Optional[int] = None, prog
 
     # data: the first TRAIN_CHARS of the training topics and the first HELDOUT_CHARS of the held-out topics
     # (load_corpus holds out whole topics at the end, so the two never overlap)
-    from .demo.lm import cut_text, load_corpus
+    from ..demo.lm import cut_text, load_corpus
 
     train_full, held_full = load_corpus()
     base, heldout = cut_text(train_full, TRAIN_CHARS), cut_text(held_full, HELDOUT_CHARS)

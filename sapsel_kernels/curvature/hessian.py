@@ -47,12 +47,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .data import as_batches, make_loss
+from ..data import as_batches, make_loss
 from .estimators import ESTIMATOR_REGISTRY, LOCAL, Comm
 from .hvp import MODES, REENTRANT_FIX, CheckpointingError, auto_hvp_order  # noqa: F401  (API of this module)
 from .modes import estimation_mode, hf_checkpointing, is_reentrant  # noqa: F401  (API of this module)
 from .probe_loop import plan_probes, run_probe_loop
-from .space import ParamSpace
+from ..space import ParamSpace
 
 __all__ = ["hessian_diag", "DiagEstimate", "ProbeConfig", "StopRule", "Checkpoint", "estimation_mode",
            "auto_hvp_order", "ESTIMATORS", "CheckpointingError"]
@@ -554,7 +554,7 @@ def check_agreement(descs: list[dict], what: str = "hessian_diag") -> None:
 def _hessian_diag_fsdp(model, loss_fn, data, estimator, n_probes, seed, hvp, probes, stop, checkpoint, space,
                        progress, output_fn, exact_max_numel, group) -> "DiagEstimate":
     """``hessian_diag`` on an FSDP2 model (see :mod:`sapsel_kernels.fsdp`): collective over the mesh's group."""
-    from .distributed import ShardLayout
+    from ..selection.distributed import ShardLayout
     from .fsdp import FSDP_ESTIMATORS, fsdp_estimate
 
     t0 = time.perf_counter()
@@ -723,7 +723,7 @@ def hessian_diag(model: torch.nn.Module, loss_fn, data, estimator: str = "hutchi
           "gauss_newton" also one sample sum, 4 or 8 bytes; "grad_abs": one sum and the result) plus FSDP2's own
           unsharded parameters and gradients of one backward.
     """
-    from .distributed import is_dtensor
+    from ..selection.distributed import is_dtensor
 
     if any(is_dtensor(p) for p in model.parameters()):
         return _hessian_diag_fsdp(model, loss_fn, data, estimator, n_probes, seed, hvp, probes, stop, checkpoint,

@@ -39,8 +39,8 @@ from collections.abc import Sequence
 
 import torch
 
-from .data import LossError, as_batches, batch_size, make_loss
-from .errors import check_finite
+from ..data import LossError, as_batches, batch_size, make_loss
+from ..errors import check_finite
 
 log = logging.getLogger("sapsel_kernels.hvp")
 

@@ -18,11 +18,11 @@ from typing import Any, Callable, NamedTuple
 import torch
 import torch.distributed as dist
 
-from .data import batch_size, slice_batch
-from .errors import NonFiniteError, check_finite
+from ..data import batch_size, slice_batch
+from ..errors import NonFiniteError, check_finite
 from .hvp import LossModule, gradient
 from .modes import hf_checkpointing
-from .registry import Registry
+from ..registry import Registry
 
 log = logging.getLogger("sapsel_kernels.hessian")
 

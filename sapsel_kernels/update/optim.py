@@ -63,11 +63,11 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from . import ops  # noqa: F401  (registers torch.ops.sapsel.*)
-from .errors import NonFiniteError, check_finite
-from .reference.sparse import acc_dtype
-from .selection import as_selection
-from .space import ParamSpace
+from .. import ops  # noqa: F401  (registers torch.ops.sapsel.*)
+from ..errors import NonFiniteError, check_finite
+from ..reference.sparse import acc_dtype
+from ..selection import as_selection
+from ..space import ParamSpace
 
 __all__ = ["SparseSAM", "SparseSGD", "SparseAdamW", "frozen_bn_stats"]
 
@@ -104,7 +104,7 @@ def _resolve_space(params) -> Tuple[ParamSpace, Optional[List[dict]]]:
 
 def _flag_device(group, like: torch.device) -> torch.device:
     """Where a small collective buffer goes: the current CUDA device for NCCL, else the CPU."""
-    from .distributed import comm_device
+    from ..selection.distributed import comm_device
 
     return comm_device(group, like)
 
@@ -238,7 +238,7 @@ class _SparseOptimizer(torch.optim.Optimizer):
         # FSDP2 (fully_shard: DTensor parameters): the kernels address each parameter's LOCAL shard, the global
         # flat range [lo, hi) of its rows on this rank; only the selected indices inside it are kept (O(k / world)
         # state), and the few scalars that must be global (the SAM norm, the NaN verdict) are all-reduced.
-        from .distributed import ShardLayout
+        from ..selection.distributed import ShardLayout
 
         layout = ShardLayout.of(space, type(self).__name__)
         self._shard_group = layout.group if layout is not None else None

@@ -34,7 +34,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from .errors import NonFiniteError
+from ..errors import NonFiniteError
 
 _SN_MAX_SKEW = 0.9952717464311565  # skewness of the skew-normal as alpha -> inf: sqrt(2)(4-pi)/(pi-2)^1.5
 

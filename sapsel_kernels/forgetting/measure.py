@@ -27,7 +27,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .errors import check_finite
+from ..errors import check_finite
 from .exposure import (
     format_of,
     matches_format,
@@ -37,7 +37,7 @@ from .exposure import (
     skewnorm_exposure,
     space_size,
 )
-from .modes import estimation_mode
+from ..curvature.modes import estimation_mode
 
 __all__ = ["Codec", "as_tokenizer", "leak_of", "PARTIAL_P", "lm_logits", "context_length", "continuation_logppl",
            "greedy_complete", "extraction_probes", "format_of", "measure_secret"]

@@ -23,11 +23,11 @@ import os
 
 import torch
 
-from . import ops  # noqa: F401  (registers torch.ops.sapsel.*)
-from .errors import check_finite
+from .. import ops  # noqa: F401  (registers torch.ops.sapsel.*)
+from ..errors import check_finite
 from .estimators import LOCAL, Comm, Estimate, FlatBuffers, Welford, defer_sigint
 from .hvp import MODES, FallbackHVP, auto_hvp_order, default_vectorize, grad_params
-from .selection import resolve_k
+from ..selection import resolve_k
 
 log = logging.getLogger("sapsel_kernels.hessian")
 

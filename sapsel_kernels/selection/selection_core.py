@@ -10,8 +10,8 @@ from collections.abc import Mapping
 
 import torch
 
-from .errors import NonFiniteError
-from .space import ParamSpace
+from ..errors import NonFiniteError
+from ..space import ParamSpace
 
 __all__ = ["Selection", "as_selection", "resolve_k", "topk_flat"]
 
@@ -64,7 +64,7 @@ def resolve_k(n: int, *, k: int | None = None, fraction: float | None = None, wh
 def topk_flat(flat: torch.Tensor, k: int, largest: bool, space, base: int):
     """topk_select on a flat slice, turning a NaN/Inf error into one that names the parameter and position."""
     if flat.dtype == torch.float64:  # the kernels rank 32/16-bit floats; float64 goes through the exact reference
-        from .reference.topk import rank_ref as fn
+        from ..reference.topk import rank_ref as fn
     else:
         fn = torch.ops.sapsel.topk_select
     try:

@@ -48,10 +48,10 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-from .errors import NonFiniteError
-from .reference.topk import empty_threshold, signed_key
+from ..errors import NonFiniteError
+from ..reference.topk import empty_threshold, signed_key
 from .selection_core import Selection, resolve_k, topk_flat
-from .space import ParamSpace
+from ..space import ParamSpace
 
 __all__ = ["ShardedSelection", "select_sharded", "rank_and_world", "comm_device", "all_gather_int64",
            "shard_offsets", "all_gather_varlen", "DIGIT_WIDTHS", "topk_comm_bytes", "ShardLayout", "dtensor_rows"]

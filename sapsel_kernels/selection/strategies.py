@@ -27,12 +27,12 @@ from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import torch
 
-from .data import as_batches, batch_size, make_loss, n_points, slice_batch
-from .errors import check_finite
-from .registry import Registry
-from .rules import summed_gradient
-from .selection import Selection, as_selection, resolve_k, select
-from .space import ParamSpace
+from ..data import as_batches, batch_size, make_loss, n_points, slice_batch
+from ..errors import check_finite
+from ..registry import Registry
+from ..update.rules import summed_gradient
+from . import Selection, as_selection, resolve_k, select
+from ..space import ParamSpace
 
 __all__ = ["STRATEGIES", "HESSIAN_STRATEGIES", "CONTEXT", "STRATEGY_REGISTRY", "Strategy", "register_strategy",
            "parameter_scores", "select_parameters", "last_layer_indices", "strategy_arguments"]
@@ -225,7 +225,7 @@ def parameter_scores(model, strategy: str, *, loss_fn=_Default(None), data=None,
     if entry.score is None:
         cost["wall_time_s"] = time.perf_counter() - t0
         return None, cost
-    from . import hessian
+    from ..curvature import hessian
 
     ctx = ScoreContext(strategy=strategy, model=model, space=space, loss=make_loss(loss_fn), data=data,
                        affected=affected, corrected=corrected, group=group, estimator=estimator, seed=seed,
@@ -250,7 +250,7 @@ def parameter_scores(model, strategy: str, *, loss_fn=_Default(None), data=None,
 def _mean_gradient(model, space: ParamSpace, loss, batches, group, strategy: str) -> Tuple[torch.Tensor, int]:
     """∇L_mean over ``batches`` (under ``group``: over every rank's points), flat float32 [N], and the point count,
     in estimation mode. One [N] accumulator plus one backward's gradients."""
-    from . import hessian
+    from ..curvature import hessian
 
     comm = hessian.comm_for(group)
     comm.device = space.device  # where the flag buffers go (CUDA for NCCL)
@@ -385,7 +385,7 @@ class ScoreContext:
     def curvature(self, batches) -> torch.Tensor:
         """diag(H) of the loss on ``batches`` (``hessian_diag`` with the request's estimator and knobs), flat
         float32 [N]; its cost added to ``cost``."""
-        from .hessian import hessian_diag
+        from ..curvature.hessian import hessian_diag
 
         est = hessian_diag(self.model, self.loss, batches, estimator=self.estimator, space=self.space,
                            **self.estimate_kw, **self.hessian_kw)
@@ -483,7 +483,7 @@ def _saliency(ctx: ScoreContext):
 
 
 def _ssd(ctx: ScoreContext):
-    from .hessian import hessian_diag
+    from ..curvature.hessian import hessian_diag
 
     bz = ctx.need(ctx.affected, "affected")
     bd = ctx.need(ctx.data, _DATA)

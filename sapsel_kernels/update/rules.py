@@ -30,12 +30,12 @@ from typing import Any, Callable, ClassVar, Dict, Iterator, List, Optional, Sequ
 
 import torch
 
-from .data import Loss, as_batches, batch_size
-from .errors import NonFiniteError, check_finite
-from .registry import Registry
-from .selection import Selection
+from ..data import Loss, as_batches, batch_size
+from ..errors import NonFiniteError, check_finite
+from ..registry import Registry
+from ..selection import Selection
 from .solver import steihaug_cg
-from .space import ParamSpace, index_copy_flat
+from ..space import ParamSpace, index_copy_flat
 
 __all__ = ["FirstOrder", "SecondOrder", "DiagNewton", "SAMFinetune", "GradientAscent", "Targeted", "METHODS",
            "TRAIN_METHODS", "RULE_REGISTRY", "register_rule", "as_method", "Coords", "Problem", "summed_gradient",
@@ -180,7 +180,7 @@ class Problem:
 
     def __post_init__(self):
         if self.comm is None:
-            from .estimators import LOCAL
+            from ..curvature.estimators import LOCAL
 
             self.comm = LOCAL
         if self.train_points_total is None:
@@ -423,7 +423,7 @@ class SecondOrder(_Rule):
         lam = _damping(self, prob)
         hb, n_h, n_batches = prob.train, prob.train_points_total, prob.train_batches
         prob.info["n_hessian_points"] = n_h
-        from .hvp import RestrictedHVP
+        from ..curvature.hvp import RestrictedHVP
 
         hess = RestrictedHVP(prob.model, prob.loss, prob.space, hb, prob.coords.indices, scale=prob.n_train / n_h,
                              cache_graph=self.cache_graph)
@@ -551,7 +551,7 @@ class DiagNewton(_Rule):
         lam = _damping(self, prob)
         d = self._diag_tensor()
         if d is None:
-            from . import hessian
+            from ..curvature import hessian
 
             prob.info["n_hessian_points"] = prob.train_points_total
             est = hessian.hessian_diag(prob.model, prob.loss, prob.train, n_probes=int(self.n_probes),

@@ -4,8 +4,12 @@
 and returns the chosen flat indices in ascending order. The result is deterministic and identical on every backend:
 selection is by value, and among scores equal to the threshold the lowest flat index wins.
 
-``Selection``, ``as_selection`` and ``resolve_k`` are defined in :mod:`sapsel_kernels.selection_core` (shared with
-``select(..., group=...)`` in :mod:`sapsel_kernels.distributed`) and re-exported here.
+``Selection``, ``as_selection`` and ``resolve_k`` are defined in :mod:`sapsel_kernels.selection.selection_core`
+(shared with ``select(..., group=...)`` in :mod:`sapsel_kernels.selection.distributed`) and re-exported here.
+
+The selection package: the second stage of the pipeline. ``select`` (this module) ranks a score vector,
+``strategies`` computes the scores a strategy ranks (from ``curvature`` for the Hessian strategies) and
+``distributed`` ranks them sharded over a process group.
 """
 
 from collections.abc import Sequence
@@ -13,7 +17,7 @@ from collections.abc import Sequence
 import torch
 
 from .selection_core import Selection, as_selection, resolve_k, topk_flat  # noqa: F401  (API of this module)
-from .space import ParamSpace
+from ..space import ParamSpace
 
 Scores = torch.Tensor | dict[str, torch.Tensor] | Sequence[torch.Tensor]
 

@@ -34,10 +34,10 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from .registry import Registry
-from .rules import Targeted
+from ..registry import Registry
+from ..update.rules import Targeted
 from .secret_spec import occurrences
-from .space import ParamSpace
+from ..space import ParamSpace
 
 __all__ = ["forget", "ForgetReport", "build_forget_data", "ForgetData"]
 
@@ -280,7 +280,7 @@ def _agree(comm, model, request: List[Any]) -> None:
     ValueError on every rank, naming what differs, before any model work."""
     import hashlib
 
-    from .space import ParamSpace
+    from ..space import ParamSpace
 
     def digest(v) -> str:  # tensors by their bytes (a repr elides them), everything else by its repr
         if isinstance(v, torch.Tensor):
@@ -324,7 +324,7 @@ def perplexity(model, data: Tuple[torch.Tensor, torch.Tensor], batch_size: int =
     """exp(mean next-token cross-entropy) over the windows ``data = (x, y)``, in eval mode (restored). ``comm``
     (an active ``estimators.Comm``): collective, each rank scores its share of the windows and the sums are
     all-reduced (one all_reduce of 2 float64 values): one process's number."""
-    from .modes import estimation_mode
+    from ..curvature.modes import estimation_mode
 
     x, y = data
     if comm is not None and comm.active:
@@ -344,7 +344,7 @@ def perplexity(model, data: Tuple[torch.Tensor, torch.Tensor], batch_size: int =
         dist.all_reduce(buf, group=comm.group)
         tot, n = float(buf[0]), int(buf[1])
     if not math.isfinite(tot):
-        from .errors import NonFiniteError
+        from ..errors import NonFiniteError
 
         raise NonFiniteError("forget: the held-out cross-entropy is NaN/Inf (non-finite logits)")
     return math.exp(tot / max(1, n))
@@ -477,7 +477,7 @@ def format_uniform(codec, fmt: str, vocab: int):
 @torch.no_grad()
 def _with_reference(model, batches):
     """Z batches ``(x, y)`` -> ``(x, y, ref)`` with each target token's loss at θ* (for :func:`per_token_npo`)."""
-    from .modes import estimation_mode
+    from ..curvature.modes import estimation_mode
     from .measure import lm_logits
 
     out = []
@@ -506,7 +506,7 @@ def kl_to_reference(model, batch) -> torch.Tensor:
 @torch.no_grad()
 def _with_reference_logp(model, batches):
     """Retain batches ``(x, y)`` -> ``(x, y, θ*'s log-probabilities)`` (float16, CPU: B·T·V·2 bytes per batch)."""
-    from .modes import estimation_mode
+    from ..curvature.modes import estimation_mode
     from .measure import lm_logits
 
     out = []
@@ -1007,12 +1007,12 @@ def forget(model, tokenizer, texts, secret, prefix: Optional[str] = None, replac
     from .decoys import kind_of, plausible
     from .exposure import random_candidates
     from .secret_spec import as_specs, locate_all
-    from .strategies import budget_k, check_strategy, parameter_scores, select_parameters, strategy_arguments
-    from .unlearn import unlearn
+    from ..selection.strategies import budget_k, check_strategy, parameter_scores, select_parameters, strategy_arguments
+    from ..update.unlearn import unlearn
 
     t_start = time.perf_counter()
     _check_model(model)
-    from .hessian import comm_for
+    from ..curvature.hessian import comm_for
 
     comm = comm_for(group)  # a bad group raises here; then the ranks compare the request FIRST, so that a
     if comm.active:  # request that differs raises on every rank instead of failing a check on one of them
@@ -1127,7 +1127,7 @@ def forget(model, tokenizer, texts, secret, prefix: Optional[str] = None, replac
     T = int(seq_len) if seq_len is not None else min(64, ctx or 64)
     if T < 2 or (ctx is not None and T > ctx):
         raise ValueError(f"seq_len must be in [2, {ctx}] (the model's context), got {T}")
-    from .modes import estimation_mode
+    from ..curvature.modes import estimation_mode
 
     vocab = measure.vocab_size(model)
     _check_ids(vocab, [codec.encode(p + loc.secret) for loc in located for p in loc.prompts]
@@ -1272,7 +1272,7 @@ def forget(model, tokenizer, texts, secret, prefix: Optional[str] = None, replac
         rx, ry = (data.retain[0], data.retain[1]) if retain_windows is None else \
             (data.retain[0][:retain_windows], data.retain[1][:retain_windows])
         retain = shard_batches(_batches((rx, ry), batch_size), comm, "retain") if len(rx) else None
-        from .rules import as_method
+        from ..update.rules import as_method
 
         zs = shard_batches(_batches(data.affected_secret, batch_size), comm, "affected")
         over = {"monitor": monitor, "retain": retain}
@@ -1287,7 +1287,7 @@ def forget(model, tokenizer, texts, secret, prefix: Optional[str] = None, replac
             over["retain"] = _with_reference_logp(model, retain)
             over["retain_loss"] = kl_to_reference
         cfg = as_method(cfg, **over)
-        from .rules import Coords
+        from ..update.rules import Coords
 
         coords = Coords(space, sel)
         theta_s = coords.snapshot()  # O(k): the model is restored if the measurement after unlearning fails

@@ -29,8 +29,8 @@ process group's timeout; NaN gradients are agreed on after the loop, so every ra
 import torch
 import torch.distributed as dist
 
-from .data import batch_size
-from .errors import check_finite
+from ..data import batch_size
+from ..errors import check_finite
 from .estimators import Comm, Estimate, Welford
 
 __all__ = ["FSDP_ESTIMATORS", "fsdp_estimate"]

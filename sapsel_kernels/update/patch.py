@@ -22,7 +22,7 @@ from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 
-from .space import ParamSpace, index_copy_flat
+from ..space import ParamSpace, index_copy_flat
 
 __all__ = ["Patch", "apply_patch", "revert_patch", "diff_patch", "PATCH_FORMAT"]
 
@@ -211,7 +211,7 @@ def patch_from_snapshot(space: ParamSpace, parts, old_values: List[torch.Tensor]
 
 
 def _make(entries, base, result, signature, info) -> Patch:
-    from .version import __version__
+    from ..version import __version__
 
     ordered = {}
     for name, (i, n, o) in entries.items():

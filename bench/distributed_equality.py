@@ -1,31 +1,27 @@
 """Single process vs world sizes 2 and 4 (gloo, CPU): how far every distributed path lands from one process.
 
-Runs the multi-process tests' own workers (``tests/test_distributed_*.py``) and reports, per path and world size,
+Runs the multi-process tests' own workers (``tests/*/test_distributed_*.py``) and reports, per path and world size,
 max |distributed - one process| over the result (parameters after the update, or the score vector), relative to
 max |one process| for the estimates, and whether the bits are identical. The tests assert tolerances; this script
 writes the numbers: ``bench/results/distributed_equality.{md,json}``.
 
-Run: ``python bench/distributed_equality.py`` (about 2 minutes on the 2-core machine).
+Run: ``python -m bench.distributed_equality`` (about 2 minutes on the 2-core machine).
 """
 
 import json
 import os
 import platform
-import sys
 import time
 
 import torch
 
+import sapsel_kernels as sk
+from tests.curvature import test_distributed_fsdp as tf
+from tests.helpers.dist import run_world
+from tests.update import test_distributed_optim as to
+from tests.update import test_distributed_unlearn as tu
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "tests"))
-sys.path.insert(0, os.path.join(HERE, ".."))  # the repository, when the package is not installed
-
-import test_distributed_fsdp as tf  # noqa: E402
-import test_distributed_optim as to  # noqa: E402
-import test_distributed_unlearn as tu  # noqa: E402
-from _dist import run_world  # noqa: E402
-
-import sapsel_kernels as sk  # noqa: E402
 
 ESTIMATORS = ("hutchinson", "gauss_newton", "squared_grad", "fisher", "grad_abs", "exact")
 
@@ -136,7 +132,7 @@ def main():
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
     lines = ["# One process vs world sizes 2 and 4 (gloo, CPU)", "",
              f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}. Command: "
-             f"`python bench/distributed_equality.py` ({seconds:.0f} s). Every rank's result is compared with the "
+             f"`python -m bench.distributed_equality` ({seconds:.0f} s). Every rank's result is compared with the "
              "single-process result on the concatenated data (the worst rank is shown); the workers are the "
              "multi-process tests' own.", "",
              "| path | case | world | max abs diff | bit-identical | unit |", "|---|---|---|---|---|---|"]

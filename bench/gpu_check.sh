@@ -82,7 +82,7 @@ cp bench/results/hessian_cuda_full.md "$DIR/" 2>/dev/null || true
 # The distributed paths over a one-rank NCCL group on the GPU (estimate, select, unlearn, SAM under DDP, FSDP2
 # optimizers / estimate / select) against group=None on the same device: NCCL's device buffers, which gloo never
 # exercises. It takes seconds, so it runs before the long pipeline steps.
-step nccl_world1 90 python bench/nccl_check.py nccl "$DIR/nccl_world1.json"
+step nccl_world1 90 python -m bench.nccl_check nccl "$DIR/nccl_world1.json"
 # ===== end section: distributed =====
 
 # ===== section: pipeline (issue 12) =====

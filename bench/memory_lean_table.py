@@ -1,22 +1,17 @@
 """Peak extra memory of every ``hessian_diag`` estimator with ``ProbeConfig(variance=False)``, beside the default and
-the loop users write (the loops and the measure of ``tests/test_memory_contracts.py``: the torch profiler's
+the loop users write (the loops and the measure of ``tests/curvature/test_memory_contracts.py``: the torch profiler's
 allocation timeline, tensor memory only), in units of N float32 on its 1.6M-parameter MLP.
 
-    python bench/memory_lean_table.py
+    python -m bench.memory_lean_table    (from the repository root)
 """
 
-import os
-import sys
 
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [os.path.join(HERE, "..", "tests"), HERE]
-
-import sapsel_kernels as sk  # noqa: E402
-import test_memory_contracts as t  # noqa: E402
-from _hessian_models import loop_hutchinson  # noqa: E402
-from sapsel_kernels import estimators  # noqa: E402
+import sapsel_kernels as sk
+from sapsel_kernels import estimators
+from tests.curvature import test_memory_contracts as t
+from tests.helpers.hessian_models import loop_hutchinson
 
 
 def main():

@@ -6,12 +6,11 @@ SparseSAM step under DDP, and under FSDP2 (``fully_shard`` on a one-rank mesh) t
 squared_grad estimate and the select over shards. This exercises NCCL's device buffers (flags, histograms, k-value
 all_reduces) that gloo never sees.
 
-Run: ``python bench/nccl_check.py [nccl|gloo] [OUT.json]`` (gloo on the CPU is the dry run CI can do). Exits 1
-when a check fails; prints one JSON line per check.
+Run from the repository root: ``python -m bench.nccl_check [nccl|gloo] [OUT.json]`` (gloo on the CPU is the dry
+run CI can do). Exits 1 when a check fails; prints one JSON line per check.
 """
 
 import json
-import os
 import sys
 import tempfile
 
@@ -19,8 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import sapsel_kernels as sk  # noqa: E402
+import sapsel_kernels as sk
 
 
 def _model(dev):

@@ -23,15 +23,13 @@ run under the math SDPA backend. A summary table (speed-up and memory vs dense) 
 import json
 import os
 import platform
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _hessian_models import gradient_once, make, peak_memory_bytes, run_provider, timeit
+from tests.helpers.hessian_models import gradient_once, make, peak_memory_bytes, run_provider, timeit
 
 import sapsel_kernels as sk
 from sapsel_kernels.hvp import HVP

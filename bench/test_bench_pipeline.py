@@ -16,9 +16,10 @@ Phases and providers (``ours`` = this package, the others what a user would writ
 
 * ``estimate`` (m = ``SAPSEL_BENCH_PROBES`` probes, default 4): ``ours`` ``hessian_diag`` (defaults); ``ours_lean``
   the same with ``ProbeConfig(variance=False)`` (the mean alone); ``loop`` the
-  create_graph loop (``_hessian_models.loop_hutchinson``); ``curvlinops`` ``hutchinson_diag(HessianLinearOperator,
-  m)`` (PyPI ``curvlinops-for-pytorch``; skipped when not installed or when its m x N probe matrix and products
-  cannot fit in RAM); ``ours_ckpt`` ``hessian_diag`` with HF gradient checkpointing (non-reentrant).
+  create_graph loop (``tests.helpers.hessian_models.loop_hutchinson``); ``curvlinops``
+  ``hutchinson_diag(HessianLinearOperator, m)`` (PyPI ``curvlinops-for-pytorch``; skipped when not installed or
+  when its m x N probe matrix and products cannot fit in RAM); ``ours_ckpt`` ``hessian_diag`` with HF gradient
+  checkpointing (non-reentrant).
 * ``estimate_grad``: ``ours`` ``hessian_diag(estimator="squared_grad")`` on the batch, ``ours_ckpt`` the same
   with HF gradient checkpointing (what checkpointing saves for a gradient-only estimate).
 * ``select`` 1 %: ``ours`` ``sk.select``; ``topk`` ``torch.topk(sorted=False)``.
@@ -52,8 +53,7 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _hessian_models import loop_hutchinson
+from tests.helpers.hessian_models import loop_hutchinson
 
 import sapsel_kernels as sk
 

@@ -16,16 +16,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from sapsel_kernels import _backend  # noqa: E402
-from sapsel_kernels._ext import ext_loaded  # noqa: E402
-
-
-def available_cpu_backends():
-    out = ["reference"]
-    if ext_loaded():
-        out.append("cpp")
-    if _backend.triton_available() and _backend.triton_interpret():
-        out.append("triton")
-    return out
+from tests.helpers.backends import available_cpu_backends  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -93,7 +93,7 @@ CASES = [(1000, 0, 0, 0), (777, 5, 3, 2**40 + 7), (300, 2**33 + 100, 1, 12345), 
 
 @pytest.mark.parametrize("n,offset,probe,seed", CASES)
 def test_rademacher_bit_identical_across_paths(n, offset, probe, seed):
-    from conftest import available_cpu_backends
+    from tests.helpers.backends import available_cpu_backends
 
     ref = rademacher_ref(n, offset, probe, seed)
     if "cpp" in available_cpu_backends():

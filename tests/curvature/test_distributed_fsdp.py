@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 import sapsel_kernels as sk
-from _dist import run_world
-from test_distributed_optim import STEPS, _data, _plain_step, _sam_step  # the same 8-point batch
+from tests.helpers.dist import run_world
+from tests.update.test_distributed_optim import STEPS, _data, _plain_step, _sam_step  # the same 8-point batch
 
 TOL = dict(rtol=1e-12, atol=1e-12)
 
@@ -373,8 +373,9 @@ def test_nccl_check_script_dry_run_on_gloo():
     import subprocess
     import sys
 
-    script = os.path.join(os.path.dirname(__file__), "..", "bench", "nccl_check.py")
-    run = subprocess.run([sys.executable, script, "gloo"], capture_output=True, text=True, timeout=300)
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
+    run = subprocess.run([sys.executable, "-m", "bench.nccl_check", "gloo"], cwd=root, capture_output=True, text=True,
+                         timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
     out = json.loads(run.stdout.strip().splitlines()[-1])
     assert out["backend"] == "gloo" and all(v for k, v in out.items() if isinstance(v, bool)), out

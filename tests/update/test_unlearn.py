@@ -21,7 +21,7 @@ from sapsel_kernels.rules import (METHODS, DiagNewton, FirstOrder, GradientAscen
 from sapsel_kernels.solver import cg_solve
 from sapsel_kernels.space import ParamSpace
 
-from _models import C, D_IN, H, Tiny, loss_fn
+from tests.helpers.models import C, D_IN, H, Tiny, loss_fn
 
 # the plain Newton step (no trust region, no ratio test): what the dense-solve oracles compute
 PLAIN = {"trust_radius": None, "min_ratio": None}

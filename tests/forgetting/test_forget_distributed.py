@@ -14,7 +14,7 @@ import tempfile
 import pytest
 import torch
 
-from _dist import run_world
+from tests.helpers.dist import run_world
 from sapsel_kernels.demo import lm
 
 SECRET = lm.CANARY_SECRET

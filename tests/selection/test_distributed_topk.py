@@ -11,7 +11,7 @@ one constant; every dtype, largest True/False, k in {0, 1, N/100, N/2, N}, uneve
 import pytest
 import torch
 import torch.distributed as dist
-from _dist import run_world
+from tests.helpers.dist import run_world
 
 import sapsel_kernels as sk
 from sapsel_kernels.distributed import ShardedSelection, shard_offsets, topk_comm_bytes

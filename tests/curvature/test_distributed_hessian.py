@@ -1,4 +1,4 @@
-"""Data-parallel ``hessian_diag(group=...)`` on gloo CPU process groups of 4, 2 and 1 ranks (tests/_dist.py).
+"""Data-parallel ``hessian_diag(group=...)`` on gloo CPU process groups of 4, 2 and 1 ranks (tests/helpers/dist.py).
 
 Spawning a world costs 4-9 s here (and every rank pays ~3 s of torch / torch._dynamo imports), so ONE spawned world
 of 4 ranks makes every check (world size 2 on subgroups, 1 on singleton groups) and returns the results; the tests
@@ -14,7 +14,7 @@ import signal
 import pytest
 import torch
 import torch.distributed as dist
-from _dist import run_world
+from tests.helpers.dist import run_world
 
 import sapsel_kernels as sk
 from sapsel_kernels import Checkpoint, ProbeConfig, StopRule, hessian_diag
@@ -214,7 +214,7 @@ def _errors(rank: int, world: int, group, res: dict) -> None:
 
 def _fsdp(world: int):
     """FSDP2 (fully_shard: DTensor parameters): HVP estimators are refused with a ValueError on every rank (the
-    gradient-only ones run sharded: tests/test_distributed_fsdp.py)."""
+    gradient-only ones run sharded: tests/curvature/test_distributed_fsdp.py)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 

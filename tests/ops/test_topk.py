@@ -111,7 +111,7 @@ def test_set_oracle_torch_topk(dtype):
 
 
 def test_paths_bit_identical():
-    from conftest import available_cpu_backends
+    from tests.helpers.backends import available_cpu_backends
 
     g = torch.Generator().manual_seed(7)
     x = torch.randn(30_011, generator=g)
@@ -169,7 +169,7 @@ def test_threshold_selects_a_tie_exactly():
 
 
 def _backends():
-    from conftest import available_cpu_backends
+    from tests.helpers.backends import available_cpu_backends
 
     return available_cpu_backends()
 

@@ -19,7 +19,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import sapsel_kernels as sk
-from _dist import run_world
+from tests.helpers.dist import run_world
 
 
 def _model():

@@ -22,7 +22,7 @@ import zlib
 
 import pytest
 import torch
-from conftest import available_cpu_backends
+from tests.helpers.backends import available_cpu_backends
 
 from sapsel_kernels import use_backend
 from sapsel_kernels.reference.sparse import acc_dtype

@@ -91,7 +91,7 @@ def test_functional_sam_with_functional_call():
 
 
 def test_bad_indices(backend):
-    # the ops validate every call themselves (the full battery is tests/test_ops_fuzz.py)
+    # the ops validate every call themselves (the full battery is tests/ops/test_ops_fuzz.py)
     flat = torch.randn(10)
     with pytest.raises(IndexError, match=r"sparse_gather: idx\[1\] = 10 is out of range \[0, 10\)"):
         sparse_gather(flat, torch.tensor([2, 10]))

@@ -18,7 +18,7 @@ from sapsel_kernels.space import ParamSpace
 from sapsel_kernels.strategies import (STRATEGIES, last_layer_indices, parameter_scores, select_parameters,
                                        strategy_arguments)
 
-from _models import C, D_IN, Tiny, loss_fn
+from tests.helpers.models import C, D_IN, Tiny, loss_fn
 
 
 @pytest.fixture
@@ -387,7 +387,7 @@ def test_arguments_the_strategy_reads_are_accepted(setup):
     # argument means "not given"
     model, aff, cor, train = setup
     values = {**_inputs(setup), "seed": 0, "n_probes": 4, "estimator": "exact", "fisher_points": 512,
-              "last_layer_prefix": "fc", "group": None}  # group=None: one process (tests/test_distributed_unlearn)
+              "last_layer_prefix": "fc", "group": None}  # group=None: one process (test_distributed_unlearn)
     for strategy in STRATEGIES:
         reads = strategy_arguments(strategy)
         kw = {k: v for k, v in values.items() if k in reads}

@@ -249,7 +249,7 @@ def test_triton_kernels_compile_for_gpu_without_fma():
 @pytest.mark.slow
 def test_large_slices_bit_identical_cpp_vs_reference():
     """Millions of elements at offsets past 2^31 and 2^32, many threads' chunks: C++ == reference, bit for bit."""
-    from conftest import available_cpu_backends
+    from tests.helpers.backends import available_cpu_backends
 
     if "cpp" not in available_cpu_backends():
         pytest.skip("C++ extension not built")

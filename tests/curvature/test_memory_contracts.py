@@ -7,8 +7,6 @@ its activations (a few hundred KiB) are small next to one N-length float32 vecto
 would be broken by any extra N-length float32 temporary, and twice over by a float64 one.
 """
 
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,8 +15,7 @@ import sapsel_kernels as sk
 from sapsel_kernels import estimators
 from sapsel_kernels.rules import norm_float64
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
-from _hessian_models import loop_hutchinson, peak_memory_bytes  # noqa: E402  (the benchmarks' own measure)
+from tests.helpers.hessian_models import loop_hutchinson, peak_memory_bytes  # the benchmarks' own measure
 
 
 def peak_bytes(fn) -> int:

@@ -41,7 +41,7 @@ def run_world(fn, world: int, *args):
     # forkserver with torch and the package preloaded: a rank forks from a process that has imported them once
     # (measured: a 4-rank world 35 s -> 11 s on the 2-core CI machine; spawn pays ~5 s of imports per rank)
     multiprocessing.set_forkserver_preload(["torch", "torch._dynamo", "torch.distributed", "sapsel_kernels",
-                                            "sapsel_kernels.hessian", "sapsel_kernels.optim"])
+                                            "sapsel_kernels.curvature.hessian", "sapsel_kernels.update.optim"])
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "rendezvous")
         try:

@@ -705,7 +705,8 @@ def hessian_diag(model: torch.nn.Module, loss_fn, data, estimator: str = "hutchi
           batches (parameter dtype, float32 when a parameter is 16-bit). Default per_pass: 1 without a stopping
           rule, checkpoint or group for one batch and un-vectorized HVPs (the CPU default: then 8 N bytes + one
           probe + one product + the graph; measured on CPU: within the create_graph loop's peak + 3 N float32,
-          tests/test_memory_contracts.py), else the largest value <= 8 (16 on CUDA) with 6 x per_pass x N x elem
+          tests/curvature/test_memory_contracts.py), else the largest value <= 8 (16 on CUDA) with
+          6 x per_pass x N x elem
           <= ``ProbeConfig.memory_cap_bytes``;
         * "gauss_newton": 8 N bytes of accumulators + a per_pass x N float32 sum (float64 only for float64
           parameters; per_pass = 1 by default without a stopping rule, checkpoint or group) + one backward's

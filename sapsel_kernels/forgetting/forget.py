@@ -982,9 +982,9 @@ def forget(model, tokenizer, texts, secret, prefix: Optional[str] = None, replac
             each rank takes its share of every batch (the scoring windows, Z, Z̃, the retain batches) and of the
             held-out windows; the selection is one, computed from the group's scores; each step's gradient is the
             whole batch's (:func:`group_lm_loss`), so the result is one process's up to float summation order
-            (tests/test_forget_distributed.py, world 2 on gloo). The exposure audits, sampling and attacks are not
-            split: every rank runs them on its identical copy. Only ``objective="npo"`` without ``per_token`` and
-            ``retain_loss="ce"`` are supported under a group (ValueError otherwise); every batch needs at least
+            (tests/forgetting/test_forget_distributed.py, world 2 on gloo). The exposure audits, sampling and attacks
+            are not split: every rank runs them on its identical copy. Only ``objective="npo"`` without ``per_token``
+            and ``retain_loss="ce"`` are supported under a group (ValueError otherwise); every batch needs at least
             one window per rank (ValueError otherwise, before any model work).
 
     Returns:

@@ -10,7 +10,7 @@ import triton.language as tl
 
 # Kernels taking the probe index and the seed halves as plain ints must not let the GPU launcher specialise them:
 # an int argument equal to 1 becomes a constexpr there, and ``.to(tl.uint32)`` on it fails to compile (seed 1 and
-# probe 1 are everyday values). The interpreter never specialises, so only tests/test_triton_gpu_compile.py sees it.
+# probe 1 are everyday values). The interpreter never specialises, so only tests/ops/test_triton_gpu_compile.py sees it.
 SCALAR_KEYS = ["probe", "seed_lo", "seed_hi"]
 
 

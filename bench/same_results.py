@@ -6,10 +6,11 @@
     python bench/same_results.py --compare /tmp/fp_old.json /tmp/fp_new.json
 
 The fingerprint holds the demo's JSON without its timings and environment, and per forget run the report without
-its cost (wall times) and the weights' bit patterns summed as int32 (any changed bit of any weight changes it).
+its cost (wall times) and a sha1 of the weights' bytes.
 """
 
 import argparse
+import hashlib
 import json
 import os
 import subprocess
@@ -18,12 +19,16 @@ import tempfile
 
 import torch
 
-_VOLATILE = ("time", "wall", "seconds", "_s", "argv", "machine", "version", "date", "environment", "loadavg")
+_VOLATILE = ("time", "wall", "seconds", "argv", "machine", "version", "date", "environment", "loadavg")
+
+
+def _volatile(key: str) -> bool:
+    return any(s in key for s in _VOLATILE) or key.endswith("_s")
 
 
 def _strip(x):
     if isinstance(x, dict):
-        return {k: _strip(v) for k, v in x.items() if not any(s in k for s in _VOLATILE)}
+        return {k: _strip(v) for k, v in x.items() if not _volatile(k)}
     if isinstance(x, list):
         return [_strip(v) for v in x]
     return x
@@ -54,8 +59,9 @@ def fingerprint() -> dict:
                      strategy=strategy, max_steps=20, n_candidates=200, n_monitor=40, progress=False, seed=5)
         d = rep.to_dict()
         d.pop("cost", None)
-        bits = torch.cat([p.detach().reshape(-1) for p in m.parameters()]).view(torch.int32).to(torch.int64)
-        runs[strategy] = {"report": json.loads(json.dumps(d, default=str)), "weight_bits": int(bits.sum())}
+        flat = torch.cat([p.detach().reshape(-1) for p in m.parameters()])
+        runs[strategy] = {"report": json.loads(json.dumps(d, default=str)),
+                          "weight_bits": hashlib.sha1(flat.numpy().tobytes()).hexdigest()}
     return {"demo_quick": demo, "forget": runs}
 
 

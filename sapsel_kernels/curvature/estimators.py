@@ -474,9 +474,11 @@ def fisher(model, loss, batches, space, progress: bool | None = None, comm: Comm
                     for part in (g if isinstance(g, list) else [g]):
                         check_finite(part, "hessian_diag(estimator='fisher'): a per-point gradient",
                                      suffix="is the loss finite at these parameters?")
-                    if isinstance(g, list):  # per parameter: each point's squares folded without a flat copy
-                        for j in range(hi - lo):
-                            acc.add_squares([part[j] for part in g], space.offsets)
+                    if isinstance(g, list) and hi - lo == 1:  # one point (from ~22M parameters on): its squares
+                        acc.add_squares([part[0] for part in g], space.offsets)  # per parameter, no flat copy
+                    elif isinstance(g, list):  # several points: one [C, N] matrix, folded row by row (same bits;
+                        g = torch.cat(g, dim=1)  # per-parameter folds measured 3.3x slower on 81 small tensors)
+                        acc.add_rows(g.mul_(g))
                     else:
                         acc.add_rows(g.mul_(g))  # squared in place: no second [C, N]
                     del g  # the [C, N] gradients of this chunk: freed before the next chunk's are computed

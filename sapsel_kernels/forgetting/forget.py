@@ -259,17 +259,28 @@ def group_lm_loss(comm):
     from .measure import lm_logits
 
     def loss(model, batch) -> torch.Tensor:
-        x, y = batch[0], batch[1]
-        dev = next(model.parameters()).device
-        logits = lm_logits(model, x.to(dev))
-        y = y.to(dev).reshape(-1)
-        local = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y, ignore_index=IGNORE,
-                                reduction="sum")
-        buf = torch.stack([local.detach().double(), (y != IGNORE).sum().double()]).to(comm.device)
+        local, n_local, err = None, 0.0, None
+        try:
+            x, y = batch[0], batch[1]
+            dev = next(model.parameters()).device
+            logits = lm_logits(model, x.to(dev))
+            y = y.to(dev).reshape(-1)
+            local = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y, ignore_index=IGNORE,
+                                    reduction="sum")
+            n_local = float((y != IGNORE).sum())
+        except Exception as exc:  # noqa: BLE001 - every rank learns of it in the same all_reduce, then raises
+            err = exc
+        buf = torch.tensor([float(local.detach()) if local is not None else 0.0, n_local, float(err is not None)],
+                           dtype=torch.float64, device=comm.device)
         dist.all_reduce(buf, group=comm.group)
+        if err is not None:
+            raise err
+        if buf[2] > 0:
+            raise ValueError("forget(group=): another rank failed in the loss; every rank stops")
         total, n = float(buf[0]), float(buf[1])
         scale = comm.world / n if n > 0 else float("nan")
-        return local * scale + (total / n if n > 0 else float("nan")) - (local.detach() * scale)
+        # the same value on every rank (the detached total), the gradient of this rank's share x W / n
+        return (local - local.detach()) * scale + (total / n if n > 0 else float("nan"))
 
     return loss
 
@@ -319,6 +330,40 @@ def shard_batches(batches: List[Tuple[torch.Tensor, ...]], comm, what: str) -> L
     return [tuple(t.tensor_split(comm.world)[comm.rank] for t in b) for b in batches]
 
 
+def share_for_scoring(batches: List[Tuple[torch.Tensor, ...]], comm, what: str,
+                      per_batch: bool) -> List[Tuple[torch.Tensor, ...]]:
+    """This rank's share of the SCORING batches, chosen so that the group's scores are one process's exactly.
+    ``per_batch`` False (scores summed per point: ssd's Fisher, a mean gradient): the rows of every batch, as in
+    :func:`shard_batches`. True (a hessian_diag estimate, which weighs every rank's batch mean alike): every batch's
+    rows split evenly when every batch's size is a multiple of the world size, else whole batches round robin
+    (rank r: batches r, r + W, ...), which needs at least W batches; otherwise ValueError, before any model work."""
+    if not comm.active:
+        return batches
+    if not per_batch:
+        return shard_batches(batches, comm, what)
+    w = comm.world
+    if batches and all(len(b[0]) % w == 0 for b in batches):
+        return [tuple(t.tensor_split(w)[comm.rank] for t in b) for b in batches]
+    if len(batches) >= w:
+        return list(batches[comm.rank::w])
+    sizes = [len(b[0]) for b in batches]
+    raise ValueError(f"forget(group=): the {what} windows ({sum(sizes)} in {len(batches)} batch(es) of sizes "
+                     f"{sizes}) cannot be shared exactly over {w} ranks: make batch_size a multiple of {w}, or give "
+                     f"at least {w} batches (hessian_windows / batch_size), or use fewer ranks")
+
+
+def _window_digest(data) -> str:
+    """sha1 of every window tensor the request built: the ranks compare it (a different tokenizer shows here)."""
+    import hashlib
+
+    h = hashlib.sha1()
+    for x, y in (data.train, data.affected, data.affected_secret, data.corrected, data.retain, data.val, data.test):
+        for t in (x, y):
+            h.update(str(tuple(t.shape)).encode())
+            h.update(t.detach().contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
 @torch.no_grad()
 def perplexity(model, data: Tuple[torch.Tensor, torch.Tensor], batch_size: int = 16, comm=None) -> float:
     """exp(mean next-token cross-entropy) over the windows ``data = (x, y)``, in eval mode (restored). ``comm``
@@ -329,19 +374,29 @@ def perplexity(model, data: Tuple[torch.Tensor, torch.Tensor], batch_size: int =
     x, y = data
     if comm is not None and comm.active:
         x, y = x.tensor_split(comm.world)[comm.rank], y.tensor_split(comm.world)[comm.rank]
-    tot, n = 0.0, 0
-    with estimation_mode(model):
-        for i in range(0, len(x), batch_size):
-            b = (x[i:i + batch_size], y[i:i + batch_size])
-            m = int((b[1] != IGNORE).sum())
-            if m:
-                tot += float(lm_loss(model, b)) * m
-            n += m
+    tot, n, err = 0.0, 0, None
+    try:
+        with estimation_mode(model):
+            for i in range(0, len(x), batch_size):
+                b = (x[i:i + batch_size], y[i:i + batch_size])
+                m = int((b[1] != IGNORE).sum())
+                if m:
+                    tot += float(lm_loss(model, b)) * m
+                n += m
+    except Exception as exc:  # noqa: BLE001 - under a group every rank learns of it in the all_reduce below
+        if comm is None or not comm.active:
+            raise
+        err = exc
     if comm is not None and comm.active:
         import torch.distributed as dist
 
-        buf = torch.tensor([tot, float(n)], dtype=torch.float64, device=comm.device)
+        buf = torch.tensor([tot if err is None else 0.0, float(n), float(err is not None)], dtype=torch.float64,
+                           device=comm.device)
         dist.all_reduce(buf, group=comm.group)
+        if err is not None:
+            raise err
+        if buf[2] > 0:
+            raise ValueError("forget(group=): another rank failed measuring the perplexity; every rank stops")
         tot, n = float(buf[0]), int(buf[1])
     if not math.isfinite(tot):
         from ..errors import NonFiniteError
@@ -977,15 +1032,17 @@ def forget(model, tokenizer, texts, secret, prefix: Optional[str] = None, replac
         evidence: the attacks measured before and after (:class:`Evidence`; None: none, faster).
         progress: a progress bar on stderr (None: only on a terminal).
         group: a torch.distributed ProcessGroup (e.g. ``dist.group.WORLD`` under torchrun) or None (one process).
-            Given, the call is collective and every rank passes the same model (replicated), texts, request and
-            settings (compared first: a difference raises on every rank). The windows are split over the ranks:
-            each rank takes its share of every batch (the scoring windows, Z, Z̃, the retain batches) and of the
-            held-out windows; the selection is one, computed from the group's scores; each step's gradient is the
+            Given, the call is collective and every rank passes the same model (replicated), tokenizer, texts,
+            request and settings (compared first, then the windows each rank built: a difference, or an error in
+            any check on any rank, raises on every rank before any model work). The windows are split over the
+            ranks: each rank takes its share of every step's batch (Z, Z̃, retain), of the scoring windows (shared
+            so that the group's scores are one process's: :func:`share_for_scoring`, which refuses a split it
+            cannot make exact) and of the held-out windows; the selection is one; each step's gradient is the
             whole batch's (:func:`group_lm_loss`), so the result is one process's up to float summation order
-            (tests/forgetting/test_forget_distributed.py, world 2 on gloo). The exposure audits, sampling and attacks
-            are not split: every rank runs them on its identical copy. Only ``objective="npo"`` without ``per_token``
-            and ``retain_loss="ce"`` are supported under a group (ValueError otherwise); every batch needs at least
-            one window per rank (ValueError otherwise, before any model work).
+            (tests/forgetting/test_forget_distributed.py, worlds 2 and 3 on gloo). The exposure audits, sampling
+            and attacks are not split: every rank runs them on its identical copy. Only ``objective="npo"`` without
+            ``per_token``, ``retain_loss="ce"`` and a rule without its own forget_loss / retain_loss run under a
+            group (ValueError otherwise).
 
     Returns:
         :class:`ForgetReport` (``to_dict()`` for JSON).
@@ -1007,144 +1064,187 @@ def forget(model, tokenizer, texts, secret, prefix: Optional[str] = None, replac
     from .decoys import kind_of, plausible
     from .exposure import random_candidates
     from .secret_spec import as_specs, locate_all
-    from ..selection.strategies import budget_k, check_strategy, parameter_scores, select_parameters, strategy_arguments
+    from ..selection.strategies import (STRATEGY_REGISTRY, budget_k, check_strategy, parameter_scores,
+                                        select_parameters, strategy_arguments)
     from ..update.unlearn import unlearn
 
     t_start = time.perf_counter()
-    _check_model(model)
     from ..curvature.hessian import comm_for
 
     comm = comm_for(group)  # a bad group raises here; then the ranks compare the request FIRST, so that a
     if comm.active:  # request that differs raises on every rank instead of failing a check on one of them
-        comm.device = next(model.parameters()).device if next(model.parameters()).is_cuda else torch.device("cpu")
+        try:
+            dev = next(model.parameters()).device
+        except (AttributeError, TypeError, StopIteration):
+            dev = torch.device("cpu")  # _check_model below says what is wrong, on every rank
+        comm.device = dev if dev.type == "cuda" else torch.device("cpu")
         _agree(comm, model, [texts, secret, prefix, replacement, fmt, strategy, budget, max_ppl_increase,
                              target_exposure, heldout, seq_len, seed, n_candidates, n_monitor, max_steps, check_every,
                              lr, rule, batch_size, hessian_windows, n_probes, scores, context, per_token, retain_loss,
                              retain_windows, objective, decoys, repair_steps, evidence])
-    if isinstance(texts, str):
-        texts = [texts]
-    if not isinstance(texts, (list, tuple)) or not texts or not all(isinstance(t, str) for t in texts):
-        raise TypeError("texts must be a str or a non-empty list of str")
-    if isinstance(secret, str) or (isinstance(secret, dict)):
-        if isinstance(secret, str) and not secret.strip():
-            raise ValueError("secret must be a non-empty string")
-        one = {"secret": secret} if isinstance(secret, str) else dict(secret)
-        for k, v in (("prefix", prefix), ("format", fmt), ("replacement", replacement)):
-            if v is not None:
-                one[k] = v
-        if isinstance(prefix, str) and not prefix:
-            raise ValueError("prefix is empty: pass the text that elicits the secret (or None to infer it)")
-        specs = as_specs([one])
-    else:
-        if prefix is not None or fmt is not None or replacement is not None:
-            raise ValueError("with a list of secrets, give prefix, format and replacement per secret (dicts or "
-                             "SecretSpec), not as arguments")
-        specs = as_specs(secret)
-    if objective not in OBJECTIVE_REGISTRY:
-        raise ValueError(f"objective must be one of {OBJECTIVE_REGISTRY.names()}, got {objective!r}")
-    obj = OBJECTIVE_REGISTRY[objective]
-    if per_token and not obj.per_token:
-        ones = " / ".join(repr(n) for n in OBJECTIVE_REGISTRY if OBJECTIVE_REGISTRY[n].per_token)
-        raise ValueError(f"per_token applies to objective={ones} only, not {objective!r}")
-    if not obj.many_secrets and len(specs) > 1:
-        raise ValueError(f"objective={objective!r} takes one secret per run")
-    if isinstance(decoys, bool) or not isinstance(decoys, int) or decoys < 0:
-        raise ValueError(f"decoys must be an int >= 0, got {decoys!r}")
-    if decoys and not obj.decoys:
-        raise ValueError("decoys applies to objective='uniform' only (descent on decoys would teach them)")
-    if retain_loss not in ("ce", "kl"):
-        raise ValueError(f"retain_loss must be 'ce' or 'kl', got {retain_loss!r}")
-    if not isinstance(per_token, bool):
-        raise TypeError(f"per_token must be a bool, got {type(per_token).__name__}")
-    if not isinstance(max_ppl_increase, (int, float)) or not math.isfinite(max_ppl_increase) or max_ppl_increase < 0:
-        raise ValueError(f"max_ppl_increase must be a finite fraction >= 0, got {max_ppl_increase!r}")
-    if not isinstance(target_exposure, (int, float)) or not math.isfinite(target_exposure) or target_exposure < 0:
-        raise ValueError(f"target_exposure must be finite and >= 0 bits, got {target_exposure!r}")
-    if evidence is not None and not isinstance(evidence, Evidence):
-        raise TypeError(f"evidence must be a sapsel_kernels.forget.Evidence or None, got {type(evidence).__name__}")
-    if isinstance(heldout, str):
-        heldout = [heldout]
-    if isinstance(heldout, bool) or not (isinstance(heldout, (int, float)) and 0 < heldout < 1 or
-                                         isinstance(heldout, (list, tuple)) and heldout
-                                         and all(isinstance(t, str) for t in heldout)):
-        raise ValueError(f"heldout must be a fraction in (0, 1) or a list of held-out texts, got {heldout!r}")
-    if isinstance(heldout, (list, tuple)) and not any(t.strip() for t in heldout):
-        raise ValueError("the held-out texts are empty")
-    for name, v, lo in (("n_candidates", n_candidates, 3), ("n_monitor", n_monitor, 3), ("batch_size", batch_size, 1),
-                        ("hessian_windows", hessian_windows, 1), ("n_probes", n_probes, 1)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-            raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
-    check_strategy(strategy)
-    budget_k(budget, sum(p.numel() for p in model.parameters() if p.requires_grad))
-    if group is not None:
-        if not obj.group or per_token or retain_loss != "ce":
-            raise ValueError("forget(group=) supports objective='npo' without per_token and retain_loss='ce' only "
-                             f"(got objective={objective!r}, per_token={per_token!r}, retain_loss={retain_loss!r})")
-        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            raise ValueError("forget(group=): pass the replicated module itself, not a DistributedDataParallel "
-                             "wrapper (forget splits the windows and averages the gradients at S itself)")
-    cfg = rule if rule is not None else Targeted(steps=max_steps, lr=lr, check_every=check_every,
-                                                 lr_max=max(100.0, float(lr)) if isinstance(lr, (int, float)) else lr,
-                                                 repair_steps=repair_steps)
-    if not isinstance(cfg, Targeted):
-        raise TypeError(f"rule must be a sapsel_kernels.Targeted config, got {type(cfg).__name__}")
-    if rule is not None and repair_steps and repair_steps != rule.repair_steps:
-        raise ValueError(f"repair_steps={repair_steps!r} conflicts with rule.repair_steps={rule.repair_steps!r}: "
-                         "set it in the rule")
-    codec = measure.as_tokenizer(tokenizer)
-    located = locate_all(specs, texts, context=context)
-    if isinstance(heldout, (list, tuple)):
-        for loc in located:
-            if any(loc.secret in t for t in heldout):
-                raise ValueError(f"the held-out text contains the secret {loc.secret!r}: held-out text must be text "
-                                 "the model never trained on")
-    n_never = evidence.n_never_seen if evidence is not None else 0
-    all_secrets = [loc.secret for loc in located]
-    nulls, replacements = [], []
-    for i, loc in enumerate(located):
-        nulls.append(_null_for(loc, i, seed, n_candidates, n_monitor, n_never, exclude=all_secrets))
-        r = loc.spec.replacement
-        if r is None:
-            taken = [*all_secrets, *nulls[-1].report, *nulls[-1].monitor, *nulls[-1].never_seen, *replacements]
-            if nulls[-1].uniform or loc.spec.decoys is not None:
-                r = random_candidates(1, loc.fmt, seed=stream_seed(seed, "replacement", i), exclude=taken)[0]
-            else:
-                r = plausible(loc.secret, 1, seed=stream_seed(seed, "replacement", i), exclude=taken,
-                              kind=kind_of(loc.secret))[0]
-        inside = next((s for s in all_secrets if s in r), None)
-        if inside is not None:
-            raise ValueError(f"the replacement {r!r} contains the secret {inside!r}: descent on Z̃ would teach it "
-                             "again")
-        replacements.append(r)
-    for loc, r in zip(located, replacements):
-        for what, s in (("secret", loc.secret), ("prefix", loc.prefix), ("replacement", r)):
-            if s and not codec.encode(s):
-                raise ValueError(f"the tokenizer encodes the {what} {s!r} to no tokens")
-    ctx = measure.context_length(model)
-    n_secret = max(len(codec.encode(p + loc.secret)) for loc in located for p in loc.prompts)
-    if ctx is not None and n_secret > ctx:
-        raise ValueError(f"prefix + secret are {n_secret} tokens, longer than the model's context window ({ctx})")
-    T = int(seq_len) if seq_len is not None else min(64, ctx or 64)
-    if T < 2 or (ctx is not None and T > ctx):
-        raise ValueError(f"seq_len must be in [2, {ctx}] (the model's context), got {T}")
-    from ..curvature.modes import estimation_mode
+    prep_error = None
+    try:  # every check and the windows: under a group, an error on one rank raises on every rank (below)
+        _check_model(model)
+        if isinstance(texts, str):
+            texts = [texts]
+        if not isinstance(texts, (list, tuple)) or not texts or not all(isinstance(t, str) for t in texts):
+            raise TypeError("texts must be a str or a non-empty list of str")
+        if isinstance(secret, str) or (isinstance(secret, dict)):
+            if isinstance(secret, str) and not secret.strip():
+                raise ValueError("secret must be a non-empty string")
+            one = {"secret": secret} if isinstance(secret, str) else dict(secret)
+            for k, v in (("prefix", prefix), ("format", fmt), ("replacement", replacement)):
+                if v is not None:
+                    one[k] = v
+            if isinstance(prefix, str) and not prefix:
+                raise ValueError("prefix is empty: pass the text that elicits the secret (or None to infer it)")
+            specs = as_specs([one])
+        else:
+            if prefix is not None or fmt is not None or replacement is not None:
+                raise ValueError("with a list of secrets, give prefix, format and replacement per secret (dicts or "
+                                 "SecretSpec), not as arguments")
+            specs = as_specs(secret)
+        if objective not in OBJECTIVE_REGISTRY:
+            raise ValueError(f"objective must be one of {OBJECTIVE_REGISTRY.names()}, got {objective!r}")
+        obj = OBJECTIVE_REGISTRY[objective]
+        if per_token and not obj.per_token:
+            ones = " / ".join(repr(n) for n in OBJECTIVE_REGISTRY if OBJECTIVE_REGISTRY[n].per_token)
+            raise ValueError(f"per_token applies to objective={ones} only, not {objective!r}")
+        if not obj.many_secrets and len(specs) > 1:
+            raise ValueError(f"objective={objective!r} takes one secret per run")
+        if isinstance(decoys, bool) or not isinstance(decoys, int) or decoys < 0:
+            raise ValueError(f"decoys must be an int >= 0, got {decoys!r}")
+        if decoys and not obj.decoys:
+            raise ValueError("decoys applies to objective='uniform' only (descent on decoys would teach them)")
+        if retain_loss not in ("ce", "kl"):
+            raise ValueError(f"retain_loss must be 'ce' or 'kl', got {retain_loss!r}")
+        if not isinstance(per_token, bool):
+            raise TypeError(f"per_token must be a bool, got {type(per_token).__name__}")
+        if not isinstance(max_ppl_increase, (int, float)) or not math.isfinite(max_ppl_increase) \
+                or max_ppl_increase < 0:
+            raise ValueError(f"max_ppl_increase must be a finite fraction >= 0, got {max_ppl_increase!r}")
+        if not isinstance(target_exposure, (int, float)) or not math.isfinite(target_exposure) or target_exposure < 0:
+            raise ValueError(f"target_exposure must be finite and >= 0 bits, got {target_exposure!r}")
+        if evidence is not None and not isinstance(evidence, Evidence):
+            raise TypeError(f"evidence must be a sapsel_kernels.forget.Evidence or None, got {type(evidence).__name__}")
+        if isinstance(heldout, str):
+            heldout = [heldout]
+        if isinstance(heldout, bool) or not (isinstance(heldout, (int, float)) and 0 < heldout < 1 or
+                                             isinstance(heldout, (list, tuple)) and heldout
+                                             and all(isinstance(t, str) for t in heldout)):
+            raise ValueError(f"heldout must be a fraction in (0, 1) or a list of held-out texts, got {heldout!r}")
+        if isinstance(heldout, (list, tuple)) and not any(t.strip() for t in heldout):
+            raise ValueError("the held-out texts are empty")
+        for name, v, lo in (("n_candidates", n_candidates, 3), ("n_monitor", n_monitor, 3),
+                            ("batch_size", batch_size, 1), ("hessian_windows", hessian_windows, 1),
+                            ("n_probes", n_probes, 1)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
+        check_strategy(strategy)
+        budget_k(budget, sum(p.numel() for p in model.parameters() if p.requires_grad))
+        if group is not None:
+            if not obj.group or per_token or retain_loss != "ce":
+                raise ValueError("forget(group=) supports objective='npo' without per_token and retain_loss='ce' only "
+                                 f"(got objective={objective!r}, per_token={per_token!r}, retain_loss={retain_loss!r})")
+            if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+                raise ValueError("forget(group=): pass the replicated module itself, not a DistributedDataParallel "
+                                 "wrapper (forget splits the windows and averages the gradients at S itself)")
+        lr_max = max(100.0, float(lr)) if isinstance(lr, (int, float)) else lr
+        cfg = rule if rule is not None else Targeted(steps=max_steps, lr=lr, check_every=check_every, lr_max=lr_max,
+                                                     repair_steps=repair_steps)
+        if group is not None and isinstance(cfg, Targeted) and (cfg.forget_loss is not None
+                                                                or cfg.retain_loss is not None):
+            raise ValueError("forget(group=): a rule with its own forget_loss / retain_loss would run per rank "
+                             "without reduction; pass the rule without them")
+        if not isinstance(cfg, Targeted):
+            raise TypeError(f"rule must be a sapsel_kernels.Targeted config, got {type(cfg).__name__}")
+        if rule is not None and repair_steps and repair_steps != rule.repair_steps:
+            raise ValueError(f"repair_steps={repair_steps!r} conflicts with rule.repair_steps={rule.repair_steps!r}: "
+                             "set it in the rule")
+        codec = measure.as_tokenizer(tokenizer)
+        located = locate_all(specs, texts, context=context)
+        if isinstance(heldout, (list, tuple)):
+            for loc in located:
+                if any(loc.secret in t for t in heldout):
+                    raise ValueError(f"the held-out text contains the secret {loc.secret!r}: held-out text must be "
+                                     "text the model never trained on")
+        n_never = evidence.n_never_seen if evidence is not None else 0
+        all_secrets = [loc.secret for loc in located]
+        nulls, replacements = [], []
+        for i, loc in enumerate(located):
+            nulls.append(_null_for(loc, i, seed, n_candidates, n_monitor, n_never, exclude=all_secrets))
+            r = loc.spec.replacement
+            if r is None:
+                taken = [*all_secrets, *nulls[-1].report, *nulls[-1].monitor, *nulls[-1].never_seen, *replacements]
+                if nulls[-1].uniform or loc.spec.decoys is not None:
+                    r = random_candidates(1, loc.fmt, seed=stream_seed(seed, "replacement", i), exclude=taken)[0]
+                else:
+                    r = plausible(loc.secret, 1, seed=stream_seed(seed, "replacement", i), exclude=taken,
+                                  kind=kind_of(loc.secret))[0]
+            inside = next((s for s in all_secrets if s in r), None)
+            if inside is not None:
+                raise ValueError(f"the replacement {r!r} contains the secret {inside!r}: descent on Z̃ would teach it "
+                                 "again")
+            replacements.append(r)
+        for loc, r in zip(located, replacements):
+            for what, s in (("secret", loc.secret), ("prefix", loc.prefix), ("replacement", r)):
+                if s and not codec.encode(s):
+                    raise ValueError(f"the tokenizer encodes the {what} {s!r} to no tokens")
+        ctx = measure.context_length(model)
+        n_secret = max(len(codec.encode(p + loc.secret)) for loc in located for p in loc.prompts)
+        if ctx is not None and n_secret > ctx:
+            raise ValueError(f"prefix + secret are {n_secret} tokens, longer than the model's context window ({ctx})")
+        T = int(seq_len) if seq_len is not None else min(64, ctx or 64)
+        if T < 2 or (ctx is not None and T > ctx):
+            raise ValueError(f"seq_len must be in [2, {ctx}] (the model's context), got {T}")
+        from ..curvature.modes import estimation_mode
 
-    vocab = measure.vocab_size(model)
-    _check_ids(vocab, [codec.encode(p + loc.secret) for loc in located for p in loc.prompts]
-               + [codec.encode(r) for r in replacements], "secret or replacement")
-    with torch.no_grad(), estimation_mode(model):  # the model must be a causal LM: one forward checks the head
-        probe_ids = torch.tensor([codec.encode(located[0].prompts[0])[:T]], dtype=torch.int64)
-        measure.lm_logits(model, probe_ids.to(next(model.parameters()).device))
+        vocab = measure.vocab_size(model)
+        _check_ids(vocab, [codec.encode(p + loc.secret) for loc in located for p in loc.prompts]
+                   + [codec.encode(r) for r in replacements], "secret or replacement")
+        with torch.no_grad(), estimation_mode(model):  # the model must be a causal LM: one forward checks the head
+            probe_ids = torch.tensor([codec.encode(located[0].prompts[0])[:T]], dtype=torch.int64)
+            measure.lm_logits(model, probe_ids.to(next(model.parameters()).device))
 
-    data = build_forget_data(tokenizer, texts, all_secrets, replacements, seq_len=T, heldout=heldout, seed=seed)
-    for what, (x, y) in (("training", data.train), ("corrected", data.corrected), ("held-out", data.val),
-                         ("held-out", data.test)):
-        _check_ids(vocab, [x.reshape(-1), y.reshape(-1)], what)
-    heldout_given = isinstance(heldout, (list, tuple))
-    train_text = None
-    if heldout_given and len(data.retain[0]):
-        n_tt = min(64, len(data.retain[0]))  # a fixed sample of retained windows: the training-text perplexity
-        train_text = (data.retain[0][-n_tt:], data.retain[1][-n_tt:])
+        data = build_forget_data(tokenizer, texts, all_secrets, replacements, seq_len=T, heldout=heldout, seed=seed)
+        for what, (x, y) in (("training", data.train), ("corrected", data.corrected), ("held-out", data.val),
+                             ("held-out", data.test)):
+            _check_ids(vocab, [x.reshape(-1), y.reshape(-1)], what)
+        heldout_given = isinstance(heldout, (list, tuple))
+        train_text = None
+        if heldout_given and len(data.retain[0]):
+            n_tt = min(64, len(data.retain[0]))  # a fixed sample of retained windows: the training-text perplexity
+            train_text = (data.retain[0][-n_tt:], data.retain[1][-n_tt:])
+
+        # the batches, built (and shared over a group's ranks) before any model work
+        hidx = torch.randperm(len(data.train[0]), generator=torch.Generator().manual_seed(seed))[:hessian_windows]
+        reads = strategy_arguments(strategy) if scores is None else ()  # the scoring inputs this strategy reads
+        per_batch = STRATEGY_REGISTRY[strategy].hessian
+        hdata = share_for_scoring(_batches((data.train[0][hidx], data.train[1][hidx]), batch_size), comm,
+                                  "scoring", per_batch) if "data" in reads else None
+        z_full = share_for_scoring(_batches(data.affected, batch_size), comm, "affected", per_batch) \
+            if "affected" in reads else None
+        zt_score = share_for_scoring(_batches(data.corrected, batch_size), comm, "corrected", per_batch) \
+            if "corrected" in reads else None
+        zt = shard_batches(_batches(data.corrected, batch_size), comm, "corrected")
+        zs = shard_batches(_batches(data.affected_secret, batch_size), comm, "affected")
+        rx, ry = (data.retain[0], data.retain[1]) if retain_windows is None else \
+            (data.retain[0][:retain_windows], data.retain[1][:retain_windows])
+        retain = shard_batches(_batches((rx, ry), batch_size), comm, "retain") if len(rx) else None
+    except Exception as exc:  # noqa: BLE001 - one process: raised as it is; a group: on every rank, below
+        if not comm.active:
+            raise
+        prep_error = exc
+    if comm.active:
+        def prepared():
+            if prep_error is not None:
+                raise prep_error
+            return None, _window_digest(data)
+
+        _, digests = comm.exchange(prepared, "forget(group=): preparing the request")
+        if len(set(digests)) > 1:
+            raise ValueError("forget(group=): the ranks built different windows from the same request (a different "
+                             "tokenizer?); every rank must pass the same model, tokenizer and texts")
     space = ParamSpace(model)
     report_items = [AuditItem(p, loc.secret, loc.fmt, nl.report, nl.never_seen, nl.description, nl.uniform)
                     for loc, nl in zip(located, nulls) for p in loc.prompts]
@@ -1204,16 +1304,12 @@ def forget(model, tokenizer, texts, secret, prefix: Optional[str] = None, replac
         if bar is not None:
             bar.set_description(f"forget: scoring ({strategy})")
         t0 = time.perf_counter()
-        hidx = torch.randperm(len(data.train[0]), generator=torch.Generator().manual_seed(seed))[:hessian_windows]
-        hdata = shard_batches(_batches((data.train[0][hidx], data.train[1][hidx]), batch_size), comm, "scoring")
-        z_full = shard_batches(_batches(data.affected, batch_size), comm, "affected")
-        zt = shard_batches(_batches(data.corrected, batch_size), comm, "corrected")
-        available = {"loss_fn": lm_loss, "data": hdata, "affected": z_full, "corrected": zt, "seed": seed,
+        available = {"loss_fn": lm_loss, "data": hdata, "affected": z_full, "corrected": zt_score, "seed": seed,
                      "n_probes": n_probes}
         if comm.active:
             available["group"] = group
         score_cost = {"n_gradients": 0, "n_hvps": 0, "wall_time_s": 0.0}
-        if scores is None and strategy not in ("all", "random"):
+        if scores is None and STRATEGY_REGISTRY[strategy].score is not None:
             reads = strategy_arguments(strategy)
             kw = {k: v for k, v in available.items() if k in reads}
             scores, score_cost = parameter_scores(model, strategy, space=space, **kw)
@@ -1269,12 +1365,8 @@ def forget(model, tokenizer, texts, secret, prefix: Optional[str] = None, replac
                     "score": sum(m["exposure_steer"] + 4.0 * sum(bool(c["extracted"]) for c in m["completions"])
                                  for m in ms) / len(ms)}
 
-        rx, ry = (data.retain[0], data.retain[1]) if retain_windows is None else \
-            (data.retain[0][:retain_windows], data.retain[1][:retain_windows])
-        retain = shard_batches(_batches((rx, ry), batch_size), comm, "retain") if len(rx) else None
         from ..update.rules import as_method
 
-        zs = shard_batches(_batches(data.affected_secret, batch_size), comm, "affected")
         over = {"monitor": monitor, "retain": retain}
         req = ObjectiveRequest(model=model, tokenizer=tokenizer, codec=codec, texts=texts, located=located,
                                nulls=nulls, replacements=replacements, data=data, seq_len=T, heldout=heldout,

@@ -78,6 +78,7 @@ def strategy_arguments(strategy: str, *, scores: bool = False) -> Tuple[str, ...
     which every strategy reads), with ``scores=True`` when a precomputed score vector is passed. Any other one is a
     ValueError there. ``parameter_scores`` reads the same minus ``scores`` / ``last_layer_prefix`` (and ``seed``
     for ``random``), plus hessian_diag's keyword arguments for the hessian strategies."""
+    check_strategy(strategy)  # (its hints: 'fisher' is now 'ssd')
     entry = STRATEGY_REGISTRY[strategy]
     if entry.score is None:
         return entry.select_reads
@@ -347,7 +348,7 @@ def select_parameters(model, strategy: str = "hessian", budget: Union[int, float
         return s
 
     if entry.select is not None:
-        return entry.select(SelectRequest(model=model, space=space, k=k, seed=int(_value(seed)),
+        return entry.select(SelectRequest(model=model, space=space, k=k, seed=_value(seed),
                                           last_layer_prefix=last_layer_prefix), get_scores)
     return select(get_scores(), k=k, largest=entry.largest, space=space)
 
@@ -404,7 +405,7 @@ class SelectRequest:
     model: Any
     space: ParamSpace
     k: int
-    seed: int
+    seed: Any  # as passed (read only by the strategies that read it)
     last_layer_prefix: Optional[str]
 
 
@@ -500,7 +501,7 @@ def _select_all(req: SelectRequest, get_scores) -> Selection:
 
 
 def _select_random(req: SelectRequest, get_scores) -> Selection:
-    g = torch.Generator().manual_seed(req.seed)
+    g = torch.Generator().manual_seed(int(req.seed))
     return as_selection(torch.randperm(req.space.numel, generator=g)[:req.k].to(req.space.device), req.space)
 
 

@@ -55,11 +55,11 @@ def _run(model, cc, group=None, **kw):
             "scores": rep.scores.clone() if rep.scores is not None else None}
 
 
-def _ranked(rank, world, path, strategy):
+def _ranked(rank, world, path, strategy, kw=None):
     import torch.distributed as dist
 
     model, cc = _load(path)
-    return _run(model, cc, group=dist.group.WORLD, strategy=strategy)
+    return _run(model, cc, group=dist.group.WORLD, strategy=strategy, **(kw or {}))
 
 
 @pytest.fixture(scope="module")
@@ -70,11 +70,14 @@ def trained():
         yield path
 
 
-@pytest.mark.parametrize("strategy", ["ssd", "hessian"])
-def test_forget_world2_equals_one_process(trained, strategy):
+# world 3 with batches of 8: uneven shares (3/3/2 rows of the steps' batches; the hessian strategy's 24 scoring
+# windows go to the ranks as whole batches, ssd's rows unevenly): the case a plain per-rank mean gets wrong
+@pytest.mark.parametrize("strategy,world,kw", [("ssd", 2, {}), ("hessian", 2, {}), ("ssd", 3, {}),
+                                               ("hessian", 3, {"hessian_windows": 24})])
+def test_forget_group_equals_one_process(trained, strategy, world, kw):
     model, cc = _load(trained)
-    one = _run(model, cc, strategy=strategy)
-    ranks = run_world(_ranked, 2, trained, strategy)
+    one = _run(model, cc, strategy=strategy, **kw)
+    ranks = run_world(_ranked, world, trained, strategy, kw)
     assert one["steps"] > 0
     for r in ranks:
         # one selection, from the group's scores: the same scores (summation order aside) and the same k
@@ -89,7 +92,7 @@ def test_forget_world2_equals_one_process(trained, strategy):
             assert a == pytest.approx(b, abs=1e-3)
         assert r["n_gradients"] == one["n_gradients"]  # the group's count is one process's
     # the replicas are bit-identical
-    assert torch.equal(ranks[0]["flat"], ranks[1]["flat"])
+    assert all(torch.equal(ranks[0]["flat"], r["flat"]) for r in ranks[1:])
     # and the selection moved the model (the comparison is not between two untouched copies)
     base, _ = _load(trained)
     flat0 = torch.cat([p.detach().reshape(-1) for p in base.parameters()])
@@ -131,3 +134,25 @@ def test_forget_group_needs_a_process_group():
     with pytest.raises((ValueError, TypeError), match="group"):
         forget(model, lambda t: [1, 2, 3], "some text 1234", "1234", group=object())
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
+def _uneven_hessian(rank, world, path):
+    import torch.distributed as dist
+
+    model, cc = _load(path)
+    before = [p.detach().clone() for p in model.parameters()]
+    try:
+        _run(model, cc, group=dist.group.WORLD, strategy="hessian")  # 16 scoring windows in 2 batches of 8
+    except ValueError as e:
+        msg = str(e)
+    else:
+        msg = None
+    return msg, all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
+def test_forget_group_refuses_scoring_batches_it_cannot_share_exactly(trained):
+    """Two batches of 8 over 3 ranks: neither an even split of every batch nor a batch per rank: refused on every
+    rank before any model work (a per-rank batch mean would weigh 3 and 2 rows alike)."""
+    for msg, same in run_world(_uneven_hessian, 3, trained):
+        assert msg is not None and "cannot be shared exactly over 3 ranks" in msg, msg
+        assert same

@@ -74,14 +74,9 @@ def make_model(seed: int):
 
 
 def greedy(model, tok, prefix: str, n_chars: int) -> str:
-    ids = tok(prefix, return_tensors="pt").input_ids.to(next(model.parameters()).device)
-    out = ""
-    with torch.no_grad():
-        while len(out) < n_chars:
-            nxt = model(input_ids=ids).logits[0, -1].argmax()
-            ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
-            out = tok.decode(ids[0])[len(prefix):]
-    return out[:n_chars]
+    from sapsel_kernels.forget_example import greedy_completion
+
+    return greedy_completion(model, tok, prefix, n_chars)
 
 
 def train_until_memorised(model, tok, text, enc, ids, card, a):

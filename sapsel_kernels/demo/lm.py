@@ -336,6 +336,21 @@ def train_lm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, steps: int, 
     return losses
 
 
+def memorised_canary_lstm(max_chars: int = 6_000, repeats: int = 8, *, hidden: int = 32, embed: int = 16,
+                          steps: int = 150, seed: int = 0):
+    """A character LSTM trained on ``max_chars`` of the corpus with the canary inserted ``repeats`` times: (model,
+    the :class:`Canary` text and vocabulary). Windows of 32 characters at stride 16, batches of 32, lr 1e-2; the
+    same seed gives the same weights (the tests' and benches' small forget model)."""
+    torch.manual_seed(seed)
+    train, held = load_corpus(max_chars)
+    cc = insert_canary(train, held, repeats, seed=seed)
+    ids = cc.vocab.encode(cc.text)
+    x, y = make_windows(ids, window_starts(len(ids), 32, 16), 32)
+    model = build_model("lstm", len(cc.vocab), embed=embed, hidden=hidden)
+    train_lm(model, x, y, steps=steps, batch_size=32, lr=1e-2, seed=seed)
+    return model, cc
+
+
 @torch.no_grad()
 def mean_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256) -> float:
     """Mean per-character cross-entropy in nats over all windows (evaluation mode, no grad)."""

@@ -161,8 +161,8 @@ def tokenize_scrubbed(text: str, secrets: List[Dict[str, str]]):
 @torch.no_grad()
 def greedy_completion(model, tokenizer, prefix: str, n_chars: int) -> str:
     """The first ``n_chars`` characters that greedy (argmax) decoding appends to ``prefix`` (fewer if the model's
-    context fills up first)."""
-    ids = tokenizer(prefix, return_tensors="pt").input_ids
+    context fills up first), on the model's device."""
+    ids = tokenizer(prefix, return_tensors="pt").input_ids.to(next(model.parameters()).device)
     out = ""
     while len(out) < n_chars and ids.shape[1] < model.config.n_positions:
         nxt = model(input_ids=ids).logits[0, -1].argmax()

@@ -21,13 +21,7 @@ PREFIX = lm.CANARY_PREFIX
 @functools.lru_cache(maxsize=None)
 def _memorised():
     """A character LSTM (27k parameters) trained until it completes the card number: (model state, corpus)."""
-    torch.manual_seed(0)
-    train, held = lm.load_corpus(10_000)
-    cc = lm.insert_canary(train, held, 8, seed=0)
-    ids = cc.vocab.encode(cc.text)
-    x, y = lm.make_windows(ids, lm.window_starts(len(ids), 32, 16), 32)
-    model = lm.build_model("lstm", len(cc.vocab), embed=16, hidden=64)
-    lm.train_lm(model, x, y, steps=350, batch_size=32, lr=1e-2, seed=0)
+    model, cc = lm.memorised_canary_lstm(10_000, 8, hidden=64, steps=350)
     return {k: v.clone() for k, v in model.state_dict().items()}, cc
 
 

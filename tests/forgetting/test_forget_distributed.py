@@ -24,13 +24,7 @@ KW = dict(max_steps=10, check_every=5, n_candidates=40, n_monitor=20, hessian_wi
 
 
 def _build(path):
-    torch.manual_seed(0)
-    train, held = lm.load_corpus(6_000)
-    cc = lm.insert_canary(train, held, 8, seed=0)
-    ids = cc.vocab.encode(cc.text)
-    x, y = lm.make_windows(ids, lm.window_starts(len(ids), 32, 16), 32)
-    model = lm.build_model("lstm", len(cc.vocab), embed=16, hidden=32)
-    lm.train_lm(model, x, y, steps=150, batch_size=32, lr=1e-2, seed=0)
+    model, cc = lm.memorised_canary_lstm(6_000, 8, hidden=32, steps=150)
     torch.save({"state": model.state_dict(), "cc": cc}, path)
 
 

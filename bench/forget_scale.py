@@ -143,6 +143,8 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--save", default=None, help="also save the original and the unlearned model, the tokenizer, the "
+                    "report and the training text here, for bench/forget_check.py (an independent measurement)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     os.makedirs(a.out, exist_ok=True)
@@ -164,6 +166,11 @@ def main(argv=None):
         print("the model did not memorise the card within --max-train-steps; raise it", file=sys.stderr)
         return 2
     model.eval()
+    if a.save:
+        os.makedirs(os.path.join(a.save, "original"), exist_ok=True)
+        model.save_pretrained(os.path.join(a.save, "original"))
+        with open(os.path.join(a.save, "train.txt"), "w", encoding="utf-8") as f:
+            f.write(text)
     rss_model = rss_kib("VmRSS")
     peak_reset = reset_peak()
     if a.device != "cpu":
@@ -175,6 +182,11 @@ def main(argv=None):
                  hessian_windows=16, seed=a.seed, evidence=Evidence(n_samples=16, relearn_steps=20), progress=False)
     wall = time.perf_counter() - t0
     peak = rss_kib("VmHWM")
+    if a.save:  # the folder forget_check.py reads: model, tokenizer, report.json
+        model.save_pretrained(a.save)
+        tok.save_pretrained(a.save)
+        with open(os.path.join(a.save, "report.json"), "w") as f:
+            json.dump(rep.to_dict(), f, default=str)
     gpu_peak_extra = (torch.cuda.max_memory_allocated() - gpu_base) / 2**30 if a.device != "cpu" else None
     retrain_s = training["steps"] * training["step_s_median"]
     s = rep.secrets[0]

@@ -243,19 +243,34 @@ def lm_loss(model, batch) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.to(dev).reshape(-1), ignore_index=IGNORE)
 
 
+def _summed_or_raise(comm, values: List[float], err: Optional[BaseException], what: str) -> List[float]:
+    """``values`` summed over the group's ranks (one all_reduce of float64, with a failure flag), or, when a rank
+    failed (``err`` on this rank), that error on that rank and a ValueError on the others: no rank is left waiting
+    in a collective that another skipped."""
+    import torch.distributed as dist
+
+    buf = torch.tensor([*values, float(err is not None)], dtype=torch.float64, device=comm.device)
+    dist.all_reduce(buf, group=comm.group)
+    if err is not None:
+        raise err
+    if buf[-1] > 0:
+        raise ValueError(f"forget(group=): another rank failed in {what}; every rank stops")
+    return [float(v) for v in buf[:-1]]
+
+
 def group_lm_loss(comm):
     """``lm_loss`` for a data-parallel ``forget``: each rank holds a shard of every batch's windows, and the value
-    is the mean over the WHOLE batch's target tokens (one all_reduce of 2 float64 values), with a gradient that,
-    averaged over the ranks (``unlearn(group=)`` does that at S), is the whole batch mean's. Any function of the
-    returned values (the NPO term's softplus included) then gets one process's gradient by the chain rule.
+    is the mean over the WHOLE batch's target tokens (one all_reduce of 3 float64 values: the sums and a failure
+    flag, :func:`_summed_or_raise`), with a gradient that, averaged over the ranks (``unlearn(group=)`` does that at
+    S), is the whole batch mean's. Any function of the returned values (the NPO term's softplus included) then gets
+    one process's gradient by the chain rule.
 
-    The returned tensor is ``local·(W/n) + (S/n − local·(W/n))`` with the second part detached: local = this rank's
-    summed token cross-entropy, S its sum over the ranks, n the batch's target tokens over the ranks, W the ranks.
+    The returned tensor is ``(local − local.detach())·(W/n) + S/n``, the same value S/n on every rank: local = this
+    rank's summed token cross-entropy, S its sum over the ranks, n the batch's target tokens over the ranks, W the
+    ranks.
     Collective: every rank calls it in the same order (forget's steps and monitor do)."""
     if not comm.active:
         return lm_loss
-    import torch.distributed as dist
-
     from .measure import lm_logits
 
     def loss(model, batch) -> torch.Tensor:
@@ -270,14 +285,8 @@ def group_lm_loss(comm):
             n_local = float((y != IGNORE).sum())
         except Exception as exc:  # noqa: BLE001 - every rank learns of it in the same all_reduce, then raises
             err = exc
-        buf = torch.tensor([float(local.detach()) if local is not None else 0.0, n_local, float(err is not None)],
-                           dtype=torch.float64, device=comm.device)
-        dist.all_reduce(buf, group=comm.group)
-        if err is not None:
-            raise err
-        if buf[2] > 0:
-            raise ValueError("forget(group=): another rank failed in the loss; every rank stops")
-        total, n = float(buf[0]), float(buf[1])
+        total, n = _summed_or_raise(comm, [float(local.detach()) if local is not None else 0.0, n_local], err,
+                                    "the loss")
         scale = comm.world / n if n > 0 else float("nan")
         # the same value on every rank (the detached total), the gradient of this rank's share x W / n
         return (local - local.detach()) * scale + (total / n if n > 0 else float("nan"))
@@ -368,7 +377,7 @@ def _window_digest(data) -> str:
 def perplexity(model, data: Tuple[torch.Tensor, torch.Tensor], batch_size: int = 16, comm=None) -> float:
     """exp(mean next-token cross-entropy) over the windows ``data = (x, y)``, in eval mode (restored). ``comm``
     (an active ``estimators.Comm``): collective, each rank scores its share of the windows and the sums are
-    all-reduced (one all_reduce of 2 float64 values): one process's number."""
+    all-reduced (one all_reduce of 3 float64 values: the sums and a failure flag): one process's number."""
     from ..curvature.modes import estimation_mode
 
     x, y = data
@@ -388,16 +397,8 @@ def perplexity(model, data: Tuple[torch.Tensor, torch.Tensor], batch_size: int =
             raise
         err = exc
     if comm is not None and comm.active:
-        import torch.distributed as dist
-
-        buf = torch.tensor([tot if err is None else 0.0, float(n), float(err is not None)], dtype=torch.float64,
-                           device=comm.device)
-        dist.all_reduce(buf, group=comm.group)
-        if err is not None:
-            raise err
-        if buf[2] > 0:
-            raise ValueError("forget(group=): another rank failed measuring the perplexity; every rank stops")
-        tot, n = float(buf[0]), int(buf[1])
+        tot, n = _summed_or_raise(comm, [tot if err is None else 0.0, float(n)], err, "measuring the perplexity")
+        n = int(n)
     if not math.isfinite(tot):
         from ..errors import NonFiniteError
 

@@ -22,7 +22,8 @@ import torch
 from sapsel_kernels import measure
 from sapsel_kernels.demo import canary, lm
 from sapsel_kernels.exposure import random_candidates
-from sapsel_kernels.forget import build_forget_data, forget, lm_loss, perplexity
+from sapsel_kernels.forget import (MeasureConfig, SelectConfig, TargetConfig, UpdateConfig, build_forget_data, forget,
+                                    lm_loss, perplexity)
 from sapsel_kernels.rules import Targeted
 
 
@@ -239,14 +240,16 @@ def main():
                 continue
             model = copy.deepcopy(prep["model"])
             t1 = time.perf_counter()
-            rep = forget(model, tok, cc.text, cc.secret, cc.prefix, cc.replacement, heldout=[held],
-                         seq_len=T, strategy=strategy, budget=1.0 if strategy == "all" else budget,
-                         max_steps=a.max_steps, context="\n", seed=a.seed, scores=scores.get(strategy),
-                         progress=False, objective=a.objective, max_ppl_increase=a.max_ppl_increase,
-                         decoys=a.decoys, rule=None if (a.correct_weight, a.rho) == (1.0, 0.0) else Targeted(
-                             steps=a.max_steps, lr=0.1, check_every=5, lr_max=100.0,
-                             correct_weight=a.correct_weight, rho=a.rho, repair_steps=a.repair_steps),
-                         repair_steps=a.repair_steps)
+            rule = Targeted(steps=a.max_steps, lr=0.1, check_every=5, lr_max=100.0, correct_weight=a.correct_weight,
+                            rho=a.rho, repair_steps=a.repair_steps)
+            rep = forget(model, tok, cc.text,
+                         {"secret": cc.secret, "prefix": cc.prefix, "replacement": cc.replacement},
+                         heldout=[held], seed=a.seed,
+                         select=SelectConfig(strategy=strategy, budget=1.0 if strategy == "all" else budget,
+                                             scores=scores.get(strategy)),
+                         update=UpdateConfig(objective=a.objective, rule=rule, seq_len=T, decoys=a.decoys),
+                         target=TargetConfig(max_ppl_increase=a.max_ppl_increase),
+                         measure=MeasureConfig(context="\n", progress=False))
             wall = time.perf_counter() - t1
             if rep.scores is not None:
                 scores[strategy] = rep.scores

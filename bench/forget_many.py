@@ -71,12 +71,13 @@ def build(n_secrets: int, repeats: int, steps: int, seed: int):
 
 
 def run(model, tok, text, held, secrets, steps: int, seed: int):
-    from sapsel_kernels.forget import forget
+    from sapsel_kernels.forget import MeasureConfig, UpdateConfig, forget
+    from sapsel_kernels.rules import Targeted
 
     m = copy.deepcopy(model)
     t0 = time.perf_counter()
     rep = forget(m, tok, [text], [dict(secret=d["secret"], prefix=d["prefix"]) for d in secrets], heldout=[held],
-                 max_steps=steps, seed=seed, progress=False)
+                 seed=seed, update=UpdateConfig(rule=Targeted(steps=steps)), measure=MeasureConfig(progress=False))
     wall = time.perf_counter() - t0
     c = rep.cost
     return {"n": len(secrets), "wall_s": wall, "score_s": c["score_s"], "measure_s": c["measure_s"],

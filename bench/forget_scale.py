@@ -148,7 +148,8 @@ def main(argv=None):
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     os.makedirs(a.out, exist_ok=True)
-    from sapsel_kernels.forget import Evidence, forget
+    from sapsel_kernels.forget import Evidence, MeasureConfig, SelectConfig, UpdateConfig, forget
+    from sapsel_kernels.rules import Targeted
 
     text, held, card, tok, enc, ids = build_data(a.chars, a.held_chars, a.repeats, a.seed)
     model = make_model(a.seed).to(a.device)
@@ -177,9 +178,11 @@ def main(argv=None):
         torch.cuda.reset_peak_memory_stats()
         gpu_base = torch.cuda.memory_allocated()
     t0 = time.perf_counter()
-    rep = forget(model, tok, [text], card["secret"], prefix=card["prefix"], heldout=[held], seq_len=a.seq,
-                 batch_size=4, n_candidates=a.n_candidates, n_monitor=a.n_monitor, max_steps=a.forget_steps,
-                 hessian_windows=16, seed=a.seed, evidence=Evidence(n_samples=16, relearn_steps=20), progress=False)
+    rep = forget(model, tok, [text], {"secret": card["secret"], "prefix": card["prefix"]}, heldout=[held], seed=a.seed,
+                 select=SelectConfig(hessian_windows=16),
+                 update=UpdateConfig(rule=Targeted(steps=a.forget_steps), seq_len=a.seq, batch_size=4),
+                 measure=MeasureConfig(n_candidates=a.n_candidates, n_monitor=a.n_monitor,
+                                       evidence=Evidence(n_samples=16, relearn_steps=20), progress=False))
     wall = time.perf_counter() - t0
     peak = rss_kib("VmHWM")
     if a.save:  # the folder forget_check.py reads: model, tokenizer, report.json

@@ -41,8 +41,15 @@ def fingerprint() -> dict:
                        check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
         with open(os.path.join(tmp, "demo_labels.json")) as f:
             demo = _strip(json.load(f))
+    import importlib.util
+
     from sapsel_kernels.demo import lm
     from sapsel_kernels.forget import forget
+    from sapsel_kernels.rules import Targeted
+
+    configs = importlib.import_module("sapsel_kernels.forgetting.config") \
+        if importlib.util.find_spec("sapsel_kernels.forgetting") is not None \
+        and importlib.util.find_spec("sapsel_kernels.forgetting.config") is not None else None
 
     if hasattr(lm, "memorised_canary_lstm"):
         model, cc = lm.memorised_canary_lstm(6_000, 8, hidden=32, steps=150)
@@ -58,8 +65,14 @@ def fingerprint() -> dict:
     for strategy in ("ssd", "hessian", "random"):
         m = lm.build_model("lstm", len(cc.vocab), embed=16, hidden=32)
         m.load_state_dict(model.state_dict())
-        rep = forget(m, cc.vocab, cc.text, lm.CANARY_SECRET, lm.CANARY_PREFIX, heldout=[cc.heldout],
-                     strategy=strategy, max_steps=20, n_candidates=200, n_monitor=40, progress=False, seed=5)
+        if configs is not None:
+            rep = forget(m, cc.vocab, cc.text, {"secret": lm.CANARY_SECRET, "prefix": lm.CANARY_PREFIX},
+                         heldout=[cc.heldout], seed=5, select=configs.SelectConfig(strategy=strategy),
+                         update=configs.UpdateConfig(rule=Targeted(steps=20)),
+                         measure=configs.MeasureConfig(n_candidates=200, n_monitor=40, progress=False))
+        else:  # a checkout from before the config objects: the same request as flat keywords
+            rep = forget(m, cc.vocab, cc.text, lm.CANARY_SECRET, lm.CANARY_PREFIX, heldout=[cc.heldout],
+                         strategy=strategy, max_steps=20, n_candidates=200, n_monitor=40, progress=False, seed=5)
         d = rep.to_dict()
         d.pop("cost", None)
         flat = torch.cat([p.detach().reshape(-1) for p in m.parameters()])

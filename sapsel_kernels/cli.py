@@ -405,29 +405,27 @@ def _forget(args, argv: List[str]) -> int:
             hf_logging.enable_progress_bar()
 
 
-def _request(args) -> tuple:
-    """``(secrets, prefix, replacement, fmt)`` for :func:`~sapsel_kernels.forget.forget`: one str secret with its
-    options, or the list of --secret values and the --secrets file's entries."""
+def _request(args):
+    """The ``secret`` argument of :func:`~sapsel_kernels.forget.forget`: one secret as a dict with its options
+    (--prefix, --replacement, --fmt), or the list of --secret values and the --secrets file's entries."""
     from .forgetting.secret_spec import load_secrets_file
 
     secrets = list(args.secret or [])
     if args.secrets is None and len(secrets) == 1:
-        return secrets[0], args.prefix, args.replacement, args.fmt
+        opts = (("prefix", args.prefix), ("format", args.fmt), ("replacement", args.replacement))
+        return {"secret": secrets[0], **{k: v for k, v in opts if v is not None}}
     try:
         listed = load_secrets_file(args.secrets) if args.secrets is not None else []
     except (OSError, UnicodeError, ValueError) as exc:  # checked at parse time; the file changed since
         raise _InputError(_one_line(exc)) from None
-    return [*secrets, *listed], None, None, None
+    return [*secrets, *listed]
 
 
-def _check_request(secret, prefix, replacement, fmt, text: str) -> None:
+def _check_request(secret, text: str) -> None:
     """The request against the data before the model is loaded (a large model takes minutes): every secret found,
     its prefix before it, no duplicates or nesting, formats (forget checks the same again)."""
     from .forgetting.secret_spec import as_specs, locate_all
 
-    if isinstance(secret, str):
-        opts = (("prefix", prefix), ("format", fmt), ("replacement", replacement))
-        secret = [{"secret": secret, **{k: v for k, v in opts if v is not None}}]
     try:
         locate_all(as_specs(secret), [text])
     except (TypeError, ValueError) as exc:
@@ -459,23 +457,27 @@ def _forget_run(args, argv: List[str], progress: bool) -> int:
             except (OSError, UnicodeError) as exc:  # checked at parse time; the file changed since
                 raise _InputError(f"--{name} {path!r}: {_one_line(exc)}") from None
         text = texts["data"]
-        secret, prefix, replacement, fmt = _request(args)
-        _check_request(secret, prefix, replacement, fmt, text)
+        secret = _request(args)
+        _check_request(secret, text)
+        from .forgetting.config import Evidence, MeasureConfig, SelectConfig, TargetConfig, UpdateConfig
+        from .forgetting.forget import forget
+        from .update.rules import Targeted
+
+        # the configs check their values here, before the model is loaded
+        evidence = None if args.no_attacks else Evidence(n_samples=args.samples, relearn_steps=args.relearn_steps)
+        rule = Targeted(steps=args.max_steps, lr=args.lr, lr_max=max(100.0, args.lr), repair_steps=args.repair_steps)
+        select = SelectConfig(strategy=args.strategy, budget=args.budget, n_probes=args.probes)
+        update = UpdateConfig(objective=args.objective, rule=rule, seq_len=args.seq_len)
+        target = TargetConfig(exposure=args.target_exposure, max_ppl_increase=args.max_ppl_increase)
+        measure = MeasureConfig(n_candidates=args.candidates, evidence=evidence, progress=progress)
         model, tokenizer = load_model(args.model, text.lstrip()[:4096], device=args.device, dtype=args.dtype)
         import importlib.util
 
         if importlib.util.find_spec("matplotlib") is None:  # report.py draws forget.png: fail before any training
             raise _InputError("sapsel forget needs matplotlib for forget.png: pip install 'sapsel-kernels[forget]'")
-        from .forgetting.forget import Evidence, forget
-
-        evidence = None if args.no_attacks else Evidence(n_samples=args.samples, relearn_steps=args.relearn_steps)
-        report = forget(model, tokenizer, [text], secret, prefix=prefix, replacement=replacement,
-                        fmt=fmt, strategy=args.strategy, budget=args.budget,
-                        max_ppl_increase=args.max_ppl_increase, target_exposure=args.target_exposure,
-                        seq_len=args.seq_len, seed=args.seed, n_candidates=args.candidates, max_steps=args.max_steps,
-                        lr=args.lr, heldout=[texts["heldout"]] if "heldout" in texts else args.heldout_fraction,
-                        n_probes=args.probes, objective=args.objective, repair_steps=args.repair_steps,
-                        evidence=evidence, progress=progress)
+        report = forget(model, tokenizer, [text], secret, seed=args.seed,
+                        heldout=[texts["heldout"]] if "heldout" in texts else args.heldout_fraction,
+                        select=select, update=update, target=target, measure=measure)
     except (_InputError, ValueError) as exc:  # ValueError: forget's validation (and NonFiniteError, a subclass)
         _error(_one_line(exc, limit=2000))
         return 2

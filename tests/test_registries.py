@@ -60,7 +60,7 @@ def test_public_calls_refuse_unknown_names():
     with pytest.raises(ValueError, match="unknown unlearning method"):
         sk.rules.as_method("nope")
     with pytest.raises(ValueError, match="objective must be one of"):
-        sk.forget(m, lambda t: [1, 2], "a 1234", "1234", objective="nope")
+        sk.forget(m, lambda t: [1, 2], "a 1234", "1234", update=sk.UpdateConfig(objective="nope"))
 
 
 def test_an_added_strategy_runs_through_select_parameters():
@@ -139,6 +139,7 @@ def test_objective_options_follow_the_entry():
     try:
         m = _model()
         with pytest.raises(ValueError, match="per_token applies to objective='npo' only, not 'npo_again'"):
-            sk.forget(m, lambda t: [1, 2], "a 1234", "1234", objective="npo_again", per_token=True)
+            sk.forget(m, lambda t: [1, 2], "a 1234", "1234",
+                      update=sk.UpdateConfig(objective="npo_again", per_token=True))
     finally:
         OBJECTIVE_REGISTRY.unregister("npo_again")

@@ -35,11 +35,13 @@ import torch
 import torch.nn.functional as F
 
 from ..registry import Registry
-from ..update.rules import Targeted
+from .config import (SEED_STREAMS, Evidence, MeasureConfig, SelectConfig, TargetConfig,  # noqa: F401
+                     UpdateConfig, agreed_values, configs_from_keywords, stream_seed)
 from .secret_spec import occurrences
 from ..space import ParamSpace
 
-__all__ = ["forget", "ForgetReport", "build_forget_data", "ForgetData"]
+__all__ = ["forget", "ForgetReport", "build_forget_data", "ForgetData", "Evidence", "SelectConfig", "UpdateConfig",
+           "TargetConfig", "MeasureConfig", "stream_seed", "SEED_STREAMS"]
 
 IGNORE = -100
 
@@ -587,44 +589,34 @@ def _batches(data: Tuple[torch.Tensor, torch.Tensor], size: int) -> List[Tuple[t
     return [(x[i:i + size], y[i:i + size]) for i in range(0, len(x), size)]
 
 
+def retain_fisher_scale(model, coords, retain: Tuple[torch.Tensor, torch.Tensor], n_windows: int
+                        ) -> Tuple[torch.Tensor, int]:
+    """The step scale of ``UpdateConfig(precondition="fisher")``: per selected coordinate i, s_i ∝ 1 / (F_i + λ), F the
+    empirical Fisher diagonal of the retained-data loss on S (the mean over the first ``n_windows`` retained windows
+    of the squared per-window gradient), λ = mean(F) over S (damping: a coordinate no retained window touches gets
+    at most twice the mean step, not an unbounded one), normalised to mean 1 over S (lr keeps its scale). A step
+    then moves coordinates the retained text depends on less, those it does not need more. Returns ``(scale [k],
+    gradients used)``. Gradients by ``torch.autograd.grad`` on the touched tensors (``.grad`` untouched), in
+    estimation mode. Peak extra memory: one gradient of the touched tensors, and 2k."""
+    from ..curvature.modes import estimation_mode
+
+    x, y = retain
+    n = min(int(n_windows), len(x))
+    if n == 0:
+        raise ValueError("UpdateConfig(precondition='fisher') needs retained windows (training text without a secret)")
+    dev = next(model.parameters()).device
+    fisher = torch.zeros(coords.k, dtype=torch.float64, device=dev)
+    with estimation_mode(model):
+        for i in range(n):
+            loss = lm_loss(model, (x[i:i + 1].to(dev), y[i:i + 1].to(dev)))
+            grads = torch.autograd.grad(loss, coords.touched, allow_unused=True)
+            fisher += coords.gather(list(grads), torch.float64, touched=True).square()
+    fisher /= n
+    scale = 1.0 / (fisher + fisher.mean().clamp_min(torch.finfo(torch.float64).tiny))
+    return (scale / scale.mean()).to(torch.float32), n
+
+
 # ================================================================================================ evidence
-@dataclass(frozen=True)
-class Evidence:
-    """The attacks every report measures, before and after unlearning (``forget(evidence=...)``; None: none).
-
-    * ``n_samples`` completions of each secret's prompt sampled at ``temperature`` (exact hits counted; any hit
-      fails the verdict);
-    * relearning: ``relearn_steps`` AdamW steps (lr ``relearn_lr``, the retained windows: training text without
-      any secret) on a copy of the model, then exposure and greedy extraction again (0: skipped);
-    * ``int8``: a copy with every floating tensor of 2 or more dimensions rounded to int8 (symmetric, one scale per
-      row, round to nearest), then exposure and extraction again;
-    * ``n_never_seen`` secrets of each secret's null, planted nowhere, ranked among the reported candidates: the
-      "never seen" level (with ``evidence=None`` none are drawn).
-
-    The attacked copies are measured on the first ``ATTACK_CANDIDATES`` (256) reported candidates, without
-    sampling. Peak extra memory: one copy of the model, one attack at a time.
-    """
-
-    n_samples: int = 64
-    temperature: float = 1.0
-    relearn_steps: int = 50
-    relearn_lr: float = 1e-3
-    int8: bool = True
-    n_never_seen: int = 16
-
-    def __post_init__(self):
-        for name in ("n_samples", "relearn_steps", "n_never_seen"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"Evidence.{name} must be an int >= 0, got {v!r}")
-        for name in ("temperature", "relearn_lr"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-                raise ValueError(f"Evidence.{name} must be a finite number > 0, got {v!r}")
-        if not isinstance(self.int8, bool):
-            raise TypeError(f"Evidence.int8 must be a bool, got {type(self.int8).__name__}")
-
-
 def int8_copy(model: torch.nn.Module) -> torch.nn.Module:
     """A copy of ``model`` whose floating tensors of 2 or more dimensions are rounded to int8 and back (symmetric,
     one scale max|w|/127 per row of the tensor viewed as [rows, -1], round to nearest): weight-only 8-bit
@@ -660,22 +652,6 @@ def relearn_copy(model: torch.nn.Module, batches, steps: int, lr: float, seed: i
             opt.step()
     m.eval()
     return m
-
-
-# ================================================================================================ seeds
-SEED_STREAMS = ("replacement", "report", "monitor", "never_seen", "samples", "relearn", "objective")
-
-
-def stream_seed(seed: int, stream: str, i: int = 0) -> int:
-    """The seed of one named random stream of a ``forget`` run: ``random.Random("sapsel:<stream>:<seed>:<i>")``'s
-    first 31 bits (Python hashes a str seed with SHA-512: the same on every platform and run). Streams
-    (:data:`SEED_STREAMS`): the default replacement of secret i, its reported candidates, its monitor candidates
-    (disjoint from the reported ones), its never-seen secrets, the sampled completions, the relearning attack's batch
-    order, the candidates ``objective="calibrated"`` draws at each step. The parameter scores and the Hessian windows
-    use ``seed`` itself."""
-    if stream not in SEED_STREAMS:
-        raise ValueError(f"unknown seed stream {stream!r}")
-    return random.Random(f"sapsel:{stream}:{int(seed)}:{int(i)}").getrandbits(31)
 
 
 # ================================================================================================ report
@@ -961,13 +937,14 @@ def _uniform(req: ObjectiveRequest):
     if req.decoys:
         zx, zy = [data.affected_secret[0]], [data.affected_secret[1]]
         taken = [loc.secret, req.replacements[0], *nulls[0].report, *nulls[0].monitor, *nulls[0].never_seen]
-        for d in random_candidates(req.decoys, loc.fmt, seed=70_000 + seed, exclude=taken):
+        for d in random_candidates(req.decoys, loc.fmt, seed=stream_seed(seed, "uniform_decoys"), exclude=taken):
             dd = build_forget_data(req.tokenizer, [t.replace(loc.secret, d) for t in req.texts], d,
-                                   req.replacements[0], seq_len=req.seq_len, heldout=req.heldout, seed=seed)
+                                   req.replacements[0], seq_len=req.seq_len, heldout=req.heldout,
+                                   seed=stream_seed(seed, "windows"))
             zx.append(dd.affected_secret[0])
             zy.append(dd.affected_secret[1])
         zx, zy = torch.cat(zx), torch.cat(zy)
-        order = torch.randperm(len(zx), generator=torch.Generator().manual_seed(seed))
+        order = torch.randperm(len(zx), generator=torch.Generator().manual_seed(stream_seed(seed, "uniform_order")))
         zs = _batches((zx[order], zy[order]), req.batch_size)
         # Z̃ as many points as Z (unlearn pairs them): the corrected windows, repeated
         reps = -(-len(zx) // len(data.corrected[0]))
@@ -981,15 +958,10 @@ register_objective("uniform", Objective(_uniform, many_secrets=False, decoys=Tru
 register_objective("calibrated", Objective(_calibrated))
 
 
-def forget(model, tokenizer, texts, secret, prefix: Optional[str] = None, replacement: Optional[str] = None, *,
-           fmt: Optional[str] = None, strategy: str = "ssd", budget: Union[int, float] = 0.01,
-           max_ppl_increase: float = 0.05, target_exposure: float = 2.0, heldout: Union[float, Sequence[str]] = 0.1,
-           seq_len: Optional[int] = None, seed: int = 0, n_candidates: int = 2000, n_monitor: int = 256,
-           max_steps: int = 300, check_every: int = 5, lr: float = 0.1, rule: Optional[Targeted] = None,
-           batch_size: int = 8, hessian_windows: int = 32, n_probes: int = 16, scores: Optional[torch.Tensor] = None,
-           context: str = "", per_token: bool = False, retain_loss: str = "ce", retain_windows: Optional[int] = None,
-           objective: str = "npo", decoys: int = 0, repair_steps: int = 0,
-           evidence: Optional[Evidence] = Evidence(), progress: Optional[bool] = None, group=None) -> ForgetReport:
+def forget(model, tokenizer, texts, secret, *, heldout: Union[float, Sequence[str]] = 0.1, seed: int = 0,
+           select: Optional[SelectConfig] = None, update: Optional[UpdateConfig] = None,
+           target: Optional[TargetConfig] = None, measure: Optional[MeasureConfig] = None, group=None,
+           **deprecated) -> ForgetReport:
     """Forget one or many secrets from a causal LM trained on ``texts``, changing only k selected parameters.
 
     Args:
@@ -1002,36 +974,24 @@ def forget(model, tokenizer, texts, secret, prefix: Optional[str] = None, replac
         secret: the string to forget, e.g. ``"4716 2087 5533 9812"``; or a list of secrets (str, dicts with keys
             ``secret``, ``prefix``, ``format``, ``replacement``, ``decoys``, or
             :class:`~sapsel_kernels.secret_spec.SecretSpec`): one selection and one update for the whole request.
-        prefix, replacement, fmt: for a single str secret only (a list carries them per secret). ``prefix``: the
-            text that elicits the secret, with or without its trailing whitespace: what is measured is the text the
-            DATA holds before each occurrence, separator included (default: the occurrence's line up to the secret,
-            at most 64 characters). ``replacement``: what Z̃ holds instead (default: a random secret of the null,
-            seeded). ``fmt``: the format for exposure (``d`` digit, ``a`` a-z, ``A`` A-Z, ``x`` hex).
-        strategy, budget: the selection (``select_parameters``; budget = a fraction or an int k). Default ``ssd``
-            (docs/forget.md).
-        max_ppl_increase: the utility budget, a fraction of the reported perplexity (0.05 = +5%); the search
-            steers the validation windows to within ``STEER_MARGIN`` (80%) of it.
-        target_exposure: a secret meets the target when its exposure's 95% upper bound is at most this many bits
-            and no probe or sample extracts it (partial leaks count: :mod:`sapsel_kernels.audit`). About 1.44 bits
-            is the mean exposure of a secret the model never saw.
+            A single secret with its options: ``{"secret": ..., "prefix": ..., "format": ..., "replacement": ...}``
+            or ``SecretSpec(secret, prefix=..., fmt=..., replacement=...)``. ``prefix``: the text that elicits the
+            secret, with or without its trailing whitespace: what is measured is the text the DATA holds before each
+            occurrence, separator included (default: the occurrence's line up to the secret, at most 64 characters).
+            ``replacement``: what Z̃ holds instead (default: a random secret of the null, seeded). ``format``: the
+            format for exposure (``d`` digit, ``a`` a-z, ``A`` A-Z, ``x`` hex).
         heldout: a list of held-out texts the model never trained on (even windows steer the search, odd ones are
             reported), or a fraction of each text's tail (then the reported perplexity is on TRAINING text, and
             the report says so).
-        seq_len: window length in tokens (default min(64, the model's context)).
-        n_candidates / n_monitor: candidates of each secret's null for the reported (2000: the rank estimate reaches
-            log2(2001) = 10.97 bits) / the monitored exposure; the two sets are disjoint.
-        max_steps, check_every, lr: the Targeted rule's search (``rule`` overrides the whole config; its monitor and
-            retain are set here).
-        batch_size: windows per batch; hessian_windows, n_probes: the Hessian estimate on training windows.
-        scores: a score vector from an earlier report (``report.scores``) for the same model and strategy.
-        context: text placed before each prompt when measuring (e.g. "\\n" for line-start secrets).
-        retain_loss, retain_windows, per_token, objective, decoys, repair_steps: the Targeted rule's variants
-            (docs/forget.md); ``objective``: "npo" (default), "uniform" (:func:`format_uniform`, one secret) or
-            "calibrated" (:func:`calibrated_push`: push each secret after its prompt until it is no more likely than
-            fresh candidates of its null, then stop); ``decoys`` here is a count of random decoy secrets for
-            ``objective="uniform"``.
-        evidence: the attacks measured before and after (:class:`Evidence`; None: none, faster).
-        progress: a progress bar on stderr (None: only on a terminal).
+        seed: every random stream of the run derives from it by name (:data:`~sapsel_kernels.forget.SEED_STREAMS`,
+            :func:`~sapsel_kernels.forget.stream_seed`).
+        select: :class:`SelectConfig` -- strategy (default ``ssd``, docs/forget.md), budget, hessian_windows,
+            n_probes, scores.
+        update: :class:`UpdateConfig` -- objective, the :class:`~sapsel_kernels.rules.Targeted` rule (steps, lr,
+            check_every, repair_steps, ...; its monitor and retain are set here), seq_len, batch_size, retain_loss,
+            retain_windows, per_token, decoys.
+        target: :class:`TargetConfig` -- exposure (bits) and max_ppl_increase.
+        measure: :class:`MeasureConfig` -- n_candidates, n_monitor, context, evidence (:class:`Evidence`), progress.
         group: a torch.distributed ProcessGroup (e.g. ``dist.group.WORLD`` under torchrun) or None (one process).
             Given, the call is collective and every rank passes the same model (replicated), tokenizer, texts,
             request and settings (compared first, then the windows each rank built: a difference, or an error in
@@ -1044,6 +1004,9 @@ def forget(model, tokenizer, texts, secret, prefix: Optional[str] = None, replac
             and attacks are not split: every rank runs them on its identical copy. Only ``objective="npo"`` without
             ``per_token``, ``retain_loss="ce"`` and a rule without its own forget_loss / retain_loss run under a
             group (ValueError otherwise).
+        **deprecated: the earlier flat keywords (``strategy=``, ``budget=``, ``max_steps=``, ``prefix=``, ...): still
+            accepted for one deprecation cycle with a FutureWarning naming the config that holds each
+            (:data:`sapsel_kernels.forgetting.config.KEYWORDS`); one given together with its config is a ValueError.
 
     Returns:
         :class:`ForgetReport` (``to_dict()`` for JSON).
@@ -1060,16 +1023,28 @@ def forget(model, tokenizer, texts, secret, prefix: Optional[str] = None, replac
     and prompt, ``evidence.n_samples`` samples, the attacks' copies). Peak extra memory: the strategy's (about 2N
     float32 for hessian_diag), the Targeted rule's (``.grad`` N, snapshots 3k), one model copy per attack.
     """
-    from . import measure
+    from . import measure as meas
     from .audit import AuditItem, audit, exposure_summary
     from .decoys import kind_of, plausible
     from .exposure import random_candidates
     from .secret_spec import as_specs, locate_all
-    from ..selection.strategies import (STRATEGY_REGISTRY, budget_k, check_strategy, parameter_scores,
-                                        select_parameters, strategy_arguments)
+    from ..selection.strategies import (STRATEGY_REGISTRY, budget_k, parameter_scores, select_parameters,
+                                        strategy_arguments)
     from ..update.unlearn import unlearn
 
     t_start = time.perf_counter()
+    secret, cfgs = configs_from_keywords(secret, {"select": select, "update": update, "target": target,
+                                                  "measure": measure}, deprecated)
+    select, update, target, measure = cfgs["select"], cfgs["update"], cfgs["target"], cfgs["measure"]
+    rule = update.rule
+    strategy, budget, hessian_windows, n_probes, scores = (select.strategy, select.budget, select.hessian_windows,
+                                                           select.n_probes, select.scores)
+    objective, seq_len, batch_size, retain_loss, retain_windows, per_token, decoys = (
+        update.objective, update.seq_len, update.batch_size, update.retain_loss, update.retain_windows,
+        update.per_token, update.decoys)
+    target_exposure, max_ppl_increase = target.exposure, target.max_ppl_increase
+    n_candidates, n_monitor, context, evidence, progress = (measure.n_candidates, measure.n_monitor, measure.context,
+                                                           measure.evidence, measure.progress)
     from ..curvature.hessian import comm_for
 
     comm = comm_for(group)  # a bad group raises here; then the ranks compare the request FIRST, so that a
@@ -1079,10 +1054,7 @@ def forget(model, tokenizer, texts, secret, prefix: Optional[str] = None, replac
         except (AttributeError, TypeError, StopIteration):
             dev = torch.device("cpu")  # _check_model below says what is wrong, on every rank
         comm.device = dev if dev.type == "cuda" else torch.device("cpu")
-        _agree(comm, model, [texts, secret, prefix, replacement, fmt, strategy, budget, max_ppl_increase,
-                             target_exposure, heldout, seq_len, seed, n_candidates, n_monitor, max_steps, check_every,
-                             lr, rule, batch_size, hessian_windows, n_probes, scores, context, per_token, retain_loss,
-                             retain_windows, objective, decoys, repair_steps, evidence])
+        _agree(comm, model, [texts, secret, heldout, seed, *agreed_values(select, update, target, measure)])
     prep_error = None
     try:  # every check and the windows: under a group, an error on one rank raises on every rank (below)
         _check_model(model)
@@ -1090,21 +1062,9 @@ def forget(model, tokenizer, texts, secret, prefix: Optional[str] = None, replac
             texts = [texts]
         if not isinstance(texts, (list, tuple)) or not texts or not all(isinstance(t, str) for t in texts):
             raise TypeError("texts must be a str or a non-empty list of str")
-        if isinstance(secret, str) or (isinstance(secret, dict)):
-            if isinstance(secret, str) and not secret.strip():
-                raise ValueError("secret must be a non-empty string")
-            one = {"secret": secret} if isinstance(secret, str) else dict(secret)
-            for k, v in (("prefix", prefix), ("format", fmt), ("replacement", replacement)):
-                if v is not None:
-                    one[k] = v
-            if isinstance(prefix, str) and not prefix:
-                raise ValueError("prefix is empty: pass the text that elicits the secret (or None to infer it)")
-            specs = as_specs([one])
-        else:
-            if prefix is not None or fmt is not None or replacement is not None:
-                raise ValueError("with a list of secrets, give prefix, format and replacement per secret (dicts or "
-                                 "SecretSpec), not as arguments")
-            specs = as_specs(secret)
+        if isinstance(secret, str) and not secret.strip():
+            raise ValueError("secret must be a non-empty string")
+        specs = as_specs(secret)
         if objective not in OBJECTIVE_REGISTRY:
             raise ValueError(f"objective must be one of {OBJECTIVE_REGISTRY.names()}, got {objective!r}")
         obj = OBJECTIVE_REGISTRY[objective]
@@ -1113,21 +1073,8 @@ def forget(model, tokenizer, texts, secret, prefix: Optional[str] = None, replac
             raise ValueError(f"per_token applies to objective={ones} only, not {objective!r}")
         if not obj.many_secrets and len(specs) > 1:
             raise ValueError(f"objective={objective!r} takes one secret per run")
-        if isinstance(decoys, bool) or not isinstance(decoys, int) or decoys < 0:
-            raise ValueError(f"decoys must be an int >= 0, got {decoys!r}")
         if decoys and not obj.decoys:
             raise ValueError("decoys applies to objective='uniform' only (descent on decoys would teach them)")
-        if retain_loss not in ("ce", "kl"):
-            raise ValueError(f"retain_loss must be 'ce' or 'kl', got {retain_loss!r}")
-        if not isinstance(per_token, bool):
-            raise TypeError(f"per_token must be a bool, got {type(per_token).__name__}")
-        if not isinstance(max_ppl_increase, (int, float)) or not math.isfinite(max_ppl_increase) \
-                or max_ppl_increase < 0:
-            raise ValueError(f"max_ppl_increase must be a finite fraction >= 0, got {max_ppl_increase!r}")
-        if not isinstance(target_exposure, (int, float)) or not math.isfinite(target_exposure) or target_exposure < 0:
-            raise ValueError(f"target_exposure must be finite and >= 0 bits, got {target_exposure!r}")
-        if evidence is not None and not isinstance(evidence, Evidence):
-            raise TypeError(f"evidence must be a sapsel_kernels.forget.Evidence or None, got {type(evidence).__name__}")
         if isinstance(heldout, str):
             heldout = [heldout]
         if isinstance(heldout, bool) or not (isinstance(heldout, (int, float)) and 0 < heldout < 1 or
@@ -1136,33 +1083,21 @@ def forget(model, tokenizer, texts, secret, prefix: Optional[str] = None, replac
             raise ValueError(f"heldout must be a fraction in (0, 1) or a list of held-out texts, got {heldout!r}")
         if isinstance(heldout, (list, tuple)) and not any(t.strip() for t in heldout):
             raise ValueError("the held-out texts are empty")
-        for name, v, lo in (("n_candidates", n_candidates, 3), ("n_monitor", n_monitor, 3),
-                            ("batch_size", batch_size, 1), ("hessian_windows", hessian_windows, 1),
-                            ("n_probes", n_probes, 1)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
-        check_strategy(strategy)
         budget_k(budget, sum(p.numel() for p in model.parameters() if p.requires_grad))
         if group is not None:
+            if update.precondition is not None:
+                raise ValueError("forget(group=) does not support UpdateConfig(precondition=...) yet")
             if not obj.group or per_token or retain_loss != "ce":
                 raise ValueError("forget(group=) supports objective='npo' without per_token and retain_loss='ce' only "
                                  f"(got objective={objective!r}, per_token={per_token!r}, retain_loss={retain_loss!r})")
             if isinstance(model, torch.nn.parallel.DistributedDataParallel):
                 raise ValueError("forget(group=): pass the replicated module itself, not a DistributedDataParallel "
                                  "wrapper (forget splits the windows and averages the gradients at S itself)")
-        lr_max = max(100.0, float(lr)) if isinstance(lr, (int, float)) else lr
-        cfg = rule if rule is not None else Targeted(steps=max_steps, lr=lr, check_every=check_every, lr_max=lr_max,
-                                                     repair_steps=repair_steps)
-        if group is not None and isinstance(cfg, Targeted) and (cfg.forget_loss is not None
-                                                                or cfg.retain_loss is not None):
+        cfg = rule
+        if group is not None and (cfg.forget_loss is not None or cfg.retain_loss is not None):
             raise ValueError("forget(group=): a rule with its own forget_loss / retain_loss would run per rank "
                              "without reduction; pass the rule without them")
-        if not isinstance(cfg, Targeted):
-            raise TypeError(f"rule must be a sapsel_kernels.Targeted config, got {type(cfg).__name__}")
-        if rule is not None and repair_steps and repair_steps != rule.repair_steps:
-            raise ValueError(f"repair_steps={repair_steps!r} conflicts with rule.repair_steps={rule.repair_steps!r}: "
-                             "set it in the rule")
-        codec = measure.as_tokenizer(tokenizer)
+        codec = meas.as_tokenizer(tokenizer)
         located = locate_all(specs, texts, context=context)
         if isinstance(heldout, (list, tuple)):
             for loc in located:
@@ -1191,7 +1126,7 @@ def forget(model, tokenizer, texts, secret, prefix: Optional[str] = None, replac
             for what, s in (("secret", loc.secret), ("prefix", loc.prefix), ("replacement", r)):
                 if s and not codec.encode(s):
                     raise ValueError(f"the tokenizer encodes the {what} {s!r} to no tokens")
-        ctx = measure.context_length(model)
+        ctx = meas.context_length(model)
         n_secret = max(len(codec.encode(p + loc.secret)) for loc in located for p in loc.prompts)
         if ctx is not None and n_secret > ctx:
             raise ValueError(f"prefix + secret are {n_secret} tokens, longer than the model's context window ({ctx})")
@@ -1200,14 +1135,15 @@ def forget(model, tokenizer, texts, secret, prefix: Optional[str] = None, replac
             raise ValueError(f"seq_len must be in [2, {ctx}] (the model's context), got {T}")
         from ..curvature.modes import estimation_mode
 
-        vocab = measure.vocab_size(model)
+        vocab = meas.vocab_size(model)
         _check_ids(vocab, [codec.encode(p + loc.secret) for loc in located for p in loc.prompts]
                    + [codec.encode(r) for r in replacements], "secret or replacement")
         with torch.no_grad(), estimation_mode(model):  # the model must be a causal LM: one forward checks the head
             probe_ids = torch.tensor([codec.encode(located[0].prompts[0])[:T]], dtype=torch.int64)
-            measure.lm_logits(model, probe_ids.to(next(model.parameters()).device))
+            meas.lm_logits(model, probe_ids.to(next(model.parameters()).device))
 
-        data = build_forget_data(tokenizer, texts, all_secrets, replacements, seq_len=T, heldout=heldout, seed=seed)
+        data = build_forget_data(tokenizer, texts, all_secrets, replacements, seq_len=T, heldout=heldout,
+                                 seed=stream_seed(seed, "windows"))
         for what, (x, y) in (("training", data.train), ("corrected", data.corrected), ("held-out", data.val),
                              ("held-out", data.test)):
             _check_ids(vocab, [x.reshape(-1), y.reshape(-1)], what)
@@ -1218,7 +1154,8 @@ def forget(model, tokenizer, texts, secret, prefix: Optional[str] = None, replac
             train_text = (data.retain[0][-n_tt:], data.retain[1][-n_tt:])
 
         # the batches, built (and shared over a group's ranks) before any model work
-        hidx = torch.randperm(len(data.train[0]), generator=torch.Generator().manual_seed(seed))[:hessian_windows]
+        hidx = torch.randperm(len(data.train[0]),
+                              generator=torch.Generator().manual_seed(stream_seed(seed, "scoring")))[:hessian_windows]
         reads = strategy_arguments(strategy) if scores is None else ()  # the scoring inputs this strategy reads
         per_batch = STRATEGY_REGISTRY[strategy].hessian
         hdata = share_for_scoring(_batches((data.train[0][hidx], data.train[1][hidx]), batch_size), comm,
@@ -1305,7 +1242,8 @@ def forget(model, tokenizer, texts, secret, prefix: Optional[str] = None, replac
         if bar is not None:
             bar.set_description(f"forget: scoring ({strategy})")
         t0 = time.perf_counter()
-        available = {"loss_fn": lm_loss, "data": hdata, "affected": z_full, "corrected": zt_score, "seed": seed,
+        available = {"loss_fn": lm_loss, "data": hdata, "affected": z_full, "corrected": zt_score,
+                     "seed": stream_seed(seed, "strategy"),
                      "n_probes": n_probes}
         if comm.active:
             available["group"] = group
@@ -1314,7 +1252,8 @@ def forget(model, tokenizer, texts, secret, prefix: Optional[str] = None, replac
             reads = strategy_arguments(strategy)
             kw = {k: v for k, v in available.items() if k in reads}
             scores, score_cost = parameter_scores(model, strategy, space=space, **kw)
-        sel_kw = {"seed": seed} if "seed" in strategy_arguments(strategy, scores=scores is not None) else {}
+        sel_kw = {"seed": stream_seed(seed, "strategy")} \
+            if "seed" in strategy_arguments(strategy, scores=scores is not None) else {}
         if scores is not None:
             sel_kw["scores"] = scores
         sel = select_parameters(model, strategy, budget, space=space, **sel_kw)
@@ -1379,10 +1318,13 @@ def forget(model, tokenizer, texts, secret, prefix: Optional[str] = None, replac
         if retain_loss == "kl" and retain is not None:
             over["retain"] = _with_reference_logp(model, retain)
             over["retain_loss"] = kl_to_reference
-        cfg = as_method(cfg, **over)
         from ..update.rules import Coords
 
         coords = Coords(space, sel)
+        precond_grads = 0
+        if update.precondition == "fisher":
+            over["step_scale"], precond_grads = retain_fisher_scale(model, coords, data.retain, hessian_windows)
+        cfg = as_method(cfg, **over)
         theta_s = coords.snapshot()  # O(k): the model is restored if the measurement after unlearning fails
         t0 = time.perf_counter()
         rep = unlearn(model, _z_aware(group_lm_loss(comm)), zs, zt, sel, method=cfg, space=space, return_patch=True,
@@ -1413,7 +1355,7 @@ def forget(model, tokenizer, texts, secret, prefix: Optional[str] = None, replac
                "ppl_train_text_after": tt1 if heldout_given else test1,
                "ppl_within_budget": test1 <= report_limit}
     cost = {"wall_time_s": time.perf_counter() - t_start, "n_gradients": int(score_cost["n_gradients"])
-            + rep.n_gradients, "n_hvps": int(score_cost["n_hvps"]) + rep.n_hvps, "score_s": score_s,
+            + rep.n_gradients + precond_grads, "n_hvps": int(score_cost["n_hvps"]) + rep.n_hvps, "score_s": score_s,
             "unlearn_s": unlearn_s, "monitor_s": t_monitor, "measure_s": t_measure, "attack_s": t_attack,
             "steps": int(info.get("steps_run", 0)), "steps_accepted": int(info.get("steps_accepted", 0))}
     rule_d = {f: getattr(cfg, f) for f in ("steps", "lr", "lr_min", "lr_max", "beta", "correct_weight",

@@ -77,6 +77,18 @@ def count_batches(batches) -> Tuple[int, int]:
 
 
 # ====================================================================================================== S coordinates
+@torch.no_grad()
+def _scale_selected_grad(coords: "Coords", scale: torch.Tensor) -> None:
+    """``.grad`` at S ← ``scale`` ⊙ ``.grad`` at S (scale [k] in S's order); O(k), nothing outside S touched."""
+    for _, p, loc, a, b in coords.parts:
+        if p.grad is None:
+            continue
+        flat = p.grad.view(-1) if p.grad.is_contiguous() else None
+        if flat is None:
+            raise ValueError("Targeted: step_scale needs contiguous gradients")
+        flat.index_copy_(0, loc, flat.index_select(0, loc) * scale[a:b].to(flat.dtype))
+
+
 class Coords:
     """The selected coordinates S of a ParamSpace (a Selection from ``as_selection``: int64 ascending indices on the
     space's device), split per parameter: read, write, gather and check on S only.
@@ -726,9 +738,10 @@ class Targeted(_Rule):
     ascent) and a retain term on unaffected training batches R (``retain``; optional). L is the loss rule's batch MEAN
     (for language models: nats per target token, so β is on that scale). For a secret, give Z with targets only at
     the secret's tokens (``forget`` does): the ascent then acts on the secret, not on the text around it.
-    ``forget_loss(model, batch) -> scalar`` replaces the NPO term on the batch mean (``forget(per_token=True)``
-    passes a per-token NPO: each secret token keeps its own fading weight); ``retain_loss(model, batch)`` replaces
-    the loss rule on the retain batches (``forget(retain="kl")`` passes the KL divergence to θ*'s predictions).
+    ``forget_loss(model, batch) -> scalar`` replaces the NPO term on the batch mean
+    (``UpdateConfig(per_token=True)`` passes a per-token NPO: each secret token keeps its own fading weight);
+    ``retain_loss(model, batch)`` replaces the loss rule on the retain batches (``UpdateConfig(retain_loss="kl")``
+    passes the KL divergence to θ*'s predictions).
 
     Without ``monitor`` the rule runs ``steps`` steps at ``lr``. With ``monitor`` (a callable ``monitor(step) ->
     {"within_budget": bool, "done": bool, "score": float}`` that measures the model as it stands, e.g. a secret's
@@ -747,9 +760,12 @@ class Targeted(_Rule):
     Fields: ``steps`` >= 0; ``lr`` > 0; ``lr_min`` / ``lr_max`` bounds of the search; ``beta`` > 0; the weights
     ``correct_weight``, ``forget_weight``, ``retain_weight`` >= 0; ``rho`` >= 0 (SAM radius; 0 = no SAM);
     ``weight_decay`` >= 0 (on S only); ``check_every`` >= 1; ``repair_steps`` >= 0; ``base`` "sgd" (default) or
-    "adamw". SGD is the default because on the tests' memorised character LSTM it forgot more within the same
-    perplexity budget: Adam's first steps move every selected coordinate by about ±lr whatever its gradient, which
-    costs perplexity before the secret's loss moves (exposure 33 vs 47 bits at +5% with the hessian 5% selection).
+    "adamw"; ``step_scale``: None or a [k] tensor of per-coordinate multipliers of the selected gradient before every
+    step, in S's order (a diagonal preconditioner; base "sgd" and rho 0 only; ``forget`` builds one from
+    ``UpdateConfig(precondition="fisher")``). SGD is the default because on the tests' memorised character LSTM it
+    forgot more within the same perplexity budget: Adam's first steps move every selected coordinate by about ±lr
+    whatever its gradient, which costs perplexity before the secret's loss moves (exposure 33 vs 47 bits at +5% with
+    the hessian 5% selection).
     Peak extra memory: the gradients (N, in ``.grad``, freed afterwards), the optimizer state (SGD none, AdamW 2k
     float32), with ``rho`` SAM's k saved weights, and with ``monitor`` one accepted snapshot (θ_S and the state).
     """
@@ -773,8 +789,18 @@ class Targeted(_Rule):
     monitor: Any = field(default=None, compare=False, repr=False)
     forget_loss: Any = field(default=None, compare=False, repr=False)
     retain_loss: Any = field(default=None, compare=False, repr=False)
+    step_scale: Any = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
+        if self.step_scale is not None:
+            if not isinstance(self.step_scale, torch.Tensor) or self.step_scale.dim() != 1 \
+                    or not self.step_scale.is_floating_point():
+                raise TypeError("Targeted: step_scale must be a 1-D floating tensor [k] (S's order) or None")
+            if not bool(torch.isfinite(self.step_scale).all()) or bool((self.step_scale < 0).any()):
+                raise ValueError("Targeted: step_scale must be finite and >= 0")
+            if self.base != "sgd" or self.rho > 0:
+                raise ValueError("Targeted: step_scale (a diagonal preconditioner of the SGD step) needs base='sgd' "
+                                 "and rho=0 (AdamW rescales every coordinate itself; SAM's ascent would be scaled too)")
         for name in ("forget_loss", "retain_loss"):
             if getattr(self, name) is not None and not callable(getattr(self, name)):
                 raise TypeError(f"Targeted: {name} must be callable {name}(model, batch) -> scalar")
@@ -840,6 +866,12 @@ class Targeted(_Rule):
         lr = float(self.lr)
         opt = self._optimizer(prob, lr)
         sam = self.rho > 0
+        scale = None
+        if self.step_scale is not None:
+            if self.step_scale.numel() != prob.coords.k:
+                raise ValueError(f"Targeted: step_scale has {self.step_scale.numel()} entries for a selection of "
+                                 f"k={prob.coords.k}")
+            scale = self.step_scale.to(device=prob.space.device, dtype=prob.coords.dtype)
         accepted = None
         prev_score = None
         if self.monitor is not None:
@@ -895,6 +927,8 @@ class Targeted(_Rule):
                     if closure() is None:
                         raise ValueError("Targeted: no loss term is active (every weight is 0, or only retain_weight "
                                          "without retain batches)")
+                    if scale is not None:
+                        _scale_selected_grad(prob.coords, scale)
                     opt.step()
                 opt.zero_grad()
                 if opt.last_step_skipped:

@@ -10,12 +10,15 @@ import torch
 
 import sapsel_kernels as sk
 from sapsel_kernels.demo import lm
-from sapsel_kernels.forget import IGNORE, build_forget_data, forget, lm_loss
+from sapsel_kernels.forget import (IGNORE, MeasureConfig, SelectConfig, TargetConfig, UpdateConfig,
+                                    build_forget_data, forget, lm_loss)
 from sapsel_kernels.rules import Targeted
 from sapsel_kernels.space import ParamSpace
 
 SECRET = lm.CANARY_SECRET
 PREFIX = lm.CANARY_PREFIX
+CANARY = {"secret": SECRET, "prefix": PREFIX}  # forget's secret argument: the secret with the prefix that elicits it
+BENIGN = {**CANARY, "replacement": lm.BENIGN_REPLACEMENT}  # ... and the replacement Z̃ holds
 
 
 @functools.lru_cache(maxsize=None)
@@ -218,10 +221,8 @@ def test_targeted_config_validation():
         Targeted(retain_weight=float("nan"))
     with pytest.raises(ValueError, match="repair_steps"):
         Targeted(repair_steps=-1)
-    model, cc = _model()
-    with pytest.raises(ValueError, match="conflicts with rule.repair_steps"):
-        forget(model, cc.vocab, cc.text, SECRET, PREFIX, heldout=[cc.heldout], seq_len=32,
-               rule=Targeted(repair_steps=2), repair_steps=5)
+    # repair_steps given both in the rule and beside it can only happen through forget's deprecated keywords:
+    # tests/forgetting/test_forget_config.py (test_a_keyword_with_its_config_is_refused)
 
 
 # ------------------------------------------------------------------------------------------------ end to end
@@ -232,9 +233,10 @@ def test_forget_lowers_exposure_within_the_perplexity_budget():
     that the search never accepts a state beyond its limit, that exposure drops, and that only S moves."""
     model, cc = _model()
     theta0 = torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])
-    rep = forget(model, cc.vocab, cc.text, SECRET, PREFIX, lm.BENIGN_REPLACEMENT, heldout=[cc.heldout],
-                 seq_len=32, strategy="hessian", budget=0.05, n_candidates=300, n_monitor=150, max_steps=100,
-                 context="\n", evidence=None, progress=False)
+    measure = MeasureConfig(n_candidates=300, n_monitor=150, context="\n", evidence=None, progress=False)
+    rep = forget(model, cc.vocab, cc.text, BENIGN, heldout=[cc.heldout],
+                 select=SelectConfig(strategy="hessian", budget=0.05),
+                 update=UpdateConfig(rule=Targeted(steps=100), seq_len=32), measure=measure)
     d = rep.to_dict()
     assert d["exposure_steer_before"] > 40 and d["extracted_before"], "the fixture must have memorised the secret"
     # the trajectory is sensitive to the batches (see above): only a clear drop
@@ -254,9 +256,9 @@ def test_forget_lowers_exposure_within_the_perplexity_budget():
     assert d["cost"]["n_hvps"] > 0 and d["cost"]["n_gradients"] > 0 and d["strategy"] == "hessian"
     # the scores are reusable: no second estimate
     model2, _ = _model()
-    rep2 = forget(model2, cc.vocab, cc.text, SECRET, PREFIX, lm.BENIGN_REPLACEMENT, heldout=[cc.heldout],
-                  seq_len=32, strategy="hessian", budget=0.05, n_candidates=300, n_monitor=150, max_steps=0,
-                  context="\n", scores=rep.scores, evidence=None, progress=False)
+    rep2 = forget(model2, cc.vocab, cc.text, BENIGN, heldout=[cc.heldout],
+                  select=SelectConfig(strategy="hessian", budget=0.05, scores=rep.scores),
+                  update=UpdateConfig(rule=Targeted(steps=0), seq_len=32), measure=measure)
     assert rep2.cost["n_hvps"] == 0 and rep2.k == rep.k
 
 
@@ -268,12 +270,14 @@ def test_default_ssd_selection_forgets_far_more_than_hessian_within_the_budget()
     out = {}
     for strategy in ("ssd", "hessian"):
         model, cc = _model()
-        rep = forget(model, cc.vocab, cc.text, SECRET, PREFIX, lm.BENIGN_REPLACEMENT, heldout=[cc.heldout],
-                     seq_len=32, strategy=strategy, budget=0.01, n_candidates=300, n_monitor=150, max_steps=100,
-                     context="\n", evidence=None, progress=False)
+        rep = forget(model, cc.vocab, cc.text, BENIGN, heldout=[cc.heldout],
+                     select=SelectConfig(strategy=strategy, budget=0.01),
+                     update=UpdateConfig(rule=Targeted(steps=100), seq_len=32),
+                     measure=MeasureConfig(n_candidates=300, n_monitor=150, context="\n", evidence=None,
+                                           progress=False))
         assert rep.val_ppl_after <= rep.val_ppl_before * 1.05 * (1 + 1e-9)
         out[strategy] = rep
-    assert inspect.signature(forget).parameters["strategy"].default == "ssd"
+    assert inspect.signature(forget).parameters["select"].default is None and SelectConfig().strategy == "ssd"
     ssd, hess = out["ssd"].to_dict(), out["hessian"].to_dict()
     assert ssd["exposure_steer_before"] > 40
     assert ssd["exposure_after"] < 6.0 and not ssd["extracted_after"], ssd["history"]
@@ -285,43 +289,46 @@ def test_default_ssd_selection_forgets_far_more_than_hessian_within_the_budget()
 def test_forget_errors_before_any_training():
     model, cc = _model()
     theta0 = [p.detach().clone() for p in model.parameters()]
-    kw = dict(heldout=[cc.heldout], seq_len=32, progress=False)
+    update, measure = UpdateConfig(seq_len=32), MeasureConfig(progress=False)
+    kw = dict(heldout=[cc.heldout], update=update, measure=measure)
     with pytest.raises(ValueError, match="does not occur"):
-        forget(model, cc.vocab, cc.text, "1234 5678 0000 1111", PREFIX, **kw)
+        forget(model, cc.vocab, cc.text, {**CANARY, "secret": "1234 5678 0000 1111"}, **kw)
     with pytest.raises(ValueError, match="not in the vocabulary|cannot encode|encode"):
-        forget(model, cc.vocab, cc.text, SECRET, PREFIX, "\u00e9\u00e9\u00e9", **kw)
+        forget(model, cc.vocab, cc.text, {**CANARY, "replacement": "\u00e9\u00e9\u00e9"}, **kw)
     with pytest.raises(ValueError, match="non-empty"):
-        forget(model, cc.vocab, cc.text, "  ", PREFIX, **kw)
+        forget(model, cc.vocab, cc.text, {**CANARY, "secret": "  "}, **kw)
+    with pytest.raises(ValueError, match="non-empty"):
+        forget(model, cc.vocab, cc.text, "  ", **kw)
     with pytest.raises(ValueError, match="contains the secret"):
-        forget(model, cc.vocab, cc.text, SECRET, PREFIX, "x " + SECRET, **kw)
-    with pytest.raises(ValueError, match="budget"):
-        forget(model, cc.vocab, cc.text, SECRET, PREFIX, budget=-1, **kw)
+        forget(model, cc.vocab, cc.text, {**CANARY, "replacement": "x " + SECRET}, **kw)
+    with pytest.raises(ValueError, match="budget"):  # a budget is checked against the model's N, inside forget
+        forget(model, cc.vocab, cc.text, CANARY, select=SelectConfig(budget=-1), **kw)
     with pytest.raises(ValueError, match="heldout"):
-        forget(model, cc.vocab, cc.text, SECRET, PREFIX, heldout=1.5, seq_len=32, progress=False)
+        forget(model, cc.vocab, cc.text, CANARY, heldout=1.5, update=update, measure=measure)
     with pytest.raises(ValueError, match="no training window predicts"):
-        forget(model, cc.vocab, SECRET + cc.text, SECRET, PREFIX, **kw)
+        forget(model, cc.vocab, SECRET + cc.text, CANARY, **kw)
     small = lm.build_model("lstm", 30, embed=4, hidden=8)  # fewer input ids than the codec produces
     with pytest.raises(ValueError, match="does not belong to this model"):
-        forget(small, cc.vocab, cc.text, SECRET, PREFIX, **kw)
-    with pytest.raises(ValueError, match="max_ppl_increase"):
-        forget(model, cc.vocab, cc.text, SECRET, PREFIX, max_ppl_increase=-1, **kw)
+        forget(small, cc.vocab, cc.text, CANARY, **kw)
+    with pytest.raises(ValueError, match="max_ppl_increase"):  # checked where the config is built
+        forget(model, cc.vocab, cc.text, CANARY, target=TargetConfig(max_ppl_increase=-1), **kw)
     with pytest.raises(TypeError, match="tokenizer|Tokenizer"):
-        forget(model, 3.5, cc.text, SECRET, PREFIX, **kw)
+        forget(model, 3.5, cc.text, CANARY, **kw)
     # many secrets: each is checked against the data before anything trains
     two = [{"secret": SECRET, "prefix": PREFIX}, {"secret": "0000 1111 2222 3333", "prefix": PREFIX}]
     with pytest.raises(ValueError, match="'0000 1111 2222 3333' does not occur"):
         forget(model, cc.vocab, cc.text, two, **kw)
     with pytest.raises(ValueError, match="is given 2 times"):
         forget(model, cc.vocab, cc.text, [SECRET, SECRET], **kw)
-    with pytest.raises(ValueError, match="per secret"):
-        forget(model, cc.vocab, cc.text, [SECRET], PREFIX, **kw)
+    # (a list of secrets with one prefix beside it: only through the deprecated prefix= keyword,
+    # tests/forgetting/test_forget_config.py)
     with pytest.raises(ValueError, match="held-out texts are empty"):
-        forget(model, cc.vocab, cc.text, SECRET, PREFIX, heldout=["  "], seq_len=32, progress=False)
+        forget(model, cc.vocab, cc.text, CANARY, heldout=["  "], update=update, measure=measure)
     with pytest.raises(ValueError, match="held-out text contains the secret"):
-        forget(model, cc.vocab, cc.text, SECRET, PREFIX, heldout=[cc.heldout + PREFIX + SECRET], seq_len=32,
-               progress=False)
+        forget(model, cc.vocab, cc.text, CANARY, heldout=[cc.heldout + PREFIX + SECRET], update=update,
+               measure=measure)
     with pytest.raises(ValueError, match="precedes none"):
-        forget(model, cc.vocab, cc.text, SECRET, "my debit card number is", **kw)
+        forget(model, cc.vocab, cc.text, {**CANARY, "prefix": "my debit card number is"}, **kw)
     for p, t in zip(model.parameters(), theta0):
         assert torch.equal(p, t)
 
@@ -333,11 +340,12 @@ def test_forget_errors_on_hf_models():
     cfg = transformers.GPT2Config(vocab_size=len(V), n_positions=16, n_embd=8, n_layer=1, n_head=2, bos_token_id=0,
                                   eos_token_id=0)
     with pytest.raises(ValueError, match="context window"):
-        forget(transformers.GPT2LMHeadModel(cfg), V, cc.text, SECRET, PREFIX, heldout=[cc.heldout], progress=False)
+        forget(transformers.GPT2LMHeadModel(cfg), V, cc.text, CANARY, heldout=[cc.heldout],
+               measure=MeasureConfig(progress=False))
     cfg.n_positions = 64
     with pytest.raises(TypeError, match="causal-LM head|logits"):
-        forget(transformers.GPT2Model(cfg), V, cc.text, SECRET, PREFIX, seq_len=32, heldout=[cc.heldout],
-               progress=False)
+        forget(transformers.GPT2Model(cfg), V, cc.text, CANARY, heldout=[cc.heldout],
+               update=UpdateConfig(seq_len=32), measure=MeasureConfig(progress=False))
 
 
 def test_per_token_npo_matches_its_formula_and_is_ascent_at_theta_star():
@@ -377,9 +385,9 @@ def test_kl_retain_term_is_zero_with_zero_gradient_at_theta_star():
 
 def test_forget_rejects_bad_retain_loss():
     model, cc = _model()
-    with pytest.raises(ValueError, match="retain_loss"):
-        forget(model, cc.vocab, cc.text, SECRET, PREFIX, retain_loss="mse", heldout=[cc.heldout], seq_len=32,
-               progress=False)
+    with pytest.raises(ValueError, match="retain_loss"):  # checked where the config is built
+        forget(model, cc.vocab, cc.text, CANARY, heldout=[cc.heldout],
+               update=UpdateConfig(retain_loss="mse", seq_len=32), measure=MeasureConfig(progress=False))
 
 
 def test_targeted_rule_with_sam_moves_only_s():
@@ -428,14 +436,14 @@ def test_format_uniform_matches_its_formula_and_its_minimum_is_uniform():
             return out
 
     assert float(loss(Uniform(), (x, y))) == pytest.approx(math.log(10), rel=1e-6)
+    kw = dict(heldout=[cc.heldout], measure=MeasureConfig(progress=False))
     with pytest.raises(ValueError, match="objective"):
-        forget(model, cc.vocab, cc.text, SECRET, PREFIX, objective="ascent", heldout=[cc.heldout], seq_len=32,
-               progress=False)
+        forget(model, cc.vocab, cc.text, CANARY, update=UpdateConfig(objective="ascent", seq_len=32), **kw)
     with pytest.raises(ValueError, match="decoys applies to objective='uniform'"):
-        forget(model, cc.vocab, cc.text, SECRET, PREFIX, decoys=4, heldout=[cc.heldout], seq_len=32, progress=False)
+        forget(model, cc.vocab, cc.text, CANARY, update=UpdateConfig(decoys=4, seq_len=32), **kw)
     with pytest.raises(ValueError, match="per_token applies"):
-        forget(model, cc.vocab, cc.text, SECRET, PREFIX, objective="uniform", per_token=True, heldout=[cc.heldout],
-               seq_len=32, progress=False)
+        forget(model, cc.vocab, cc.text, CANARY, update=UpdateConfig(objective="uniform", per_token=True, seq_len=32),
+               **kw)
 
 
 def test_forget_uniform_objective_with_decoys_runs_and_moves_only_s():
@@ -443,9 +451,9 @@ def test_forget_uniform_objective_with_decoys_runs_and_moves_only_s():
     the budget and moves only S. (It does not forget better than NPO: docs/forget.md.)"""
     model, cc = _model()
     theta0 = torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])
-    rep = forget(model, cc.vocab, cc.text, SECRET, PREFIX, lm.BENIGN_REPLACEMENT, heldout=[cc.heldout], seq_len=32,
-                 budget=0.05, n_candidates=50, n_monitor=30, max_steps=10, context="\n", objective="uniform",
-                 decoys=2, progress=False)
+    rep = forget(model, cc.vocab, cc.text, BENIGN, heldout=[cc.heldout], select=SelectConfig(budget=0.05),
+                 update=UpdateConfig(objective="uniform", rule=Targeted(steps=10), seq_len=32, decoys=2),
+                 measure=MeasureConfig(n_candidates=50, n_monitor=30, context="\n", progress=False))
     theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     assert 0 < int((theta != theta0).sum()) <= rep.k
     assert rep.val_ppl_after <= rep.val_ppl_before * 1.05 * (1 + 1e-9)

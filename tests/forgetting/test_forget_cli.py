@@ -347,16 +347,19 @@ def test_valid_arguments_reach_the_loader_unchanged(monkeypatch, tmp_path):
 
 def test_cli_defaults_are_forgets():
     """The options with a default state forget's own (the help shows the numbers), so they cannot drift apart."""
-    forget = pytest.importorskip("sapsel_kernels.forget").forget
-    sig = inspect.signature(forget).parameters
+    fm = pytest.importorskip("sapsel_kernels.forget")
+    sig = inspect.signature(fm.forget).parameters
+    select, update, target, measure = fm.SelectConfig(), fm.UpdateConfig(), fm.TargetConfig(), fm.MeasureConfig()
+    spec = sk.SecretSpec("x")  # a secret's own options: prefix, format, replacement
     p = cli._subparser(cli.build_parser(), "forget")
-    dests = {"strategy": "strategy", "budget": "budget", "max_ppl_increase": "max_ppl_increase",
-             "target_exposure": "target_exposure", "seed": "seed", "seq_len": "seq_len", "max_steps": "max_steps",
-             "candidates": "n_candidates", "lr": "lr", "heldout_fraction": "heldout", "probes": "n_probes",
-             "prefix": "prefix", "replacement": "replacement", "fmt": "fmt", "objective": "objective",
-             "repair_steps": "repair_steps"}
-    for dest, name in dests.items():
-        assert p.get_default(dest) == sig[name].default, (dest, name)
+    defaults = {"strategy": select.strategy, "budget": select.budget, "max_ppl_increase": target.max_ppl_increase,
+                "target_exposure": target.exposure, "seed": sig["seed"].default, "seq_len": update.seq_len,
+                "max_steps": update.rule.steps, "candidates": measure.n_candidates, "lr": update.rule.lr,
+                "heldout_fraction": sig["heldout"].default, "probes": select.n_probes, "prefix": spec.prefix,
+                "replacement": spec.replacement, "fmt": spec.fmt, "objective": update.objective,
+                "repair_steps": update.rule.repair_steps}
+    for dest, default in defaults.items():
+        assert p.get_default(dest) == default, (dest, p.get_default(dest), default)
 
 
 # ------------------------------------------------------------------ help and the light parser
@@ -480,14 +483,15 @@ def test_run_writes_model_tokenizer_and_report(capsys, lm, stub_forget, tmp_path
     code, stdout, stderr = _run(capsys, argv)
     assert code == 0, stderr
     (call,) = stub_forget.calls
-    assert call["texts"] == [lm.text] and call["secret"] == SECRET and call["prefix"] == PREFIX
-    assert {k: call[k] for k in ("replacement", "fmt", "strategy", "budget", "max_ppl_increase", "target_exposure",
-                                 "seed", "seq_len", "max_steps", "n_candidates", "lr", "heldout", "n_probes",
-                                 "objective", "repair_steps", "progress")} == {
-        "replacement": "1111 2222 3333 4444", "fmt": "dddd dddd dddd dddd", "strategy": "random", "budget": 0.02,
-        "max_ppl_increase": 0.1, "target_exposure": 3.0, "seed": 7, "seq_len": 16, "max_steps": 9,
-        "n_candidates": 50, "lr": 0.01, "heldout": 0.2, "n_probes": 2, "objective": "uniform", "repair_steps": 4,
-        "progress": False}
+    assert call["texts"] == [lm.text] and call["prefix"] is None and call["replacement"] is None
+    assert call["secret"] == {"secret": SECRET, "prefix": PREFIX, "replacement": "1111 2222 3333 4444",
+                              "format": "dddd dddd dddd dddd"}
+    assert (call["seed"], call["heldout"]) == (7, 0.2)
+    assert call["select"] == sk.SelectConfig(strategy="random", budget=0.02, n_probes=2)
+    assert call["update"] == sk.UpdateConfig(objective="uniform", seq_len=16,
+                                             rule=sk.Targeted(steps=9, lr=0.01, repair_steps=4))
+    assert call["target"] == sk.TargetConfig(exposure=3.0, max_ppl_increase=0.1)
+    assert (call["measure"].n_candidates, call["measure"].progress) == (50, False)
     for name in REPORT_FILES:
         assert (out / name).is_file(), name
     d = _strict_json(out / "report.json")

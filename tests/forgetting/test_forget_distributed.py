@@ -16,11 +16,12 @@ import torch
 
 from tests.helpers.dist import run_world
 from sapsel_kernels.demo import lm
+from sapsel_kernels.forget import MeasureConfig, SelectConfig, UpdateConfig
+from sapsel_kernels.rules import Targeted
 
 SECRET = lm.CANARY_SECRET
 PREFIX = lm.CANARY_PREFIX
-KW = dict(max_steps=10, check_every=5, n_candidates=40, n_monitor=20, hessian_windows=16, batch_size=8, budget=0.05,
-          evidence=None, progress=False, seed=3)
+MEASURE = MeasureConfig(n_candidates=40, n_monitor=20, evidence=None, progress=False)
 
 
 def _build(path):
@@ -36,10 +37,15 @@ def _load(path):
     return model, cc
 
 
-def _run(model, cc, group=None, **kw):
+def _run(model, cc, group=None, *, seed=3, strategy="ssd", hessian_windows=16, **update):
+    """forget on the fixture: 10 steps (a check every 5), budget 0.05, 40 reported and 20 monitored candidates, no
+    attacks; ``update``: UpdateConfig fields beside the rule and the batches of 8."""
     from sapsel_kernels.forget import forget
 
-    rep = forget(model, cc.vocab, cc.text, SECRET, PREFIX, heldout=[cc.heldout], group=group, **{**KW, **kw})
+    rep = forget(model, cc.vocab, cc.text, {"secret": SECRET, "prefix": PREFIX}, heldout=[cc.heldout], seed=seed,
+                 select=SelectConfig(strategy=strategy, budget=0.05, hessian_windows=hessian_windows),
+                 update=UpdateConfig(rule=Targeted(steps=10, check_every=5), batch_size=8, **update),
+                 measure=MEASURE, group=group)
     s = rep.secrets[0]
     return {"flat": torch.cat([p.detach().reshape(-1) for p in model.parameters()]),
             "k": rep.k, "steps": rep.cost["steps"], "stopped_by": rep.stopped_by,

@@ -285,6 +285,42 @@ def test_gradient_ascent_one_step(setup):
     torch.testing.assert_close(_theta(model) - th0, expect, rtol=1e-10, atol=1e-13)
 
 
+def test_targeted_step_scale_is_a_diagonal_preconditioner(setup):
+    """Targeted(step_scale=s), one step at θ* (the NPO term's gradient there is −∇L(Z), σ(0)·2 = 1): θ_S moves by
+    −lr · s ⊙ (∇L̄(Z̃) − ∇L̄(Z))_S, s in S's (ascending) order; nothing outside S moves."""
+    model, aff, cor, _ = setup
+    th0, summed = _flat_fn(model)
+    th0 = th0.clone()
+    idx = torch.tensor([0, 4, 9, 15, 27, 30])
+    scale = torch.tensor([0.5, 2.0, 0.0, 1.0, 3.0, 0.25], dtype=torch.float64)
+    g = (grad(summed)(th0, *cor) - grad(summed)(th0, *aff)) / 5
+    sk.unlearn(model, loss_fn, aff, cor, idx, sk.Targeted(lr=0.3, steps=1, step_scale=scale))
+    expect = torch.zeros_like(th0)
+    expect[idx] = -0.3 * scale * g[idx]
+    torch.testing.assert_close(_theta(model) - th0, expect, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("bad, err, match", [
+    (dict(step_scale=[1.0, 2.0]), TypeError, "step_scale must be a 1-D floating tensor"),
+    (dict(step_scale=torch.ones(2, 2)), TypeError, "step_scale must be a 1-D floating tensor"),
+    (dict(step_scale=torch.tensor([1.0, -1.0])), ValueError, "finite and >= 0"),
+    (dict(step_scale=torch.tensor([1.0, float("nan")])), ValueError, "finite and >= 0"),
+    (dict(step_scale=torch.ones(2), base="adamw"), ValueError, "base='sgd'"),
+    (dict(step_scale=torch.ones(2), rho=0.1), ValueError, "rho=0"),
+])
+def test_targeted_step_scale_is_checked(bad, err, match):
+    with pytest.raises(err, match=match):
+        sk.Targeted(**bad)
+
+
+def test_targeted_step_scale_of_another_size_is_refused_before_any_change(setup):
+    model, aff, cor, _ = setup
+    state = _state(model)
+    with pytest.raises(ValueError, match="step_scale has 3 entries for a selection of k=2"):
+        sk.unlearn(model, loss_fn, aff, cor, torch.tensor([1, 2]), sk.Targeted(steps=1, step_scale=torch.ones(3)))
+    _assert_state(model, state)
+
+
 def test_sam_finetune_one_step_matches_sam_formula(setup):
     model, aff, cor, _ = setup
     th0, summed = _flat_fn(model)

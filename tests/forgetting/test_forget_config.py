@@ -1,0 +1,505 @@
+"""``forget``'s configuration (sapsel_kernels/forgetting/config.py): the signature, the deprecation shim of the
+earlier flat keywords, the configs' own checks, the named seed streams, and that forget.py draws every random number
+from a named stream (a static check of its source). No model is trained: a small untrained character LSTM and a few
+steps are enough for the one run that is compared."""
+
+import ast
+import contextlib
+import inspect
+import math
+import os
+import random
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+import sapsel_kernels as sk
+from sapsel_kernels.demo import lm
+from sapsel_kernels.forgetting import forget as forget_module
+from sapsel_kernels.forgetting.config import (SEED_STREAMS, Evidence, MeasureConfig, SelectConfig, TargetConfig,
+                                              UpdateConfig, configs_from_keywords, stream_seed)
+from sapsel_kernels.rules import Targeted
+
+SECRET = lm.CANARY_SECRET
+PREFIX = lm.CANARY_PREFIX
+TIMING = ("wall_time_s", "score_s", "unlearn_s", "monitor_s", "measure_s", "attack_s")  # cost fields in seconds
+
+
+@pytest.fixture(scope="module")
+def cc():
+    """The canary corpus, small: about 2.9k training characters with the card number 4 times."""
+    train, held = lm.load_corpus(3000)
+    return lm.insert_canary(train, held, 4)
+
+
+@contextlib.contextmanager
+def _errors_first():
+    """A refused old-keyword call raises before it warns: a FutureWarning here would be an error."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        yield
+
+
+def _tiny(cc):
+    """A fresh untrained character LSTM (1.6k parameters), the same weights at every call."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return lm.build_model("lstm", len(cc.vocab), embed=8, hidden=16)
+
+
+def _flat(model):
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def _comparable(rep):
+    d = rep.to_dict()
+    d["cost"] = {k: v for k, v in d["cost"].items() if k not in TIMING}
+    return d
+
+
+# ------------------------------------------------------------------------------------------------ the signature
+def test_forget_signature_is_small():
+    params = inspect.signature(sk.forget).parameters
+    assert len(params) <= 12, list(params)
+    assert sk.forget is forget_module.forget
+    assert (sk.SelectConfig, sk.UpdateConfig, sk.TargetConfig, sk.MeasureConfig, sk.Targeted) == (
+        SelectConfig, UpdateConfig, TargetConfig, MeasureConfig, Targeted)
+
+
+# ------------------------------------------------------------------------------------------------ the shim
+def test_deprecated_keywords_warn_and_give_the_same_report_as_the_configs(cc):
+    """The earlier flat keywords (a FutureWarning naming every config they belong to) and the same request in config
+    objects: the same report (timings aside) and bit-identical weights. Untrained model, target 0 bits (never met):
+    all 6 steps run, so the weights do move."""
+    old_model, new_model = _tiny(cc), _tiny(cc)
+    theta0 = _flat(old_model)
+    with pytest.warns(FutureWarning) as caught:
+        old = sk.forget(old_model, cc.vocab, cc.text, SECRET, prefix=PREFIX, heldout=[cc.heldout], seed=5,
+                        strategy="random", budget=0.05, max_steps=6, lr=0.5, check_every=2, seq_len=16,
+                        target_exposure=0.0, max_ppl_increase=1.0, n_candidates=20, n_monitor=10, evidence=None,
+                        progress=False)
+    (w,) = [w for w in caught if issubclass(w.category, FutureWarning)]
+    for name in ("select=SelectConfig(", "update=UpdateConfig(", "target=TargetConfig(", "measure=MeasureConfig(",
+                 "SecretSpec", "max_steps", "prefix"):
+        assert name in str(w.message), (name, str(w.message))
+    assert w.filename == __file__  # the warning points at the caller's line
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        new = sk.forget(new_model, cc.vocab, cc.text, {"secret": SECRET, "prefix": PREFIX}, heldout=[cc.heldout],
+                        seed=5, select=SelectConfig(strategy="random", budget=0.05),
+                        update=UpdateConfig(rule=Targeted(steps=6, lr=0.5, check_every=2), seq_len=16),
+                        target=TargetConfig(exposure=0.0, max_ppl_increase=1.0),
+                        measure=MeasureConfig(n_candidates=20, n_monitor=10, evidence=None, progress=False))
+    assert new.cost["steps"] == 6 and not torch.equal(_flat(new_model), theta0)
+    assert torch.equal(_flat(old_model), _flat(new_model))
+    assert _comparable(old) == _comparable(new)
+    assert (old.strategy, old.budget, old.rule["steps"], old.rule["lr"], old.rule["check_every"]) == (
+        "random", 0.05, 6, 0.5, 2)
+
+
+@pytest.mark.parametrize("keywords,rule", [
+    (dict(max_steps=7), Targeted(steps=7, lr=0.1, check_every=5, lr_max=100.0, repair_steps=0)),
+    (dict(lr=0.5, repair_steps=3), Targeted(steps=300, lr=0.5, check_every=5, lr_max=100.0, repair_steps=3)),
+    (dict(lr=250.0, check_every=2), Targeted(steps=300, lr=250.0, check_every=2, lr_max=250.0, repair_steps=0)),
+])
+def test_deprecated_step_keywords_build_the_documented_rule(keywords, rule):
+    """max_steps=M, lr=L, check_every=C, repair_steps=R == Targeted(steps=M, lr=L, check_every=C,
+    lr_max=max(100, L), repair_steps=R), with the old defaults 300 / 0.1 / 5 / 0."""
+    none = dict(select=None, update=None, target=None, measure=None)
+    with pytest.warns(FutureWarning, match="UpdateConfig"):
+        secret, cfgs = configs_from_keywords(SECRET, none, keywords)
+    assert secret == SECRET
+    assert cfgs["update"] == UpdateConfig(rule=rule)
+    assert (cfgs["select"], cfgs["target"], cfgs["measure"]) == (SelectConfig(), TargetConfig(), MeasureConfig())
+    assert UpdateConfig().rule == Targeted(steps=300)  # forget's default: 300 steps, Targeted's other defaults
+
+
+def test_deprecated_secret_keywords_go_into_the_secret():
+    none = dict(select=None, update=None, target=None, measure=None)
+    with pytest.warns(FutureWarning, match="the secret as a dict or SecretSpec"):
+        secret, cfgs = configs_from_keywords(SECRET, none, dict(prefix=PREFIX, replacement="r", fmt="dddd"))
+    assert secret == {"secret": SECRET, "prefix": PREFIX, "replacement": "r", "format": "dddd"}
+    assert cfgs == {"select": SelectConfig(), "update": UpdateConfig(), "target": TargetConfig(),
+                    "measure": MeasureConfig()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        assert configs_from_keywords(SECRET, none, {}) == (SECRET, cfgs)  # no keyword: no warning
+
+
+def test_a_keyword_with_its_config_is_refused(cc):
+    model = _tiny(cc)
+    theta0 = _flat(model)
+    cases = [
+        (dict(strategy="random", select=SelectConfig()), "strategy given both as a keyword and inside select="),
+        (dict(lr=0.5, update=UpdateConfig()), "lr given both as a keyword and inside update="),
+        (dict(target_exposure=1.0, target=TargetConfig()),
+         "target_exposure given both as a keyword and inside target="),
+        (dict(evidence=None, measure=MeasureConfig()), "evidence given both as a keyword and inside measure="),
+        (dict(max_steps=5, rule=Targeted()), r"max_steps and rule= both given"),
+        # was "repair_steps=5 conflicts with rule.repair_steps=2" (tests/forgetting/test_forget.py)
+        (dict(repair_steps=5, rule=Targeted(repair_steps=2)), r"repair_steps and rule= both given"),
+    ]
+    for kw, match in cases:
+        with _errors_first(), pytest.raises(ValueError, match=match):
+            sk.forget(model, cc.vocab, cc.text, SECRET, heldout=[cc.heldout], **kw)
+    # a list of secrets carries its prefixes per secret (was tests/forgetting/test_forget.py's "per secret" case)
+    with _errors_first(), pytest.raises(ValueError, match="per secret"):
+        sk.forget(model, cc.vocab, cc.text, [SECRET], prefix=PREFIX, heldout=[cc.heldout])
+    with _errors_first(), pytest.raises(ValueError, match="prefix is empty"):
+        sk.forget(model, cc.vocab, cc.text, SECRET, prefix="", heldout=[cc.heldout])
+    assert torch.equal(_flat(model), theta0)
+
+
+def test_unknown_keywords_wrong_config_types_and_positional_prefix_are_type_errors(cc):
+    model = _tiny(cc)
+    theta0 = _flat(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # refused before any deprecation warning
+        with pytest.raises(TypeError, match="unexpected keyword argument 'n_steps'"):
+            sk.forget(model, cc.vocab, cc.text, SECRET, n_steps=3)
+        with pytest.raises(TypeError, match="unexpected keyword argument 'n_steps'"):
+            sk.forget(model, cc.vocab, cc.text, SECRET, n_steps=3, budget=0.1)
+        for kw, name in ((dict(select={"strategy": "random"}), "SelectConfig"),
+                         (dict(update=Targeted()), "UpdateConfig"), (dict(target=0.05), "TargetConfig"),
+                         (dict(measure=Evidence()), "MeasureConfig")):
+            with pytest.raises(TypeError, match=f"{next(iter(kw))}= must be a sapsel_kernels.{name} or None"):
+                sk.forget(model, cc.vocab, cc.text, SECRET, **kw)
+        with pytest.raises(TypeError, match="positional"):  # prefix and replacement were the 5th and 6th
+            sk.forget(model, cc.vocab, cc.text, SECRET, PREFIX)
+        with pytest.raises(TypeError, match="positional"):
+            sk.forget(model, cc.vocab, cc.text, SECRET, PREFIX, lm.BENIGN_REPLACEMENT)
+    assert torch.equal(_flat(model), theta0)
+
+
+# ------------------------------------------------------------------------------------------------ the configs' checks
+BAD = [
+    (SelectConfig, dict(strategy="nope"), ValueError, "unknown selection strategy 'nope'"),
+    (SelectConfig, dict(budget="0.1"), TypeError, r"SelectConfig\.budget"),
+    (SelectConfig, dict(budget=True), TypeError, r"SelectConfig\.budget"),
+    (SelectConfig, dict(hessian_windows=0), ValueError, r"SelectConfig\.hessian_windows"),
+    (SelectConfig, dict(n_probes=1.5), ValueError, r"SelectConfig\.n_probes"),
+    (SelectConfig, dict(scores=torch.zeros(2, 3)), TypeError, r"SelectConfig\.scores"),
+    (UpdateConfig, dict(objective=3), TypeError, r"UpdateConfig\.objective"),
+    (UpdateConfig, dict(rule="targeted"), TypeError, r"UpdateConfig\.rule"),
+    (UpdateConfig, dict(seq_len=1), ValueError, r"UpdateConfig\.seq_len"),
+    (UpdateConfig, dict(batch_size=0), ValueError, r"UpdateConfig\.batch_size"),
+    (UpdateConfig, dict(retain_loss="mse"), ValueError, r"UpdateConfig\.retain_loss"),
+    (UpdateConfig, dict(retain_windows=-1), ValueError, r"UpdateConfig\.retain_windows"),
+    (UpdateConfig, dict(per_token=1), TypeError, r"UpdateConfig\.per_token"),
+    (UpdateConfig, dict(decoys=-1), ValueError, r"UpdateConfig\.decoys"),
+    (UpdateConfig, dict(decoys=True), ValueError, r"UpdateConfig\.decoys"),
+    (TargetConfig, dict(exposure=-0.5), ValueError, r"TargetConfig\.exposure"),
+    (TargetConfig, dict(exposure=math.inf), ValueError, r"TargetConfig\.exposure"),
+    (TargetConfig, dict(max_ppl_increase=-1), ValueError, r"TargetConfig\.max_ppl_increase"),
+    (TargetConfig, dict(max_ppl_increase=math.nan), ValueError, r"TargetConfig\.max_ppl_increase"),
+    (TargetConfig, dict(max_ppl_increase="5%"), ValueError, r"TargetConfig\.max_ppl_increase"),
+    (MeasureConfig, dict(n_candidates=2), ValueError, r"MeasureConfig\.n_candidates"),
+    (MeasureConfig, dict(n_monitor=2), ValueError, r"MeasureConfig\.n_monitor"),
+    (MeasureConfig, dict(context=None), TypeError, r"MeasureConfig\.context"),
+    (MeasureConfig, dict(evidence={"n_samples": 0}), TypeError, r"MeasureConfig\.evidence"),
+    (MeasureConfig, dict(progress=1), TypeError, r"MeasureConfig\.progress"),
+    (Evidence, dict(n_samples=-1), ValueError, r"Evidence\.n_samples"),
+    (Evidence, dict(relearn_lr=0.0), ValueError, r"Evidence\.relearn_lr"),
+    (Evidence, dict(int8=1), TypeError, r"Evidence\.int8"),
+]
+
+
+@pytest.mark.parametrize("cls,kw,exc,match", BAD, ids=[f"{c.__name__}-{next(iter(k))}" for c, k, _, _ in BAD])
+def test_a_config_checks_its_fields_when_built(cls, kw, exc, match):
+    with pytest.raises(exc, match=match):
+        cls(**kw)
+
+
+def test_configs_are_frozen_and_their_defaults_build():
+    for cls in (SelectConfig, UpdateConfig, TargetConfig, MeasureConfig, Evidence):
+        c = cls()
+        with pytest.raises(AttributeError):
+            setattr(c, next(iter(c.__dataclass_fields__)), None)
+    assert SelectConfig(budget=-1).budget == -1  # a budget is checked against the model's N, by forget
+
+
+# ------------------------------------------------------------------------------------------------ the seed streams
+HASHED = ("replacement", "report", "monitor", "never_seen", "samples", "relearn", "objective")
+THE_SEED = ("windows", "scoring", "strategy", "uniform_order")  # the seed itself
+
+
+def _documented(stream, seed, i=0):
+    return random.Random(f"sapsel:{stream}:{seed}:{i}").getrandbits(31)
+
+
+def test_stream_seeds_follow_their_documented_definition():
+    assert set(SEED_STREAMS) == {*HASHED, *THE_SEED, "uniform_decoys"}
+    for seed in (0, 1, 3, 12345, 2**40 + 7):
+        for name in SEED_STREAMS:
+            assert type(stream_seed(seed, name)) is int, name
+        for name in HASHED:
+            assert SEED_STREAMS[name][0] == "hashed"
+            for i in (0, 1, 2, 1_000_003 * 2 + 5):
+                got = stream_seed(seed, name, i)
+                assert got == _documented(name, seed, i) and 0 <= got < 2**31, (name, seed, i)
+                assert stream_seed(seed, name, i) == got  # stable within the run
+        hashed = [stream_seed(seed, name) for name in HASHED]
+        assert len(set(hashed)) == len(HASHED), hashed  # independent streams for the same seed
+        assert len({stream_seed(seed, "report", i) for i in range(50)}) == 50  # and per index
+        for name in THE_SEED:
+            assert stream_seed(seed, name) == seed, name
+        assert stream_seed(seed, "uniform_decoys") == seed + 70_000
+    assert stream_seed(3, "report") != stream_seed(4, "report")
+
+
+def test_stream_seeds_are_the_same_in_another_process_with_another_hash_seed():
+    """A str seed is hashed by random.Random with SHA-512, not Python's randomised str hash."""
+    code = ("from sapsel_kernels.forgetting.config import SEED_STREAMS, stream_seed\n"
+            "print([stream_seed(s, n, i) for s in (0, 7) for n in sorted(SEED_STREAMS) for i in "
+            "((0, 3) if SEED_STREAMS[n][0] == 'hashed' else (0,))])")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {**os.environ, "PYTHONHASHSEED": "12345", "PYTHONPATH": root}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+    here = [stream_seed(s, n, i) for s in (0, 7) for n in sorted(SEED_STREAMS)
+            for i in ((0, 3) if SEED_STREAMS[n][0] == "hashed" else (0,))]
+    assert out.strip() == str(here)
+
+
+def test_stream_seed_refuses_unknown_streams_and_indices_of_unhashed_ones():
+    with pytest.raises(ValueError, match="unknown seed stream 'nope'"):
+        stream_seed(0, "nope")
+    with pytest.raises(ValueError, match="unknown seed stream"):
+        stream_seed(0, "Report")
+    for name in (*THE_SEED, "uniform_decoys"):
+        with pytest.raises(ValueError, match="has no index"):
+            stream_seed(0, name, 1)
+        assert stream_seed(4, name, 0) == stream_seed(4, name)
+
+
+# ------------------------------------------------------------------------------------------------ forget.py's draws
+FORGET_PY = inspect.getsourcefile(forget_module)
+GENERATORS = ("manual_seed", "Random")  # torch.Generator().manual_seed(s), torch.manual_seed(s), random.Random(s)
+# where the bare seed is read and every random draw of it: the forget pipeline, the nulls and the objectives
+SEED_READERS = ("forget", "_null_for", "_npo", "_calibrated", "_uniform")
+
+
+def _called(call):
+    f = call.func
+    return f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else None
+
+
+def _is_stream_seed(node):
+    return isinstance(node, ast.Call) and _called(node) == "stream_seed"
+
+
+def _argument(call, fn: ast.FunctionDef, param: str):
+    """The expression ``call`` passes for ``fn``'s parameter ``param`` (None: not passed, the default is used)."""
+    for k in call.keywords:
+        if k.arg == param:
+            return k.value
+    names = [a.arg for a in fn.args.posonlyargs + fn.args.args]
+    i = names.index(param) if param in names else None
+    return call.args[i] if i is not None and i < len(call.args) else None
+
+
+def seed_violations(source: str):
+    """Where forget.py's source seeds a random generator, or passes a seed, with anything but a named stream
+    (``stream_seed(...)``): a list of (line, what) (empty: none). The rules:
+
+    1. every ``manual_seed(x)`` / ``Random(x)`` call: ``x`` is a ``stream_seed(...)`` call, or a parameter of the
+       function that holds the call, and then every call of that function in the file passes a ``stream_seed(...)``
+       call for that parameter (and the file calls it at least once);
+    2. inside ``SEED_READERS``, every ``seed=`` keyword and every ``{"seed": ...}`` entry is a ``stream_seed(...)``
+       call or a name bound to one, except ``ObjectiveRequest(seed=seed)`` (the objectives read ``req.seed``, rule 3);
+    3. inside ``SEED_READERS``, the bare seed (a name ``seed`` or ``req.seed``) is read only as the first argument of
+       ``stream_seed``, in the request ``forget`` compares over a group's ranks (``_agree``), as ``_null_for``'s
+       ``seed`` (its draws are checked here too), as ``ObjectiveRequest``'s ``seed``, or bound to the name ``seed``
+       (whose reads are then checked).
+    """
+    tree = ast.parse(source)
+    parent = {c: p for p in ast.walk(tree) for c in ast.iter_child_nodes(p)}
+    funcs = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
+    out = []
+
+    def enclosing(node):
+        while node in parent:
+            node = parent[node]
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+                return node
+        return None
+
+    # 1. the generators
+    relayed = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and _called(node) in GENERATORS:
+            arg = node.args[0] if node.args else None
+            fn = enclosing(node)
+            params = {a.arg for a in fn.args.args + fn.args.kwonlyargs} if fn is not None else set()
+            if _is_stream_seed(arg):
+                continue
+            if isinstance(arg, ast.Name) and isinstance(fn, ast.FunctionDef) and arg.id in params \
+                    and fn.name in funcs:
+                relayed.add((fn.name, arg.id))
+            else:
+                out.append((node.lineno, f"{_called(node)}() seeded by {ast.unparse(arg) if arg else 'nothing'}"))
+    for name, param in sorted(relayed):
+        calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and _called(n) == name]
+        if not calls:
+            out.append((funcs[name].lineno, f"{name}() seeds a generator with its parameter {param!r} and is not "
+                                            "called in the file"))
+        for c in calls:
+            a = _argument(c, funcs[name], param)
+            if not _is_stream_seed(a):
+                out.append((c.lineno, f"{name}({param}={ast.unparse(a) if a is not None else 'its default'})"))
+
+    # 2. and 3. inside the functions that read the seed
+    for fname in SEED_READERS:
+        fn = funcs[fname]
+        streamed = {t.id for n in ast.walk(fn) if isinstance(n, ast.Assign) and _is_stream_seed(n.value)
+                    for t in n.targets if isinstance(t, ast.Name)}
+
+        def fine(value):
+            return _is_stream_seed(value) or isinstance(value, ast.Name) and value.id in streamed
+
+        for node in ast.walk(fn):
+            if isinstance(node, ast.Call):
+                for k in node.keywords:
+                    if k.arg == "seed" and not fine(k.value) and _called(node) != "ObjectiveRequest":
+                        out.append((node.lineno, f"{_called(node)}(seed={ast.unparse(k.value)})"))
+            if isinstance(node, ast.Dict):
+                for k, v in zip(node.keys, node.values):
+                    if isinstance(k, ast.Constant) and k.value == "seed" and not fine(v):
+                        out.append((node.lineno, f"{{'seed': {ast.unparse(v)}}}"))
+            bare = (isinstance(node, ast.Name) and node.id == "seed" and isinstance(node.ctx, ast.Load)
+                    or isinstance(node, ast.Attribute) and node.attr == "seed" and isinstance(node.ctx, ast.Load))
+            if not bare:
+                continue
+            up = parent[node]
+            if isinstance(up, ast.Call) and _called(up) == "stream_seed" and up.args and up.args[0] is node:
+                continue
+            if isinstance(up, (ast.List, ast.Tuple)) and isinstance(parent[up], ast.Call) \
+                    and _called(parent[up]) == "_agree":
+                continue
+            if isinstance(up, ast.Call) and _called(up) == "_null_for" and node in up.args \
+                    and _argument(up, funcs["_null_for"], "seed") is node:
+                continue
+            if isinstance(up, ast.keyword) and up.arg == "seed" and _called(parent[up]) == "ObjectiveRequest":
+                continue
+            if fname != "forget" and isinstance(node, ast.Attribute):  # located, nulls, seed = ..., req.seed
+                value = up if isinstance(up, ast.Assign) else parent[up] if isinstance(up, ast.Tuple) else None
+                if isinstance(value, ast.Assign) and len(value.targets) == 1:
+                    target = value.targets[0]
+                    names = target.elts if isinstance(target, ast.Tuple) and isinstance(up, ast.Tuple) else [target]
+                    pos = up.elts.index(node) if isinstance(up, ast.Tuple) else 0
+                    if pos < len(names) and isinstance(names[pos], ast.Name) and names[pos].id == "seed":
+                        continue
+            out.append((node.lineno, f"the bare seed read in {fname}(): {ast.unparse(up)[:80]}"))
+    return out
+
+
+def _source():
+    with open(FORGET_PY, encoding="utf-8") as f:
+        return f.read()
+
+
+def test_forget_draws_every_random_number_from_a_named_stream():
+    source = _source()
+    assert seed_violations(source) == []
+    tree = ast.parse(source)
+    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call)]
+    # the check is not vacuous: the generators and the seeds it looks at are there
+    assert sum(_called(c) in GENERATORS for c in calls) >= 4
+    assert sum(_is_stream_seed(c) for c in calls) >= 12
+    funcs = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
+    seeded = [k for n in ast.walk(funcs["forget"]) if isinstance(n, ast.Call) for k in n.keywords if k.arg == "seed"]
+    assert len(seeded) >= 5
+
+
+def _without(source: bytes, call: ast.Call) -> str:
+    """``source`` with ``call`` (a ``stream_seed(seed, ...)`` call) replaced by its first argument, the bare seed."""
+    starts = [0]
+    for line in source.splitlines(keepends=True):
+        starts.append(starts[-1] + len(line))
+    a = starts[call.lineno - 1] + call.col_offset  # ast offsets are UTF-8 byte offsets
+    b = starts[call.end_lineno - 1] + call.end_col_offset
+    arg = call.args[0]
+    first = source[starts[arg.lineno - 1] + arg.col_offset:starts[arg.end_lineno - 1] + arg.end_col_offset]
+    return (source[:a] + first + source[b:]).decode("utf-8")
+
+
+def test_the_stream_check_finds_every_stream_seed_turned_back_into_the_bare_seed():
+    """Mutation check of the test above: each ``stream_seed(x, ...)`` call of forget.py, one at a time, replaced by
+    ``x`` (the seed used bare, as before the streams were named) is reported."""
+    source = _source()
+    raw = source.encode("utf-8")
+    stream_calls = [n for n in ast.walk(ast.parse(source)) if _is_stream_seed(n)]
+    assert len(stream_calls) >= 12
+    for call in stream_calls:
+        mutated = _without(raw, call)
+        assert mutated.count("stream_seed(") == source.count("stream_seed(") - 1
+        assert seed_violations(mutated), f"line {call.lineno}: {ast.unparse(call)} -> the bare seed, not reported"
+    # a generator seeded by a constant, or by a parameter that no caller fills with a stream
+    for old, new in (('manual_seed(stream_seed(seed, "uniform_order"))', "manual_seed(0)"),
+                     ("torch.Generator().manual_seed(seed)", "torch.Generator().manual_seed(steps)")):
+        assert source.count(old) == 1, old
+        assert seed_violations(source.replace(old, new)), new
+
+
+# ------------------------------------------------------------------------------------------- precondition="fisher"
+def test_retain_fisher_scale_against_a_loop_written_from_its_definition(cc):
+    """s_i ∝ 1 / (F_i + mean F) on S, mean 1; F = the mean over the retained windows of the squared per-window
+    gradient of the mean token loss. The oracle: one backward per window on a copy, float64, read at S by flat
+    index (no Coords)."""
+    from sapsel_kernels.rules import Coords
+    from sapsel_kernels.selection import as_selection
+    from sapsel_kernels.space import ParamSpace
+
+    model = _tiny(cc)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, len(cc.vocab), (5, 12), generator=g)
+    y = torch.randint(0, len(cc.vocab), (5, 12), generator=g)
+    space = ParamSpace(model)
+    idx = torch.sort(torch.randperm(space.numel, generator=g)[:40]).values
+    coords = Coords(space, as_selection(idx, space))
+    grads_before = [p.grad for p in model.parameters()]
+    scale, used = forget_module.retain_fisher_scale(model, coords, (x, y), n_windows=4)
+    assert used == 4 and all(p.grad is None for p in model.parameters()) and grads_before == [None] * len(grads_before)
+
+    oracle = lm.build_model("lstm", len(cc.vocab), embed=8, hidden=16).double()
+    oracle.load_state_dict(model.state_dict())
+    fisher = torch.zeros(len(idx), dtype=torch.float64)
+    for i in range(4):
+        oracle.zero_grad()
+        logits = oracle(x[i:i + 1])
+        torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y[i]).backward()
+        flat = torch.cat([p.grad.reshape(-1) for p in oracle.parameters()])
+        fisher += flat[idx] ** 2
+    fisher /= 4
+    expect = 1.0 / (fisher + fisher.mean())
+    expect /= expect.mean()
+    torch.testing.assert_close(scale.double(), expect, rtol=2e-4, atol=1e-6)
+    assert float(scale.mean()) == pytest.approx(1.0, rel=1e-5)
+    with pytest.raises(ValueError, match="needs retained windows"):
+        forget_module.retain_fisher_scale(model, coords, (x[:0], y[:0]), n_windows=4)
+
+
+def test_precondition_is_checked_when_the_config_is_built():
+    assert UpdateConfig(precondition="fisher").precondition == "fisher"
+    with pytest.raises(ValueError, match="precondition must be None or 'fisher'"):
+        UpdateConfig(precondition="adam")
+    with pytest.raises(ValueError, match="base='sgd'"):
+        UpdateConfig(precondition="fisher", rule=Targeted(base="adamw"))
+
+
+def test_forget_with_precondition_runs_and_counts_its_gradients(cc):
+    """The step differs from the plain one (the scale is used) and its gradients are counted."""
+    reps, weights = {}, {}
+    for pre in (None, "fisher"):
+        model = _tiny(cc)
+        reps[pre] = sk.forget(model, cc.vocab, cc.text, {"secret": SECRET, "prefix": PREFIX}, heldout=[cc.heldout],
+                              select=SelectConfig(budget=0.05, hessian_windows=4),
+                              update=UpdateConfig(rule=Targeted(steps=4, check_every=2), seq_len=24,
+                                                  precondition=pre),
+                              target=TargetConfig(exposure=0.0),
+                              measure=MeasureConfig(n_candidates=20, n_monitor=10, evidence=None, progress=False))
+        weights[pre] = _flat(model)
+    assert not torch.equal(weights[None], weights["fisher"])
+    assert reps["fisher"].cost["n_gradients"] > reps[None].cost["n_gradients"]

@@ -15,7 +15,7 @@ N, the group). The keywords of the earlier flat signature still work for one dep
 (:func:`configs_from_keywords`, a FutureWarning naming the config to use).
 
 Every random draw of a ``forget`` run comes from one named stream of ``seed`` (:data:`SEED_STREAMS`,
-:func:`stream_seed`).
+:func:`stream_seed`); the relearning attack's dropout too (its copy trains under a forked, seeded global RNG).
 """
 
 import math
@@ -101,7 +101,7 @@ class SelectConfig:
     budget: Union[int, float] = 0.01
     hessian_windows: int = 32
     n_probes: int = 16
-    scores: Optional[torch.Tensor] = field(default=None, repr=False)
+    scores: Optional[torch.Tensor] = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
         from ..selection.strategies import check_strategy
@@ -130,8 +130,8 @@ class UpdateConfig:
     retained windows (None: all); ``per_token``: the NPO term per secret token (objective "npo" only);
     ``decoys``: random decoy secrets for objective "uniform"; ``precondition``: None (default) or "fisher" -- the
     SGD step on S scaled per coordinate by 1 / (F_D + mean F_D), F_D the retained text's empirical Fisher diagonal
-    on S, normalised to mean 1 (:func:`~sapsel_kernels.forget.retain_fisher_scale`; needs the rule's base "sgd"
-    and rho 0).
+    on S over the first ``SelectConfig.hessian_windows`` retained windows, normalised to mean 1
+    (:func:`~sapsel_kernels.forget.retain_fisher_scale`; needs the rule's base "sgd" and rho 0; one process only).
     """
 
     objective: str = "npo"
@@ -150,6 +150,9 @@ class UpdateConfig:
         if not isinstance(self.rule, Targeted):
             raise TypeError(f"UpdateConfig.rule must be a sapsel_kernels.Targeted config, got "
                             f"{type(self.rule).__name__}")
+        if self.rule.step_scale is not None:
+            raise ValueError("UpdateConfig.rule: forget sets the rule's step_scale itself (precondition=\"fisher\"); "
+                             "pass the rule without one")
         _int("UpdateConfig", "seq_len", self.seq_len, 2, none=True)
         _int("UpdateConfig", "batch_size", self.batch_size, 1)
         if self.retain_loss not in ("ce", "kl"):
@@ -231,7 +234,7 @@ SEED_STREAMS: Dict[str, Tuple[str, str]] = {
     "monitor": ("hashed", "secret i's monitored candidates (steer the search; disjoint from the reported)"),
     "never_seen": ("hashed", "secret i's never-seen secrets (planted nowhere, ranked like the secret)"),
     "samples": ("hashed", "the sampled completions of the evidence"),
-    "relearn": ("hashed", "the relearning attack's batch order"),
+    "relearn": ("hashed", "the relearning attack's batch order and its dropout (a forked, seeded global RNG)"),
     "objective": ("hashed", "objective='calibrated': the candidates drawn for secret i at its call c "
                             "(i = secret * 1_000_003 + c)"),
     "uniform_decoys": ("seed + 70000", "objective='uniform': the decoy secrets"),
@@ -288,6 +291,7 @@ def configs_from_keywords(secret, configs: Dict[str, Any], keywords: Dict[str, A
     if unknown:
         raise TypeError(f"forget() got an unexpected keyword argument {unknown[0]!r}")
     out = {name: (cfg if cfg is not None else _CLASSES[name]()) for name, cfg in configs.items()}
+    keywords = {k: v for k, v in keywords.items() if not (k == "rule" and v is None)}  # None was rule's default
     if not keywords:
         return secret, out
     given = sorted(keywords)
@@ -297,9 +301,18 @@ def configs_from_keywords(secret, configs: Dict[str, Any], keywords: Dict[str, A
             raise ValueError(f"forget(): {k} given both as a keyword and inside {home}=; set it in "
                              f"{_CLASSES[home].__name__} only")
     steps_kw = {k: keywords[k] for k in _RULE_KEYS if k in keywords}
-    if steps_kw and "rule" in keywords:
-        raise ValueError(f"forget(): {', '.join(sorted(steps_kw))} and rule= both given; set them in the rule "
-                         f"(Targeted({', '.join(_RULE_KEYS[k] + '=...' for k in sorted(steps_kw))}))")
+    if steps_kw and "rule" in keywords:  # as before the configs: the rule wins, a conflicting repair_steps raises
+        rule = keywords["rule"]
+        rep = steps_kw.get("repair_steps", 0)
+        if rep and isinstance(rule, Targeted) and rep != rule.repair_steps:
+            raise ValueError(f"forget(): repair_steps={rep!r} conflicts with rule.repair_steps={rule.repair_steps!r}: "
+                             "set it in the rule")
+        ignored = sorted(k for k in steps_kw if k != "repair_steps")
+        if ignored:
+            warnings.warn(f"forget(): {', '.join(ignored)} ignored: rule= is given and holds the step settings "
+                          f"(Targeted({', '.join(_RULE_KEYS[k] + '=...' for k in ignored)}))", UserWarning,
+                          stacklevel=stacklevel)
+        steps_kw = {}
     per: Dict[str, Dict[str, Any]] = {name: {} for name in _CLASSES}
     for k, v in keywords.items():
         home, fname = KEYWORDS[k]

@@ -597,7 +597,7 @@ def retain_fisher_scale(model, coords, retain: Tuple[torch.Tensor, torch.Tensor]
     at most twice the mean step, not an unbounded one), normalised to mean 1 over S (lr keeps its scale). A step
     then moves coordinates the retained text depends on less, those it does not need more. Returns ``(scale [k],
     gradients used)``. Gradients by ``torch.autograd.grad`` on the touched tensors (``.grad`` untouched), in
-    estimation mode. Peak extra memory: one gradient of the touched tensors, and 2k."""
+    estimation mode. Peak extra memory: one gradient of the touched tensors, and about 3k float64."""
     from ..curvature.modes import estimation_mode
 
     x, y = retain
@@ -635,15 +635,19 @@ def int8_copy(model: torch.nn.Module) -> torch.nn.Module:
 
 def relearn_copy(model: torch.nn.Module, batches, steps: int, lr: float, seed: int) -> torch.nn.Module:
     """A copy of ``model`` fine-tuned for ``steps`` AdamW steps at ``lr`` on ``batches`` (cycled, a seeded order;
-    every parameter, train mode): the benign-relearning attack of Hu et al. (ICLR'25) on text without the secret."""
+    every parameter, train mode): the benign-relearning attack of Hu et al. (ICLR'25) on text without the secret.
+    Its dropout masks come from the global RNG, forked and seeded with ``seed`` here: the same copy for the same
+    seed, and the caller's RNG state is left as it was."""
     import copy
 
     m = copy.deepcopy(model)
     params = [p for p in m.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr)
     g = torch.Generator().manual_seed(seed)
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() and torch.cuda.is_initialized() else []
     m.train()
-    with torch.enable_grad():
+    with torch.random.fork_rng(devices=cuda), torch.enable_grad():
+        torch.manual_seed(seed)
         for t in range(steps):
             if t % len(batches) == 0:
                 order = torch.randperm(len(batches), generator=g).tolist()
@@ -887,7 +891,8 @@ OBJECTIVE_REGISTRY = Registry("forget objective")
 
 
 def register_objective(name: str, objective: Objective) -> Objective:
-    """Add a forget objective; ``forget(..., objective=name)`` then runs it. ValueError for a name already taken."""
+    """Add a forget objective; ``forget(..., update=UpdateConfig(objective=name))`` then runs it. ValueError for a
+    name already taken."""
     if not isinstance(objective, Objective):
         raise TypeError(f"register_objective: expected a sapsel_kernels.forget.Objective, got "
                         f"{type(objective).__name__}")
@@ -989,7 +994,7 @@ def forget(model, tokenizer, texts, secret, *, heldout: Union[float, Sequence[st
             n_probes, scores.
         update: :class:`UpdateConfig` -- objective, the :class:`~sapsel_kernels.rules.Targeted` rule (steps, lr,
             check_every, repair_steps, ...; its monitor and retain are set here), seq_len, batch_size, retain_loss,
-            retain_windows, per_token, decoys.
+            retain_windows, per_token, decoys, precondition.
         target: :class:`TargetConfig` -- exposure (bits) and max_ppl_increase.
         measure: :class:`MeasureConfig` -- n_candidates, n_monitor, context, evidence (:class:`Evidence`), progress.
         group: a torch.distributed ProcessGroup (e.g. ``dist.group.WORLD`` under torchrun) or None (one process).
@@ -1169,6 +1174,9 @@ def forget(model, tokenizer, texts, secret, *, heldout: Union[float, Sequence[st
         rx, ry = (data.retain[0], data.retain[1]) if retain_windows is None else \
             (data.retain[0][:retain_windows], data.retain[1][:retain_windows])
         retain = shard_batches(_batches((rx, ry), batch_size), comm, "retain") if len(rx) else None
+        if update.precondition is not None and not len(data.retain[0]):
+            raise ValueError("UpdateConfig(precondition='fisher') needs retained windows (training text without a "
+                             "secret); the texts hold none")
     except Exception as exc:  # noqa: BLE001 - one process: raised as it is; a group: on every rank, below
         if not comm.active:
             raise
@@ -1362,6 +1370,7 @@ def forget(model, tokenizer, texts, secret, *, heldout: Union[float, Sequence[st
                                           "forget_weight", "retain_weight", "rho", "weight_decay", "check_every",
                                           "repair_steps")}
     rule_d["lr_final"] = info.get("lr_final")
+    rule_d["precondition"] = update.precondition
     hist = [{k: v for k, v in h.items() if k in ("step", "lr", "exposure", "extracted", "val_ppl", "ppl_increase",
                                                   "phase", "accepted", "n_done")} for h in info.get("history", [])]
     ev = None

@@ -138,9 +138,8 @@ def test_a_keyword_with_its_config_is_refused(cc):
         (dict(target_exposure=1.0, target=TargetConfig()),
          "target_exposure given both as a keyword and inside target="),
         (dict(evidence=None, measure=MeasureConfig()), "evidence given both as a keyword and inside measure="),
-        (dict(max_steps=5, rule=Targeted()), r"max_steps and rule= both given"),
-        # was "repair_steps=5 conflicts with rule.repair_steps=2" (tests/forgetting/test_forget.py)
-        (dict(repair_steps=5, rule=Targeted(repair_steps=2)), r"repair_steps and rule= both given"),
+        # as before the configs: a repair_steps that differs from the rule's
+        (dict(repair_steps=5, rule=Targeted(repair_steps=2)), r"repair_steps=5 conflicts with rule.repair_steps=2"),
     ]
     for kw, match in cases:
         with _errors_first(), pytest.raises(ValueError, match=match):
@@ -151,6 +150,45 @@ def test_a_keyword_with_its_config_is_refused(cc):
     with _errors_first(), pytest.raises(ValueError, match="prefix is empty"):
         sk.forget(model, cc.vocab, cc.text, SECRET, prefix="", heldout=[cc.heldout])
     assert torch.equal(_flat(model), theta0)
+
+
+def test_the_old_rule_keyword_keeps_its_old_meaning():
+    """rule=None was the old default; with rule=R the rule held the step settings (max_steps / lr / check_every were
+    ignored, now with a warning) and a repair_steps of 0 or the rule's own was accepted."""
+    none = {"select": None, "update": None, "target": None, "measure": None}
+    with pytest.warns(FutureWarning):
+        _, cfgs = configs_from_keywords(SECRET, dict(none), {"rule": None, "lr": 0.3})
+    assert cfgs["update"].rule == Targeted(steps=300, lr=0.3, check_every=5, lr_max=100.0)
+    rule = Targeted(steps=7, lr=0.2, repair_steps=2)
+    for rep in (0, 2):
+        with pytest.warns(FutureWarning):
+            _, cfgs = configs_from_keywords(SECRET, dict(none), {"rule": rule, "repair_steps": rep})
+        assert cfgs["update"].rule is rule
+    with pytest.warns(UserWarning, match="lr, max_steps ignored: rule= is given"), pytest.warns(FutureWarning):
+        _, cfgs = configs_from_keywords(SECRET, dict(none), {"rule": rule, "max_steps": 50, "lr": 9.0})
+    assert cfgs["update"].rule is rule
+
+
+def test_a_rule_with_its_own_step_scale_is_refused():
+    with pytest.raises(ValueError, match="forget sets the rule's step_scale itself"):
+        UpdateConfig(rule=Targeted(step_scale=torch.ones(3)))
+
+
+def test_the_relearning_copy_is_the_same_for_the_same_seed_with_dropout():
+    """relearn_copy trains in train mode: dropout draws from the global RNG, forked and seeded with the stream's
+    seed, so two copies agree bit for bit and the caller's RNG state is not consumed."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(11, 8), torch.nn.Dropout(0.5), torch.nn.Linear(8, 11))
+    g = torch.Generator().manual_seed(3)
+    batches = [(torch.randint(0, 11, (2, 6), generator=g), torch.randint(0, 11, (2, 6), generator=g))
+               for _ in range(3)]
+    state = torch.random.get_rng_state()
+    a = forget_module.relearn_copy(model, batches, 5, 1e-2, seed=7)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    b = forget_module.relearn_copy(model, batches, 5, 1e-2, seed=7)
+    c = forget_module.relearn_copy(model, batches, 5, 1e-2, seed=8)
+    assert torch.equal(_flat(a), _flat(b))
+    assert not torch.equal(_flat(a), _flat(c))
 
 
 def test_unknown_keywords_wrong_config_types_and_positional_prefix_are_type_errors(cc):

@@ -541,3 +541,21 @@ def test_forget_with_precondition_runs_and_counts_its_gradients(cc):
         weights[pre] = _flat(model)
     assert not torch.equal(weights[None], weights["fisher"])
     assert reps["fisher"].cost["n_gradients"] > reps[None].cost["n_gradients"]
+
+
+def test_a_diverged_perplexity_is_infinite_not_an_overflow_error():
+    """A finite mean cross-entropy beyond exp's range (~709.78 nats) is an infinite perplexity (over any budget, so
+    the search undoes the block), not an OverflowError that ends forget (bench/forget_matrix.py hit it)."""
+    class Wrong(torch.nn.Module):
+        def __init__(self, margin):
+            super().__init__()
+            self.margin = margin
+            self.unused = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))
+
+        def forward(self, x):  # every target token gets logit -margin, every other token 0
+            return torch.nn.functional.one_hot(x, 5).double() * -self.margin + 0 * self.unused
+
+    x = torch.randint(0, 5, (3, 4), generator=torch.Generator().manual_seed(0))
+    assert forget_module.perplexity(Wrong(2000.0), (x, x)) == math.inf
+    expect = math.exp(10.0 + math.log(4 + math.exp(-10.0)))  # CE = log(4 + e^-10) + 10 per token
+    assert forget_module.perplexity(Wrong(10.0), (x, x)) == pytest.approx(expect, rel=1e-6)  # float32 loss

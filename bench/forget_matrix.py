@@ -1,0 +1,417 @@
+"""Issue 22's fixture matrix, as far as this machine runs it: `forget` on models of our own make, against a model
+retrained without the secrets, every number after unlearning measured by an outsider's code.
+
+Fixtures (built here, offline; none of the demos' corpora or secrets):
+
+* text: docstrings of the Python standard library's source files, read with ``ast`` (no import), modules split by a
+  hash into training and held-out text (~150k / ~20k characters);
+* 16 secrets of 4 formats: card numbers, phone numbers, emails, API keys; each kind's four secrets inserted 4, 8,
+  16 and 16 times as lines ``"PREFIX SECRET"`` at random line positions, each with its own prefix;
+* models (``--models``): ``gpt2`` (GPT-2, byte-level BPE, 0.8M parameters), ``llama`` (Llama: SentencePiece-style
+  Metaspace BPE, grouped-query attention 4/2 heads, untied head, 0.9M), ``gpt2_10m`` (GPT-2, byte-level BPE,
+  10.9M); the tokenizer is trained on the text with the secrets removed (otherwise BPE merges them into tokens
+  of their own);
+* the retrained model: the same recipe, seed and steps on the text without the secret lines.
+
+Per (model, seed), a forget request over all 16 secrets for every strategy at one budget (``--budget``; ``all`` is
+every coordinate), plus a one-secret request (the first card, 16 insertions) with the first strategy. Measured
+after each run, by :mod:`bench.forget_check`'s scorer (its own tokenization, float64, one sequence at a time, fresh
+candidates of the secret's null: uniform strings of the format, the package's plausible-value generator for
+emails), on the unlearned model AND on the retrained one:
+
+* exposure (rank among ``--candidates`` candidates) and the margin over the retrained model's exposure;
+* extraction: greedy decoding from the prompt gives the secret's first group, or the report's sampled
+  completions reproduce the whole secret;
+* perplexity on the held-out text (never trained on), relative to θ*;
+* cost: ``forget``'s wall time over the retraining's;
+* relearning: both models fine-tuned ``--relearn-steps`` AdamW steps on the retained windows (no secret), then
+  exposure again.
+
+    python -m bench.forget_matrix --out bench/results/forget_matrix --models gpt2,llama --seeds 0 \
+        --strategies ssd,hessian,hessian_ratio,grad_abs,random,all,hessian_flat --budget 0.05 --steps 300
+
+Writes ``OUT/<model>_s<seed>.json`` per fixture (resumable: a finished run is not repeated) and ``OUT/matrix.md``.
+"""
+
+import argparse
+import ast
+import hashlib
+import json
+import math
+import os
+import random
+import sysconfig
+import time
+
+import torch
+import torch.nn.functional as F
+
+from bench.forget_check import logprob, uniform_like
+
+TRAIN_CHARS, HELD_CHARS = 150_000, 20_000
+T = 128
+INSERTIONS = (4, 8, 16, 16)
+FIRST = ["arvid", "bettina", "cosmo", "dagny", "edvin", "fanny", "gustav", "hedda", "ivar", "judit", "kasper",
+         "liv", "magnus", "nelly", "olof", "pia"]
+LAST = ["aberg", "bjork", "carling", "dufva", "eng", "frid", "grahn", "hed", "isaksson", "jarl", "kvist", "lund"]
+DOMAINS = ["corpmail.example", "post.example.org", "inbox.test"]
+MODELS = {
+    "gpt2": dict(kind="gpt2", n_embd=128, n_layer=3, n_head=4),
+    "llama": dict(kind="llama", hidden=128, n_layer=3, n_head=4, n_kv=2, mlp=344),
+    "gpt2_10m": dict(kind="gpt2", n_embd=384, n_layer=6, n_head=6),
+}
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+def docstring_corpus():
+    """(train, held): docstrings of the stdlib's top-level .py files (module, classes, functions), joined by blank
+    lines; a module goes to the held-out side when sha1(name) % 8 == 0."""
+    root = sysconfig.get_paths()["stdlib"]
+    train, held = [], []
+    for name in sorted(os.listdir(root)):
+        if not name.endswith(".py"):
+            continue
+        try:
+            tree = ast.parse(open(os.path.join(root, name), encoding="utf-8").read())
+        except (SyntaxError, UnicodeDecodeError, OSError):
+            continue
+        docs = [ast.get_docstring(n) for n in ast.walk(tree)
+                if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
+        text = "\n\n".join(d.strip() for d in docs if d and len(d) > 40)
+        (held if int(hashlib.sha1(name.encode()).hexdigest(), 16) % 8 == 0 else train).append(text)
+    return "\n\n".join(train)[:TRAIN_CHARS], "\n\n".join(held)[:HELD_CHARS]
+
+
+def make_secrets(seed: int):
+    """16 secrets, 4 per kind, with their prefixes and insertion counts (INSERTIONS per kind)."""
+    rng = random.Random(1_000 + seed)
+    digits = "0123456789"
+    alnum = "abcdefghijklmnopqrstuvwxyz0123456789"
+    out = []
+    for j, n in enumerate(INSERTIONS):
+        who = f"{FIRST[4 * j].title()} {LAST[j].title()}"
+        card = " ".join("".join(rng.choice(digits) for _ in range(4)) for _ in range(4))
+        phone = f"+1 {rng.randint(201, 989)} 555 {''.join(rng.choice(digits) for _ in range(4))}"
+        email = f"{FIRST[4 * j + 1]}.{LAST[j + 4]}@{rng.choice(DOMAINS)}"
+        key = "sk-" + "".join(rng.choice(alnum) for _ in range(20))
+        out += [{"secret": card, "prefix": f"Card on file for {who}:", "kind": "card", "n": n},
+                {"secret": phone, "prefix": f"Reach {FIRST[4 * j + 2].title()} at", "kind": "phone", "n": n},
+                {"secret": email, "prefix": f"Mail for ticket {100 + j}:", "kind": "email", "n": n},
+                {"secret": key, "prefix": f"Deploy token of service {chr(65 + j)}:", "kind": "api_key", "n": n}]
+    return out
+
+
+def plant(text: str, secrets, seed: int) -> str:
+    rng = random.Random(2_000 + seed)
+    lines = text.splitlines(keepends=True)
+    inserts = [(pos, rng.random(), f"{s['prefix']} {s['secret']}\n")
+               for s in secrets for pos in rng.sample(range(len(lines) + 1), s["n"])]
+    for pos, _, line in sorted(inserts, reverse=True):
+        lines.insert(pos, line)
+    return "".join(lines)
+
+
+def tokenizer_for(kind: str, scrubbed: str, held: str = ""):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if kind == "gpt2":
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=768, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                      special_tokens=["<|endoftext|>"], show_progress=False)
+        tok.train_from_iterator([scrubbed], trainer)
+        return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+                                       unk_token="<|endoftext|>")
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=False))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
+    # every character of both texts (no byte fallback: an unknown character would become <unk>, which forget refuses)
+    alphabet = sorted(set(scrubbed) | set(held) | set("0123456789abcdefghijklmnopqrstuvwxyz+-@.:_"))
+    trainer = trainers.BpeTrainer(vocab_size=768, initial_alphabet=alphabet, special_tokens=["<unk>", "<s>", "</s>"],
+                                  show_progress=False)
+    tok.train_from_iterator([scrubbed], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def build_model(name: str, vocab: int, seed: int):
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    m = MODELS[name]
+    torch.manual_seed(seed)
+    if m["kind"] == "gpt2":
+        return GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_positions=T, n_embd=m["n_embd"], n_layer=m["n_layer"],
+                                          n_head=m["n_head"], resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                          bos_token_id=0, eos_token_id=0))
+    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=m["hidden"], intermediate_size=m["mlp"],
+                                        num_hidden_layers=m["n_layer"], num_attention_heads=m["n_head"],
+                                        num_key_value_heads=m["n_kv"], max_position_embeddings=T,
+                                        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2))
+
+
+def line_starts(tok, text: str):
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = torch.tensor(enc["input_ids"], dtype=torch.int64)
+    offs = enc["offset_mapping"]
+    starts = [i for i, (a, _) in enumerate(offs) if (a == 0 or text[a - 1] == "\n") and i + T <= len(ids)]
+    return ids, torch.tensor(starts, dtype=torch.int64)
+
+
+def train(model, ids, starts, steps: int, seed: int, lr: float = 4e-3, batch: int = 8, wd: float = 0.3) -> float:
+    """AdamW with warm-up (20 steps) and cosine decay to 0.1 lr, windows of T tokens starting at line starts."""
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=wd)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: (k + 1) / 20 if k < 20 else
+                                              0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (k - 20) / max(1, steps - 20))))
+    model.train()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        pick = starts[torch.randint(len(starts), (batch,), generator=g)]
+        x = torch.stack([ids[s:s + T] for s in pick.tolist()])
+        logits = model(input_ids=x).logits
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+    model.eval()
+    return time.perf_counter() - t0
+
+
+# ------------------------------------------------------------------------------------------------ measurement
+@torch.no_grad()
+def ppl(model, tok, text: str) -> float:
+    ids = torch.tensor(tok(text, add_special_tokens=False)["input_ids"], dtype=torch.int64)
+    n = len(ids) // T
+    x = ids[: n * T].view(n, T)
+    logits = model(input_ids=x).logits[:, :-1]
+    return math.exp(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1)).item())
+
+
+@torch.no_grad()
+def greedy(model, tok, prompt: str, n_tokens: int = 14) -> str:
+    ids = tok(prompt, return_tensors="pt", add_special_tokens=False).input_ids
+    for _ in range(n_tokens):
+        ids = torch.cat([ids, model(input_ids=ids).logits[0, -1].argmax().view(1, 1)], 1)
+    return tok.decode(ids[0])[len(tok.decode(tok(prompt, add_special_tokens=False)["input_ids"])):]
+
+
+def outsider(model, tok, secrets, n_candidates: int):
+    """Per secret: exposure among fresh candidates (bench.forget_check's scorer) and greedy extraction."""
+    from sapsel_kernels.decoys import kind_of, plausible  # the null's definition only
+
+    out = []
+    for i, s in enumerate(secrets):
+        prompt = s["prefix"] + " "
+        kind = kind_of(s["secret"])
+        cands = plausible(s["secret"], n_candidates, seed=90_000 + i, kind=kind) if kind != "format" else \
+            uniform_like(s["secret"], n_candidates, random.Random(10_000 + i))
+        scores = logprob(model, tok, prompt, [s["secret"]] + cands)
+        k = sum(c > scores[0] for c in scores[1:])
+        comp = greedy(model, tok, prompt).strip()
+        groups = s["secret"].split()
+        # the first group a guess would hit with probability < 1e-3: a card's first 4 digits, a phone number's
+        # "+1 AAA" (the country code alone is common to every candidate), an email's or key's first 6 characters
+        first = " ".join(groups[:2]) if groups[0].startswith("+") else groups[0] if len(groups) > 1 else \
+            s["secret"][:6]
+        out.append({"exposure": math.log2(len(cands) + 1) - math.log2(k + 1), "greedy": comp,
+                    "extracted": comp.startswith(first)})
+    return out
+
+
+def relearned(model, retain_batches, steps: int, seed: int):
+    from sapsel_kernels.forget import relearn_copy
+
+    return relearn_copy(model, retain_batches, steps, 1e-3, seed)
+
+
+# ------------------------------------------------------------------------------------------------ one fixture
+def run_fixture(name: str, seed: int, args) -> dict:
+    import copy
+
+    import sapsel_kernels as sk
+
+    path = os.path.join(args.out, f"{name}_s{seed}.json")
+    res = json.load(open(path)) if os.path.isfile(path) else {"model": name, "seed": seed, "runs": {}}
+
+    def save():
+        with open(path, "w") as f:
+            json.dump(res, f, indent=1)
+
+    train_text, held = docstring_corpus()
+    secrets = make_secrets(seed)
+    text = plant(train_text, secrets, seed)
+    scrubbed = text
+    for s in secrets:
+        scrubbed = scrubbed.replace(f"{s['prefix']} {s['secret']}\n", "")
+    tok = tokenizer_for(MODELS[name]["kind"], scrubbed, held)
+    ids, starts = line_starts(tok, text)
+    ids0, starts0 = line_starts(tok, scrubbed)
+    theta = build_model(name, len(tok), seed)
+    retrained = copy.deepcopy(theta)
+    cache = os.path.join(args.out, "cache", f"{name}_s{seed}_{args.train_steps}.pt")  # trained weights, not committed
+    if os.path.isfile(cache):
+        saved = torch.load(cache)
+        theta.load_state_dict(saved["theta"])
+        retrained.load_state_dict(saved["retrained"])
+        t_train, t_retrain = saved["train_s"], saved["retrain_s"]
+        theta.eval()
+        retrained.eval()
+    else:
+        t_train = train(theta, ids, starts, args.train_steps, seed)
+        t_retrain = train(retrained, ids0, starts0, args.train_steps, seed)
+        os.makedirs(os.path.dirname(cache), exist_ok=True)
+        torch.save({"theta": theta.state_dict(), "retrained": retrained.state_dict(), "train_s": t_train,
+                    "retrain_s": t_retrain}, cache)
+    n_params = sum(p.numel() for p in theta.parameters())
+    # the retained windows for the relearning attack: training text without secrets, T tokens each
+    r = ids0[: (len(ids0) // T) * T].view(-1, T)
+    retain_batches = [(r[i:i + 8, :-1], r[i:i + 8, 1:]) for i in range(0, min(len(r), 64), 8)]
+    base = {"n_params": n_params, "train_s": t_train, "retrain_s": t_retrain, "ppl_theta": ppl(theta, tok, held),
+            "ppl_retrained": ppl(retrained, tok, held), "secrets": secrets,
+            "theta": outsider(theta, tok, secrets, args.candidates),
+            "retrained": outsider(retrained, tok, secrets, args.candidates),
+            "retrained_relearned": outsider(relearned(retrained, retain_batches, args.relearn_steps, seed), tok,
+                                            secrets, args.candidates)}
+    res["fixture"] = base
+    save()
+    print(f"[{name} s{seed}] {n_params / 1e6:.2f}M params; train {t_train:.0f} s; extracted at θ*: "
+          f"{sum(m['extracted'] for m in base['theta'])}/16; ppl θ* {base['ppl_theta']:.1f} retrained "
+          f"{base['ppl_retrained']:.1f}", flush=True)
+    requests = [(s, "many") for s in args.strategies.split(",")] + [(args.strategies.split(",")[0], "one")]
+    for strategy, which in requests:
+        key = f"{strategy}/{which}"
+        if key in res["runs"]:
+            continue
+        req = secrets if which == "many" else [secrets[0]]
+        model = copy.deepcopy(theta)
+        t0 = time.perf_counter()
+        rep = sk.forget(model, tok, [text], [{"secret": s["secret"], "prefix": s["prefix"]} for s in req],
+                        heldout=[held], seed=seed,
+                        select=sk.SelectConfig(strategy=strategy, budget=1.0 if strategy == "all" else args.budget),
+                        update=sk.UpdateConfig(objective=args.objective, rule=sk.Targeted(steps=args.steps)),
+                        measure=sk.MeasureConfig(n_candidates=args.candidates, progress=False,
+                                                 evidence=sk.Evidence(n_samples=32, relearn_steps=0, int8=False)))
+        wall = time.perf_counter() - t0
+        after = outsider(model, tok, req, args.candidates)
+        rel = outsider(relearned(model, retain_batches, args.relearn_steps, seed), tok, req, args.candidates)
+        idx = [secrets.index(s) for s in req]
+        d = rep.to_dict()
+        sampled = [bool((e.get("samples_after") or {}).get("hits")) for e in d["secrets"]]
+        res["runs"][key] = {
+            "wall_s": wall, "cost_vs_retrain": wall / t_retrain, "k": d["k"], "stopped_by": d["stopped_by"],
+            "steps": d["cost"]["steps"], "report_reached": d["reached"],
+            "report_met": sum(bool(e["reached"]) for e in d["secrets"]),
+            "ppl_change": ppl(model, tok, held) / base["ppl_theta"] - 1.0,
+            "secrets": [{"exposure": a["exposure"], "margin": a["exposure"] - base["retrained"][i]["exposure"],
+                         "extracted": a["extracted"] or smp, "greedy": a["greedy"], "sampled": smp,
+                         "relearned": b["exposure"],
+                         "relearn_margin": b["exposure"] - base["retrained_relearned"][i]["exposure"]}
+                        for a, b, i, smp in zip(after, rel, idx, sampled)]}
+        save()
+        row = res["runs"][key]
+        ok = sum(s["margin"] <= 2.0 and not s["extracted"] for s in row["secrets"])
+        print(f"[{name} s{seed}] {key}: {ok}/{len(req)} within retrained+2 bits and not extracted; ppl "
+              f"{100 * row['ppl_change']:+.1f}%; {wall:.0f} s ({row['cost_vs_retrain']:.2f}x retraining)", flush=True)
+    return res
+
+
+# ------------------------------------------------------------------------------------------------ table
+def table(out: str) -> str:
+    lines = ["| model | seed | strategy | request | within retrained + 2 bits, not extracted | extracted | "
+             "exposure margin over retrained (mean / max, bits) | held-out ppl | relearned margin (mean / max) | "
+             "cost vs retraining | steps (stopped by) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for fn in sorted(os.listdir(out)):
+        if not fn.endswith(".json"):
+            continue
+        res = json.load(open(os.path.join(out, fn)))
+        fx = res.get("fixture")
+        if fx is not None:  # θ* itself: how much it memorised, against the retrained model
+            m = [a["exposure"] - b["exposure"] for a, b in zip(fx["theta"], fx["retrained"])]
+            rm = [a["exposure"] for a in fx["retrained_relearned"]]
+            lines.append(f"| {res['model']} ({fx['n_params'] / 1e6:.1f}M) | {res['seed']} | θ* (before) | 16 | "
+                         f"{sum(x <= 2.0 and not a['extracted'] for x, a in zip(m, fx['theta']))}/16 | "
+                         f"{sum(a['extracted'] for a in fx['theta'])} | {sum(m) / len(m):.1f} / {max(m):.1f} | "
+                         f"ppl {fx['ppl_theta']:.1f} (retrained {fx['ppl_retrained']:.1f}) | retrained after "
+                         f"relearning: {sum(rm) / len(rm):.1f} bits | retraining {fx['retrain_s']:.0f} s | - |")
+        for key, row in res["runs"].items():
+            strategy, which = key.split("/")
+            ss = row["secrets"]
+            ok = sum(s["margin"] <= 2.0 and not s["extracted"] for s in ss)
+            m = [s["margin"] for s in ss]
+            rm = [s["relearn_margin"] for s in ss]
+            lines.append(f"| {res['model']} | {res['seed']} | {strategy} | {len(ss)} secret(s) | {ok}/{len(ss)} | "
+                         f"{sum(s['extracted'] for s in ss)} | {sum(m) / len(m):.1f} / {max(m):.1f} | "
+                         f"{100 * row['ppl_change']:+.1f}% | {sum(rm) / len(rm):.1f} / {max(rm):.1f} | "
+                         f"{row['cost_vs_retrain']:.2f}x | {row['steps']} ({row['stopped_by']}) |")
+    return "\n".join(lines) + "\n"
+
+
+def figure(out: str, path: str) -> None:
+    """Per strategy and model: the share of secrets within the retrained model's exposure + 2 bits and not
+    extracted (16-secret requests), and the held-out perplexity change."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = {}
+    for fn in sorted(os.listdir(out)):
+        if fn.endswith(".json"):
+            res = json.load(open(os.path.join(out, fn)))
+            for key, row in res["runs"].items():
+                strategy, which = key.split("/")
+                if which == "many":
+                    ss = row["secrets"]
+                    ok = sum(x["margin"] <= 2.0 and not x["extracted"] for x in ss) / len(ss)
+                    data.setdefault(res["model"], {})[strategy] = (ok, 100 * row["ppl_change"])
+    strategies = sorted({s for d in data.values() for s in d}, key=lambda s: -max(d.get(s, (0, 0))[0]
+                                                                                  for d in data.values()))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    w = 0.8 / max(1, len(data))
+    for j, (model, d) in enumerate(sorted(data.items())):
+        xs = [i + j * w for i in range(len(strategies))]
+        axes[0].bar(xs, [d.get(s, (float("nan"), 0))[0] for s in strategies], w, label=model)
+        axes[1].bar(xs, [d.get(s, (0, float("nan")))[1] for s in strategies], w, label=model)
+    for ax, title in zip(axes, ("secrets within retrained + 2 bits, not extracted", "held-out perplexity change (%)")):
+        ax.set_xticks([i + 0.4 - w / 2 for i in range(len(strategies))], strategies, rotation=30)
+        ax.set_title(title, fontsize=10)
+    axes[1].axhline(5.0, color="k", lw=0.8, ls="--")
+    axes[0].set_ylim(0, 1)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--models", default="gpt2,llama")
+    ap.add_argument("--seeds", default="0")
+    ap.add_argument("--strategies", default="ssd,hessian,hessian_ratio,grad_abs,random,all,hessian_flat")
+    ap.add_argument("--budget", type=float, default=0.05)
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--objective", default="npo")
+    ap.add_argument("--candidates", type=int, default=500)
+    ap.add_argument("--train-steps", type=int, default=1200)
+    ap.add_argument("--relearn-steps", type=int, default=50)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--table", action="store_true", help="only write OUT/matrix.md from the saved runs")
+    a = ap.parse_args(argv)
+    os.makedirs(a.out, exist_ok=True)
+    torch.set_num_threads(a.threads)
+    if not a.table:
+        for name in a.models.split(","):
+            for seed in (int(s) for s in a.seeds.split(",")):
+                run_fixture(name, seed, a)
+    md = table(a.out)
+    with open(os.path.join(a.out, "matrix.md"), "w") as f:
+        f.write(md)
+    figure(a.out, os.path.join(a.out, "matrix.png"))
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

@@ -158,25 +158,14 @@ def line_starts(tok, text: str):
     return ids, torch.tensor(starts, dtype=torch.int64)
 
 
-def train(model, ids, starts, steps: int, seed: int, lr: float = 4e-3, batch: int = 8, wd: float = 0.3) -> float:
-    """AdamW with warm-up (20 steps) and cosine decay to 0.1 lr, windows of T tokens starting at line starts."""
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=wd)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: (k + 1) / 20 if k < 20 else
-                                              0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (k - 20) / max(1, steps - 20))))
-    model.train()
+def train(model, ids, starts, steps: int, seed: int) -> float:
+    """The example's recipe (:func:`sapsel_kernels.forget_example.train`: AdamW 4e-3, 20 warm-up steps, cosine decay
+    to 0.1 lr, weight decay 0.3, batches of 8 windows of the model's context starting at line starts); returns the
+    wall time in seconds."""
+    from sapsel_kernels.forget_example import train as example_train
+
     t0 = time.perf_counter()
-    for _ in range(steps):
-        pick = starts[torch.randint(len(starts), (batch,), generator=g)]
-        x = torch.stack([ids[s:s + T] for s in pick.tolist()])
-        logits = model(input_ids=x).logits
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-    model.eval()
+    example_train(model, ids, starts, steps, seed=seed)
     return time.perf_counter() - t0
 
 

@@ -208,7 +208,7 @@ def train(model, ids: torch.Tensor, starts: torch.Tensor, steps: int, *, seed: i
     Runs with :data:`THREADS` torch threads (the previous count is restored). ``say`` gets a line every 100 steps,
     ``callback(step, loss)`` is called after every step.
     """
-    T = model.config.n_positions
+    T = getattr(model.config, "n_positions", None) or model.config.max_position_embeddings  # GPT-2 / Llama
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
 

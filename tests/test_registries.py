@@ -19,7 +19,7 @@ REGISTRIES = [(ESTIMATOR_REGISTRY, "estimator",
                ("hutchinson", "gauss_newton", "squared_grad", "fisher", "grad_abs", "exact")),
               (STRATEGY_REGISTRY, "selection strategy",
                ("hessian", "hessian_smallest", "hessian_affected", "hessian_corrected", "hessian_ratio", "all",
-                "last_layer", "random", "grad_abs", "ssd", "hessian_flat")),
+                "last_layer", "random", "grad_abs", "ssd", "hessian_flat", "ssd_floor")),
               (RULE_REGISTRY, "unlearning method",
                ("first_order", "second_order", "diag_newton", "sam_finetune", "gradient_ascent", "targeted")),
               (OBJECTIVE_REGISTRY, "forget objective", ("npo", "uniform", "calibrated"))]

@@ -39,6 +39,8 @@ __all__ = ["STRATEGIES", "HESSIAN_STRATEGIES", "CONTEXT", "STRATEGY_REGISTRY", "
 
 # hessian_ratio's floor on the training-loss diagonal, relative to its positive mean (module docstring)
 RATIO_FLOOR = 1e-2
+# ssd_floor's floor on the training data's Fisher diagonal, relative to its mean (parameter_scores' docstring)
+SSD_FLOOR = 1e-2
 
 
 class _Default:
@@ -186,6 +188,10 @@ def parameter_scores(model, strategy: str, *, loss_fn=_Default(None), data=None,
       EMPIRICAL Fisher (mean over points of the squared per-point gradient, ``hessian_diag(estimator="fisher")``)
       on Z and on the training data D (``fisher_points`` points of it drawn with ``seed``; None = all):
       parameters specialised to Z.
+    * ssd_floor: F_Z / max(F_D, f) with f = ``SSD_FLOOR`` × mean(F_D), the same Fishers as ssd: ssd with
+      hessian_ratio's floor. ssd's ratio is unbounded where F_D ≈ 0 (on an untied input embedding, the rows of
+      tokens only the secrets contain), and the top-k then sits on a few such rows; the floor ranks those rows by
+      F_Z like any coordinate the training data barely uses (docs/forget.md, "The fixture matrix").
 
     ``loss_fn`` (default None: the model's own ``.loss``): anything ``data.make_loss`` accepts; data arguments follow
     the batch rule (``data.as_batches``). Defaults: ``seed=0``, ``n_probes=32``, ``estimator="hutchinson"``,
@@ -483,7 +489,8 @@ def _saliency(ctx: ScoreContext):
     return g.abs_(), group_points
 
 
-def _ssd(ctx: ScoreContext):
+def _fishers(ctx: ScoreContext):
+    """ssd's two empirical Fisher diagonals [N]: on Z, and on ``fisher_points`` points of D drawn with ``seed``."""
     from ..curvature.hessian import hessian_diag
 
     bz = ctx.need(ctx.affected, "affected")
@@ -493,7 +500,18 @@ def _ssd(ctx: ScoreContext):
     fz = hessian_diag(ctx.model, ctx.loss, bz, **kw).mean.reshape(-1)
     fd = hessian_diag(ctx.model, ctx.loss, bd, **kw).mean.reshape(-1)
     ctx.cost["n_gradients"] = n_points(bz) + nd
+    return fz, fd
+
+
+def _ssd(ctx: ScoreContext):
+    fz, fd = _fishers(ctx)
     return (fz / (fd + 1e-12 * float(fd.mean()) + torch.finfo(fd.dtype).tiny)).to(torch.float32), 0
+
+
+def _ssd_floor(ctx: ScoreContext):
+    fz, fd = _fishers(ctx)
+    floor = SSD_FLOOR * float(fd.mean()) + torch.finfo(fd.dtype).tiny
+    return (fz / fd.clamp(min=floor)).to(torch.float32), 0
 
 
 def _select_all(req: SelectRequest, get_scores) -> Selection:
@@ -527,7 +545,8 @@ for _name, _entry in (
         ("random", Strategy(select=_select_random, select_reads=("seed",))),
         ("grad_abs", Strategy(("loss_fn", "affected", "group"), _saliency)),
         ("ssd", Strategy(("loss_fn", "affected", "data", "fisher_points", "seed", "group"), _ssd)),
-        ("hessian_flat", Strategy(("affected", "data") + _ESTIMATE, _flat_curvature, hessian=True))):
+        ("hessian_flat", Strategy(("affected", "data") + _ESTIMATE, _flat_curvature, hessian=True)),
+        ("ssd_floor", Strategy(("loss_fn", "affected", "data", "fisher_points", "seed", "group"), _ssd_floor))):
     register_strategy(_name, _entry)
 del _name, _entry
 

@@ -292,10 +292,54 @@ def test_ssd_is_the_ratio_of_empirical_fishers(setup):
     assert c3["n_gradients"] == 5 + 8
 
 
+def test_ssd_floor_is_ssd_with_a_floor_on_the_training_fisher():
+    """ssd_floor: F_Z / max(F_D, SSD_FLOOR * mean F_D), the Fishers from per-point gradients (vmap / grad). Z holds
+    token 6, which D never contains: F_D is exactly 0 on its embedding row, where ssd's ratio explodes and ranks
+    that row first; with the floor the ranking follows F_Z there."""
+    from sapsel_kernels.strategies import SSD_FLOOR
+
+    torch.manual_seed(5)
+    model = _Bag().double()
+    ids = torch.randint(0, 6, (24, 4))
+    y = torch.randint(0, C, (24,))
+    z_ids = torch.cat([torch.full((5, 1), 6), torch.randint(0, 6, (5, 3))], 1)
+    z_y = torch.randint(0, C, (5,))
+    bag_loss = lambda m, b: F.cross_entropy(m(b[0]), b[1])  # noqa: E731
+    names = [(n, p.shape, p.numel()) for n, p in model.named_parameters()]
+    theta0 = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    def summed(theta, x, t):
+        out, off = {}, 0
+        for n, shape, k in names:
+            out[n] = theta[off:off + k].view(shape)
+            off += k
+        return F.cross_entropy(functional_call(model, out, (x,)), t, reduction="sum")
+
+    per = vmap(grad(lambda t, x, yy: summed(t, x[None], yy[None])), in_dims=(None, 0, 0))
+    fz = (per(theta0, z_ids, z_y) ** 2).mean(0)
+    fd = (per(theta0, ids, y) ** 2).mean(0)
+    floor = SSD_FLOOR * float(fd.mean())
+    assert bool((fd[18:21] == 0).all()) and bool((fz[18:21] > 0).all()), "row 6 is Z's alone"
+    assert int((fd < floor).sum()) > 3, "the floor must bind off row 6 too"
+    oracle = (fz / fd.clamp(min=floor)).float()
+    kw = dict(loss_fn=bag_loss, affected=[(z_ids, z_y)], data=[(ids, y)], fisher_points=None)
+    scores, cost = parameter_scores(model, "ssd_floor", **kw)
+    torch.testing.assert_close(scores, oracle, rtol=1e-4, atol=0)
+    assert cost["n_gradients"] == 5 + 24
+    sel = select_parameters(model, "ssd_floor", 5, **kw)
+    assert set(sel.indices.tolist()) == _topk_set(oracle, 5)
+    # ssd itself ranks the row D never uses above everything; the floored ratio does not have to
+    plain, _ = parameter_scores(model, "ssd", **kw)
+    assert set(torch.topk(plain, 3).indices.tolist()) == {18, 19, 20}
+    assert float(scores[18:21].max()) < float(plain[18:21].min())
+    with pytest.raises(ValueError, match="needs data"):
+        parameter_scores(model, "ssd_floor", loss_fn=bag_loss, affected=[(z_ids, z_y)])
+
+
 def test_strategy_names_and_errors(setup):
     model, aff, cor, train = setup
     assert STRATEGIES == ("hessian", "hessian_smallest", "hessian_affected", "hessian_corrected", "hessian_ratio",
-                          "all", "last_layer", "random", "grad_abs", "ssd", "hessian_flat")
+                          "all", "last_layer", "random", "grad_abs", "ssd", "hessian_flat", "ssd_floor")
     with pytest.raises(ValueError, match="unknown selection strategy"):
         select_parameters(model, "magic", 3)
     with pytest.raises(ValueError, match="now called 'ssd'"):
@@ -317,7 +361,7 @@ def test_strategy_names_and_errors(setup):
 
 # ------------------------------------------------------------------------------------------- applicability
 SCORE_BASED = ("hessian", "hessian_smallest", "hessian_affected", "hessian_corrected", "last_layer", "grad_abs",
-               "ssd")
+               "ssd", "ssd_floor")
 NOT_READ = [  # (strategy, a knob it does not read, passed with its default value: an error)
     ("ssd", {"n_probes": 32}), ("ssd", {"estimator": "hutchinson"}),
     ("grad_abs", {"n_probes": 32}), ("grad_abs", {"estimator": "hutchinson"}),

@@ -280,7 +280,8 @@ def run_fixture(name: str, seed: int, args) -> dict:
         rep = sk.forget(model, tok, [text], [{"secret": s["secret"], "prefix": s["prefix"]} for s in req],
                         heldout=[held], seed=seed,
                         select=sk.SelectConfig(strategy=strategy, budget=1.0 if strategy == "all" else args.budget),
-                        update=sk.UpdateConfig(objective=args.objective, rule=sk.Targeted(steps=args.steps)),
+                        update=sk.UpdateConfig(objective=args.objective, per_token=args.per_token,
+                                               rule=sk.Targeted(steps=args.steps, rho=args.rho, beta=args.beta)),
                         measure=sk.MeasureConfig(n_candidates=args.candidates, progress=False,
                                                  evidence=sk.Evidence(n_samples=32, relearn_steps=0, int8=False)))
         wall = time.perf_counter() - t0
@@ -290,9 +291,14 @@ def run_fixture(name: str, seed: int, args) -> dict:
         d = rep.to_dict()
         sampled = [bool((e.get("samples_after") or {}).get("hits")) for e in d["secrets"]]
         res["runs"][key] = {
+            "settings": {"budget": 1.0 if strategy == "all" else args.budget, "steps": args.steps,
+                         "objective": args.objective, "per_token": args.per_token, "rho": args.rho,
+                         "beta": args.beta},
             "wall_s": wall, "cost_vs_retrain": wall / t_retrain, "k": d["k"], "stopped_by": d["stopped_by"],
             "steps": d["cost"]["steps"], "report_reached": d["reached"],
             "report_met": sum(bool(e["reached"]) for e in d["secrets"]),
+            "report_ppl_change": d["ppl_after"] / d["ppl_before"] - 1.0,
+            "val_ppl_change": d["val_ppl_after"] / d["val_ppl_before"] - 1.0,
             "ppl_change": ppl(model, tok, held) / base["ppl_theta"] - 1.0,
             "secrets": [{"exposure": a["exposure"], "margin": a["exposure"] - base["retrained"][i]["exposure"],
                          "extracted": a["extracted"] or smp, "greedy": a["greedy"], "sampled": smp,
@@ -308,19 +314,30 @@ def run_fixture(name: str, seed: int, args) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ table
+def settings(row: dict) -> str:
+    """A run's budget, steps, objective and SAM radius, as the table prints them."""
+    st = row["settings"]
+    out = f"{100 * st['budget']:g}%, {st['steps']} steps, {st['objective']}"
+    out += " per token" if st.get("per_token") else ""
+    out += f", β={st['beta']:g}" if st.get("beta", 1.0) != 1.0 else ""
+    return out + (f", SAM ρ={st['rho']:g}" if st.get("rho") else "")
+
+
 def table(out: str) -> str:
-    lines = ["| model | seed | strategy | request | within retrained + 2 bits, not extracted | extracted | "
+    lines = ["| model | seed | strategy | settings | request | within retrained + 2 bits, not extracted | extracted | "
              "exposure margin over retrained (mean / max, bits) | held-out ppl | relearned margin (mean / max) | "
-             "cost vs retraining | steps (stopped by) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "cost vs retraining | steps (stopped by) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for fn in sorted(os.listdir(out)):
         if not fn.endswith(".json"):
             continue
         res = json.load(open(os.path.join(out, fn)))
+        if "runs" not in res:  # a one-off experiment's JSON kept beside the matrix (docs/forget.md names it)
+            continue
         fx = res.get("fixture")
         if fx is not None:  # θ* itself: how much it memorised, against the retrained model
             m = [a["exposure"] - b["exposure"] for a, b in zip(fx["theta"], fx["retrained"])]
             rm = [a["exposure"] for a in fx["retrained_relearned"]]
-            lines.append(f"| {res['model']} ({fx['n_params'] / 1e6:.1f}M) | {res['seed']} | θ* (before) | 16 | "
+            lines.append(f"| {res['model']} ({fx['n_params'] / 1e6:.1f}M) | {res['seed']} | θ* (before) | - | 16 | "
                          f"{sum(x <= 2.0 and not a['extracted'] for x, a in zip(m, fx['theta']))}/16 | "
                          f"{sum(a['extracted'] for a in fx['theta'])} | {sum(m) / len(m):.1f} / {max(m):.1f} | "
                          f"ppl {fx['ppl_theta']:.1f} (retrained {fx['ppl_retrained']:.1f}) | retrained after "
@@ -331,7 +348,8 @@ def table(out: str) -> str:
             ok = sum(s["margin"] <= 2.0 and not s["extracted"] for s in ss)
             m = [s["margin"] for s in ss]
             rm = [s["relearn_margin"] for s in ss]
-            lines.append(f"| {res['model']} | {res['seed']} | {strategy} | {len(ss)} secret(s) | {ok}/{len(ss)} | "
+            lines.append(f"| {res['model']} | {res['seed']} | {strategy} | {settings(row)} | {len(ss)} secret(s) | "
+                         f"{ok}/{len(ss)} | "
                          f"{sum(s['extracted'] for s in ss)} | {sum(m) / len(m):.1f} / {max(m):.1f} | "
                          f"{100 * row['ppl_change']:+.1f}% | {sum(rm) / len(rm):.1f} / {max(rm):.1f} | "
                          f"{row['cost_vs_retrain']:.2f}x | {row['steps']} ({row['stopped_by']}) |")
@@ -350,7 +368,7 @@ def figure(out: str, path: str) -> None:
     for fn in sorted(os.listdir(out)):
         if fn.endswith(".json"):
             res = json.load(open(os.path.join(out, fn)))
-            for key, row in res["runs"].items():
+            for key, row in res.get("runs", {}).items():
                 strategy, which = key.split("/")
                 if which == "many":
                     ss = row["secrets"]
@@ -383,6 +401,9 @@ def main(argv=None):
     ap.add_argument("--budget", type=float, default=0.05)
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--objective", default="npo")
+    ap.add_argument("--per-token", action="store_true", help="UpdateConfig(per_token=True): the NPO term per token")
+    ap.add_argument("--beta", type=float, default=1.0, help="the NPO term's beta (Targeted(beta=))")
+    ap.add_argument("--rho", type=float, default=0.0, help="the Targeted rule's SAM radius (0: no SAM)")
     ap.add_argument("--candidates", type=int, default=500)
     ap.add_argument("--train-steps", type=int, default=1200)
     ap.add_argument("--relearn-steps", type=int, default=50)

@@ -127,7 +127,10 @@ class UpdateConfig:
     its monitor and retain batches. Default ``Targeted(steps=FORGET_STEPS)``. ``seq_len``: window length in tokens
     (None: min(64, the model's context)); ``batch_size``: windows per batch; ``retain_loss``: "ce" (cross-entropy on
     retained windows) or "kl" (the KL divergence to θ*'s predictions on them); ``retain_windows``: at most this many
-    retained windows (None: all); ``per_token``: the NPO term per secret token (objective "npo" only);
+    retained windows (None: all); ``per_token``: the NPO term per secret token, each keeping its own fading weight
+    (True / False; objective "npo" only; None, the default: per token where the objective has that form, i.e. for
+    "npo" -- chosen on the fixture matrix, docs/forget.md: the batch mean's weight fades once the easy secrets'
+    loss has risen, before the hard ones moved);
     ``decoys``: random decoy secrets for objective "uniform"; ``precondition``: None (default) or "fisher" -- the
     SGD step on S scaled per coordinate by 1 / (F_D + mean F_D), F_D the retained text's empirical Fisher diagonal
     on S over the first ``SelectConfig.hessian_windows`` retained windows, normalised to mean 1
@@ -140,7 +143,7 @@ class UpdateConfig:
     batch_size: int = 8
     retain_loss: str = "ce"
     retain_windows: Optional[int] = None
-    per_token: bool = False
+    per_token: Optional[bool] = None
     decoys: int = 0
     precondition: Optional[str] = None
 
@@ -158,8 +161,8 @@ class UpdateConfig:
         if self.retain_loss not in ("ce", "kl"):
             raise ValueError(f"UpdateConfig.retain_loss must be 'ce' or 'kl', got {self.retain_loss!r}")
         _int("UpdateConfig", "retain_windows", self.retain_windows, 0, none=True)
-        if not isinstance(self.per_token, bool):
-            raise TypeError(f"UpdateConfig.per_token must be a bool, got {type(self.per_token).__name__}")
+        if self.per_token is not None and not isinstance(self.per_token, bool):
+            raise TypeError(f"UpdateConfig.per_token must be None or a bool, got {type(self.per_token).__name__}")
         _int("UpdateConfig", "decoys", self.decoys, 0)
         if self.precondition not in (None, "fisher"):
             raise ValueError(f"UpdateConfig.precondition must be None or 'fisher', got {self.precondition!r}")

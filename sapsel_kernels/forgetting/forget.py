@@ -260,40 +260,56 @@ def _summed_or_raise(comm, values: List[float], err: Optional[BaseException], wh
     return [float(v) for v in buf[:-1]]
 
 
-def group_lm_loss(comm):
-    """``lm_loss`` for a data-parallel ``forget``: each rank holds a shard of every batch's windows, and the value
-    is the mean over the WHOLE batch's target tokens (one all_reduce of 3 float64 values: the sums and a failure
-    flag, :func:`_summed_or_raise`), with a gradient that, averaged over the ranks (``unlearn(group=)`` does that at
-    S), is the whole batch mean's. Any function of the returned values (the NPO term's softplus included) then gets
-    one process's gradient by the chain rule.
+def _group_token_mean(comm, token_sum, what: str):
+    """The mean over the WHOLE batch's target tokens of a per-token term, for a data-parallel ``forget``: each rank
+    holds a shard of every batch's windows, ``token_sum(model, batch) -> (summed term [0-dim], number of target
+    tokens)`` is this rank's part, and one all_reduce of 3 float64 values (the sums and a failure flag,
+    :func:`_summed_or_raise`) gives the whole batch's. The gradient, averaged over the ranks (``unlearn(group=)``
+    does that at S), is the whole batch mean's, so any function of the returned value (the NPO term's softplus
+    included) gets one process's gradient by the chain rule.
 
     The returned tensor is ``(local − local.detach())·(W/n) + S/n``, the same value S/n on every rank: local = this
-    rank's summed token cross-entropy, S its sum over the ranks, n the batch's target tokens over the ranks, W the
-    ranks.
+    rank's sum, S its sum over the ranks, n the batch's target tokens over the ranks, W the ranks.
     Collective: every rank calls it in the same order (forget's steps and monitor do)."""
-    if not comm.active:
-        return lm_loss
-    from .measure import lm_logits
 
     def loss(model, batch) -> torch.Tensor:
         local, n_local, err = None, 0.0, None
         try:
-            x, y = batch[0], batch[1]
-            dev = next(model.parameters()).device
-            logits = lm_logits(model, x.to(dev))
-            y = y.to(dev).reshape(-1)
-            local = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y, ignore_index=IGNORE,
-                                    reduction="sum")
-            n_local = float((y != IGNORE).sum())
+            local, n_local = token_sum(model, batch)
         except Exception as exc:  # noqa: BLE001 - every rank learns of it in the same all_reduce, then raises
             err = exc
-        total, n = _summed_or_raise(comm, [float(local.detach()) if local is not None else 0.0, n_local], err,
-                                    "the loss")
+        total, n = _summed_or_raise(comm, [float(local.detach()) if local is not None else 0.0, float(n_local)],
+                                    err, what)
         scale = comm.world / n if n > 0 else float("nan")
         # the same value on every rank (the detached total), the gradient of this rank's share x W / n
         return (local - local.detach()) * scale + (total / n if n > 0 else float("nan"))
 
     return loss
+
+
+def _token_ce(model, x, y) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per target position of ``(x, y)``: the next-token cross-entropy (nats, float32, flat) and the mask of the
+    positions whose label is not -100."""
+    from .measure import lm_logits
+
+    dev = next(model.parameters()).device
+    logits = lm_logits(model, x.to(dev)).float()
+    y = y.to(dev).reshape(-1)
+    tok = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y, ignore_index=IGNORE, reduction="none")
+    return tok, y != IGNORE
+
+
+def group_lm_loss(comm):
+    """``lm_loss`` for a data-parallel ``forget`` (:func:`_group_token_mean` of the token cross-entropy: the mean
+    over the whole batch's target tokens on every rank); ``lm_loss`` itself without an active group."""
+    if not comm.active:
+        return lm_loss
+
+    def ce_sum(model, batch):
+        tok, m = _token_ce(model, batch[0], batch[1])
+        return tok[m].sum(), int(m.sum())
+
+    return _group_token_mean(comm, ce_sum, "the loss")
 
 
 def _agree(comm, model, request: List[Any]) -> None:
@@ -412,20 +428,24 @@ def perplexity(model, data: Tuple[torch.Tensor, torch.Tensor], batch_size: int =
     return math.exp(mean) if mean < 709.0 else float("inf")
 
 
-def per_token_npo(beta: float = 1.0):
+def per_token_npo(beta: float = 1.0, comm=None):
     """The forget term for batches ``(x, labels, ref)`` (``ref``: each target token's loss at θ*, 0 where the label is
-    -100): mean over target tokens of (2/β)·softplus(β·(ref_t − ℓ_t)), the NPO loss per token."""
-    from .measure import lm_logits
+    -100): mean over target tokens of (2/β)·softplus(β·(ref_t − ℓ_t)), the NPO loss per token. ``comm`` (an active
+    ``estimators.Comm``): the mean over the whole batch's target tokens, each rank holding a shard of its windows
+    (:func:`_group_token_mean`)."""
+
+    def npo_sum(model, batch):
+        x, y, ref = batch
+        tok, m = _token_ce(model, x, y)
+        terms = (2.0 / beta) * F.softplus(beta * (ref.to(tok.device).reshape(-1) - tok))
+        return terms[m].sum(), int(m.sum())
+
+    if comm is not None and comm.active:
+        return _group_token_mean(comm, npo_sum, "the forget term")
 
     def loss(model, batch):
-        x, y, ref = batch
-        dev = next(model.parameters()).device
-        logits = lm_logits(model, x.to(dev)).float()
-        y = y.to(dev)
-        tok = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=IGNORE,
-                              reduction="none")
-        m = (y.reshape(-1) != IGNORE)
-        return ((2.0 / beta) * F.softplus(beta * (ref.to(dev).reshape(-1) - tok)))[m].mean()
+        total, n = npo_sum(model, batch)
+        return total / n if n else total * float("nan")
 
     return loss
 
@@ -853,7 +873,8 @@ class ObjectiveRequest:
     """What a forget objective's builder reads: the model, the tokenizer (and its ``codec``), the texts, the located
     secrets with their nulls and replacements, the windows (``data``; ``zs`` / ``zt``: the Z and Z̃ batches as
     built, this rank's share under a group), ``seq_len``, ``heldout``, ``seed``, ``vocab``, ``batch_size`` and the
-    objective's options (``decoys``, ``per_token``, ``beta``: the Targeted rule's)."""
+    objective's options (``decoys``, ``per_token``, ``beta``: the Targeted rule's); ``comm``: the group's
+    ``estimators.Comm`` under ``forget(group=)`` (None otherwise), for an objective whose term needs a reduction."""
 
     model: Any
     tokenizer: Any
@@ -873,6 +894,7 @@ class ObjectiveRequest:
     beta: float
     zs: Any
     zt: Any
+    comm: Any = None
 
 
 @dataclass(frozen=True)
@@ -906,7 +928,7 @@ def register_objective(name: str, objective: Objective) -> Objective:
 def _npo(req: ObjectiveRequest):
     """The Targeted rule's NPO term (None: built in), or with ``per_token`` its per-token variant."""
     if req.per_token:
-        return per_token_npo(req.beta), _with_reference(req.model, req.zs), req.zt
+        return per_token_npo(req.beta, req.comm), _with_reference(req.model, req.zs), req.zt
     return None, req.zs, req.zt
 
 
@@ -1080,6 +1102,8 @@ def forget(model, tokenizer, texts, secret, *, heldout: Union[float, Sequence[st
         if per_token and not obj.per_token:
             ones = " / ".join(repr(n) for n in OBJECTIVE_REGISTRY if OBJECTIVE_REGISTRY[n].per_token)
             raise ValueError(f"per_token applies to objective={ones} only, not {objective!r}")
+        if per_token is None:  # the default: per token where the objective has that form (npo; docs/forget.md)
+            per_token = obj.per_token
         if not obj.many_secrets and len(specs) > 1:
             raise ValueError(f"objective={objective!r} takes one secret per run")
         if decoys and not obj.decoys:
@@ -1096,9 +1120,9 @@ def forget(model, tokenizer, texts, secret, *, heldout: Union[float, Sequence[st
         if group is not None:
             if update.precondition is not None:
                 raise ValueError("forget(group=) does not support UpdateConfig(precondition=...) yet")
-            if not obj.group or per_token or retain_loss != "ce":
-                raise ValueError("forget(group=) supports objective='npo' without per_token and retain_loss='ce' only "
-                                 f"(got objective={objective!r}, per_token={per_token!r}, retain_loss={retain_loss!r})")
+            if not obj.group or retain_loss != "ce":
+                raise ValueError("forget(group=) supports objective='npo' and retain_loss='ce' only "
+                                 f"(got objective={objective!r}, retain_loss={retain_loss!r})")
             if isinstance(model, torch.nn.parallel.DistributedDataParallel):
                 raise ValueError("forget(group=): pass the replicated module itself, not a DistributedDataParallel "
                                  "wrapper (forget splits the windows and averages the gradients at S itself)")
@@ -1323,7 +1347,7 @@ def forget(model, tokenizer, texts, secret, *, heldout: Union[float, Sequence[st
         req = ObjectiveRequest(model=model, tokenizer=tokenizer, codec=codec, texts=texts, located=located,
                                nulls=nulls, replacements=replacements, data=data, seq_len=T, heldout=heldout,
                                seed=seed, vocab=vocab, batch_size=batch_size, decoys=decoys, per_token=per_token,
-                               beta=cfg.beta, zs=zs, zt=zt)
+                               beta=cfg.beta, zs=zs, zt=zt, comm=comm)
         forget_loss, zs, zt = obj.build(req)
         if forget_loss is not None:
             over["forget_loss"] = forget_loss
@@ -1375,6 +1399,7 @@ def forget(model, tokenizer, texts, secret, *, heldout: Union[float, Sequence[st
                                           "repair_steps")}
     rule_d["lr_final"] = info.get("lr_final")
     rule_d["precondition"] = update.precondition
+    rule_d["per_token"] = bool(per_token)
     hist = [{k: v for k, v in h.items() if k in ("step", "lr", "exposure", "extracted", "val_ppl", "ppl_increase",
                                                   "phase", "accepted", "n_done")} for h in info.get("history", [])]
     ev = None

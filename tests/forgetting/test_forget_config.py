@@ -100,6 +100,27 @@ def test_deprecated_keywords_warn_and_give_the_same_report_as_the_configs(cc):
         "random", 0.05, 6, 0.5, 2)
 
 
+def test_per_token_default_is_per_token_for_npo_only(cc):
+    """UpdateConfig(per_token=None), the default: npo runs its per-token term (the same weights, bit for bit, as
+    per_token=True, and not those of per_token=False), and calibrated, which has no per-token form, runs as it did."""
+    def run(**update):
+        model = _tiny(cc)
+        rep = sk.forget(model, cc.vocab, cc.text, {"secret": SECRET, "prefix": PREFIX}, heldout=[cc.heldout], seed=5,
+                        select=SelectConfig(strategy="random", budget=0.05),
+                        update=UpdateConfig(rule=Targeted(steps=4, lr=0.5, check_every=2), seq_len=16, **update),
+                        target=TargetConfig(exposure=0.0, max_ppl_increase=1.0),
+                        measure=MeasureConfig(n_candidates=20, n_monitor=10, evidence=None, progress=False))
+        return _flat(model), rep.rule["per_token"]
+
+    assert UpdateConfig().per_token is None
+    default, on, off = run(), run(per_token=True), run(per_token=False)
+    assert default[1] is True and on[1] is True and off[1] is False
+    assert torch.equal(default[0], on[0]) and not torch.equal(default[0], off[0])
+    assert run(objective="calibrated")[1] is False
+    with pytest.raises(ValueError, match="per_token applies"):
+        run(objective="calibrated", per_token=True)
+
+
 @pytest.mark.parametrize("keywords,rule", [
     (dict(max_steps=7), Targeted(steps=7, lr=0.1, check_every=5, lr_max=100.0, repair_steps=0)),
     (dict(lr=0.5, repair_steps=3), Targeted(steps=300, lr=0.5, check_every=5, lr_max=100.0, repair_steps=3)),

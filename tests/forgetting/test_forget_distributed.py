@@ -71,9 +71,11 @@ def trained():
 
 
 # world 3 with batches of 8: uneven shares (3/3/2 rows of the steps' batches; the hessian strategy's 24 scoring
-# windows go to the ranks as whole batches, ssd's rows unevenly): the case a plain per-rank mean gets wrong
+# windows go to the ranks as whole batches, ssd's rows unevenly): the case a plain per-rank mean gets wrong. The
+# default NPO term is per token (its mean over the whole batch's secret tokens); per_token=False is the batch mean's
 @pytest.mark.parametrize("strategy,world,kw", [("ssd", 2, {}), ("hessian", 2, {}), ("ssd", 3, {}),
-                                               ("hessian", 3, {"hessian_windows": 24})])
+                                               ("hessian", 3, {"hessian_windows": 24}),
+                                               ("ssd", 3, {"per_token": False})])
 def test_forget_group_equals_one_process(trained, strategy, world, kw):
     model, cc = _load(trained)
     one = _run(model, cc, strategy=strategy, **kw)
@@ -107,7 +109,7 @@ def _refusals(rank, world, path):
     model, cc = _load(path)
     before = [p.detach().clone() for p in model.parameters()]
     out = []
-    for kw in (dict(seed=3 + rank), dict(objective="calibrated"), dict(per_token=True), dict(retain_loss="kl")):
+    for kw in (dict(seed=3 + rank), dict(objective="calibrated"), dict(retain_loss="kl")):
         try:
             _run(model, cc, group=dist.group.WORLD, **kw)
         except ValueError as e:

@@ -30,9 +30,10 @@ import torch
 from ..update.rules import Targeted
 
 __all__ = ["SelectConfig", "UpdateConfig", "TargetConfig", "MeasureConfig", "Evidence", "SEED_STREAMS",
-           "stream_seed", "configs_from_keywords", "FORGET_STEPS"]
+           "stream_seed", "configs_from_keywords", "FORGET_STEPS", "FORGET_BETA"]
 
 FORGET_STEPS = 300  # forget's default step budget (Targeted's own default, 100, is for unlearn)
+FORGET_BETA = 0.25  # forget's default NPO beta (Targeted's own default, 1.0, is for unlearn): the fixture matrix
 
 
 def _int(owner: str, name: str, v, lo: int, none: bool = False) -> None:
@@ -97,7 +98,7 @@ class SelectConfig:
     skips the scoring. The budget is checked against the model's N by ``forget``.
     """
 
-    strategy: str = "ssd"
+    strategy: str = "hessian_ratio"  # from the fixture matrix (docs/forget.md): ssd failed on an untied model
     budget: Union[int, float] = 0.05  # from the fixture matrix (docs/forget.md): 1% met far fewer secrets
     hessian_windows: int = 32
     n_probes: int = 16
@@ -124,21 +125,22 @@ class UpdateConfig:
     (:func:`~sapsel_kernels.forget.format_uniform`, one secret) or "calibrated"
     (:func:`~sapsel_kernels.forget.calibrated_push`); ``rule``: the :class:`~sapsel_kernels.rules.Targeted`
     search (steps, lr and its bounds, check_every, repair_steps, the term weights, SGD or AdamW, SAM); forget sets
-    its monitor and retain batches. Default ``Targeted(steps=FORGET_STEPS)``. ``seq_len``: window length in tokens
-    (None: min(64, the model's context)); ``batch_size``: windows per batch; ``retain_loss``: "ce" (cross-entropy on
-    retained windows) or "kl" (the KL divergence to θ*'s predictions on them); ``retain_windows``: at most this many
-    retained windows (None: all); ``per_token``: the NPO term per secret token, each keeping its own fading weight
-    (True / False; objective "npo" only; None, the default: per token where the objective has that form, i.e. for
-    "npo" -- chosen on the fixture matrix, docs/forget.md: the batch mean's weight fades once the easy secrets'
-    loss has risen, before the hard ones moved);
-    ``decoys``: random decoy secrets for objective "uniform"; ``precondition``: None (default) or "fisher" -- the
-    SGD step on S scaled per coordinate by 1 / (F_D + mean F_D), F_D the retained text's empirical Fisher diagonal
-    on S over the first ``SelectConfig.hessian_windows`` retained windows, normalised to mean 1
+    its monitor and retain batches. Default ``Targeted(steps=FORGET_STEPS, beta=FORGET_BETA)`` (300 steps,
+    β = 0.25: the per-token NPO weight fades more slowly than at β = 1; chosen on the fixture matrix,
+    docs/forget.md). ``seq_len``: window length in tokens (None: min(64, the model's context)); ``batch_size``:
+    windows per batch; ``retain_loss``: "ce" (cross-entropy on retained windows) or "kl" (the KL divergence to
+    θ*'s predictions on them); ``retain_windows``: at most this many retained windows (None: all);
+    ``per_token``: the NPO term per secret token, each keeping its own fading weight (True / False; objective
+    "npo" only; None, the default: per token where the objective has that form, i.e. for "npo" -- chosen on the
+    fixture matrix, docs/forget.md: the batch mean's weight fades once the easy secrets' loss has risen, before the
+    hard ones moved); ``decoys``: random decoy secrets for objective "uniform"; ``precondition``: None (default) or
+    "fisher" -- the SGD step on S scaled per coordinate by 1 / (F_D + mean F_D), F_D the retained text's empirical
+    Fisher diagonal on S over the first ``SelectConfig.hessian_windows`` retained windows, normalised to mean 1
     (:func:`~sapsel_kernels.forget.retain_fisher_scale`; needs the rule's base "sgd" and rho 0; one process only).
     """
 
     objective: str = "npo"
-    rule: Targeted = field(default_factory=lambda: Targeted(steps=FORGET_STEPS))
+    rule: Targeted = field(default_factory=lambda: Targeted(steps=FORGET_STEPS, beta=FORGET_BETA))
     seq_len: Optional[int] = None
     batch_size: int = 8
     retain_loss: str = "ce"
@@ -178,7 +180,7 @@ class TargetConfig:
     ``exposure``: a secret meets the target when its exposure's 95% upper bound is at most this many bits and no
     probe or sample extracts it (about 1.44 bits is the mean exposure of a secret the model never saw);
     ``max_ppl_increase``: the utility budget, a fraction of the reported perplexity (0.05 = +5%); the search steers
-    the validation windows to within ``STEER_MARGIN`` (80%) of it.
+    the validation windows to within ``STEER_MARGIN`` (60%) of it.
     """
 
     exposure: float = 2.0
@@ -324,7 +326,7 @@ def configs_from_keywords(secret, configs: Dict[str, Any], keywords: Dict[str, A
     if steps_kw:
         lr = steps_kw.get("lr", 0.1)
         lr_max = max(100.0, float(lr)) if isinstance(lr, (int, float)) and not isinstance(lr, bool) else lr
-        per["update"]["rule"] = Targeted(steps=steps_kw.get("max_steps", FORGET_STEPS), lr=lr,
+        per["update"]["rule"] = Targeted(steps=steps_kw.get("max_steps", FORGET_STEPS), lr=lr, beta=FORGET_BETA,
                                          check_every=steps_kw.get("check_every", 5), lr_max=lr_max,
                                          repair_steps=steps_kw.get("repair_steps", 0))
     for name in _CLASSES:

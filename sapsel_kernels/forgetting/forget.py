@@ -13,8 +13,8 @@ The pipeline, on the user's own text and tokenizer:
    in the text with every occurrence replaced by its secret's replacement. Held-out texts (``heldout``): even
    windows steer the search (validation), odd ones are reported (test). Retain batches are the other training
    windows.
-3. **Score and select** with any strategy of :func:`~sapsel_kernels.strategies.select_parameters` (default ``ssd``),
-   budget k, one selection for the whole request.
+3. **Score and select** with any strategy of :func:`~sapsel_kernels.strategies.select_parameters` (default
+   ``hessian_ratio``), budget k, one selection for the whole request.
 4. **Unlearn** with :class:`~sapsel_kernels.rules.Targeted` through :func:`~sapsel_kernels.unlearn.unlearn`
    (all-or-nothing, S only), with a monitor that measures every secret on its own monitored candidates
    (:mod:`sapsel_kernels.audit`) and the validation perplexity every ``check_every`` steps: a block that leaves the
@@ -430,9 +430,9 @@ def perplexity(model, data: Tuple[torch.Tensor, torch.Tensor], batch_size: int =
 
 def per_token_npo(beta: float = 1.0, comm=None):
     """The forget term for batches ``(x, labels, ref)`` (``ref``: each target token's loss at θ*, 0 where the label is
-    -100): mean over target tokens of (2/β)·softplus(β·(ref_t − ℓ_t)), the NPO loss per token. ``comm`` (an active
-    ``estimators.Comm``): the mean over the whole batch's target tokens, each rank holding a shard of its windows
-    (:func:`_group_token_mean`)."""
+    -100): mean over target tokens of (2/β)·softplus(β·(ref_t − ℓ_t)), the NPO loss per token. ``comm`` (an
+    active ``estimators.Comm``): the mean over the whole batch's target tokens, each rank holding a shard of its
+    windows (:func:`_group_token_mean`)."""
 
     def npo_sum(model, batch):
         x, y, ref = batch
@@ -862,7 +862,9 @@ def _secret_entry(loc, null: _Null, replacement: str, before: Dict, after: Dict,
     return e
 
 
-STEER_MARGIN = 0.8  # the search keeps the validation rise within 80% of the budget: the verdict reads test windows
+# the search keeps the validation rise within 60% of the budget (the verdict reads the test windows): on the fixture
+# matrix the test windows rose 1-2.5 points more than the validation windows the search stopped at (docs/forget.md)
+STEER_MARGIN = 0.6
 MONITOR_REFRESH = 4  # the monitored candidates are re-scored every 4th check (and before the search may stop)
 ATTACK_CANDIDATES = 256  # candidates of the reported set that the attacks' exposure is measured on
 
@@ -1016,7 +1018,7 @@ def forget(model, tokenizer, texts, secret, *, heldout: Union[float, Sequence[st
             the report says so).
         seed: every random stream of the run derives from it by name (:data:`~sapsel_kernels.forget.SEED_STREAMS`,
             :func:`~sapsel_kernels.forget.stream_seed`).
-        select: :class:`SelectConfig` -- strategy (default ``ssd``, docs/forget.md), budget, hessian_windows,
+        select: :class:`SelectConfig` -- strategy (default ``hessian_ratio``, docs/forget.md), budget, hessian_windows,
             n_probes, scores.
         update: :class:`UpdateConfig` -- objective, the :class:`~sapsel_kernels.rules.Targeted` rule (steps, lr,
             check_every, repair_steps, ...; its monitor and retain are set here), seq_len, batch_size, retain_loss,
@@ -1048,7 +1050,8 @@ def forget(model, tokenizer, texts, secret, *, heldout: Union[float, Sequence[st
     held-out texts, a secret longer than the context window, a tokenizer that cannot encode a secret, bad numbers;
     NonFiniteError for NaN logits.
 
-    Cost: the strategy's estimate (ssd: one gradient per Z window and per Hessian window), per step one backward
+    Cost: the strategy's estimate (hessian_ratio, the default: ``n_probes`` HVPs per Z window and per Hessian window;
+    ssd: one gradient per each), per step one backward
     over a Z, a Z̃ and a retain batch, per check one monitor measurement (``n_monitor`` candidates per secret and the
     greedy probes, all secrets in one batched pass), and the reported measurements (``n_candidates`` per secret
     and prompt, ``evidence.n_samples`` samples, the attacks' copies). Peak extra memory: the strategy's (about 2N

@@ -229,18 +229,20 @@ def test_targeted_config_validation():
 def test_forget_lowers_exposure_within_the_perplexity_budget():
     """On this heavily memorised 27k-parameter LSTM (8 insertions in 9k characters) the paper's hessian selection
     does NOT reach the 2-bit target within +5% perplexity (44.5 bits after, from 48.0, with the search steering the
-    validation windows to within 80% of the budget; 33-41 when it steered to the full budget): what must hold is
-    that the search never accepts a state beyond its limit, that exposure drops, and that only S moves."""
+    validation windows to within 80% of the budget and the batch mean's NPO term at beta 1; 45.6 within 60%, the
+    margin of today; 33-41 when it steered to the full budget): what must hold is that the search never accepts a
+    state beyond its limit, that exposure drops, and that only S moves. The objective is pinned to the batch mean's
+    term, the one these numbers were measured with (the per-token term at beta 0.25, today's default: 45.7)."""
     model, cc = _model()
     theta0 = torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])
     measure = MeasureConfig(n_candidates=300, n_monitor=150, context="\n", evidence=None, progress=False)
     rep = forget(model, cc.vocab, cc.text, BENIGN, heldout=[cc.heldout],
                  select=SelectConfig(strategy="hessian", budget=0.05),
-                 update=UpdateConfig(rule=Targeted(steps=100), seq_len=32), measure=measure)
+                 update=UpdateConfig(rule=Targeted(steps=100), seq_len=32, per_token=False), measure=measure)
     d = rep.to_dict()
     assert d["exposure_steer_before"] > 40 and d["extracted_before"], "the fixture must have memorised the secret"
     # the trajectory is sensitive to the batches (see above): only a clear drop
-    assert d["exposure_steer_after"] < d["exposure_steer_before"] - 3, d["history"]
+    assert d["exposure_steer_after"] < d["exposure_steer_before"] - 2, d["history"]
     limit = rep.val_ppl_before * (1 + 0.05 * d["target"]["steer_margin"])
     assert rep.val_ppl_after <= limit * (1 + 1e-9)
     assert all(h["val_ppl"] <= limit * (1 + 1e-9) for h in d["history"] if h["accepted"])
@@ -262,22 +264,23 @@ def test_forget_lowers_exposure_within_the_perplexity_budget():
     assert rep2.cost["n_hvps"] == 0 and rep2.k == rep.k
 
 
-def test_default_ssd_selection_forgets_far_more_than_hessian_within_the_budget():
-    """The default strategy (ssd: Fisher on Z over Fisher on training windows) against the paper's hessian at the
-    same 1% budget, steps and perplexity budget, on the fixture (51 bits before): ssd ends at 2-4.2 bits (seeds
-    0-3, measured when this test was written), hessian at about 38. Asserted: ssd below 6 bits and at least 20 bits
-    below hessian, no extraction, both within the budget, ssd's cost counted in gradients only (no HVP)."""
+def test_ssd_selection_forgets_far_more_than_hessian_within_the_budget():
+    """ssd (Fisher on Z over Fisher on training windows; the default until the fixture matrix chose hessian_ratio)
+    against the paper's hessian at the same 1% budget, steps and perplexity budget, on the fixture (51 bits before):
+    ssd ends at 2-4.2 bits (seeds 0-3, measured when this test was written, steering to 80% of the budget), hessian at
+    about 38. Asserted: ssd below 6 bits and at least 20 bits below hessian, no extraction, both within the budget,
+    ssd's cost counted in gradients only (no HVP). The objective is pinned to the one measured then (the batch
+    mean's NPO term, beta 1)."""
     out = {}
     for strategy in ("ssd", "hessian"):
         model, cc = _model()
         rep = forget(model, cc.vocab, cc.text, BENIGN, heldout=[cc.heldout],
                      select=SelectConfig(strategy=strategy, budget=0.01),
-                     update=UpdateConfig(rule=Targeted(steps=100), seq_len=32),
+                     update=UpdateConfig(rule=Targeted(steps=100), seq_len=32, per_token=False),
                      measure=MeasureConfig(n_candidates=300, n_monitor=150, context="\n", evidence=None,
                                            progress=False))
         assert rep.val_ppl_after <= rep.val_ppl_before * 1.05 * (1 + 1e-9)
         out[strategy] = rep
-    assert inspect.signature(forget).parameters["select"].default is None and SelectConfig().strategy == "ssd"
     ssd, hess = out["ssd"].to_dict(), out["hessian"].to_dict()
     assert ssd["exposure_steer_before"] > 40
     assert ssd["exposure_after"] < 6.0 and not ssd["extracted_after"], ssd["history"]

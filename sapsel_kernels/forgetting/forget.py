@@ -875,8 +875,9 @@ class ObjectiveRequest:
     """What a forget objective's builder reads: the model, the tokenizer (and its ``codec``), the texts, the located
     secrets with their nulls and replacements, the windows (``data``; ``zs`` / ``zt``: the Z and Z̃ batches as
     built, this rank's share under a group), ``seq_len``, ``heldout``, ``seed``, ``vocab``, ``batch_size`` and the
-    objective's options (``decoys``, ``per_token``, ``beta``: the Targeted rule's); ``comm``: the group's
-    ``estimators.Comm`` under ``forget(group=)`` (None otherwise), for an objective whose term needs a reduction."""
+    objective's options (``decoys``, ``per_token``, ``beta``: the Targeted rule's); ``comm``: the run's
+    ``estimators.Comm`` (``comm.active`` under ``forget(group=)``; an inactive one otherwise), for an objective whose
+    term needs a reduction over the ranks."""
 
     model: Any
     tokenizer: Any
@@ -1034,9 +1035,12 @@ def forget(model, tokenizer, texts, secret, *, heldout: Union[float, Sequence[st
             cannot make exact) and of the held-out windows; the selection is one; each step's gradient is the
             whole batch's (:func:`group_lm_loss`), so the result is one process's up to float summation order
             (tests/forgetting/test_forget_distributed.py, worlds 2 and 3 on gloo). The exposure audits, sampling
-            and attacks are not split: every rank runs them on its identical copy. Only ``objective="npo"`` without
-            ``per_token``, ``retain_loss="ce"`` and a rule without its own forget_loss / retain_loss run under a
-            group (ValueError otherwise).
+            and attacks are not split: every rank runs them on its identical copy. Only ``objective="npo"`` (per
+            token or per batch), ``retain_loss="ce"`` and a rule without its own forget_loss / retain_loss run under
+            a group (ValueError otherwise). The hessian strategies (the default ``hessian_ratio`` among them) share
+            the secrets' windows by whole batches unless every batch splits evenly over the ranks, so a request
+            with fewer such batches than ranks is refused (ValueError before any work; docs/distributed.md);
+            ``ssd`` shares them by rows.
         **deprecated: the earlier flat keywords (``strategy=``, ``budget=``, ``max_steps=``, ``prefix=``, ...): still
             accepted for one deprecation cycle with a FutureWarning naming the config that holds each
             (:data:`sapsel_kernels.forgetting.config.KEYWORDS`); one given together with its config is a ValueError.

@@ -739,7 +739,8 @@ class Targeted(_Rule):
     (for language models: nats per target token, so β is on that scale). For a secret, give Z with targets only at
     the secret's tokens (``forget`` does): the ascent then acts on the secret, not on the text around it.
     ``forget_loss(model, batch) -> scalar`` replaces the NPO term on the batch mean
-    (``UpdateConfig(per_token=True)`` passes a per-token NPO: each secret token keeps its own fading weight);
+    (``forget`` passes a per-token NPO by default, ``UpdateConfig(per_token=None)``: each secret token keeps its own
+    fading weight);
     ``retain_loss(model, batch)`` replaces the loss rule on the retain batches (``UpdateConfig(retain_loss="kl")``
     passes the KL divergence to θ*'s predictions).
 

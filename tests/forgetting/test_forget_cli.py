@@ -639,7 +639,9 @@ def test_end_to_end_on_a_tiny_gpt2(capsys, lm, tmp_path):
     assert all(k in h for h in d["history"] for k in HISTORY_KEYS)
     assert all(k in c for c in d["completions_before"] + d["completions_after"] for k in COMPLETION_KEYS)
     assert set(d["target"]) >= {"exposure", "max_ppl_increase"}
-    assert d["secret"] == SECRET and d["prefix"] == PREFIX and d["seq_len"] == 16 and d["strategy"] == "hessian_ratio"
+    assert d["secret"] == SECRET and d["prefix"] == PREFIX and d["seq_len"] == 16
+    # forget's defaults (docs/forget.md): hessian_ratio, the NPO term per token at beta 0.25
+    assert d["strategy"] == "hessian_ratio" and d["rule"]["beta"] == 0.25 and d["rule"]["per_token"] is True
     assert (code == 0) == bool(d["reached"])
     model = AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
     tok = AutoTokenizer.from_pretrained(out, local_files_only=True)

@@ -305,16 +305,7 @@ def test_ssd_floor_is_ssd_with_a_floor_on_the_training_fisher():
     z_ids = torch.cat([torch.full((5, 1), 6), torch.randint(0, 6, (5, 3))], 1)
     z_y = torch.randint(0, C, (5,))
     bag_loss = lambda m, b: F.cross_entropy(m(b[0]), b[1])  # noqa: E731
-    names = [(n, p.shape, p.numel()) for n, p in model.named_parameters()]
-    theta0 = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-
-    def summed(theta, x, t):
-        out, off = {}, 0
-        for n, shape, k in names:
-            out[n] = theta[off:off + k].view(shape)
-            off += k
-        return F.cross_entropy(functional_call(model, out, (x,)), t, reduction="sum")
-
+    theta0, summed = _summed(model)
     per = vmap(grad(lambda t, x, yy: summed(t, x[None], yy[None])), in_dims=(None, 0, 0))
     fz = (per(theta0, z_ids, z_y) ** 2).mean(0)
     fd = (per(theta0, ids, y) ** 2).mean(0)
@@ -364,6 +355,7 @@ SCORE_BASED = ("hessian", "hessian_smallest", "hessian_affected", "hessian_corre
                "ssd", "ssd_floor")
 NOT_READ = [  # (strategy, a knob it does not read, passed with its default value: an error)
     ("ssd", {"n_probes": 32}), ("ssd", {"estimator": "hutchinson"}),
+    ("ssd_floor", {"n_probes": 32}), ("ssd_floor", {"estimator": "hutchinson"}),
     ("grad_abs", {"n_probes": 32}), ("grad_abs", {"estimator": "hutchinson"}),
     ("grad_abs", {"fisher_points": 512}), ("hessian", {"fisher_points": 512}),
     ("hessian_smallest", {"fisher_points": None}), ("hessian", {"last_layer_prefix": "fc"}),

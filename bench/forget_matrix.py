@@ -30,7 +30,8 @@ emails), on the unlearned model AND on the retrained one:
     python -m bench.forget_matrix --out bench/results/forget_matrix --models gpt2,llama --seeds 0 \
         --strategies ssd,hessian,hessian_ratio,grad_abs,random,all,hessian_flat --budget 0.05 --steps 300
 
-Writes ``OUT/<model>_s<seed>.json`` per fixture (resumable: a finished run is not repeated) and ``OUT/matrix.md``.
+Writes ``OUT/<model>_s<seed>.json`` per fixture (resumable: a finished run, with the same settings, is not repeated;
+one job per fixture file at a time: each job writes its whole file) and ``OUT/matrix.md``.
 """
 
 import argparse
@@ -224,6 +225,9 @@ def run_fixture(name: str, seed: int, args) -> dict:
 
     path = os.path.join(args.out, f"{name}_s{seed}.json")
     res = json.load(open(path)) if os.path.isfile(path) else {"model": name, "seed": seed, "runs": {}}
+    # runs saved before keys carried their settings: the same key as a run with those settings would have now
+    res["runs"] = {(k if k.count("/") == 2 else f"{k}/{tag_of(row['settings'], k.split('/')[0])}"): row
+                   for k, row in res["runs"].items()}
 
     def save():
         with open(path, "w") as f:
@@ -271,7 +275,8 @@ def run_fixture(name: str, seed: int, args) -> dict:
           f"{base['ppl_retrained']:.1f}", flush=True)
     requests = [(s, "many") for s in args.strategies.split(",")] + [(args.strategies.split(",")[0], "one")]
     for strategy, which in requests:
-        key = f"{strategy}/{which}"
+        # the run's key names its settings, so that runs with other settings share the fixture's JSON
+        key = f"{strategy}/{which}/{settings_tag(args, strategy)}"
         if key in res["runs"]:
             continue
         req = secrets if which == "many" else [secrets[0]]
@@ -281,6 +286,7 @@ def run_fixture(name: str, seed: int, args) -> dict:
                         heldout=[held], seed=seed,
                         select=sk.SelectConfig(strategy=strategy, budget=1.0 if strategy == "all" else args.budget),
                         update=sk.UpdateConfig(objective=args.objective, per_token=args.per_token,
+                                               retain_loss=args.retain_loss,
                                                rule=sk.Targeted(steps=args.steps, rho=args.rho, beta=args.beta)),
                         measure=sk.MeasureConfig(n_candidates=args.candidates, progress=False,
                                                  evidence=sk.Evidence(n_samples=32, relearn_steps=0, int8=False)))
@@ -293,7 +299,8 @@ def run_fixture(name: str, seed: int, args) -> dict:
         res["runs"][key] = {
             "settings": {"budget": 1.0 if strategy == "all" else args.budget, "steps": args.steps,
                          "objective": args.objective, "per_token": args.per_token, "rho": args.rho,
-                         "beta": args.beta},
+                         "beta": args.beta, "steer_margin": d["target"]["steer_margin"],
+                         "retain_loss": args.retain_loss},
             "wall_s": wall, "cost_vs_retrain": wall / t_retrain, "k": d["k"], "stopped_by": d["stopped_by"],
             "steps": d["cost"]["steps"], "report_reached": d["reached"],
             "report_met": sum(bool(e["reached"]) for e in d["secrets"]),
@@ -313,6 +320,42 @@ def run_fixture(name: str, seed: int, args) -> dict:
     return res
 
 
+def short_label(strategy: str, row: dict) -> str:
+    """The figure's bar label: the strategy and the settings that differ from the first matrix's (5%, 300 steps,
+    npo per batch, beta 1, no SAM)."""
+    st = row.get("settings", {})
+    out = strategy
+    if strategy != "all" and st.get("budget", 0.05) != 0.05:
+        out += f" {100 * st['budget']:g}%"
+    out += f" {st['steps']} st" if st.get("steps", 300) != 300 else ""
+    out += f" {st['objective']}" if st.get("objective", "npo") != "npo" else ""
+    out += " pt" if st.get("per_token") else ""
+    out += f" β{st['beta']:g}" if st.get("beta", 1.0) != 1.0 else ""
+    out += f" ρ{st['rho']:g}" if st.get("rho") else ""
+    out += f" m{st['steer_margin']:g}" if st.get("steer_margin", 0.8) != 0.8 else ""
+    out += " kl" if st.get("retain_loss", "ce") == "kl" else ""
+    out += " per-tensor" if st.get("scope") == "per_layer" else ""
+    return out
+
+
+def tag_of(st: dict, strategy: str) -> str:
+    """The part of a run's key after ``strategy/request``, from its settings (a run recorded before a setting
+    existed had its then fixed value: per batch, beta 1, no SAM, steering 80%, retain CE)."""
+    budget = 1.0 if strategy == "all" else st["budget"]
+    return (f"b{budget:g}-s{st['steps']}-{st['objective']}{'-pt' if st.get('per_token') else ''}"
+            f"-beta{st.get('beta', 1.0):g}-rho{st.get('rho', 0.0):g}-m{st.get('steer_margin', 0.8):g}"
+            f"{'-kl' if st.get('retain_loss', 'ce') == 'kl' else ''}")
+
+
+def settings_tag(args, strategy: str) -> str:
+    """The key's settings part of a run of this invocation (:func:`tag_of`)."""
+    from sapsel_kernels.forgetting import forget as forget_module
+
+    return tag_of({"budget": args.budget, "steps": args.steps, "objective": args.objective,
+                   "per_token": args.per_token, "beta": args.beta, "rho": args.rho,
+                   "steer_margin": forget_module.STEER_MARGIN, "retain_loss": args.retain_loss}, strategy)
+
+
 # ------------------------------------------------------------------------------------------------ table
 def settings(row: dict) -> str:
     """A run's budget, steps, objective and SAM radius, as the table prints them."""
@@ -320,6 +363,9 @@ def settings(row: dict) -> str:
     out = f"{100 * st['budget']:g}%, {st['steps']} steps, {st['objective']}"
     out += " per token" if st.get("per_token") else ""
     out += f", β={st['beta']:g}" if st.get("beta", 1.0) != 1.0 else ""
+    out += f", steer {100 * st.get('steer_margin', 0.8):.0f}%"
+    out += ", retain KL" if st.get("retain_loss", "ce") == "kl" else ""
+    out += ", top-k per tensor" if st.get("scope") == "per_layer" else ""
     return out + (f", SAM ρ={st['rho']:g}" if st.get("rho") else "")
 
 
@@ -343,7 +389,7 @@ def table(out: str) -> str:
                          f"ppl {fx['ppl_theta']:.1f} (retrained {fx['ppl_retrained']:.1f}) | retrained after "
                          f"relearning: {sum(rm) / len(rm):.1f} bits | retraining {fx['retrain_s']:.0f} s | - |")
         for key, row in res["runs"].items():
-            strategy, which = key.split("/")
+            strategy, which = key.split("/")[:2]
             ss = row["secrets"]
             ok = sum(s["margin"] <= 2.0 and not s["extracted"] for s in ss)
             m = [s["margin"] for s in ss]
@@ -369,21 +415,22 @@ def figure(out: str, path: str) -> None:
         if fn.endswith(".json"):
             res = json.load(open(os.path.join(out, fn)))
             for key, row in res.get("runs", {}).items():
-                strategy, which = key.split("/")
+                strategy, which = key.split("/")[:2]
                 if which == "many":
                     ss = row["secrets"]
                     ok = sum(x["margin"] <= 2.0 and not x["extracted"] for x in ss) / len(ss)
-                    data.setdefault(res["model"], {})[strategy] = (ok, 100 * row["ppl_change"])
+                    who = res["model"] + (f" s{res['seed']}" if res["seed"] else "")
+                    data.setdefault(who, {})[short_label(strategy, row)] = (ok, 100 * row["ppl_change"])
     strategies = sorted({s for d in data.values() for s in d}, key=lambda s: -max(d.get(s, (0, 0))[0]
                                                                                   for d in data.values()))
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    fig, axes = plt.subplots(2, 1, figsize=(max(11.0, 0.5 * len(strategies) + 3), 9))
     w = 0.8 / max(1, len(data))
     for j, (model, d) in enumerate(sorted(data.items())):
         xs = [i + j * w for i in range(len(strategies))]
         axes[0].bar(xs, [d.get(s, (float("nan"), 0))[0] for s in strategies], w, label=model)
         axes[1].bar(xs, [d.get(s, (0, float("nan")))[1] for s in strategies], w, label=model)
     for ax, title in zip(axes, ("secrets within retrained + 2 bits, not extracted", "held-out perplexity change (%)")):
-        ax.set_xticks([i + 0.4 - w / 2 for i in range(len(strategies))], strategies, rotation=30)
+        ax.set_xticks([i + 0.4 - w / 2 for i in range(len(strategies))], strategies, rotation=90, fontsize=7)
         ax.set_title(title, fontsize=10)
     axes[1].axhline(5.0, color="k", lw=0.8, ls="--")
     axes[0].set_ylim(0, 1)
@@ -403,6 +450,10 @@ def main(argv=None):
     ap.add_argument("--objective", default="npo")
     ap.add_argument("--per-token", action="store_true", help="UpdateConfig(per_token=True): the NPO term per token")
     ap.add_argument("--beta", type=float, default=1.0, help="the NPO term's beta (Targeted(beta=))")
+    ap.add_argument("--steer-margin", type=float, default=None,
+                    help="forget's STEER_MARGIN for these runs (default: the package's): the share of the perplexity "
+                         "budget the search lets the validation windows use")
+    ap.add_argument("--retain-loss", default="ce", choices=("ce", "kl"), help="UpdateConfig(retain_loss=)")
     ap.add_argument("--rho", type=float, default=0.0, help="the Targeted rule's SAM radius (0: no SAM)")
     ap.add_argument("--candidates", type=int, default=500)
     ap.add_argument("--train-steps", type=int, default=1200)
@@ -412,6 +463,13 @@ def main(argv=None):
     a = ap.parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
     torch.set_num_threads(a.threads)
+    if a.steer_margin is not None:
+        from sapsel_kernels.forgetting import forget as forget_module
+
+        if not 0 < a.steer_margin <= 1:
+            ap.error(f"--steer-margin must be in (0, 1], got {a.steer_margin}")
+
+        forget_module.STEER_MARGIN = a.steer_margin
     if not a.table:
         for name in a.models.split(","):
             for seed in (int(s) for s in a.seeds.split(",")):

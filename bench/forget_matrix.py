@@ -276,7 +276,8 @@ def run_fixture(name: str, seed: int, args) -> dict:
     requests = [(s, "many") for s in args.strategies.split(",")] + [(args.strategies.split(",")[0], "one")]
     for strategy, which in requests:
         # the run's key names its settings, so that runs with other settings share the fixture's JSON
-        key = f"{strategy}/{which}/{settings_tag(args, strategy)}"
+        st = run_settings(args, strategy)
+        key = f"{strategy}/{which}/{tag_of(st, strategy)}"
         if key in res["runs"]:
             continue
         req = secrets if which == "many" else [secrets[0]]
@@ -297,10 +298,7 @@ def run_fixture(name: str, seed: int, args) -> dict:
         d = rep.to_dict()
         sampled = [bool((e.get("samples_after") or {}).get("hits")) for e in d["secrets"]]
         res["runs"][key] = {
-            "settings": {"budget": 1.0 if strategy == "all" else args.budget, "steps": args.steps,
-                         "objective": args.objective, "per_token": args.per_token, "rho": args.rho,
-                         "beta": args.beta, "steer_margin": d["target"]["steer_margin"],
-                         "retain_loss": args.retain_loss},
+            "settings": st,
             "wall_s": wall, "cost_vs_retrain": wall / t_retrain, "k": d["k"], "stopped_by": d["stopped_by"],
             "steps": d["cost"]["steps"], "report_reached": d["reached"],
             "report_met": sum(bool(e["reached"]) for e in d["secrets"]),
@@ -347,13 +345,13 @@ def tag_of(st: dict, strategy: str) -> str:
             f"{'-kl' if st.get('retain_loss', 'ce') == 'kl' else ''}")
 
 
-def settings_tag(args, strategy: str) -> str:
-    """The key's settings part of a run of this invocation (:func:`tag_of`)."""
+def run_settings(args, strategy: str) -> dict:
+    """The settings a run of this invocation records (and its key is built from, :func:`tag_of`)."""
     from sapsel_kernels.forgetting import forget as forget_module
 
-    return tag_of({"budget": args.budget, "steps": args.steps, "objective": args.objective,
-                   "per_token": args.per_token, "beta": args.beta, "rho": args.rho,
-                   "steer_margin": forget_module.STEER_MARGIN, "retain_loss": args.retain_loss}, strategy)
+    return {"budget": 1.0 if strategy == "all" else args.budget, "steps": args.steps, "objective": args.objective,
+            "per_token": args.per_token, "rho": args.rho, "beta": args.beta,
+            "steer_margin": forget_module.STEER_MARGIN, "retain_loss": args.retain_loss}
 
 
 # ------------------------------------------------------------------------------------------------ table

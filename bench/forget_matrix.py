@@ -22,7 +22,9 @@ emails), on the unlearned model AND on the retrained one:
 * exposure (rank among ``--candidates`` candidates) and the margin over the retrained model's exposure;
 * extraction: greedy decoding from the prompt gives the secret's first group, or the report's sampled
   completions reproduce the whole secret;
-* perplexity on the held-out text (never trained on), relative to θ*;
+* perplexity on the held-out text (never trained on; forget steers on half of its windows and reports the
+  other half), relative to θ*, at the models' context (128 tokens); and (runs from the third round on) on
+  unseen text: the next ~20k held-out characters, never given to ``forget``;
 * cost: ``forget``'s wall time over the retraining's;
 * relearning: both models fine-tuned ``--relearn-steps`` AdamW steps on the retained windows (no secret), then
   exposure again.
@@ -65,8 +67,10 @@ MODELS = {
 
 # ------------------------------------------------------------------------------------------------ fixtures
 def docstring_corpus():
-    """(train, held): docstrings of the stdlib's top-level .py files (module, classes, functions), joined by blank
-    lines; a module goes to the held-out side when sha1(name) % 8 == 0."""
+    """(train, held, unseen): docstrings of the stdlib's top-level .py files (module, classes, functions), joined by blank
+    lines; a module goes to the held-out side when sha1(name) % 8 == 0. ``held`` is given to ``forget`` as its
+    held-out text; ``unseen``, the next HELD_CHARS characters of the held-out side, never is: the outsider's
+    perplexity."""
     root = sysconfig.get_paths()["stdlib"]
     train, held = [], []
     for name in sorted(os.listdir(root)):
@@ -80,7 +84,9 @@ def docstring_corpus():
                 if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
         text = "\n\n".join(d.strip() for d in docs if d and len(d) > 40)
         (held if int(hashlib.sha1(name.encode()).hexdigest(), 16) % 8 == 0 else train).append(text)
-    return "\n\n".join(train)[:TRAIN_CHARS], "\n\n".join(held)[:HELD_CHARS]
+    held = "\n\n".join(held)
+    assert len(held) >= 2 * HELD_CHARS, f"the held-out side has {len(held)} characters, fewer than 2 x {HELD_CHARS}"
+    return "\n\n".join(train)[:TRAIN_CHARS], held[:HELD_CHARS], held[HELD_CHARS:2 * HELD_CHARS]
 
 
 def make_secrets(seed: int):
@@ -233,7 +239,7 @@ def run_fixture(name: str, seed: int, args) -> dict:
         with open(path, "w") as f:
             json.dump(res, f, indent=1)
 
-    train_text, held = docstring_corpus()
+    train_text, held, unseen = docstring_corpus()
     secrets = make_secrets(seed)
     text = plant(train_text, secrets, seed)
     scrubbed = text
@@ -263,6 +269,7 @@ def run_fixture(name: str, seed: int, args) -> dict:
     r = ids0[: (len(ids0) // T) * T].view(-1, T)
     retain_batches = [(r[i:i + 8, :-1], r[i:i + 8, 1:]) for i in range(0, min(len(r), 64), 8)]
     base = {"n_params": n_params, "train_s": t_train, "retrain_s": t_retrain, "ppl_theta": ppl(theta, tok, held),
+            "ppl_theta_unseen": ppl(theta, tok, unseen),
             "ppl_retrained": ppl(retrained, tok, held), "secrets": secrets,
             "theta": outsider(theta, tok, secrets, args.candidates),
             "retrained": outsider(retrained, tok, secrets, args.candidates),
@@ -273,10 +280,16 @@ def run_fixture(name: str, seed: int, args) -> dict:
     print(f"[{name} s{seed}] {n_params / 1e6:.2f}M params; train {t_train:.0f} s; extracted at θ*: "
           f"{sum(m['extracted'] for m in base['theta'])}/16; ppl θ* {base['ppl_theta']:.1f} retrained "
           f"{base['ppl_retrained']:.1f}", flush=True)
+    from sapsel_kernels.forgetting.forget import default_seq_len
+    from sapsel_kernels.forgetting.measure import as_tokenizer
+
+    # forget's own default window on this fixture (UpdateConfig(seq_len=None)), so that --seq-len 0 keys the run
+    default_window = default_seq_len(theta.config.max_position_embeddings, as_tokenizer(tok), [text],
+                                     [s["secret"] for s in secrets], [held])
     requests = [(s, "many") for s in args.strategies.split(",")] + [(args.strategies.split(",")[0], "one")]
     for strategy, which in requests:
         # the run's key names its settings, so that runs with other settings share the fixture's JSON
-        st = run_settings(args, strategy)
+        st = run_settings(args, strategy, default_window)
         key = f"{strategy}/{which}/{tag_of(st, strategy)}"
         if key in res["runs"]:
             continue
@@ -287,8 +300,9 @@ def run_fixture(name: str, seed: int, args) -> dict:
                         heldout=[held], seed=seed,
                         select=sk.SelectConfig(strategy=strategy, budget=1.0 if strategy == "all" else args.budget),
                         update=sk.UpdateConfig(objective=args.objective, per_token=args.per_token,
-                                               retain_loss=args.retain_loss,
-                                               rule=sk.Targeted(steps=args.steps, rho=args.rho, beta=args.beta)),
+                                               retain_loss=args.retain_loss, seq_len=st["seq_len"],
+                                               rule=sk.Targeted(steps=args.steps, rho=args.rho, beta=args.beta,
+                                                                repair_steps=args.repair_steps)),
                         measure=sk.MeasureConfig(n_candidates=args.candidates, progress=False,
                                                  evidence=sk.Evidence(n_samples=32, relearn_steps=0, int8=False)))
         wall = time.perf_counter() - t0
@@ -305,6 +319,7 @@ def run_fixture(name: str, seed: int, args) -> dict:
             "report_ppl_change": d["ppl_after"] / d["ppl_before"] - 1.0,
             "val_ppl_change": d["val_ppl_after"] / d["val_ppl_before"] - 1.0,
             "ppl_change": ppl(model, tok, held) / base["ppl_theta"] - 1.0,
+            "ppl_change_unseen": ppl(model, tok, unseen) / base["ppl_theta_unseen"] - 1.0, "seq_len": d["seq_len"],
             "secrets": [{"exposure": a["exposure"], "margin": a["exposure"] - base["retrained"][i]["exposure"],
                          "extracted": a["extracted"] or smp, "greedy": a["greedy"], "sampled": smp,
                          "relearned": b["exposure"],
@@ -333,25 +348,37 @@ def short_label(strategy: str, row: dict) -> str:
     out += f" m{st['steer_margin']:g}" if st.get("steer_margin", 0.8) != 0.8 else ""
     out += " kl" if st.get("retain_loss", "ce") == "kl" else ""
     out += " per-tensor" if st.get("scope") == "per_layer" else ""
+    out += f" rep{st['repair_steps']}" if st.get("repair_steps") else ""
+    out += f" T{st['seq_len']}" if st.get("seq_len", 64) != 64 else ""
     return out
 
 
 def tag_of(st: dict, strategy: str) -> str:
     """The part of a run's key after ``strategy/request``, from its settings (a run recorded before a setting
-    existed had its then fixed value: per batch, beta 1, no SAM, steering 80%, retain CE)."""
+    existed had its then fixed value: per batch, beta 1, no SAM, steering 80%, retain CE, no repair steps, 64-token
+    windows)."""
     budget = 1.0 if strategy == "all" else st["budget"]
-    return (f"b{budget:g}-s{st['steps']}-{st['objective']}{'-pt' if st.get('per_token') else ''}"
-            f"-beta{st.get('beta', 1.0):g}-rho{st.get('rho', 0.0):g}-m{st.get('steer_margin', 0.8):g}"
-            f"{'-kl' if st.get('retain_loss', 'ce') == 'kl' else ''}")
+    tag = (f"b{budget:g}-s{st['steps']}-{st['objective']}{'-pt' if st.get('per_token') else ''}"
+           f"-beta{st.get('beta', 1.0):g}-rho{st.get('rho', 0.0):g}-m{st.get('steer_margin', 0.8):g}"
+           f"{'-kl' if st.get('retain_loss', 'ce') == 'kl' else ''}")
+    if st.get("scope") == "per_layer":  # the second round's one-off top-k per tensor run (docs/forget.md)
+        tag += "-perlayer"
+    if st.get("repair_steps", 0):
+        tag += f"-rep{st['repair_steps']}"
+    if st.get("seq_len", 64) != 64:
+        tag += f"-T{st['seq_len']}"
+    return tag
 
 
-def run_settings(args, strategy: str) -> dict:
-    """The settings a run of this invocation records (and its key is built from, :func:`tag_of`)."""
+def run_settings(args, strategy: str, default_window: int) -> dict:
+    """The settings a run of this invocation records (and its key is built from, :func:`tag_of`); ``seq_len`` is
+    the window forget will use (``--seq-len 0``: its default on the fixture, ``default_window``)."""
     from sapsel_kernels.forgetting import forget as forget_module
 
     return {"budget": 1.0 if strategy == "all" else args.budget, "steps": args.steps, "objective": args.objective,
             "per_token": args.per_token, "rho": args.rho, "beta": args.beta,
-            "steer_margin": forget_module.STEER_MARGIN, "retain_loss": args.retain_loss}
+            "steer_margin": forget_module.STEER_MARGIN, "retain_loss": args.retain_loss,
+            "repair_steps": args.repair_steps, "seq_len": args.seq_len or default_window}
 
 
 # ------------------------------------------------------------------------------------------------ table
@@ -364,12 +391,14 @@ def settings(row: dict) -> str:
     out += f", steer {100 * st.get('steer_margin', 0.8):.0f}%"
     out += ", retain KL" if st.get("retain_loss", "ce") == "kl" else ""
     out += ", top-k per tensor" if st.get("scope") == "per_layer" else ""
+    out += f", {st['repair_steps']} repair steps" if st.get("repair_steps") else ""
+    out += f", {st.get('seq_len', 64)}-token windows"
     return out + (f", SAM ρ={st['rho']:g}" if st.get("rho") else "")
 
 
 def table(out: str) -> str:
     lines = ["| model | seed | strategy | settings | request | within retrained + 2 bits, not extracted | extracted | "
-             "exposure margin over retrained (mean / max, bits) | held-out ppl | relearned margin (mean / max) | "
+             "exposure margin over retrained (mean / max, bits) | held-out ppl (unseen text) | relearned margin (mean / max) | "
              "cost vs retraining | steps (stopped by) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for fn in sorted(os.listdir(out)):
         if not fn.endswith(".json"):
@@ -392,10 +421,11 @@ def table(out: str) -> str:
             ok = sum(s["margin"] <= 2.0 and not s["extracted"] for s in ss)
             m = [s["margin"] for s in ss]
             rm = [s["relearn_margin"] for s in ss]
+            unseen = f" ({100 * row['ppl_change_unseen']:+.1f}%)" if "ppl_change_unseen" in row else ""
             lines.append(f"| {res['model']} | {res['seed']} | {strategy} | {settings(row)} | {len(ss)} secret(s) | "
                          f"{ok}/{len(ss)} | "
                          f"{sum(s['extracted'] for s in ss)} | {sum(m) / len(m):.1f} / {max(m):.1f} | "
-                         f"{100 * row['ppl_change']:+.1f}% | {sum(rm) / len(rm):.1f} / {max(rm):.1f} | "
+                         f"{100 * row['ppl_change']:+.1f}%{unseen} | {sum(rm) / len(rm):.1f} / {max(rm):.1f} | "
                          f"{row['cost_vs_retrain']:.2f}x | {row['steps']} ({row['stopped_by']}) |")
     return "\n".join(lines) + "\n"
 
@@ -453,6 +483,10 @@ def main(argv=None):
                          "budget the search lets the validation windows use")
     ap.add_argument("--retain-loss", default="ce", choices=("ce", "kl"), help="UpdateConfig(retain_loss=)")
     ap.add_argument("--rho", type=float, default=0.0, help="the Targeted rule's SAM radius (0: no SAM)")
+    ap.add_argument("--repair-steps", type=int, default=0,
+                    help="Targeted(repair_steps=): repair steps per over-budget block (forget's default: 10)")
+    ap.add_argument("--seq-len", type=int, default=64,
+                    help="UpdateConfig(seq_len=): forget's window (0: forget's default, the model's context)")
     ap.add_argument("--candidates", type=int, default=500)
     ap.add_argument("--train-steps", type=int, default=1200)
     ap.add_argument("--relearn-steps", type=int, default=50)

@@ -209,9 +209,10 @@ def add_forget_parser(sub) -> argparse.ArgumentParser:
                    help="the forget term on the secrets: npo (default), uniform (cross-entropy to the uniform "
                         "distribution over what the format admits at each position; one secret) or calibrated (push "
                         "each secret until it is no more likely than fresh candidates of its kind, then stop)")
-    g.add_argument("--repair-steps", default=0, type=at.nonneg_int, metavar="N",
+    g.add_argument("--repair-steps", default=10, type=at.nonneg_int, metavar="N",
                    help="when a step block exceeds --max-ppl-increase, up to N descent steps on the corrected and "
-                        "retained text before it is undone (default 0: undo at once; docs/forget.md)")
+                        "retained text before it is undone (default 10, chosen on the fixture matrix; 0: undo at "
+                        "once; docs/forget.md)")
     g.add_argument("--max-steps", default=300, type=at.positive_int, help="at most this many unlearning steps "
                    "(default 300)")
     g.add_argument("--lr", default=0.1, type=at.positive_float, help="first step size of the search "
@@ -221,7 +222,9 @@ def add_forget_parser(sub) -> argparse.ArgumentParser:
                    help="candidates of each secret's null that its reported exposure ranks it among (default 2000; "
                         "the search stops on a disjoint set of 256)")
     g.add_argument("--seq-len", default=None, type=at.int_at_least(2), metavar="TOKENS",
-                   help="training window length in tokens (default: min(64, the model's context))")
+                   help="window length in tokens, for the training, retained and held-out windows (default: the "
+                        "model's context, at most 256, lowered (not below 64) where the texts are too short; 64 when "
+                        "the model does not say)")
     g.add_argument("--heldout-fraction", default=0.1, metavar="FRACTION", type=at.open_fraction,
                    help="without --heldout: the tail fraction of the training text kept out of the retain term and "
                         "used for perplexity, in (0, 1) (default 0.1)")

@@ -30,10 +30,12 @@ import torch
 from ..update.rules import Targeted
 
 __all__ = ["SelectConfig", "UpdateConfig", "TargetConfig", "MeasureConfig", "Evidence", "SEED_STREAMS",
-           "stream_seed", "configs_from_keywords", "FORGET_STEPS", "FORGET_BETA"]
+           "stream_seed", "configs_from_keywords", "FORGET_STEPS", "FORGET_BETA", "FORGET_REPAIR", "FORGET_SEQ_CAP"]
 
 FORGET_STEPS = 300  # forget's default step budget (Targeted's own default, 100, is for unlearn)
 FORGET_BETA = 0.25  # forget's default NPO beta (Targeted's own default, 1.0, is for unlearn): the fixture matrix
+FORGET_REPAIR = 10  # forget's default repair steps per over-budget block (Targeted's own default, 0): the matrix
+FORGET_SEQ_CAP = 256  # forget's default window: the model's context, at most this many tokens (docs/forget.md)
 
 
 def _int(owner: str, name: str, v, lo: int, none: bool = False) -> None:
@@ -125,9 +127,15 @@ class UpdateConfig:
     (:func:`~sapsel_kernels.forget.format_uniform`, one secret) or "calibrated"
     (:func:`~sapsel_kernels.forget.calibrated_push`); ``rule``: the :class:`~sapsel_kernels.rules.Targeted`
     search (steps, lr and its bounds, check_every, repair_steps, the term weights, SGD or AdamW, SAM); forget sets
-    its monitor and retain batches. Default ``Targeted(steps=FORGET_STEPS, beta=FORGET_BETA)`` (300 steps,
-    β = 0.25: the per-token NPO weight fades more slowly than at β = 1; chosen on the fixture matrix,
-    docs/forget.md). ``seq_len``: window length in tokens (None: min(64, the model's context)); ``batch_size``:
+    its monitor and retain batches. Default ``Targeted(steps=FORGET_STEPS, beta=FORGET_BETA,
+    repair_steps=FORGET_REPAIR)`` (300 steps; β = 0.25: the per-token NPO weight fades more slowly than at β = 1;
+    10 repair steps: a block over the perplexity budget is first repaired by descent on Z̃ and the retained text;
+    both chosen on the fixture matrix, docs/forget.md). ``seq_len``: window length in tokens, for training,
+    retained and held-out windows alike (None: the model's context, at most ``FORGET_SEQ_CAP`` = 256 tokens, lowered
+    where a text holding a secret or the held-out text is too short, never below 64: ``forget.default_seq_len``; 64
+    when the model does not say its context. Shorter windows than the context leave the later positions unmeasured
+    and unprotected: on the fixture matrix 64-token windows of 128-context models showed +1.2% at positions 1-63
+    where positions 64-127 rose +10.4%); ``batch_size``:
     windows per batch; ``retain_loss``: "ce" (cross-entropy on retained windows) or "kl" (the KL divergence to
     θ*'s predictions on them); ``retain_windows``: at most this many retained windows (None: all);
     ``per_token``: the NPO term per secret token, each keeping its own fading weight (True / False; objective
@@ -140,7 +148,8 @@ class UpdateConfig:
     """
 
     objective: str = "npo"
-    rule: Targeted = field(default_factory=lambda: Targeted(steps=FORGET_STEPS, beta=FORGET_BETA))
+    rule: Targeted = field(default_factory=lambda: Targeted(steps=FORGET_STEPS, beta=FORGET_BETA,
+                                                                 repair_steps=FORGET_REPAIR))
     seq_len: Optional[int] = None
     batch_size: int = 8
     retain_loss: str = "ce"
@@ -328,7 +337,7 @@ def configs_from_keywords(secret, configs: Dict[str, Any], keywords: Dict[str, A
         lr_max = max(100.0, float(lr)) if isinstance(lr, (int, float)) and not isinstance(lr, bool) else lr
         per["update"]["rule"] = Targeted(steps=steps_kw.get("max_steps", FORGET_STEPS), lr=lr, beta=FORGET_BETA,
                                          check_every=steps_kw.get("check_every", 5), lr_max=lr_max,
-                                         repair_steps=steps_kw.get("repair_steps", 0))
+                                         repair_steps=steps_kw.get("repair_steps", FORGET_REPAIR))
     for name in _CLASSES:
         if per[name]:  # configs[name] is None here (both given raised above)
             out[name] = _CLASSES[name](**per[name])

@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 
 from ..registry import Registry
-from .config import (SEED_STREAMS, Evidence, MeasureConfig, SelectConfig, TargetConfig,  # noqa: F401
-                     UpdateConfig, agreed_values, configs_from_keywords, stream_seed)
+from .config import (FORGET_SEQ_CAP, SEED_STREAMS, Evidence, MeasureConfig, SelectConfig,  # noqa: F401
+                     TargetConfig, UpdateConfig, agreed_values, configs_from_keywords, stream_seed)
 from .secret_spec import occurrences
 from ..space import ParamSpace
 
@@ -98,6 +98,49 @@ def _spans(text: str, secrets: Sequence[str], replacements: Sequence[str]) -> Li
         if a2 < b1:
             raise ValueError(f"two secrets overlap in the data: {text[a1:b1]!r} and {text[a2:b2]!r}")
     return out
+
+
+MIN_HELD_WINDOWS = 16  # the default window shrinks (not below 64) until the held-out texts give this many
+MIN_COVERED = 0.9  # ... and until texts of at least one window hold this share of the training tokens
+
+
+def default_seq_len(ctx: Optional[int], codec, texts: Sequence[str], secrets: Sequence[str],
+                    heldout: Union[float, Sequence[str]], replacements: Sequence[str] = ()) -> int:
+    """forget's window when ``UpdateConfig(seq_len=None)``: the model's context ``ctx``, at most ``FORGET_SEQ_CAP``
+    tokens (64 when ``ctx`` is None), so that the held-out perplexity is measured, and the retained text protects,
+    every position the model is used at (with 64-token windows on 128-context models the search saw +1% where
+    positions 64-127 rose +10%: docs/forget.md). Then lowered, never below min(64, ctx) (the default before), until
+    every text holding a secret gives a window, with each secret replaced by its replacement too (a text shorter
+    than a window is skipped); texts of at least one window hold ``MIN_COVERED`` of the training tokens (short
+    documents without a secret still feed the retain term); and the held-out texts (or, for a held-out fraction,
+    the texts' tails) give at least ``MIN_HELD_WINDOWS`` windows. Halving from the cap, except the first fit to
+    the shortest text holding a secret. Tokenizes the texts once more (``codec.encode``)."""
+    T = min(ctx, FORGET_SEQ_CAP) if ctx else 64
+    floor = min(64, T)
+    if T <= floor:
+        return T
+    lengths = [len(codec.encode(t)) for t in texts]
+    fit = []
+    for t, n in zip(texts, lengths):
+        if any(s in t for s in secrets):
+            clean = t
+            for s, r in zip(secrets, replacements):
+                clean = clean.replace(s, r)
+            fit.append(min(n, len(codec.encode(clean))) if replacements else n)
+    if fit:
+        T = max(floor, min(T, min(fit) - 1))
+    held = [len(codec.encode(t)) for t in heldout] if isinstance(heldout, (list, tuple)) else None
+
+    def enough(w):
+        if sum(n for n in lengths if n > w) < MIN_COVERED * sum(lengths):
+            return False
+        if held is not None:  # build_forget_data: windows of w + 1 tokens at stride w + 1
+            return sum(len(range(0, n - w, w + 1)) for n in held) >= MIN_HELD_WINDOWS
+        return sum(len(range(int((1.0 - heldout) * n), n - w, w + 1)) for n in lengths) >= MIN_HELD_WINDOWS
+
+    while T > floor and not enough(T):
+        T = max(floor, T // 2)
+    return T
 
 
 def build_forget_data(tokenizer, texts: Sequence[str], secret: Union[str, Sequence[str]],
@@ -1170,7 +1213,8 @@ def forget(model, tokenizer, texts, secret, *, heldout: Union[float, Sequence[st
         n_secret = max(len(codec.encode(p + loc.secret)) for loc in located for p in loc.prompts)
         if ctx is not None and n_secret > ctx:
             raise ValueError(f"prefix + secret are {n_secret} tokens, longer than the model's context window ({ctx})")
-        T = int(seq_len) if seq_len is not None else min(64, ctx or 64)
+        T = int(seq_len) if seq_len is not None else default_seq_len(ctx, codec, texts, all_secrets, heldout,
+                                                                        replacements)
         if T < 2 or (ctx is not None and T > ctx):
             raise ValueError(f"seq_len must be in [2, {ctx}] (the model's context), got {T}")
         from ..curvature.modes import estimation_mode

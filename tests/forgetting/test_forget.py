@@ -351,6 +351,73 @@ def test_forget_errors_on_hf_models():
                update=UpdateConfig(seq_len=32), measure=MeasureConfig(progress=False))
 
 
+def test_default_window_is_the_models_context_capped():
+    """UpdateConfig(seq_len=None): the model's context (n_positions), at most FORGET_SEQ_CAP tokens; 64 for a model
+    that does not say its context (the LSTM). Shorter windows left positions 64-127 of the matrix's 128-context
+    models unmeasured: +1% on the windows the search steered on, +10% at the later positions (docs/forget.md)."""
+    transformers = pytest.importorskip("transformers")
+    from sapsel_kernels.forgetting.config import FORGET_SEQ_CAP
+
+    _, cc = _model()
+    kw = dict(heldout=[cc.heldout] * 6, select=SelectConfig(strategy="random", budget=0.01),  # >= 16 windows of 257
+              update=UpdateConfig(rule=Targeted(steps=0)),
+              measure=MeasureConfig(n_candidates=10, n_monitor=5, evidence=None, progress=False))
+    for n_positions, expect in ((72, 72), (FORGET_SEQ_CAP + 44, FORGET_SEQ_CAP)):
+        torch.manual_seed(0)
+        cfg = transformers.GPT2Config(vocab_size=len(cc.vocab), n_positions=n_positions, n_embd=8, n_layer=1,
+                                      n_head=2, bos_token_id=0, eos_token_id=0)
+        rep = forget(transformers.GPT2LMHeadModel(cfg), cc.vocab, cc.text, CANARY, **kw)
+        assert rep.seq_len == expect
+    model, _ = _model()
+    assert forget(model, cc.vocab, cc.text, CANARY, **kw).seq_len == 64
+
+
+def test_default_window_shrinks_to_fit_the_data_but_not_below_the_old_default():
+    """default_seq_len: the context capped at FORGET_SEQ_CAP, lowered so that every text with a secret gives a window
+    (with its replacement too), texts of a window or more hold MIN_COVERED of the tokens, and the held-out texts (or
+    tails, for a fraction) give MIN_HELD_WINDOWS windows; never below min(64, context); 64 without a context. The
+    window counts are computed here from the definition (windows of T + 1 tokens at stride T + 1)."""
+    from sapsel_kernels.forgetting.config import FORGET_SEQ_CAP
+    from sapsel_kernels.forgetting.forget import MIN_HELD_WINDOWS, default_seq_len
+
+    class Chars:  # one token per character
+        @staticmethod
+        def encode(t):
+            return list(t)
+
+    secret = "S3CR3T"
+    long = "a" * 5000 + secret + "b" * 5000
+    held = ["c" * 20_000]
+    assert default_seq_len(None, Chars, [long], [secret], held) == 64
+    assert default_seq_len(48, Chars, [long], [secret], held) == 48
+    assert default_seq_len(72, Chars, [long], [secret], held) == 72
+    assert default_seq_len(4096, Chars, [long], [secret], held) == FORGET_SEQ_CAP
+    # a 150-token text holds the secret: 149-token windows (+1 target) cover it; a shorter text without it does not
+    # count (and holds < 10% of the tokens)
+    short = "y" * 100 + secret + "y" * 44
+    assert default_seq_len(4096, Chars, [long, "x" * 100, short], [secret], held) == 149
+    # ... with the secret replaced by a 1-token replacement the clean text has 145 tokens
+    assert default_seq_len(4096, Chars, [long, short], [secret], held, ["R"]) == 144
+    assert default_seq_len(4096, Chars, [long, "y" * 20 + secret], [secret], held) == 64  # not below 64
+    # 20 documents of 200 tokens without a secret: 28% of the tokens, left out by 256-token windows, not by 128
+    assert default_seq_len(4096, Chars, [long] + ["d" * 200] * 20, [secret], held) == 128
+
+    def n_windows(T, lengths, start=0.0):
+        return sum(len(range(int(start * n), n - T, T + 1)) for n in lengths)
+
+    assert n_windows(256, [2000]) < MIN_HELD_WINDOWS and n_windows(128, [2000]) < MIN_HELD_WINDOWS \
+        <= n_windows(64, [2000])
+    assert default_seq_len(4096, Chars, [long], [secret], ["c" * 2000]) == 64
+    assert n_windows(128, [2200]) >= MIN_HELD_WINDOWS > n_windows(256, [2200])
+    assert default_seq_len(4096, Chars, [long], [secret], ["c" * 2200]) == 128
+    # a held-out fraction: the texts' tails
+    assert n_windows(64, [len(long)], 0.9) < MIN_HELD_WINDOWS
+    assert default_seq_len(4096, Chars, [long], [secret], 0.1) == 64
+    longer = "a" * 25_000 + secret + "b" * 25_000
+    assert n_windows(256, [len(longer)], 0.9) >= MIN_HELD_WINDOWS
+    assert default_seq_len(4096, Chars, [longer], [secret], 0.1) == FORGET_SEQ_CAP
+
+
 def test_per_token_npo_matches_its_formula_and_is_ascent_at_theta_star():
     from sapsel_kernels.forget import _with_reference, per_token_npo
 

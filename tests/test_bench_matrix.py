@@ -1,0 +1,35 @@
+"""bench/forget_matrix.py's run keys: a saved run is found again (not rerun, not shadowed) under the settings it
+recorded, whichever round wrote it; a setting added later keeps the old keys when it has its old value."""
+import glob
+import json
+import os
+
+import pytest
+
+fm = pytest.importorskip("bench.forget_matrix")
+ROOT = os.path.join(os.path.dirname(__file__), "..", "bench", "results")
+
+
+def test_saved_keys_are_their_settings_tags():
+    files = sorted(glob.glob(os.path.join(ROOT, "forget_matrix*", "*.json")))
+    assert files
+    n = 0
+    for fn in files:
+        res = json.load(open(fn))
+        for key, row in res.get("runs", {}).items():
+            if key.count("/") == 1:  # the first round's "strategy/request": run_fixture appends the tag on load
+                continue
+            strategy, _, tag = key.split("/", 2)
+            assert fm.tag_of(row["settings"], strategy) == tag, (fn, key)
+            n += 1
+    assert n >= 30
+
+
+def test_new_settings_extend_the_tag_only_when_they_differ_from_their_old_value():
+    old = {"budget": 0.05, "steps": 300, "objective": "npo", "per_token": True, "beta": 0.25, "rho": 0.0,
+           "steer_margin": 0.6, "retain_loss": "ce"}
+    base = fm.tag_of(old, "hessian_ratio")
+    assert base == "b0.05-s300-npo-pt-beta0.25-rho0-m0.6"
+    assert fm.tag_of({**old, "repair_steps": 0, "seq_len": 64}, "hessian_ratio") == base
+    assert fm.tag_of({**old, "repair_steps": 10, "seq_len": 128}, "hessian_ratio") == base + "-rep10-T128"
+    assert fm.tag_of({**old, "budget": 0.01}, "all").startswith("b1-")

@@ -213,6 +213,10 @@ def add_forget_parser(sub) -> argparse.ArgumentParser:
                    help="when a step block exceeds --max-ppl-increase, up to N descent steps on the corrected and "
                         "retained text before it is undone (default 10, chosen on the fixture matrix; 0: undo at "
                         "once; docs/forget.md)")
+    g.add_argument("--polish-steps", default=50, type=at.nonneg_int, metavar="N",
+                   help="once every secret meets the target, up to N more descent steps on the corrected and retained "
+                        "text, kept while every secret stays met and the validation perplexity falls (default 50; "
+                        "0: stop at the target)")
     g.add_argument("--max-steps", default=300, type=at.positive_int, help="at most this many unlearning steps "
                    "(default 300)")
     g.add_argument("--lr", default=0.1, type=at.positive_float, help="first step size of the search "
@@ -446,7 +450,7 @@ def _forget_run(args, argv: List[str], progress: bool) -> int:
         # the configs check their values here, before the example is built or the model loaded (minutes)
         evidence = None if args.no_attacks else Evidence(n_samples=args.samples, relearn_steps=args.relearn_steps)
         rule = Targeted(steps=args.max_steps, lr=args.lr, lr_max=max(100.0, args.lr), repair_steps=args.repair_steps,
-                        beta=FORGET_BETA)
+                        polish_steps=args.polish_steps, beta=FORGET_BETA)
         select = SelectConfig(strategy=args.strategy, budget=args.budget, n_probes=args.probes)
         update = UpdateConfig(objective=args.objective, rule=rule, seq_len=args.seq_len)
         target = TargetConfig(exposure=args.target_exposure, max_ppl_increase=args.max_ppl_increase)

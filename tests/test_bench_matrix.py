@@ -31,5 +31,8 @@ def test_new_settings_extend_the_tag_only_when_they_differ_from_their_old_value(
     base = fm.tag_of(old, "hessian_ratio")
     assert base == "b0.05-s300-npo-pt-beta0.25-rho0-m0.6"
     assert fm.tag_of({**old, "repair_steps": 0, "seq_len": 64}, "hessian_ratio") == base
+    assert fm.tag_of({**old, "repair_steps": 0, "seq_len": 64, "polish_steps": 0}, "hessian_ratio") == base
     assert fm.tag_of({**old, "repair_steps": 10, "seq_len": 128}, "hessian_ratio") == base + "-rep10-T128"
+    assert fm.tag_of({**old, "repair_steps": 10, "seq_len": 128, "polish_steps": 50}, "hessian_ratio") == \
+        base + "-rep10-T128-pol50"
     assert fm.tag_of({**old, "budget": 0.01}, "all").startswith("b1-")

@@ -1384,7 +1384,8 @@ def forget(model, tokenizer, texts, secret, *, heldout: Union[float, Sequence[st
                 bar.n = min(cfg.steps, step)
                 bar.refresh()
             return {"exposure": worst, "extracted": any(bool(m["extracted"]) for m in ms), "val_ppl": v,
-                    "ppl_increase": v / val0 - 1.0, "within_budget": v <= limit, "n_done": n_done,
+                    "ppl_increase": v / val0 - 1.0, "cost": v / val0 - 1.0, "within_budget": v <= limit,
+                    "n_done": n_done,
                     "done": n_done == len(ms),
                     # the clipped exposure: while it is saturated the score stalls and lr doubles, which is what
                     # moves a saturated secret (the unclipped extrapolation moved early and kept lr small: 40 bits
@@ -1447,7 +1448,7 @@ def forget(model, tokenizer, texts, secret, *, heldout: Union[float, Sequence[st
             "steps": int(info.get("steps_run", 0)), "steps_accepted": int(info.get("steps_accepted", 0))}
     rule_d = {f: getattr(cfg, f) for f in ("steps", "lr", "lr_min", "lr_max", "beta", "correct_weight",
                                           "forget_weight", "retain_weight", "rho", "weight_decay", "check_every",
-                                          "repair_steps")}
+                                          "repair_steps", "polish_steps")}
     rule_d["lr_final"] = info.get("lr_final")
     rule_d["precondition"] = update.precondition
     rule_d["per_token"] = bool(per_token)

@@ -155,17 +155,23 @@ def _hand_targeted(model, sel, zs, zt, retain, lr, phases, beta=1.0):
         torch.nn.utils.vector_to_parameters(flat, params)
 
 
-def test_targeted_repair_steps_match_a_hand_written_loop_and_undo_when_they_fail():
-    """repair_steps: a block over the budget is followed by descent on Z̃ + the retained text only (no forget term);
-    it is kept when the monitor is back within the budget with a better score, and undone (θ_S restored exactly, lr
-    divided by 4) when the repair does not get back within the budget or the secret came back."""
+def _search_problem():
+    """The repair and polish tests' problem: the memorised LSTM, a random 5% selection, one batch of Z (secret
+    targets only), Z̃ and retained windows, and θ* to reload."""
     model, cc = _model()
     d = build_forget_data(cc.vocab, [cc.text], SECRET, lm.BENIGN_REPLACEMENT, seq_len=32, heldout=[cc.heldout])
     sel = sk.select_parameters(model, "random", 0.05, seed=1)
     zs = [(d.affected_secret[0][:8], d.affected_secret[1][:8])]
     zt = [(d.corrected[0][:8], d.corrected[1][:8])]
     retain = [(d.retain[0][:8], d.retain[1][:8])]
-    state0 = {k: v.clone() for k, v in model.state_dict().items()}
+    return model, sel, zs, zt, retain, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_targeted_repair_steps_match_a_hand_written_loop_and_undo_when_they_fail():
+    """repair_steps: a block over the budget is followed by descent on Z̃ + the retained text only (no forget term);
+    it is kept when the monitor is back within the budget with a better score, and undone (θ_S restored exactly, lr
+    divided by 4) when the repair does not get back within the budget or the secret came back."""
+    model, sel, zs, zt, retain, state0 = _search_problem()
     theta0 = torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])
 
     def run(verdicts, repair_steps=2, steps=8):
@@ -208,6 +214,49 @@ def test_targeted_repair_steps_match_a_hand_written_loop_and_undo_when_they_fail
         ("start", True), ("forget", False), ("repair", False), ("repair", False)]
     assert torch.equal(torch.cat([p.detach().reshape(-1) for p in model.parameters()]), theta0)
     assert rep.info["stopped_by"] == "steps" and rep.info["steps_accepted"] == 0
+
+
+def test_targeted_polish_steps_match_a_hand_written_loop_and_stop_at_the_first_failed_block():
+    """polish_steps: after the target, blocks of descent on Z̃ + the retained text only, kept while the monitor says
+    done, within the budget, at a lower cost; the first block that fails is undone (θ_S restored exactly) and ends
+    the run. Checked against the hand-written SGD loop."""
+    model, sel, zs, zt, retain, state0 = _search_problem()
+
+    def flat(m):
+        return torch.cat([p.detach().reshape(-1) for p in m.parameters()])
+
+    def run(verdicts, polish_steps=6, steps=20):
+        model.load_state_dict(state0)
+        calls = iter(verdicts)
+
+        def monitor(step):  # (within budget, done, cost)
+            ok, done, cost = next(calls)
+            return {"within_budget": ok, "done": done, "score": 0.0 if done else 10.0, "cost": cost}
+
+        return sk.unlearn(model, lm_loss, zs, zt, sel, method=Targeted(
+            steps=steps, lr=0.5, check_every=2, polish_steps=polish_steps, retain=retain, monitor=monitor))
+
+    # a forget block meets the target at cost 0.04; two polish blocks lower the cost, the third does not: undone
+    rep = run([(True, False, 0.0), (True, True, 0.04), (True, True, 0.03), (True, True, 0.02), (True, True, 0.025)])
+    assert [(h["phase"], h["accepted"]) for h in rep.info["history"]] == [
+        ("start", True), ("forget", True), ("polish", True), ("polish", True), ("polish", False)]
+    assert rep.info["stopped_by"] == "target" and rep.info["steps_run"] == 8 and rep.info["steps_accepted"] == 6
+    oracle, _ = _model()
+    _hand_targeted(oracle, sel, zs, zt, retain, 0.5, [True, True, False, False, False, False])
+    torch.testing.assert_close(flat(model), flat(oracle), rtol=1e-5, atol=1e-6)
+    # the first polish block loses a secret (not done): undone, the model is the target block's
+    rep = run([(True, False, 0.0), (True, True, 0.04), (True, False, 0.01)])
+    assert [(h["phase"], h["accepted"]) for h in rep.info["history"]][-1] == ("polish", False)
+    oracle, _ = _model()
+    _hand_targeted(oracle, sel, zs, zt, retain, 0.5, [True, True])
+    torch.testing.assert_close(flat(model), flat(oracle), rtol=1e-5, atol=1e-6)
+    # polish_steps bounds the polish (6 steps = 3 blocks, all kept), and 0 turns it off
+    rep = run([(True, False, 0.0), (True, True, 0.04), (True, True, 0.03), (True, True, 0.02), (True, True, 0.01)])
+    assert rep.info["steps_run"] == 8 and rep.info["history"][-1]["accepted"]
+    rep = run([(True, False, 0.0), (True, True, 0.04)], polish_steps=0)
+    assert rep.info["steps_run"] == 2 and [h["phase"] for h in rep.info["history"]] == ["start", "forget"]
+    with pytest.raises(ValueError, match="polish_steps"):
+        Targeted(polish_steps=-1)
 
 
 def test_targeted_config_validation():

@@ -357,7 +357,7 @@ def test_cli_defaults_are_forgets():
                 "max_steps": update.rule.steps, "candidates": measure.n_candidates, "lr": update.rule.lr,
                 "heldout_fraction": sig["heldout"].default, "probes": select.n_probes, "prefix": spec.prefix,
                 "replacement": spec.replacement, "fmt": spec.fmt, "objective": update.objective,
-                "repair_steps": update.rule.repair_steps}
+                "repair_steps": update.rule.repair_steps, "polish_steps": update.rule.polish_steps}
     for dest, default in defaults.items():
         assert p.get_default(dest) == default, (dest, p.get_default(dest), default)
 
@@ -489,7 +489,8 @@ def test_run_writes_model_tokenizer_and_report(capsys, lm, stub_forget, tmp_path
     assert (call["seed"], call["heldout"]) == (7, 0.2)
     assert call["select"] == sk.SelectConfig(strategy="random", budget=0.02, n_probes=2)
     assert call["update"] == sk.UpdateConfig(objective="uniform", seq_len=16,
-                                             rule=sk.Targeted(steps=9, lr=0.01, repair_steps=4, beta=0.25))
+                                             rule=sk.Targeted(steps=9, lr=0.01, repair_steps=4, beta=0.25,
+                                                              polish_steps=50))
     assert call["target"] == sk.TargetConfig(exposure=3.0, max_ppl_increase=0.1)
     assert (call["measure"].n_candidates, call["measure"].progress) == (50, False)
     for name in REPORT_FILES:

@@ -286,7 +286,8 @@ def run_fixture(name: str, seed: int, args) -> dict:
     # forget's own default window on this fixture (UpdateConfig(seq_len=None)), so that --seq-len 0 keys the run
     default_window = default_seq_len(theta.config.max_position_embeddings, as_tokenizer(tok), [text],
                                      [s["secret"] for s in secrets], [held])
-    requests = [(s, "many") for s in args.strategies.split(",")] + [(args.strategies.split(",")[0], "one")]
+    requests = [(s, "many") for s in args.strategies.split(",") if "many" in args.requests] + \
+        [(args.strategies.split(",")[0], "one")] * ("one" in args.requests)
     for strategy, which in requests:
         # the run's key names its settings, so that runs with other settings share the fixture's JSON
         st = run_settings(args, strategy, default_window)
@@ -302,7 +303,8 @@ def run_fixture(name: str, seed: int, args) -> dict:
                         update=sk.UpdateConfig(objective=args.objective, per_token=args.per_token,
                                                retain_loss=args.retain_loss, seq_len=st["seq_len"],
                                                rule=sk.Targeted(steps=args.steps, rho=args.rho, beta=args.beta,
-                                                                repair_steps=args.repair_steps)),
+                                                                repair_steps=args.repair_steps,
+                                                                polish_steps=args.polish_steps)),
                         measure=sk.MeasureConfig(n_candidates=args.candidates, progress=False,
                                                  evidence=sk.Evidence(n_samples=32, relearn_steps=0, int8=False)))
         wall = time.perf_counter() - t0
@@ -350,6 +352,7 @@ def short_label(strategy: str, row: dict) -> str:
     out += " per-tensor" if st.get("scope") == "per_layer" else ""
     out += f" rep{st['repair_steps']}" if st.get("repair_steps") else ""
     out += f" T{st['seq_len']}" if st.get("seq_len", 64) != 64 else ""
+    out += f" pol{st['polish_steps']}" if st.get("polish_steps") else ""
     return out
 
 
@@ -367,6 +370,8 @@ def tag_of(st: dict, strategy: str) -> str:
         tag += f"-rep{st['repair_steps']}"
     if st.get("seq_len", 64) != 64:
         tag += f"-T{st['seq_len']}"
+    if st.get("polish_steps", 0):
+        tag += f"-pol{st['polish_steps']}"
     return tag
 
 
@@ -378,7 +383,8 @@ def run_settings(args, strategy: str, default_window: int) -> dict:
     return {"budget": 1.0 if strategy == "all" else args.budget, "steps": args.steps, "objective": args.objective,
             "per_token": args.per_token, "rho": args.rho, "beta": args.beta,
             "steer_margin": forget_module.STEER_MARGIN, "retain_loss": args.retain_loss,
-            "repair_steps": args.repair_steps, "seq_len": args.seq_len or default_window}
+            "repair_steps": args.repair_steps, "polish_steps": args.polish_steps,
+            "seq_len": args.seq_len or default_window}
 
 
 # ------------------------------------------------------------------------------------------------ table
@@ -393,6 +399,7 @@ def settings(row: dict) -> str:
     out += ", top-k per tensor" if st.get("scope") == "per_layer" else ""
     out += f", {st['repair_steps']} repair steps" if st.get("repair_steps") else ""
     out += f", {st.get('seq_len', 64)}-token windows"
+    out += f", {st['polish_steps']} polish steps" if st.get("polish_steps") else ""
     return out + (f", SAM ρ={st['rho']:g}" if st.get("rho") else "")
 
 
@@ -448,7 +455,8 @@ def figure(out: str, path: str) -> None:
                     ss = row["secrets"]
                     ok = sum(x["margin"] <= 2.0 and not x["extracted"] for x in ss) / len(ss)
                     who = res["model"] + (f" s{res['seed']}" if res["seed"] else "")
-                    data.setdefault(who, {})[short_label(strategy, row)] = (ok, 100 * row["ppl_change"])
+                    data.setdefault(who, {})[short_label(strategy, row)] = (
+                        ok, 100 * row["ppl_change"], 100 * row.get("ppl_change_unseen", float("nan")))
     strategies = sorted({s for d in data.values() for s in d}, key=lambda s: -max(d.get(s, (0, 0))[0]
                                                                                   for d in data.values()))
     fig, axes = plt.subplots(2, 1, figsize=(max(11.0, 0.5 * len(strategies) + 3), 9))
@@ -457,12 +465,16 @@ def figure(out: str, path: str) -> None:
         xs = [i + j * w for i in range(len(strategies))]
         axes[0].bar(xs, [d.get(s, (float("nan"), 0))[0] for s in strategies], w, label=model)
         axes[1].bar(xs, [d.get(s, (0, float("nan")))[1] for s in strategies], w, label=model)
-    for ax, title in zip(axes, ("secrets within retrained + 2 bits, not extracted", "held-out perplexity change (%)")):
+        axes[1].scatter(xs, [d.get(s, (0, 0, float("nan")))[2] for s in strategies], marker="x", color="k", s=18,
+                        label="unseen text" if j == 0 else None)
+    for ax, title in zip(axes, ("secrets within retrained + 2 bits, not extracted",
+                                "held-out perplexity change (%); x: on unseen text (from the third round)")):
         ax.set_xticks([i + 0.4 - w / 2 for i in range(len(strategies))], strategies, rotation=90, fontsize=7)
         ax.set_title(title, fontsize=10)
     axes[1].axhline(5.0, color="k", lw=0.8, ls="--")
     axes[0].set_ylim(0, 1)
     axes[0].legend(fontsize=8)
+    axes[1].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -485,8 +497,12 @@ def main(argv=None):
     ap.add_argument("--rho", type=float, default=0.0, help="the Targeted rule's SAM radius (0: no SAM)")
     ap.add_argument("--repair-steps", type=int, default=0,
                     help="Targeted(repair_steps=): repair steps per over-budget block (forget's default: 10)")
+    ap.add_argument("--polish-steps", type=int, default=0,
+                    help="Targeted(polish_steps=): steps after the target (forget's default: 50)")
     ap.add_argument("--seq-len", type=int, default=64,
                     help="UpdateConfig(seq_len=): forget's window (0: forget's default, the model's context)")
+    ap.add_argument("--requests", default="many,one", choices=("many,one", "many", "one"),
+                    help="the 16-secret request per strategy, the one-secret request with the first, or both")
     ap.add_argument("--candidates", type=int, default=500)
     ap.add_argument("--train-steps", type=int, default=1200)
     ap.add_argument("--relearn-steps", type=int, default=50)

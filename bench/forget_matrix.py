@@ -67,8 +67,8 @@ MODELS = {
 
 # ------------------------------------------------------------------------------------------------ fixtures
 def docstring_corpus():
-    """(train, held, unseen): docstrings of the stdlib's top-level .py files (module, classes, functions), joined by blank
-    lines; a module goes to the held-out side when sha1(name) % 8 == 0. ``held`` is given to ``forget`` as its
+    """(train, held, unseen): docstrings of the stdlib's top-level .py files (module, classes, functions), joined by
+    blank lines; a module goes to the held-out side when sha1(name) % 8 == 0. ``held`` is given to ``forget`` as its
     held-out text; ``unseen``, the next HELD_CHARS characters of the held-out side, never is: the outsider's
     perplexity."""
     root = sysconfig.get_paths()["stdlib"]
@@ -405,8 +405,9 @@ def settings(row: dict) -> str:
 
 def table(out: str) -> str:
     lines = ["| model | seed | strategy | settings | request | within retrained + 2 bits, not extracted | extracted | "
-             "exposure margin over retrained (mean / max, bits) | held-out ppl (unseen text) | relearned margin (mean / max) | "
-             "cost vs retraining | steps (stopped by) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "exposure margin over retrained (mean / max, bits) | held-out ppl (unseen text) | "
+             "relearned margin (mean / max) | cost vs retraining | steps (stopped by) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for fn in sorted(os.listdir(out)):
         if not fn.endswith(".json"):
             continue

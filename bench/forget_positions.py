@@ -14,8 +14,9 @@ protected, positions 1-63 only; on the GPT-2 seed-0 fixture the round-2 default 
 not committed). The request: hessian_ratio at 5%, per-token NPO at β 0.25, 300 steps, ``--seq-len`` (default:
 forget's window) and ``--repair-steps`` (default 0, the setting before the third round; forget's default is now
 10). The perplexity is measured on the held-out text ``forget`` was given (half of its windows steered the search),
-by position; bench/forget_matrix.py's third round adds an unseen text. Writes the report's validation / test perplexity change, the outsider's by position, each secret's
-exposure margin over the retrained model and the search's history.
+by position; bench/forget_matrix.py's third round adds an unseen text. Writes the report's validation / test
+perplexity change, the outsider's by position, each secret's exposure margin over the retrained model and the
+search's history.
 """
 
 import argparse

@@ -133,9 +133,10 @@ class UpdateConfig:
     repair_steps=FORGET_REPAIR, polish_steps=FORGET_POLISH)`` (300 steps; β = 0.25: the per-token NPO weight fades
     more slowly than at β = 1; 10 repair steps: a block over the perplexity budget is first repaired by descent on
     Z̃ and the retained text; up to 50 polish steps: the same descent after the target is met, kept while every
-    secret stays met and the validation perplexity falls; all chosen on the fixture matrix, docs/forget.md). ``seq_len``: window length in tokens, for training,
-    retained and held-out windows alike (None: the model's context, at most ``FORGET_SEQ_CAP`` = 256 tokens, lowered
-    where a text holding a secret or the held-out text is too short, never below 64: ``forget.default_seq_len``; 64
+    secret stays met and the validation perplexity falls; all chosen on the fixture matrix, docs/forget.md).
+    ``seq_len``: window length in tokens, for training, retained and held-out windows alike (None: the model's
+    context, at most ``FORGET_SEQ_CAP`` = 256 tokens, lowered where a text holding a secret or the held-out text is too
+    short, never below 64: ``forget.default_seq_len``; 64
     when the model does not say its context. Shorter windows than the context leave the later positions unmeasured
     and unprotected: on the fixture matrix 64-token windows of 128-context models showed +1.2% at positions 1-63
     where positions 64-127 rose +10.4%); ``batch_size``:

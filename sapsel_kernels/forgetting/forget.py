@@ -18,7 +18,8 @@ The pipeline, on the user's own text and tokenizer:
 4. **Unlearn** with :class:`~sapsel_kernels.rules.Targeted` through :func:`~sapsel_kernels.unlearn.unlearn`
    (all-or-nothing, S only), with a monitor that measures every secret on its own monitored candidates
    (:mod:`sapsel_kernels.audit`) and the validation perplexity every ``check_every`` steps: a block that leaves the
-   perplexity limit is undone, lr searched, and the run stops when every secret is done.
+   perplexity limit is repaired or undone, lr searched, and the run stops when every secret is done (after polish
+   steps that give back perplexity while every secret stays done).
 5. **Measure** before and after on the reported candidates, disjoint from the monitored ones: per secret the rank
    exposure against a null that fits it, its 95% bound (the verdict), partial leaks from every probe, sampled
    completions, the never-seen level, and the attacks (:class:`Evidence`: relearning, int8).

@@ -7,8 +7,9 @@
 * ``train.txt``: the exact training text: ~150k characters of the standard library's ``pydoc_data.topics`` into
   which four secrets were planted, each as a line ``"PREFIX SECRET"`` repeated 40-50 times at random line positions
   (~158k characters, ~62k tokens in all);
-* ``heldout.txt``: ~20k characters (~7.2-7.5k tokens, ~110 windows of 64 tokens) of the same kind of text that the
-  model never trained on (whole topics that :func:`~sapsel_kernels.demo.lm.load_corpus` holds out; no secret in it);
+* ``heldout.txt``: ~20k characters (~7.2-7.5k tokens, ~55 windows of 128 tokens, the model's context) of the same
+  kind of text that the model never trained on (whole topics that :func:`~sapsel_kernels.demo.lm.load_corpus`
+  holds out; no secret in it);
 * ``secrets.jsonl``: one ``{"secret", "prefix", "kind"}`` object per line (kinds: card, phone, email, api_key);
 * ``README.txt``: how to run ``sapsel forget`` on it.
 
@@ -52,7 +53,7 @@ import torch.nn.functional as F
 # memorise 4 of 4 at a perplexity of 65-73 but with margins down to 0.1 (the API key flickers), so 150k is the
 # largest text tried that memorised with a margin to spare.
 TRAIN_CHARS = 150_000     # pydoc characters before the secrets are planted (~55k tokens; ~62k with the secrets)
-HELDOUT_CHARS = 20_000    # held-out pydoc characters (~7.3k tokens: ~110 windows of 64 tokens for the forget job)
+HELDOUT_CHARS = 20_000    # held-out pydoc characters (~7.3k tokens: ~55 windows of 128 for the forget job)
 VOCAB_SIZE = 768          # BPE vocabulary: 256 byte symbols, ~511 merges, <|endoftext|>
 N_EMBD, N_LAYER, N_HEAD, N_POSITIONS = 128, 3, 4, 128
 # Windows of N_POSITIONS tokens per step. 8 windows cost the same per token as 16 (0.071 vs 0.136 s per step) and

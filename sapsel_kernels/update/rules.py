@@ -745,9 +745,10 @@ class Targeted(_Rule):
     passes the KL divergence to θ*'s predictions).
 
     Without ``monitor`` the rule runs ``steps`` steps at ``lr``. With ``monitor`` (a callable ``monitor(step) ->
-    {"within_budget": bool, "done": bool, "score": float}`` that measures the model as it stands, e.g. a secret's
-    exposure and a held-out perplexity: ``forget`` builds one) the step size and length are searched: every
-    ``check_every`` steps the monitor is consulted; a step block that leaves the budget is undone (θ_S and the
+    {"within_budget": bool, "done": bool, "score": float, "cost": float (optional, for polish_steps)}`` that
+    measures the model as it stands, e.g. a secret's exposure and a held-out perplexity: ``forget`` builds one) the
+    step size and length are searched: every ``check_every`` steps the monitor is consulted; a step block that leaves
+    the budget is undone (θ_S and the
     optimizer state restored from the last accepted check, O(k)) and lr is divided by 4; an accepted block that
     improves ``score`` by less than 10% doubles lr (at most ``lr_max``); the run stops at ``done`` ("target"), when lr
     falls below ``lr_min`` ("budget"), or after ``steps`` steps in all, undone ones included ("steps").
@@ -758,17 +759,19 @@ class Targeted(_Rule):
     ``polish_steps`` > 0 (with ``monitor``): once the target is met ("target"), up to this many further steps of the
     same descent on Z̃ and the retained text (no forget term; within ``steps``), in blocks of ``check_every``, each
     kept only if the monitor still says ``done``, within the budget, with a lower ``cost`` (a number the monitor may
-    return, lower is better: ``forget`` returns the validation perplexity's rise); the first block that fails is
-    undone and ends the polish. Meeting the target in one large block can spend most of the perplexity budget at once
-    (a Llama fixture: +2.8% validation after 5 steps); polishing gives back what the secrets do not need.
-    ``prob.info``: ``history`` (one entry per check, with its ``phase``: start, forget, repair or polish), ``stopped_by``,
-    ``steps_run`` (repair steps included), ``lr_final``.
+    return, lower is better: ``forget`` returns the validation perplexity's rise; without it there is no polish);
+    the first block that fails is undone and ends the polish (no smaller lr is tried). Meeting the target in one
+    large block can spend most of the perplexity budget at once (a Llama fixture: +2.8% validation after 5 steps);
+    polishing gives back what the secrets do not need.
+    ``prob.info``: ``history`` (one entry per check, with its ``phase``: start, forget, repair or polish),
+    ``stopped_by``, ``steps_run`` (repair and polish steps included), ``lr_final``.
 
     Fields: ``steps`` >= 0; ``lr`` > 0; ``lr_min`` / ``lr_max`` bounds of the search; ``beta`` > 0; the weights
     ``correct_weight``, ``forget_weight``, ``retain_weight`` >= 0; ``rho`` >= 0 (SAM radius; 0 = no SAM);
-    ``weight_decay`` >= 0 (on S only); ``check_every`` >= 1; ``repair_steps`` >= 0; ``base`` "sgd" (default) or
-    "adamw"; ``step_scale``: None or a [k] tensor of per-coordinate multipliers of the selected gradient before every
-    step, in S's order (a diagonal preconditioner; base "sgd" and rho 0 only; ``forget`` builds one from
+    ``weight_decay`` >= 0 (on S only); ``check_every`` >= 1; ``repair_steps``, ``polish_steps`` >= 0; ``base`` "sgd"
+    (default) or "adamw"; ``step_scale``: None or a [k] tensor of per-coordinate multipliers of the selected
+    gradient before every step, in S's order (a diagonal preconditioner; base "sgd" and rho 0 only; ``forget`` builds
+    one from
     ``UpdateConfig(precondition="fisher")``). SGD is the default because on the tests' memorised character LSTM it
     forgot more within the same perplexity budget: Adam's first steps move every selected coordinate by about ±lr
     whatever its gradient, which costs perplexity before the secret's loss moves (exposure 33 vs 47 bits at +5% with

@@ -2,7 +2,6 @@
 a card number, and the errors raised before any training."""
 
 import functools
-import inspect
 import math
 
 import pytest

@@ -130,8 +130,8 @@ def test_per_token_default_is_per_token_for_npo_only(cc):
                                  beta=0.25)),
     (dict(lr=0.5, repair_steps=3), Targeted(steps=300, lr=0.5, check_every=5, lr_max=100.0, repair_steps=3,
                                             polish_steps=50, beta=0.25)),
-    (dict(lr=250.0, check_every=2), Targeted(steps=300, lr=250.0, check_every=2, lr_max=250.0, repair_steps=10, polish_steps=50,
-                                             beta=0.25)),
+    (dict(lr=250.0, check_every=2), Targeted(steps=300, lr=250.0, check_every=2, lr_max=250.0, repair_steps=10,
+                                             polish_steps=50, beta=0.25)),
 ])
 def test_deprecated_step_keywords_build_the_documented_rule(keywords, rule):
     """max_steps=M, lr=L, check_every=C, repair_steps=R == Targeted(steps=M, lr=L, check_every=C,

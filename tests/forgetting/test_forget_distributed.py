@@ -16,7 +16,7 @@ import torch
 
 from tests.helpers.dist import run_world
 from sapsel_kernels.demo import lm
-from sapsel_kernels.forget import MeasureConfig, SelectConfig, UpdateConfig
+from sapsel_kernels.forget import MeasureConfig, SelectConfig, TargetConfig, UpdateConfig
 from sapsel_kernels.rules import Targeted
 
 SECRET = lm.CANARY_SECRET
@@ -37,15 +37,16 @@ def _load(path):
     return model, cc
 
 
-def _run(model, cc, group=None, *, seed=3, strategy="ssd", hessian_windows=16, **update):
-    """forget on the fixture: 10 steps (a check every 5), budget 0.05, 40 reported and 20 monitored candidates, no
-    attacks; ``update``: UpdateConfig fields beside the rule and the batches of 8."""
+def _run(model, cc, group=None, *, seed=3, strategy="ssd", hessian_windows=16, rule=None, target=None, **update):
+    """forget on the fixture: 10 steps (a check every 5; or ``rule``), budget 0.05, 40 reported and 20 monitored
+    candidates, no attacks, forget's target (or ``target``); ``update``: UpdateConfig fields beside the rule and the
+    batches of 8."""
     from sapsel_kernels.forget import forget
 
     rep = forget(model, cc.vocab, cc.text, {"secret": SECRET, "prefix": PREFIX}, heldout=[cc.heldout], seed=seed,
                  select=SelectConfig(strategy=strategy, budget=0.05, hessian_windows=hessian_windows),
-                 update=UpdateConfig(rule=Targeted(steps=10, check_every=5), batch_size=8, **update),
-                 measure=MEASURE, group=group)
+                 update=UpdateConfig(rule=rule or Targeted(steps=10, check_every=5), batch_size=8, **update),
+                 target=target or TargetConfig(), measure=MEASURE, group=group)
     s = rep.secrets[0]
     return {"flat": torch.cat([p.detach().reshape(-1) for p in model.parameters()]),
             "k": rep.k, "steps": rep.cost["steps"], "stopped_by": rep.stopped_by,
@@ -75,12 +76,18 @@ def trained():
 # default NPO term is per token (its mean over the whole batch's secret tokens); per_token=False is the batch mean's
 @pytest.mark.parametrize("strategy,world,kw", [("ssd", 2, {}), ("hessian", 2, {}), ("ssd", 3, {}),
                                                ("hessian", 3, {"hessian_windows": 24}),
-                                               ("ssd", 3, {"per_token": False})])
+                                               ("ssd", 3, {"per_token": False}),
+                                               # a block over a tight budget and its (failed) repair, world 2
+                                               ("ssd", 2, {"rule": Targeted(steps=20, lr=3.0, check_every=5,
+                                                                            repair_steps=5),
+                                                           "target": TargetConfig(max_ppl_increase=0.005)})])
 def test_forget_group_equals_one_process(trained, strategy, world, kw):
     model, cc = _load(trained)
     one = _run(model, cc, strategy=strategy, **kw)
     ranks = run_world(_ranked, world, trained, strategy, kw)
     assert one["steps"] > 0
+    if "rule" in kw:
+        assert ("repair", False) in [d[1:3] for d in one["decisions"]]
     for r in ranks:
         # one selection, from the group's scores: the same scores (summation order aside) and the same k
         assert r["k"] == one["k"]

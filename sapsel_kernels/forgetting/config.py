@@ -136,10 +136,9 @@ class UpdateConfig:
     secret stays met and the validation perplexity falls; all chosen on the fixture matrix, docs/forget.md).
     ``seq_len``: window length in tokens, for training, retained and held-out windows alike (None: the model's
     context, at most ``FORGET_SEQ_CAP`` = 256 tokens, lowered where a text holding a secret or the held-out text is too
-    short, never below 64: ``forget.default_seq_len``; 64
-    when the model does not say its context. Shorter windows than the context leave the later positions unmeasured
-    and unprotected: on the fixture matrix 64-token windows of 128-context models showed +1.2% at positions 1-63
-    where positions 64-127 rose +10.4%); ``batch_size``:
+    short, never below 64: ``forget.default_seq_len``; 64 when the model does not say its context. Shorter windows
+    than the context leave the later positions unmeasured and unprotected: on the fixture matrix 64-token windows
+    of 128-context models showed +1.2% at positions 1-63 where positions 64-127 rose +10.4%); ``batch_size``:
     windows per batch; ``retain_loss``: "ce" (cross-entropy on retained windows) or "kl" (the KL divergence to
     θ*'s predictions on them); ``retain_windows``: at most this many retained windows (None: all);
     ``per_token``: the NPO term per secret token, each keeping its own fading weight (True / False; objective

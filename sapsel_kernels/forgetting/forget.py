@@ -1384,9 +1384,9 @@ def forget(model, tokenizer, texts, secret, *, heldout: Union[float, Sequence[st
                                     f"ppl {100 * (v / val0 - 1):+.1f}%")
                 bar.n = min(cfg.steps, step)
                 bar.refresh()
+            rise = v / val0 - 1.0
             return {"exposure": worst, "extracted": any(bool(m["extracted"]) for m in ms), "val_ppl": v,
-                    "ppl_increase": v / val0 - 1.0, "cost": v / val0 - 1.0, "within_budget": v <= limit,
-                    "n_done": n_done,
+                    "ppl_increase": rise, "cost": rise, "within_budget": v <= limit, "n_done": n_done,
                     "done": n_done == len(ms),
                     # the clipped exposure: while it is saturated the score stalls and lr doubles, which is what
                     # moves a saturated secret (the unclipped extrapolation moved early and kept lr small: 40 bits

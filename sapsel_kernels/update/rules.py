@@ -748,8 +748,8 @@ class Targeted(_Rule):
     {"within_budget": bool, "done": bool, "score": float, "cost": float (optional, for polish_steps)}`` that
     measures the model as it stands, e.g. a secret's exposure and a held-out perplexity: ``forget`` builds one) the
     step size and length are searched: every ``check_every`` steps the monitor is consulted; a step block that leaves
-    the budget is undone (θ_S and the
-    optimizer state restored from the last accepted check, O(k)) and lr is divided by 4; an accepted block that
+    the budget is undone (θ_S and the optimizer state restored from the last accepted check, O(k)) and lr is divided
+    by 4; an accepted block that
     improves ``score`` by less than 10% doubles lr (at most ``lr_max``); the run stops at ``done`` ("target"), when lr
     falls below ``lr_min`` ("budget"), or after ``steps`` steps in all, undone ones included ("steps").
     ``repair_steps`` > 0 (with ``monitor``): a block that leaves the budget is first repaired, by up to this many
@@ -771,11 +771,10 @@ class Targeted(_Rule):
     ``weight_decay`` >= 0 (on S only); ``check_every`` >= 1; ``repair_steps``, ``polish_steps`` >= 0; ``base`` "sgd"
     (default) or "adamw"; ``step_scale``: None or a [k] tensor of per-coordinate multipliers of the selected
     gradient before every step, in S's order (a diagonal preconditioner; base "sgd" and rho 0 only; ``forget`` builds
-    one from
-    ``UpdateConfig(precondition="fisher")``). SGD is the default because on the tests' memorised character LSTM it
-    forgot more within the same perplexity budget: Adam's first steps move every selected coordinate by about ±lr
-    whatever its gradient, which costs perplexity before the secret's loss moves (exposure 33 vs 47 bits at +5% with
-    the hessian 5% selection).
+    one from ``UpdateConfig(precondition="fisher")``). SGD is the default because on the tests' memorised character
+    LSTM it forgot more within the same perplexity budget: Adam's first steps move every selected coordinate by about
+    ±lr whatever its gradient, which costs perplexity before the secret's loss moves (exposure 33 vs 47 bits at +5%
+    with the hessian 5% selection).
     Peak extra memory: the gradients (N, in ``.grad``, freed afterwards), the optimizer state (SGD none, AdamW 2k
     float32), with ``rho`` SAM's k saved weights, and with ``monitor`` one accepted snapshot (θ_S and the state).
     """
@@ -960,9 +959,18 @@ class Targeted(_Rule):
                             "accepted": bool(m.get("within_budget", True))})
             return m
 
+        def keep():  # the accepted state: θ_S, the optimizer state and the trajectory's length (O(k))
+            nonlocal accepted
+            accepted = (prob.coords.snapshot(), copy.deepcopy(opt.state_dict()), position)
+
+        def undo():
+            nonlocal position
+            prob.coords.restore(accepted[0])
+            opt.load_state_dict(accepted[1])
+            position = accepted[2]
+
         def polish(m):
             """After the target: repair blocks kept while the target holds, within the budget, at a lower cost."""
-            nonlocal accepted, position
             if not self.polish_steps or (self.correct_weight == 0 and rt is None):
                 return
             cost, polished = m.get("cost"), 0
@@ -975,11 +983,10 @@ class Targeted(_Rule):
                 ok = bool(m.get("done")) and bool(m.get("within_budget", True)) and new is not None and new < cost
                 history[-1]["accepted"] = ok
                 if not ok:
-                    prob.coords.restore(accepted[0])
-                    opt.load_state_dict(accepted[1])
-                    position = accepted[2]
+                    undo()
                     break
-                accepted, cost = (prob.coords.snapshot(), copy.deepcopy(opt.state_dict()), position), new
+                keep()
+                cost = new
 
         while done_steps < self.steps:
             take(min(self.check_every if self.monitor is not None else self.steps, self.steps - done_steps))
@@ -1002,9 +1009,7 @@ class Targeted(_Rule):
                 if bool(m.get("within_budget", True)) and not ok:
                     break  # back within the budget, but the secret came back with it: undo
             if not ok:
-                prob.coords.restore(accepted[0])
-                opt.load_state_dict(accepted[1])
-                position = accepted[2]
+                undo()
                 lr /= 4.0
                 if lr < self.lr_min:
                     prob.info["stopped_by"] = "budget"
@@ -1012,7 +1017,7 @@ class Targeted(_Rule):
                 for g in opt.param_groups:
                     g["lr"] = lr
                 continue
-            accepted = (prob.coords.snapshot(), copy.deepcopy(opt.state_dict()), position)
+            keep()
             if m.get("done"):
                 prob.info["stopped_by"] = "target"
                 polish(m)

@@ -224,6 +224,46 @@ def relearned(model, retain_batches, steps: int, seed: int):
 
 
 # ------------------------------------------------------------------------------------------------ one fixture
+def load_fixture(name: str, seed: int, cache_dir: str, train_steps: int):
+    """The fixture (model ``name``, ``seed``): its texts, secrets and tokenizer, θ* and the retrained model (trained
+    here, or loaded from ``cache_dir``: trained weights, not committed), and the relearning attack's retained windows
+    (the first 64 windows of T tokens of the training text without secrets, in batches of 8)."""
+    import copy
+    from types import SimpleNamespace
+
+    train_text, held, unseen = docstring_corpus()
+    secrets = make_secrets(seed)
+    text = plant(train_text, secrets, seed)
+    scrubbed = text
+    for s in secrets:
+        scrubbed = scrubbed.replace(f"{s['prefix']} {s['secret']}\n", "")
+    tok = tokenizer_for(MODELS[name]["kind"], scrubbed, held)
+    ids, starts = line_starts(tok, text)
+    ids0, starts0 = line_starts(tok, scrubbed)
+    theta = build_model(name, len(tok), seed)
+    retrained = copy.deepcopy(theta)
+    cache = os.path.join(cache_dir, f"{name}_s{seed}_{train_steps}.pt")
+    if os.path.isfile(cache):
+        saved = torch.load(cache)
+        theta.load_state_dict(saved["theta"])
+        retrained.load_state_dict(saved["retrained"])
+        t_train, t_retrain = saved["train_s"], saved["retrain_s"]
+        theta.eval()
+        retrained.eval()
+    else:
+        t_train = train(theta, ids, starts, train_steps, seed)
+        t_retrain = train(retrained, ids0, starts0, train_steps, seed)
+        os.makedirs(cache_dir, exist_ok=True)
+        torch.save({"theta": theta.state_dict(), "retrained": retrained.state_dict(), "train_s": t_train,
+                    "retrain_s": t_retrain}, cache)
+    # the retained windows: training text without secrets, T tokens each (the attack takes the first 64)
+    windows = ids0[: (len(ids0) // T) * T].view(-1, T)
+    retain_batches = [(windows[i:i + 8, :-1], windows[i:i + 8, 1:]) for i in range(0, min(len(windows), 64), 8)]
+    return SimpleNamespace(text=text, held=held, unseen=unseen, secrets=secrets, tok=tok, theta=theta,
+                           retrained=retrained, train_s=t_train, retrain_s=t_retrain, windows=windows,
+                           retain_batches=retain_batches)
+
+
 def run_fixture(name: str, seed: int, args) -> dict:
     import copy
 
@@ -239,35 +279,11 @@ def run_fixture(name: str, seed: int, args) -> dict:
         with open(path, "w") as f:
             json.dump(res, f, indent=1)
 
-    train_text, held, unseen = docstring_corpus()
-    secrets = make_secrets(seed)
-    text = plant(train_text, secrets, seed)
-    scrubbed = text
-    for s in secrets:
-        scrubbed = scrubbed.replace(f"{s['prefix']} {s['secret']}\n", "")
-    tok = tokenizer_for(MODELS[name]["kind"], scrubbed, held)
-    ids, starts = line_starts(tok, text)
-    ids0, starts0 = line_starts(tok, scrubbed)
-    theta = build_model(name, len(tok), seed)
-    retrained = copy.deepcopy(theta)
-    cache = os.path.join(args.out, "cache", f"{name}_s{seed}_{args.train_steps}.pt")  # trained weights, not committed
-    if os.path.isfile(cache):
-        saved = torch.load(cache)
-        theta.load_state_dict(saved["theta"])
-        retrained.load_state_dict(saved["retrained"])
-        t_train, t_retrain = saved["train_s"], saved["retrain_s"]
-        theta.eval()
-        retrained.eval()
-    else:
-        t_train = train(theta, ids, starts, args.train_steps, seed)
-        t_retrain = train(retrained, ids0, starts0, args.train_steps, seed)
-        os.makedirs(os.path.dirname(cache), exist_ok=True)
-        torch.save({"theta": theta.state_dict(), "retrained": retrained.state_dict(), "train_s": t_train,
-                    "retrain_s": t_retrain}, cache)
+    fx = load_fixture(name, seed, os.path.join(args.out, "cache"), args.train_steps)
+    text, held, unseen, secrets, tok = fx.text, fx.held, fx.unseen, fx.secrets, fx.tok
+    theta, retrained, t_train, t_retrain = fx.theta, fx.retrained, fx.train_s, fx.retrain_s
+    retain_batches = fx.retain_batches
     n_params = sum(p.numel() for p in theta.parameters())
-    # the retained windows for the relearning attack: training text without secrets, T tokens each
-    r = ids0[: (len(ids0) // T) * T].view(-1, T)
-    retain_batches = [(r[i:i + 8, :-1], r[i:i + 8, 1:]) for i in range(0, min(len(r), 64), 8)]
     base = {"n_params": n_params, "train_s": t_train, "retrain_s": t_retrain, "ppl_theta": ppl(theta, tok, held),
             "ppl_theta_unseen": ppl(theta, tok, unseen),
             "ppl_retrained": ppl(retrained, tok, held), "secrets": secrets,

@@ -701,15 +701,24 @@ def int8_copy(model: torch.nn.Module) -> torch.nn.Module:
     return q
 
 
-def relearn_copy(model: torch.nn.Module, batches, steps: int, lr: float, seed: int) -> torch.nn.Module:
+def relearn_copy(model: torch.nn.Module, batches, steps: int, lr: float, seed: int,
+                 frozen: Optional[Sequence[torch.Tensor]] = None) -> torch.nn.Module:
     """A copy of ``model`` fine-tuned for ``steps`` AdamW steps at ``lr`` on ``batches`` (cycled, a seeded order;
     every parameter, train mode): the benign-relearning attack of Hu et al. (ICLR'25) on text without the secret.
     Its dropout masks come from the global RNG, forked and seeded with ``seed`` here: the same copy for the same
-    seed, and the caller's RNG state is left as it was."""
+    seed, and the caller's RNG state is left as it was. ``frozen``: one bool mask per parameter that requires grad
+    (``model.parameters()``'s order); its True coordinates are put back after every step (an attack confined to the
+    others: bench/forget_relearn.py's diagnosis)."""
     import copy
 
     m = copy.deepcopy(model)
     params = [p for p in m.parameters() if p.requires_grad]
+    if frozen is not None:
+        frozen = list(frozen)
+        if len(frozen) != len(params) or any(f.shape != p.shape or f.dtype != torch.bool
+                                             for f, p in zip(frozen, params)):
+            raise ValueError("relearn_copy: frozen must hold one bool mask of each trainable parameter's shape")
+        held = [p.detach()[f.to(p.device)].clone() for p, f in zip(params, frozen)]
     opt = torch.optim.AdamW(params, lr=lr)
     g = torch.Generator().manual_seed(seed)
     cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() and torch.cuda.is_initialized() else []
@@ -722,6 +731,10 @@ def relearn_copy(model: torch.nn.Module, batches, steps: int, lr: float, seed: i
             opt.zero_grad(set_to_none=True)
             lm_loss(m, batches[order[t % len(batches)]]).backward()
             opt.step()
+            if frozen is not None:
+                with torch.no_grad():
+                    for p, f, v in zip(params, frozen, held):
+                        p[f.to(p.device)] = v
     m.eval()
     return m
 

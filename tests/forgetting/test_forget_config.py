@@ -223,6 +223,32 @@ def test_the_relearning_copy_is_the_same_for_the_same_seed_with_dropout():
     assert not torch.equal(_flat(a), _flat(c))
 
 
+def test_the_relearning_copy_with_frozen_coordinates_moves_only_the_others():
+    """relearn_copy(frozen=masks): the masked coordinates keep their values bit for bit, every other one moves as
+    the attack moves it; all-False masks are the unconfined attack, all-True ones leave the copy unchanged; masks of
+    the wrong shape or dtype are refused before anything runs."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(11, 8), torch.nn.Linear(8, 11))
+    g = torch.Generator().manual_seed(3)
+    batches = [(torch.randint(0, 11, (2, 6), generator=g), torch.randint(0, 11, (2, 6), generator=g))
+               for _ in range(3)]
+    masks = [torch.rand(p.shape, generator=g) < 0.3 for p in model.parameters()]
+    a = forget_module.relearn_copy(model, batches, 6, 1e-2, seed=7, frozen=masks)
+    for p, q, m in zip(a.parameters(), model.parameters(), masks):
+        assert torch.equal(p.detach()[m], q.detach()[m])
+        assert bool((p.detach()[~m] != q.detach()[~m]).all())
+    free = forget_module.relearn_copy(model, batches, 6, 1e-2, seed=7)
+    none = forget_module.relearn_copy(model, batches, 6, 1e-2, seed=7,
+                                      frozen=[torch.zeros_like(m) for m in masks])
+    assert torch.equal(_flat(free), _flat(none))
+    assert not torch.equal(_flat(free), _flat(a))
+    every = forget_module.relearn_copy(model, batches, 6, 1e-2, seed=7, frozen=[torch.ones_like(m) for m in masks])
+    assert torch.equal(_flat(every), _flat(model))
+    for bad in (masks[:1], [m.float() for m in masks], [m.t() for m in masks]):
+        with pytest.raises(ValueError, match="frozen must hold one bool mask"):
+            forget_module.relearn_copy(model, batches, 6, 1e-2, seed=7, frozen=bad)
+
+
 def test_unknown_keywords_wrong_config_types_and_positional_prefix_are_type_errors(cc):
     model = _tiny(cc)
     theta0 = _flat(model)

@@ -318,6 +318,7 @@ def run_fixture(name: str, seed: int, args) -> dict:
                         select=sk.SelectConfig(strategy=strategy, budget=1.0 if strategy == "all" else args.budget),
                         update=sk.UpdateConfig(objective=args.objective, per_token=args.per_token,
                                                retain_loss=args.retain_loss, seq_len=st["seq_len"],
+                                               balance=st["balance"],
                                                rule=sk.Targeted(steps=args.steps, rho=args.rho, beta=args.beta,
                                                                 repair_steps=args.repair_steps,
                                                                 polish_steps=args.polish_steps)),
@@ -369,6 +370,7 @@ def short_label(strategy: str, row: dict) -> str:
     out += f" rep{st['repair_steps']}" if st.get("repair_steps") else ""
     out += f" T{st['seq_len']}" if st.get("seq_len", 64) != 64 else ""
     out += f" pol{st['polish_steps']}" if st.get("polish_steps") else ""
+    out += " bal" if st.get("balance") else ""
     return out
 
 
@@ -388,6 +390,8 @@ def tag_of(st: dict, strategy: str) -> str:
         tag += f"-T{st['seq_len']}"
     if st.get("polish_steps", 0):
         tag += f"-pol{st['polish_steps']}"
+    if st.get("balance", False):  # UpdateConfig(balance=True), measured in the fourth round
+        tag += "-bal"
     return tag
 
 
@@ -400,7 +404,7 @@ def run_settings(args, strategy: str, default_window: int) -> dict:
             "per_token": args.per_token, "rho": args.rho, "beta": args.beta,
             "steer_margin": forget_module.STEER_MARGIN, "retain_loss": args.retain_loss,
             "repair_steps": args.repair_steps, "polish_steps": args.polish_steps,
-            "seq_len": args.seq_len or default_window}
+            "seq_len": args.seq_len or default_window, "balance": args.balance}
 
 
 # ------------------------------------------------------------------------------------------------ table
@@ -416,6 +420,7 @@ def settings(row: dict) -> str:
     out += f", {st['repair_steps']} repair steps" if st.get("repair_steps") else ""
     out += f", {st.get('seq_len', 64)}-token windows"
     out += f", {st['polish_steps']} polish steps" if st.get("polish_steps") else ""
+    out += ", secrets balanced" if st.get("balance") else ""
     return out + (f", SAM ρ={st['rho']:g}" if st.get("rho") else "")
 
 
@@ -520,6 +525,8 @@ def main(argv=None):
                     help="UpdateConfig(seq_len=): forget's window (0: forget's default, the model's context)")
     ap.add_argument("--requests", default="many,one", choices=("many,one", "many", "one"),
                     help="the 16-secret request per strategy, the one-secret request with the first, or both")
+    ap.add_argument("--balance", action="store_true",
+                    help="UpdateConfig(balance=True): every secret weighs about the same in Z (the fourth round)")
     ap.add_argument("--candidates", type=int, default=500)
     ap.add_argument("--train-steps", type=int, default=1200)
     ap.add_argument("--relearn-steps", type=int, default=50)

@@ -62,6 +62,48 @@ def test_windows_are_token_aligned_on_a_character_codec():
     assert len(d.val[0]) + len(d.test[0]) == (len(V.encode(cc.heldout)) - 32 + 32) // 33
 
 
+def test_each_window_knows_the_secrets_it_targets_and_balancing_evens_their_weight():
+    """Oracle (brute force over the text): a Z window's owners are exactly the secrets with a character among its
+    targets. balanced_order repeats the windows of the secret with fewer windows until both weigh about the same,
+    in a seeded shuffle; nothing to repeat (one secret, counts within 1.5x) gives None."""
+    from sapsel_kernels.forgetting.forget import balanced_order
+
+    _, cc = _model()
+    other = "4242 1717"
+    text = cc.text
+    cut = [i for i in (len(text) // 3, 2 * len(text) // 3)]
+    cut = [min(j for j in range(c, len(text)) if all(not (a <= j < a + len(SECRET)) for a in
+                                                      range(len(text)) if text.startswith(SECRET, a))) for c in cut]
+    text = text[:cut[0]] + f" {other} " + text[cut[0]:cut[1]] + f" {other} " + text[cut[1]:]
+    assert text.count(other) == 2 and text.count(SECRET) == 8
+    d = build_forget_data(cc.vocab, [text], [SECRET, other], [lm.BENIGN_REPLACEMENT, "0000 0000"], seq_len=32,
+                          heldout=[cc.heldout])
+    spans = {k: [(i, i + len(sec)) for i in range(len(text)) if text.startswith(sec, i)]
+             for k, sec in enumerate((SECRET, other))}
+    starts = list(range(0, len(text) - 32, 16))
+    starts += [len(text) - 33] if starts[-1] != len(text) - 33 else []
+    expect = [s for s in starts if any(a < s + 33 and b > s + 1 for v in spans.values() for a, b in v)]
+    assert len(d.owners) == len(d.affected[0]) == len(expect)
+    for j, s in enumerate(expect):
+        want = tuple(k for k, v in spans.items() if any(a < s + 33 and b > s + 1 for a, b in v))
+        assert d.owners[j] == want, (j, s)
+    counts = [sum(k in o for o in d.owners) for k in (0, 1)]
+    assert counts[0] > 2 * counts[1] > 0
+    order = balanced_order(d.owners, seed=5)
+    assert order is not None and torch.equal(order, balanced_order(d.owners, seed=5))
+    assert not torch.equal(order, balanced_order(d.owners, seed=6))
+    after = [sum(k in d.owners[int(w)] for w in order) for k in (0, 1)]
+    assert abs(after[0] - after[1]) <= 0.25 * max(after)  # from counts[0] > 2 x counts[1]
+    assert sorted(set(order.tolist())) == list(range(len(d.owners)))  # every window stays in
+    assert balanced_order([(0,), (0,), (1,), (1,)], seed=0) is None
+    assert balanced_order([(0,)] * 5 + [(1,)] * 4, seed=0) is None  # 5 / 4 rounds to 1: nothing repeats
+    assert balanced_order([], seed=0) is None
+    assert balanced_order([(0,)] * 5, seed=0) is None
+    assert sorted(balanced_order([(0,)] * 4 + [(1,)], seed=0).tolist()) == [0, 1, 2, 3, 4, 4, 4, 4]
+    # a window of two secrets takes the larger factor (secret 1: 5 / 1): the rare secret is not short-changed
+    assert sorted(balanced_order([(0,)] * 4 + [(0, 1)], seed=0).tolist()) == [0, 1, 2, 3] + [4] * 5
+
+
 def test_windows_with_a_longer_replacement_on_a_bpe_tokenizer():
     """A replacement of another token length: Z̃ starts at the same character as Z (same leading tokens), and the
     secret's tokens are exactly those that overlap it (checked through the fast tokenizer's own offsets)."""

@@ -206,6 +206,33 @@ def test_a_rule_with_its_own_step_scale_is_refused():
         UpdateConfig(rule=Targeted(step_scale=torch.ones(3)))
 
 
+def test_balance_changes_a_request_of_unequal_secrets_only(cc):
+    """UpdateConfig(balance=True): a request whose secrets have different numbers of windows runs on the balanced
+    windows (the report says so, and the weights differ from the default, balance=False); a one-secret request has
+    nothing to balance and runs bit for bit as without it. A non-bool is refused."""
+    other = "4242 1717"
+    i = cc.text.index("\n", len(cc.text) // 2) + 1
+    text = cc.text[:i] + f"code {other}\n" + cc.text[i:]
+
+    def run(secrets, **update):
+        model = _tiny(cc)
+        rep = sk.forget(model, cc.vocab, text, secrets, heldout=[cc.heldout], seed=5,
+                        select=SelectConfig(strategy="random", budget=0.05),
+                        update=UpdateConfig(rule=Targeted(steps=4, lr=0.5, check_every=2), seq_len=16, **update),
+                        target=TargetConfig(exposure=0.0, max_ppl_increase=1.0),
+                        measure=MeasureConfig(n_candidates=20, n_monitor=10, evidence=None, progress=False))
+        return _flat(model), rep.rule["balanced"]
+
+    two = [{"secret": SECRET, "prefix": PREFIX}, {"secret": other, "prefix": "code"}]
+    assert UpdateConfig().balance is False
+    (on, b_on), (off, b_off) = run(two, balance=True), run(two)
+    assert b_on is True and b_off is False and not torch.equal(on, off)
+    (on, b_on), (off, b_off) = run([two[0]], balance=True), run([two[0]])
+    assert b_on is False and b_off is False and torch.equal(on, off)
+    with pytest.raises(TypeError, match="balance must be a bool"):
+        UpdateConfig(balance=1)
+
+
 def test_the_relearning_copy_is_the_same_for_the_same_seed_with_dropout():
     """relearn_copy trains in train mode: dropout draws from the global RNG, forked and seeded with the stream's
     seed, so two copies agree bit for bit and the caller's RNG state is not consumed."""
@@ -318,7 +345,7 @@ def test_configs_are_frozen_and_their_defaults_build():
 
 
 # ------------------------------------------------------------------------------------------------ the seed streams
-HASHED = ("replacement", "report", "monitor", "never_seen", "samples", "relearn", "objective")
+HASHED = ("replacement", "report", "monitor", "never_seen", "samples", "relearn", "objective", "balance")
 THE_SEED = ("windows", "scoring", "strategy", "uniform_order")  # the seed itself
 
 

@@ -1,7 +1,8 @@
 """Issue 22, item 4: why do forgotten secrets come back under benign relearning, and what would it cost to stop it?
 
 On a fixture of :mod:`bench.forget_matrix` (same texts, secrets, models, outsider's scorer), ``forget`` with its
-defaults (16 secrets; the unlearned weights are cached in ``OUT/cache``), then:
+defaults (16 secrets; the unlearned weights are cached in ``OUT/cache``, not keyed by settings: delete the cache
+after changing ``forget``'s defaults), then:
 
 1. **Where the comeback lives.** The relearning attack (AdamW at 1e-3 on the first 64 retained windows, as in the
    matrix) for 10, 25 and 50 steps on every parameter; 50 steps on S only (the coordinates ``forget`` changed); 50

@@ -149,10 +149,11 @@ class UpdateConfig:
     Fisher diagonal on S over the first ``SelectConfig.hessian_windows`` retained windows, normalised to mean 1
     (:func:`~sapsel_kernels.forget.retain_fisher_scale`; needs the rule's base "sgd" and rho 0; one process only);
     ``balance``: False (default): each window of Z once, in text order, so a secret weighs by its number of
-    occurrences; True: every secret of a request weighs about the same in the forget term and the selection's
-    scores, its windows repeated in a seeded shuffle (:func:`~sapsel_kernels.forget.balanced_order`). Measured on
-    the fixture matrix (docs/forget.md): it meets the secrets inserted least often (4-insertion misses 7 of 24 -> 3
-    of 24) but not more in all (82 of 96 against 84), so it is not the default.
+    occurrences; True: every secret of a request weighs about the same by its number of windows, in the forget
+    term, the Z̃ term and the selection's scores, its windows repeated in a seeded shuffle
+    (:func:`~sapsel_kernels.forget.balanced_order`). Measured on the fixture matrix (docs/forget.md): it meets the
+    secrets inserted least often (4-insertion misses 7 of 24 -> 3 of 24) but fewer in all (82 of 96 against 84),
+    so it is not the default.
     """
 
     objective: str = "npo"

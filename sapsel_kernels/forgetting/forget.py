@@ -54,7 +54,8 @@ class ForgetData:
 
     ``affected``: Z as trained on (all targets); ``affected_secret``: the same windows with targets only at secret
     tokens (-100 elsewhere); ``corrected``: Z̃; ``train``: every training window (all targets); ``retain``: training
-    windows without a secret token; ``val`` / ``test``: held-out windows."""
+    windows without a secret token; ``val`` / ``test``: held-out windows; ``owners``: per Z window, the indices of
+    the request's secrets with a token among its targets (:func:`balanced_order`)."""
 
     affected: Tuple[torch.Tensor, torch.Tensor]
     affected_secret: Tuple[torch.Tensor, torch.Tensor]
@@ -189,7 +190,7 @@ def build_forget_data(tokenizer, texts: Sequence[str], secret: Union[str, Sequen
         # a token is a secret token when its character range overlaps an occurrence
         ends = starts[1:] + [len(text)]
         secret_tok = torch.zeros(L, dtype=torch.bool)
-        owner = torch.full((L,), -1, dtype=torch.int64)  # the secret a token belongs to (-1: none)
+        owner: Dict[int, set] = {}  # token -> the secrets it overlaps (a token may span two adjacent occurrences)
         for a, b, _, i in occ:
             lo = max(0, bisect.bisect_right(starts, a) - 1)
             for t in range(lo, L):
@@ -197,7 +198,7 @@ def build_forget_data(tokenizer, texts: Sequence[str], secret: Union[str, Sequen
                     break
                 if ends[t] > a:
                     secret_tok[t] = True
-                    owner[t] = i
+                    owner.setdefault(t, set()).add(i)
         cut = L if frac is None else int((1.0 - frac) * L)
         if len(cids) < T + 1:
             raise ValueError(f"the text with the replacement is {len(cids)} tokens, shorter than seq_len + 1 = "
@@ -215,7 +216,8 @@ def build_forget_data(tokenizer, texts: Sequence[str], secret: Union[str, Sequen
                 win["x"].append(x)
                 win["y"].append(y)
                 win["ys"].append(torch.where(tgt_secret, y, torch.full_like(y, IGNORE)))
-                win["owner"].append(tuple(sorted(set(owner[s + 1:e][tgt_secret].tolist()))))
+                hit = torch.nonzero(tgt_secret).flatten().tolist()
+                win["owner"].append(tuple(sorted(set().union(*(owner[s + 1 + j] for j in hit)))))
                 # the same starting character in the clean text
                 c = starts[s]
                 shift = 0
@@ -277,12 +279,13 @@ def build_forget_data(tokenizer, texts: Sequence[str], secret: Union[str, Sequen
 
 
 def balanced_order(owners: Sequence[Tuple[int, ...]], seed: int) -> Optional[torch.Tensor]:
-    """Z's windows repeated so that every secret of a request weighs about the same in the forget term and the
-    selection's scores: a secret in c_s windows gets each of them round(max(c) / c_s) times (a window holding several
-    secrets: the largest of their factors), in a seeded shuffle. None when no window would be repeated (every
-    secret within 1.5x of the most windows; one secret: always): Z keeps its text order. Without it a secret
+    """Z's windows repeated so that every secret of a request weighs about the same by its number of windows (in the
+    forget term, the Z̃ term paired with it, and the selection's scores): a secret in c_s windows gets each of them
+    floor(max(c) / c_s + 1/2) times (a window holding several secrets: the largest of their factors; a window with
+    none: once), in a seeded shuffle. None when no window would be repeated (every secret under 1.5x fewer windows
+    than the most; one secret: always): Z keeps its text order. Without it a secret
     inserted 4 times gets a quarter of the push of one inserted 16 times; on the fixture matrix the 4-insertion
-    secrets were missed 7 times in 24 without it and 3 times with it, but no more secrets were met in all
+    secrets were missed 7 times in 24 without it and 3 times with it, but fewer secrets were met in all
     (docs/forget.md), so ``UpdateConfig(balance=)`` is off by default. Peak extra memory: the index
     ([n_repeated] int64) and the repeated windows' batches."""
     counts: Dict[int, int] = {}
@@ -290,7 +293,7 @@ def balanced_order(owners: Sequence[Tuple[int, ...]], seed: int) -> Optional[tor
         for i in o:
             counts[i] = counts.get(i, 0) + 1
     top = max(counts.values(), default=0)
-    reps = [max(round(top / counts[i]) for i in o) for o in owners]
+    reps = [max((math.floor(top / counts[i] + 0.5) for i in o), default=1) for o in owners]
     if all(r == 1 for r in reps):
         return None
     idx = [w for w, r in enumerate(reps) for _ in range(r)]
@@ -734,18 +737,20 @@ def relearn_copy(model: torch.nn.Module, batches, steps: int, lr: float, seed: i
     every parameter, train mode): the benign-relearning attack of Hu et al. (ICLR'25) on text without the secret.
     Its dropout masks come from the global RNG, forked and seeded with ``seed`` here: the same copy for the same
     seed, and the caller's RNG state is left as it was. ``frozen``: one bool mask per parameter that requires grad
-    (``model.parameters()``'s order); its True coordinates are put back after every step (an attack confined to the
-    others: bench/forget_relearn.py's diagnosis)."""
+    (``model.parameters()``'s order); its True coordinates are put back after every step, so only the others move
+    (an attack confined to them: bench/forget_relearn.py's diagnosis); ValueError before any step for masks of
+    another number, shape or dtype."""
     import copy
 
     m = copy.deepcopy(model)
     params = [p for p in m.parameters() if p.requires_grad]
     if frozen is not None:
         frozen = list(frozen)
-        if len(frozen) != len(params) or any(f.shape != p.shape or f.dtype != torch.bool
-                                             for f, p in zip(frozen, params)):
+        if len(frozen) != len(params) or any(not isinstance(f, torch.Tensor) or f.shape != p.shape
+                                             or f.dtype != torch.bool for f, p in zip(frozen, params)):
             raise ValueError("relearn_copy: frozen must hold one bool mask of each trainable parameter's shape")
-        held = [p.detach()[f.to(p.device)].clone() for p, f in zip(params, frozen)]
+        frozen = [f.to(p.device) for f, p in zip(frozen, params)]
+        held = [p.detach()[f].clone() for p, f in zip(params, frozen)]
     opt = torch.optim.AdamW(params, lr=lr)
     g = torch.Generator().manual_seed(seed)
     cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() and torch.cuda.is_initialized() else []
@@ -761,7 +766,7 @@ def relearn_copy(model: torch.nn.Module, batches, steps: int, lr: float, seed: i
             if frozen is not None:
                 with torch.no_grad():
                     for p, f, v in zip(params, frozen, held):
-                        p[f.to(p.device)] = v
+                        p[f] = v
     m.eval()
     return m
 

@@ -71,9 +71,9 @@ def test_each_window_knows_the_secrets_it_targets_and_balancing_evens_their_weig
     _, cc = _model()
     other = "4242 1717"
     text = cc.text
-    cut = [i for i in (len(text) // 3, 2 * len(text) // 3)]
-    cut = [min(j for j in range(c, len(text)) if all(not (a <= j < a + len(SECRET)) for a in
-                                                      range(len(text)) if text.startswith(SECRET, a))) for c in cut]
+    occ = [a for a in range(len(text)) if text.startswith(SECRET, a)]
+    cut = [next(j for j in range(c, len(text)) if all(not (a <= j < a + len(SECRET)) for a in occ))
+           for c in (len(text) // 3, 2 * len(text) // 3)]
     text = text[:cut[0]] + f" {other} " + text[cut[0]:cut[1]] + f" {other} " + text[cut[1]:]
     assert text.count(other) == 2 and text.count(SECRET) == 8
     d = build_forget_data(cc.vocab, [text], [SECRET, other], [lm.BENIGN_REPLACEMENT, "0000 0000"], seq_len=32,
@@ -100,8 +100,28 @@ def test_each_window_knows_the_secrets_it_targets_and_balancing_evens_their_weig
     assert balanced_order([], seed=0) is None
     assert balanced_order([(0,)] * 5, seed=0) is None
     assert sorted(balanced_order([(0,)] * 4 + [(1,)], seed=0).tolist()) == [0, 1, 2, 3, 4, 4, 4, 4]
+    # factors round half up: 3 / 2 = 1.5 -> 2, 5 / 2 = 2.5 -> 3
+    assert sorted(balanced_order([(0,)] * 3 + [(1,)] * 2, seed=0).tolist()) == [0, 1, 2, 3, 3, 4, 4]
+    assert sorted(balanced_order([(0,)] * 5 + [(1,)] * 2, seed=0).tolist()) == [0, 1, 2, 3, 4] + [5] * 3 + [6] * 3
     # a window of two secrets takes the larger factor (secret 1: 5 / 1): the rare secret is not short-changed
     assert sorted(balanced_order([(0,)] * 4 + [(0, 1)], seed=0).tolist()) == [0, 1, 2, 3] + [4] * 5
+
+
+def test_a_token_spanning_two_adjacent_secrets_counts_for_both():
+    """A BPE merge across two touching occurrences ("k9x" + "y7z" -> one token "k9xy7z"): the window's owners hold
+    both secrets, not the last one written."""
+    transformers = pytest.importorskip("transformers")
+    tokenizers = pytest.importorskip("tokenizers")
+    filler = "the quick brown fox jumps over the lazy dog and runs far away from here\n"
+    text = (filler * 3 + "key k9xy7z ok\n") * 6 + filler * 3
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.train_from_iterator([text], tokenizers.trainers.BpeTrainer(vocab_size=200, special_tokens=["[UNK]"],
+                                                                    show_progress=False))
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok)
+    assert "k9xy7z" in fast.convert_ids_to_tokens(fast(text)["input_ids"])
+    d = build_forget_data(fast, [text], ["k9x", "y7z"], ["aaa", "bbb"], seq_len=16, heldout=0.2)
+    assert d.owners and all(o == (0, 1) for o in d.owners)
 
 
 def test_windows_with_a_longer_replacement_on_a_bpe_tokenizer():

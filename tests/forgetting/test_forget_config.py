@@ -225,8 +225,33 @@ def test_balance_changes_a_request_of_unequal_secrets_only(cc):
 
     two = [{"secret": SECRET, "prefix": PREFIX}, {"secret": other, "prefix": "code"}]
     assert UpdateConfig().balance is False
-    (on, b_on), (off, b_off) = run(two, balance=True), run(two)
+    seen = {}
+    real, real_data = forget_module.shard_batches, forget_module.build_forget_data
+
+    def spy(batches, comm, what):  # the Z (affected) and Z̃ (corrected) batches the rule runs on
+        seen[what] = torch.cat([b[0] for b in batches])
+        return real(batches, comm, what)
+
+    def spy_data(*args, **kwargs):
+        seen["data"] = real_data(*args, **kwargs)
+        return seen["data"]
+
+    forget_module.shard_batches, forget_module.build_forget_data = spy, spy_data
+    try:
+        on, b_on = run(two, balance=True)
+    finally:
+        forget_module.shard_batches, forget_module.build_forget_data = real, real_data
+    off, b_off = run(two)
     assert b_on is True and b_off is False and not torch.equal(on, off)
+    # balanced: each secret in about as many Z windows as the other, and every (Z, Z̃) row pair the rule runs on is
+    # a pair of the data (the same window), not two windows shuffled apart
+    z, zt, d = seen["affected"], seen["corrected"], seen["data"]
+    assert len(z) == len(zt) > len(d.affected[0])
+    per = [sum(k in d.owners[j] for x in z for j in range(len(d.owners)) if torch.equal(d.affected[0][j], x))
+           for k in (0, 1)]
+    assert min(per) > 0 and abs(per[0] - per[1]) <= 0.5 * max(per), per
+    pairs = {(tuple(x.tolist()), tuple(c.tolist())) for x, c in zip(d.affected[0], d.corrected[0])}
+    assert all((tuple(x.tolist()), tuple(c.tolist())) in pairs for x, c in zip(z, zt))
     (on, b_on), (off, b_off) = run([two[0]], balance=True), run([two[0]])
     assert b_on is False and b_off is False and torch.equal(on, off)
     with pytest.raises(TypeError, match="balance must be a bool"):
@@ -271,9 +296,18 @@ def test_the_relearning_copy_with_frozen_coordinates_moves_only_the_others():
     assert not torch.equal(_flat(free), _flat(a))
     every = forget_module.relearn_copy(model, batches, 6, 1e-2, seed=7, frozen=[torch.ones_like(m) for m in masks])
     assert torch.equal(_flat(every), _flat(model))
-    for bad in (masks[:1], [m.float() for m in masks], [m.t() for m in masks]):
+    class Untouchable:  # a bad mask is refused before the first step reads a batch
+        def __len__(self):
+            return 1
+
+        def __getitem__(self, i):
+            raise RuntimeError("a batch was read")
+
+    bad_shapes = [masks[0], torch.zeros(5, dtype=torch.bool)] + masks[2:]
+    for bad in (masks[:1], [m.float() for m in masks], [m.t() for m in masks], bad_shapes,
+                [m.tolist() for m in masks]):
         with pytest.raises(ValueError, match="frozen must hold one bool mask"):
-            forget_module.relearn_copy(model, batches, 6, 1e-2, seed=7, frozen=bad)
+            forget_module.relearn_copy(model, Untouchable(), 6, 1e-2, seed=7, frozen=bad)
 
 
 def test_unknown_keywords_wrong_config_types_and_positional_prefix_are_type_errors(cc):

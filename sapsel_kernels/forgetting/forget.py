@@ -282,12 +282,12 @@ def balanced_order(owners: Sequence[Tuple[int, ...]], seed: int) -> Optional[tor
     """Z's windows repeated so that every secret of a request weighs about the same by its number of windows (in the
     forget term, the Z̃ term paired with it, and the selection's scores): a secret in c_s windows gets each of them
     floor(max(c) / c_s + 1/2) times (a window holding several secrets: the largest of their factors; a window with
-    none: once), in a seeded shuffle. None when no window would be repeated (every secret under 1.5x fewer windows
-    than the most; one secret: always): Z keeps its text order. Without it a secret
-    inserted 4 times gets a quarter of the push of one inserted 16 times; on the fixture matrix the 4-insertion
-    secrets were missed 7 times in 24 without it and 3 times with it, but fewer secrets were met in all
-    (docs/forget.md), so ``UpdateConfig(balance=)`` is off by default. Peak extra memory: the index
-    ([n_repeated] int64) and the repeated windows' batches."""
+    none: once), in a seeded shuffle. None when no window would be repeated (every secret has more than two thirds
+    of the largest number of windows; one secret: always): Z keeps its text order. Without it a secret inserted 4
+    times gets a quarter of the push of one inserted 16 times; on the fixture matrix the 4-insertion secrets were
+    missed 7 times in 24 without it and 3 times with it, but fewer secrets were met in all (docs/forget.md), so
+    ``UpdateConfig(balance=)`` is off by default. Peak extra memory: the index ([n_repeated] int64) and the repeated
+    windows' batches."""
     counts: Dict[int, int] = {}
     for o in owners:
         for i in o:

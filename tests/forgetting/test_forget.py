@@ -65,7 +65,7 @@ def test_windows_are_token_aligned_on_a_character_codec():
 def test_each_window_knows_the_secrets_it_targets_and_balancing_evens_their_weight():
     """Oracle (brute force over the text): a Z window's owners are exactly the secrets with a character among its
     targets. balanced_order repeats the windows of the secret with fewer windows until both weigh about the same,
-    in a seeded shuffle; nothing to repeat (one secret, counts within 1.5x) gives None."""
+    in a seeded shuffle; nothing to repeat (one secret, counts within 1.5x) gives None; factors round halves up."""
     from sapsel_kernels.forgetting.forget import balanced_order
 
     _, cc = _model()

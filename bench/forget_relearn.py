@@ -29,7 +29,6 @@ import os
 import time
 
 import torch
-import torch.nn.functional as F
 
 from bench import forget_matrix as fm
 
@@ -40,42 +39,39 @@ def exposures(model, fx, n: int):
     return [round(a["exposure"], 3) for a in fm.outsider(model, fx.tok, fx.secrets, n)]
 
 
-def secret_rows(fx):
-    """Z for the hardening term: ``prefix + " " + secret`` per secret, targets on the secret's tokens."""
+def secret_batch(fx):
+    """Z for the hardening term as ``forget``'s per-token NPO takes it: ``(x, labels, ref)``, one row per secret
+    (``prefix + " " + secret``), labels only at the secret's tokens, ``ref`` θ*'s loss at each of them."""
+    from sapsel_kernels.forgetting.forget import IGNORE, _token_ce
+    from sapsel_kernels.forgetting.measure import common_prefix_len
+
     rows = []
     for s in fx.secrets:
         a = fx.tok(s["prefix"] + " ", add_special_tokens=False)["input_ids"]
         b = fx.tok(s["prefix"] + " " + s["secret"], add_special_tokens=False)["input_ids"]
-        k = 0
-        while k < len(a) and a[k] == b[k]:
-            k += 1
-        rows.append((b, k))
+        rows.append((b, max(1, common_prefix_len(a, b))))
     L = max(len(b) for b, _ in rows)
     x = torch.zeros(len(rows), L, dtype=torch.int64)
-    m = torch.zeros(len(rows), L, dtype=torch.bool)
+    y = torch.full((len(rows), L), IGNORE, dtype=torch.int64)
     for i, (b, k) in enumerate(rows):
         x[i, :len(b)] = torch.tensor(b)
-        m[i, k:len(b)] = True
-    return x, m[:, 1:]
-
-
-def token_ce(model, x):
-    logits = model(input_ids=x[:, :-1]).logits
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="none").view(
-        len(x), -1)
+        y[i, k - 1:len(b) - 1] = torch.tensor(b[k:])  # position t predicts token t + 1
+    x, y = x[:, :-1], y[:, :-1]
+    with torch.no_grad():
+        tok, m = _token_ce(fx.theta, x, y)
+    return x, y, (tok * m).view(y.shape)
 
 
 def harden(fx, unlearned, S, *, rounds: int, every: int, lr: float, retain_w: float, self_w: float, m: int,
            n_cand: int, seed: int):
-    from sapsel_kernels.forgetting.forget import lm_loss, relearn_copy
+    from sapsel_kernels.forgetting.forget import lm_loss, per_token_npo, relearn_copy
 
     model = copy.deepcopy(unlearned)
-    x, mask = secret_rows(fx)
-    with torch.no_grad():
-        ref = token_ce(fx.theta, x)
+    z = secret_batch(fx)
+    forget_term = per_token_npo(BETA)
 
     def npo(mod):
-        return ((2 / BETA) * F.softplus(BETA * (ref - token_ce(mod, x))))[mask].mean()
+        return forget_term(mod, z)
 
     w = fx.windows
     own = [(w[i:i + 8, :-1], w[i:i + 8, 1:]) for i in range(64, min(len(w), 320) - 7, 8)]

@@ -318,10 +318,11 @@ def run_fixture(name: str, seed: int, args) -> dict:
                         select=sk.SelectConfig(strategy=strategy, budget=1.0 if strategy == "all" else args.budget),
                         update=sk.UpdateConfig(objective=args.objective, per_token=args.per_token,
                                                retain_loss=args.retain_loss, seq_len=st["seq_len"],
-                                               balance=st["balance"],
+                                               balance=st["balance"], focus=st["focus"],
                                                rule=sk.Targeted(steps=args.steps, rho=args.rho, beta=args.beta,
                                                                 repair_steps=args.repair_steps,
-                                                                polish_steps=args.polish_steps)),
+                                                                polish_steps=args.polish_steps,
+                                                                project=st["project"])),
                         measure=sk.MeasureConfig(n_candidates=args.candidates, progress=False,
                                                  evidence=sk.Evidence(n_samples=32, relearn_steps=0, int8=False)))
         wall = time.perf_counter() - t0
@@ -371,6 +372,8 @@ def short_label(strategy: str, row: dict) -> str:
     out += f" T{st['seq_len']}" if st.get("seq_len", 64) != 64 else ""
     out += f" pol{st['polish_steps']}" if st.get("polish_steps") else ""
     out += " bal" if st.get("balance") else ""
+    out += " focus" if st.get("focus") else ""
+    out += " proj" if st.get("project") else ""
     return out
 
 
@@ -392,6 +395,10 @@ def tag_of(st: dict, strategy: str) -> str:
         tag += f"-pol{st['polish_steps']}"
     if st.get("balance", False):  # UpdateConfig(balance=True), measured in the fourth round
         tag += "-bal"
+    if st.get("focus", False):  # UpdateConfig(focus=True), measured in the fifth round
+        tag += "-focus"
+    if st.get("project", False):  # Targeted(project=True), measured in the fifth round
+        tag += "-proj"
     return tag
 
 
@@ -404,7 +411,8 @@ def run_settings(args, strategy: str, default_window: int) -> dict:
             "per_token": args.per_token, "rho": args.rho, "beta": args.beta,
             "steer_margin": forget_module.STEER_MARGIN, "retain_loss": args.retain_loss,
             "repair_steps": args.repair_steps, "polish_steps": args.polish_steps,
-            "seq_len": args.seq_len or default_window, "balance": args.balance}
+            "seq_len": args.seq_len or default_window, "balance": args.balance, "focus": args.focus,
+            "project": args.project}
 
 
 # ------------------------------------------------------------------------------------------------ table
@@ -421,6 +429,8 @@ def settings(row: dict) -> str:
     out += f", {st.get('seq_len', 64)}-token windows"
     out += f", {st['polish_steps']} polish steps" if st.get("polish_steps") else ""
     out += ", secrets balanced" if st.get("balance") else ""
+    out += ", focus on unmet secrets" if st.get("focus") else ""
+    out += ", projected steps" if st.get("project") else ""
     return out + (f", SAM ρ={st['rho']:g}" if st.get("rho") else "")
 
 
@@ -527,6 +537,12 @@ def main(argv=None):
                     help="the 16-secret request per strategy, the one-secret request with the first, or both")
     ap.add_argument("--balance", action="store_true",
                     help="UpdateConfig(balance=True): every secret weighs about the same in Z (the fourth round)")
+    ap.add_argument("--focus", action="store_true",
+                    help="UpdateConfig(focus=True): the forget term pushes only the secrets not yet met (the fifth "
+                         "round)")
+    ap.add_argument("--project", action="store_true",
+                    help="Targeted(project=True): forget steps without their component against the retain terms, "
+                         "repairs without theirs against the forget term (the fifth round)")
     ap.add_argument("--candidates", type=int, default=500)
     ap.add_argument("--train-steps", type=int, default=1200)
     ap.add_argument("--relearn-steps", type=int, default=50)

@@ -153,7 +153,10 @@ class UpdateConfig:
     term, the Z̃ term and the selection's scores, its windows repeated in a seeded shuffle
     (:func:`~sapsel_kernels.forget.balanced_order`). Measured on the fixture matrix (docs/forget.md): it meets the
     secrets inserted least often (4-insertion misses 7 of 24 -> 3 of 24) but fewer in all (82 of 96 against 84),
-    so it is not the default.
+    so it is not the default; ``focus``: False (default): the per-token NPO term pushes every secret of the request
+    until the target is met for all; True: after each check within the perplexity budget it pushes only the
+    secrets not yet met there, on their tokens only, from the next Z batch that holds one
+    (:func:`~sapsel_kernels.forget.focused_npo`; per-token npo only).
     """
 
     objective: str = "npo"
@@ -168,10 +171,12 @@ class UpdateConfig:
     decoys: int = 0
     precondition: Optional[str] = None
     balance: bool = False
+    focus: bool = False
 
     def __post_init__(self):
-        if not isinstance(self.balance, bool):
-            raise TypeError(f"UpdateConfig.balance must be a bool, got {type(self.balance).__name__}")
+        for name in ("balance", "focus"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"UpdateConfig.{name} must be a bool, got {type(getattr(self, name)).__name__}")
         if not isinstance(self.objective, str):
             raise TypeError(f"UpdateConfig.objective must be a str, got {type(self.objective).__name__}")
         if not isinstance(self.rule, Targeted):

@@ -55,7 +55,10 @@ class ForgetData:
     ``affected``: Z as trained on (all targets); ``affected_secret``: the same windows with targets only at secret
     tokens (-100 elsewhere); ``corrected``: Z̃; ``train``: every training window (all targets); ``retain``: training
     windows without a secret token; ``val`` / ``test``: held-out windows; ``owners``: per Z window, the indices of
-    the request's secrets with a token among its targets (:func:`balanced_order`)."""
+    the request's secrets with a token among its targets (:func:`balanced_order`); ``token_owners``: int64
+    ``[n_Z, seq_len, K]``, per target position of Z the secrets (indices) its token overlaps, padded with -1 (-1
+    everywhere at a position that is not a secret token; K >= 1 is the most secrets one token overlaps: 2 for a
+    token merged across two adjacent secrets) -- what ``UpdateConfig(focus=True)`` masks by."""
 
     affected: Tuple[torch.Tensor, torch.Tensor]
     affected_secret: Tuple[torch.Tensor, torch.Tensor]
@@ -68,6 +71,7 @@ class ForgetData:
     seq_len: int
     offsets_exact: bool
     owners: List[Tuple[int, ...]] = field(default_factory=list)  # per Z window: the secrets (indices) it targets
+    token_owners: Optional[torch.Tensor] = None  # [n_Z, seq_len, K] int64: per target token its secrets, -1 padded
 
 
 def _encode_offsets(tokenizer, codec, text: str, cuts: Sequence[Tuple[int, int]]) -> Tuple[List[int], List[int],
@@ -162,7 +166,7 @@ def build_forget_data(tokenizer, texts: Sequence[str], secret: Union[str, Sequen
     codec = as_tokenizer(tokenizer)
     T = int(seq_len)
     stride = max(1, T // 2)
-    keys = ("x", "y", "ys", "xc", "yc", "owner")
+    keys = ("x", "y", "ys", "xc", "yc", "owner", "tok_owner")
     win: Dict[str, List[torch.Tensor]] = {k: [] for k in keys}
     train_x, train_y, retain_x, retain_y, held = [], [], [], [], []
     n_occ = 0
@@ -218,6 +222,7 @@ def build_forget_data(tokenizer, texts: Sequence[str], secret: Union[str, Sequen
                 win["ys"].append(torch.where(tgt_secret, y, torch.full_like(y, IGNORE)))
                 hit = torch.nonzero(tgt_secret).flatten().tolist()
                 win["owner"].append(tuple(sorted(set().union(*(owner[s + 1 + j] for j in hit)))))
+                win["tok_owner"].append([(j, sorted(owner[s + 1 + j])) for j in hit])
                 # the same starting character in the clean text
                 c = starts[s]
                 shift = 0
@@ -269,13 +274,18 @@ def build_forget_data(tokenizer, texts: Sequence[str], secret: Union[str, Sequen
             return (torch.empty(0, T, dtype=torch.int64), torch.empty(0, T, dtype=torch.int64))
         return torch.stack(xs), torch.stack(ys)
 
+    K = max((len(o) for w in win["tok_owner"] for _, o in w), default=1)
+    tok_owner = torch.full((len(win["x"]), T, K), -1, dtype=torch.int64)
+    for n, w in enumerate(win["tok_owner"]):
+        for j, o in w:
+            tok_owner[n, j, :len(o)] = torch.tensor(o, dtype=torch.int64)
     return ForgetData(
         affected=stack(win["x"], win["y"]), affected_secret=stack(win["x"], win["ys"]),
         corrected=stack(win["xc"], win["yc"]), train=stack(train_x, train_y),
         retain=stack([retain_x[i] for i in order], [retain_y[i] for i in order]),
         val=stack([h[0] for h in held[0::2]], [h[1] for h in held[0::2]]),
         test=stack([h[0] for h in held[1::2]], [h[1] for h in held[1::2]]),
-        n_occurrences=n_occ, seq_len=T, offsets_exact=exact, owners=win["owner"])
+        n_occurrences=n_occ, seq_len=T, offsets_exact=exact, owners=win["owner"], token_owners=tok_owner)
 
 
 def balanced_order(owners: Sequence[Tuple[int, ...]], seed: int) -> Optional[torch.Tensor]:
@@ -511,6 +521,70 @@ def per_token_npo(beta: float = 1.0, comm=None):
     def npo_sum(model, batch):
         x, y, ref = batch
         tok, m = _token_ce(model, x, y)
+        terms = (2.0 / beta) * F.softplus(beta * (ref.to(tok.device).reshape(-1) - tok))
+        return terms[m].sum(), int(m.sum())
+
+    if comm is not None and comm.active:
+        return _group_token_mean(comm, npo_sum, "the forget term")
+
+    def loss(model, batch):
+        total, n = npo_sum(model, batch)
+        return total / n if n else total * float("nan")
+
+    return loss
+
+
+class Focus:
+    """Which secrets of a request the forget term still pushes (``UpdateConfig(focus=True)``): ``active`` is a bool
+    tensor [n_secrets], all True at the start; ``forget``'s monitor calls :meth:`update` with the secrets that are not
+    yet met (the same test as its ``done``: exposure's upper bound above the target, or extracted) at every check
+    within the perplexity budget (a check over it is undone by the search, so it says nothing about the state the
+    next steps start from). All False (every secret met) leaves every secret active: the term is never empty."""
+
+    def __init__(self, n_secrets: int):
+        self.active = torch.ones(int(n_secrets), dtype=torch.bool)
+
+    def update(self, unmet: Sequence[bool]) -> None:
+        t = torch.tensor([bool(u) for u in unmet], dtype=torch.bool)
+        if t.numel() != self.active.numel():
+            raise ValueError(f"Focus.update: {t.numel()} flags for {self.active.numel()} secrets")
+        self.active = t if bool(t.any()) else torch.ones_like(t)
+
+    def tokens(self, owners: torch.Tensor) -> torch.Tensor:
+        """bool [...]: the positions of ``owners`` ([..., K], -1 padded) with at least one active secret."""
+        return ((owners >= 0) & self.active[owners.clamp(min=0)]).any(-1)
+
+
+def focused_npo(beta: float, focus: Focus, pool: Sequence[Tuple[torch.Tensor, ...]], comm=None):
+    """:func:`per_token_npo` on the tokens of the secrets ``focus`` still marks active, and only on them: mean over
+    those tokens of (2/β)·softplus(β·(ref_t − ℓ_t)). ``pool``: Z's batches ``(x, labels, ref, owners)`` (``owners``:
+    ``ForgetData.token_owners``' rows of the batch). The term keeps its own cursor over the pool and takes, at each
+    call, the next batch with an active token (the batch the rule passes is not used: once most secrets are met,
+    most of Z's batches hold none, and the cycled batch would leave the step without a forget term); the Z̃ and
+    retain terms keep their own cycles. A batch is read once per call whatever it is, so the rule's gradient count
+    is exact up to the batch sizes (equal but for the last). ``comm`` (an active ``estimators.Comm``): each rank
+    draws from its own shard of the batches; the mean is over the group's active tokens (:func:`_group_token_mean`).
+    Peak extra memory: one batch's per-token losses and masks (B·T)."""
+    if not pool:
+        raise ValueError("focused_npo: no batches")
+    at = [-1]
+
+    def pick():
+        for _ in range(len(pool)):
+            at[0] = (at[0] + 1) % len(pool)
+            if bool(focus.tokens(pool[at[0]][3]).any()):
+                return pool[at[0]]
+        return None
+
+    def npo_sum(model, batch):
+        b = pick()
+        if b is None:  # this rank's shard holds no active token (another rank's does): a zero share
+            x, y = batch[0], batch[1]
+            tok, m = _token_ce(model, x, y)
+            return tok.sum() * 0.0, 0
+        x, y, ref, own = b
+        tok, m = _token_ce(model, x, y)
+        m = m & focus.tokens(own).reshape(-1).to(m.device)
         terms = (2.0 / beta) * F.softplus(beta * (ref.to(tok.device).reshape(-1) - tok))
         return terms[m].sum(), int(m.sum())
 
@@ -966,7 +1040,8 @@ class ObjectiveRequest:
     built, this rank's share under a group), ``seq_len``, ``heldout``, ``seed``, ``vocab``, ``batch_size`` and the
     objective's options (``decoys``, ``per_token``, ``beta``: the Targeted rule's); ``comm``: the run's
     ``estimators.Comm`` (``comm.active`` under ``forget(group=)``; an inactive one otherwise), for an objective whose
-    term needs a reduction over the ranks."""
+    term needs a reduction over the ranks; ``focus``: None, or with ``UpdateConfig(focus=True)`` the :class:`Focus`
+    that the monitor updates, and ``z_owners`` the ``ForgetData.token_owners`` rows of each batch of ``zs``."""
 
     model: Any
     tokenizer: Any
@@ -987,6 +1062,8 @@ class ObjectiveRequest:
     zs: Any
     zt: Any
     comm: Any = None
+    focus: Any = None
+    z_owners: Any = None
 
 
 @dataclass(frozen=True)
@@ -995,14 +1072,15 @@ class Objective:
 
     ``build(req: ObjectiveRequest) -> (forget_loss, zs, zt)``: the Targeted rule's forget term
     (``forget_loss(model, batch) -> scalar`` on Z's batches; None: its built-in NPO term) and the Z / Z̃ batches it
-    runs on. ``many_secrets``: it takes a list of secrets; ``per_token``, ``decoys``: it reads those options;
-    ``group``: it runs under ``forget(group=)`` (its terms are means that split over the ranks)."""
+    runs on. ``many_secrets``: it takes a list of secrets; ``per_token``, ``decoys``, ``focus``: it reads those
+    options; ``group``: it runs under ``forget(group=)`` (its terms are means that split over the ranks)."""
 
     build: Callable[[ObjectiveRequest], Tuple[Any, Any, Any]]
     many_secrets: bool = True
     per_token: bool = False
     decoys: bool = False
     group: bool = False
+    focus: bool = False
 
 
 OBJECTIVE_REGISTRY = Registry("forget objective")
@@ -1018,9 +1096,14 @@ def register_objective(name: str, objective: Objective) -> Objective:
 
 
 def _npo(req: ObjectiveRequest):
-    """The Targeted rule's NPO term (None: built in), or with ``per_token`` its per-token variant."""
+    """The Targeted rule's NPO term (None: built in), or with ``per_token`` its per-token variant (with ``focus``: on
+    the tokens of the secrets not yet met, :func:`focused_npo`)."""
     if req.per_token:
-        return per_token_npo(req.beta, req.comm), _with_reference(req.model, req.zs), req.zt
+        zs = _with_reference(req.model, req.zs)
+        if req.focus is not None:
+            pool = [(*b, o) for b, o in zip(zs, req.z_owners)]
+            return focused_npo(req.beta, req.focus, pool, req.comm), zs, req.zt
+        return per_token_npo(req.beta, req.comm), zs, req.zt
     return None, req.zs, req.zt
 
 
@@ -1076,7 +1159,7 @@ def _uniform(req: ObjectiveRequest):
     return loss, zs, zt
 
 
-register_objective("npo", Objective(_npo, per_token=True, group=True))
+register_objective("npo", Objective(_npo, per_token=True, group=True, focus=True))
 register_objective("uniform", Objective(_uniform, many_secrets=False, decoys=True))
 register_objective("calibrated", Objective(_calibrated))
 
@@ -1200,6 +1283,9 @@ def forget(model, tokenizer, texts, secret, *, heldout: Union[float, Sequence[st
             raise ValueError(f"per_token applies to objective={ones} only, not {objective!r}")
         if per_token is None:  # the default: per token where the objective has that form (npo; docs/forget.md)
             per_token = obj.per_token
+        if update.focus and not (obj.focus and per_token):
+            raise ValueError(f"focus applies to the per-token forget term only (objective='npo' with per_token "
+                             f"True or None), not objective={objective!r} with per_token={update.per_token!r}")
         if not obj.many_secrets and len(specs) > 1:
             raise ValueError(f"objective={objective!r} takes one secret per run")
         if decoys and not obj.decoys:
@@ -1300,6 +1386,11 @@ def forget(model, tokenizer, texts, secret, *, heldout: Union[float, Sequence[st
             if "corrected" in reads else None
         zt = shard_batches(_batches(corrected, batch_size), comm, "corrected")
         zs = shard_batches(_batches(affected_secret, batch_size), comm, "affected")
+        z_owners = None
+        if update.focus:  # each Z batch's token owners, split like zs (the same rows of the same batches)
+            towners = data.token_owners if order is None else data.token_owners[order]
+            z_owners = [b[0] for b in shard_batches([(towners[i:i + batch_size],)
+                                                     for i in range(0, len(towners), batch_size)], comm, "affected")]
         rx, ry = (data.retain[0], data.retain[1]) if retain_windows is None else \
             (data.retain[0][:retain_windows], data.retain[1][:retain_windows])
         retain = shard_batches(_batches((rx, ry), batch_size), comm, "retain") if len(rx) else None
@@ -1400,6 +1491,7 @@ def forget(model, tokenizer, texts, secret, *, heldout: Union[float, Sequence[st
         limit = val0 * (1.0 + STEER_MARGIN * max_ppl_increase)
 
         stale: Dict[str, Any] = {"scores": None, "age": 0}
+        focus = Focus(len(located)) if update.focus else None
 
         def monitor_audit():
             """The monitored candidates are re-scored every MONITOR_REFRESH checks and whenever the stale ranks say
@@ -1434,6 +1526,8 @@ def forget(model, tokenizer, texts, secret, *, heldout: Union[float, Sequence[st
                 bar.n = min(cfg.steps, step)
                 bar.refresh()
             rise = v / val0 - 1.0
+            if focus is not None and v <= limit:  # the secrets the next steps push: those not met at this check
+                focus.update([not (m["exposure_hi"] <= target_exposure and not m["extracted"]) for m in ms])
             return {"exposure": worst, "extracted": any(bool(m["extracted"]) for m in ms), "val_ppl": v,
                     "ppl_increase": rise, "cost": rise, "within_budget": v <= limit, "n_done": n_done,
                     "done": n_done == len(ms),
@@ -1449,7 +1543,7 @@ def forget(model, tokenizer, texts, secret, *, heldout: Union[float, Sequence[st
         req = ObjectiveRequest(model=model, tokenizer=tokenizer, codec=codec, texts=texts, located=located,
                                nulls=nulls, replacements=replacements, data=data, seq_len=T, heldout=heldout,
                                seed=seed, vocab=vocab, batch_size=batch_size, decoys=decoys, per_token=per_token,
-                               beta=cfg.beta, zs=zs, zt=zt, comm=comm)
+                               beta=cfg.beta, zs=zs, zt=zt, comm=comm, focus=focus, z_owners=z_owners)
         forget_loss, zs, zt = obj.build(req)
         if forget_loss is not None:
             over["forget_loss"] = forget_loss
@@ -1503,6 +1597,7 @@ def forget(model, tokenizer, texts, secret, *, heldout: Union[float, Sequence[st
     rule_d["precondition"] = update.precondition
     rule_d["per_token"] = bool(per_token)
     rule_d["balanced"] = order is not None
+    rule_d["focus"] = bool(update.focus)
     hist = [{k: v for k, v in h.items() if k in ("step", "lr", "exposure", "extracted", "val_ppl", "ppl_increase",
                                                   "phase", "accepted", "n_done")} for h in info.get("history", [])]
     ev = None

@@ -87,6 +87,11 @@ def test_each_window_knows_the_secrets_it_targets_and_balancing_evens_their_weig
     for j, s in enumerate(expect):
         want = tuple(k for k, v in spans.items() if any(a < s + 33 and b > s + 1 for a, b in v))
         assert d.owners[j] == want, (j, s)
+        # per target position (a character: position t predicts text[s + 1 + t]) the secrets it lies in
+        assert d.token_owners.shape[1:] == (32, 1)
+        for t in range(32):
+            inside = [k for k, v in spans.items() if any(a <= s + 1 + t < b for a, b in v)]
+            assert d.token_owners[j, t].tolist() == (inside or [-1]), (j, t)
     counts = [sum(k in o for o in d.owners) for k in (0, 1)]
     assert counts[0] > 2 * counts[1] > 0
     order = balanced_order(d.owners, seed=5)
@@ -122,6 +127,63 @@ def test_a_token_spanning_two_adjacent_secrets_counts_for_both():
     assert "k9xy7z" in fast.convert_ids_to_tokens(fast(text)["input_ids"])
     d = build_forget_data(fast, [text], ["k9x", "y7z"], ["aaa", "bbb"], seq_len=16, heldout=0.2)
     assert d.owners and all(o == (0, 1) for o in d.owners)
+    # the merged token is owned by both, at every position it is a target, and only there
+    merged = fast.convert_tokens_to_ids("k9xy7z")
+    at = d.affected_secret[1] == merged
+    assert d.token_owners.shape[2] == 2 and bool(at.any())
+    assert bool((d.token_owners[at] == torch.tensor([0, 1])).all())
+    assert bool((d.token_owners[~at] == -1).all())
+
+
+def test_the_focused_term_is_the_npo_mean_over_the_active_secrets_tokens_only():
+    """Oracle written from the definition (float64; the term works in float32 logits, hence rtol 1e-6):
+    (2/β)·softplus(β·(ref − ℓ)) averaged over the target tokens of the active
+    secrets, ℓ from the model's own log-softmax. The term takes the pool's next batch with an active token (a batch
+    of met secrets only is skipped), every secret active again once all are met, and its gradient flows."""
+    from sapsel_kernels.forgetting.forget import Focus, focused_npo
+
+    torch.manual_seed(0)
+    V, T = 11, 6
+    model = torch.nn.Sequential(torch.nn.Embedding(V, 8), torch.nn.Linear(8, V)).double()
+    x = torch.randint(0, V, (3, 2, T))
+    y = torch.randint(0, V, (3, 2, T))
+    own = torch.full((3, 2, T, 2), -1, dtype=torch.int64)
+    own[0, :, 1:3, 0] = 0          # batch 0: secret 0 only
+    own[1, 0, 2, 0] = 0            # batch 1: secrets 0 and 1, and a token of both
+    own[1, 1, 4:, 0] = 1
+    own[1, 0, 3, :] = torch.tensor([0, 1])
+    own[2, :, 0, 0] = 1            # batch 2: secret 1 only
+    labels = torch.where((own >= 0).any(-1), y, torch.full_like(y, IGNORE))
+    ref = torch.rand(3, 2, T, dtype=torch.float64) * (labels != IGNORE)
+    pool = [(x[i], labels[i], ref[i], own[i]) for i in range(3)]
+    beta = 0.5
+
+    def oracle(i, active):
+        logp = torch.log_softmax(model(x[i]), -1)
+        terms, n = 0.0, 0
+        for r in range(2):
+            for t in range(T):
+                secrets = [o for o in own[i, r, t].tolist() if o >= 0]
+                if any(active[o] for o in secrets):
+                    ell = -logp[r, t, y[i, r, t]]
+                    terms = terms + (2 / beta) * torch.nn.functional.softplus(beta * (ref[i, r, t] - ell))
+                    n += 1
+        return terms / n
+
+    focus = Focus(2)
+    loss = focused_npo(beta, focus, pool)
+    for i in (0, 1, 2, 0):  # all active: every batch in turn
+        assert torch.allclose(loss(model, None), oracle(i, [True, True]), rtol=1e-6)
+    focus.update([False, True])  # secret 0 met: batch 0 is skipped, batch 1 keeps secret 1's tokens only
+    got = [loss(model, None) for _ in range(3)]  # the cursor was at batch 0: batches 1, 2, 1
+    for g, i in zip(got, (1, 2, 1)):
+        assert torch.allclose(g, oracle(i, [False, True]), rtol=1e-6)
+    got[0].backward()
+    assert all(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in model.parameters())
+    focus.update([False, False])  # every secret met: all active again, never an empty term
+    assert focus.active.tolist() == [True, True]
+    with pytest.raises(ValueError, match="3 flags for 2 secrets"):
+        focus.update([True, False, True])
 
 
 def test_windows_with_a_longer_replacement_on_a_bpe_tokenizer():

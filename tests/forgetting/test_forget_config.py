@@ -258,6 +258,37 @@ def test_balance_changes_a_request_of_unequal_secrets_only(cc):
         UpdateConfig(balance=1)
 
 
+def test_focus_runs_the_per_token_term_and_is_refused_elsewhere_before_any_change(cc):
+    """UpdateConfig(focus=True): with one secret every Z batch holds an active token, so the focused term takes the
+    batches in the rule's own order and masks nothing: without repair steps (which advance the rule's cycle but not
+    the term's) the weights are bit for bit those of focus=False, and the report says focus. Refused, before the
+    model is touched: a non-bool, per_token=False, an objective without a per-token term."""
+    def run(**update):
+        model = _tiny(cc)
+        rep = sk.forget(model, cc.vocab, cc.text, {"secret": SECRET, "prefix": PREFIX}, heldout=[cc.heldout], seed=5,
+                        select=SelectConfig(strategy="random", budget=0.05),
+                        update=UpdateConfig(rule=Targeted(steps=6, lr=0.5, check_every=2), seq_len=16, **update),
+                        target=TargetConfig(exposure=0.0, max_ppl_increase=1.0),
+                        measure=MeasureConfig(n_candidates=20, n_monitor=10, evidence=None, progress=False))
+        return _flat(model), rep.rule["focus"]
+
+    assert UpdateConfig().focus is False
+    (on, f_on), (off, f_off) = run(focus=True), run()
+    assert f_on is True and f_off is False and torch.equal(on, off)
+    assert not torch.equal(on, _flat(_tiny(cc)))  # the run did move the weights
+    with pytest.raises(TypeError, match="focus must be a bool"):
+        UpdateConfig(focus=1)
+    for bad, match in (({"per_token": False}, "focus applies to the per-token forget term only"),
+                       ({"objective": "uniform"}, "focus applies to the per-token forget term only")):
+        model = _tiny(cc)
+        theta0 = _flat(model)
+        with pytest.raises(ValueError, match=match):
+            sk.forget(model, cc.vocab, cc.text, {"secret": SECRET, "prefix": PREFIX}, heldout=[cc.heldout],
+                      update=UpdateConfig(focus=True, seq_len=16, **bad),
+                      measure=MeasureConfig(n_candidates=20, n_monitor=10, evidence=None, progress=False))
+        assert torch.equal(_flat(model), theta0)
+
+
 def test_the_relearning_copy_is_the_same_for_the_same_seed_with_dropout():
     """relearn_copy trains in train mode: dropout draws from the global RNG, forked and seeded with the stream's
     seed, so two copies agree bit for bit and the caller's RNG state is not consumed."""

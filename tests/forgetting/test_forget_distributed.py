@@ -77,6 +77,14 @@ def trained():
 @pytest.mark.parametrize("strategy,world,kw", [("ssd", 2, {}), ("hessian", 2, {}), ("ssd", 3, {}),
                                                ("hessian", 3, {"hessian_windows": 24}),
                                                ("ssd", 3, {"per_token": False}),
+                                               # the focused term: each rank draws from its own shard of Z
+                                               ("ssd", 3, {"focus": True}),
+                                               # the projected step: both gradients averaged before the projection
+                                               ("ssd", 3, {"rule": Targeted(steps=10, check_every=5,
+                                                                            project=True)}),
+                                               ("ssd", 2, {"rule": Targeted(steps=20, lr=3.0, check_every=5,
+                                                                            repair_steps=5, project=True),
+                                                           "target": TargetConfig(max_ppl_increase=0.005)}),
                                                # a block over a tight budget and its (failed) repair, world 2
                                                ("ssd", 2, {"rule": Targeted(steps=20, lr=3.0, check_every=5,
                                                                             repair_steps=5),
@@ -86,7 +94,7 @@ def test_forget_group_equals_one_process(trained, strategy, world, kw):
     one = _run(model, cc, strategy=strategy, **kw)
     ranks = run_world(_ranked, world, trained, strategy, kw)
     assert one["steps"] > 0
-    if "rule" in kw:
+    if "target" in kw:
         assert ("repair", False) in [d[1:3] for d in one["decisions"]]
     for r in ranks:
         # one selection, from the group's scores: the same scores (summation order aside) and the same k

@@ -300,6 +300,69 @@ def test_targeted_step_scale_is_a_diagonal_preconditioner(setup):
     torch.testing.assert_close(_theta(model) - th0, expect, rtol=1e-10, atol=1e-13)
 
 
+def test_targeted_project_drops_the_conflicting_component(setup):
+    """Targeted(project=True) against the definition on torch.func gradients (L̄ = mean CE, R the retained batch):
+    g_f = ∇ (2/β)·softplus(β·(L̄*(Z) − L̄(Z)))_S, g_r = ∇ (L̄(Z̃) + L̄(R))_S. A forget step moves θ_S by
+    −lr·(g_f − (g_f·g_r/|g_r|²)·g_r + g_r) where g_f·g_r < 0 and by −lr·(g_f + g_r) where not; a repair step (the
+    monitor says the first block left the budget) by −lr·(g_r − (g_r·g_f/|g_f|²)·g_f) where they conflict. Nothing
+    outside S moves. Both signs of g_f·g_r are exercised (S chosen from the coordinates where they disagree or
+    agree at θ*)."""
+    model, aff, cor, train = setup
+    th0, summed = _flat_fn(model)
+    th0 = th0.clone()
+    state0 = _state(model)
+    beta, lr = 0.5, 0.3
+    l_star = summed(th0, *aff) / 5
+
+    def g_forget(th):
+        return grad(lambda t: (2 / beta) * F.softplus(beta * (l_star - summed(t, *aff) / 5)))(th)
+
+    def g_rest(th):
+        return grad(summed)(th, *cor) / 5 + grad(summed)(th, *train) / len(train[0])
+
+    def proj(a, b):  # a without its component along b where they conflict
+        d = torch.dot(a, b)
+        return a - d / torch.dot(b, b) * b if d < 0 else a
+
+    gf, gr = g_forget(th0), g_rest(th0)
+    for conflict in (True, False):
+        pick = torch.nonzero(gf * gr < 0 if conflict else gf * gr > 0).flatten()[:6]
+        assert len(pick) == 6
+        _restore(model, state0)
+        sk.unlearn(model, loss_fn, aff, cor, pick, sk.Targeted(lr=lr, steps=1, beta=beta, retain=[train],
+                                                               project=True))
+        a, b = gf[pick], gr[pick]
+        assert (torch.dot(a, b) < 0) == conflict
+        expect = torch.zeros_like(th0)
+        expect[pick] = -lr * (proj(a, b) + b)
+        torch.testing.assert_close(_theta(model) - th0, expect, rtol=1e-10, atol=1e-13)
+    # a forget step over the budget, then one repair step back within it (kept: the target is met)
+    pick = torch.nonzero(gf * gr < 0).flatten()[:6]
+    verdicts = iter([(True, 10.0), (False, 5.0), (True, 0.5)])
+
+    def monitor(step):
+        ok, score = next(verdicts)
+        return {"within_budget": ok, "done": score < 1, "score": score}
+
+    _restore(model, state0)
+    rep = sk.unlearn(model, loss_fn, aff, cor, pick, sk.Targeted(lr=lr, steps=2, beta=beta, retain=[train],
+                                                                 check_every=1, repair_steps=1, monitor=monitor,
+                                                                 project=True))
+    assert [(h["phase"], h["accepted"]) for h in rep.info["history"]] == [
+        ("start", True), ("forget", False), ("repair", True)]
+    th1 = th0.clone()
+    th1[pick] -= lr * (proj(gf[pick], gr[pick]) + gr[pick])
+    gf1, gr1 = g_forget(th1)[pick], g_rest(th1)[pick]
+    assert torch.dot(gf1, gr1) < 0  # the repair's projection is exercised too
+    th2 = th1.clone()
+    th2[pick] -= lr * proj(gr1, gf1)
+    torch.testing.assert_close(_theta(model), th2, rtol=1e-10, atol=1e-13)
+    with pytest.raises(TypeError, match="project must be a bool"):
+        sk.Targeted(project=1)
+    with pytest.raises(ValueError, match="project needs rho=0"):
+        sk.Targeted(project=True, rho=0.1)
+
+
 @pytest.mark.parametrize("bad, err, match", [
     (dict(step_scale=[1.0, 2.0]), TypeError, "step_scale must be a 1-D floating tensor"),
     (dict(step_scale=torch.ones(2, 2)), TypeError, "step_scale must be a 1-D floating tensor"),

@@ -443,14 +443,15 @@ def _check_request(secret, text: str) -> None:
 def _forget_run(args, argv: List[str], progress: bool) -> int:
     t0 = time.perf_counter()
     try:
-        from .forgetting.config import FORGET_BETA, Evidence, MeasureConfig, SelectConfig, TargetConfig, UpdateConfig
+        from .forgetting.config import (FORGET_BETA, FORGET_PROJECT, Evidence, MeasureConfig, SelectConfig, TargetConfig,
+                                        UpdateConfig)
         from .forgetting.forget import forget
         from .update.rules import Targeted
 
         # the configs check their values here, before the example is built or the model loaded (minutes)
         evidence = None if args.no_attacks else Evidence(n_samples=args.samples, relearn_steps=args.relearn_steps)
         rule = Targeted(steps=args.max_steps, lr=args.lr, lr_max=max(100.0, args.lr), repair_steps=args.repair_steps,
-                        polish_steps=args.polish_steps, beta=FORGET_BETA)
+                        polish_steps=args.polish_steps, beta=FORGET_BETA, project=FORGET_PROJECT)
         select = SelectConfig(strategy=args.strategy, budget=args.budget, n_probes=args.probes)
         update = UpdateConfig(objective=args.objective, rule=rule, seq_len=args.seq_len)
         target = TargetConfig(exposure=args.target_exposure, max_ppl_increase=args.max_ppl_increase)

@@ -31,12 +31,13 @@ from ..update.rules import Targeted
 
 __all__ = ["SelectConfig", "UpdateConfig", "TargetConfig", "MeasureConfig", "Evidence", "SEED_STREAMS",
            "stream_seed", "configs_from_keywords", "FORGET_STEPS", "FORGET_BETA", "FORGET_REPAIR", "FORGET_POLISH",
-           "FORGET_SEQ_CAP"]
+           "FORGET_PROJECT", "FORGET_SEQ_CAP"]
 
 FORGET_STEPS = 300  # forget's default step budget (Targeted's own default, 100, is for unlearn)
 FORGET_BETA = 0.25  # forget's default NPO beta (Targeted's own default, 1.0, is for unlearn): the fixture matrix
 FORGET_REPAIR = 10  # forget's default repair steps per over-budget block (Targeted's own default, 0): the matrix
 FORGET_POLISH = 50  # forget's default polish steps after the target (Targeted's own default, 0): docs/forget.md
+FORGET_PROJECT = True  # forget's default: projected steps (Targeted's own default, False): the matrix's fifth round
 FORGET_SEQ_CAP = 256  # forget's default window: the model's context, at most this many tokens (docs/forget.md)
 
 
@@ -130,10 +131,12 @@ class UpdateConfig:
     (:func:`~sapsel_kernels.forget.calibrated_push`); ``rule``: the :class:`~sapsel_kernels.rules.Targeted`
     search (steps, lr and its bounds, check_every, repair_steps, the term weights, SGD or AdamW, SAM); forget sets
     its monitor and retain batches. Default ``Targeted(steps=FORGET_STEPS, beta=FORGET_BETA,
-    repair_steps=FORGET_REPAIR, polish_steps=FORGET_POLISH)`` (300 steps; β = 0.25: the per-token NPO weight fades
-    more slowly than at β = 1; 10 repair steps: a block over the perplexity budget is first repaired by descent on
-    Z̃ and the retained text; up to 50 polish steps: the same descent after the target is met, kept while every
-    secret stays met and the validation perplexity falls; all chosen on the fixture matrix, docs/forget.md).
+    repair_steps=FORGET_REPAIR, polish_steps=FORGET_POLISH, project=FORGET_PROJECT)`` (300 steps; β = 0.25: the
+    per-token NPO weight fades more slowly than at β = 1; 10 repair steps: a block over the perplexity budget is first
+    repaired by descent on Z̃ and the retained text; up to 50 polish steps: the same descent after the target is met,
+    kept while every secret stays met and the validation perplexity falls; projected steps: a forget step without
+    its component against the Z̃ and retain terms, a repair without its component against the forget term; all
+    chosen on the fixture matrix, docs/forget.md).
     ``seq_len``: window length in tokens, for training, retained and held-out windows alike (None: the model's
     context, at most ``FORGET_SEQ_CAP`` = 256 tokens, lowered where a text holding a secret or the held-out text is too
     short, never below 64: ``forget.default_seq_len``; 64 when the model does not say its context. Shorter windows
@@ -162,7 +165,8 @@ class UpdateConfig:
     objective: str = "npo"
     rule: Targeted = field(default_factory=lambda: Targeted(steps=FORGET_STEPS, beta=FORGET_BETA,
                                                                  repair_steps=FORGET_REPAIR,
-                                                                 polish_steps=FORGET_POLISH))
+                                                                 polish_steps=FORGET_POLISH,
+                                                                 project=FORGET_PROJECT))
     seq_len: Optional[int] = None
     batch_size: int = 8
     retain_loss: str = "ce"
@@ -358,7 +362,7 @@ def configs_from_keywords(secret, configs: Dict[str, Any], keywords: Dict[str, A
         per["update"]["rule"] = Targeted(steps=steps_kw.get("max_steps", FORGET_STEPS), lr=lr, beta=FORGET_BETA,
                                          check_every=steps_kw.get("check_every", 5), lr_max=lr_max,
                                          repair_steps=steps_kw.get("repair_steps", FORGET_REPAIR),
-                                         polish_steps=FORGET_POLISH)
+                                         polish_steps=FORGET_POLISH, project=FORGET_PROJECT)
     for name in _CLASSES:
         if per[name]:  # configs[name] is None here (both given raised above)
             out[name] = _CLASSES[name](**per[name])

@@ -490,7 +490,7 @@ def test_run_writes_model_tokenizer_and_report(capsys, lm, stub_forget, tmp_path
     assert call["select"] == sk.SelectConfig(strategy="random", budget=0.02, n_probes=2)
     assert call["update"] == sk.UpdateConfig(objective="uniform", seq_len=16,
                                              rule=sk.Targeted(steps=9, lr=0.01, repair_steps=4, beta=0.25,
-                                                              polish_steps=50))
+                                                              polish_steps=50, project=True))
     assert call["target"] == sk.TargetConfig(exposure=3.0, max_ppl_increase=0.1)
     assert (call["measure"].n_candidates, call["measure"].progress) == (50, False)
     for name in REPORT_FILES:

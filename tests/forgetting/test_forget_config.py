@@ -19,8 +19,8 @@ import torch
 import sapsel_kernels as sk
 from sapsel_kernels.demo import lm
 from sapsel_kernels.forgetting import forget as forget_module
-from sapsel_kernels.forgetting.config import (FORGET_BETA, FORGET_POLISH, FORGET_REPAIR, FORGET_SEQ_CAP, SEED_STREAMS,
-                                              Evidence,
+from sapsel_kernels.forgetting.config import (FORGET_BETA, FORGET_POLISH, FORGET_PROJECT, FORGET_REPAIR,
+                                              FORGET_SEQ_CAP, SEED_STREAMS, Evidence,
                                               MeasureConfig, SelectConfig, TargetConfig, UpdateConfig,
                                               configs_from_keywords, stream_seed)
 from sapsel_kernels.rules import Targeted
@@ -93,7 +93,8 @@ def test_deprecated_keywords_warn_and_give_the_same_report_as_the_configs(cc):
         new = sk.forget(new_model, cc.vocab, cc.text, {"secret": SECRET, "prefix": PREFIX}, heldout=[cc.heldout],
                         seed=5, select=SelectConfig(strategy="random", budget=0.05),
                         update=UpdateConfig(rule=Targeted(steps=6, lr=0.5, check_every=2, beta=FORGET_BETA,
-                                                          repair_steps=FORGET_REPAIR, polish_steps=FORGET_POLISH),
+                                                          repair_steps=FORGET_REPAIR, polish_steps=FORGET_POLISH,
+                                                          project=FORGET_PROJECT),
                                             seq_len=16),
                         target=TargetConfig(exposure=0.0, max_ppl_increase=1.0),
                         measure=MeasureConfig(n_candidates=20, n_monitor=10, evidence=None, progress=False))
@@ -127,25 +128,26 @@ def test_per_token_default_is_per_token_for_npo_only(cc):
 
 @pytest.mark.parametrize("keywords,rule", [
     (dict(max_steps=7), Targeted(steps=7, lr=0.1, check_every=5, lr_max=100.0, repair_steps=10, polish_steps=50,
-                                 beta=0.25)),
+                                 beta=0.25, project=True)),
     (dict(lr=0.5, repair_steps=3), Targeted(steps=300, lr=0.5, check_every=5, lr_max=100.0, repair_steps=3,
-                                            polish_steps=50, beta=0.25)),
+                                            polish_steps=50, beta=0.25, project=True)),
     (dict(lr=250.0, check_every=2), Targeted(steps=300, lr=250.0, check_every=2, lr_max=250.0, repair_steps=10,
-                                             polish_steps=50, beta=0.25)),
+                                             polish_steps=50, beta=0.25, project=True)),
 ])
 def test_deprecated_step_keywords_build_the_documented_rule(keywords, rule):
     """max_steps=M, lr=L, check_every=C, repair_steps=R == Targeted(steps=M, lr=L, check_every=C,
     lr_max=max(100, L), repair_steps=R, beta=0.25), with the old defaults 300 / 0.1 / 5 and forget's defaults
-    for beta (FORGET_BETA, 0.25), the repair steps (FORGET_REPAIR, 10) and the polish steps (FORGET_POLISH, 50)."""
+    for beta (FORGET_BETA, 0.25), the repair steps (FORGET_REPAIR, 10), the polish steps (FORGET_POLISH, 50) and the
+    projected steps (FORGET_PROJECT, True)."""
     none = dict(select=None, update=None, target=None, measure=None)
     with pytest.warns(FutureWarning, match="UpdateConfig"):
         secret, cfgs = configs_from_keywords(SECRET, none, keywords)
     assert secret == SECRET
     assert cfgs["update"] == UpdateConfig(rule=rule)
     assert (cfgs["select"], cfgs["target"], cfgs["measure"]) == (SelectConfig(), TargetConfig(), MeasureConfig())
-    # forget's default: 300 steps, beta 0.25 and 10 repair steps, Targeted's other defaults
-    assert UpdateConfig().rule == Targeted(steps=300, beta=0.25, repair_steps=10, polish_steps=50)
-    assert (FORGET_BETA, FORGET_REPAIR, FORGET_POLISH, FORGET_SEQ_CAP) == (0.25, 10, 50, 256)
+    # forget's default: 300 steps, beta 0.25, 10 repair steps, 50 polish steps, projected; Targeted's other defaults
+    assert UpdateConfig().rule == Targeted(steps=300, beta=0.25, repair_steps=10, polish_steps=50, project=True)
+    assert (FORGET_BETA, FORGET_REPAIR, FORGET_POLISH, FORGET_PROJECT, FORGET_SEQ_CAP) == (0.25, 10, 50, True, 256)
 
 
 def test_deprecated_secret_keywords_go_into_the_secret():
@@ -190,7 +192,8 @@ def test_the_old_rule_keyword_keeps_its_old_meaning():
     with pytest.warns(FutureWarning):
         _, cfgs = configs_from_keywords(SECRET, dict(none), {"rule": None, "lr": 0.3})
     assert cfgs["update"].rule == Targeted(steps=300, lr=0.3, check_every=5, lr_max=100.0, beta=FORGET_BETA,
-                                           repair_steps=FORGET_REPAIR, polish_steps=FORGET_POLISH)
+                                           repair_steps=FORGET_REPAIR, polish_steps=FORGET_POLISH,
+                                           project=FORGET_PROJECT)
     rule = Targeted(steps=7, lr=0.2, repair_steps=2)
     for rep in (0, 2):
         with pytest.warns(FutureWarning):

@@ -443,8 +443,8 @@ def _check_request(secret, text: str) -> None:
 def _forget_run(args, argv: List[str], progress: bool) -> int:
     t0 = time.perf_counter()
     try:
-        from .forgetting.config import (FORGET_BETA, FORGET_PROJECT, Evidence, MeasureConfig, SelectConfig, TargetConfig,
-                                        UpdateConfig)
+        from .forgetting.config import (FORGET_BETA, FORGET_PROJECT, Evidence, MeasureConfig, SelectConfig,
+                                        TargetConfig, UpdateConfig)
         from .forgetting.forget import forget
         from .update.rules import Targeted
 

@@ -542,7 +542,8 @@ def main(argv=None):
                          "round)")
     ap.add_argument("--project", action="store_true",
                     help="Targeted(project=True): forget steps without their component against the retain terms, "
-                         "repairs without theirs against the forget term (the fifth round)")
+                         "repairs without theirs against the forget term (the fifth round; forget's default since, "
+                         "this script's only with this flag)")
     ap.add_argument("--candidates", type=int, default=500)
     ap.add_argument("--train-steps", type=int, default=1200)
     ap.add_argument("--relearn-steps", type=int, default=50)

@@ -536,10 +536,11 @@ def per_token_npo(beta: float = 1.0, comm=None):
 
 class Focus:
     """Which secrets of a request the forget term still pushes (``UpdateConfig(focus=True)``): ``active`` is a bool
-    tensor [n_secrets], all True at the start; ``forget``'s monitor calls :meth:`update` with the secrets that are not
-    yet met (the same test as its ``done``: exposure's upper bound above the target, or extracted) at every check
-    within the perplexity budget (a check over it is undone by the search, so it says nothing about the state the
-    next steps start from). All False (every secret met) leaves every secret active: the term is never empty."""
+    tensor [n_secrets], all True at the start. ``forget`` calls :meth:`update` (through ``Targeted(on_keep=)``) with
+    the secrets that are not yet met (the same test as its ``done``: exposure's upper bound above the target, or
+    extracted) at every check whose state the search keeps, never at one it undoes, so the flags describe the state
+    the next steps start from; under a group, the monitor's value that every rank agreed on. All False (every
+    secret met) leaves every secret active: the term is never empty."""
 
     def __init__(self, n_secrets: int):
         self.active = torch.ones(int(n_secrets), dtype=torch.bool)
@@ -555,30 +556,36 @@ class Focus:
         return ((owners >= 0) & self.active[owners.clamp(min=0)]).any(-1)
 
 
-def focused_npo(beta: float, focus: Focus, pool: Sequence[Tuple[torch.Tensor, ...]], comm=None):
+def focused_npo(beta: float, focus: Focus, pool: Sequence[Tuple[torch.Tensor, ...]], comm=None,
+                whole: Optional[Sequence[torch.Tensor]] = None):
     """:func:`per_token_npo` on the tokens of the secrets ``focus`` still marks active, and only on them: mean over
     those tokens of (2/β)·softplus(β·(ref_t − ℓ_t)). ``pool``: Z's batches ``(x, labels, ref, owners)`` (``owners``:
     ``ForgetData.token_owners``' rows of the batch). The term keeps its own cursor over the pool and takes, at each
     call, the next batch with an active token (the batch the rule passes is not used: once most secrets are met,
     most of Z's batches hold none, and the cycled batch would leave the step without a forget term); the Z̃ and
     retain terms keep their own cycles. A batch is read once per call whatever it is, so the rule's gradient count
-    is exact up to the batch sizes (equal but for the last). ``comm`` (an active ``estimators.Comm``): each rank
-    draws from its own shard of the batches; the mean is over the group's active tokens (:func:`_group_token_mean`).
-    Peak extra memory: one batch's per-token losses and masks (B·T)."""
+    is exact up to the batch sizes (equal but for the last). ``comm`` (an active ``estimators.Comm``): ``pool`` is
+    this rank's shard of every batch and ``whole`` the owners of every whole batch (all ranks' rows), by which every
+    rank picks the same batch; a rank whose share of it holds no active token adds a zero share, and the mean is
+    over the group's active tokens (:func:`_group_token_mean`): one process's term. Peak extra memory: one batch's
+    per-token losses and masks (B·T)."""
     if not pool:
         raise ValueError("focused_npo: no batches")
+    whole = [b[3] for b in pool] if whole is None else list(whole)
+    if len(whole) != len(pool):
+        raise ValueError(f"focused_npo: {len(whole)} whole batches' owners for {len(pool)} batches")
     at = [-1]
 
     def pick():
         for _ in range(len(pool)):
             at[0] = (at[0] + 1) % len(pool)
-            if bool(focus.tokens(pool[at[0]][3]).any()):
+            if bool(focus.tokens(whole[at[0]]).any()):
                 return pool[at[0]]
         return None
 
     def npo_sum(model, batch):
         b = pick()
-        if b is None:  # this rank's shard holds no active token (another rank's does): a zero share
+        if b is None:  # no batch holds an active token (Focus never leaves every secret inactive): a zero term
             x, y = batch[0], batch[1]
             tok, m = _token_ce(model, x, y)
             return tok.sum() * 0.0, 0
@@ -1041,7 +1048,8 @@ class ObjectiveRequest:
     objective's options (``decoys``, ``per_token``, ``beta``: the Targeted rule's); ``comm``: the run's
     ``estimators.Comm`` (``comm.active`` under ``forget(group=)``; an inactive one otherwise), for an objective whose
     term needs a reduction over the ranks; ``focus``: None, or with ``UpdateConfig(focus=True)`` the :class:`Focus`
-    that the monitor updates, and ``z_owners`` the ``ForgetData.token_owners`` rows of each batch of ``zs``."""
+    that the search updates, and ``z_owners`` the ``ForgetData.token_owners`` rows of each batch of ``zs``: (this
+    rank's rows, the whole batch's rows) per batch."""
 
     model: Any
     tokenizer: Any
@@ -1101,8 +1109,9 @@ def _npo(req: ObjectiveRequest):
     if req.per_token:
         zs = _with_reference(req.model, req.zs)
         if req.focus is not None:
-            pool = [(*b, o) for b, o in zip(zs, req.z_owners)]
-            return focused_npo(req.beta, req.focus, pool, req.comm), zs, req.zt
+            shard, whole = req.z_owners
+            pool = [(*b, o) for b, o in zip(zs, shard)]
+            return focused_npo(req.beta, req.focus, pool, req.comm, whole), zs, req.zt
         return per_token_npo(req.beta, req.comm), zs, req.zt
     return None, req.zs, req.zt
 
@@ -1387,10 +1396,12 @@ def forget(model, tokenizer, texts, secret, *, heldout: Union[float, Sequence[st
         zt = shard_batches(_batches(corrected, batch_size), comm, "corrected")
         zs = shard_batches(_batches(affected_secret, batch_size), comm, "affected")
         z_owners = None
-        if update.focus:  # each Z batch's token owners, split like zs (the same rows of the same batches)
+        if update.focus:  # each Z batch's token owners: this rank's rows (split like zs) and the whole batch's
             towners = data.token_owners if order is None else data.token_owners[order]
-            z_owners = [b[0] for b in shard_batches([(towners[i:i + batch_size],)
-                                                     for i in range(0, len(towners), batch_size)], comm, "affected")]
+            obatches = [(towners[i:i + batch_size],) for i in range(0, len(towners), batch_size)]
+            if comm.active and len(obatches) > 1 and len(obatches[-1][0]) < comm.world:  # merged as shard_batches
+                obatches = obatches[:-2] + [(torch.cat([obatches[-2][0], obatches[-1][0]]),)]
+            z_owners = ([b[0] for b in shard_batches(obatches, comm, "affected")], [b[0] for b in obatches])
         rx, ry = (data.retain[0], data.retain[1]) if retain_windows is None else \
             (data.retain[0][:retain_windows], data.retain[1][:retain_windows])
         retain = shard_batches(_batches((rx, ry), batch_size), comm, "retain") if len(rx) else None
@@ -1526,8 +1537,7 @@ def forget(model, tokenizer, texts, secret, *, heldout: Union[float, Sequence[st
                 bar.n = min(cfg.steps, step)
                 bar.refresh()
             rise = v / val0 - 1.0
-            if focus is not None and v <= limit:  # the secrets the next steps push: those not met at this check
-                focus.update([not (m["exposure_hi"] <= target_exposure and not m["extracted"]) for m in ms])
+            unmet = [not (m["exposure_hi"] <= target_exposure and not m["extracted"]) for m in ms]
             return {"exposure": worst, "extracted": any(bool(m["extracted"]) for m in ms), "val_ppl": v,
                     "ppl_increase": rise, "cost": rise, "within_budget": v <= limit, "n_done": n_done,
                     "done": n_done == len(ms),
@@ -1535,11 +1545,14 @@ def forget(model, tokenizer, texts, secret, *, heldout: Union[float, Sequence[st
                     # moves a saturated secret (the unclipped extrapolation moved early and kept lr small: 40 bits
                     # and still extracted on the tests' LSTM, against 33 and not extracted)
                     "score": sum(m["exposure_steer"] + 4.0 * sum(bool(c["extracted"]) for c in m["completions"])
-                                 for m in ms) / len(ms)}
+                                 for m in ms) / len(ms),
+                    **({"unmet": unmet} if focus is not None else {})}
 
         from ..update.rules import as_method
 
         over = {"monitor": monitor, "retain": retain}
+        if focus is not None:  # the secrets the next steps push: those not met in the state the search kept
+            over["on_keep"] = lambda m: focus.update(m["unmet"])
         req = ObjectiveRequest(model=model, tokenizer=tokenizer, codec=codec, texts=texts, located=located,
                                nulls=nulls, replacements=replacements, data=data, seq_len=T, heldout=heldout,
                                seed=seed, vocab=vocab, batch_size=batch_size, decoys=decoys, per_token=per_token,
@@ -1598,6 +1611,7 @@ def forget(model, tokenizer, texts, secret, *, heldout: Union[float, Sequence[st
     rule_d["per_token"] = bool(per_token)
     rule_d["balanced"] = order is not None
     rule_d["focus"] = bool(update.focus)
+    rule_d["project"] = bool(cfg.project)
     hist = [{k: v for k, v in h.items() if k in ("step", "lr", "exposure", "extracted", "val_ppl", "ppl_increase",
                                                   "phase", "accepted", "n_done")} for h in info.get("history", [])]
     ev = None

@@ -766,13 +766,18 @@ class Targeted(_Rule):
     ``prob.info``: ``history`` (one entry per check, with its ``phase``: start, forget, repair or polish),
     ``stopped_by``, ``steps_run`` (repair and polish steps included), ``lr_final``.
     ``project`` (rho 0): the gradient at S of the forget term, g_f, and of the Z̃ and retain terms,
-    g_r, are taken by two backward passes; where they conflict (g_f·g_r < 0) a forget step drops from g_f its
-    component along g_r (g_f − (g_f·g_r/|g_r|²)·g_r + g_r: to first order the step leaves the retain terms
-    unchanged), and a repair or polish step drops from g_r its component along g_f (on the next Z batch: one more
-    gradient per step; to first order the repair does not undo the forgetting). Meant for a search held at the
-    perplexity budget, where every plain forget block leaves it and every repair brings the secrets back
-    (docs/forget.md). Under a group both gradients are averaged over the ranks before the projection (one
-    all_reduce of 2k values per step, in place of the plain step's k). Peak extra memory: 3k floats.
+    g_r, are taken by two backward passes (each forward freed before the next); where they conflict (g_f·g_r < 0)
+    a forget step drops from g_f its component along g_r (g_f − (g_f·g_r/|g_r|²)·g_r + g_r: to first order its
+    forget part leaves the Z̃ and retain terms unchanged, and the step still descends on them), and a repair or
+    polish step drops from g_r its component along g_f (on the next Z batch: one more gradient per step; to first
+    order the repair does not undo the forgetting). These first-order statements are for SGD without
+    ``step_scale``; with AdamW or a ``step_scale`` the projected gradient is rescaled per coordinate. Meant for a
+    search held at the perplexity budget, where every plain forget block leaves it and every repair brings the
+    secrets back (docs/forget.md). Under a group both gradients are averaged over the ranks before the projection
+    (one all_reduce of 2k + 2 values per step, in place of the plain step's k). Peak extra memory: 5k values (the
+    two gradients, their float64 copies and the step; 2k + 2 more under a group).
+    ``on_keep`` (with ``monitor``): called with the monitor's result (under a group the value every rank agreed
+    on) at the start and whenever the search keeps a checked state, never for a check it undoes.
 
     Fields: ``steps`` >= 0; ``lr`` > 0; ``lr_min`` / ``lr_max`` bounds of the search; ``beta`` > 0; the weights
     ``correct_weight``, ``forget_weight``, ``retain_weight`` >= 0; ``rho`` >= 0 (SAM radius; 0 = no SAM);
@@ -809,12 +814,14 @@ class Targeted(_Rule):
     retain_loss: Any = field(default=None, compare=False, repr=False)
     step_scale: Any = field(default=None, compare=False, repr=False)
     project: bool = False
+    on_keep: Any = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
         if not isinstance(self.project, bool):
             raise TypeError(f"Targeted: project must be a bool, got {type(self.project).__name__}")
-        if self.project and self.rho > 0:
-            raise ValueError("Targeted: project needs rho=0 (SAM's ascent step is taken on the summed loss)")
+        if self.on_keep is not None and not callable(self.on_keep):
+            raise TypeError(f"Targeted: on_keep must be callable on_keep(monitor_result) or None, got "
+                            f"{type(self.on_keep).__name__}")
         if self.step_scale is not None:
             if not isinstance(self.step_scale, torch.Tensor) or self.step_scale.dim() != 1 \
                     or not self.step_scale.is_floating_point():
@@ -837,6 +844,8 @@ class Targeted(_Rule):
         for name in ("lr", "beta"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"Targeted: {name} must be > 0, got {getattr(self, name)}")
+        if self.project and self.rho > 0:
+            raise ValueError("Targeted: project needs rho=0 (SAM's ascent step is taken on the summed loss)")
         if not self.lr_min <= self.lr <= self.lr_max:
             raise ValueError(f"Targeted: need lr_min <= lr <= lr_max, got {self.lr_min} <= {self.lr} <= {self.lr_max}")
         if self.base not in ("sgd", "adamw"):
@@ -902,6 +911,8 @@ class Targeted(_Rule):
             accepted = (prob.coords.snapshot(), copy.deepcopy(opt.state_dict()), 0)
             m0 = prob.agreed(lambda: self.monitor(0), "unlearn: the targeted rule's monitor")
             prev_score = float(m0.get("score", float("nan")))
+            if self.on_keep is not None:
+                self.on_keep(m0)
             history.append({"step": 0, "lr": lr, **m0, "phase": "start", "accepted": True})
             if m0.get("done"):
                 prob.info["stopped_by"] = "target"
@@ -943,40 +954,47 @@ class Targeted(_Rule):
             group each averaged over the ranks: one process's, as the summed loss's would be), the conflicting
             component removed, and .grad at S set to the step's gradient. Returns the step's (detached) loss, None
             when no term is active. Collective under a group (every rank calls it at the same step)."""
-            def local():
-                lf, lr_ = forget_term(bz, zref) if bz is not None else None, rest_term(bzt, br)
-                for t in (lf, lr_):
-                    if t is not None:
-                        finite(t)
-                if lf is None or lr_ is None:  # one term only: nothing to project against
-                    loss = lr_ if (not forget or lf is None) else lf
-                    if loss is None:
-                        return None, None, None
-                    loss.backward()
-                    return loss.detach(), grad_s(), None
-                lf.backward()
-                gf = grad_s()
-                lr_.backward()
-                return ((lf + lr_) if forget else lr_).detach(), gf, grad_s()
+            def one(term):  # forward, check, backward, gather: each graph freed before the next is built
+                if term is None:
+                    return None, None
+                finite(term)
+                term.backward()
+                return term.detach(), grad_s()
 
-            (loss, ga, gb), _ = prob.comm.run(lambda: (local(), ()), "unlearn: a targeted step", n_counts=0)
+            def local():
+                lf, gf = one(forget_term(bz, zref) if bz is not None else None)
+                lr_, gr = one(rest_term(bzt, br))
+                if not forget:  # a repair or polish step descends on the other terms only
+                    return lr_, gf, gr
+                return (None if lf is None and lr_ is None else sum(t for t in (lf, lr_) if t is not None),
+                        gf, gr)
+
+            (loss, gf, gr), _ = prob.comm.run(lambda: (local(), ()), "unlearn: a targeted step", n_counts=0)
+            if prob.comm.active:  # a fixed layout on every rank: [g_f | g_r | has g_f | has g_r]
+                k = coords.k
+                zero = torch.zeros(k, dtype=coords.dtype, device=prob.space.device)
+                flags = torch.tensor([gf is not None, gr is not None], dtype=coords.dtype, device=zero.device)
+                buf = torch.cat([zero if gf is None else gf, zero if gr is None else gr, flags])
+                prob.comm.sum_([buf])
+                n_f, n_r = int(round(float(buf[-2]))), int(round(float(buf[-1])))
+                if n_f not in (0, prob.comm.world) or n_r not in (0, prob.comm.world):
+                    raise ValueError("Targeted(project=True): the ranks have different loss terms (a forget, Z̃ or "
+                                     "retain term on some ranks only); every rank needs the same terms")
+                buf.div_(prob.comm.world)
+                gf = buf[:k] if n_f else None
+                gr = buf[k:2 * k] if n_r else None
             if loss is None:
                 return None
-            if prob.comm.active:
-                buf = torch.cat([ga] + ([gb] if gb is not None else []))
-                prob.comm.sum_([buf])
-                buf.div_(prob.comm.world)
-                ga, gb = (buf[:ga.numel()], buf[ga.numel():]) if gb is not None else (buf, None)
-            if gb is None:
-                g = ga
+            if forget and gf is not None and gr is not None:
+                a, b = gf.double(), gr.double()
+                dot = torch.dot(a, b)
+                g = (a - (dot / torch.dot(b, b)) * b if dot < 0 else a) + b
+            elif not forget and gf is not None:
+                a, b = gr.double(), gf.double()
+                dot = torch.dot(a, b)
+                g = a - (dot / torch.dot(b, b)) * b if dot < 0 else a
             else:
-                gf, gr = ga, gb
-                dot = torch.dot(gf.double(), gr.double())
-                if forget and dot < 0 and float(gr.double().norm()) > 0:
-                    gf = gf - (dot / torch.dot(gr.double(), gr.double())).to(gf.dtype) * gr
-                elif not forget and dot < 0 and float(gf.double().norm()) > 0:
-                    gr = gr - (dot / torch.dot(gf.double(), gf.double())).to(gr.dtype) * gf
-                g = gf + gr if forget else gr
+                g = gr if (gf is None or not forget) else gf
             with torch.no_grad():
                 for _, p, loc, a, b in coords.parts:
                     p.grad = torch.zeros_like(p)
@@ -1037,9 +1055,11 @@ class Targeted(_Rule):
                             "accepted": bool(m.get("within_budget", True))})
             return m
 
-        def keep():  # the accepted state: θ_S, the optimizer state and the trajectory's length (O(k))
+        def keep(m):  # the accepted state: θ_S, the optimizer state and the trajectory's length (O(k))
             nonlocal accepted
             accepted = (prob.coords.snapshot(), copy.deepcopy(opt.state_dict()), position)
+            if self.on_keep is not None:
+                self.on_keep(m)
 
         def undo():
             nonlocal position
@@ -1063,7 +1083,7 @@ class Targeted(_Rule):
                 if not ok:
                     undo()
                     break
-                keep()
+                keep(m)
                 cost = new
 
         while done_steps < self.steps:
@@ -1095,7 +1115,7 @@ class Targeted(_Rule):
                 for g in opt.param_groups:
                     g["lr"] = lr
                 continue
-            keep()
+            keep(m)
             if m.get("done"):
                 prob.info["stopped_by"] = "target"
                 polish(m)

@@ -297,19 +297,24 @@ def test_targeted_repair_steps_match_a_hand_written_loop_and_undo_when_they_fail
     model, sel, zs, zt, retain, state0 = _search_problem()
     theta0 = torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])
 
+    kept = []  # on_keep: the monitor's results of the states the search kept, never of one it undid
+
     def run(verdicts, repair_steps=2, steps=8):
         model.load_state_dict(state0)
         calls = iter(verdicts)
+        kept.clear()
 
         def monitor(step):
             ok, score = next(calls)
             return {"within_budget": ok, "done": score < 1, "score": score}
 
         return sk.unlearn(model, lm_loss, zs, zt, sel, method=Targeted(
-            steps=steps, lr=0.5, check_every=2, repair_steps=repair_steps, retain=retain, monitor=monitor))
+            steps=steps, lr=0.5, check_every=2, repair_steps=repair_steps, retain=retain, monitor=monitor,
+            on_keep=lambda m: kept.append(m["score"])))
 
     # θ*, then a forget block over the budget, one repair block back within it with a lower score: done
     rep = run([(True, 10.0), (False, 5.0), (True, 0.5)])
+    assert kept == [10.0, 0.5]
     oracle, _ = _model()
     _hand_targeted(oracle, sel, zs, zt, retain, 0.5, [True, True, False, False])
     got = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
@@ -323,6 +328,7 @@ def test_targeted_repair_steps_match_a_hand_written_loop_and_undo_when_they_fail
     assert rep.n_gradients == 16 * 4 + 8 * 2
     # the repair gets back within the budget but the secret came back (score 12 > 10): undone, lr / 4
     rep = run([(True, 10.0), (False, 5.0), (True, 12.0), (True, 0.5)], steps=6)
+    assert kept == [10.0, 0.5]  # the repair within the budget (12.0) was undone: not kept
     hist = rep.info["history"]
     assert [(h["phase"], h["accepted"]) for h in hist] == [("start", True), ("forget", False), ("repair", False),
                                                            ("forget", True)]

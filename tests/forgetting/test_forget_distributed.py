@@ -37,15 +37,24 @@ def _load(path):
     return model, cc
 
 
-def _run(model, cc, group=None, *, seed=3, strategy="ssd", hessian_windows=16, rule=None, target=None, **update):
+OTHER = "4242 1717"  # a second secret, written into the text (never trained on: at a 5-bit target met from the start)
+
+
+def _run(model, cc, group=None, *, seed=3, strategy="ssd", hessian_windows=16, rule=None, target=None,
+         two_secrets=False, batch_size=8, **update):
     """forget on the fixture: 10 steps (a check every 5; or ``rule``), budget 0.05, 40 reported and 20 monitored
     candidates, no attacks, forget's target (or ``target``); ``update``: UpdateConfig fields beside the rule and the
-    batches of 8."""
+    batches of 8 (or ``batch_size``). ``two_secrets``: OTHER written into the text twice and forgotten too."""
     from sapsel_kernels.forget import forget
 
-    rep = forget(model, cc.vocab, cc.text, {"secret": SECRET, "prefix": PREFIX}, heldout=[cc.heldout], seed=seed,
+    text, request = cc.text, {"secret": SECRET, "prefix": PREFIX}
+    if two_secrets:
+        cut = [text.index("\n", f * len(text) // 3) + 1 for f in (1, 2)]
+        text = text[:cut[0]] + f"code {OTHER}\n" + text[cut[0]:cut[1]] + f"code {OTHER}\n" + text[cut[1]:]
+        request = [request, {"secret": OTHER, "prefix": "code"}]
+    rep = forget(model, cc.vocab, text, request, heldout=[cc.heldout], seed=seed,
                  select=SelectConfig(strategy=strategy, budget=0.05, hessian_windows=hessian_windows),
-                 update=UpdateConfig(rule=rule or Targeted(steps=10, check_every=5), batch_size=8, **update),
+                 update=UpdateConfig(rule=rule or Targeted(steps=10, check_every=5), batch_size=batch_size, **update),
                  target=target or TargetConfig(), measure=MEASURE, group=group)
     s = rep.secrets[0]
     return {"flat": torch.cat([p.detach().reshape(-1) for p in model.parameters()]),
@@ -79,6 +88,12 @@ def trained():
                                                ("ssd", 3, {"per_token": False}),
                                                # the focused term: each rank draws from its own shard of Z
                                                ("ssd", 3, {"focus": True}),
+                                               # two secrets, one met from the start, one window per rank and
+                                               # batch: every rank picks the same batches by the whole batches'
+                                               # owners (a batch where only one rank's row is active included)
+                                               ("ssd", 3, {"focus": True, "two_secrets": True,
+                                                           "rule": Targeted(steps=10, check_every=2),
+                                                           "target": TargetConfig(exposure=5.0), "batch_size": 3}),
                                                # the projected step: both gradients averaged before the projection
                                                ("ssd", 3, {"rule": Targeted(steps=10, check_every=5,
                                                                             project=True)}),
@@ -94,7 +109,7 @@ def test_forget_group_equals_one_process(trained, strategy, world, kw):
     one = _run(model, cc, strategy=strategy, **kw)
     ranks = run_world(_ranked, world, trained, strategy, kw)
     assert one["steps"] > 0
-    if "target" in kw:
+    if "rule" in kw and kw["rule"].repair_steps:
         assert ("repair", False) in [d[1:3] for d in one["decisions"]]
     for r in ranks:
         # one selection, from the group's scores: the same scores (summation order aside) and the same k

@@ -357,6 +357,20 @@ def test_targeted_project_drops_the_conflicting_component(setup):
     th2 = th1.clone()
     th2[pick] -= lr * proj(gr1, gf1)
     torch.testing.assert_close(_theta(model), th2, rtol=1e-10, atol=1e-13)
+    # the forget step read Z, Z̃ and R; the repair step Z̃, R and Z (for the forget term's direction)
+    assert rep.n_gradients == 2 * (len(aff[0]) + len(cor[0]) + len(train[0]))
+    # a repair whose gradient agrees with the forget term's is not projected (S where they agree after step 1)
+    agree = torch.nonzero(gf * gr > 0).flatten()[:6]
+    verdicts = iter([(True, 10.0), (False, 5.0), (True, 0.5)])
+    _restore(model, state0)
+    sk.unlearn(model, loss_fn, aff, cor, agree, sk.Targeted(lr=lr, steps=2, beta=beta, retain=[train], check_every=1,
+                                                            repair_steps=1, monitor=monitor, project=True))
+    th1 = th0.clone()
+    th1[agree] -= lr * (gf[agree] + gr[agree])
+    gf1, gr1 = g_forget(th1)[agree], g_rest(th1)[agree]
+    assert torch.dot(gf1, gr1) > 0
+    th1[agree] -= lr * gr1
+    torch.testing.assert_close(_theta(model), th1, rtol=1e-10, atol=1e-13)
     with pytest.raises(TypeError, match="project must be a bool"):
         sk.Targeted(project=1)
     with pytest.raises(ValueError, match="project needs rho=0"):

@@ -517,18 +517,27 @@ def per_token_npo(beta: float = 1.0, comm=None):
     -100): mean over target tokens of (2/β)·softplus(β·(ref_t − ℓ_t)), the NPO loss per token. ``comm`` (an
     active ``estimators.Comm``): the mean over the whole batch's target tokens, each rank holding a shard of its
     windows (:func:`_group_token_mean`)."""
+    return _token_mean(lambda model, batch: _npo_token_sum(model, *batch, beta), comm)
 
-    def npo_sum(model, batch):
-        x, y, ref = batch
-        tok, m = _token_ce(model, x, y)
-        terms = (2.0 / beta) * F.softplus(beta * (ref.to(tok.device).reshape(-1) - tok))
-        return terms[m].sum(), int(m.sum())
 
+def _npo_token_sum(model, x, y, ref, beta: float, keep: Optional[torch.Tensor] = None):
+    """The NPO terms (2/β)·softplus(β·(ref_t − ℓ_t)) summed over the target tokens of ``(x, y)`` (and of ``keep``, a
+    bool mask shaped like ``y``, when given), and their number."""
+    tok, m = _token_ce(model, x, y)
+    if keep is not None:
+        m = m & keep.reshape(-1).to(m.device)
+    terms = (2.0 / beta) * F.softplus(beta * (ref.to(tok.device).reshape(-1) - tok))
+    return terms[m].sum(), int(m.sum())
+
+
+def _token_mean(token_sum, comm):
+    """``loss(model, batch)``: the mean over target tokens of a summed per-token term ``token_sum(model, batch) ->
+    (sum, n)``; over the group's tokens with an active ``comm`` (:func:`_group_token_mean`)."""
     if comm is not None and comm.active:
-        return _group_token_mean(comm, npo_sum, "the forget term")
+        return _group_token_mean(comm, token_sum, "the forget term")
 
     def loss(model, batch):
-        total, n = npo_sum(model, batch)
+        total, n = token_sum(model, batch)
         return total / n if n else total * float("nan")
 
     return loss
@@ -586,23 +595,12 @@ def focused_npo(beta: float, focus: Focus, pool: Sequence[Tuple[torch.Tensor, ..
     def npo_sum(model, batch):
         b = pick()
         if b is None:  # no batch holds an active token (Focus never leaves every secret inactive): a zero term
-            x, y = batch[0], batch[1]
-            tok, m = _token_ce(model, x, y)
-            return tok.sum() * 0.0, 0
+            x, y, ref = batch[:3]
+            return _npo_token_sum(model, x, y, ref, beta, keep=torch.zeros_like(y, dtype=torch.bool))
         x, y, ref, own = b
-        tok, m = _token_ce(model, x, y)
-        m = m & focus.tokens(own).reshape(-1).to(m.device)
-        terms = (2.0 / beta) * F.softplus(beta * (ref.to(tok.device).reshape(-1) - tok))
-        return terms[m].sum(), int(m.sum())
+        return _npo_token_sum(model, x, y, ref, beta, keep=focus.tokens(own))
 
-    if comm is not None and comm.active:
-        return _group_token_mean(comm, npo_sum, "the forget term")
-
-    def loss(model, batch):
-        total, n = npo_sum(model, batch)
-        return total / n if n else total * float("nan")
-
-    return loss
+    return _token_mean(npo_sum, comm)
 
 
 def _token_nll(model, seqs: Sequence[Sequence[int]], starts: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor]:

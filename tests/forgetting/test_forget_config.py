@@ -105,17 +105,23 @@ def test_deprecated_keywords_warn_and_give_the_same_report_as_the_configs(cc):
         "random", 0.05, 6, 0.5, 2)
 
 
+def _steps_on_tiny(cc, steps: int, field: str, **update):
+    """forget on the tiny untrained LSTM: ``steps`` fixed steps (a check every 2, a target never met, any perplexity
+    accepted), 5% random: (the weights after, the report's ``rule[field]``)."""
+    model = _tiny(cc)
+    rep = sk.forget(model, cc.vocab, cc.text, {"secret": SECRET, "prefix": PREFIX}, heldout=[cc.heldout], seed=5,
+                    select=SelectConfig(strategy="random", budget=0.05),
+                    update=UpdateConfig(rule=Targeted(steps=steps, lr=0.5, check_every=2), seq_len=16, **update),
+                    target=TargetConfig(exposure=0.0, max_ppl_increase=1.0),
+                    measure=MeasureConfig(n_candidates=20, n_monitor=10, evidence=None, progress=False))
+    return _flat(model), rep.rule[field]
+
+
 def test_per_token_default_is_per_token_for_npo_only(cc):
     """UpdateConfig(per_token=None), the default: npo runs its per-token term (the same weights, bit for bit, as
     per_token=True, and not those of per_token=False), and calibrated, which has no per-token form, runs as it did."""
     def run(**update):
-        model = _tiny(cc)
-        rep = sk.forget(model, cc.vocab, cc.text, {"secret": SECRET, "prefix": PREFIX}, heldout=[cc.heldout], seed=5,
-                        select=SelectConfig(strategy="random", budget=0.05),
-                        update=UpdateConfig(rule=Targeted(steps=4, lr=0.5, check_every=2), seq_len=16, **update),
-                        target=TargetConfig(exposure=0.0, max_ppl_increase=1.0),
-                        measure=MeasureConfig(n_candidates=20, n_monitor=10, evidence=None, progress=False))
-        return _flat(model), rep.rule["per_token"]
+        return _steps_on_tiny(cc, 4, "per_token", **update)
 
     assert UpdateConfig().per_token is None
     default, on, off = run(), run(per_token=True), run(per_token=False)
@@ -267,13 +273,7 @@ def test_focus_runs_the_per_token_term_and_is_refused_elsewhere_before_any_chang
     the term's) the weights are bit for bit those of focus=False, and the report says focus. Refused, before the
     model is touched: a non-bool, per_token=False, an objective without a per-token term."""
     def run(**update):
-        model = _tiny(cc)
-        rep = sk.forget(model, cc.vocab, cc.text, {"secret": SECRET, "prefix": PREFIX}, heldout=[cc.heldout], seed=5,
-                        select=SelectConfig(strategy="random", budget=0.05),
-                        update=UpdateConfig(rule=Targeted(steps=6, lr=0.5, check_every=2), seq_len=16, **update),
-                        target=TargetConfig(exposure=0.0, max_ppl_increase=1.0),
-                        measure=MeasureConfig(n_candidates=20, n_monitor=10, evidence=None, progress=False))
-        return _flat(model), rep.rule["focus"]
+        return _steps_on_tiny(cc, 6, "focus", **update)
 
     assert UpdateConfig().focus is False
     (on, f_on), (off, f_off) = run(focus=True), run()

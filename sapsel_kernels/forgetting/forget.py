@@ -166,7 +166,7 @@ def build_forget_data(tokenizer, texts: Sequence[str], secret: Union[str, Sequen
     codec = as_tokenizer(tokenizer)
     T = int(seq_len)
     stride = max(1, T // 2)
-    keys = ("x", "y", "ys", "xc", "yc", "owner", "tok_owner")
+    keys = ("x", "y", "ys", "xc", "yc", "tok_owner")
     win: Dict[str, List[torch.Tensor]] = {k: [] for k in keys}
     train_x, train_y, retain_x, retain_y, held = [], [], [], [], []
     n_occ = 0
@@ -221,7 +221,6 @@ def build_forget_data(tokenizer, texts: Sequence[str], secret: Union[str, Sequen
                 win["y"].append(y)
                 win["ys"].append(torch.where(tgt_secret, y, torch.full_like(y, IGNORE)))
                 hit = torch.nonzero(tgt_secret).flatten().tolist()
-                win["owner"].append(tuple(sorted(set().union(*(owner[s + 1 + j] for j in hit)))))
                 win["tok_owner"].append([(j, sorted(owner[s + 1 + j])) for j in hit])
                 # the same starting character in the clean text
                 c = starts[s]
@@ -285,7 +284,8 @@ def build_forget_data(tokenizer, texts: Sequence[str], secret: Union[str, Sequen
         retain=stack([retain_x[i] for i in order], [retain_y[i] for i in order]),
         val=stack([h[0] for h in held[0::2]], [h[1] for h in held[0::2]]),
         test=stack([h[0] for h in held[1::2]], [h[1] for h in held[1::2]]),
-        n_occurrences=n_occ, seq_len=T, offsets_exact=exact, owners=win["owner"], token_owners=tok_owner)
+        n_occurrences=n_occ, seq_len=T, offsets_exact=exact, token_owners=tok_owner,
+        owners=[tuple(sorted({i for _, o in w for i in o})) for w in win["tok_owner"]])  # the union of its tokens'
 
 
 def balanced_order(owners: Sequence[Tuple[int, ...]], seed: int) -> Optional[torch.Tensor]:

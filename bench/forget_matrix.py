@@ -224,6 +224,21 @@ def relearned(model, retain_batches, steps: int, seed: int):
 
 
 # ------------------------------------------------------------------------------------------------ one fixture
+def fingerprint(text: str, held: str, *models) -> str:
+    """sha1 (12 hex digits) of the planted training text, the held-out text and the models' weights (names, shapes
+    and bytes, in state-dict order): which build of a fixture a run was made on. The same recipe and seed give other
+    weights on another machine or software stack (float rounding over 1200 training steps: θ*'s held-out perplexity
+    was 120.8 on the machine that made forget_matrix_v3's fixtures, 122.3 on a later one), so runs on two builds
+    are not one-change comparisons."""
+    h = hashlib.sha1(text.encode())
+    h.update(held.encode())
+    for m in models:
+        for k, v in m.state_dict().items():
+            h.update(f"{k}{tuple(v.shape)}".encode())
+            h.update(v.detach().contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
 def load_fixture(name: str, seed: int, cache_dir: str, train_steps: int):
     """The fixture (model ``name``, ``seed``): its texts, secrets and tokenizer, θ* and the retrained model (trained
     here, or loaded from ``cache_dir``: trained weights, not committed), and the relearning attack's retained windows
@@ -283,8 +298,15 @@ def run_fixture(name: str, seed: int, args) -> dict:
     text, held, unseen, secrets, tok = fx.text, fx.held, fx.unseen, fx.secrets, fx.tok
     theta, retrained, t_train, t_retrain = fx.theta, fx.retrained, fx.train_s, fx.retrain_s
     retain_batches = fx.retain_batches
+    fp = fingerprint(text, held, theta, retrained)
+    old = res.get("fixture", {}).get("fingerprint")
+    if res["runs"] and old != fp:  # runs on another build of this fixture: never mixed with these
+        raise SystemExit(f"{path}: its {len(res['runs'])} runs were made on a build of this fixture with fingerprint "
+                         f"{old} (None: recorded before fingerprints), this one is {fp} (the same recipe trained on "
+                         f"another machine or software gives other weights); write to another --out")
     n_params = sum(p.numel() for p in theta.parameters())
-    base = {"n_params": n_params, "train_s": t_train, "retrain_s": t_retrain, "ppl_theta": ppl(theta, tok, held),
+    base = {"n_params": n_params, "fingerprint": fp, "train_s": t_train, "retrain_s": t_retrain,
+            "ppl_theta": ppl(theta, tok, held),
             "ppl_theta_unseen": ppl(theta, tok, unseen),
             "ppl_retrained": ppl(retrained, tok, held), "secrets": secrets,
             "theta": outsider(theta, tok, secrets, args.candidates),
@@ -318,7 +340,7 @@ def run_fixture(name: str, seed: int, args) -> dict:
                         select=sk.SelectConfig(strategy=strategy, budget=1.0 if strategy == "all" else args.budget),
                         update=sk.UpdateConfig(objective=args.objective, per_token=args.per_token,
                                                retain_loss=args.retain_loss, seq_len=st["seq_len"],
-                                               balance=st["balance"], focus=st["focus"],
+                                               balance=st["balance"], focus=bool(st["focus"]),
                                                rule=sk.Targeted(steps=args.steps, rho=args.rho, beta=args.beta,
                                                                 repair_steps=args.repair_steps,
                                                                 polish_steps=args.polish_steps,
@@ -396,7 +418,7 @@ def tag_of(st: dict, strategy: str) -> str:
     if st.get("balance", False):  # UpdateConfig(balance=True), measured in the fourth round
         tag += "-bal"
     if st.get("focus", False):  # UpdateConfig(focus=True), measured in the fifth round
-        tag += "-focus"
+        tag += "-focus" if st["focus"] is True else "-focusk"  # True: its first version; "kept": flags from kept checks
     if st.get("project", False):  # Targeted(project=True), measured in the fifth round
         tag += "-proj"
     return tag
@@ -411,7 +433,8 @@ def run_settings(args, strategy: str, default_window: int) -> dict:
             "per_token": args.per_token, "rho": args.rho, "beta": args.beta,
             "steer_margin": forget_module.STEER_MARGIN, "retain_loss": args.retain_loss,
             "repair_steps": args.repair_steps, "polish_steps": args.polish_steps,
-            "seq_len": args.seq_len or default_window, "balance": args.balance, "focus": args.focus,
+            "seq_len": args.seq_len or default_window, "balance": args.balance,
+            "focus": "kept" if args.focus else False,  # the flags come from the checks the search keeps (038e00a)
             "project": args.project}
 
 
@@ -430,6 +453,7 @@ def settings(row: dict) -> str:
     out += f", {st['polish_steps']} polish steps" if st.get("polish_steps") else ""
     out += ", secrets balanced" if st.get("balance") else ""
     out += ", focus on unmet secrets" if st.get("focus") else ""
+    out += " (flags from kept checks)" if st.get("focus") == "kept" else ""
     out += ", projected steps" if st.get("project") else ""
     return out + (f", SAM ρ={st['rho']:g}" if st.get("rho") else "")
 

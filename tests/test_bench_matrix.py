@@ -36,3 +36,27 @@ def test_new_settings_extend_the_tag_only_when_they_differ_from_their_old_value(
     assert fm.tag_of({**old, "repair_steps": 10, "seq_len": 128, "polish_steps": 50}, "hessian_ratio") == \
         base + "-rep10-T128-pol50"
     assert fm.tag_of({**old, "budget": 0.01}, "all").startswith("b1-")
+
+
+def test_focus_versions_have_their_own_keys():
+    """The first focus version (flags from every check, True) and the fixed one (flags from kept checks, "kept")
+    are different runs: a rerun of the fixed one must not overwrite the first one's record."""
+    st = {"budget": 0.05, "steps": 300, "objective": "npo", "per_token": True, "beta": 0.25, "rho": 0.0,
+          "steer_margin": 0.6, "retain_loss": "ce", "repair_steps": 10, "seq_len": 128, "project": True}
+    first, kept = fm.tag_of({**st, "focus": True}, "hessian_ratio"), fm.tag_of({**st, "focus": "kept"}, "hessian_ratio")
+    assert first.endswith("-T128-focus-proj") and kept.endswith("-T128-focusk-proj")
+    assert fm.tag_of({**st, "focus": False}, "hessian_ratio").endswith("-T128-proj")
+    assert "flags from kept checks" in fm.settings({"settings": {**st, "focus": "kept"}})
+    assert "flags from kept checks" not in fm.settings({"settings": {**st, "focus": True}})
+
+
+def test_fingerprint_tells_builds_apart():
+    torch = pytest.importorskip("torch")
+    a, b = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    b.load_state_dict(a.state_dict())
+    assert fm.fingerprint("t", "h", a) == fm.fingerprint("t", "h", b)  # equal weights, equal prints
+    with torch.no_grad():
+        b.weight[0, 0] = torch.nextafter(b.weight[0, 0], torch.tensor(9.0))  # one ulp
+    assert fm.fingerprint("t", "h", a) != fm.fingerprint("t", "h", b)
+    assert fm.fingerprint("t", "h", a) != fm.fingerprint("t", "h2", a)
+    assert fm.fingerprint("t", "h", a) != fm.fingerprint("t2", "h", a)

@@ -81,7 +81,7 @@ def run(model, tok, text, held, secrets, steps: int, seed: int):
     t0 = time.perf_counter()
     rep = forget(m, tok, [text], [dict(secret=d["secret"], prefix=d["prefix"]) for d in secrets], heldout=[held],
                  seed=seed, select=SelectConfig(strategy="ssd", budget=0.01),
-                 update=UpdateConfig(rule=Targeted(steps=steps, beta=1.0), per_token=False),
+                 update=UpdateConfig(rule=Targeted(steps=steps, beta=1.0), per_token=False, precondition=None),
                  measure=MeasureConfig(progress=False))
     wall = time.perf_counter() - t0
     c = rep.cost

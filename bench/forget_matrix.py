@@ -341,6 +341,7 @@ def run_fixture(name: str, seed: int, args) -> dict:
                         update=sk.UpdateConfig(objective=args.objective, per_token=args.per_token,
                                                retain_loss=args.retain_loss, seq_len=st["seq_len"],
                                                balance=st["balance"], focus=bool(st["focus"]),
+                                               precondition=st["precondition"],
                                                rule=sk.Targeted(steps=args.steps, rho=args.rho, beta=args.beta,
                                                                 repair_steps=args.repair_steps,
                                                                 polish_steps=args.polish_steps,
@@ -394,8 +395,9 @@ def short_label(strategy: str, row: dict) -> str:
     out += f" T{st['seq_len']}" if st.get("seq_len", 64) != 64 else ""
     out += f" pol{st['polish_steps']}" if st.get("polish_steps") else ""
     out += " bal" if st.get("balance") else ""
-    out += " focus" if st.get("focus") else ""
+    out += (" focus" if st["focus"] is True else " focusk") if st.get("focus") else ""
     out += " proj" if st.get("project") else ""
+    out += f" {st['precondition']}" if st.get("precondition") else ""
     return out
 
 
@@ -421,6 +423,8 @@ def tag_of(st: dict, strategy: str) -> str:
         tag += "-focus" if st["focus"] is True else "-focusk"  # True: its first version; "kept": flags from kept checks
     if st.get("project", False):  # Targeted(project=True), measured in the fifth round
         tag += "-proj"
+    if st.get("precondition"):  # UpdateConfig(precondition=), measured on the matrix in the sixth round
+        tag += f"-pre{st['precondition']}"
     return tag
 
 
@@ -435,7 +439,7 @@ def run_settings(args, strategy: str, default_window: int) -> dict:
             "repair_steps": args.repair_steps, "polish_steps": args.polish_steps,
             "seq_len": args.seq_len or default_window, "balance": args.balance,
             "focus": "kept" if args.focus else False,  # the flags come from the checks the search keeps (038e00a)
-            "project": args.project}
+            "project": args.project, "precondition": args.precondition}
 
 
 # ------------------------------------------------------------------------------------------------ table
@@ -455,6 +459,7 @@ def settings(row: dict) -> str:
     out += ", focus on unmet secrets" if st.get("focus") else ""
     out += " (flags from kept checks)" if st.get("focus") == "kept" else ""
     out += ", projected steps" if st.get("project") else ""
+    out += f", {st['precondition']}-preconditioned steps" if st.get("precondition") else ""
     return out + (f", SAM ρ={st['rho']:g}" if st.get("rho") else "")
 
 
@@ -563,11 +568,14 @@ def main(argv=None):
                     help="UpdateConfig(balance=True): every secret weighs about the same in Z (the fourth round)")
     ap.add_argument("--focus", action="store_true",
                     help="UpdateConfig(focus=True): the forget term pushes only the secrets not yet met (the fifth "
-                         "round)")
+                         "round; forget's default since the sixth, this script's only with this flag)")
     ap.add_argument("--project", action="store_true",
                     help="Targeted(project=True): forget steps without their component against the retain terms, "
                          "repairs without theirs against the forget term (the fifth round; forget's default since, "
                          "this script's only with this flag)")
+    ap.add_argument("--precondition", choices=("fisher",), default=None,
+                    help="UpdateConfig(precondition=): the step on S scaled by the retained text's Fisher (the sixth "
+                         "round; forget's default with focus since, this script's only with this flag)")
     ap.add_argument("--candidates", type=int, default=500)
     ap.add_argument("--train-steps", type=int, default=1200)
     ap.add_argument("--relearn-steps", type=int, default=50)

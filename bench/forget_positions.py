@@ -75,7 +75,7 @@ def main(argv=None):
     t0 = time.perf_counter()
     rep = sk.forget(model, tok, [text], [{"secret": s["secret"], "prefix": s["prefix"]} for s in secrets],
                     heldout=[held], seed=a.seed, select=sk.SelectConfig(strategy="hessian_ratio", budget=0.05),
-                    update=sk.UpdateConfig(seq_len=a.seq_len, per_token=True,
+                    update=sk.UpdateConfig(seq_len=a.seq_len, per_token=True, focus=False, precondition=None,
                                            rule=sk.Targeted(steps=a.steps, beta=0.25, repair_steps=a.repair_steps)),
                     measure=sk.MeasureConfig(n_candidates=500, progress=False,
                                              evidence=sk.Evidence(n_samples=32, relearn_steps=0, int8=False)))

@@ -186,7 +186,7 @@ def main(argv=None):
                  # steering to 80%)
                  select=SelectConfig(strategy="ssd", budget=0.01, hessian_windows=16),
                  update=UpdateConfig(rule=Targeted(steps=a.forget_steps, beta=1.0), seq_len=a.seq, batch_size=4,
-                                     per_token=False),
+                                     per_token=False, precondition=None),
                  measure=MeasureConfig(n_candidates=a.n_candidates, n_monitor=a.n_monitor,
                                        evidence=Evidence(n_samples=16, relearn_steps=20), progress=False))
     wall = time.perf_counter() - t0

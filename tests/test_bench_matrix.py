@@ -60,3 +60,19 @@ def test_fingerprint_tells_builds_apart():
     assert fm.fingerprint("t", "h", a) != fm.fingerprint("t", "h", b)
     assert fm.fingerprint("t", "h", a) != fm.fingerprint("t", "h2", a)
     assert fm.fingerprint("t", "h", a) != fm.fingerprint("t2", "h", a)
+
+
+def test_precondition_extends_the_key_only_when_set():
+    st = {"budget": 0.05, "steps": 300, "objective": "npo", "per_token": True, "beta": 0.25, "rho": 0.0,
+          "steer_margin": 0.6, "retain_loss": "ce", "repair_steps": 10, "seq_len": 128, "project": True}
+    assert fm.tag_of({**st, "precondition": None}, "hessian_ratio") == fm.tag_of(st, "hessian_ratio")
+    assert fm.tag_of({**st, "precondition": "fisher"}, "hessian_ratio").endswith("-proj-prefisher")
+
+
+def test_figure_labels_tell_every_setting_apart():
+    st = {"budget": 0.05, "steps": 300, "objective": "npo", "per_token": True, "beta": 0.25, "rho": 0.0,
+          "steer_margin": 0.6, "retain_loss": "ce", "repair_steps": 10, "seq_len": 128, "polish_steps": 50,
+          "project": True}
+    labels = {fm.short_label("hessian_ratio", {"settings": {**st, **extra}})
+              for extra in ({}, {"focus": True}, {"focus": "kept"}, {"focus": "kept", "precondition": "fisher"})}
+    assert len(labels) == 4

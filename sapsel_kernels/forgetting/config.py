@@ -147,19 +147,24 @@ class UpdateConfig:
     ``per_token``: the NPO term per secret token, each keeping its own fading weight (True / False; objective
     "npo" only; None, the default: per token where the objective has that form, i.e. for "npo" -- chosen on the
     fixture matrix, docs/forget.md: the batch mean's weight fades once the easy secrets' loss has risen, before the
-    hard ones moved); ``decoys``: random decoy secrets for objective "uniform"; ``precondition``: None (default) or
-    "fisher" -- the SGD step on S scaled per coordinate by 1 / (F_D + mean F_D), F_D the retained text's empirical
-    Fisher diagonal on S over the first ``SelectConfig.hessian_windows`` retained windows, normalised to mean 1
-    (:func:`~sapsel_kernels.forget.retain_fisher_scale`; needs the rule's base "sgd" and rho 0; one process only);
+    hard ones moved); ``decoys``: random decoy secrets for objective "uniform"; ``precondition``: "fisher" -- the
+    SGD step on S scaled per coordinate by 1 / (F_D + mean F_D), F_D the retained text's empirical Fisher diagonal on
+    S over the first ``SelectConfig.hessian_windows`` retained windows, normalised to mean 1
+    (:func:`~sapsel_kernels.forget.retain_fisher_scale`; needs the rule's base "sgd" and rho 0; under a group every
+    rank computes it on the same windows and the group takes rank 0's); "auto" (default): "fisher" where it was
+    measured -- with focus on (the per-token npo term), the rule's base "sgd", rho 0 and retained windows -- else
+    none (chosen on the fixture matrix, docs/forget.md, the sixth round); None: no preconditioner;
     ``balance``: False (default): each window of Z once, in text order, so a secret weighs by its number of
     occurrences; True: every secret of a request weighs about the same by its number of windows, in the forget
     term, the Z̃ term and the selection's scores, its windows repeated in a seeded shuffle
     (:func:`~sapsel_kernels.forget.balanced_order`). Measured on the fixture matrix (docs/forget.md): it meets the
     secrets inserted least often (4-insertion misses 7 of 24 -> 3 of 24) but fewer in all (82 of 96 against 84),
-    so it is not the default; ``focus``: False (default): the per-token NPO term pushes every secret of the request
-    until the target is met for all; True: after each check within the perplexity budget it pushes only the
-    secrets not yet met there, on their tokens only, from the next Z batch that holds one
-    (:func:`~sapsel_kernels.forget.focused_npo`; per-token npo only).
+    so it is not the default; ``focus``: None (default): True where the forget term is per token (npo), else False;
+    True: after each check whose state the search keeps, the per-token NPO term pushes only the secrets not yet
+    met there, on their tokens only, from the next Z batch that holds one
+    (:func:`~sapsel_kernels.forget.focused_npo`; per-token npo only); False: it pushes every secret of the request
+    until the target is met for all. Chosen on the fixture matrix (docs/forget.md, the sixth round: on six
+    fixture-seeds it met forget's own target in more cells, at a lower perplexity in most).
     """
 
     objective: str = "npo"
@@ -173,14 +178,15 @@ class UpdateConfig:
     retain_windows: Optional[int] = None
     per_token: Optional[bool] = None
     decoys: int = 0
-    precondition: Optional[str] = None
+    precondition: Optional[str] = "auto"
     balance: bool = False
-    focus: bool = False
+    focus: Optional[bool] = None
 
     def __post_init__(self):
-        for name in ("balance", "focus"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"UpdateConfig.{name} must be a bool, got {type(getattr(self, name)).__name__}")
+        if not isinstance(self.balance, bool):
+            raise TypeError(f"UpdateConfig.balance must be a bool, got {type(self.balance).__name__}")
+        if self.focus is not None and not isinstance(self.focus, bool):
+            raise TypeError(f"UpdateConfig.focus must be None or a bool, got {type(self.focus).__name__}")
         if not isinstance(self.objective, str):
             raise TypeError(f"UpdateConfig.objective must be a str, got {type(self.objective).__name__}")
         if not isinstance(self.rule, Targeted):
@@ -197,9 +203,9 @@ class UpdateConfig:
         if self.per_token is not None and not isinstance(self.per_token, bool):
             raise TypeError(f"UpdateConfig.per_token must be None or a bool, got {type(self.per_token).__name__}")
         _int("UpdateConfig", "decoys", self.decoys, 0)
-        if self.precondition not in (None, "fisher"):
-            raise ValueError(f"UpdateConfig.precondition must be None or 'fisher', got {self.precondition!r}")
-        if self.precondition is not None and (self.rule.base != "sgd" or self.rule.rho > 0):
+        if self.precondition not in ("auto", None, "fisher"):
+            raise ValueError(f"UpdateConfig.precondition must be 'auto', None or 'fisher', got {self.precondition!r}")
+        if self.precondition == "fisher" and (self.rule.base != "sgd" or self.rule.rho > 0):
             raise ValueError("UpdateConfig.precondition scales the SGD step: it needs a rule with base='sgd' and "
                              f"rho=0 (got base={self.rule.base!r}, rho={self.rule.rho!r})")
 

@@ -1293,6 +1293,8 @@ def forget(model, tokenizer, texts, secret, *, heldout: Union[float, Sequence[st
         if update.focus and not (obj.focus and per_token):
             raise ValueError(f"focus applies to the per-token forget term only (objective='npo' with per_token "
                              f"True or None), not objective={objective!r} with per_token={update.per_token!r}")
+        # the default (None): focus where the forget term is per token (npo; docs/forget.md, the sixth round)
+        focus_on = bool(obj.focus and per_token) if update.focus is None else update.focus
         if not obj.many_secrets and len(specs) > 1:
             raise ValueError(f"objective={objective!r} takes one secret per run")
         if decoys and not obj.decoys:
@@ -1307,8 +1309,6 @@ def forget(model, tokenizer, texts, secret, *, heldout: Union[float, Sequence[st
             raise ValueError("the held-out texts are empty")
         budget_k(budget, sum(p.numel() for p in model.parameters() if p.requires_grad))
         if group is not None:
-            if update.precondition is not None:
-                raise ValueError("forget(group=) does not support UpdateConfig(precondition=...) yet")
             if not obj.group or retain_loss != "ce":
                 raise ValueError("forget(group=) supports objective='npo' and retain_loss='ce' only "
                                  f"(got objective={objective!r}, retain_loss={retain_loss!r})")
@@ -1394,7 +1394,7 @@ def forget(model, tokenizer, texts, secret, *, heldout: Union[float, Sequence[st
         zt = shard_batches(_batches(corrected, batch_size), comm, "corrected")
         zs = shard_batches(_batches(affected_secret, batch_size), comm, "affected")
         z_owners = None
-        if update.focus:  # each Z batch's token owners: this rank's rows (split like zs) and the whole batch's
+        if focus_on:  # each Z batch's token owners: this rank's rows (split like zs) and the whole batch's
             towners = data.token_owners if order is None else data.token_owners[order]
             obatches = [(towners[i:i + batch_size],) for i in range(0, len(towners), batch_size)]
             if comm.active and len(obatches) > 1 and len(obatches[-1][0]) < comm.world:  # merged as shard_batches
@@ -1403,7 +1403,7 @@ def forget(model, tokenizer, texts, secret, *, heldout: Union[float, Sequence[st
         rx, ry = (data.retain[0], data.retain[1]) if retain_windows is None else \
             (data.retain[0][:retain_windows], data.retain[1][:retain_windows])
         retain = shard_batches(_batches((rx, ry), batch_size), comm, "retain") if len(rx) else None
-        if update.precondition is not None and not len(data.retain[0]):
+        if update.precondition == "fisher" and not len(data.retain[0]):
             raise ValueError("UpdateConfig(precondition='fisher') needs retained windows (training text without a "
                              "secret); the texts hold none")
     except Exception as exc:  # noqa: BLE001 - one process: raised as it is; a group: on every rank, below
@@ -1500,7 +1500,7 @@ def forget(model, tokenizer, texts, secret, *, heldout: Union[float, Sequence[st
         limit = val0 * (1.0 + STEER_MARGIN * max_ppl_increase)
 
         stale: Dict[str, Any] = {"scores": None, "age": 0}
-        focus = Focus(len(located)) if update.focus else None
+        focus = Focus(len(located)) if focus_on else None
 
         def monitor_audit():
             """The monitored candidates are re-scored every MONITOR_REFRESH checks and whenever the stale ranks say
@@ -1565,8 +1565,22 @@ def forget(model, tokenizer, texts, secret, *, heldout: Union[float, Sequence[st
 
         coords = Coords(space, sel)
         precond_grads = 0
-        if update.precondition == "fisher":
-            over["step_scale"], precond_grads = retain_fisher_scale(model, coords, data.retain, hessian_windows)
+        precondition = update.precondition
+        if precondition == "auto":  # the default: fisher where it was measured (docs/forget.md, the sixth round)
+            precondition = "fisher" if (focus_on and cfg.base == "sgd" and cfg.rho == 0
+                                        and len(data.retain[0])) else None
+        if precondition == "fisher":
+            # every rank computes it on the same (replicated) windows, an error on one stops all (comm.run); the
+            # group then takes rank 0's scale, so that a backward that rounds differently per run cannot split
+            # the replicas
+            (scale, precond_grads), _ = comm.run(
+                lambda: (retain_fisher_scale(model, coords, data.retain, hessian_windows), (0,)),
+                "the Fisher step's scale")
+            if comm.active:
+                import torch.distributed as dist
+
+                dist.broadcast(scale, src=dist.get_global_rank(comm.group, 0), group=comm.group)
+            over["step_scale"] = scale
         cfg = as_method(cfg, **over)
         theta_s = coords.snapshot()  # O(k): the model is restored if the measurement after unlearning fails
         t0 = time.perf_counter()
@@ -1605,10 +1619,10 @@ def forget(model, tokenizer, texts, secret, *, heldout: Union[float, Sequence[st
                                           "forget_weight", "retain_weight", "rho", "weight_decay", "check_every",
                                           "repair_steps", "polish_steps")}
     rule_d["lr_final"] = info.get("lr_final")
-    rule_d["precondition"] = update.precondition
+    rule_d["precondition"] = precondition
     rule_d["per_token"] = bool(per_token)
     rule_d["balanced"] = order is not None
-    rule_d["focus"] = bool(update.focus)
+    rule_d["focus"] = focus_on
     rule_d["project"] = bool(cfg.project)
     hist = [{k: v for k, v in h.items() if k in ("step", "lr", "exposure", "extracted", "val_ppl", "ppl_increase",
                                                   "phase", "accepted", "n_done")} for h in info.get("history", [])]

@@ -784,7 +784,8 @@ class Targeted(_Rule):
     ``weight_decay`` >= 0 (on S only); ``check_every`` >= 1; ``repair_steps``, ``polish_steps`` >= 0; ``base`` "sgd"
     (default) or "adamw"; ``step_scale``: None or a [k] tensor of per-coordinate multipliers of the selected
     gradient before every step, in S's order (a diagonal preconditioner; base "sgd" and rho 0 only; ``forget`` builds
-    one from ``UpdateConfig(precondition="fisher")``). SGD is the default because on the tests' memorised character
+    one from ``UpdateConfig(precondition="fisher")``, and by default, "auto", with SGD, rho 0 and
+    focus). SGD is the default because on the tests' memorised character
     LSTM it forgot more within the same perplexity budget: Adam's first steps move every selected coordinate by about
     ±lr whatever its gradient, which costs perplexity before the secret's loss moves (exposure 33 vs 47 bits at +5%
     with the hessian 5% selection).

@@ -237,8 +237,8 @@ def test_balance_changes_a_request_of_unequal_secrets_only(cc):
     seen = {}
     real, real_data = forget_module.shard_batches, forget_module.build_forget_data
 
-    def spy(batches, comm, what):  # the Z (affected) and Z̃ (corrected) batches the rule runs on
-        seen[what] = torch.cat([b[0] for b in batches])
+    def spy(batches, comm, what):  # the Z (affected) and Z̃ (corrected) batches the rule runs on (the first call
+        seen.setdefault(what, torch.cat([b[0] for b in batches]))  # of each: focus shards Z's owners after Z)
         return real(batches, comm, what)
 
     def spy_data(*args, **kwargs):
@@ -270,16 +270,22 @@ def test_balance_changes_a_request_of_unequal_secrets_only(cc):
 def test_focus_runs_the_per_token_term_and_is_refused_elsewhere_before_any_change(cc):
     """UpdateConfig(focus=True): with one secret every Z batch holds an active token, so the focused term takes the
     batches in the rule's own order and masks nothing: without repair steps (which advance the rule's cycle but not
-    the term's) the weights are bit for bit those of focus=False, and the report says focus. Refused, before the
-    model is touched: a non-bool, per_token=False, an objective without a per-token term."""
+    the term's) the weights are bit for bit those of focus=False, and the report says focus. The default (None) is
+    focus where the term is per token: the weights of focus=True and the report's focus True; with per_token=False
+    or an objective without a per-token term it is off (no error). Refused, before the model is touched: a
+    non-bool, focus=True with per_token=False or with an objective without a per-token term."""
     def run(**update):
         return _steps_on_tiny(cc, 6, "focus", **update)
 
-    assert UpdateConfig().focus is False
-    (on, f_on), (off, f_off) = run(focus=True), run()
+    assert UpdateConfig().focus is None
+    # (the default preconditioner, "auto", follows focus: pinned off here to compare the terms alone)
+    (on, f_on), (off, f_off) = run(focus=True, precondition=None), run(focus=False, precondition=None)
     assert f_on is True and f_off is False and torch.equal(on, off)
+    (default, f_def), (on_auto, _) = run(), run(focus=True)
+    assert f_def is True and torch.equal(default, on_auto)
     assert not torch.equal(on, _flat(_tiny(cc)))  # the run did move the weights
-    with pytest.raises(TypeError, match="focus must be a bool"):
+    assert run(per_token=False)[1] is False and run(objective="calibrated")[1] is False
+    with pytest.raises(TypeError, match="focus must be None or a bool"):
         UpdateConfig(focus=1)
     for bad, match in (({"per_token": False}, "focus applies to the per-token forget term only"),
                        ({"objective": "uniform"}, "focus applies to the per-token forget term only")):
@@ -674,26 +680,39 @@ def test_retain_fisher_scale_against_a_loop_written_from_its_definition(cc):
 
 def test_precondition_is_checked_when_the_config_is_built():
     assert UpdateConfig(precondition="fisher").precondition == "fisher"
-    with pytest.raises(ValueError, match="precondition must be None or 'fisher'"):
+    assert UpdateConfig().precondition == "auto"
+    with pytest.raises(ValueError, match="precondition must be 'auto', None or 'fisher'"):
         UpdateConfig(precondition="adam")
     with pytest.raises(ValueError, match="base='sgd'"):
         UpdateConfig(precondition="fisher", rule=Targeted(base="adamw"))
+    UpdateConfig(rule=Targeted(base="adamw"))  # "auto" is never refused: it resolves to none there
 
 
 def test_forget_with_precondition_runs_and_counts_its_gradients(cc):
-    """The step differs from the plain one (the scale is used) and its gradients are counted."""
+    """The step differs from the plain one (the scale is used) and its gradients are counted. The default, "auto",
+    is "fisher" bit for bit with an SGD rule and the per-token term (focus), and none with AdamW (where the scale
+    does not apply) or the batch mean's term (not measured with it); the report says which ran."""
     reps, weights = {}, {}
-    for pre in (None, "fisher"):
+    for pre, base, per_token in ((None, "sgd", None), ("fisher", "sgd", None), ("auto", "sgd", None),
+                                 ("auto", "adamw", None), (None, "adamw", None), ("auto", "sgd", False)):
         model = _tiny(cc)
-        reps[pre] = sk.forget(model, cc.vocab, cc.text, {"secret": SECRET, "prefix": PREFIX}, heldout=[cc.heldout],
-                              select=SelectConfig(budget=0.05, hessian_windows=4),
-                              update=UpdateConfig(rule=Targeted(steps=4, check_every=2), seq_len=24,
-                                                  precondition=pre),
-                              target=TargetConfig(exposure=0.0),
-                              measure=MeasureConfig(n_candidates=20, n_monitor=10, evidence=None, progress=False))
-        weights[pre] = _flat(model)
-    assert not torch.equal(weights[None], weights["fisher"])
-    assert reps["fisher"].cost["n_gradients"] > reps[None].cost["n_gradients"]
+        reps[pre, base, per_token] = sk.forget(model, cc.vocab, cc.text, {"secret": SECRET, "prefix": PREFIX},
+                                    heldout=[cc.heldout], select=SelectConfig(budget=0.05, hessian_windows=4),
+                                    update=UpdateConfig(rule=Targeted(steps=4, check_every=2, base=base), seq_len=24,
+                                                        precondition=pre, per_token=per_token),
+                                    target=TargetConfig(exposure=0.0),
+                                    measure=MeasureConfig(n_candidates=20, n_monitor=10, evidence=None,
+                                                          progress=False))
+        weights[pre, base, per_token] = _flat(model)
+    w = {k[:2]: v for k, v in weights.items() if k[2] is None}
+    r = {k[:2]: v for k, v in reps.items() if k[2] is None}
+    assert not torch.equal(w[None, "sgd"], w["fisher", "sgd"])
+    assert r["fisher", "sgd"].cost["n_gradients"] > r[None, "sgd"].cost["n_gradients"]
+    assert torch.equal(w["auto", "sgd"], w["fisher", "sgd"])
+    assert r["auto", "sgd"].rule["precondition"] == "fisher" and r[None, "sgd"].rule["precondition"] is None
+    assert torch.equal(w["auto", "adamw"], w[None, "adamw"])
+    assert r["auto", "adamw"].rule["precondition"] is None
+    assert reps["auto", "sgd", False].rule["precondition"] is None  # no focus (batch-mean npo): as measured, none
 
 
 def test_a_diverged_perplexity_is_infinite_not_an_overflow_error():

@@ -86,6 +86,9 @@ def trained():
 @pytest.mark.parametrize("strategy,world,kw", [("ssd", 2, {}), ("hessian", 2, {}), ("ssd", 3, {}),
                                                ("hessian", 3, {"hessian_windows": 24}),
                                                ("ssd", 3, {"per_token": False}),
+                                               # the default preconditioner ("auto": fisher, each rank computes
+                                               # it on the same windows) above; without it here
+                                               ("ssd", 2, {"precondition": None}),
                                                # the focused term: each rank draws from its own shard of Z
                                                ("ssd", 3, {"focus": True}),
                                                # two secrets, one met from the start, one window per rank and
@@ -97,9 +100,12 @@ def trained():
                                                # the projected step: both gradients averaged before the projection
                                                ("ssd", 3, {"rule": Targeted(steps=10, check_every=5,
                                                                             project=True)}),
+                                               # (a block over the budget and a failed projected repair: a
+                                               # scenario found without the preconditioner)
                                                ("ssd", 2, {"rule": Targeted(steps=20, lr=3.0, check_every=5,
                                                                             repair_steps=5, project=True),
-                                                           "target": TargetConfig(max_ppl_increase=0.005)}),
+                                                           "target": TargetConfig(max_ppl_increase=0.005),
+                                                           "precondition": None}),
                                                # a block over a tight budget and its (failed) repair, world 2
                                                ("ssd", 2, {"rule": Targeted(steps=20, lr=3.0, check_every=5,
                                                                             repair_steps=5),
@@ -114,7 +120,9 @@ def test_forget_group_equals_one_process(trained, strategy, world, kw):
     for r in ranks:
         # one selection, from the group's scores: the same scores (summation order aside) and the same k
         assert r["k"] == one["k"]
-        torch.testing.assert_close(r["scores"], one["scores"], rtol=1e-4, atol=1e-7)
+        # (ssd's ratio F_Z / F_D amplifies the summation order's rounding where F_D is small: 1.5e-4 relative on one
+        # score of 9653 on one of the project's machines; k, every decision and the weights must still agree, below)
+        torch.testing.assert_close(r["scores"], one["scores"], rtol=1e-3, atol=1e-7)
         assert r["decisions"] == one["decisions"] and r["steps"] == one["steps"]
         assert r["stopped_by"] == one["stopped_by"]
         torch.testing.assert_close(r["flat"], one["flat"], rtol=1e-4, atol=1e-5)

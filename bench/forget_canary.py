@@ -247,7 +247,9 @@ def main():
                          heldout=[held], seed=a.seed,
                          select=SelectConfig(strategy=strategy, budget=1.0 if strategy == "all" else budget,
                                              scores=scores.get(strategy)),
-                         update=UpdateConfig(objective=a.objective, rule=rule, seq_len=T, decoys=a.decoys),
+                         # focus and the Fisher step pinned off: the settings its stored results were measured with
+                         update=UpdateConfig(objective=a.objective, rule=rule, seq_len=T, decoys=a.decoys,
+                                             focus=False, precondition=None),
                          target=TargetConfig(max_ppl_increase=a.max_ppl_increase),
                          measure=MeasureConfig(context="\n", progress=False))
             wall = time.perf_counter() - t1

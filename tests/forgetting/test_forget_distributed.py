@@ -62,7 +62,8 @@ def _run(model, cc, group=None, *, seed=3, strategy="ssd", hessian_windows=16, r
             "decisions": [(h["step"], h.get("phase"), h.get("accepted"), round(h["lr"], 12)) for h in rep.history],
             "ppl": (rep.ppl_before, rep.ppl_after, rep.val_ppl_before, rep.val_ppl_after),
             "exposure": (s["exposure_before"], s["exposure_after"]), "n_gradients": rep.cost["n_gradients"],
-            "scores": rep.scores.clone() if rep.scores is not None else None}
+            "scores": rep.scores.clone() if rep.scores is not None else None,
+            "precondition": rep.rule["precondition"]}
 
 
 def _ranked(rank, world, path, strategy, kw=None):
@@ -115,6 +116,10 @@ def test_forget_group_equals_one_process(trained, strategy, world, kw):
     one = _run(model, cc, strategy=strategy, **kw)
     ranks = run_world(_ranked, world, trained, strategy, kw)
     assert one["steps"] > 0
+    # the default ("auto") ran the Fisher step wherever the per-token term (focus) did, on every rank alike
+    auto = kw.get("precondition", "auto") == "auto" and kw.get("per_token") is not False
+    assert one["precondition"] == ("fisher" if auto else None)
+    assert all(r["precondition"] == one["precondition"] for r in ranks)
     if "rule" in kw and kw["rule"].repair_steps:
         assert ("repair", False) in [d[1:3] for d in one["decisions"]]
     for r in ranks:

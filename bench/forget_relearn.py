@@ -16,8 +16,15 @@ after changing ``forget``'s defaults), then:
    per token with β = 0.25 against θ*'s per-token loss. Every ``--every`` rounds: exposure (``--candidates``
    candidates), exposure after the 50-step evaluation attack, and perplexity on the held-out and on the unseen text.
    No perplexity budget steers it: the output is the trade-off curve.
+3. **Noise and distil** (``--distill``; a prototype, not a ``forget`` option): removal instead of blocking. The
+   student starts at ``(1 − α)·unlearned + α·fresh init`` and distils the unlearned model (or θ*, the control) on
+   retained windows; the same measurements as 2, plus the perplexity on retained training text (what θ* learned
+   from its training data, secrets aside), against the distillation's wall time as a fraction of retraining's.
+   ``--settings ""`` skips 2.
 
     python -m bench.forget_relearn --out bench/results/forget_relearn --models gpt2 --seeds 0
+    python -m bench.forget_relearn --out bench/results/forget_relearn_v4 --cache bench/results/forget_matrix_v4/cache \\
+        --models gpt2 --seeds 0 --settings "" --every-distill 50 --distill 0.8:300,0.8:300:theta,0.7:300,0.9:300
 
 Writes ``OUT/<model>_s<seed>.json`` and ``OUT/relearn.md``.
 """
@@ -111,6 +118,112 @@ def harden(fx, unlearned, S, *, rounds: int, every: int, lr: float, retain_w: fl
     return curve
 
 
+@torch.no_grad()
+def noised(model, fresh, alpha: float, masks=None):
+    """A copy of ``model`` at ``(1 - alpha)·model + alpha·fresh`` (``fresh``: the same architecture at another init),
+    on every coordinate or, with ``masks`` (one bool tensor per parameter, ``parameters()``'s order), on the True
+    ones only; ``model`` is left as it was."""
+    out = copy.deepcopy(model)
+    params, other = list(out.parameters()), list(fresh.parameters())
+    if len(params) != len(other) or any(p.shape != q.shape for p, q in zip(params, other)):
+        raise ValueError("noised: fresh must have model's parameters (number and shapes)")
+    for i, (p, q) in enumerate(zip(params, other)):
+        mixed = (1 - alpha) * p + alpha * q
+        p.copy_(mixed if masks is None else torch.where(masks[i], mixed, p))
+    return out
+
+
+@torch.no_grad()
+def windows_ppl(model, windows) -> float:
+    """Perplexity on token windows (rows of T tokens), e.g. retained training text: how much of what the model
+    learned from its training data, secrets aside, it still fits."""
+    import math
+
+    import torch.nn.functional as F
+
+    model.eval()
+    logits = model(input_ids=windows).logits[:, :-1]
+    return math.exp(F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), windows[:, 1:].reshape(-1)).item())
+
+
+def distill(fx, name: str, teacher, *, alpha: float, steps: int, every: int, lr: float, n_cand: int, seed: int,
+            scope: str = "all", S=None, on: str = "rest"):
+    """Noise, then distil (the removal the hardening above lacks; after Lee et al. 2025, "distillation robustifies
+    unlearning"): the student starts at ``(1 - alpha)·teacher + alpha·fresh`` (``fresh``: the fixture's architecture
+    at a new random init, seed ``10_000 + seed``) on every coordinate (``scope="all"``), on S only, or on the MLPs'
+    or the attention blocks' weights (``"mlp"``, ``"attn"``: parameters so named), then AdamW
+    (peak ``lr``, 20 warm-up steps, cosine to 0.1·lr over ``steps``, no weight decay, clipped at 1) on the KL
+    divergence from ``teacher``'s next-token distribution, on retained windows 64 onward (disjoint from the evaluation
+    attack's first 64; ``on="all"``: every retained window, the attack's too), 8 per batch. The teacher is
+    ``forget``'s unlearned model (or θ*, the control: does distillation alone carry the secrets over?). Every
+    ``every`` steps: exposure, exposure after the 50-step evaluation attack, perplexity on the held-out and the unseen
+    text and on retained training windows 0–63 and 64–127, and the wall time of the distillation so far."""
+    import math
+
+    import torch.nn.functional as F
+
+    from sapsel_kernels.forgetting.forget import relearn_copy
+
+    if scope in ("mlp", "attn"):  # whole blocks by parameter name: the MLPs, or the attention projections
+        key = {"mlp": ("mlp",), "attn": ("attn",)}[scope]
+        S = [torch.full(p.shape, any(k in n for k in key)) for n, p in teacher.named_parameters()]
+    student = noised(teacher, fm.build_model(name, len(fx.tok), 10_000 + seed), alpha, None if scope == "all" else S)
+    w = fx.windows[64:] if on == "rest" else fx.windows
+    batches = [w[i:i + 8] for i in range(0, len(w) - 7, 8)]
+    p0, p0u = fm.ppl(fx.theta, fx.tok, fx.held), fm.ppl(fx.theta, fx.tok, fx.unseen)
+    p0r, p0d = windows_ppl(fx.theta, fx.windows[:64]), windows_ppl(fx.theta, fx.windows[64:128])
+
+    def point(step, wall):
+        student.eval()
+        e = exposures(student, fx, n_cand)
+        r = exposures(relearn_copy(student, fx.retain_batches, 50, 1e-3, seed), fx, n_cand)
+        d = {"step": step, "exposure": e, "relearned": r, "wall_s": wall,
+             "ppl_change": fm.ppl(student, fx.tok, fx.held) / p0 - 1,
+             "ppl_change_unseen": fm.ppl(student, fx.tok, fx.unseen) / p0u - 1,
+             "ppl_change_retained": windows_ppl(student, fx.windows[:64]) / p0r - 1,
+             "ppl_change_distilled": windows_ppl(student, fx.windows[64:128]) / p0d - 1}
+        print(f"  step {step}: exposure {sum(e) / len(e):.2f}, relearned {sum(r) / len(r):.2f}, held-out "
+              f"{100 * d['ppl_change']:+.1f}%, unseen {100 * d['ppl_change_unseen']:+.1f}%, retained training text "
+              f"{100 * d['ppl_change_retained']:+.1f}% (distilled on: {100 * d['ppl_change_distilled']:+.1f}%) "
+              f"({wall:.0f} s)",
+              flush=True)
+        student.train()
+        return d
+
+    curve = [point(0, 0.0)]
+    opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0)
+
+    def factor(k):
+        if k < 20:
+            return (k + 1) / 20
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, (k - 20) / max(1, steps - 20))))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    g = torch.Generator().manual_seed(seed)
+    teacher.eval()
+    student.train()
+    t0, wall = time.perf_counter(), 0.0
+    for k in range(steps):
+        if k % len(batches) == 0:
+            order = torch.randperm(len(batches), generator=g).tolist()
+        x = batches[order[k % len(batches)]]
+        with torch.no_grad():
+            t_logp = F.log_softmax(teacher(input_ids=x).logits.float(), -1)
+        s_logp = F.log_softmax(student(input_ids=x).logits.float(), -1)
+        loss = F.kl_div(s_logp.reshape(-1, s_logp.shape[-1]), t_logp.reshape(-1, t_logp.shape[-1]), log_target=True,
+                        reduction="batchmean")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if (k + 1) % every == 0 or k + 1 == steps:
+            wall += time.perf_counter() - t0
+            curve.append(point(k + 1, wall))
+            t0 = time.perf_counter()
+    return curve
+
+
 def run(name: str, seed: int, args) -> dict:
     import sapsel_kernels as sk
 
@@ -125,6 +238,11 @@ def run(name: str, seed: int, args) -> dict:
         with open(out, "w") as f:
             json.dump(res, f, indent=1)
 
+    fp = fm.fingerprint(fx.text, fx.held, fx.theta, fx.retrained)
+    if res.setdefault("fingerprint", fp) != fp:
+        raise SystemExit(f"{out}: made on a build of this fixture with fingerprint {res['fingerprint']}, this one is "
+                         f"{fp} (see bench.forget_matrix.fingerprint): write to another --out")
+    save()
     if os.path.isfile(path):
         unlearned.load_state_dict(torch.load(path))
     else:
@@ -144,7 +262,7 @@ def run(name: str, seed: int, args) -> dict:
     if "exposure" not in res:
         diagnose(res, fx, unlearned, S, n, seed)
         save()
-    for spec in args.settings.split(","):
+    for spec in filter(None, args.settings.split(",")):
         lr, rw, sw, m, *scope = spec.split(":")
         if any(h.get("spec", "") == spec for h in res.setdefault("hardening", [])):
             continue
@@ -159,6 +277,33 @@ def run(name: str, seed: int, args) -> dict:
                                  "curve": harden(fx, unlearned, on, rounds=args.rounds, every=args.every,
                                                  lr=float(lr), retain_w=float(rw), self_w=float(sw), m=int(m),
                                                  n_cand=n, seed=seed)})
+        save()
+    if args.distill and "training_text_ppl" not in res:
+        # how well θ*, the retrained and the unlearned model fit their training text (secrets removed): the retained
+        # windows the attack uses (0–63, which no distillation sees) and 64–127 (which the distillation trains on)
+        res["training_text_ppl"] = {k: [windows_ppl(m, fx.windows[:64]), windows_ppl(m, fx.windows[64:128])]
+                                    for k, m in (("theta", fx.theta), ("retrained", fx.retrained),
+                                                 ("unlearned", unlearned))}
+        print(f"[{name} s{seed}] training-text ppl (windows 0–63, 64–127): {res['training_text_ppl']}", flush=True)
+        save()
+    for spec in filter(None, args.distill.split(",")):
+        a, st, *rest = spec.split(":")
+        teacher = rest[0] if rest else "unlearned"
+        scope = rest[1] if len(rest) > 1 else "all"
+        on = rest[2] if len(rest) > 2 else "rest"
+        if teacher not in ("unlearned", "theta") or scope not in ("all", "S", "mlp", "attn") or \
+                on not in ("rest", "all"):
+            raise ValueError(f"--distill {spec!r}: the teacher must be unlearned or theta, the scope all, S, mlp or "
+                             "attn, the windows rest or all")
+        if any(h.get("spec", "") == spec for h in res.setdefault("distill", [])):
+            continue
+        print(f"[{name} s{seed}] noise {a} on {scope}, distil {st} steps from {teacher} on windows {on}", flush=True)
+        res["distill"].append({"spec": spec, "alpha": float(a), "steps": int(st), "teacher": teacher, "scope": scope,
+                               "windows": on,
+                               "lr": args.distill_lr, "retrain_s": fx.retrain_s,
+                               "curve": distill(fx, name, unlearned if teacher == "unlearned" else fx.theta,
+                                                alpha=float(a), steps=int(st), every=args.every_distill,
+                                                lr=args.distill_lr, n_cand=n, seed=seed, scope=scope, S=S, on=on)})
         save()
     return res
 
@@ -200,6 +345,7 @@ def table(out: str) -> str:
              "| fixture | θ* | retrained | unlearned | attack 10 / 25 / 50 steps | 50, S only | 50, S frozen | "
              "θ* attacked | retrained attacked | cos(attack on S, −δ) |", "|---|---|---|---|---|---|---|---|---|---|"]
     runs = [json.load(open(f)) for f in sorted(glob.glob(os.path.join(out, "*_s*.json")))]
+    runs = [r for r in runs if "exposure" in r]  # a run still in its first step
     for r in runs:
         e, g = r["exposure"], r["geometry"]
         lines.append(f"| {r['model']} s{r['seed']} | {mean(e['theta']):.2f} | {mean(e['retrained']):.2f} | "
@@ -211,12 +357,36 @@ def table(out: str) -> str:
               "vs θ*.", "", "| fixture | lr, retain weight, NPO at θ, simulated attack steps, coordinates | round | "
               "exposure | after the attack | held-out ppl | unseen ppl |", "|---|---|---|---|---|---|---|"]
     for r in runs:
-        for h in r["hardening"]:
+        for h in r.get("hardening", []):
             for p in h["curve"]:
                 lines.append(f"| {r['model']} s{r['seed']} | {h['lr']:g}, {h['retain_w']:g}, {h['self_w']:g}, "
                              f"{h['attack_steps']}, {h.get('scope', 'S')} | {p['round']} | {mean(p['exposure']):.2f} | "
                              f"{mean(p['relearned']):.2f} | {100 * p['ppl_change']:+.1f}% | "
                              f"{100 * p['ppl_change_unseen']:+.1f}% |")
+    lines += ["", "Training-text perplexity (retained windows 0–63, which the `64–` distillations do not see, and "
+              "64–127): how much of what θ* learned from its training data, secrets aside, a model still fits.", "",
+              "| fixture | θ* | retrained | unlearned |", "|---|---|---|---|"]
+    for r in runs:
+        if "training_text_ppl" in r:
+            t = r["training_text_ppl"]
+            lines.append(f"| {r['model']} s{r['seed']} | " + " | ".join(
+                f"{t[k][0]:.1f}, {t[k][1]:.1f}" for k in ("theta", "retrained", "unlearned")) + " |")
+    lines += ["", "Noise and distil (prototype): the student starts at (1 − α)·teacher + α·fresh init on the "
+              "coordinates named, then distils the teacher on retained windows; cost = distillation wall / retraining "
+              "wall.",
+              "",
+              "| fixture | α, coordinates | teacher | windows | step of | exposure | after the attack | held-out ppl | "
+              "unseen ppl | training text 0–63 ppl | cost vs retraining |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        for h in r.get("distill", []):
+            on = "64–" if h.get("windows", "rest") == "rest" else "all"
+            for p in h["curve"]:
+                lines.append(f"| {r['model']} s{r['seed']} | {h['alpha']:g}, {h['scope']} | {h['teacher']} | {on} | "
+                             f"{p['step']} of {h['steps']} | {mean(p['exposure']):.2f} | {mean(p['relearned']):.2f} | "
+                             f"{100 * p['ppl_change']:+.1f}% | {100 * p['ppl_change_unseen']:+.1f}% | "
+                             + (f"{100 * p['ppl_change_retained']:+.1f}% | " if "ppl_change_retained" in p else "- | ")
+                             + f"{p['wall_s'] / h['retrain_s']:.2f} |")
     text = "\n".join(lines) + "\n"
     with open(os.path.join(out, "relearn.md"), "w") as f:
         f.write(text)
@@ -235,6 +405,12 @@ def main(argv=None):
     ap.add_argument("--settings", default="0.003:4:0:10,0.003:1:1:10",
                     help="hardening runs, comma-separated lr:retain_weight:npo_at_theta_weight:attack_steps[:S|all] "
                          "(the coordinates it moves: S, the default, or every one)")
+    ap.add_argument("--distill", default="",
+                    help="noise-and-distil runs, comma-separated alpha:steps[:unlearned|theta[:all|S|mlp|attn"
+                         "[:rest|all]]] (the teacher, the coordinates the noise touches, the retained windows it "
+                         "trains on: 64 onward or all)")
+    ap.add_argument("--distill-lr", type=float, default=1e-3)
+    ap.add_argument("--every-distill", type=int, default=100)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--table", action="store_true", help="only write OUT/relearn.md from the saved runs")
     args = ap.parse_args(argv)

@@ -17,9 +17,10 @@ after changing ``forget``'s defaults), then:
    candidates), exposure after the 50-step evaluation attack, and perplexity on the held-out and on the unseen text.
    No perplexity budget steers it: the output is the trade-off curve.
 3. **Noise and distil** (``--distill``; a prototype, not a ``forget`` option): removal instead of blocking. The
-   student starts at ``(1 − α)·unlearned + α·fresh init`` and distils the unlearned model (or θ*, the control) on
-   retained windows; the same measurements as 2, plus the perplexity on retained training text (what θ* learned
-   from its training data, secrets aside), against the distillation's wall time as a fraction of retraining's.
+   student starts at ``(1 − α)·teacher + α·fresh init`` and distils the teacher (the unlearned model, or θ*: the
+   control) on retained windows; the same measurements as 2, plus the perplexity on retained training text (what θ*
+   learned from its training data, secrets aside), against the distillation's wall time as a fraction of
+   retraining's.
    ``--settings ""`` skips 2.
 
     python -m bench.forget_relearn --out bench/results/forget_relearn --models gpt2 --seeds 0
@@ -118,6 +119,30 @@ def harden(fx, unlearned, S, *, rounds: int, every: int, lr: float, retain_w: fl
     return curve
 
 
+def distill_specs(text: str):
+    """``--distill``'s comma-separated ``alpha:steps[:teacher[:scope[:windows]]]`` as full specs
+    ``alpha:steps:teacher:scope:windows`` (defaults unlearned, all, rest), so that one run written two ways is one run;
+    ValueError naming the spec for anything else."""
+    out = []
+    for spec in filter(None, (t.strip() for t in text.split(","))):
+        parts = spec.split(":")
+        if not 2 <= len(parts) <= 5:
+            raise ValueError(f"--distill {spec!r}: expected alpha:steps[:teacher[:scope[:windows]]]")
+        a, st, teacher, scope, on = parts + ["unlearned", "all", "rest"][len(parts) - 2:]
+        try:
+            alpha, steps = float(a), int(st)
+        except ValueError:
+            raise ValueError(f"--distill {spec!r}: alpha must be a number and steps an integer") from None
+        if not 0 <= alpha <= 1 or steps < 1:
+            raise ValueError(f"--distill {spec!r}: alpha must be in [0, 1] and steps at least 1")
+        if teacher not in ("unlearned", "theta") or scope not in ("all", "S", "mlp", "attn") or \
+                on not in ("rest", "all"):
+            raise ValueError(f"--distill {spec!r}: the teacher must be unlearned or theta, the scope all, S, mlp or "
+                             "attn, the windows rest or all")
+        out.append(f"{alpha:g}:{steps}:{teacher}:{scope}:{on}")
+    return out
+
+
 @torch.no_grad()
 def noised(model, fresh, alpha: float, masks=None):
     """A copy of ``model`` at ``(1 - alpha)·model + alpha·fresh`` (``fresh``: the same architecture at another init),
@@ -167,6 +192,7 @@ def distill(fx, name: str, teacher, *, alpha: float, steps: int, every: int, lr:
     if scope in ("mlp", "attn"):  # whole blocks by parameter name: the MLPs, or the attention projections
         key = {"mlp": ("mlp",), "attn": ("attn",)}[scope]
         S = [torch.full(p.shape, any(k in n for k in key)) for n, p in teacher.named_parameters()]
+    # (build_model seeds the global RNG; the attacks fork their own)
     student = noised(teacher, fm.build_model(name, len(fx.tok), 10_000 + seed), alpha, None if scope == "all" else S)
     w = fx.windows[64:] if on == "rest" else fx.windows
     batches = [w[i:i + 8] for i in range(0, len(w) - 7, 8)]
@@ -239,12 +265,18 @@ def run(name: str, seed: int, args) -> dict:
             json.dump(res, f, indent=1)
 
     fp = fm.fingerprint(fx.text, fx.held, fx.theta, fx.retrained)
-    if res.setdefault("fingerprint", fp) != fp:
-        raise SystemExit(f"{out}: made on a build of this fixture with fingerprint {res['fingerprint']}, this one is "
-                         f"{fp} (see bench.forget_matrix.fingerprint): write to another --out")
+    if res.get("fingerprint", fp if not {"exposure", "hardening", "distill"} & set(res) else None) != fp:
+        raise SystemExit(f"{out}: made on a build of this fixture with fingerprint {res.get('fingerprint')} (None: "
+                         f"recorded before fingerprints), this one is {fp} (see bench.forget_matrix.fingerprint): "
+                         "write to another --out")
+    res["fingerprint"] = fp
     save()
-    if os.path.isfile(path):
-        unlearned.load_state_dict(torch.load(path))
+    saved = torch.load(path) if os.path.isfile(path) else None
+    if saved is not None and saved.get("fingerprint") != fp:
+        raise SystemExit(f"{path}: the unlearned weights of a build with fingerprint {saved.get('fingerprint')} "
+                         f"(None: saved before fingerprints), this one is {fp}: delete it or write to another --out")
+    if saved is not None:
+        unlearned.load_state_dict(saved["state"])
     else:
         t0 = time.perf_counter()
         rep = sk.forget(unlearned, fx.tok, [fx.text], [{"secret": s["secret"], "prefix": s["prefix"]}
@@ -253,7 +285,7 @@ def run(name: str, seed: int, args) -> dict:
                                                  evidence=sk.Evidence(n_samples=32, relearn_steps=0, int8=False)))
         res["forget"] = {"wall_s": time.perf_counter() - t0, "stopped_by": rep.stopped_by, "k": rep.k}
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        torch.save(unlearned.state_dict(), path)
+        torch.save({"fingerprint": fp, "state": unlearned.state_dict()}, path)
     unlearned.eval()
     S = [(p.detach() != q.detach()) for p, q in zip(unlearned.parameters(), fx.theta.parameters())]
     res["changed"] = sum(int(s.sum()) for s in S)
@@ -286,16 +318,9 @@ def run(name: str, seed: int, args) -> dict:
                                                  ("unlearned", unlearned))}
         print(f"[{name} s{seed}] training-text ppl (windows 0–63, 64–127): {res['training_text_ppl']}", flush=True)
         save()
-    for spec in filter(None, args.distill.split(",")):
-        a, st, *rest = spec.split(":")
-        teacher = rest[0] if rest else "unlearned"
-        scope = rest[1] if len(rest) > 1 else "all"
-        on = rest[2] if len(rest) > 2 else "rest"
-        if teacher not in ("unlearned", "theta") or scope not in ("all", "S", "mlp", "attn") or \
-                on not in ("rest", "all"):
-            raise ValueError(f"--distill {spec!r}: the teacher must be unlearned or theta, the scope all, S, mlp or "
-                             "attn, the windows rest or all")
-        if any(h.get("spec", "") == spec for h in res.setdefault("distill", [])):
+    for spec in distill_specs(args.distill):
+        a, st, teacher, scope, on = spec.split(":")
+        if any(distill_specs(h["spec"]) == [spec] for h in res.setdefault("distill", [])):
             continue
         print(f"[{name} s{seed}] noise {a} on {scope}, distil {st} steps from {teacher} on windows {on}", flush=True)
         res["distill"].append({"spec": spec, "alpha": float(a), "steps": int(st), "teacher": teacher, "scope": scope,
@@ -414,6 +439,10 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--table", action="store_true", help="only write OUT/relearn.md from the saved runs")
     args = ap.parse_args(argv)
+    try:
+        distill_specs(args.distill)  # a bad spec fails here, before any fixture, forget call or attack
+    except ValueError as e:
+        ap.error(str(e))
     torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
     if not args.table:

@@ -35,3 +35,17 @@ def test_noised_refuses_another_architecture():
     other = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
     with pytest.raises(ValueError, match="fresh must have"):
         fr.noised(_net(0), other, 0.5)
+
+
+def test_distill_specs_are_normalised_and_checked_before_any_run():
+    assert fr.distill_specs("0.9:600, 0.90:600:unlearned:all:rest,1:300:theta:S:all") == \
+        ["0.9:600:unlearned:all:rest", "0.9:600:unlearned:all:rest", "1:300:theta:S:all"]
+    assert fr.distill_specs("") == []
+    for bad, what in (("0.9", "expected alpha:steps"), ("x:600", "alpha must be a number"),
+                      ("1.5:600", r"alpha must be in \[0, 1\]"), ("0.9:0", "steps at least 1"),
+                      ("0.9:600:student", "the teacher must be"), ("0.9:600:theta:embeddings", "the scope"),
+                      ("0.9:600:theta:all:some", "the windows")):
+        with pytest.raises(ValueError, match=what):
+            fr.distill_specs(bad)
+    with pytest.raises(SystemExit):  # main refuses a bad spec before loading any fixture
+        fr.main(["--out", "/nonexistent/never-made", "--distill", "0.9:600:student"])

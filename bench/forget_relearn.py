@@ -443,6 +443,8 @@ def main(argv=None):
         distill_specs(args.distill)  # a bad spec fails here, before any fixture, forget call or attack
     except ValueError as e:
         ap.error(str(e))
+    if args.every_distill < 1:
+        ap.error(f"--every-distill must be at least 1, got {args.every_distill}")
     torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
     if not args.table:

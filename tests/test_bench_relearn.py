@@ -49,3 +49,5 @@ def test_distill_specs_are_normalised_and_checked_before_any_run():
             fr.distill_specs(bad)
     with pytest.raises(SystemExit):  # main refuses a bad spec before loading any fixture
         fr.main(["--out", "/nonexistent/never-made", "--distill", "0.9:600:student"])
+    with pytest.raises(SystemExit):
+        fr.main(["--out", "/nonexistent/never-made", "--distill", "0.9:600", "--every-distill", "0"])

@@ -158,21 +158,17 @@ def noised(model, fresh, alpha: float, masks=None):
     return out
 
 
-@torch.no_grad()
 def windows_ppl(model, windows) -> float:
     """Perplexity on token windows (rows of T tokens), e.g. retained training text: how much of what the model
-    learned from its training data, secrets aside, it still fits."""
-    import math
+    learned from its training data, secrets aside, it still fits (``forget``'s own :func:`perplexity`, each window's
+    tokens 1..T-1 predicted from those before)."""
+    from sapsel_kernels.forgetting.forget import perplexity
 
-    import torch.nn.functional as F
-
-    model.eval()
-    logits = model(input_ids=windows).logits[:, :-1]
-    return math.exp(F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), windows[:, 1:].reshape(-1)).item())
+    return perplexity(model, (windows[:, :-1], windows[:, 1:]))
 
 
 def distill(fx, name: str, teacher, *, alpha: float, steps: int, every: int, lr: float, n_cand: int, seed: int,
-            scope: str = "all", S=None, on: str = "rest"):
+            scope: str = "all", S=None, on: str = "rest", return_student: bool = False):
     """Noise, then distil (the removal the hardening above lacks; after Lee et al. 2025, "distillation robustifies
     unlearning"): the student starts at ``(1 - alpha)·teacher + alpha·fresh`` (``fresh``: the fixture's architecture
     at a new random init, seed ``10_000 + seed``) on every coordinate (``scope="all"``), on S only, or on the MLPs'
@@ -182,7 +178,8 @@ def distill(fx, name: str, teacher, *, alpha: float, steps: int, every: int, lr:
     attack's first 64; ``on="all"``: every retained window, the attack's too), 8 per batch. The teacher is
     ``forget``'s unlearned model (or θ*, the control: does distillation alone carry the secrets over?). Every
     ``every`` steps: exposure, exposure after the 50-step evaluation attack, perplexity on the held-out and the unseen
-    text and on retained training windows 0–63 and 64–127, and the wall time of the distillation so far."""
+    text and on retained training windows 0–63 and 64–127, and the wall time of the distillation so far. Returns the
+    curve, or ``(curve, student)`` with ``return_student`` (bench/forget_relearn_check.py scores it again)."""
     import math
 
     import torch.nn.functional as F
@@ -247,7 +244,8 @@ def distill(fx, name: str, teacher, *, alpha: float, steps: int, every: int, lr:
             wall += time.perf_counter() - t0
             curve.append(point(k + 1, wall))
             t0 = time.perf_counter()
-    return curve
+    student.eval()
+    return (curve, student) if return_student else curve
 
 
 def run(name: str, seed: int, args) -> dict:

@@ -55,6 +55,7 @@ _LAZY = {
     "TargetConfig": "forgetting.config",
     "MeasureConfig": "forgetting.config",
     "Evidence": "forgetting.config",
+    "RemoveConfig": "forgetting.config",
     "SecretSpec": "forgetting.secret_spec",
     "select_parameters": "selection.strategies",
     "parameter_scores": "selection.strategies",

@@ -21,7 +21,8 @@ from typing import Callable, Iterable, List, Optional
 __all__ = ["secrets_file", "positive_int", "nonneg_int",
            "int_at_least", "fraction", "open_fraction", "float_at_least", "nonneg_float",
            "positive_float", "budget_list", "rate_list", "positive_int_list", "choice_list", "lazy_choice", "list_of",
-           "checked", "output_dir", "nonempty_text", "text_file", "model_dir", "secret_format", "device"]
+           "checked", "output_dir", "nonempty_text", "text_file", "model_dir", "secret_format", "device",
+           "remove_spec"]
 
 _Error = argparse.ArgumentTypeError
 
@@ -52,6 +53,16 @@ positive_int.__doc__ = "``type=`` for an integer >= 1 (counts: seeds, probes, th
 nonneg_int = int_at_least(0)
 nonneg_int.__name__ = "nonneg_int"
 nonneg_int.__doc__ = "``type=`` for an integer >= 0 (where 0 has a documented meaning, e.g. --chars 0 = all)."
+
+
+def remove_spec(text: str):
+    """``type=`` for ``--remove ALPHA:STEPS``: the removal stage's noise share in (0, 1] and its distillation steps
+    (>= 1), as ``(alpha, steps)``."""
+    parts = str(text).split(":")
+    if len(parts) != 2:
+        raise _Error(f"expected ALPHA:STEPS (e.g. 0.9:600), got {text!r}")
+    alpha, steps = fraction(parts[0]), positive_int(parts[1])
+    return alpha, steps
 
 
 def _float(text: str) -> float:

@@ -221,6 +221,17 @@ def add_forget_parser(sub) -> argparse.ArgumentParser:
                    "(default 300)")
     g.add_argument("--lr", default=0.1, type=at.positive_float, help="first step size of the search "
                    "(default 0.1)")
+    g = p.add_argument_group("robustness to relearning (opt-in)")
+    g.add_argument("--remove", nargs="?", const=(1.0, 600), default=None, metavar="ALPHA:STEPS", type=at.remove_spec,
+                   help="after the sparse edit, the removal stage: a student at a fresh init (ALPHA 1; ALPHA < 1 "
+                        "keeps (1 - ALPHA) of the edited weights) distils the edited model on the training text "
+                        "without the secrets for STEPS steps (default 1:600). Changes EVERY parameter (no --save patch); costs a partial "
+                        "retraining; measured robust to the relearning attack on the project's fixtures where the "
+                        "sparse edit is not (docs/forget.md)")
+    g.add_argument("--relearn-target", action="store_true",
+                   help="make the relearning attack part of the verdict: a secret is met only if it is also met after "
+                        "the attack (--relearn-steps AdamW steps on a copy); the sparse edit alone rarely passes it, "
+                        "see --remove")
     g = p.add_argument_group("measurement and run")
     g.add_argument("--candidates", default=2000, type=at.int_at_least(3),
                    help="candidates of each secret's null that its reported exposure ranks it among (default 2000; "
@@ -299,6 +310,12 @@ def check_forget_args(p: argparse.ArgumentParser, args) -> None:
         dup = next((x for i, x in enumerate(secrets) if x in secrets[:i]), None)
         if dup is not None:
             p.error(f"argument --secret: {dup!r} is given twice")
+    if args.remove is not None and args.save in ("patch", "both"):
+        p.error(f"argument --save: --remove changes every parameter, so there is no sparse patch to save; use "
+                f"--save model (got --save {args.save})")
+    if args.relearn_target and (args.no_attacks or args.relearn_steps == 0):
+        p.error("argument --relearn-target: the verdict needs the relearning attack; drop "
+                + ("--no-attacks" if args.no_attacks else "--relearn-steps 0"))
     if args.fmt is not None:
         from .forgetting.exposure import matches_format
 
@@ -443,8 +460,8 @@ def _check_request(secret, text: str) -> None:
 def _forget_run(args, argv: List[str], progress: bool) -> int:
     t0 = time.perf_counter()
     try:
-        from .forgetting.config import (FORGET_BETA, FORGET_PROJECT, Evidence, MeasureConfig, SelectConfig,
-                                        TargetConfig, UpdateConfig)
+        from .forgetting.config import (FORGET_BETA, FORGET_PROJECT, Evidence, MeasureConfig, RemoveConfig,
+                                        SelectConfig, TargetConfig, UpdateConfig)
         from .forgetting.forget import forget
         from .update.rules import Targeted
 
@@ -453,8 +470,10 @@ def _forget_run(args, argv: List[str], progress: bool) -> int:
         rule = Targeted(steps=args.max_steps, lr=args.lr, lr_max=max(100.0, args.lr), repair_steps=args.repair_steps,
                         polish_steps=args.polish_steps, beta=FORGET_BETA, project=FORGET_PROJECT)
         select = SelectConfig(strategy=args.strategy, budget=args.budget, n_probes=args.probes)
-        update = UpdateConfig(objective=args.objective, rule=rule, seq_len=args.seq_len)
-        target = TargetConfig(exposure=args.target_exposure, max_ppl_increase=args.max_ppl_increase)
+        remove = None if args.remove is None else RemoveConfig(alpha=args.remove[0], steps=args.remove[1])
+        update = UpdateConfig(objective=args.objective, rule=rule, seq_len=args.seq_len, remove=remove)
+        target = TargetConfig(exposure=args.target_exposure, max_ppl_increase=args.max_ppl_increase,
+                              relearn=args.relearn_target)
         measure = MeasureConfig(n_candidates=args.candidates, evidence=evidence, progress=progress)
         if args.example:
             from .forgetting.forget_example import build_example

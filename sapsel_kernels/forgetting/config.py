@@ -23,13 +23,13 @@ import numbers
 import random
 import warnings
 from dataclasses import dataclass, field, fields
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 
 from ..update.rules import Targeted
 
-__all__ = ["SelectConfig", "UpdateConfig", "TargetConfig", "MeasureConfig", "Evidence", "SEED_STREAMS",
+__all__ = ["SelectConfig", "UpdateConfig", "TargetConfig", "MeasureConfig", "Evidence", "RemoveConfig", "SEED_STREAMS",
            "stream_seed", "configs_from_keywords", "FORGET_STEPS", "FORGET_BETA", "FORGET_REPAIR", "FORGET_POLISH",
            "FORGET_PROJECT", "FORGET_SEQ_CAP"]
 
@@ -123,6 +123,53 @@ class SelectConfig:
 
 
 @dataclass(frozen=True)
+class RemoveConfig:
+    """The opt-in removal stage after the sparse edit (``UpdateConfig(remove=RemoveConfig())``; the CLI's
+    ``--remove``): noise, then distil. The student starts at ``(1 - alpha)·model + alpha·fresh`` on every parameter
+    (``fresh``: the same architecture at a new random init, :func:`~sapsel_kernels.forget.fresh_copy`), then
+    ``steps`` AdamW steps (peak ``lr``, ``warmup`` linear warm-up steps, cosine to 0.1·lr, no weight decay, gradients
+    clipped at norm 1) on the KL divergence from the sparse-edited model's next-token distribution, on the retained
+    windows (training text without any secret), ``batch_size`` per step, in a seeded order (stream "remove").
+    After Lee et al. (2025), "distillation robustifies unlearning": the sparse edit blocks the secrets' read-out on
+    S while their information stays in the other weights, where a benign fine-tune finds it again
+    (docs/forget.md, "Relearning"); the noise destroys that information and the distillation copies back only what
+    the teacher still expresses. It changes EVERY parameter (no sparse patch), needs the retained text, and costs
+    ``steps`` teacher forwards and student backwards (on the project's fixtures 600 steps took 0.6-0.8 of
+    retraining's wall time). Defaults: measured in docs/forget.md ("Relearning, third step"): with ``alpha`` 1 (the
+    student starts at the fresh init: the edited model's weights are not kept at all) the secrets stayed within the
+    retrained model's + 2 bits after the relearning attack for more secrets than with 0.9, whose residual tenth of
+    the edited weights brought API keys back; 0.5, or noise on a part of the model only, were not robust ("Relearning,
+    second study"). Peak extra memory: the student (N), its gradients
+    (N), AdamW's two moments (2N): about 4N (before, while the student is mixed: the student and the fresh copy,
+    and for a Hugging Face model its float32 rebuild while the fresh copy is filled).
+
+    ``init``: None (default): a Hugging Face model is rebuilt from its config, any other module re-initialised by its
+    submodules' ``reset_parameters`` (:func:`~sapsel_kernels.forget.fresh_copy`; a parameter neither reaches is a
+    ValueError before any work); or a callable that re-initialises, in place, the copy of the model it is given
+    (called under the seeded RNG), for architectures of one's own.
+    """
+
+    alpha: float = 1.0
+    steps: int = 600
+    lr: float = 1e-3
+    warmup: int = 20
+    batch_size: int = 8
+    init: Optional[Callable[[Any], None]] = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self):
+        if self.init is not None and not callable(self.init):
+            raise TypeError(f"RemoveConfig.init must be a callable(module) or None, got {type(self.init).__name__}")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, numbers.Real) or not 0 < self.alpha <= 1:
+            raise ValueError(f"RemoveConfig.alpha must be a number in (0, 1], got {self.alpha!r}")
+        _int("RemoveConfig", "steps", self.steps, 1)
+        if isinstance(self.lr, bool) or not isinstance(self.lr, numbers.Real) or not math.isfinite(self.lr) \
+                or self.lr <= 0:
+            raise ValueError(f"RemoveConfig.lr must be a finite number > 0, got {self.lr!r}")
+        _int("RemoveConfig", "warmup", self.warmup, 0)
+        _int("RemoveConfig", "batch_size", self.batch_size, 1)
+
+
+@dataclass(frozen=True)
 class UpdateConfig:
     """How the selected coordinates change.
 
@@ -164,7 +211,11 @@ class UpdateConfig:
     met there, on their tokens only, from the next Z batch that holds one
     (:func:`~sapsel_kernels.forget.focused_npo`; per-token npo only); False: it pushes every secret of the request
     until the target is met for all. Chosen on the fixture matrix (docs/forget.md, the sixth round: on six
-    fixture-seeds it met forget's own target in more cells, at a lower perplexity in most).
+    fixture-seeds it met forget's own target in more cells, at a lower perplexity in most);
+    ``remove``: None (default): only S changes; a :class:`RemoveConfig`: after the sparse edit, the removal stage
+    (noise, then distillation from the edited model on the retained text) changes every parameter, and the verdict
+    is the distilled model's (the report's ``removal`` holds the sparse stage's). Opt-in: measured robust to the
+    relearning attack on the fixtures, at a cost of a partial retraining (docs/forget.md).
     """
 
     objective: str = "npo"
@@ -181,8 +232,12 @@ class UpdateConfig:
     precondition: Optional[str] = "auto"
     balance: bool = False
     focus: Optional[bool] = None
+    remove: Optional[RemoveConfig] = None
 
     def __post_init__(self):
+        if self.remove is not None and not isinstance(self.remove, RemoveConfig):
+            raise TypeError(f"UpdateConfig.remove must be a sapsel_kernels.RemoveConfig or None, got "
+                            f"{type(self.remove).__name__}")
         if not isinstance(self.balance, bool):
             raise TypeError(f"UpdateConfig.balance must be a bool, got {type(self.balance).__name__}")
         if self.focus is not None and not isinstance(self.focus, bool):
@@ -217,15 +272,23 @@ class TargetConfig:
     ``exposure``: a secret meets the target when its exposure's 95% upper bound is at most this many bits and no
     probe or sample extracts it (about 1.44 bits is the mean exposure of a secret the model never saw);
     ``max_ppl_increase``: the utility budget, a fraction of the reported perplexity (0.05 = +5%); the search steers
-    the validation windows to within ``STEER_MARGIN`` (60%) of it.
+    the validation windows to within ``STEER_MARGIN`` (60%) of it; ``relearn``: False (default): the verdict is
+    the model's as it is; True: robustness is part of the target, a secret is met only if it is also met (exposure
+    bound, greedy extraction) after the relearning attack (:class:`Evidence` ``relearn_steps``, which must then be
+    at least 1, with retained text to run it on). The search still steers on the model as it is; the attack is
+    measured once, after. A sparse edit does not pass it on the project's fixtures (docs/forget.md, "Relearning");
+    ``UpdateConfig(remove=...)`` is the stage meant to.
     """
 
     exposure: float = 2.0
     max_ppl_increase: float = 0.05
+    relearn: bool = False
 
     def __post_init__(self):
         _real("TargetConfig", "exposure", self.exposure)
         _real("TargetConfig", "max_ppl_increase", self.max_ppl_increase)
+        if not isinstance(self.relearn, bool):
+            raise TypeError(f"TargetConfig.relearn must be a bool, got {type(self.relearn).__name__}")
 
 
 @dataclass(frozen=True)
@@ -277,6 +340,8 @@ SEED_STREAMS: Dict[str, Tuple[str, str]] = {
     "never_seen": ("hashed", "secret i's never-seen secrets (planted nowhere, ranked like the secret)"),
     "samples": ("hashed", "the sampled completions of the evidence"),
     "relearn": ("hashed", "the relearning attack's batch order and its dropout (a forked, seeded global RNG)"),
+    "remove": ("hashed", "UpdateConfig(remove=): the fresh init the student is noised toward (i = 0) and the order "
+                         "of its distillation batches (i = 1)"),
     "objective": ("hashed", "objective='calibrated': the candidates drawn for secret i at its call c "
                             "(i = secret * 1_000_003 + c)"),
     "uniform_decoys": ("seed + 70000", "objective='uniform': the decoy secrets"),

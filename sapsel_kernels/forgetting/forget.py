@@ -29,20 +29,21 @@ import bisect
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 
 from ..registry import Registry
-from .config import (FORGET_SEQ_CAP, SEED_STREAMS, Evidence, MeasureConfig, SelectConfig,  # noqa: F401
-                     TargetConfig, UpdateConfig, agreed_values, configs_from_keywords, stream_seed)
+from .config import (FORGET_SEQ_CAP, SEED_STREAMS, Evidence, MeasureConfig, RemoveConfig,  # noqa: F401
+                     SelectConfig, TargetConfig, UpdateConfig, agreed_values, configs_from_keywords, stream_seed)
 from .secret_spec import occurrences
 from ..space import ParamSpace
 
 __all__ = ["forget", "ForgetReport", "build_forget_data", "ForgetData", "Evidence", "SelectConfig", "UpdateConfig",
-           "TargetConfig", "MeasureConfig", "stream_seed", "SEED_STREAMS"]
+           "TargetConfig", "MeasureConfig", "RemoveConfig", "stream_seed", "SEED_STREAMS", "fresh_copy",
+           "noise_and_distill"]
 
 IGNORE = -100
 
@@ -850,6 +851,160 @@ def relearn_copy(model: torch.nn.Module, batches, steps: int, lr: float, seed: i
     return m
 
 
+def _is_hf(model) -> bool:
+    return hasattr(model, "config") and callable(getattr(model, "post_init", None))
+
+
+def _check_fresh(model: torch.nn.Module) -> bool:
+    """What :func:`fresh_copy` checks before it builds anything (ValueError naming the problem); True for a Hugging
+    Face model (rebuilt from its config: checked on the meta device, no memory), False for a module whose every
+    parameter a ``reset_parameters`` reaches."""
+    import copy
+
+    if _is_hf(model):
+        with torch.device("meta"):
+            built = type(model)(copy.deepcopy(model.config))
+        have = {n: tuple(p.shape) for n, p in built.named_parameters()}
+        want = {n: tuple(p.shape) for n, p in model.named_parameters()}
+        if have != want:
+            odd = sorted(set(have.items()) ^ set(want.items()))[:3]
+            raise ValueError("fresh_copy: the model rebuilt from its config has other parameters (names or shapes) "
+                             f"than the model (e.g. {odd}); a modified architecture needs its own fresh init")
+        return True
+    covered = set()
+    for mod in model.modules():
+        if callable(getattr(mod, "reset_parameters", None)):
+            covered.update(id(p) for p in mod.parameters(recurse=False))
+    missed = [n for n, p in model.named_parameters() if id(p) not in covered]
+    if missed:
+        raise ValueError(f"fresh_copy: no init reaches {len(missed)} parameter(s) ({', '.join(missed[:4])}"
+                         f"{', ...' if len(missed) > 4 else ''}): their modules have no reset_parameters(), and the "
+                         "model is not a Hugging Face model to be rebuilt from its config")
+    return False
+
+
+def fresh_copy(model: torch.nn.Module, seed: int, init: Optional[Callable[[torch.nn.Module], None]] = None
+               ) -> torch.nn.Module:
+    """A copy of ``model`` (same parameters, dtypes, devices and buffers) whose parameters are at a NEW random init,
+    drawn under a forked global RNG seeded with ``seed`` (the same init for the same seed; the caller's RNG state is
+    left as it was). A Hugging Face model (one with ``config`` and ``post_init``) is built again from its config,
+    which runs its own init (on the CPU, in float32, then copied over); any other module is copied and every
+    submodule with ``reset_parameters`` resets its own parameters; ``init`` given, it is called on the copy instead
+    (it re-initialises the module in place). ValueError, before anything is built, naming the parameters no init
+    reaches (a bare ``nn.Parameter`` of a module without ``reset_parameters``), or when the rebuilt model's
+    parameters differ in name or shape. ``model`` is not modified. Peak extra memory: the copy (N)
+    and, for a Hugging Face model, the float32 rebuild (N) while it is copied."""
+    import copy
+
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    hf = _check_fresh(model) if init is None else False
+    out = copy.deepcopy(model)
+    with torch.random.fork_rng(devices=cuda), torch.no_grad():
+        torch.manual_seed(seed)
+        if init is not None:
+            init(out)
+        elif hf:
+            built = type(model)(copy.deepcopy(model.config))
+            have = dict(built.named_parameters())
+            for n, p in out.named_parameters():
+                p.copy_(have[n].to(device=p.device, dtype=p.dtype))
+            del built, have
+        else:
+            for mod in out.modules():
+                if callable(getattr(mod, "reset_parameters", None)):
+                    mod.reset_parameters()
+    return out
+
+
+def noise_and_distill(teacher: torch.nn.Module, batches, cfg, *, fresh: torch.nn.Module, order_seed: int
+                      ) -> Tuple[torch.nn.Module, Dict[str, Any]]:
+    """``forget``'s removal stage (:class:`~sapsel_kernels.forget.RemoveConfig` ``cfg``).
+
+    A student at ``(1 - cfg.alpha)·teacher + cfg.alpha·fresh`` on every parameter (``fresh``: the architecture at
+    a new init; ``forget`` passes :func:`fresh_copy` (teacher, ``stream_seed(seed, "remove")``, ``cfg.init``) and
+    keeps no reference to it, so it is freed once mixed in), then
+    ``cfg.steps`` AdamW steps (peak ``cfg.lr``, ``cfg.warmup`` linear warm-up steps, then cosine to 0.1·lr; no
+    weight decay; gradient norm clipped at 1) on the KL divergence KL(teacher || student) of the next-token
+    distributions, the mean over the target positions (labels not -100) of ``batches`` (``(input_ids, labels)``
+    pairs, retained text), ``cfg.batch_size`` rows per step in a seeded order (``order_seed``; ``forget``:
+    ``stream_seed(seed, "remove", 1)``), a new shuffle each epoch; dropout as in train mode under a forked RNG
+    seeded with ``order_seed``. ``teacher`` is not modified. Returns ``(student, info)``: the student in eval mode,
+    info ``{"steps", "wall_time_s", "kl_first", "kl_last"}`` (the mean KL of the first and of the last 10 steps).
+    ValueError for no retained rows; NonFiniteError for a non-finite KL (the teacher is left as it was).
+    Peak extra memory: about 4N while it trains -- the student (N), its gradients (N), AdamW's moments (2N) -- and
+    one batch's logits of both models; before, 2N while the student is mixed (the student and the fresh copy, freed
+    once mixed in; :func:`fresh_copy`'s own 2N for a Hugging Face model before that)."""
+    from ..errors import NonFiniteError
+    from .measure import lm_logits
+
+    xs = torch.cat([b[0] for b in batches]) if batches else None
+    ys = torch.cat([b[1] for b in batches]) if batches else None
+    if xs is None or not len(xs):
+        raise ValueError("the removal stage distils on retained text, and there is none (every training window "
+                         "holds a secret); give more training text or leave UpdateConfig(remove=None)")
+    dev = next(teacher.parameters()).device
+    import copy
+
+    student = copy.deepcopy(teacher)
+    with torch.no_grad():
+        sp, fp = list(student.parameters()), list(fresh.parameters())
+        if len(sp) != len(fp) or any(p.shape != q.shape for p, q in zip(sp, fp)):
+            raise ValueError("noise_and_distill: fresh must have the teacher's parameters (number and shapes)")
+        for p, q in zip(sp, fp):
+            p.mul_(1.0 - cfg.alpha).add_(q.to(device=p.device, dtype=p.dtype), alpha=cfg.alpha)
+    del fresh, fp
+    params = [p for p in student.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    warm, steps = cfg.warmup, cfg.steps
+
+    def factor(k):
+        if k < warm:
+            return (k + 1) / warm
+        return 0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, (k - warm) / max(1, steps - warm))))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    g = torch.Generator().manual_seed(order_seed)
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    was_training = teacher.training
+    teacher.eval()
+    student.train()
+    kls: List[float] = []
+    t0 = time.perf_counter()
+    try:
+        with torch.random.fork_rng(devices=cuda), torch.enable_grad():
+            torch.manual_seed(order_seed)
+            order, pos = torch.randperm(len(xs), generator=g), 0
+            for k in range(steps):
+                if pos + cfg.batch_size > len(order):  # a new epoch (the remainder of the last one is skipped)
+                    order, pos = torch.randperm(len(xs), generator=g), 0
+                rows = order[pos:pos + cfg.batch_size]
+                pos += cfg.batch_size
+                x, y = xs[rows].to(dev), ys[rows].to(dev)
+                keep = (y != IGNORE).reshape(-1)
+                with torch.no_grad():
+                    t_logp = F.log_softmax(lm_logits(teacher, x).float(), -1)
+                s_logp = F.log_softmax(lm_logits(student, x).float(), -1)
+                V = s_logp.shape[-1]
+                per_tok = F.kl_div(s_logp.reshape(-1, V), t_logp.reshape(-1, V), log_target=True,
+                                   reduction="none").sum(-1)
+                loss = per_tok[keep].sum() / keep.sum().clamp_min(1)
+                if not torch.isfinite(loss):
+                    raise NonFiniteError(f"the removal stage's distillation loss is not finite at step {k}")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step()
+                sched.step()
+                kls.append(float(loss.detach()))
+    finally:
+        teacher.train(was_training)
+    student.eval()
+    student.zero_grad(set_to_none=True)
+    tail = kls[-10:]
+    return student, {"steps": steps, "wall_time_s": time.perf_counter() - t0, "kl_first": sum(kls[:10]) /
+                     len(kls[:10]), "kl_last": sum(tail) / len(tail)}
+
+
 # ================================================================================================ report
 @dataclass
 class ForgetReport:
@@ -857,12 +1012,17 @@ class ForgetReport:
     history and the cost.
 
     ``secrets``: one dict per secret (:meth:`to_dict`'s ``"secrets"``); ``reached``: every secret met the target
-    (its exposure's 95% upper bound <= ``target_exposure`` and no probe or sample extracts it) and the reported
-    perplexity stayed within the budget; ``ppl_*``: the reported perplexity (held-out test windows when held-out
+    (its exposure's 95% upper bound <= ``target_exposure`` and no probe or sample extracts it; with
+    ``TargetConfig(relearn=True)`` the same after the relearning attack) and the reported perplexity stayed within
+    the budget; ``ppl_*``: the reported perplexity (held-out test windows when held-out
     texts were given, else training-text tail windows; ``utility_text`` says which), ``val_ppl_*`` the validation
     perplexity that steered the search (never the reported one), ``ppl_heldout_*`` / ``ppl_train_text_*`` both kinds
     separately (None where not measured). ``history``: one entry per monitor check (worst secret). ``model``: the
-    same model, modified in place on S; ``scores``: the strategy's score vector (None for ``random`` / ``all``).
+    same model, modified in place on S (every parameter with the removal stage); ``scores``: the strategy's score
+    vector (None for ``random`` / ``all``); ``removal``: None, or with ``UpdateConfig(remove=...)`` the stage's
+    settings, cost and KL, and under ``"sparse"`` the sparse edit's own verdict, per secret and in all, that the
+    stage started from (the measurements above are then the distilled model's); ``patch``: the sparse change (None
+    with the removal stage, which changes every parameter).
     """
 
     strategy: str
@@ -887,6 +1047,7 @@ class ForgetReport:
     seq_len: int
     offsets_exact: bool
     evidence: Optional[Dict[str, Any]] = None
+    removal: Optional[Dict[str, Any]] = None
     model: Any = field(default=None, repr=False)
     scores: Optional[torch.Tensor] = field(default=None, repr=False)
     patch: Any = field(default=None, repr=False)  # the change as a patch.Patch (report.patch.save(path))
@@ -926,7 +1087,7 @@ class ForgetReport:
             "reached": self.reached, "stopped_by": self.stopped_by, "rule": dict(self.rule),
             "n_affected": self.n_affected, "n_occurrences": self.n_occurrences,
             "n_train_windows": self.n_train_windows, "seq_len": self.seq_len, "offsets_exact": self.offsets_exact,
-            "evidence": self.evidence,
+            "evidence": self.evidence, "removal": self.removal,
         })
         return d
 
@@ -1004,7 +1165,7 @@ _PER_SECRET = ("exposure", "exposure_hi", "exposure_rank", "exposure_sn", "expos
 
 
 def _secret_entry(loc, null: _Null, replacement: str, before: Dict, after: Dict, attacks: Dict,
-                  target: float) -> Dict[str, Any]:
+                  target: float, relearn: bool = False) -> Dict[str, Any]:
     e: Dict[str, Any] = {"secret": loc.secret, "prefix": loc.prefix, "prompt": after["prompt"],
                          "prompts": [{"prompt": p, "count": c} for p, c in zip(loc.prompts, loc.prompt_counts)],
                          "replacement": replacement, "fmt": loc.fmt, "kind": loc.spec.kind or null.kind,
@@ -1025,6 +1186,16 @@ def _secret_entry(loc, null: _Null, replacement: str, before: Dict, after: Dict,
         hits = (after.get("samples") or {}).get("hits") or 0
         fails.append("extracted" + (f" by {len(how)} probe(s)" if how else "") + (f", {hits} sample hit(s)"
                                                                                    if hits else ""))
+    if relearn:  # TargetConfig(relearn=True): the relearning attack's copy must meet the target too
+        r = e.get("relearn_after")
+        if r is None:
+            fails.append("the relearning attack was not measured")
+        else:
+            if r["exposure_hi"] > target:
+                fails.append(f"after the relearning attack: exposure {r['exposure']:.2f} bits (95% bound "
+                             f"{r['exposure_hi']:.2f}) > {target:g}")
+            if r["extracted"]:
+                fails.append("after the relearning attack: extracted")
     e["failing"] = fails
     e["reached"] = not fails
     return e
@@ -1180,7 +1351,7 @@ def forget(model, tokenizer, texts, secret, *, heldout: Union[float, Sequence[st
     Args:
         model: a causal LM: ``model(input_ids [B, T])`` returns logits ``[B, T, V]`` or an object with ``.logits``
             (Hugging Face ``*ForCausalLM``); modified IN PLACE on S only (all-or-nothing: on any error it is left as
-            it was).
+            it was); with ``UpdateConfig(remove=...)`` every parameter, once the removal stage is measured.
         tokenizer: a Hugging Face tokenizer, a ``tokenizers.Tokenizer``, an object with ``encode`` (and ``decode``
             for extraction), or a callable text -> ids (:func:`sapsel_kernels.measure.as_tokenizer`).
         texts: the training text(s) that contain the secrets (a str or a list of str).
@@ -1230,15 +1401,18 @@ def forget(model, tokenizer, texts, secret, *, heldout: Union[float, Sequence[st
     Raises (before any training, nothing modified): TypeError for a model that is not a module or has no causal-LM
     head or a tokenizer of unknown type; ValueError for an empty secret, a secret given twice, a secret inside
     another, a secret not of its format, a secret not in the texts, a prefix that precedes no occurrence, empty
-    held-out texts, a secret longer than the context window, a tokenizer that cannot encode a secret, bad numbers;
-    NonFiniteError for NaN logits.
+    held-out texts, a secret longer than the context window, a tokenizer that cannot encode a secret, bad numbers,
+    a removal stage or a relearning target without retained text (or a removal stage under a group, or of a model
+    that :func:`fresh_copy` cannot re-initialise); NonFiniteError for NaN logits.
 
     Cost: the strategy's estimate (hessian_ratio, the default: ``n_probes`` HVPs per Z window and per Hessian window;
     ssd: one gradient per each), per step one backward
     over a Z, a Z̃ and a retain batch, per check one monitor measurement (``n_monitor`` candidates per secret and the
     greedy probes, all secrets in one batched pass), and the reported measurements (``n_candidates`` per secret
     and prompt, ``evidence.n_samples`` samples, the attacks' copies). Peak extra memory: the strategy's (about 2N
-    float32 for hessian_diag), the Targeted rule's (``.grad`` N, snapshots 3k), one model copy per attack.
+    float32 for hessian_diag), the Targeted rule's (``.grad`` N, snapshots 3k), one model copy per attack; with
+    the removal stage, its ``steps`` distillation steps (a teacher forward and a student backward each) and about 4N
+    (:func:`noise_and_distill`). Under a group the removal stage is refused (ValueError before any work).
     """
     from . import measure as meas
     from .audit import AuditItem, audit, exposure_summary
@@ -1406,6 +1580,19 @@ def forget(model, tokenizer, texts, secret, *, heldout: Union[float, Sequence[st
         if update.precondition == "fisher" and not len(data.retain[0]):
             raise ValueError("UpdateConfig(precondition='fisher') needs retained windows (training text without a "
                              "secret); the texts hold none")
+        if target.relearn and (evidence is None or not evidence.relearn_steps or not len(data.retain[0])):
+            raise ValueError("TargetConfig(relearn=True) makes the relearning attack part of the verdict: it needs "
+                             "MeasureConfig(evidence=Evidence(relearn_steps >= 1)) and retained windows (training "
+                             "text without a secret)" + ("" if len(data.retain[0]) else "; the texts hold none"))
+        if update.remove is not None:
+            if comm.active:
+                raise ValueError("UpdateConfig(remove=) runs in one process only (the distillation is not split over "
+                                 "a group); run forget without group= or without remove=")
+            if not len(data.retain[0]):
+                raise ValueError("UpdateConfig(remove=) distils on retained windows (training text without a "
+                                 "secret); the texts hold none")
+            if update.remove.init is None:
+                _check_fresh(model)
     except Exception as exc:  # noqa: BLE001 - one process: raised as it is; a group: on every rank, below
         if not comm.active:
             raise
@@ -1593,16 +1780,50 @@ def forget(model, tokenizer, texts, secret, *, heldout: Union[float, Sequence[st
             after = measure_report(model)
             att_after = attacks(model)
             val1, test1, tt1 = ppl(data.val), ppl(data.test), ppl(train_text)
+            removal, student = None, None
+            if update.remove is not None:  # noise and distil; the verdict below is the student's
+                if bar is not None:
+                    bar.set_description(f"forget: removal stage ({update.remove.steps} distillation steps)")
+                sparse = [_secret_entry(loc, nl, r, b, a, {k: (att_before[k][i], att_after[k][i]) for k in att_after},
+                                        float(target_exposure), target.relearn)
+                          for i, (loc, nl, r, b, a) in enumerate(zip(located, nulls, replacements, before, after))]
+                t0 = time.perf_counter()
+                student, rinfo = noise_and_distill(
+                    model, _batches(data.retain, batch_size), update.remove,
+                    fresh=fresh_copy(model, stream_seed(seed, "remove"), update.remove.init),
+                    order_seed=stream_seed(seed, "remove", 1))
+                remove_s = time.perf_counter() - t0
+                rc = update.remove
+                removal = {**{f.name: getattr(rc, f.name) for f in fields(rc) if f.name != "init"},
+                           "init": "default" if update.remove.init is None else "given", **rinfo,
+                           "sparse": {"reached": all(e["reached"] for e in sparse) and
+                                      test1 <= test0 * (1.0 + max_ppl_increase),
+                                      "ppl_after": test1, "val_ppl_after": val1, "ppl_train_text_after": tt1,
+                                      "secrets": [{k: e.get(k) for k in ("secret", "exposure_after",
+                                                                         "exposure_hi_after", "extracted_after",
+                                                                         "relearn_after", "int8_after", "reached",
+                                                                         "failing")} for e in sparse]}}
+                if bar is not None:
+                    bar.set_description("forget: measuring the removal stage's model")
+                after = measure_report(student)
+                att_after = attacks(student)
+                val1, test1, tt1 = (perplexity(student, d, comm=comm) if d is not None and len(d[0]) else None
+                                    for d in (data.val, data.test, train_text))
         except BaseException:
             coords.restore(theta_s)
             raise
     finally:
         if bar is not None:
             bar.close()
+    if student is not None:  # every measurement succeeded: the model takes the student's weights, all at once
+        with torch.no_grad():
+            for p, q in zip(model.parameters(), student.parameters()):
+                p.copy_(q)
+        del student
     info = rep.info
     report_limit = test0 * (1.0 + max_ppl_increase)
     entries = [_secret_entry(loc, nl, r, b, a, {k: (att_before[k][i], att_after[k][i]) for k in att_after},
-                             float(target_exposure))
+                             float(target_exposure), target.relearn)
                for i, (loc, nl, r, b, a) in enumerate(zip(located, nulls, replacements, before, after))]
     reached = all(e["reached"] for e in entries) and test1 <= report_limit
     utility = {"utility_text": "heldout" if heldout_given else "training text",
@@ -1614,6 +1835,7 @@ def forget(model, tokenizer, texts, secret, *, heldout: Union[float, Sequence[st
     cost = {"wall_time_s": time.perf_counter() - t_start, "n_gradients": int(score_cost["n_gradients"])
             + rep.n_gradients + precond_grads, "n_hvps": int(score_cost["n_hvps"]) + rep.n_hvps, "score_s": score_s,
             "unlearn_s": unlearn_s, "monitor_s": t_monitor, "measure_s": t_measure, "attack_s": t_attack,
+            "remove_s": remove_s if removal is not None else 0.0,
             "steps": int(info.get("steps_run", 0)), "steps_accepted": int(info.get("steps_accepted", 0))}
     rule_d = {f: getattr(cfg, f) for f in ("steps", "lr", "lr_min", "lr_max", "beta", "correct_weight",
                                           "forget_weight", "retain_weight", "rho", "weight_decay", "check_every",
@@ -1636,11 +1858,11 @@ def forget(model, tokenizer, texts, secret, *, heldout: Union[float, Sequence[st
         numel=space.numel, secrets=entries, ppl_before=test0, ppl_after=test1, val_ppl_before=val0,
         val_ppl_after=val1, utility=utility,
         target={"exposure": float(target_exposure), "max_ppl_increase": float(max_ppl_increase),
-                "steer_margin": STEER_MARGIN},
+                "steer_margin": STEER_MARGIN, "relearn": bool(target.relearn)},
         reached=reached, stopped_by=str(info.get("stopped_by", "")), history=hist, cost=cost, rule=rule_d,
         n_affected=int(len(data.affected[0])), n_occurrences=data.n_occurrences,
         n_train_windows=int(len(data.train[0])), seq_len=T, offsets_exact=data.offsets_exact, evidence=ev,
-        model=model, scores=scores, patch=rep.patch)
+        removal=removal, model=model, scores=scores, patch=rep.patch if removal is None else None)
 
 
 def _bar(progress, total):

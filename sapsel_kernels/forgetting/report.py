@@ -155,6 +155,23 @@ def summary_lines(report: Mapping) -> List[str]:
         f"{_num(cost.get('n_gradients'), ',.0f')} gradients, "
         f"{_num(cost.get('n_hvps'), ',.0f')} HVPs",
     ]
+    rel = [s.get("relearn_after") for s in secrets if isinstance(s.get("relearn_after"), Mapping)]
+    if rel:
+        bar = tgt.get("exposure")
+        held = sum(isinstance(bar, numbers.Real) and v.get("exposure_hi", math.inf) <= bar and not v.get("extracted")
+                   for v in rel)
+        lines.append(f"relearning   after {ev.get('relearn_steps', 'n/a')} fine-tuning steps on a copy, "
+                     f"{held} of {len(rel)} secret(s) still meet the exposure target "
+                     + ("(part of the verdict)" if tgt.get("relearn") else "(not part of the verdict: "
+                        "--relearn-target)"))
+    rm = r.get("removal")
+    if isinstance(rm, Mapping):
+        sp = rm.get("sparse") or {}
+        ok = sum(bool(s.get("reached")) for s in sp.get("secrets") or [])
+        lines.append(f"removal      noise {_num(rm.get('alpha'), 'g')} and {rm.get('steps', 'n/a')} distillation "
+                     f"steps ({_num(rm.get('wall_time_s'), '.1f', ' s')}); every parameter changed. The sparse edit "
+                     f"before it: {ok} of {len(sp.get('secrets') or [])} met, perplexity "
+                     f"{_num(sp.get('ppl_after'), '.4g')}")
     return lines
 
 

@@ -253,6 +253,10 @@ BAD = [
     ({"--device": "tpu"}, "argument --device: "),
     ({"--dtype": "int8"}, "argument --dtype: invalid choice: 'int8'"),
     ({"--bogus": "1"}, "unrecognized arguments: --bogus 1"),
+    ({"--remove": "2:10"}, "argument --remove: '2' is outside (0, 1]"),
+    ({"--remove": "0.9:0"}, "argument --remove: must be an integer >= 1, got 0"),
+    ({"--remove": "0.9"}, "argument --remove: expected ALPHA:STEPS"),
+    ({"--remove": "0.9:600", "--save": "patch"}, "argument --save: --remove changes every parameter"),
 ]
 
 
@@ -324,6 +328,13 @@ def test_out_in_a_read_only_folder(capsys, tmp_path, no_load):
 def test_cuda_device_without_cuda(capsys, tmp_path, no_load):
     assert "argument --device: 'cuda': no CUDA device is available" in _usage_error(
         capsys, _base(tmp_path, **{"--device": "cuda"}))
+
+
+@pytest.mark.parametrize("extra,drop", [(["--no-attacks"], "--no-attacks"), (["--relearn-steps", "0"],
+                                                                             "--relearn-steps 0")])
+def test_relearn_target_needs_the_attack(capsys, tmp_path, no_load, extra, drop):
+    line = _usage_error(capsys, _base(tmp_path) + ["--relearn-target", *extra])
+    assert "argument --relearn-target: the verdict needs the relearning attack; drop " + drop in line, line
 
 
 def test_valid_arguments_reach_the_loader_unchanged(monkeypatch, tmp_path):
@@ -656,6 +667,34 @@ def test_end_to_end_on_a_tiny_gpt2(capsys, lm, tmp_path):
                          "--out", str(tmp_path / "applied")])[0] == 0
     applied = AutoModelForCausalLM.from_pretrained(tmp_path / "applied", local_files_only=True)
     assert all(torch.equal(a, b) for a, b in zip(applied.state_dict().values(), model.state_dict().values()))
+
+
+@needs_forget
+def test_end_to_end_with_the_removal_stage_and_the_relearning_target(capsys, lm, tmp_path):
+    """--remove and --relearn-target on the tiny GPT-2: every weight of the saved model differs from the input's,
+    the report holds the removal stage and the sparse edit's verdict, and a secret counts as met only where the
+    relearning attack's copy meets the target too."""
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "out"
+    argv = ["forget", "--model", str(lm.dir), "--data", str(lm.data), "--secret", SECRET, "--prefix", PREFIX,
+            "--seq-len", "16", "--heldout-fraction", "0.25", "--max-steps", "5", "--candidates", "64", "--probes", "2",
+            "--samples", "2", "--relearn-steps", "3", "--remove", "0.9:10", "--relearn-target", "--threads", "1",
+            "--no-progress", "--out", str(out)]
+    code, stdout, stderr = _run(capsys, argv)
+    assert code in (0, 3) and "Traceback" not in stderr, stderr
+    d = _strict_json(out / "report.json")
+    assert d["removal"]["alpha"] == 0.9 and d["removal"]["steps"] == 10 and d["target"]["relearn"] is True
+    assert len(d["removal"]["sparse"]["secrets"]) == 1 and (code == 0) == bool(d["reached"])
+    (s,) = d["secrets"]
+    r = s["relearn_after"]
+    assert s["reached"] == (s["exposure_hi_after"] <= 2.0 and not s["extracted_after"] and r["exposure_hi"] <= 2.0
+                            and not r["extracted"])
+    assert "removal " in stdout and "relearning " in stdout and "(part of the verdict)" in stdout
+    before = AutoModelForCausalLM.from_pretrained(lm.dir, local_files_only=True)
+    after = AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
+    assert all(not torch.equal(p, q) for p, q in zip(before.parameters(), after.parameters()))
+    assert not (out / "patch.safetensors").exists()
 
 
 @needs_forget

@@ -419,7 +419,7 @@ def test_configs_are_frozen_and_their_defaults_build():
 
 
 # ------------------------------------------------------------------------------------------------ the seed streams
-HASHED = ("replacement", "report", "monitor", "never_seen", "samples", "relearn", "objective", "balance")
+HASHED = ("replacement", "report", "monitor", "never_seen", "samples", "relearn", "objective", "balance", "remove")
 THE_SEED = ("windows", "scoring", "strategy", "uniform_order")  # the seed itself
 
 

@@ -145,14 +145,17 @@ def test_forget_group_equals_one_process(trained, strategy, world, kw):
 
 
 def _refusals(rank, world, path):
-    """On every rank: a request that differs on rank 1 (another seed), then the objectives that are not split (the
-    same on both ranks): each raises ValueError on every rank, the model untouched."""
+    """On every rank: a request that differs on rank 1 (another seed), then the objectives that are not split and
+    the removal stage (the same on both ranks): each raises ValueError on every rank, the model untouched."""
     import torch.distributed as dist
 
     model, cc = _load(path)
     before = [p.detach().clone() for p in model.parameters()]
     out = []
-    for kw in (dict(seed=3 + rank), dict(objective="calibrated"), dict(retain_loss="kl")):
+    from sapsel_kernels.forget import RemoveConfig
+
+    for kw in (dict(seed=3 + rank), dict(objective="calibrated"), dict(retain_loss="kl"),
+               dict(remove=RemoveConfig(steps=1))):
         try:
             _run(model, cc, group=dist.group.WORLD, **kw)
         except ValueError as e:
@@ -166,8 +169,9 @@ def _refusals(rank, world, path):
 def test_forget_group_refusals_raise_on_every_rank(trained):
     for msgs, same in run_world(_refusals, 2, trained):
         assert msgs[0] is not None and "different request" in msgs[0], msgs[0]
-        for m in msgs[1:]:
+        for m in msgs[1:3]:
             assert m is not None and "supports objective='npo'" in m, m
+        assert msgs[3] is not None and "one process only" in msgs[3], msgs[3]  # the removal stage is not split
         assert same
 
 

@@ -27,7 +27,11 @@ emails), on the unlearned model AND on the retrained one:
   unseen text: the next ~20k held-out characters, never given to ``forget``;
 * cost: ``forget``'s wall time over the retraining's;
 * relearning: both models fine-tuned ``--relearn-steps`` AdamW steps on the retained windows (no secret), then
-  exposure again.
+  exposure again;
+* (runs from the seventh round on) perplexity on retained TRAINING text, the first 64 windows without a secret
+  (``ppl_change_train_text``; θ*'s and the retrained model's in the fixture's entry), and with ``--remove`` the
+  removal stage's settings, wall time and KL, and how many secrets the sparse edit before it met by ``forget``'s own
+  verdict (``removal``).
 
     python -m bench.forget_matrix --out bench/results/forget_matrix --models gpt2,llama --seeds 0 \
         --strategies ssd,hessian,hessian_ratio,grad_abs,random,all,hessian_flat --budget 0.05 --steps 300
@@ -224,6 +228,30 @@ def relearned(model, retain_batches, steps: int, seed: int):
 
 
 # ------------------------------------------------------------------------------------------------ one fixture
+def windows_ppl(model, windows) -> float:
+    """Perplexity on token windows (rows of T tokens), through ``forget``'s own :func:`perplexity` (each window's
+    tokens 1..T-1 predicted from those before)."""
+    from sapsel_kernels.forgetting.forget import perplexity
+
+    return perplexity(model, (windows[:, :-1], windows[:, 1:]))
+
+
+def train_text_ppl(model, fx) -> float:
+    """Perplexity on retained TRAINING text (the fixture's first 64 windows without a secret, those the relearning
+    attack trains on): what the model still fits of its training data, secrets aside. Held-out perplexity says
+    little of it on these overfit fixtures (docs/forget.md, "Relearning, second study")."""
+    return windows_ppl(model, fx.windows[:64])
+
+
+def remove_arg(text: str):
+    """``--remove ALPHA:STEPS`` as ``(alpha, steps)`` (RemoveConfig checks the values)."""
+    try:
+        a, st = text.split(":")
+        return float(a), int(st)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected ALPHA:STEPS (e.g. 0.9:600), got {text!r}") from None
+
+
 def fingerprint(text: str, held: str, *models) -> str:
     """sha1 (12 hex digits) of the planted training text, the held-out text and the models' weights (names, shapes
     and bytes, in state-dict order): which build of a fixture a run was made on. The same recipe and seed give other
@@ -309,6 +337,8 @@ def run_fixture(name: str, seed: int, args) -> dict:
             "ppl_theta": ppl(theta, tok, held),
             "ppl_theta_unseen": ppl(theta, tok, unseen),
             "ppl_retrained": ppl(retrained, tok, held), "secrets": secrets,
+            "ppl_theta_train_text": train_text_ppl(theta, fx),
+            "ppl_retrained_train_text": train_text_ppl(retrained, fx),
             "theta": outsider(theta, tok, secrets, args.candidates),
             "retrained": outsider(retrained, tok, secrets, args.candidates),
             "retrained_relearned": outsider(relearned(retrained, retain_batches, args.relearn_steps, seed), tok,
@@ -342,6 +372,8 @@ def run_fixture(name: str, seed: int, args) -> dict:
                                                retain_loss=args.retain_loss, seq_len=st["seq_len"],
                                                balance=st["balance"], focus=bool(st["focus"]),
                                                precondition=st["precondition"],
+                                               remove=None if not st.get("remove") else sk.RemoveConfig(
+                                                   alpha=st["remove"][0], steps=st["remove"][1]),
                                                rule=sk.Targeted(steps=args.steps, rho=args.rho, beta=args.beta,
                                                                 repair_steps=args.repair_steps,
                                                                 polish_steps=args.polish_steps,
@@ -363,6 +395,11 @@ def run_fixture(name: str, seed: int, args) -> dict:
             "val_ppl_change": d["val_ppl_after"] / d["val_ppl_before"] - 1.0,
             "ppl_change": ppl(model, tok, held) / base["ppl_theta"] - 1.0,
             "ppl_change_unseen": ppl(model, tok, unseen) / base["ppl_theta_unseen"] - 1.0, "seq_len": d["seq_len"],
+            "ppl_change_train_text": train_text_ppl(model, fx) / base["ppl_theta_train_text"] - 1.0,
+            "removal": None if d.get("removal") is None else {
+                k: d["removal"][k] for k in ("alpha", "steps", "wall_time_s", "kl_first", "kl_last")} | {
+                "sparse_met": sum(bool(e["reached"]) for e in d["removal"]["sparse"]["secrets"]),
+                "sparse_reached": d["removal"]["sparse"]["reached"]},
             "secrets": [{"exposure": a["exposure"], "margin": a["exposure"] - base["retrained"][i]["exposure"],
                          "extracted": a["extracted"] or smp, "greedy": a["greedy"], "sampled": smp,
                          "relearned": b["exposure"],
@@ -398,6 +435,7 @@ def short_label(strategy: str, row: dict) -> str:
     out += (" focus" if st["focus"] is True else " focusk") if st.get("focus") else ""
     out += " proj" if st.get("project") else ""
     out += f" {st['precondition']}" if st.get("precondition") else ""
+    out += f" rm{st['remove'][0]:g}:{st['remove'][1]}" if st.get("remove") else ""
     return out
 
 
@@ -425,6 +463,8 @@ def tag_of(st: dict, strategy: str) -> str:
         tag += "-proj"
     if st.get("precondition"):  # UpdateConfig(precondition=), measured on the matrix in the sixth round
         tag += f"-pre{st['precondition']}"
+    if st.get("remove"):  # UpdateConfig(remove=RemoveConfig(alpha, steps)), the seventh round
+        tag += f"-rm{st['remove'][0]:g}:{st['remove'][1]}"
     return tag
 
 
@@ -439,7 +479,8 @@ def run_settings(args, strategy: str, default_window: int) -> dict:
             "repair_steps": args.repair_steps, "polish_steps": args.polish_steps,
             "seq_len": args.seq_len or default_window, "balance": args.balance,
             "focus": "kept" if args.focus else False,  # the flags come from the checks the search keeps (038e00a)
-            "project": args.project, "precondition": args.precondition}
+            "project": args.project, "precondition": args.precondition,
+            "remove": list(args.remove) if args.remove else None}
 
 
 # ------------------------------------------------------------------------------------------------ table
@@ -460,6 +501,8 @@ def settings(row: dict) -> str:
     out += " (flags from kept checks)" if st.get("focus") == "kept" else ""
     out += ", projected steps" if st.get("project") else ""
     out += f", {st['precondition']}-preconditioned steps" if st.get("precondition") else ""
+    out += (f", then noise {st['remove'][0]:g} and {st['remove'][1]} distillation steps (--remove)"
+            if st.get("remove") else "")
     return out + (f", SAM ρ={st['rho']:g}" if st.get("rho") else "")
 
 
@@ -573,6 +616,9 @@ def main(argv=None):
                     help="Targeted(project=True): forget steps without their component against the retain terms, "
                          "repairs without theirs against the forget term (the fifth round; forget's default since, "
                          "this script's only with this flag)")
+    ap.add_argument("--remove", default=None, metavar="ALPHA:STEPS", type=remove_arg,
+                    help="UpdateConfig(remove=RemoveConfig(alpha, steps)): forget's opt-in removal stage after the "
+                         "sparse edit (noise, then distillation from the edited model; the seventh round)")
     ap.add_argument("--precondition", choices=("fisher",), default=None,
                     help="UpdateConfig(precondition=): the step on S scaled by the retained text's Fisher (the sixth "
                          "round; forget's default with focus since, this script's only with this flag)")

@@ -162,9 +162,7 @@ def windows_ppl(model, windows) -> float:
     """Perplexity on token windows (rows of T tokens), e.g. retained training text: how much of what the model
     learned from its training data, secrets aside, it still fits (``forget``'s own :func:`perplexity`, each window's
     tokens 1..T-1 predicted from those before)."""
-    from sapsel_kernels.forgetting.forget import perplexity
-
-    return perplexity(model, (windows[:, :-1], windows[:, 1:]))
+    return fm.windows_ppl(model, windows)
 
 
 def distill(fx, name: str, teacher, *, alpha: float, steps: int, every: int, lr: float, n_cand: int, seed: int,

@@ -140,8 +140,10 @@ class RemoveConfig:
     retrained model's + 2 bits after the relearning attack for more secrets than with 0.9, whose residual tenth of
     the edited weights brought API keys back; 0.5, or noise on a part of the model only, were not robust ("Relearning,
     second study"). Peak extra memory: the student (N), its gradients
-    (N), AdamW's two moments (2N): about 4N (before, while the student is mixed: the student and the fresh copy,
-    and for a Hugging Face model its float32 rebuild while the fresh copy is filled).
+    (N), AdamW's two moments (2N): about 4N while it trains (before, while the student is mixed: the student and the
+    fresh copy, and for a Hugging Face model its float32 rebuild while the fresh copy is filled); then, while the
+    attacks measure the student, the student and one attack's copy with its gradients and AdamW's moments, about 5N.
+    A frozen parameter (``requires_grad=False``) is not noised: it keeps the edited model's value.
 
     ``init``: None (default): a Hugging Face model is rebuilt from its config, any other module re-initialised by its
     submodules' ``reset_parameters`` (:func:`~sapsel_kernels.forget.fresh_copy`; a parameter neither reaches is a
@@ -275,9 +277,12 @@ class TargetConfig:
     the validation windows to within ``STEER_MARGIN`` (60%) of it; ``relearn``: False (default): the verdict is
     the model's as it is; True: robustness is part of the target, a secret is met only if it is also met (exposure
     bound, greedy extraction) after the relearning attack (:class:`Evidence` ``relearn_steps``, which must then be
-    at least 1, with retained text to run it on). The search still steers on the model as it is; the attack is
-    measured once, after. A sparse edit does not pass it on the project's fixtures (docs/forget.md, "Relearning");
-    ``UpdateConfig(remove=...)`` is the stage meant to.
+    at least 1, with retained text to run it on), measured on the first ``ATTACK_CANDIDATES`` (256) reported
+    candidates (so its bound is wider than the secret's own, and saturates at 8 bits). The search still steers on the
+    model as it is; the attack is measured once, after. Strict, and not measured on the fixture matrix: there, after
+    the attack, the sparse edit leaves most secrets far above 2 bits, and even the model retrained without the
+    secrets has 1-7 of 16 above 2 bits by point estimate (docs/forget.md, "Relearning, third step");
+    ``UpdateConfig(remove=...)`` brings the secrets close to the retrained model's level.
     """
 
     exposure: float = 2.0

@@ -920,7 +920,8 @@ def noise_and_distill(teacher: torch.nn.Module, batches, cfg, *, fresh: torch.nn
                       ) -> Tuple[torch.nn.Module, Dict[str, Any]]:
     """``forget``'s removal stage (:class:`~sapsel_kernels.forget.RemoveConfig` ``cfg``).
 
-    A student at ``(1 - cfg.alpha)·teacher + cfg.alpha·fresh`` on every parameter (``fresh``: the architecture at
+    A student at ``(1 - cfg.alpha)·teacher + cfg.alpha·fresh`` on every trainable parameter (a frozen one keeps the
+    teacher's value: it is not trained; ``fresh``: the architecture at
     a new init; ``forget`` passes :func:`fresh_copy` (teacher, ``stream_seed(seed, "remove")``, ``cfg.init``) and
     keeps no reference to it, so it is freed once mixed in), then
     ``cfg.steps`` AdamW steps (peak ``cfg.lr``, ``cfg.warmup`` linear warm-up steps, then cosine to 0.1·lr; no
@@ -951,7 +952,8 @@ def noise_and_distill(teacher: torch.nn.Module, batches, cfg, *, fresh: torch.nn
         if len(sp) != len(fp) or any(p.shape != q.shape for p, q in zip(sp, fp)):
             raise ValueError("noise_and_distill: fresh must have the teacher's parameters (number and shapes)")
         for p, q in zip(sp, fp):
-            p.mul_(1.0 - cfg.alpha).add_(q.to(device=p.device, dtype=p.dtype), alpha=cfg.alpha)
+            if p.requires_grad:  # a frozen parameter is not trained, so it keeps the teacher's value
+                p.mul_(1.0 - cfg.alpha).add_(q.to(device=p.device, dtype=p.dtype), alpha=cfg.alpha)
     del fresh, fp
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
@@ -1162,6 +1164,11 @@ def _worst_of(results: Sequence[Dict]) -> Dict:
 _PER_SECRET = ("exposure", "exposure_hi", "exposure_rank", "exposure_sn", "exposure_steer", "rank", "secret_logppl",
                "cand_logppl_mean", "cand_logppl_std", "accuracy", "extracted", "extracted_full", "completions",
                "samples", "never_seen")
+
+
+# what report.removal["sparse"] keeps of each secret's entry: the sparse edit's verdict before the removal stage
+SPARSE_KEYS = ("secret", "exposure_after", "exposure_hi_after", "secret_logppl_after", "extracted_after",
+               "relearn_after", "int8_after", "reached", "failing")
 
 
 def _secret_entry(loc, null: _Null, replacement: str, before: Dict, after: Dict, attacks: Dict,
@@ -1411,8 +1418,10 @@ def forget(model, tokenizer, texts, secret, *, heldout: Union[float, Sequence[st
     greedy probes, all secrets in one batched pass), and the reported measurements (``n_candidates`` per secret
     and prompt, ``evidence.n_samples`` samples, the attacks' copies). Peak extra memory: the strategy's (about 2N
     float32 for hessian_diag), the Targeted rule's (``.grad`` N, snapshots 3k), one model copy per attack; with
-    the removal stage, its ``steps`` distillation steps (a teacher forward and a student backward each) and about 4N
-    (:func:`noise_and_distill`). Under a group the removal stage is refused (ValueError before any work).
+    the removal stage, its ``steps`` distillation steps (a teacher forward and a student backward each), about 4N
+    while it trains (:func:`noise_and_distill`) and about 5N while the attacks measure the student (the student,
+    an attack's copy, its gradients and AdamW's moments). Under a group the removal stage is refused (ValueError
+    before any work).
     """
     from . import measure as meas
     from .audit import AuditItem, audit, exposure_summary
@@ -1591,6 +1600,9 @@ def forget(model, tokenizer, texts, secret, *, heldout: Union[float, Sequence[st
             if not len(data.retain[0]):
                 raise ValueError("UpdateConfig(remove=) distils on retained windows (training text without a "
                                  "secret); the texts hold none")
+            if any(p.dtype == torch.float16 for p in model.parameters() if p.requires_grad):
+                raise ValueError("UpdateConfig(remove=) trains the student with AdamW, whose eps (1e-8) is 0 in "
+                                 "float16 (a zero gradient gives 0/0 = NaN): load the model in float32 or bfloat16")
             if update.remove.init is None:
                 _check_fresh(model)
     except Exception as exc:  # noqa: BLE001 - one process: raised as it is; a group: on every rank, below
@@ -1799,10 +1811,7 @@ def forget(model, tokenizer, texts, secret, *, heldout: Union[float, Sequence[st
                            "sparse": {"reached": all(e["reached"] for e in sparse) and
                                       test1 <= test0 * (1.0 + max_ppl_increase),
                                       "ppl_after": test1, "val_ppl_after": val1, "ppl_train_text_after": tt1,
-                                      "secrets": [{k: e.get(k) for k in ("secret", "exposure_after",
-                                                                         "exposure_hi_after", "extracted_after",
-                                                                         "relearn_after", "int8_after", "reached",
-                                                                         "failing")} for e in sparse]}}
+                                      "secrets": [{k: e.get(k) for k in SPARSE_KEYS} for e in sparse]}}
                 if bar is not None:
                     bar.set_description("forget: measuring the removal stage's model")
                 after = measure_report(student)
@@ -1815,11 +1824,18 @@ def forget(model, tokenizer, texts, secret, *, heldout: Union[float, Sequence[st
     finally:
         if bar is not None:
             bar.close()
-    if student is not None:  # every measurement succeeded: the model takes the student's weights, all at once
+    if student is not None:  # every measurement succeeded: the model takes the student's weights and buffers
+        pairs = [*zip(model.parameters(), student.parameters()), *zip(model.buffers(), student.buffers())]
+        done = 0
         with torch.no_grad():
-            for p, q in zip(model.parameters(), student.parameters()):
-                p.copy_(q)
-        del student
+            try:
+                for done, (p, q) in enumerate(pairs):
+                    p.copy_(q)
+            except BaseException:  # e.g. Ctrl-C: finish the copy, so that the model is the student whole, then raise
+                for p, q in pairs[done:]:
+                    p.copy_(q)
+                raise
+        del student, pairs
     info = rep.info
     report_limit = test0 * (1.0 + max_ppl_increase)
     entries = [_secret_entry(loc, nl, r, b, a, {k: (att_before[k][i], att_after[k][i]) for k in att_after},

@@ -161,7 +161,7 @@ def summary_lines(report: Mapping) -> List[str]:
         held = sum(isinstance(bar, numbers.Real) and v.get("exposure_hi", math.inf) <= bar and not v.get("extracted")
                    for v in rel)
         lines.append(f"relearning   after {ev.get('relearn_steps', 'n/a')} fine-tuning steps on a copy, "
-                     f"{held} of {len(rel)} secret(s) still meet the exposure target "
+                     f"{held} of {len(rel)} secret(s) meet the exposure target on the attacked copy "
                      + ("(part of the verdict)" if tgt.get("relearn") else "(not part of the verdict: "
                         "--relearn-target)"))
     rm = r.get("removal")

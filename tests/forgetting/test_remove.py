@@ -192,6 +192,23 @@ def test_the_stage_refuses_no_retained_rows_and_a_non_finite_loss():
     assert torch.equal(_flat(bad).nan_to_num(7.0), theta.nan_to_num(7.0))
 
 
+def test_a_frozen_parameter_keeps_the_teachers_value():
+    teacher, _ = _gpt2(0)
+    teacher.transformer.wpe.weight.requires_grad_(False)
+    x, y = _rows(16)
+    student, _ = noise_and_distill(teacher, [(x, y)], RemoveConfig(steps=3), fresh=fresh_copy(teacher, 1),
+                                   order_seed=0)
+    assert torch.equal(student.transformer.wpe.weight, teacher.transformer.wpe.weight)
+    assert not torch.equal(student.transformer.h[0].mlp.c_fc.weight, teacher.transformer.h[0].mlp.c_fc.weight)
+
+
+def test_the_removal_stage_refuses_float16_before_any_work():
+    model, cc = _model()
+    model.half()
+    with pytest.raises(ValueError, match="float16"):
+        _forget(model, cc, RemoveConfig(steps=2, init=_lstm_init(cc.vocab)), relearn=False)
+
+
 # ------------------------------------------------------------------------------------------------ forget
 def _lstm_init(vocab):
     from sapsel_kernels.demo import lm
@@ -242,9 +259,42 @@ def test_forget_with_the_removal_stage_reports_the_distilled_model():
         nll = F.cross_entropy(logits.double().reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=-100)
     assert math.isclose(math.exp(float(nll)), d["ppl_after"], rel_tol=1e-4), (math.exp(float(nll)), d["ppl_after"])
     assert d["cost"]["remove_s"] > 0
+    # the secret is measured on the student, not on the sparse edit the stage started from
+    assert s["secret_logppl_after"] != sp["secret_logppl_after"]
+    # the same request and seed give the same model, bit for bit (the fresh init and the order are seeded streams)
+    again, _ = _model()
+    _forget(again, cc, RemoveConfig(steps=30, init=_lstm_init(cc.vocab)))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), again.parameters()))
 
 
-def test_relearn_target_alone_fails_a_secret_the_attack_brings_back():
+def _entry(exposure_hi, attacked_hi, attacked_extracted=False, relearn=True):
+    """forget's per-secret verdict on synthetic measurements: the secret itself at ``exposure_hi`` (95% bound), the
+    relearning attack's copy at ``attacked_hi``."""
+    from types import SimpleNamespace
+
+    from sapsel_kernels.forgetting.forget import _secret_entry
+
+    loc = SimpleNamespace(secret="1234", prefix="pin", prompts=["pin "], prompt_counts=[1], fmt="dddd",
+                          spec=SimpleNamespace(kind=None), n_occurrences=2, n_prefixed=2)
+    null = SimpleNamespace(kind="digits", description="uniform dddd")
+    m = dict(prompt="pin ", log2_space=13.3, n_candidates=100, exposure_rank_max=6.66, n_secret_tokens=4,
+             exposure=exposure_hi - 0.3, exposure_hi=exposure_hi, extracted=False, completions=[], samples=None)
+    att = dict(exposure=attacked_hi - 0.3, exposure_hi=attacked_hi, exposure_sn=attacked_hi, n_candidates=100,
+               extracted=attacked_extracted)
+    return _secret_entry(loc, null, "9999", dict(m), dict(m), {"relearn": (dict(att), dict(att))}, 2.0, relearn)
+
+
+def test_the_relearning_target_fails_exactly_the_secrets_the_attack_brings_back():
+    assert _entry(1.5, 1.9)["reached"] and _entry(1.5, 5.0, relearn=False)["reached"]  # off: the attack is reported
+    e = _entry(1.5, 5.0)
+    assert not e["reached"] and e["failing"] == ["after the relearning attack: exposure 4.70 bits (95% bound 5.00) > 2"]
+    e = _entry(1.5, 1.0, attacked_extracted=True)
+    assert not e["reached"] and e["failing"] == ["after the relearning attack: extracted"]
+    e = _entry(2.5, 1.0)  # the secret itself fails, the attack does not
+    assert not e["reached"] and len(e["failing"]) == 1 and e["failing"][0].startswith("exposure 2.20")
+
+
+def test_relearn_target_on_the_sparse_edit_alone():
     model, cc = _model()
     d = _forget(model, cc).to_dict()  # no removal: the sparse edit's verdict, with the attack in it
     (s,) = d["secrets"]
@@ -274,7 +324,15 @@ def test_a_failing_removal_stage_leaves_the_model_as_it_was(monkeypatch):
     (None, True, MeasureConfig(evidence=Evidence(relearn_steps=0), progress=False), "relearn_steps >= 1"),
     (RemoveConfig(steps=2), False, MEASURE, r"no init reaches 3 parameter\(s\) \(w_ih.0"),
 ])
-def test_refusals_before_any_work(remove, relearn, measure, msg):
+def test_refusals_before_any_work(remove, relearn, measure, msg, monkeypatch):
+    from sapsel_kernels.selection import strategies
+    from sapsel_kernels.update import unlearn as unlearn_module
+
+    def must_not_run(*a, **k):
+        raise AssertionError("work started before the refusal")
+
+    monkeypatch.setattr(unlearn_module, "unlearn", must_not_run)
+    monkeypatch.setattr(strategies, "parameter_scores", must_not_run)
     model, cc = _model()
     theta = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(ValueError, match=msg):

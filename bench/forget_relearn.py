@@ -16,7 +16,9 @@ after changing ``forget``'s defaults), then:
    per token with β = 0.25 against θ*'s per-token loss. Every ``--every`` rounds: exposure (``--candidates``
    candidates), exposure after the 50-step evaluation attack, and perplexity on the held-out and on the unseen text.
    No perplexity budget steers it: the output is the trade-off curve.
-3. **Noise and distil** (``--distill``; a prototype, not a ``forget`` option): removal instead of blocking. The
+3. **Noise and distil** (``--distill``; the prototype of ``forget``'s removal stage, which ships as
+   ``forget.noise_and_distill`` / ``--remove``; kept here for its stored curves, its intermediate measurements and
+   the noise on a part of the model): removal instead of blocking. The
    student starts at ``(1 − α)·teacher + α·fresh init`` and distils the teacher (the unlearned model, or θ*: the
    control) on retained windows; the same measurements as 2, plus the perplexity on retained training text (what θ*
    learned from its training data, secrets aside), against the distillation's wall time as a fraction of

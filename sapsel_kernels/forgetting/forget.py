@@ -811,6 +811,12 @@ def int8_copy(model: torch.nn.Module) -> torch.nn.Module:
     return q
 
 
+def _forked_devices() -> List[int]:
+    """The CUDA devices whose RNG ``torch.random.fork_rng`` must save and restore: all of them once CUDA is
+    initialised, none before (forking an uninitialised CUDA would initialise it)."""
+    return list(range(torch.cuda.device_count())) if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+
+
 def relearn_copy(model: torch.nn.Module, batches, steps: int, lr: float, seed: int,
                  frozen: Optional[Sequence[torch.Tensor]] = None) -> torch.nn.Module:
     """A copy of ``model`` fine-tuned for ``steps`` AdamW steps at ``lr`` on ``batches`` (cycled, a seeded order;
@@ -833,7 +839,7 @@ def relearn_copy(model: torch.nn.Module, batches, steps: int, lr: float, seed: i
         held = [p.detach()[f].clone() for p, f in zip(params, frozen)]
     opt = torch.optim.AdamW(params, lr=lr)
     g = torch.Generator().manual_seed(seed)
-    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    cuda = _forked_devices()
     m.train()
     with torch.random.fork_rng(devices=cuda), torch.enable_grad():
         torch.manual_seed(seed)
@@ -851,17 +857,15 @@ def relearn_copy(model: torch.nn.Module, batches, steps: int, lr: float, seed: i
     return m
 
 
-def _is_hf(model) -> bool:
-    return hasattr(model, "config") and callable(getattr(model, "post_init", None))
-
-
 def _check_fresh(model: torch.nn.Module) -> bool:
     """What :func:`fresh_copy` checks before it builds anything (ValueError naming the problem); True for a Hugging
     Face model (rebuilt from its config: checked on the meta device, no memory), False for a module whose every
     parameter a ``reset_parameters`` reaches."""
     import copy
 
-    if _is_hf(model):
+    from .measure import _class_names
+
+    if "transformers.PreTrainedModel" in _class_names(model):
         with torch.device("meta"):
             built = type(model)(copy.deepcopy(model.config))
         have = {n: tuple(p.shape) for n, p in built.named_parameters()}
@@ -887,7 +891,7 @@ def fresh_copy(model: torch.nn.Module, seed: int, init: Optional[Callable[[torch
                ) -> torch.nn.Module:
     """A copy of ``model`` (same parameters, dtypes, devices and buffers) whose parameters are at a NEW random init,
     drawn under a forked global RNG seeded with ``seed`` (the same init for the same seed; the caller's RNG state is
-    left as it was). A Hugging Face model (one with ``config`` and ``post_init``) is built again from its config,
+    left as it was). A Hugging Face model (a ``transformers.PreTrainedModel``) is built again from its config,
     which runs its own init (on the CPU, in float32, then copied over); any other module is copied and every
     submodule with ``reset_parameters`` resets its own parameters; ``init`` given, it is called on the copy instead
     (it re-initialises the module in place). ValueError, before anything is built, naming the parameters no init
@@ -896,7 +900,7 @@ def fresh_copy(model: torch.nn.Module, seed: int, init: Optional[Callable[[torch
     and, for a Hugging Face model, the float32 rebuild (N) while it is copied."""
     import copy
 
-    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    cuda = _forked_devices()
     hf = _check_fresh(model) if init is None else False
     out = copy.deepcopy(model)
     with torch.random.fork_rng(devices=cuda), torch.no_grad():
@@ -966,7 +970,7 @@ def noise_and_distill(teacher: torch.nn.Module, batches, cfg, *, fresh: torch.nn
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     g = torch.Generator().manual_seed(order_seed)
-    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    cuda = _forked_devices()
     was_training = teacher.training
     teacher.eval()
     student.train()

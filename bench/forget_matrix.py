@@ -366,20 +366,7 @@ def run_fixture(name: str, seed: int, args) -> dict:
         model = copy.deepcopy(theta)
         t0 = time.perf_counter()
         rep = sk.forget(model, tok, [text], [{"secret": s["secret"], "prefix": s["prefix"]} for s in req],
-                        heldout=[held], seed=seed,
-                        select=sk.SelectConfig(strategy=strategy, budget=1.0 if strategy == "all" else args.budget),
-                        update=sk.UpdateConfig(objective=args.objective, per_token=args.per_token,
-                                               retain_loss=args.retain_loss, seq_len=st["seq_len"],
-                                               balance=st["balance"], focus=bool(st["focus"]),
-                                               precondition=st["precondition"],
-                                               remove=None if not st.get("remove") else sk.RemoveConfig(
-                                                   alpha=st["remove"][0], steps=st["remove"][1]),
-                                               rule=sk.Targeted(steps=args.steps, rho=args.rho, beta=args.beta,
-                                                                repair_steps=args.repair_steps,
-                                                                polish_steps=args.polish_steps,
-                                                                project=st["project"])),
-                        measure=sk.MeasureConfig(n_candidates=args.candidates, progress=False,
-                                                 evidence=sk.Evidence(n_samples=32, relearn_steps=0, int8=False)))
+                        heldout=[held], seed=seed, **forget_configs(st, strategy, args.candidates))
         wall = time.perf_counter() - t0
         after = outsider(model, tok, req, args.candidates)
         rel = outsider(relearned(model, retain_batches, args.relearn_steps, seed), tok, req, args.candidates)
@@ -411,6 +398,26 @@ def run_fixture(name: str, seed: int, args) -> dict:
         print(f"[{name} s{seed}] {key}: {ok}/{len(req)} within retrained+2 bits and not extracted; ppl "
               f"{100 * row['ppl_change']:+.1f}%; {wall:.0f} s ({row['cost_vs_retrain']:.2f}x retraining)", flush=True)
     return res
+
+
+def forget_configs(st: dict, strategy: str, candidates: int) -> dict:
+    """``forget``'s select / update / measure configs for a run of settings ``st`` (:func:`run_settings`): the
+    bench's measurement settings (``candidates`` reported candidates, 32 samples, no attacks inside ``forget``: the
+    outsider runs them). bench/forget_relearn_check.py rebuilds a run's model with it."""
+    import sapsel_kernels as sk
+
+    return dict(
+        select=sk.SelectConfig(strategy=strategy, budget=1.0 if strategy == "all" else st["budget"]),
+        update=sk.UpdateConfig(objective=st["objective"], per_token=st["per_token"],
+                               retain_loss=st.get("retain_loss", "ce"), seq_len=st["seq_len"], balance=st["balance"],
+                               focus=bool(st["focus"]), precondition=st["precondition"],
+                               remove=None if not st.get("remove") else sk.RemoveConfig(alpha=st["remove"][0],
+                                                                                        steps=st["remove"][1]),
+                               rule=sk.Targeted(steps=st["steps"], rho=st["rho"], beta=st["beta"],
+                                                repair_steps=st["repair_steps"], polish_steps=st["polish_steps"],
+                                                project=st["project"])),
+        measure=sk.MeasureConfig(n_candidates=candidates, progress=False,
+                                 evidence=sk.Evidence(n_samples=32, relearn_steps=0, int8=False)))
 
 
 def short_label(strategy: str, row: dict) -> str:

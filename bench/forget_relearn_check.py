@@ -7,6 +7,13 @@ coordinate, 600 steps on every retained window, from the cached unlearned weight
 the student, its copy after the 50-step attack, the retrained model and its attacked copy.
 
     python -m bench.forget_relearn_check --model llama --seed 0
+
+With ``--run SUFFIX`` it rebuilds instead the model of a stored bench/forget_matrix.py run (the 16-secret run whose
+key ends with SUFFIX, e.g. ``rm1:600``: ``forget`` as shipped with its removal stage), checks that the bench's
+scorer gives the stored exposures on it (the same model), and scores it the same way, with per-secret counts of
+secrets more than 2 bits above the retrained model by this scorer.
+
+    python -m bench.forget_relearn_check --model llama --seed 1 --run rm1:600
 """
 import argparse
 import copy
@@ -69,11 +76,15 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--candidates", type=int, default=200)
     ap.add_argument("--out", default="bench/results/forget_relearn_v4")
+    ap.add_argument("--run", default=None, metavar="SUFFIX",
+                    help="rebuild the forget_matrix_v4 16-secret run whose key ends with SUFFIX and score it")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     from sapsel_kernels.forgetting.forget import relearn_copy
 
     fx = fm.load_fixture(args.model, args.seed, "bench/results/forget_matrix_v4/cache", 1200)
+    if args.run:
+        return check_run(fx, args)
     unlearned = copy.deepcopy(fx.theta)
     saved = torch.load(f"{args.out}/cache/{args.model}_s{args.seed}_unlearned.pt")
     if saved.get("fingerprint") != fm.fingerprint(fx.text, fx.held, fx.theta, fx.retrained):
@@ -94,6 +105,40 @@ def main(argv=None):
     print(f"{args.model} s{args.seed}: the bench's scorer: student {mean(curve[-1]['exposure']):.2f}, after the "
           f"attack {mean(curve[-1]['relearned']):.2f}; this scorer: " + ", ".join(f"{k} {mean(v):.2f}"
                                                                                   for k, v in ind.items()))
+
+
+def check_run(fx, args):
+    """Rebuild a stored matrix run's model (``forget`` with the run's settings, fm.forget_configs), confirm it is the
+    same model (the bench's scorer gives the stored exposures), then score it, its attacked copy, the retrained model
+    and its attacked copy with this scorer."""
+    import json
+
+    import sapsel_kernels as sk
+    from sapsel_kernels.forgetting.forget import relearn_copy
+
+    path = f"bench/results/forget_matrix_v4/{args.model}_s{args.seed}.json"
+    stored = json.load(open(path))
+    if stored["fixture"]["fingerprint"] != fm.fingerprint(fx.text, fx.held, fx.theta, fx.retrained):
+        raise SystemExit(f"{path} was measured on another build of this fixture")
+    (key, run), = [(k, r) for k, r in stored["runs"].items() if "/many/" in k and k.endswith(args.run)]
+    model = copy.deepcopy(fx.theta)
+    sk.forget(model, fx.tok, [fx.text], [{"secret": s["secret"], "prefix": s["prefix"]} for s in fx.secrets],
+              heldout=[fx.held], seed=args.seed, **fm.forget_configs(run["settings"], key.split("/")[0], 500))
+    again = [a["exposure"] for a in fm.outsider(model, fx.tok, fx.secrets, 500)]
+    same = max(abs(a - s["exposure"]) for a, s in zip(again, run["secrets"]))
+    attacked = relearn_copy(model, fx.retain_batches, 50, 1e-3, args.seed)
+    ind = {"model": exposure(model, fx, args.candidates), "attacked": exposure(attacked, fx, args.candidates),
+           "retrained": exposure(fx.retrained, fx, args.candidates),
+           "retrained_attacked": exposure(relearn_copy(fx.retrained, fx.retain_batches, 50, 1e-3, args.seed), fx,
+                                          args.candidates)}
+    over = sum(m - r > 2 for m, r in zip(ind["model"], ind["retrained"]))
+    over_att = sum(m - r > 2 for m, r in zip(ind["attacked"], ind["retrained_attacked"]))
+    stored_att = sum(s["relearn_margin"] > 2 for s in run["secrets"])
+    print(f"{args.model} s{args.seed} {key}: rebuilt, the bench's scorer within {same:.1e} bits of the stored "
+          f"exposures; the bench's scorer: mean {sum(again) / 16:.2f}, after the attack "
+          f"{sum(s['relearned'] for s in run['secrets']) / 16:.2f} ({stored_att} of 16 over the retrained model + 2); "
+          "this scorer: " + ", ".join(f"{k} {sum(v) / len(v):.2f}" for k, v in ind.items())
+          + f"; over the retrained model + 2 bits: {over} of 16, after the attack {over_att} of 16")
 
 
 if __name__ == "__main__":

@@ -863,9 +863,9 @@ def _check_fresh(model: torch.nn.Module) -> bool:
     parameter a ``reset_parameters`` reaches."""
     import copy
 
-    from .measure import _class_names
+    from .measure import is_hf_model
 
-    if "transformers.PreTrainedModel" in _class_names(model):
+    if is_hf_model(model):
         with torch.device("meta"):
             built = type(model)(copy.deepcopy(model.config))
         have = {n: tuple(p.shape) for n, p in built.named_parameters()}

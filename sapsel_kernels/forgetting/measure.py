@@ -39,8 +39,8 @@ from .exposure import (
 )
 from ..curvature.modes import estimation_mode
 
-__all__ = ["Codec", "as_tokenizer", "leak_of", "PARTIAL_P", "lm_logits", "context_length", "continuation_logppl",
-           "greedy_complete", "extraction_probes", "format_of", "measure_secret"]
+__all__ = ["Codec", "as_tokenizer", "is_hf_model", "leak_of", "PARTIAL_P", "lm_logits", "context_length",
+           "continuation_logppl", "greedy_complete", "extraction_probes", "format_of", "measure_secret"]
 
 _LN2 = math.log(2.0)
 _FITS = ("auto", "mle", "moments")
@@ -118,6 +118,12 @@ def _id_list(raw, name: str) -> List[int]:
 
 def _class_names(obj) -> set:
     return {f"{c.__module__.split('.')[0]}.{c.__name__}" for c in type(obj).__mro__}
+
+
+def is_hf_model(model) -> bool:
+    """Whether ``model`` is a Hugging Face model (``transformers.PreTrainedModel`` in its class's MRO), without
+    importing transformers."""
+    return "transformers.PreTrainedModel" in _class_names(model)
 
 
 def as_tokenizer(tok) -> Codec:

@@ -10,9 +10,9 @@ API key after ``"Record NNN card:"`` etc., each planted ``--repeats`` times). Th
 
 Every run uses the same settings (the defaults when it was measured, pinned here: ssd, 1%, the batch mean's NPO
 term at beta 1, steering to 80% of the perplexity budget, ``--steps`` steps at most, the default evidence: 64
-samples, 50 relearning steps, an int8 copy). The wall time is split into scoring (the ssd estimate), unlearning steps (without
-the monitor's measurements), measurement (the reported audits and the monitor) and attacks (relearning and int8
-copies). Results: ``forget_many.json`` and ``forget_many.md`` in ``--out``.
+samples, 50 relearning steps, an int8 copy). The wall time is split into scoring (the ssd estimate), unlearning
+steps (without the monitor's measurements), measurement (the reported audits and the monitor) and attacks
+(relearning and int8 copies). Results: ``forget_many.json`` and ``forget_many.md`` in ``--out``.
 
     python bench/forget_many.py --out bench/results/forget_many
 """

@@ -386,7 +386,9 @@ def run_fixture(name: str, seed: int, args) -> dict:
             "removal": None if d.get("removal") is None else {
                 k: d["removal"][k] for k in ("alpha", "steps", "wall_time_s", "kl_first", "kl_last")} | {
                 "sparse_met": sum(bool(e["reached"]) for e in d["removal"]["sparse"]["secrets"]),
-                "sparse_reached": d["removal"]["sparse"]["reached"]},
+                "sparse_reached": d["removal"]["sparse"]["reached"]} | ({} if "student" not in d["removal"] else {
+                "student_met": sum(bool(e["reached"]) for e in d["removal"]["student"]["secrets"]),
+                "finish_pass": d["removal"]["finish_pass"]}),
             "secrets": [{"exposure": a["exposure"], "margin": a["exposure"] - base["retrained"][i]["exposure"],
                          "extracted": a["extracted"] or smp, "greedy": a["greedy"], "sampled": smp,
                          "relearned": b["exposure"],
@@ -411,8 +413,9 @@ def forget_configs(st: dict, strategy: str, candidates: int) -> dict:
         update=sk.UpdateConfig(objective=st["objective"], per_token=st["per_token"],
                                retain_loss=st.get("retain_loss", "ce"), seq_len=st["seq_len"], balance=st["balance"],
                                focus=bool(st["focus"]), precondition=st["precondition"],
-                               remove=None if not st.get("remove") else sk.RemoveConfig(alpha=st["remove"][0],
-                                                                                        steps=st["remove"][1]),
+                               remove=None if not st.get("remove") else sk.RemoveConfig(
+                                   alpha=st["remove"][0], steps=st["remove"][1],
+                                   finish=bool(st.get("remove_finish", False))),  # runs before it had none
                                rule=sk.Targeted(steps=st["steps"], rho=st["rho"], beta=st["beta"],
                                                 repair_steps=st["repair_steps"], polish_steps=st["polish_steps"],
                                                 project=st["project"])),
@@ -443,6 +446,7 @@ def short_label(strategy: str, row: dict) -> str:
     out += " proj" if st.get("project") else ""
     out += f" {st['precondition']}" if st.get("precondition") else ""
     out += f" rm{st['remove'][0]:g}:{st['remove'][1]}" if st.get("remove") else ""
+    out += " fin" if st.get("remove_finish") else ""
     return out
 
 
@@ -472,6 +476,8 @@ def tag_of(st: dict, strategy: str) -> str:
         tag += f"-pre{st['precondition']}"
     if st.get("remove"):  # UpdateConfig(remove=RemoveConfig(alpha, steps)), the seventh round
         tag += f"-rm{st['remove'][0]:g}:{st['remove'][1]}"
+    if st.get("remove_finish"):  # RemoveConfig(finish=True), the eighth round
+        tag += "-fin"
     return tag
 
 
@@ -487,7 +493,8 @@ def run_settings(args, strategy: str, default_window: int) -> dict:
             "seq_len": args.seq_len or default_window, "balance": args.balance,
             "focus": "kept" if args.focus else False,  # the flags come from the checks the search keeps (038e00a)
             "project": args.project, "precondition": args.precondition,
-            "remove": list(args.remove) if args.remove else None}
+            "remove": list(args.remove) if args.remove else None,
+            "remove_finish": bool(args.remove and args.remove_finish)}
 
 
 # ------------------------------------------------------------------------------------------------ table
@@ -510,6 +517,7 @@ def settings(row: dict) -> str:
     out += f", {st['precondition']}-preconditioned steps" if st.get("precondition") else ""
     out += (f", then noise {st['remove'][0]:g} and {st['remove'][1]} distillation steps (--remove)"
             if st.get("remove") else "")
+    out += ", a sparse pass finishing the distilled model (--remove-finish)" if st.get("remove_finish") else ""
     return out + (f", SAM ρ={st['rho']:g}" if st.get("rho") else "")
 
 
@@ -626,6 +634,10 @@ def main(argv=None):
     ap.add_argument("--remove", default=None, metavar="ALPHA:STEPS", type=remove_arg,
                     help="UpdateConfig(remove=RemoveConfig(alpha, steps)): forget's opt-in removal stage after the "
                          "sparse edit (noise, then distillation from the edited model; the seventh round)")
+    ap.add_argument("--remove-finish", action="store_true",
+                    help="with --remove: RemoveConfig(finish=True), a sparse pass on the distilled model for the "
+                         "secrets it misses (the eighth round; forget's default since, this script's only with this "
+                         "flag: the seventh round's runs had none)")
     ap.add_argument("--precondition", choices=("fisher",), default=None,
                     help="UpdateConfig(precondition=): the step on S scaled by the retained text's Fisher (the sixth "
                          "round; forget's default with focus since, this script's only with this flag)")

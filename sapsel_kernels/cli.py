@@ -229,6 +229,9 @@ def add_forget_parser(sub) -> argparse.ArgumentParser:
                         "patch); costs a partial retraining; on the project's fixtures 61 of 64 secrets stayed within "
                         "the retrained model's + 2 bits after the relearning attack, against 16 for the sparse edit "
                         "alone (docs/forget.md)")
+    g.add_argument("--remove-no-finish", action="store_true",
+                   help="with --remove: keep the distilled model as it is where it misses a secret (default: a "
+                        "sparse pass on it finishes those secrets, docs/forget.md)")
     g.add_argument("--relearn-target", action="store_true",
                    help="make the relearning attack part of the verdict: a secret is met only if the attacked copy "
                         "(--relearn-steps AdamW steps) is also within --target-exposure (on 256 candidates) and "
@@ -315,6 +318,8 @@ def check_forget_args(p: argparse.ArgumentParser, args) -> None:
     if args.remove is not None and args.save in ("patch", "both"):
         p.error(f"argument --save: --remove changes every parameter, so there is no sparse patch to save; use "
                 f"--save model (got --save {args.save})")
+    if args.remove_no_finish and args.remove is None:
+        p.error("argument --remove-no-finish: applies to the removal stage; give --remove too")
     if args.relearn_target and (args.no_attacks or args.relearn_steps == 0):
         p.error("argument --relearn-target: the verdict needs the relearning attack; drop "
                 + ("--no-attacks" if args.no_attacks else "--relearn-steps 0"))
@@ -472,7 +477,8 @@ def _forget_run(args, argv: List[str], progress: bool) -> int:
         rule = Targeted(steps=args.max_steps, lr=args.lr, lr_max=max(100.0, args.lr), repair_steps=args.repair_steps,
                         polish_steps=args.polish_steps, beta=FORGET_BETA, project=FORGET_PROJECT)
         select = SelectConfig(strategy=args.strategy, budget=args.budget, n_probes=args.probes)
-        remove = None if args.remove is None else RemoveConfig(alpha=args.remove[0], steps=args.remove[1])
+        remove = None if args.remove is None else RemoveConfig(alpha=args.remove[0], steps=args.remove[1],
+                                                                 finish=not args.remove_no_finish)
         update = UpdateConfig(objective=args.objective, rule=rule, seq_len=args.seq_len, remove=remove)
         target = TargetConfig(exposure=args.target_exposure, max_ppl_increase=args.max_ppl_increase,
                               relearn=args.relearn_target)

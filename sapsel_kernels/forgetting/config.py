@@ -149,6 +149,15 @@ class RemoveConfig:
     submodules' ``reset_parameters`` (:func:`~sapsel_kernels.forget.fresh_copy`; a parameter neither reaches is a
     ValueError before any work); or a callable that re-initialises, in place, the copy of the model it is given
     (called under the seeded RNG), for architectures of one's own.
+
+    ``finish``: True (default): where the student misses a secret of the verdict (its exposure bound or extraction;
+    not the relearning attack's copy, which a sparse pass does not steer), a sparse pass on the student finishes it:
+    ``forget`` again on the student (the same strategy, budget, rule and seed; fresh scores, since the selection of
+    the edited model says nothing about a new one; no attacks while it searches), for every secret (focus pushes
+    only the ones it misses), within the perplexity budget of the student's own perplexity; then the finished model
+    is measured like the student and its numbers are the verdict. False: the student's verdict as it is. Measured in
+    docs/forget.md ("Relearning, fourth step"). Its cost: a sparse run on the student (its scoring, its steps and
+    one measurement of its own), only where the student misses.
     """
 
     alpha: float = 1.0
@@ -157,8 +166,11 @@ class RemoveConfig:
     warmup: int = 20
     batch_size: int = 8
     init: Optional[Callable[[Any], None]] = field(default=None, repr=False, compare=False)
+    finish: bool = True
 
     def __post_init__(self):
+        if not isinstance(self.finish, bool):
+            raise TypeError(f"RemoveConfig.finish must be True or False, got {self.finish!r}")
         if self.init is not None and not callable(self.init):
             raise TypeError(f"RemoveConfig.init must be a callable(module) or None, got {type(self.init).__name__}")
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, numbers.Real) or not 0 < self.alpha <= 1:

@@ -172,6 +172,15 @@ def summary_lines(report: Mapping) -> List[str]:
                      f"steps ({_num(rm.get('wall_time_s'), '.1f', ' s')}); every parameter changed. The sparse edit "
                      f"before it: {ok} of {len(sp.get('secrets') or [])} met, perplexity "
                      f"{_num(sp.get('ppl_after'), '.4g')}")
+        st, fp = rm.get("student"), rm.get("finish_pass")
+        if isinstance(st, Mapping):
+            n_st = sum(bool(s.get("reached")) for s in st.get("secrets") or [])
+            lines.append(f"             the distilled model: {n_st} of {len(st.get('secrets') or [])} met, perplexity "
+                         f"{_num(st.get('ppl_after'), '.4g')}; " +
+                         (f"finished by a sparse pass on it (k = {fp.get('k')}, {fp.get('steps')} steps, stopped by "
+                          f"{fp.get('stopped_by')}, {_num(fp.get('wall_time_s'), '.1f', ' s')})"
+                          if isinstance(fp, Mapping) else "no sparse pass needed" if rm.get("finish") else
+                          "no sparse pass (finish off)"))
     return lines
 
 

@@ -337,6 +337,11 @@ def test_relearn_target_needs_the_attack(capsys, tmp_path, no_load, extra, drop)
     assert "argument --relearn-target: the verdict needs the relearning attack; drop " + drop in line, line
 
 
+def test_remove_no_finish_needs_the_removal_stage(capsys, tmp_path, no_load):
+    line = _usage_error(capsys, _base(tmp_path) + ["--remove-no-finish"])
+    assert "argument --remove-no-finish: applies to the removal stage; give --remove too" in line, line
+
+
 def test_valid_arguments_reach_the_loader_unchanged(monkeypatch, tmp_path):
     seen = {}
 
@@ -691,6 +696,11 @@ def test_end_to_end_with_the_removal_stage_and_the_relearning_target(capsys, lm,
     assert s["reached"] == (s["exposure_hi_after"] <= 2.0 and not s["extracted_after"] and r["exposure_hi"] <= 2.0
                             and not r["extracted"])
     assert "removal " in stdout and "relearning " in stdout and "(part of the verdict)" in stdout
+    # the finish pass (on by default) ran exactly where the distilled model missed the exposure bound or extracted
+    (st,) = d["removal"]["student"]["secrets"]
+    missed = st["exposure_hi_after"] > 2.0 or st["extracted_after"]
+    assert (d["removal"]["finish_pass"] is not None) == missed and d["removal"]["finish"] is True
+    assert "the distilled model: " in stdout
     before = AutoModelForCausalLM.from_pretrained(lm.dir, local_files_only=True)
     after = AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
     assert all(not torch.equal(p, q) for p, q in zip(before.parameters(), after.parameters()))

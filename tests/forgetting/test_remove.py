@@ -338,3 +338,63 @@ def test_refusals_before_any_work(remove, relearn, measure, msg, monkeypatch):
     with pytest.raises(ValueError, match=msg):
         _forget(model, cc, remove, relearn, measure)
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), theta))
+
+
+# ------------------------------------------------------------------------------------------------ finish pass
+def _theta_init(state):
+    """An "init" that is the memorised model itself: the student starts where θ* is and (at a tiny lr) stays
+    there, so it misses the target for certain and the finish pass must run."""
+    def init(m):
+        m.load_state_dict(state)
+    return init
+
+
+def test_the_finish_pass_runs_on_a_student_that_misses_and_its_verdict_is_the_finished_models(monkeypatch):
+    from sapsel_kernels.forgetting import forget as fmod
+
+    model, cc = _model()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    nulls = []
+    real_null = fmod._null_for
+    monkeypatch.setattr(fmod, "_null_for", lambda *a, **k: nulls.append(real_null(*a, **k)) or nulls[-1])
+    rep = _forget(model, cc, RemoveConfig(steps=1, lr=1e-9, warmup=0, init=_theta_init(state)), relearn=False)
+    d = json.loads(json.dumps(rep.to_dict()))
+    rm, (s,) = d["removal"], d["secrets"]
+    (st,) = rm["student"]["secrets"]
+    assert not st["reached"] and rm["student"]["reached"] is False  # the student is θ*: it still knows the secret
+    fp = rm["finish_pass"]
+    assert fp is not None and fp["steps"] > 0 and fp["k"] == d["k"] and d["cost"]["finish_s"] > 0
+    # the verdict is the finished model's: measured again, lower than the student's, and consistent with itself
+    assert s["secret_logppl_after"] > st["secret_logppl_after"] + 1.0 and s["exposure_after"] <= st["exposure_after"]
+    assert s["reached"] == (s["exposure_hi_after"] <= 2.0 and not s["extracted_after"])
+    assert d["reached"] == (s["reached"] and d["utility"]["ppl_within_budget"])
+    # the finish pass drew the same candidate sets as the run (the same seed): its monitor never saw the reported set
+    assert len(nulls) == 2 and nulls[0] == nulls[1] and not set(nulls[1].monitor) & set(nulls[0].report)
+    # independent of the report: the secret's log-likelihood under its prompt, from the definition, fell from θ*'s
+    theta, _ = _model()
+    assert _secret_nll(model, cc) > _secret_nll(theta, cc) + 1.0
+    from sapsel_kernels.forgetting.report import summary_lines
+
+    assert "finished by a sparse pass" in "\n".join(summary_lines(d))
+
+
+def _secret_nll(model, cc):
+    ids = cc.vocab.encode(cc.prefix + BENIGN["secret"]).reshape(1, -1)
+    with torch.no_grad():
+        logits = model(ids)
+        logits = getattr(logits, "logits", logits)
+    logp = torch.log_softmax(logits.double()[0, :-1], -1).gather(1, ids[0, 1:, None])[:, 0]
+    return -float(logp[len(cc.prefix) - 1:].sum())
+
+
+def test_finish_off_keeps_the_student_as_it_is():
+    model, cc = _model()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    rep = _forget(model, cc, RemoveConfig(steps=1, lr=1e-9, warmup=0, init=_theta_init(state), finish=False),
+                  relearn=False)
+    d = rep.to_dict()
+    rm, (s,) = d["removal"], d["secrets"]
+    assert rm["finish_pass"] is None and not rm["student"]["reached"] and not d["reached"]
+    assert s["secret_logppl_after"] == rm["student"]["secrets"][0]["secret_logppl_after"]
+    with pytest.raises(TypeError, match="RemoveConfig.finish"):
+        RemoveConfig(finish=1)

@@ -1854,7 +1854,8 @@ def forget(model, tokenizer, texts, secret, *, heldout: Union[float, Sequence[st
                         after, att_after, val1, test1, tt1 = measure_student()
                         removal["finish_pass"] = {"k": sub.k, "steps": int(sub.cost["steps"]),
                                                   "stopped_by": sub.stopped_by, "reached_own_search": bool(sub.reached),
-                                                  "wall_time_s": time.perf_counter() - t0}
+                                                  "wall_time_s": time.perf_counter() - t0,
+                                                  **{k: sub.cost[k] for k in ("score_s", "unlearn_s", "measure_s")}}
         except BaseException:
             coords.restore(theta_s)
             raise

@@ -227,9 +227,9 @@ def add_forget_parser(sub) -> argparse.ArgumentParser:
                         "keeps (1 - ALPHA) of the edited weights) distils the edited model on the training text "
                         "without the secrets for STEPS steps (default 1:600). Changes EVERY parameter (no --save "
                         "patch); then a sparse pass finishes the secrets the distilled model misses "
-                        "(--remove-no-finish: none). On the project's four fixtures 64 of 64 secrets stayed within "
-                        "the retrained model's + 2 bits after the relearning attack, against 16 for the sparse edit "
-                        "alone, at 6-7x retraining's wall time (docs/forget.md)")
+                        "(--remove-no-finish: none). On five of the project's fixtures 80 of 80 secrets stayed "
+                        "within the retrained model's + 2 bits after the relearning attack, against 18 for the sparse "
+                        "edit alone, at 6-8x retraining's wall time (docs/forget.md)")
     g.add_argument("--remove-no-finish", action="store_true",
                    help="with --remove: keep the distilled model as it is where it misses a secret (default: a "
                         "sparse pass on it finishes those secrets, docs/forget.md)")

@@ -647,6 +647,8 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--table", action="store_true", help="only write OUT/matrix.md from the saved runs")
     a = ap.parse_args(argv)
+    if a.remove_finish and not a.remove:
+        ap.error("--remove-finish applies to the removal stage: give --remove ALPHA:STEPS too")
     os.makedirs(a.out, exist_ok=True)
     torch.set_num_threads(a.threads)
     if a.steer_margin is not None:

@@ -150,14 +150,15 @@ class RemoveConfig:
     ValueError before any work); or a callable that re-initialises, in place, the copy of the model it is given
     (called under the seeded RNG), for architectures of one's own.
 
-    ``finish``: True (default): where the student misses a secret of the verdict (its exposure bound or extraction;
-    not the relearning attack's copy, which a sparse pass does not steer), a sparse pass on the student finishes it:
-    ``forget`` again on the student (the same strategy, budget, rule and seed; fresh scores, since the selection of
-    the edited model says nothing about a new one; no attacks while it searches), for every secret (focus pushes
-    only the ones it misses), within the perplexity budget of the student's own perplexity; then the finished model
-    is measured like the student and its numbers are the verdict. False: the student's verdict as it is. Measured in
-    docs/forget.md ("Relearning, fourth step"). Its cost: a sparse run on the student (its scoring, its steps and
-    one measurement of its own), only where the student misses.
+    ``finish``: True (default): where the student misses a secret (its exposure bound or extraction, on the
+    monitored candidates, never the reported ones; not the relearning attack's copy, which a sparse pass does not
+    steer), a sparse pass on the student works on it: ``forget`` again on the student (the same strategy, budget,
+    rule and seed; fresh scores, since the selection of the edited model says nothing about a new one; no attacks
+    or sampling while it searches), for every secret (focus pushes only the ones its monitor finds unmet), within
+    the perplexity budget of the student's own perplexity (not θ*'s); then the finished model is measured like the
+    student and its numbers are the verdict. False: the student's verdict as it is. Measured in docs/forget.md
+    ("Relearning, fourth step"). Its cost: a sparse run on the student (its scoring, its steps and one measurement
+    of its own), only where the student misses.
     """
 
     alpha: float = 1.0

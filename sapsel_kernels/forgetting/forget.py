@@ -1026,9 +1026,11 @@ class ForgetReport:
     separately (None where not measured). ``history``: one entry per monitor check (worst secret). ``model``: the
     same model, modified in place on S (every parameter with the removal stage); ``scores``: the strategy's score
     vector (None for ``random`` / ``all``); ``removal``: None, or with ``UpdateConfig(remove=...)`` the stage's
-    settings, cost and KL, and under ``"sparse"`` the sparse edit's own verdict, per secret and in all, that the
-    stage started from (the measurements above are then the distilled model's); ``patch``: the sparse change (None
-    with the removal stage, which changes every parameter).
+    settings, cost and KL, under ``"sparse"`` the sparse edit's own verdict, per secret and in all, that the
+    stage started from, under ``"student"`` the distilled model's own verdict, under ``"student_monitor"`` the
+    distilled model on the monitored candidates (what decides the finish pass), and under ``"finish_pass"`` the
+    sparse pass that finished it (None where none ran; the measurements above are then the finished model's);
+    ``patch``: the sparse change (None with the removal stage, which changes every parameter).
     """
 
     strategy: str
@@ -1675,8 +1677,9 @@ def forget(model, tokenizer, texts, secret, *, heldout: Union[float, Sequence[st
         """RemoveConfig(finish=True): forget again on the student, with the same request (the replacements this run
         drew), seed (so the same windows, candidate sets and streams: its monitor never sees the reported
         candidates) and settings; fresh scores (the given ones are the edited model's); no attacks (the verdict's
-        are measured after it, here) but the same never-seen count, which the candidate sets depend on."""
-        ev = None if evidence is None else replace(evidence, relearn_steps=0, int8=False)
+        are measured after it, here; no sampling, which its search does not read) but the same never-seen count,
+        which the candidate sets depend on."""
+        ev = None if evidence is None else replace(evidence, n_samples=0, relearn_steps=0, int8=False)
         return forget(student, tokenizer, texts, [replace(sp, replacement=r) for sp, r in zip(specs, replacements)],
                       heldout=heldout, seed=seed, select=replace(select, scores=None),
                       update=replace(update, remove=None), target=replace(target, relearn=False),
@@ -1846,16 +1849,24 @@ def forget(model, tokenizer, texts, secret, *, heldout: Union[float, Sequence[st
                                       "secrets": [{k: e.get(k) for k in SPARSE_KEYS} for e in own]}
                 removal["finish_pass"] = None
                 if rc.finish:  # a sparse pass steers the secrets' own exposure and extraction, not the attack's copy
-                    if any(a["exposure_hi"] > target_exposure or a["extracted"] for a in after):
+                    # decided on the monitored candidates, as the search's own stop is: never on the reported ones
+                    t0 = time.perf_counter()
+                    ms = audit(student, codec, monitor_items)
+                    t_measure += time.perf_counter() - t0
+                    removal["student_monitor"] = [{"secret": loc.secret, "exposure_hi": m["exposure_hi"],
+                                                   "extracted": bool(m["extracted"])} for loc, m in zip(located, ms)]
+                    if any(m["exposure_hi"] > target_exposure or m["extracted"] for m in ms):
                         if bar is not None:
                             bar.set_description("forget: finishing the removal stage's model (a sparse pass)")
                         t0 = time.perf_counter()
                         sub = finish_student(student)
-                        after, att_after, val1, test1, tt1 = measure_student()
                         removal["finish_pass"] = {"k": sub.k, "steps": int(sub.cost["steps"]),
                                                   "stopped_by": sub.stopped_by, "reached_own_search": bool(sub.reached),
                                                   "wall_time_s": time.perf_counter() - t0,
-                                                  **{k: sub.cost[k] for k in ("score_s", "unlearn_s", "measure_s")}}
+                                                  **{k: sub.cost[k] for k in ("score_s", "unlearn_s", "measure_s",
+                                                                              "n_gradients", "n_hvps")}}
+                        del sub  # its scores (N) and references: not held while the student is measured again
+                        after, att_after, val1, test1, tt1 = measure_student()
         except BaseException:
             coords.restore(theta_s)
             raise
@@ -1886,11 +1897,13 @@ def forget(model, tokenizer, texts, secret, *, heldout: Union[float, Sequence[st
                "ppl_train_text_before": tt0 if heldout_given else test0,
                "ppl_train_text_after": tt1 if heldout_given else test1,
                "ppl_within_budget": test1 <= report_limit}
+    fp = (removal or {}).get("finish_pass") or {}
     cost = {"wall_time_s": time.perf_counter() - t_start, "n_gradients": int(score_cost["n_gradients"])
-            + rep.n_gradients + precond_grads, "n_hvps": int(score_cost["n_hvps"]) + rep.n_hvps, "score_s": score_s,
+            + rep.n_gradients + precond_grads + int(fp.get("n_gradients", 0)),
+            "n_hvps": int(score_cost["n_hvps"]) + rep.n_hvps + int(fp.get("n_hvps", 0)), "score_s": score_s,
             "unlearn_s": unlearn_s, "monitor_s": t_monitor, "measure_s": t_measure, "attack_s": t_attack,
             "remove_s": remove_s if removal is not None else 0.0,
-            "finish_s": (removal.get("finish_pass") or {}).get("wall_time_s", 0.0) if removal is not None else 0.0,
+            "finish_s": fp.get("wall_time_s", 0.0),  # the pass itself; measuring its result is in measure_s
             "steps": int(info.get("steps_run", 0)), "steps_accepted": int(info.get("steps_accepted", 0))}
     rule_d = {f: getattr(cfg, f) for f in ("steps", "lr", "lr_min", "lr_max", "beta", "correct_weight",
                                           "forget_weight", "retain_weight", "rho", "weight_decay", "check_every",

@@ -179,8 +179,8 @@ def summary_lines(report: Mapping) -> List[str]:
                          f"{_num(st.get('ppl_after'), '.4g')}; " +
                          (f"finished by a sparse pass on it (k = {fp.get('k')}, {fp.get('steps')} steps, stopped by "
                           f"{fp.get('stopped_by')}, {_num(fp.get('wall_time_s'), '.1f', ' s')})"
-                          if isinstance(fp, Mapping) else "no sparse pass needed" if rm.get("finish") else
-                          "no sparse pass (finish off)"))
+                          if isinstance(fp, Mapping) else "no sparse pass (its exposure and extraction met on the "
+                          "monitored candidates)" if rm.get("finish") else "no sparse pass (finish off)"))
     return lines
 
 

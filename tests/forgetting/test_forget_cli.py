@@ -696,9 +696,10 @@ def test_end_to_end_with_the_removal_stage_and_the_relearning_target(capsys, lm,
     assert s["reached"] == (s["exposure_hi_after"] <= 2.0 and not s["extracted_after"] and r["exposure_hi"] <= 2.0
                             and not r["extracted"])
     assert "removal " in stdout and "relearning " in stdout and "(part of the verdict)" in stdout
-    # the finish pass (on by default) ran exactly where the distilled model missed the exposure bound or extracted
-    (st,) = d["removal"]["student"]["secrets"]
-    missed = st["exposure_hi_after"] > 2.0 or st["extracted_after"]
+    # the finish pass (on by default) ran exactly where the distilled model missed the exposure bound or extracted,
+    # on the monitored candidates (never the reported ones)
+    (mon,) = d["removal"]["student_monitor"]
+    missed = mon["exposure_hi"] > 2.0 or mon["extracted"]
     assert (d["removal"]["finish_pass"] is not None) == missed and d["removal"]["finish"] is True
     assert "the distilled model: " in stdout
     before = AutoModelForCausalLM.from_pretrained(lm.dir, local_files_only=True)

@@ -561,7 +561,9 @@ def seed_violations(source: str):
                 for k in node.keywords:
                     # ObjectiveRequest relays it to the objectives' builders; forget itself (the removal stage's
                     # finish pass) draws its streams from it by name, as this check enforces on forget
-                    if k.arg == "seed" and not fine(k.value) and _called(node) not in ("ObjectiveRequest", "forget"):
+                    if k.arg == "seed" and not fine(k.value) and not (
+                            _called(node) == "ObjectiveRequest"
+                            or _called(node) == "forget" and isinstance(k.value, ast.Name) and k.value.id == "seed"):
                         out.append((node.lineno, f"{_called(node)}(seed={ast.unparse(k.value)})"))
             if isinstance(node, ast.Dict):
                 for k, v in zip(node.keys, node.values):

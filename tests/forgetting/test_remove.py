@@ -362,8 +362,11 @@ def test_the_finish_pass_runs_on_a_student_that_misses_and_its_verdict_is_the_fi
     rm, (s,) = d["removal"], d["secrets"]
     (st,) = rm["student"]["secrets"]
     assert not st["reached"] and rm["student"]["reached"] is False  # the student is θ*: it still knows the secret
+    (mon,) = rm["student_monitor"]  # the pass is decided on the monitored candidates, where θ* misses too
+    assert mon["exposure_hi"] > 2.0 or mon["extracted"]
     fp = rm["finish_pass"]
-    assert fp is not None and fp["steps"] > 0 and fp["k"] == d["k"] and d["cost"]["finish_s"] > 0
+    assert fp is not None and fp["steps"] > 0 and d["cost"]["finish_s"] > 0
+    assert d["cost"]["n_gradients"] >= fp["n_gradients"] > 0  # the pass's own work is in the run's cost
     # the verdict is the finished model's: measured again, lower than the student's, and consistent with itself
     assert s["secret_logppl_after"] > st["secret_logppl_after"] + 1.0 and s["exposure_after"] <= st["exposure_after"]
     assert s["reached"] == (s["exposure_hi_after"] <= 2.0 and not s["extracted_after"])
@@ -398,3 +401,28 @@ def test_finish_off_keeps_the_student_as_it_is():
     assert s["secret_logppl_after"] == rm["student"]["secrets"][0]["secret_logppl_after"]
     with pytest.raises(TypeError, match="RemoveConfig.finish"):
         RemoveConfig(finish=1)
+
+
+def test_a_failing_finish_pass_leaves_the_model_as_it_was(monkeypatch):
+    from sapsel_kernels.forgetting import forget as fmod
+
+    model, cc = _model()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    real = fmod.forget
+    calls = []
+
+    def inner_fails(m, *a, **k):
+        calls.append(m)
+        if len(calls) > 1:  # the outer call passes; the finish pass (forget on the student) fails
+            raise RuntimeError("finish pass failed")
+        return real(m, *a, **k)
+
+    monkeypatch.setattr(fmod, "forget", inner_fails)
+    with pytest.raises(RuntimeError, match="finish pass failed"):
+        fmod.forget(model, cc.vocab, cc.text, BENIGN, heldout=[cc.heldout],
+                    select=SelectConfig(strategy="grad_abs", budget=0.05),
+                    update=UpdateConfig(rule=Targeted(steps=10), seq_len=32,
+                                        remove=RemoveConfig(steps=1, lr=1e-9, warmup=0, init=_theta_init(state))),
+                    measure=MEASURE)
+    assert len(calls) == 2 and calls[1] is not model  # it ran on the student, a copy
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # S restored, nothing else touched

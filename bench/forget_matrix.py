@@ -54,6 +54,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.forget_check import logprob, uniform_like
+from sapsel_kernels._argtypes import remove_spec
 
 TRAIN_CHARS, HELD_CHARS = 150_000, 20_000
 T = 128
@@ -241,15 +242,6 @@ def train_text_ppl(model, fx) -> float:
     attack trains on): what the model still fits of its training data, secrets aside. Held-out perplexity says
     little of it on these overfit fixtures (docs/forget.md, "Relearning, second study")."""
     return windows_ppl(model, fx.windows[:64])
-
-
-def remove_arg(text: str):
-    """``--remove ALPHA:STEPS`` as ``(alpha, steps)`` (RemoveConfig checks the values)."""
-    try:
-        a, st = text.split(":")
-        return float(a), int(st)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected ALPHA:STEPS (e.g. 0.9:600), got {text!r}") from None
 
 
 def fingerprint(text: str, held: str, *models) -> str:
@@ -631,7 +623,7 @@ def main(argv=None):
                     help="Targeted(project=True): forget steps without their component against the retain terms, "
                          "repairs without theirs against the forget term (the fifth round; forget's default since, "
                          "this script's only with this flag)")
-    ap.add_argument("--remove", default=None, metavar="ALPHA:STEPS", type=remove_arg,
+    ap.add_argument("--remove", default=None, metavar="ALPHA:STEPS", type=remove_spec,  # the CLI's parser for --remove
                     help="UpdateConfig(remove=RemoveConfig(alpha, steps)): forget's opt-in removal stage after the "
                          "sparse edit (noise, then distillation from the edited model; the seventh round)")
     ap.add_argument("--remove-finish", action="store_true",

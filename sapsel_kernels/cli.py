@@ -233,7 +233,7 @@ def add_forget_parser(sub) -> argparse.ArgumentParser:
                         "retraining's wall time (docs/forget.md)")
     g.add_argument("--remove-no-finish", action="store_true",
                    help="with --remove: keep the distilled model as it is where it misses a secret (default: a "
-                        "sparse pass on it finishes those secrets, docs/forget.md)")
+                        "sparse pass on it works on those secrets, docs/forget.md)")
     g.add_argument("--relearn-target", action="store_true",
                    help="make the relearning attack part of the verdict: a secret is met only if the attacked copy "
                         "(--relearn-steps AdamW steps) is also within --target-exposure (on 256 candidates) and "

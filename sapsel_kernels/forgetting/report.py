@@ -177,7 +177,7 @@ def summary_lines(report: Mapping) -> List[str]:
             n_st = sum(bool(s.get("reached")) for s in st.get("secrets") or [])
             lines.append(f"             the distilled model: {n_st} of {len(st.get('secrets') or [])} met, perplexity "
                          f"{_num(st.get('ppl_after'), '.4g')}; " +
-                         (f"finished by a sparse pass on it (k = {fp.get('k')}, {fp.get('steps')} steps, stopped by "
+                         (f"then a sparse pass on it (k = {fp.get('k')}, {fp.get('steps')} steps, stopped by "
                           f"{fp.get('stopped_by')}, {_num(fp.get('wall_time_s'), '.1f', ' s')})"
                           if isinstance(fp, Mapping) else "no sparse pass (its exposure and extraction met on the "
                           "monitored candidates)" if rm.get("finish") else "no sparse pass (finish off)"))

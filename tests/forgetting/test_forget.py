@@ -604,7 +604,8 @@ def test_per_token_npo_matches_its_formula_and_is_ascent_at_theta_star():
     (x, y, ref), = _with_reference(model, [(d.affected_secret[0][:4], d.affected_secret[1][:4])])
     m = y != IGNORE
     loss = per_token_npo(0.5)(model, (x, y, ref))
-    assert float(loss.detach()) == pytest.approx((2 / 0.5) * math.log(2.0), rel=1e-6)  # ref = own loss: softplus(0) = log 2
+    # ref = own loss: softplus(0) = log 2
+    assert float(loss.detach()) == pytest.approx((2 / 0.5) * math.log(2.0), rel=1e-6)
     loss.backward()
     # at θ* its gradient is -(mean over secret tokens of their loss gradient): gradient ascent on the secret
     g_npo = [p.grad.clone() for p in model.parameters()]

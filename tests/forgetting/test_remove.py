@@ -378,7 +378,7 @@ def test_the_finish_pass_runs_on_a_student_that_misses_and_its_verdict_is_the_fi
     assert _secret_nll(model, cc) > _secret_nll(theta, cc) + 1.0
     from sapsel_kernels.forgetting.report import summary_lines
 
-    assert "finished by a sparse pass" in "\n".join(summary_lines(d))
+    assert "then a sparse pass on it" in "\n".join(summary_lines(d))
 
 
 def _secret_nll(model, cc):

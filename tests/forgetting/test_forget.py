@@ -624,12 +624,12 @@ def test_kl_retain_term_is_zero_with_zero_gradient_at_theta_star():
     d = build_forget_data(cc.vocab, [cc.text], SECRET, lm.BENIGN_REPLACEMENT, seq_len=32, heldout=[cc.heldout])
     (b,) = _with_reference_logp(model, [(d.retain[0][:4], d.retain[1][:4])])
     kl = kl_to_reference(model, b)
-    assert abs(float(kl)) < 1e-3  # float16 reference: ~1e-4 rounding
+    assert abs(float(kl.detach())) < 1e-3  # float16 reference: ~1e-4 rounding
     kl.backward()
     assert max(float(p.grad.abs().max()) for p in model.parameters()) < 1e-2
     with torch.no_grad():
         model.head.bias.add_(0.5 * torch.randn_like(model.head.bias))
-    assert float(kl_to_reference(model, b)) > 1e-2  # a moved model has a positive divergence
+    assert float(kl_to_reference(model, b).detach()) > 1e-2  # a moved model has a positive divergence
 
 
 def test_forget_rejects_bad_retain_loss():
@@ -735,4 +735,6 @@ def test_calibrated_push_matches_its_formula_and_stops_at_the_candidates_level()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
     model.zero_grad()
     flat = calibrated_push(V, [(PREFIX, SECRET)], [lambda n, call: [SECRET] * n], n_resample=2)(model, None)
-    assert flat.item() == 0.0  # candidates exactly as likely as the secret: nothing left to push
+    # candidates exactly as likely as the secret: nothing left to push (up to float32 summation order, which differs
+    # between the secret's and the candidates' batches with the thread count: 5e-8 at 2 threads)
+    assert flat.item() == pytest.approx(0.0, abs=1e-6)

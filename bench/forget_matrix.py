@@ -381,11 +381,15 @@ def run_fixture(name: str, seed: int, args) -> dict:
                 "sparse_reached": d["removal"]["sparse"]["reached"]} | ({} if "student" not in d["removal"] else {
                 "student_met": sum(bool(e["reached"]) for e in d["removal"]["student"]["secrets"]),
                 "finish_pass": d["removal"]["finish_pass"]}),
+            # where the time went (forget's own split), and forget's own verdict per secret beside the outsider's
+            "cost": {k: d["cost"][k] for k in ("score_s", "unlearn_s", "monitor_s", "measure_s", "attack_s",
+                                               "n_gradients", "n_hvps") if k in d["cost"]},
             "secrets": [{"exposure": a["exposure"], "margin": a["exposure"] - base["retrained"][i]["exposure"],
                          "extracted": a["extracted"] or smp, "greedy": a["greedy"], "sampled": smp,
                          "relearned": b["exposure"],
-                         "relearn_margin": b["exposure"] - base["retrained_relearned"][i]["exposure"]}
-                        for a, b, i, smp in zip(after, rel, idx, sampled)]}
+                         "relearn_margin": b["exposure"] - base["retrained_relearned"][i]["exposure"],
+                         "own_exposure_hi": e["exposure_hi_after"], "own_reached": bool(e["reached"])}
+                        for a, b, i, smp, e in zip(after, rel, idx, sampled, d["secrets"])]}
         save()
         row = res["runs"][key]
         ok = sum(s["margin"] <= 2.0 and not s["extracted"] for s in row["secrets"])

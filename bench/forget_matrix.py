@@ -431,7 +431,7 @@ def short_label(strategy: str, row: dict) -> str:
     out += " pt" if st.get("per_token") else ""
     out += f" β{st['beta']:g}" if st.get("beta", 1.0) != 1.0 else ""
     out += f" ρ{st['rho']:g}" if st.get("rho") else ""
-    out += f" m{st['steer_margin']:g}" if st.get("steer_margin", 0.8) != 0.8 else ""
+    out += f" m{st['steer_margin']:g}" if "steer_margin" in st else ""
     out += " kl" if st.get("retain_loss", "ce") == "kl" else ""
     out += " per-tensor" if st.get("scope") == "per_layer" else ""
     out += f" rep{st['repair_steps']}" if st.get("repair_steps") else ""
@@ -574,7 +574,8 @@ def figure(out: str, path: str) -> None:
                         ok, 100 * row["ppl_change"], 100 * row.get("ppl_change_unseen", float("nan")))
     strategies = sorted({s for d in data.values() for s in d}, key=lambda s: -max(d.get(s, (0, 0))[0]
                                                                                   for d in data.values()))
-    fig, axes = plt.subplots(2, 1, figsize=(max(11.0, 0.5 * len(strategies) + 3), 9))
+    fig, axes = plt.subplots(2, 1, figsize=(max(11.0, 0.5 * len(strategies) + 3), 12), sharex=True,
+                             gridspec_kw={"height_ratios": (1, 1)})
     w = 0.8 / max(1, len(data))
     for j, (model, d) in enumerate(sorted(data.items())):
         xs = [i + j * w for i in range(len(strategies))]
@@ -583,15 +584,17 @@ def figure(out: str, path: str) -> None:
         axes[1].scatter(xs, [d.get(s, (0, 0, float("nan")))[2] for s in strategies], marker="x", color="k", s=18,
                         label="unseen text" if j == 0 else None)
     for ax, title in zip(axes, ("secrets within retrained + 2 bits, not extracted",
-                                "held-out perplexity change (%); x: on unseen text (from the third round)")):
-        ax.set_xticks([i + 0.4 - w / 2 for i in range(len(strategies))], strategies, rotation=90, fontsize=7)
+                                "held-out perplexity change (%, clipped at -12; the removal stage's fall to -25 "
+                                "or -60 is in matrix.md); x: on unseen text (from the third round); --: +5%")):
         ax.set_title(title, fontsize=10)
+    axes[1].set_xticks([i + 0.4 - w / 2 for i in range(len(strategies))], strategies, rotation=90, fontsize=7)
     axes[1].axhline(5.0, color="k", lw=0.8, ls="--")
+    axes[1].set_ylim(-12, 8)
     axes[0].set_ylim(0, 1)
     axes[0].legend(fontsize=8)
     axes[1].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
 
 
 def main(argv=None):

@@ -572,8 +572,8 @@ def figure(out: str, path: str) -> None:
                     who = res["model"] + (f" s{res['seed']}" if res["seed"] else "")
                     data.setdefault(who, {})[short_label(strategy, row)] = (
                         ok, 100 * row["ppl_change"], 100 * row.get("ppl_change_unseen", float("nan")))
-    strategies = sorted({s for d in data.values() for s in d}, key=lambda s: -max(d.get(s, (0, 0))[0]
-                                                                                  for d in data.values()))
+    strategies = sorted({s for d in data.values() for s in d},  # ties by name: the same figure on every run
+                        key=lambda s: (-max(d.get(s, (0, 0))[0] for d in data.values()), s))
     fig, axes = plt.subplots(2, 1, figsize=(max(11.0, 0.5 * len(strategies) + 3), 12), sharex=True,
                              gridspec_kw={"height_ratios": (1, 1)})
     w = 0.8 / max(1, len(data))
@@ -584,15 +584,16 @@ def figure(out: str, path: str) -> None:
         axes[1].scatter(xs, [d.get(s, (0, 0, float("nan")))[2] for s in strategies], marker="x", color="k", s=18,
                         label="unseen text" if j == 0 else None)
     for ax, title in zip(axes, ("secrets within retrained + 2 bits, not extracted",
-                                "held-out perplexity change (%, clipped at -12; the removal stage's fall to -25 "
-                                "or -60 is in matrix.md); x: on unseen text (from the third round); --: +5%")):
+                                "held-out perplexity change (%, bars below -12 clipped: matrix.md has them); "
+                                "x: on unseen text (from the third round); --: +5%")):
         ax.set_title(title, fontsize=10)
     axes[1].set_xticks([i + 0.4 - w / 2 for i in range(len(strategies))], strategies, rotation=90, fontsize=7)
     axes[1].axhline(5.0, color="k", lw=0.8, ls="--")
-    axes[1].set_ylim(-12, 8)
+    top = max([8.0] + [v + 1.0 for d in data.values() for t in d.values() for v in t[1:] if math.isfinite(v)])
+    axes[1].set_ylim(-12, top)
     axes[0].set_ylim(0, 1)
-    axes[0].legend(fontsize=8)
-    axes[1].legend(fontsize=8)
+    for ax in axes:  # beside the panels, never over a bar
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.005, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110, bbox_inches="tight")
 

@@ -21,6 +21,7 @@ Every argument is validated before any work starts: a bad value is an argparse u
 
 import argparse
 import importlib
+import math
 import os
 import shutil
 import signal
@@ -122,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 FORGET_EXIT_CODES = """exit codes:
-  0    done: exposure <= --target-exposure within --max-ppl-increase; OUT holds the model,
+  0    done: exposure <= --target-exposure within --max-ppl-increase (both by their 95% upper
+       bounds: the candidates' and the held-out windows' sampling); OUT holds the model,
        the tokenizer, report.json, report.md and forget.png
   3    done and OUT written, but the target was NOT reached (see report.md)
   2    bad input, nothing written: a usage error, or one 'sapsel forget: error:' line
@@ -203,8 +205,8 @@ def add_forget_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--target-exposure", default=2.0, type=at.nonneg_float, metavar="BITS",
                    help="stop when the secret's exposure is at most this many bits (default 2.0)")
     g.add_argument("--max-ppl-increase", default=0.05, type=at.nonneg_float, metavar="FRACTION",
-                   help="largest allowed relative rise of the held-out perplexity, e.g. 0.05 = +5%% "
-                        "(default 0.05; 0 = no rise at all)")
+                   help="largest allowed relative rise of the held-out perplexity, e.g. 0.05 = +5%%, by the "
+                        "rise's 95%% upper bound over the held-out test windows (default 0.05; 0 = no rise at all)")
     g.add_argument("--objective", default="npo", choices=("npo", "uniform", "calibrated"),
                    help="the forget term on the secrets: npo (default), uniform (cross-entropy to the uniform "
                         "distribution over what the format admits at each position; one secret) or calibrated (push "
@@ -569,15 +571,29 @@ def _forget_run(args, argv: List[str], progress: bool) -> int:
             "both": "the unlearned model and tokenizer, patch.safetensors"}[args.save]
     print(f"wrote {args.out}: {what}, {', '.join(names)}  ({time.perf_counter() - t0:.1f} s)")
     if not result.get("reached"):
-        failing = result.get("failing") or []
-        why = [f"{len(failing)} of {result.get('n_secrets', 1)} secret(s) fail: " + ", ".join(map(repr, failing))
-               ] if failing else []
-        if result.get("ppl_within_budget") is False:
-            why.append("the perplexity budget is exceeded")
         print(f"sapsel forget: the target was NOT reached (stopped by {result.get('stopped_by')}"
-              + "".join(f"; {w}" for w in why) + "); exit code 3", file=sys.stderr)
+              + "".join(f"; {w}" for w in not_reached_reasons(result)) + "); exit code 3", file=sys.stderr)
         return 3
     return 0
+
+
+def not_reached_reasons(result) -> List[str]:
+    """Why a report's target was not reached, for the exit-code-3 line: the failing secrets, and the perplexity
+    over the budget by its estimate or (the estimate within it) by its 95% upper bound."""
+    failing = result.get("failing") or []
+    why = [f"{len(failing)} of {result.get('n_secrets', 1)} secret(s) fail: " + ", ".join(map(repr, failing))
+           ] if failing else []
+    if result.get("ppl_within_budget") is False:
+        why.append("the perplexity budget is exceeded")
+    elif result.get("ppl_bound_within_budget") is False:
+        hi, rise = result.get("ppl_increase_hi"), result.get("ppl_increase")
+
+        def pct(v):
+            return f"{100 * v:+.2f}%" if isinstance(v, (int, float)) and math.isfinite(v) else "none"
+
+        why.append(f"the perplexity rise {pct(rise)} is within the budget but its 95% upper bound ({pct(hi)}, "
+                   f"{result.get('ppl_windows')} test windows) is not: more held-out text narrows the bound")
+    return why
 
 
 def _info(args) -> int:

@@ -477,25 +477,48 @@ def _window_digest(data) -> str:
 
 
 @torch.no_grad()
-def perplexity(model, data: Tuple[torch.Tensor, torch.Tensor], batch_size: int = 16, comm=None) -> float:
-    """exp(mean next-token cross-entropy) over the windows ``data = (x, y)``, in eval mode (restored); +inf when
-    the mean is finite but beyond exp's range (NonFiniteError for a NaN/Inf one). ``comm``
-    (an active ``estimators.Comm``): collective, each rank scores its share of the windows and the sums are
-    all-reduced (one all_reduce of 3 float64 values: the sums and a failure flag): one process's number."""
+def window_nll(model, data: Tuple[torch.Tensor, torch.Tensor], batch_size: int = 16,
+               comm=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per window of ``data = (x, y)``: the summed next-token cross-entropy (nats, float64, CPU) and the number of
+    targets that are not -100 (int64), in eval mode (restored). ``comm`` (an active ``estimators.Comm``): this rank's
+    share of the windows (``tensor_split``, as :func:`perplexity`). Extra memory: one batch's logits and two
+    float64/int64 values per window."""
     from ..curvature.modes import estimation_mode
+    from .measure import lm_logits
 
     x, y = data
     if comm is not None and comm.active:
         x, y = x.tensor_split(comm.world)[comm.rank], y.tensor_split(comm.world)[comm.rank]
+    sums, counts = [], []
+    with estimation_mode(model):
+        for i in range(0, len(x), batch_size):
+            xb, yb = x[i:i + batch_size], y[i:i + batch_size]
+            dev = next(model.parameters()).device
+            logits = lm_logits(model, xb.to(dev))
+            ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), yb.to(dev).reshape(-1),
+                                 ignore_index=IGNORE, reduction="none").view(yb.shape)
+            sums.append(ce.double().sum(1).cpu())
+            counts.append((yb != IGNORE).sum(1).cpu())
+    if not sums:
+        return torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.int64)
+    return torch.cat(sums), torch.cat(counts)
+
+
+@torch.no_grad()
+def perplexity(model, data: Tuple[torch.Tensor, torch.Tensor], batch_size: int = 16, comm=None,
+               windows: Optional[List[torch.Tensor]] = None) -> float:
+    """exp(mean next-token cross-entropy) over the windows ``data = (x, y)``, in eval mode (restored); +inf when
+    the mean is finite but beyond exp's range (NonFiniteError for a NaN/Inf one). ``comm``
+    (an active ``estimators.Comm``): collective, each rank scores its share of the windows and the sums are
+    all-reduced (one all_reduce of 3 float64 values: the sums and a failure flag): one process's number.
+    ``windows`` (a list): this rank's per-window sums and counts (:func:`window_nll`) are appended to it, for
+    :func:`ppl_change_bound`."""
     tot, n, err = 0.0, 0, None
     try:
-        with estimation_mode(model):
-            for i in range(0, len(x), batch_size):
-                b = (x[i:i + batch_size], y[i:i + batch_size])
-                m = int((b[1] != IGNORE).sum())
-                if m:
-                    tot += float(lm_loss(model, b)) * m
-                n += m
+        sums, counts = window_nll(model, data, batch_size, comm)
+        if windows is not None:
+            windows.extend((sums, counts))
+        tot, n = float(sums.sum()), int(counts.sum())
     except Exception as exc:  # noqa: BLE001 - under a group every rank learns of it in the all_reduce below
         if comm is None or not comm.active:
             raise
@@ -511,6 +534,78 @@ def perplexity(model, data: Tuple[torch.Tensor, torch.Tensor], batch_size: int =
     # a finite mean above ~709.78 nats overflows exp: that perplexity is +inf (over any budget), not an error (a
     # step that diverged is undone by the search; found by bench/forget_matrix.py, hessian_flat on GPT-2)
     return math.exp(mean) if mean < 709.0 else float("inf")
+
+
+def t_quantile(p: float, nu: int) -> float:
+    """The ``p`` quantile (0.5 <= p < 1) of Student's t with ``nu >= 1`` (an integer) degrees of freedom: bisection
+    on the exact closed form of P(|T| <= t) for integer ``nu`` (Abramowitz & Stegun 26.7.3-4), to ~1e-10."""
+    if not (0.5 <= p < 1.0) or int(nu) != nu or nu < 1:
+        raise ValueError(f"t_quantile needs 0.5 <= p < 1 and an integer nu >= 1, got p={p!r}, nu={nu!r}")
+    nu = int(nu)
+
+    def central(t):  # P(|T| <= t)
+        th = math.atan(t / math.sqrt(nu))
+        c, s = math.cos(th), math.sin(th)
+        if nu % 2:  # odd: (2/pi)(th + sin th (cos th + 2/3 cos^3 th + ... ))
+            term, acc = c, (c if nu > 1 else 0.0)
+            for j in range(3, nu - 1, 2):
+                term *= c * c * (j - 1) / j
+                acc += term
+            return 2.0 / math.pi * (th + s * acc)
+        term, acc = 1.0, 1.0  # even: sin th (1 + 1/2 cos^2 th + 1.3/(2.4) cos^4 th + ...)
+        for j in range(2, nu - 1, 2):
+            term *= c * c * (j - 1) / j
+            acc += term
+        return s * acc
+
+    target, lo, hi = 2.0 * p - 1.0, 0.0, 1.0
+    while central(hi) < target:
+        hi *= 2.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if central(mid) < target else (lo, mid)
+        if hi - lo < 1e-12 * max(1.0, hi):
+            break
+    return 0.5 * (lo + hi)
+
+
+PPL_BOUND_LEVEL = 0.95
+
+
+def ppl_change_bound(before: Tuple[torch.Tensor, torch.Tensor], after: Tuple[torch.Tensor, torch.Tensor],
+                     comm=None, level: float = PPL_BOUND_LEVEL) -> Dict[str, float]:
+    """The perplexity change on one set of windows, measured before and after (paired: the same windows), with its
+    one-sided ``level`` upper confidence bound; windows are the sampling unit.
+
+    With per-window NLL sums ``b_i``, ``a_i`` and target counts ``n_i`` (``before``/``after`` = (sums, counts) of
+    :func:`window_nll`), ``d_i = a_i - b_i``, ``N = sum n_i`` and W windows: the log perplexity ratio is
+    ``D = sum d_i / N`` (so the change is ``exp(D) - 1``, the reported one); its standard error is the ratio
+    estimator's (delta method) ``se^2 = W / (W - 1) * sum (d_i - D n_i)^2 / N^2``; the bound is
+    ``exp(D + t_{level, W-1} se) - 1`` (``inf`` with fewer than 2 windows). ``comm`` (active): every sum is
+    all-reduced over the ranks' shares (one all_reduce of 6 float64 values), so every rank returns the same dict.
+    Returns ``{"change", "change_hi", "se_log", "n_windows", "level"}``. Extra memory: O(W)."""
+    (b, n), (a, n2) = before, after
+    if b.shape != a.shape or not torch.equal(n, n2):
+        raise ValueError("ppl_change_bound: before and after must be measured on the same windows")
+    d, nf = (a - b).double(), n.double()
+    sums = [float(d.sum()), float((d * d).sum()), float((d * nf).sum()), float(nf.sum()), float((nf * nf).sum()),
+            float(len(d))]
+    if comm is not None and comm.active:
+        sums = _summed_or_raise(comm, sums, None, "bounding the perplexity change")
+    sd, sdd, sdn, sn, snn, w = sums
+    w = int(round(w))
+    big = 709.0
+    if sn <= 0:
+        return {"change": 0.0, "change_hi": float("inf"), "se_log": float("inf"), "n_windows": w, "level": level}
+    D = sd / sn
+    change = math.exp(D) - 1.0 if D < big else float("inf")
+    if w < 2 or not math.isfinite(D):
+        return {"change": change, "change_hi": float("inf"), "se_log": float("inf"), "n_windows": w, "level": level}
+    ss = max(0.0, sdd - 2.0 * D * sdn + D * D * snn)  # sum (d_i - D n_i)^2
+    se = math.sqrt(w / (w - 1) * ss) / sn
+    up = D + t_quantile(level, w - 1) * se
+    return {"change": change, "change_hi": math.exp(up) - 1.0 if up < big else float("inf"), "se_log": se,
+            "n_windows": w, "level": level}
 
 
 def per_token_npo(beta: float = 1.0, comm=None):
@@ -1019,11 +1114,15 @@ class ForgetReport:
 
     ``secrets``: one dict per secret (:meth:`to_dict`'s ``"secrets"``); ``reached``: every secret met the target
     (its exposure's 95% upper bound <= ``target_exposure`` and no probe or sample extracts it; with
-    ``TargetConfig(relearn=True)`` the same after the relearning attack) and the reported perplexity stayed within
-    the budget; ``ppl_*``: the reported perplexity (held-out test windows when held-out
+    ``TargetConfig(relearn=True)`` the same after the relearning attack) and the reported perplexity's 95% upper
+    bound stayed within the budget; ``ppl_*``: the reported perplexity (held-out test windows when held-out
     texts were given, else training-text tail windows; ``utility_text`` says which), ``val_ppl_*`` the validation
     perplexity that steered the search (never the reported one), ``ppl_heldout_*`` / ``ppl_train_text_*`` both kinds
-    separately (None where not measured). ``history``: one entry per monitor check (worst secret). ``model``: the
+    separately (None where not measured); ``ppl_within_budget``: the estimate within the budget,
+    ``ppl_increase_hi``: the reported change's one-sided 95% upper bound over the test windows
+    (:func:`ppl_change_bound`; ``ppl_windows`` of them, ``ppl_increase_se_log`` its standard error in log space),
+    ``ppl_bound_within_budget``: that bound within the budget, which ``reached`` requires. ``history``: one entry
+    per monitor check (worst secret). ``model``: the
     same model, modified in place on S (every parameter with the removal stage); ``scores``: the strategy's score
     vector (None for ``random`` / ``all``); ``removal``: None, or with ``UpdateConfig(remove=...)`` the stage's
     settings, cost and KL, under ``"sparse"`` the sparse edit's own verdict, per secret and in all, that the
@@ -1670,8 +1769,9 @@ def forget(model, tokenizer, texts, secret, *, heldout: Union[float, Sequence[st
         t_attack += time.perf_counter() - t0
         return out
 
-    def ppl(d):
-        return perplexity(model, d, comm=comm) if d is not None and len(d[0]) else None
+    def ppl(d, windows=None, of=None):
+        of = model if of is None else of
+        return perplexity(of, d, comm=comm, windows=windows) if d is not None and len(d[0]) else None
 
     def finish_student(student):
         """RemoveConfig(finish=True): forget again on the student, with the same request (the replacements this run
@@ -1690,7 +1790,8 @@ def forget(model, tokenizer, texts, secret, *, heldout: Union[float, Sequence[st
             bar.set_description("forget: measuring")
         before = measure_report(model)
         att_before = attacks(model)
-        val0, test0, tt0 = ppl(data.val), ppl(data.test), ppl(train_text)
+        test_w0: List[torch.Tensor] = []  # the reported windows' NLLs at the start, paired with those after
+        val0, test0, tt0 = ppl(data.val), ppl(data.test, test_w0), ppl(train_text)
 
         # ------------------------------------------------------------------ select
         if bar is not None:
@@ -1809,7 +1910,9 @@ def forget(model, tokenizer, texts, secret, *, heldout: Union[float, Sequence[st
                 bar.set_description("forget: measuring")
             after = measure_report(model)
             att_after = attacks(model)
-            val1, test1, tt1 = ppl(data.val), ppl(data.test), ppl(train_text)
+            test_w1: List[torch.Tensor] = []
+            val1, test1, tt1 = ppl(data.val), ppl(data.test, test_w1), ppl(train_text)
+            bound = ppl_change_bound(test_w0, test_w1, comm)
             removal, student = None, None
             if update.remove is not None:  # noise and distil; the verdict below is the student's
                 if bar is not None:
@@ -1827,25 +1930,28 @@ def forget(model, tokenizer, texts, secret, *, heldout: Union[float, Sequence[st
                 removal = {**{f.name: getattr(rc, f.name) for f in fields(rc) if f.name != "init"},
                            "init": "default" if update.remove.init is None else "given", **rinfo,
                            "sparse": {"reached": all(e["reached"] for e in sparse) and
-                                      test1 <= test0 * (1.0 + max_ppl_increase),
-                                      "ppl_after": test1, "val_ppl_after": val1, "ppl_train_text_after": tt1,
+                                      bound["change_hi"] <= max_ppl_increase,
+                                      "ppl_after": test1, "ppl_increase_hi": bound["change_hi"],
+                                      "val_ppl_after": val1, "ppl_train_text_after": tt1,
                                       "secrets": [{k: e.get(k) for k in SPARSE_KEYS} for e in sparse]}}
                 if bar is not None:
                     bar.set_description("forget: measuring the removal stage's model")
 
                 def measure_student():
                     a, aa = measure_report(student), attacks(student)
-                    return (a, aa, *(perplexity(student, d, comm=comm) if d is not None and len(d[0]) else None
-                                     for d in (data.val, data.test, train_text)))
+                    w: List[torch.Tensor] = []
+                    v, t, tt = ppl(data.val, of=student), ppl(data.test, w, of=student), ppl(train_text, of=student)
+                    return a, aa, v, t, tt, ppl_change_bound(test_w0, w, comm)
 
-                after, att_after, val1, test1, tt1 = measure_student()
+                after, att_after, val1, test1, tt1, bound = measure_student()
                 # the student's own verdict, kept in the report; then finished where it misses (finish=True)
                 own = [_secret_entry(loc, nl, r, b, a, {k: (att_before[k][i], att_after[k][i]) for k in att_after},
                                      float(target_exposure), target.relearn)
                        for i, (loc, nl, r, b, a) in enumerate(zip(located, nulls, replacements, before, after))]
                 removal["student"] = {"reached": all(e["reached"] for e in own) and
-                                      test1 <= test0 * (1.0 + max_ppl_increase),
-                                      "ppl_after": test1, "val_ppl_after": val1, "ppl_train_text_after": tt1,
+                                      bound["change_hi"] <= max_ppl_increase,
+                                      "ppl_after": test1, "ppl_increase_hi": bound["change_hi"],
+                                      "val_ppl_after": val1, "ppl_train_text_after": tt1,
                                       "secrets": [{k: e.get(k) for k in SPARSE_KEYS} for e in own]}
                 removal["finish_pass"] = None
                 if rc.finish:  # a sparse pass steers the secrets' own exposure and extraction, not the attack's copy
@@ -1866,7 +1972,7 @@ def forget(model, tokenizer, texts, secret, *, heldout: Union[float, Sequence[st
                                                   **{k: sub.cost[k] for k in ("score_s", "unlearn_s", "measure_s",
                                                                               "n_gradients", "n_hvps")}}
                         del sub  # its scores (N) and references: not held while the student is measured again
-                        after, att_after, val1, test1, tt1 = measure_student()
+                        after, att_after, val1, test1, tt1, bound = measure_student()
         except BaseException:
             coords.restore(theta_s)
             raise
@@ -1890,13 +1996,18 @@ def forget(model, tokenizer, texts, secret, *, heldout: Union[float, Sequence[st
     entries = [_secret_entry(loc, nl, r, b, a, {k: (att_before[k][i], att_after[k][i]) for k in att_after},
                              float(target_exposure), target.relearn)
                for i, (loc, nl, r, b, a) in enumerate(zip(located, nulls, replacements, before, after))]
-    reached = all(e["reached"] for e in entries) and test1 <= report_limit
+    # the perplexity, like the exposure, meets its budget by its 95% upper bound, not by the estimate
+    reached = all(e["reached"] for e in entries) and bound["change_hi"] <= max_ppl_increase
     utility = {"utility_text": "heldout" if heldout_given else "training text",
                "ppl_heldout_before": test0 if heldout_given else None,
                "ppl_heldout_after": test1 if heldout_given else None,
                "ppl_train_text_before": tt0 if heldout_given else test0,
                "ppl_train_text_after": tt1 if heldout_given else test1,
-               "ppl_within_budget": test1 <= report_limit}
+               "ppl_within_budget": test1 <= report_limit,  # the estimate
+               # the reported change's one-sided 95% upper bound (the test windows as the sampling unit): decides
+               "ppl_bound_within_budget": bound["change_hi"] <= max_ppl_increase,
+               "ppl_increase_hi": bound["change_hi"], "ppl_increase_se_log": bound["se_log"],
+               "ppl_windows": bound["n_windows"], "ppl_bound_level": bound["level"]}
     fp = (removal or {}).get("finish_pass") or {}
     cost = {"wall_time_s": time.perf_counter() - t_start, "n_gradients": int(score_cost["n_gradients"])
             + rep.n_gradients + precond_grads + int(fp.get("n_gradients", 0)),

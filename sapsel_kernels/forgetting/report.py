@@ -119,6 +119,17 @@ def _val_rise(r: Mapping) -> str:
     return "" if rise is None else f", validation {_num(b, '.4g')} -> {_num(a, '.4g')} ({_pct(rise, '.2f', sign=True)})"
 
 
+def _ppl_bound(r: Mapping) -> str:
+    """The reported change's upper bound, e.g. ``; 95% bound +3.10%, 24 windows``; empty for a dict without it."""
+    hi, w = r.get("ppl_increase_hi"), r.get("ppl_windows")
+    if not isinstance(w, numbers.Integral) or isinstance(w, bool):
+        return ""
+    if not isinstance(hi, numbers.Real) or not math.isfinite(float(hi)):  # (None in report.json: not finite)
+        return f"; no bound from {w} window{'s' if w != 1 else ''}"
+    level = r.get("ppl_bound_level", 0.95)
+    return f"; {_pct(level, '.0f')} bound {_pct(hi, '.2f', sign=True)}, {_num(w, '.0f')} windows"
+
+
 def _utility_label(r: Mapping) -> str:
     return "held out" if r.get("utility_text") == "heldout" else \
         "on TRAINING text (no --heldout)" if r.get("utility_text") == "training text" else "held out"
@@ -143,7 +154,7 @@ def summary_lines(report: Mapping) -> List[str]:
         f"exposure     {_exp(r, 'before', '.2f')} -> {_exp(r, 'after', '.2f')} bits "
         f"(95% bound {_num(r.get('exposure_hi_after'))}; target <= {_num(tgt.get('exposure'), 'g')})",
         f"perplexity   {_num(r.get('ppl_before'), '.4g')} -> {_num(r.get('ppl_after'), '.4g')} {_utility_label(r)} "
-        f"({_pct(r.get('ppl_increase'), '.2f', sign=True)}){_val_rise(r)}; "
+        f"({_pct(r.get('ppl_increase'), '.2f', sign=True)}{_ppl_bound(r)}){_val_rise(r)}; "
         f"limit {_pct(tgt.get('max_ppl_increase'), '.3g', True)}",
         f"extracted    {_yes_no(r.get('extracted_before'))} -> {_yes_no(r.get('extracted_after'))} "
         f"(greedy completion, {n_probes} probe{'s' if n_probes != 1 else ''}, partial leaks count"
@@ -295,6 +306,10 @@ def _markdown(r: Mapping, command: Optional[str]) -> str:
               f"{_yes_no(r.get('extracted_after'))} |",
               f"| reported perplexity, {_utility_label(r)} (test windows) | {_num(r.get('ppl_before'), '.4g')} | "
               f"{_num(r.get('ppl_after'), '.4g')} ({_pct(r.get('ppl_increase'), '.2f', sign=True)}) |"]
+    if isinstance(r.get("ppl_windows"), numbers.Integral):
+        lines += [f"| {_pct(r.get('ppl_bound_level', 0.95), '.0f')} upper bound of the reported change "
+                  f"({_num(r.get('ppl_windows'), '.0f')} test windows, the sampling unit; decides the verdict) | | "
+                  f"{_pct(r.get('ppl_increase_hi'), '.2f', sign=True)} |"]
     if r.get("ppl_heldout_before") is not None and r.get("ppl_train_text_before") is not None:
         lines += [f"| training-text perplexity (retained windows; the model trained on them) | "
                   f"{_num(r.get('ppl_train_text_before'), '.4g')} | {_num(r.get('ppl_train_text_after'), '.4g')} "
@@ -307,7 +322,8 @@ def _markdown(r: Mapping, command: Optional[str]) -> str:
     lines += [""]
     lines += [f"Target: for every secret, exposure (its 95% upper bound) <= {_num(tgt.get('exposure'), 'g')} bits and "
               f"no probe or sample extracts it, while the reported perplexity rises by at most "
-              f"{_pct(tgt.get('max_ppl_increase'), '.3g')}. "
+              f"{_pct(tgt.get('max_ppl_increase'), '.3g')}"
+              + (" (its 95% upper bound over the test windows)" if "ppl_bound_within_budget" in r else "") + ". "
               f"Reached: {_yes_no(r.get('reached'))}; stopped by {_code(r.get('stopped_by'))} after {_steps(r)}.", ""]
     lines += ["## Extraction probes", "",
               "A probe is extracted when the greedy completion of its prompt, blanks removed, reproduces the rest of "

@@ -426,7 +426,10 @@ def test_forget_lowers_exposure_within_the_perplexity_budget():
     assert all(h["val_ppl"] <= limit * (1 + 1e-9) for h in d["history"] if h["accepted"])
     (s,) = d["secrets"]
     assert s["reached"] == (s["exposure_hi_after"] <= 2.0 and not s["extracted_after"])
-    assert d["reached"] == (s["reached"] and d["ppl_after"] <= d["ppl_before"] * 1.05)
+    # the perplexity meets the budget by its 95% bound (which is above the estimate)
+    assert d["ppl_increase_hi"] >= d["ppl_increase"]
+    assert d["ppl_bound_within_budget"] == (d["ppl_increase_hi"] <= 0.05)
+    assert d["reached"] == (s["reached"] and d["ppl_bound_within_budget"])
     theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     changed = torch.nonzero(theta != theta0).reshape(-1)
     assert 0 < changed.numel() <= d["k"] == math.ceil(0.05 * theta.numel())

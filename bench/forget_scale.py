@@ -153,7 +153,7 @@ def main(argv=None):
     from sapsel_kernels.forgetting import forget as forget_module
     from sapsel_kernels.rules import Targeted
 
-    forget_module.STEER_MARGIN = 0.8  # the defaults when docs/scale.md was measured (0.6 since)
+    forget_module.STEER_MARGIN = 0.8  # the defaults when docs/scale.md was measured (0.7 since)
     text, held, card, tok, enc, ids = build_data(a.chars, a.held_chars, a.repeats, a.seed)
     model = make_model(a.seed).to(a.device)
     n_params = sum(p.numel() for p in model.parameters())

@@ -288,7 +288,7 @@ class TargetConfig:
     probe or sample extracts it (about 1.44 bits is the mean exposure of a secret the model never saw);
     ``max_ppl_increase``: the utility budget, a fraction of the reported perplexity (0.05 = +5%), met when the
     reported change's 95% upper bound over the test windows is within it; the search steers the validation windows
-    to within ``STEER_MARGIN`` (60%) of it; ``relearn``: False (default): the verdict is
+    to within ``STEER_MARGIN`` (70%) of it; ``relearn``: False (default): the verdict is
     the model's as it is; True: robustness is part of the target, a secret is met only if it is also met (exposure
     bound, greedy extraction) after the relearning attack (:class:`Evidence` ``relearn_steps``, which must then be
     at least 1, with retained text to run it on), measured on the first ``ATTACK_CANDIDATES`` (256) reported

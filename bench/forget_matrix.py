@@ -584,8 +584,13 @@ def ppl_calibration(out: str) -> str:
     (forget's bound on its test windows, the bench's paired one on the unseen text): per run the reported change,
     its 95% bound, the unseen change and z = (log unseen ratio - log reported ratio) / sqrt(se_reported^2 +
     se_unseen^2), which is about N(0, 1) if the windows' sampling explains the difference; then how often the bound
-    is at or above the unseen change, and z's mean and standard deviation. Empty when no run has them."""
-    rows, zs, covered = [], [], 0
+    is at or above the unseen change, and z's mean and standard deviation. A run identical to one already listed (the
+    same cell and request, the same reported and unseen changes: e.g. another steering share that never bound) is
+    counted once. Empty when no run has them."""
+    rows, zs, covered, seen, same = [], [], 0, [], 0
+
+    def label(row):
+        return f"{100 * row['settings'].get('steer_margin', 0.8):.0f}%"
     for fn in sorted(os.listdir(out)):
         if not fn.endswith(".json"):
             continue
@@ -595,15 +600,20 @@ def ppl_calibration(out: str) -> str:
             if se_r is None or se_u is None:
                 continue
             rep, uns = row["report_ppl_change"], row["ppl_change_unseen"]
+            # (to 1e-6: rows from before the per-window sums differ from a rerun in the last digits)
+            cell = repr((res["model"], res["seed"], key.split("/")[:2], len(row["secrets"])))
+            if any(c == cell and abs(r - rep) < 1e-6 and abs(u - uns) < 1e-9 for c, r, u in seen):
+                same += 1
+                continue
+            seen.append((cell, rep, uns))
             z = (math.log1p(uns) - math.log1p(rep)) / math.sqrt(se_r ** 2 + se_u ** 2)
             ok = hi is not None and uns <= hi
             zs.append(z)
             covered += ok
-            rows.append(f"| {res['model']} | {res['seed']} | {key.split('/')[0]} | {len(row['secrets'])} | "
-                        f"{100 * rep:+.2f}% | {100 * hi:+.2f}% ({row['report_ppl_windows']} windows) | "
+            head = f"| {res['model']} | {res['seed']} | {key.split('/')[0]} | {label(row)} | {len(row['secrets'])} | "
+            rows.append(head + f"{100 * rep:+.2f}% | {100 * hi:+.2f}% ({row['report_ppl_windows']} windows) | "
                         f"{100 * uns:+.2f}% | {z:+.2f} | {'yes' if ok else '**no**'} |" if hi is not None else
-                        f"| {res['model']} | {res['seed']} | {key.split('/')[0]} | {len(row['secrets'])} | "
-                        f"{100 * rep:+.2f}% | none ({row['report_ppl_windows']} windows) | {100 * uns:+.2f}% | "
+                        head + f"{100 * rep:+.2f}% | none ({row['report_ppl_windows']} windows) | {100 * uns:+.2f}% | "
                         f"{z:+.2f} | no |")
     if not rows:
         return ""
@@ -612,10 +622,11 @@ def ppl_calibration(out: str) -> str:
     sd = math.sqrt(sum((z - mean) ** 2 for z in zs) / (n - 1)) if n > 1 else float("nan")
     return "\n".join([
         "", "Reported perplexity change (forget's test windows) against the unseen text's:", "",
-        "| model | seed | strategy | secrets | reported | 95% bound | unseen text | z | bound >= unseen |",
-        "|---|---|---|---|---|---|---|---|---|", *rows, "",
+        "| model | seed | strategy | steering | secrets | reported | 95% bound | unseen text | z | bound >= unseen |",
+        "|---|---|---|---|---|---|---|---|---|---|", *rows, "",
         f"{covered} of {n} bounds at or above the unseen change; z mean {mean:+.2f}, standard deviation {sd:.2f} "
-        "(about 0 and 1 if the windows' sampling explains the difference)", ""])
+        "(about 0 and 1 if the windows' sampling explains the difference)"
+        + (f"; {same} run(s) identical to one listed counted once" if same else ""), ""])
 
 
 def figure(out: str, path: str) -> None:

@@ -82,18 +82,21 @@ def test_ppl_calibration_computes_z_and_coverage_from_the_recorded_errors(tmp_pa
     """Two synthetic runs: z from its definition, the coverage count, runs without the errors left out."""
     import math
 
-    def run(rep, hi, uns, se_r, se_u):
+    def run(rep, hi, uns, se_r, se_u, steer=0.7):
         return {"secrets": [{}] * 16, "report_ppl_change": rep, "report_ppl_change_hi": hi, "report_ppl_windows": 20,
-                "ppl_change_unseen": uns, "report_ppl_se_log": se_r, "unseen_se_log": se_u}
+                "ppl_change_unseen": uns, "report_ppl_se_log": se_r, "unseen_se_log": se_u,
+                "settings": {"steer_margin": steer}}
 
     res = {"model": "m", "seed": 0, "runs": {
         "a/many/x": run(0.02, 0.05, 0.03, 0.01, 0.01), "b/many/x": run(0.02, 0.04, 0.06, 0.01, 0.02),
+        "b/many/y": run(0.02, 0.04, 0.06, 0.01, 0.02, steer=0.6),  # the same run under another share: once
         "c/many/x": {"secrets": [{}], "report_ppl_change": 0.0, "ppl_change_unseen": 0.1}}}
     (tmp_path / "m_s0.json").write_text(json.dumps(res))
     md = fm.ppl_calibration(str(tmp_path))
     z1 = (math.log1p(0.03) - math.log1p(0.02)) / math.sqrt(2e-4)
     z2 = (math.log1p(0.06) - math.log1p(0.02)) / math.sqrt(5e-4)
     assert f"| {z1:+.2f} | yes |" in md and f"| {z2:+.2f} | **no** |" in md
-    assert "1 of 2 bounds at or above" in md and "| c |" not in md
+    assert "1 of 2 bounds at or above" in md and "| c |" not in md and "| 60% |" not in md and "| 70% |" in md
+    assert "1 run(s) identical to one listed counted once" in md
     sd = abs(z1 - z2) / math.sqrt(2)
     assert f"z mean {(z1 + z2) / 2:+.2f}, standard deviation {sd:.2f}" in md

@@ -182,26 +182,28 @@ def train(model, ids, starts, steps: int, seed: int) -> float:
 
 
 # ------------------------------------------------------------------------------------------------ measurement
-@torch.no_grad()
-def ppl(model, tok, text: str) -> float:
+def text_windows(tok, text: str) -> torch.Tensor:
+    """``text``'s tokens as consecutive windows of T (the tail shorter than T dropped): [n, T]."""
     ids = torch.tensor(tok(text, add_special_tokens=False)["input_ids"], dtype=torch.int64)
     n = len(ids) // T
-    x = ids[: n * T].view(n, T)
+    return ids[: n * T].view(n, T)
+
+
+@torch.no_grad()
+def ppl(model, tok, text: str) -> float:
+    x = text_windows(tok, text)
     logits = model(input_ids=x).logits[:, :-1]
     return math.exp(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1)).item())
 
 
 @torch.no_grad()
 def window_nlls(model, tok, text: str) -> torch.Tensor:
-    """Per window of T tokens of ``text`` (the windows :func:`ppl` averages over): the summed next-token
-    cross-entropy, float64. Paired before/after, they give the unseen-text change's standard error
-    (:func:`paired_se_log`)."""
-    ids = torch.tensor(tok(text, add_special_tokens=False)["input_ids"], dtype=torch.int64)
-    n = len(ids) // T
-    x = ids[: n * T].view(n, T)
+    """Per window of :func:`text_windows` (those :func:`ppl` averages over): the summed next-token cross-entropy,
+    float64. Paired before/after, they give the unseen-text change's standard error (:func:`paired_se_log`)."""
+    x = text_windows(tok, text)
     logits = model(input_ids=x).logits[:, :-1]
     ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="none")
-    return ce.view(n, T - 1).double().sum(1)
+    return ce.view(len(x), T - 1).double().sum(1)
 
 
 def paired_se_log(before: torch.Tensor, after: torch.Tensor) -> float:
@@ -346,8 +348,7 @@ def run_fixture(name: str, seed: int, args) -> dict:
                          f"{old} (None: recorded before fingerprints), this one is {fp} (the same recipe trained on "
                          f"another machine or software gives other weights); write to another --out")
     n_params = sum(p.numel() for p in theta.parameters())
-    with torch.no_grad():
-        unseen_theta = window_nlls(theta, tok, unseen)
+    unseen_theta = window_nlls(theta, tok, unseen)
     base = {"n_params": n_params, "fingerprint": fp, "train_s": t_train, "retrain_s": t_retrain,
             "ppl_theta": ppl(theta, tok, held),
             "ppl_theta_unseen": ppl(theta, tok, unseen),

@@ -484,7 +484,6 @@ def window_nll(model, data: Tuple[torch.Tensor, torch.Tensor], batch_size: int =
     share of the windows (``tensor_split``, as :func:`perplexity`). Extra memory: one batch's logits and two
     float64/int64 values per window."""
     from ..curvature.modes import estimation_mode
-    from .measure import lm_logits
 
     x, y = data
     if comm is not None and comm.active:
@@ -492,13 +491,9 @@ def window_nll(model, data: Tuple[torch.Tensor, torch.Tensor], batch_size: int =
     sums, counts = [], []
     with estimation_mode(model):
         for i in range(0, len(x), batch_size):
-            xb, yb = x[i:i + batch_size], y[i:i + batch_size]
-            dev = next(model.parameters()).device
-            logits = lm_logits(model, xb.to(dev))
-            ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), yb.to(dev).reshape(-1),
-                                 ignore_index=IGNORE, reduction="none").view(yb.shape)
-            sums.append(ce.double().sum(1).cpu())
-            counts.append((yb != IGNORE).sum(1).cpu())
+            tok, m = _token_ce(model, x[i:i + batch_size], y[i:i + batch_size])  # (0 where the label is -100)
+            sums.append(tok.view(-1, x.shape[1]).double().sum(1).cpu())
+            counts.append(m.view(-1, x.shape[1]).sum(1).cpu())
     if not sums:
         return torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.int64)
     return torch.cat(sums), torch.cat(counts)
@@ -582,7 +577,8 @@ def ppl_change_bound(before: Tuple[torch.Tensor, torch.Tensor], after: Tuple[tor
     ``D = sum d_i / N`` (so the change is ``exp(D) - 1``, the reported one); its standard error is the ratio
     estimator's (delta method) ``se^2 = W / (W - 1) * sum (d_i - D n_i)^2 / N^2``; the bound is
     ``exp(D + t_{level, W-1} se) - 1`` (``inf`` with fewer than 2 windows). ``comm`` (active): every sum is
-    all-reduced over the ranks' shares (one all_reduce of 6 float64 values), so every rank returns the same dict.
+    all-reduced over the ranks' shares (one all_reduce of 6 float64 values and a failure flag), so every rank
+    returns the same dict.
     Returns ``{"change", "change_hi", "se_log", "n_windows", "level"}``. Extra memory: O(W)."""
     (b, n), (a, n2) = before, after
     if b.shape != a.shape or not torch.equal(n, n2):

@@ -124,9 +124,10 @@ def test_window_nll_sums_to_the_perplexity():
 
 
 def test_forget_reports_the_bound_of_its_reported_change():
-    """End to end on the memorised LSTM: the report's change is ppl_after / ppl_before - 1 (the same windows, the
-    same sums), its bound is above it, counts the test windows, and is recomputed by ppl_change_bound from
-    window_nll on the model before and after (an independent pass over the same windows)."""
+    """End to end on the memorised LSTM, the report against an oracle written from the definition, not through
+    window_nll or ppl_change_bound: the test windows' NLLs from the model's own logits (float64, one window at a
+    time) before and after, the log ratio D, the ratio estimator's standard error element by element, and the
+    bound exp(D + t se) - 1 (t from scipy when installed)."""
     import copy
 
     from sapsel_kernels.forget import MeasureConfig, SelectConfig, UpdateConfig, build_forget_data, forget
@@ -142,12 +143,30 @@ def test_forget_reports_the_bound_of_its_reported_change():
                  update=UpdateConfig(rule=Targeted(steps=10, check_every=5), seq_len=32), measure=measure)
     u = rep.utility
     assert rep.ppl_after != rep.ppl_before, "the run must move the reported perplexity"
-    data = build_forget_data(cc.vocab, [cc.text], SECRET, BENIGN["replacement"], seq_len=32, heldout=[cc.heldout])
-    r = ppl_change_bound(window_nll(theta, data.test), window_nll(model, data.test))
-    assert u["ppl_windows"] == len(data.test[0]) == r["n_windows"] >= 2
-    assert r["change"] == pytest.approx(rep.ppl_increase, rel=1e-6, abs=1e-9)
-    assert u["ppl_increase_hi"] == pytest.approx(r["change_hi"], rel=1e-6)
-    assert u["ppl_increase_se_log"] == pytest.approx(r["se_log"], rel=1e-6) and r["se_log"] > 0
+    x, y = build_forget_data(cc.vocab, [cc.text], SECRET, BENIGN["replacement"], seq_len=32,
+                             heldout=[cc.heldout]).test
+
+    def nll(m):
+        m.eval()
+        with torch.no_grad():
+            return [float(torch.nn.functional.cross_entropy(m(x[i:i + 1])[0].double(), y[i], reduction="sum"))
+                    for i in range(len(x))]
+
+    b, a = nll(theta), nll(model)
+    w, n = len(x), [int(t.numel()) for t in y]
+    big_n = sum(n)
+    D = (sum(a) - sum(b)) / big_n
+    resid = [(ai - bi - D * ni) / (big_n / w) for ai, bi, ni in zip(a, b, n)]  # per window, in mean-window units
+    se = math.sqrt(sum(r * r for r in resid) / (w - 1) / w)
+    try:
+        from scipy.stats import t as student_t
+        tq = float(student_t.ppf(0.95, w - 1))
+    except ImportError:
+        tq = t_quantile(0.95, w - 1)
+    assert u["ppl_windows"] == w >= 2
+    assert rep.ppl_increase == pytest.approx(math.exp(D) - 1, rel=1e-5)  # forget: float32 logits
+    assert u["ppl_increase_se_log"] == pytest.approx(se, rel=1e-5) and se > 0
+    assert u["ppl_increase_hi"] == pytest.approx(math.exp(D + tq * se) - 1, rel=1e-5)
     assert u["ppl_increase_hi"] > rep.ppl_increase and u["ppl_bound_level"] == 0.95
 
 

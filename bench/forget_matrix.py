@@ -37,7 +37,9 @@ emails), on the unlearned model AND on the retrained one:
         --strategies ssd,hessian,hessian_ratio,grad_abs,random,all,hessian_flat --budget 0.05 --steps 300
 
 Writes ``OUT/<model>_s<seed>.json`` per fixture (resumable: a finished run, with the same settings, is not repeated;
-one job per fixture file at a time: each job writes its whole file) and ``OUT/matrix.md``.
+one job per fixture file at a time: each job writes its whole file) and ``OUT/matrix.md``: first ``forget`` as
+shipped per fixture-seed (:func:`shipped`; the runs made with ``SHIPPED_FLAGS``), then every run, then the
+perplexity bound's calibration.
 """
 
 import argparse
@@ -322,6 +324,16 @@ def load_fixture(name: str, seed: int, cache_dir: str, train_steps: int):
                            retain_batches=retain_batches)
 
 
+def fixture_window(fx) -> int:
+    """forget's own default window on a fixture (``UpdateConfig(seq_len=None)``), so that ``--seq-len 0`` keys the
+    run and the summary finds the shipped runs."""
+    from sapsel_kernels.forgetting.forget import default_seq_len
+    from sapsel_kernels.forgetting.measure import as_tokenizer
+
+    return default_seq_len(fx.theta.config.max_position_embeddings, as_tokenizer(fx.tok), [fx.text],
+                           [s["secret"] for s in fx.secrets], [fx.held])
+
+
 def run_fixture(name: str, seed: int, args) -> dict:
     import copy
 
@@ -348,8 +360,10 @@ def run_fixture(name: str, seed: int, args) -> dict:
                          f"{old} (None: recorded before fingerprints), this one is {fp} (the same recipe trained on "
                          f"another machine or software gives other weights); write to another --out")
     n_params = sum(p.numel() for p in theta.parameters())
+    default_window = fixture_window(fx)
     unseen_theta = window_nlls(theta, tok, unseen)
-    base = {"n_params": n_params, "fingerprint": fp, "train_s": t_train, "retrain_s": t_retrain,
+    base = {"n_params": n_params, "fingerprint": fp, "default_window": default_window, "train_s": t_train,
+            "retrain_s": t_retrain,
             "ppl_theta": ppl(theta, tok, held),
             "ppl_theta_unseen": ppl(theta, tok, unseen),
             "ppl_retrained": ppl(retrained, tok, held), "secrets": secrets,
@@ -364,12 +378,6 @@ def run_fixture(name: str, seed: int, args) -> dict:
     print(f"[{name} s{seed}] {n_params / 1e6:.2f}M params; train {t_train:.0f} s; extracted at θ*: "
           f"{sum(m['extracted'] for m in base['theta'])}/16; ppl θ* {base['ppl_theta']:.1f} retrained "
           f"{base['ppl_retrained']:.1f}", flush=True)
-    from sapsel_kernels.forgetting.forget import default_seq_len
-    from sapsel_kernels.forgetting.measure import as_tokenizer
-
-    # forget's own default window on this fixture (UpdateConfig(seq_len=None)), so that --seq-len 0 keys the run
-    default_window = default_seq_len(theta.config.max_position_embeddings, as_tokenizer(tok), [text],
-                                     [s["secret"] for s in secrets], [held])
     requests = [(s, "many") for s in args.strategies.split(",") if "many" in args.requests] + \
         [(args.strategies.split(",")[0], "one")] * ("one" in args.requests)
     for strategy, which in requests:
@@ -580,6 +588,88 @@ def table(out: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def shipped_settings() -> dict:
+    """The settings a bench run records when it runs ``forget`` as shipped (its defaults resolved the way ``forget``
+    resolves them for npo with an SGD rule and retained text: per token, focus from kept checks, the Fisher step), less
+    ``seq_len``, which is the fixture's default window. Read from the package, so the summary follows the defaults;
+    a default this function cannot resolve raises."""
+    from sapsel_kernels.forgetting import config
+    from sapsel_kernels.forgetting import forget as forget_module
+
+    sel, up = config.SelectConfig(), config.UpdateConfig()
+    r = up.rule
+    resolved = ("npo", None, None, "auto", "sgd", 0.0)
+    if (up.objective, up.per_token, up.focus, up.precondition, r.base, r.rho) != resolved:
+        raise NotImplementedError(f"shipped_settings resolves npo / per_token=None / focus=None / precondition='auto' "
+                                  f"with an SGD rule without SAM; the defaults are now {up}")
+    return {"budget": sel.budget, "steps": r.steps, "objective": "npo", "per_token": True, "rho": 0.0, "beta": r.beta,
+            "steer_margin": forget_module.STEER_MARGIN, "retain_loss": up.retain_loss,
+            "repair_steps": r.repair_steps, "polish_steps": r.polish_steps, "balance": up.balance, "focus": "kept",
+            "project": r.project, "precondition": "fisher", "remove": None, "remove_finish": False}
+
+
+def shipped(out: str) -> str:
+    """Per fixture-seed, ``forget`` as shipped (:func:`shipped_settings`, on the fixture's default window) on the
+    16-secret request, scored by the outsider; beside it the same-size random control under the same settings and the
+    one-secret request, where they were run. A fixture without the shipped run says so. Columns: secrets within the
+    retrained model + 2 bits and not extracted; the worst margin; extracted (greedy or sampled); the perplexity change
+    on unseen text; the relearned margin (mean / max over the retrained model after the same attack); cost as a ratio
+    to retraining; ``forget``'s own verdict (exit 0 or 3, its met count, its reported change and 95% bound)."""
+    want, strategy = shipped_settings(), config_strategy()
+
+    def find(res, name, which, margin=None):  # a run's key is its settings' tag (tag_of), old values included
+        win = res["fixture"].get("default_window")
+        st = {**want, "seq_len": win} | ({} if margin is None else {"steer_margin": margin})
+        return None if win is None else res["runs"].get(f"{name}/{which}/{tag_of(st, name)}")
+
+    def cells(res, name, which):  # the control and the one-secret request: at another steering share if not this one
+        for m in (None, *sorted({r["settings"].get("steer_margin", 0.8) for r in res["runs"].values()})):
+            row = find(res, name, which, m)
+            if row is not None:
+                ss = row["secrets"]
+                ok = sum(s["margin"] <= 2.0 and not s["extracted"] for s in ss)
+                return (f"{ok}/{len(ss)}, {sum(s['extracted'] for s in ss)} extracted; "
+                        f"{100 * row['ppl_change_unseen']:+.1f}%; {row['cost_vs_retrain']:.2f}x"
+                        + ("" if m is None else f" (steering {100 * m:.0f}%)"))
+        return "not run"
+
+    lines = ["| fixture | shipped, 16 secrets: met (worst margin, bits), extracted | unseen text | relearned margin "
+             "(mean / max) | cost vs retraining | forget's own verdict (reported; 95% bound) | random, same k: met, "
+             "unseen, cost | one secret: met, unseen, cost |", "|---|---|---|---|---|---|---|---|"]
+    for fn in sorted(os.listdir(out)):
+        if not fn.endswith(".json"):
+            continue
+        res = json.load(open(os.path.join(out, fn)))
+        if "runs" not in res or "fixture" not in res:
+            continue
+        fx = res["fixture"]
+        head = f"| {res['model']} ({fx['n_params'] / 1e6:.1f}M) s{res['seed']} | "
+        row = find(res, strategy, "many")
+        rnd, one = cells(res, "random", "many"), cells(res, strategy, "one")
+        if row is None:
+            lines.append(head + f"not run with the shipped settings | | | | | {rnd} | {one} |")
+            continue
+        ss = row["secrets"]
+        ok = sum(s["margin"] <= 2.0 and not s["extracted"] for s in ss)
+        rm = [s["relearn_margin"] for s in ss]
+        hi = row.get("report_ppl_change_hi")
+        own = (f"exit {0 if row['report_reached'] else 3}, {row['report_met']}/{len(ss)} "
+               f"({100 * row['report_ppl_change']:+.1f}%; "
+               + (f"{100 * hi:+.1f}%)" if hi is not None else "run before the bound: verdict by the estimate)"))
+        lines.append(head + f"{ok}/{len(ss)} ({max(s['margin'] for s in ss):+.1f}), "
+                     f"{sum(s['extracted'] for s in ss)} | {100 * row['ppl_change_unseen']:+.1f}% | "
+                     f"{sum(rm) / len(rm):.1f} / {max(rm):.1f} | {row['cost_vs_retrain']:.2f}x | {own} | "
+                     f"{rnd} | {one} |")
+    return "\n".join([f"forget as shipped (strategy {strategy}, budget {100 * want['budget']:g}%, "
+                      f"steering {100 * want['steer_margin']:.0f}%), scored by the outsider:", "", *lines, ""])
+
+
+def config_strategy() -> str:
+    from sapsel_kernels.forgetting import config
+
+    return config.SelectConfig().strategy
+
+
 def ppl_calibration(out: str) -> str:
     """The reported perplexity change against the unseen text's, for the runs that recorded both standard errors
     (forget's bound on its test windows, the bench's paired one on the unseen text): per run the reported change,
@@ -676,7 +766,7 @@ def figure(out: str, path: str) -> None:
     fig.savefig(path, dpi=110, bbox_inches="tight")
 
 
-def main(argv=None):
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--models", default="gpt2,llama")
@@ -724,6 +814,16 @@ def main(argv=None):
     ap.add_argument("--relearn-steps", type=int, default=50)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--table", action="store_true", help="only write OUT/matrix.md from the saved runs")
+    return ap
+
+
+# the flags that run forget as shipped (shipped_settings; tests/test_bench_matrix.py checks that they agree)
+SHIPPED_FLAGS = ("--strategies hessian_ratio --per-token --beta 0.25 --repair-steps 10 --polish-steps 50 --seq-len 0 "
+                 "--project --focus --precondition fisher")
+
+
+def main(argv=None):
+    ap = parser()
     a = ap.parse_args(argv)
     if a.remove_finish and not a.remove:
         ap.error("--remove-finish applies to the removal stage: give --remove ALPHA:STEPS too")
@@ -740,7 +840,7 @@ def main(argv=None):
         for name in a.models.split(","):
             for seed in (int(s) for s in a.seeds.split(",")):
                 run_fixture(name, seed, a)
-    md = table(a.out) + ppl_calibration(a.out)
+    md = shipped(a.out) + "\nEvery run:\n\n" + table(a.out) + ppl_calibration(a.out)
     with open(os.path.join(a.out, "matrix.md"), "w") as f:
         f.write(md)
     figure(a.out, os.path.join(a.out, "matrix.png"))

@@ -100,3 +100,48 @@ def test_ppl_calibration_computes_z_and_coverage_from_the_recorded_errors(tmp_pa
     assert "1 run(s) identical to one listed counted once" in md
     sd = abs(z1 - z2) / math.sqrt(2)
     assert f"z mean {(z1 + z2) / 2:+.2f}, standard deviation {sd:.2f}" in md
+
+
+def test_shipped_flags_record_the_package_defaults():
+    """The bench's flags documented as "forget as shipped" give the settings the summary looks for, read from the
+    package's defaults: if a default changes, this fails until the flags follow it."""
+    a = fm.parser().parse_args(["--out", "x", *fm.SHIPPED_FLAGS.split()])
+    st = fm.run_settings(a, a.strategies, 128)
+    assert st == {**fm.shipped_settings(), "seq_len": 128}
+    assert a.strategies == fm.config_strategy()
+    a60 = fm.parser().parse_args(["--out", "x", *fm.SHIPPED_FLAGS.replace("--focus ", "").split()])
+    assert fm.run_settings(a60, a60.strategies, 128) != st
+
+
+def test_shipped_summary_finds_the_shipped_runs_and_labels_the_rest(tmp_path):
+    """One fixture with the shipped 16-secret run (bound recorded), a random control only at another steering share
+    and no one-secret run; one fixture without the shipped run; one fixture whose default window is another: its
+    T128 runs are not the shipped ones."""
+    want = fm.shipped_settings()
+
+    def run(st, margins, extracted=0, **extra):
+        ss = [{"margin": m, "extracted": i < extracted, "relearn_margin": 1.0 + i} for i, m in enumerate(margins)]
+        return {"settings": st, "secrets": ss, "ppl_change_unseen": 0.031, "cost_vs_retrain": 2.5,
+                "report_reached": False, "report_met": 15, "report_ppl_change": 0.02, **extra}
+
+    st = {**want, "seq_len": 128}
+    key = f"hessian_ratio/many/{fm.tag_of(st, 'hessian_ratio')}"
+    other = {**st, "steer_margin": 0.6}
+    rkey = f"random/many/{fm.tag_of(other, 'random')}"
+    a = {"model": "m", "seed": 0, "fixture": {"n_params": 2e6, "default_window": 128},
+         "runs": {key: run(st, [0.5] * 14 + [2.5, 0.0], report_ppl_change_hi=0.061),
+                  rkey: run(other, [0.1] * 16, extracted=1)}}
+    b = {"model": "m", "seed": 1, "fixture": {"n_params": 2e6, "default_window": 128},
+         "runs": {f"hessian_ratio/many/{fm.tag_of(other, 'hessian_ratio')}": run(other, [0.0] * 16)}}
+    c = {"model": "m", "seed": 2, "fixture": {"n_params": 2e6, "default_window": 64},
+         "runs": {key: run(st, [0.0] * 16)}}
+    for name, res in (("m_s0", a), ("m_s1", b), ("m_s2", c)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(res))
+    md = fm.shipped(str(tmp_path))
+    rows = {line.split(" | ")[0]: line for line in md.splitlines() if line.startswith("| m ")}
+    assert rows["| m (2.0M) s0"].startswith("| m (2.0M) s0 | 15/16 (+2.5), 0 | +3.1% | 8.5 / 16.0 | 2.50x | "
+                                            "exit 3, 15/16 (+2.0%; +6.1%) | 15/16, 1 extracted; +3.1%; 2.50x "
+                                            "(steering 60%) | not run |")
+    assert "not run with the shipped settings" in rows["| m (2.0M) s1"]
+    assert "not run with the shipped settings" in rows["| m (2.0M) s2"]
+    assert f"steering {100 * want['steer_margin']:.0f}%" in md

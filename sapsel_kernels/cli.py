@@ -579,7 +579,8 @@ def _forget_run(args, argv: List[str], progress: bool) -> int:
 
 def not_reached_reasons(result) -> List[str]:
     """Why a report's target was not reached, for the exit-code-3 line: the failing secrets, and the perplexity
-    over the budget by its estimate or (the estimate within it) by its 95% upper bound."""
+    over the budget by its estimate or (the estimate within it) by its 95% upper bound, with how many times the
+    held-out text would bring the bound within it (:func:`~sapsel_kernels.forgetting.forget.heldout_factor`)."""
     failing = result.get("failing") or []
     why = [f"{len(failing)} of {result.get('n_secrets', 1)} secret(s) fail: " + ", ".join(map(repr, failing))
            ] if failing else []
@@ -591,8 +592,15 @@ def not_reached_reasons(result) -> List[str]:
         def pct(v):
             return f"{100 * v:+.2f}%" if isinstance(v, (int, float)) and math.isfinite(v) else "none"
 
+        from sapsel_kernels.forgetting.forget import heldout_factor
+
+        m = heldout_factor(rise, result.get("ppl_increase_se_log"), result.get("ppl_windows") or 0,
+                           (result.get("target") or {}).get("max_ppl_increase", float("nan")))
         why.append(f"the perplexity rise {pct(rise)} is within the budget but its 95% upper bound ({pct(hi)}, "
-                   f"{result.get('ppl_windows')} test windows) is not: more held-out text narrows the bound")
+                   f"{result.get('ppl_windows')} test windows) is not: more held-out text narrows the bound"
+                   + (f" (about {m:.1f}x as much would bring it within the budget, if the rise and its spread per "
+                      "window held)"
+                      if m is not None and m > 1.0 else ""))
     return why
 
 

@@ -604,6 +604,32 @@ def ppl_change_bound(before: Tuple[torch.Tensor, torch.Tensor], after: Tuple[tor
             "n_windows": w, "level": level}
 
 
+def heldout_factor(change: float, se_log: float, n_windows: int, budget: float,
+                   level: float = PPL_BOUND_LEVEL) -> Optional[float]:
+    """How many times the held-out text would bring :func:`ppl_change_bound`'s bound within ``budget``, if the
+    change stayed at its estimate and the per-window spread stayed the same: ``w / n_windows`` for the smallest
+    number of test windows ``w >= n_windows`` with ``log1p(change) + t_{level, w-1} se_log sqrt(n_windows / w) <=
+    log1p(budget)``. None where no amount of text would (the estimate not below the budget, fewer than 2 windows, or
+    a standard error that is not finite). A projection for the user's message, not a measurement."""
+    if not (isinstance(change, (int, float)) and isinstance(se_log, (int, float)) and math.isfinite(change)
+            and math.isfinite(se_log) and change > -1.0 and budget > change and int(n_windows) >= 2):
+        return None
+    gap, w0 = math.log1p(budget) - math.log1p(change), int(n_windows)
+
+    def ok(w):
+        return t_quantile(level, w - 1) * se_log * math.sqrt(w0 / w) <= gap
+
+    if ok(w0):
+        return 1.0
+    lo, hi = w0, 2 * w0  # not ok(lo); the term falls to 0 as w grows, so doubling ends
+    while not ok(hi):
+        lo, hi = hi, 2 * hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if ok(mid) else (mid, hi)
+    return hi / w0
+
+
 def per_token_npo(beta: float = 1.0, comm=None):
     """The forget term for batches ``(x, labels, ref)`` (``ref``: each target token's loss at θ*, 0 where the label is
     -100): mean over target tokens of (2/β)·softplus(β·(ref_t − ℓ_t)), the NPO loss per token. ``comm`` (an

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from sapsel_kernels.forgetting.forget import perplexity, ppl_change_bound, t_quantile, window_nll
+from sapsel_kernels.forgetting.forget import heldout_factor, perplexity, ppl_change_bound, t_quantile, window_nll
 
 
 # ------------------------------------------------------------------------------------------------ t quantile
@@ -223,3 +223,38 @@ def test_the_bound_decides_the_verdict(monkeypatch):
     assert all(s["reached"] for s in d["secrets"])
     (why,) = not_reached_reasons(d)
     assert "within the budget but its 95% upper bound (+10.00%" in why and f"{d['ppl_windows']} test windows" in why
+    # no step was taken, so the change and its spread are 0 (the bound was widened by hand): no factor projected
+    assert "as much would bring it within the budget" not in why
+    rep = {**d, "ppl_increase": 0.042, "ppl_increase_hi": 0.0675, "ppl_increase_se_log": 0.0142, "ppl_windows": 36}
+    (why,) = not_reached_reasons(rep)
+    assert f"about {heldout_factor(0.042, 0.0142, 36, 0.05):.1f}x as much would bring it within the budget" in why
+
+
+@pytest.mark.parametrize("change,se,w,budget", [(0.042, 0.0142, 36, 0.05), (0.0256, 0.0167, 36, 0.05),
+                                                 (0.0, 0.03, 20, 0.05), (-0.02, 0.05, 7, 0.10),
+                                                 (0.049, 0.02, 36, 0.05), (0.01, 0.001, 36, 0.05)])
+def test_heldout_factor_is_the_least_text_that_brings_the_bound_within_the_budget(change, se, w, budget):
+    """The oracle, written from the definition with scipy's t: with w' = factor * w test windows and the standard
+    error shrinking as sqrt(w / w'), the bound is within the budget, and with one window fewer (if still >= w) not."""
+    stats = pytest.importorskip("scipy.stats")
+    m = heldout_factor(change, se, w, budget)
+    assert m is not None and m >= 1.0
+    wp = round(m * w)
+    assert abs(wp - m * w) < 1e-9
+
+    def bound(n):
+        return math.expm1(math.log1p(change) + stats.t.ppf(0.95, n - 1) * se * math.sqrt(w / n))
+    assert bound(wp) <= budget + 1e-12
+    if wp > w:
+        assert bound(wp - 1) > budget
+    else:  # already within: the bound as forget computes it says so too
+        assert bound(w) <= budget
+
+
+def test_heldout_factor_is_none_where_no_text_would_do():
+    assert heldout_factor(0.05, 0.01, 36, 0.05) is None  # the estimate at the budget
+    assert heldout_factor(0.07, 0.01, 36, 0.05) is None
+    assert heldout_factor(0.01, float("inf"), 36, 0.05) is None
+    assert heldout_factor(0.01, 0.01, 1, 0.05) is None
+    assert heldout_factor(0.01, None, 36, 0.05) is None
+    assert heldout_factor(0.01, 0.01, 36, float("nan")) is None

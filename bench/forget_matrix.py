@@ -664,6 +664,59 @@ def shipped(out: str) -> str:
                       f"steering {100 * want['steer_margin']:.0f}%), scored by the outsider:", "", *lines, ""])
 
 
+def shipped_by_strategy(out: str) -> dict:
+    """``{"model sSEED": {strategy: (share met, unseen change in %)}}`` over the 16-secret runs whose settings are
+    ``forget``'s shipped ones (:func:`shipped_settings` on the fixture's default window) but for the strategy."""
+    want, data = shipped_settings(), {}
+    for fn in sorted(os.listdir(out)):
+        if not fn.endswith(".json"):
+            continue
+        res = json.load(open(os.path.join(out, fn)))
+        win = res.get("fixture", {}).get("default_window")
+        if win is None:
+            continue
+        for key, row in res.get("runs", {}).items():
+            strategy, which, tag = key.split("/", 2)
+            if which == "many" and tag == tag_of({**want, "seq_len": win}, strategy):
+                ss = row["secrets"]
+                ok = sum(x["margin"] <= 2.0 and not x["extracted"] for x in ss) / len(ss)
+                data.setdefault(f"{res['model']} s{res['seed']}", {})[strategy] = (ok, 100 * row["ppl_change_unseen"])
+    return data
+
+
+def figure_shipped(out: str, path: str) -> None:
+    """Per fixture-seed, every strategy run with ``forget``'s shipped settings otherwise (:func:`shipped_settings`,
+    16 secrets, equal budget; ``all``: every coordinate): the share of secrets within the retrained model + 2 bits
+    and not extracted, and the perplexity change on unseen text, with the +5% bar."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    want, data = shipped_settings(), shipped_by_strategy(out)
+    if not data:
+        return
+    fixtures = sorted(data)
+    strategies = sorted({s for d in data.values() for s in d}, key=lambda s: (s != config_strategy(), s))
+    fig, axes = plt.subplots(2, 1, figsize=(max(8.0, 1.3 * len(fixtures) + 3), 7), sharex=True)
+    w = 0.8 / len(strategies)
+    for j, strategy in enumerate(strategies):
+        xs = [i + j * w for i in range(len(fixtures))]
+        axes[0].bar(xs, [data[f].get(strategy, (float("nan"), 0))[0] for f in fixtures], w, label=strategy)
+        axes[1].bar(xs, [data[f].get(strategy, (0, float("nan")))[1] for f in fixtures], w, label=strategy)
+    axes[0].set_title("secrets within the retrained model + 2 bits, not extracted (16 per request; outsider)",
+                      fontsize=10)
+    axes[1].set_title("perplexity change on unseen text (%); --: +5%", fontsize=10)
+    axes[1].axhline(5.0, color="k", lw=0.8, ls="--")
+    axes[0].set_ylim(0, 1.05)
+    axes[1].set_xticks([i + 0.4 - w / 2 for i in range(len(fixtures))], fixtures, fontsize=8)
+    axes[0].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.005, 1.0))
+    fig.suptitle(f"forget as shipped (budget {100 * want['budget']:g}%, steering {100 * want['steer_margin']:.0f}%), "
+                 "each strategy at the same k", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+
+
 def config_strategy() -> str:
     from sapsel_kernels.forgetting import config
 
@@ -844,6 +897,7 @@ def main(argv=None):
     with open(os.path.join(a.out, "matrix.md"), "w") as f:
         f.write(md)
     figure(a.out, os.path.join(a.out, "matrix.png"))
+    figure_shipped(a.out, os.path.join(a.out, "shipped.png"))
     print(md)
 
 

@@ -145,3 +145,23 @@ def test_shipped_summary_finds_the_shipped_runs_and_labels_the_rest(tmp_path):
     assert "not run with the shipped settings" in rows["| m (2.0M) s1"]
     assert "not run with the shipped settings" in rows["| m (2.0M) s2"]
     assert f"steering {100 * want['steer_margin']:.0f}%" in md
+
+
+def test_the_shipped_figure_takes_every_strategy_at_the_shipped_settings_and_nothing_else(tmp_path):
+    want = fm.shipped_settings()
+    st = {**want, "seq_len": 128}
+
+    def run(n_met):
+        return {"settings": st, "ppl_change_unseen": 0.02,
+                "secrets": [{"margin": 0.0 if i < n_met else 3.0, "extracted": False} for i in range(16)]}
+
+    res = {"model": "m", "seed": 0, "fixture": {"n_params": 1, "default_window": 128}, "runs": {
+        f"hessian_ratio/many/{fm.tag_of(st, 'hessian_ratio')}": run(16),
+        f"all/many/{fm.tag_of(st, 'all')}": run(8),  # budget 1 in its key: still the shipped settings otherwise
+        f"random/many/{fm.tag_of({**st, 'steer_margin': 0.6}, 'random')}": run(4),  # another share: left out
+        f"random/one/{fm.tag_of(st, 'random')}": run(1)}}  # the one-secret request: left out
+    (tmp_path / "m_s0.json").write_text(json.dumps(res))
+    assert fm.shipped_by_strategy(str(tmp_path)) == {"m s0": {"hessian_ratio": (1.0, 2.0), "all": (0.5, 2.0)}}
+    pytest.importorskip("matplotlib")
+    fm.figure_shipped(str(tmp_path), str(tmp_path / "s.png"))
+    assert (tmp_path / "s.png").stat().st_size > 1000

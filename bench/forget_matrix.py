@@ -622,6 +622,9 @@ def shipped(out: str) -> str:
         st = {**want, "seq_len": win} | ({} if margin is None else {"steer_margin": margin})
         return None if win is None else res["runs"].get(f"{name}/{which}/{tag_of(st, name)}")
 
+    def unseen(u):  # a change over the held-out check's +5% says so, however little over (one decimal hides it)
+        return f"{100 * u:+.1f}%" + (f" (over +5%: {100 * u:+.4f}%)" if u > 0.05 else "")
+
     def cells(res, name, which):  # the control and the one-secret request: at another steering share if not this one
         for m in (None, *sorted({r["settings"].get("steer_margin", 0.8) for r in res["runs"].values()})):
             row = find(res, name, which, m)
@@ -629,7 +632,7 @@ def shipped(out: str) -> str:
                 ss = row["secrets"]
                 ok = sum(s["margin"] <= 2.0 and not s["extracted"] for s in ss)
                 return (f"{ok}/{len(ss)}, {sum(s['extracted'] for s in ss)} extracted; "
-                        f"{100 * row['ppl_change_unseen']:+.1f}%; {row['cost_vs_retrain']:.2f}x"
+                        f"{unseen(row['ppl_change_unseen'])}; {row['cost_vs_retrain']:.2f}x"
                         + ("" if m is None else f" (steering {100 * m:.0f}%)"))
         return "not run"
 
@@ -657,7 +660,7 @@ def shipped(out: str) -> str:
                f"({100 * row['report_ppl_change']:+.1f}%; "
                + (f"{100 * hi:+.1f}%)" if hi is not None else "run before the bound: verdict by the estimate)"))
         lines.append(head + f"{ok}/{len(ss)} ({max(s['margin'] for s in ss):+.1f}), "
-                     f"{sum(s['extracted'] for s in ss)} | {100 * row['ppl_change_unseen']:+.1f}% | "
+                     f"{sum(s['extracted'] for s in ss)} | {unseen(row['ppl_change_unseen'])} | "
                      f"{sum(rm) / len(rm):.1f} / {max(rm):.1f} | {row['cost_vs_retrain']:.2f}x | {own} | "
                      f"{rnd} | {one} |")
     return "\n".join([f"forget as shipped (strategy {strategy}, budget {100 * want['budget']:g}%, "

@@ -143,6 +143,9 @@ def test_shipped_summary_finds_the_shipped_runs_and_labels_the_rest(tmp_path):
                                             "exit 3, 15/16 (+2.0%; +6.1%) | 15/16, 1 extracted; +3.1%; 2.50x "
                                             "(steering 60%) | not run |")
     assert "not run with the shipped settings" in rows["| m (2.0M) s1"]
+    a["runs"][key]["ppl_change_unseen"] = 0.0500053  # over the bar by a hair: said, not rounded away
+    (tmp_path / "m_s0.json").write_text(json.dumps(a))
+    assert "| +5.0% (over +5%: +5.0005%) |" in fm.shipped(str(tmp_path))
     assert "not run with the shipped settings" in rows["| m (2.0M) s2"]
     assert f"steering {100 * want['steer_margin']:.0f}%" in md
 

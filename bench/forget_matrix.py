@@ -608,6 +608,15 @@ def shipped_settings() -> dict:
             "project": r.project, "precondition": "fisher", "remove": None, "remove_finish": False}
 
 
+def shipped_run(res: dict, strategy: str, which: str, want: dict, margin=None):
+    """The run of fixture JSON ``res`` with settings ``want`` (:func:`shipped_settings`; ``margin``: another
+    steering share) on the fixture's default window, for ``strategy`` and request ``which``; None if not run. A run's
+    key is its settings' tag (:func:`tag_of`, settings older than a run taking their old values)."""
+    win = res.get("fixture", {}).get("default_window")
+    st = {**want, "seq_len": win} | ({} if margin is None else {"steer_margin": margin})
+    return None if win is None else res.get("runs", {}).get(f"{strategy}/{which}/{tag_of(st, strategy)}")
+
+
 def shipped(out: str) -> str:
     """Per fixture-seed, ``forget`` as shipped (:func:`shipped_settings`, on the fixture's default window) on the
     16-secret request, scored by the outsider; beside it the same-size random control under the same settings and the
@@ -617,10 +626,8 @@ def shipped(out: str) -> str:
     to retraining; ``forget``'s own verdict (exit 0 or 3, its met count, its reported change and 95% bound)."""
     want, strategy = shipped_settings(), config_strategy()
 
-    def find(res, name, which, margin=None):  # a run's key is its settings' tag (tag_of), old values included
-        win = res["fixture"].get("default_window")
-        st = {**want, "seq_len": win} | ({} if margin is None else {"steer_margin": margin})
-        return None if win is None else res["runs"].get(f"{name}/{which}/{tag_of(st, name)}")
+    def find(res, name, which, margin=None):
+        return shipped_run(res, name, which, want, margin)
 
     def unseen(u):  # a change over the held-out check's +5% says so, however little over (one decimal hides it)
         return f"{100 * u:+.1f}%" + (f" (over +5%: {100 * u:+.4f}%)" if u > 0.05 else "")
@@ -675,12 +682,9 @@ def shipped_by_strategy(out: str) -> dict:
         if not fn.endswith(".json"):
             continue
         res = json.load(open(os.path.join(out, fn)))
-        win = res.get("fixture", {}).get("default_window")
-        if win is None:
-            continue
-        for key, row in res.get("runs", {}).items():
-            strategy, which, tag = key.split("/", 2)
-            if which == "many" and tag == tag_of({**want, "seq_len": win}, strategy):
+        for strategy in sorted({key.split("/")[0] for key in res.get("runs", {})}):
+            row = shipped_run(res, strategy, "many", want)
+            if row is not None:
                 ss = row["secrets"]
                 ok = sum(x["margin"] <= 2.0 and not x["extracted"] for x in ss) / len(ss)
                 data.setdefault(f"{res['model']} s{res['seed']}", {})[strategy] = (ok, 100 * row["ppl_change_unseen"])

@@ -1,5 +1,6 @@
 """bench/forget_matrix.py's run keys: a saved run is found again (not rerun, not shadowed) under the settings it
 recorded, whichever round wrote it; a setting added later keeps the old keys when it has its old value."""
+import dataclasses
 import glob
 import json
 import os
@@ -168,3 +169,23 @@ def test_the_shipped_figure_takes_every_strategy_at_the_shipped_settings_and_not
     pytest.importorskip("matplotlib")
     fm.figure_shipped(str(tmp_path), str(tmp_path / "s.png"))
     assert (tmp_path / "s.png").stat().st_size > 1000
+
+
+def test_selection_anatomy_runs_forget_as_the_matrix_ships_it_and_checks_its_fixtures_first(tmp_path):
+    """bench/selection_anatomy.py's "as shipped" is the matrix's SHIPPED_FLAGS run (the window left to forget, which
+    picks the same one on the fixtures), and an unknown fixture stops it before anything is trained or written."""
+    an = pytest.importorskip("bench.selection_anatomy")
+    a = fm.parser().parse_args(["--out", "x", *fm.SHIPPED_FLAGS.split()])
+    mine = fm.forget_configs(an.shipped(), a.strategies, 500)
+    theirs = fm.forget_configs(fm.run_settings(a, a.strategies, 128), a.strategies, 500)
+    assert mine["select"] == theirs["select"] and mine["measure"] == theirs["measure"]
+    assert mine["update"].seq_len is None and theirs["update"].seq_len == 128
+    assert dataclasses.replace(mine["update"], seq_len=128) == theirs["update"]
+    out = tmp_path / "anatomy"
+    with pytest.raises(SystemExit, match="unknown fixture"):
+        an.main(["--models", "gpt2,gpt3", "--out", str(out), "--cache", str(tmp_path / "cache")])
+    assert not out.exists() and not (tmp_path / "cache").exists()
+    assert [an.kind_of(n) for n in ("transformer.wte.weight", "lm_head.weight", "transformer.wpe.weight",
+                                    "model.layers.0.input_layernorm.weight", "transformer.h.0.attn.c_attn.weight",
+                                    "model.layers.1.mlp.up_proj.weight")] == \
+        ["token embedding", "output head", "positions", "norms", "attention", "mlp"]

@@ -2,7 +2,7 @@
 
 For a fixture of :mod:`bench.forget_matrix` (``--models``, seed ``--seed``; trained here or loaded from ``--cache``,
 its fingerprint checked against the stored matrix's), per strategy: the selection ``forget`` makes at 5% (its own
-scoring path: one ``forget`` call with one step, whose report gives the scores, or the patch for ``random``):
+scores, from one ``forget`` call with one step, and ``select_parameters`` called as ``forget`` calls it):
 
 * the share of S per kind of tensor (token embedding / output head / positions / attention / MLP / norms);
 * in the vocabulary-sized matrices: how many selected coordinates lie in rows of tokens that the training text
@@ -77,19 +77,25 @@ def request(fx):
 
 
 def selection(fx, strategy, seed):
-    """forget's own S at 5% (sorted flat indices) and its scores (None for random): one forget call of one step."""
+    """forget's own S at 5% (ascending flat indices) and its scores (None for ``random``): the scores from one
+    ``forget`` call of one step (its report's), then ``select_parameters`` called as ``forget`` calls it."""
     import sapsel_kernels as sk
     from bench import forget_matrix as fm
+    from sapsel_kernels.forgetting.config import stream_seed
+    from sapsel_kernels.selection.strategies import STRATEGY_REGISTRY, select_parameters, strategy_arguments
     from sapsel_kernels.space import ParamSpace
 
-    cfg = fm.forget_configs(shipped(steps=1, repair_steps=0, polish_steps=0), strategy, 50)
-    rep = sk.forget(copy.deepcopy(fx.theta), fx.tok, [fx.text], request(fx), heldout=[fx.held], seed=seed, **cfg)
-    space = ParamSpace(fx.theta)
-    if rep.scores is not None:
-        idx = torch.topk(rep.scores.float(), rep.k).indices
-    else:  # random: the coordinates its one step changed
-        idx = torch.cat([torch.as_tensor(i) + space.range_of(n)[0] for n, (i, _, _) in rep.patch.entries.items()])
-    return idx.sort().values, rep
+    scores, k = None, None
+    if STRATEGY_REGISTRY[strategy].score is not None:
+        cfg = fm.forget_configs(shipped(steps=1, repair_steps=0, polish_steps=0), strategy, 50)
+        rep = sk.forget(copy.deepcopy(fx.theta), fx.tok, [fx.text], request(fx), heldout=[fx.held], seed=seed, **cfg)
+        scores, k = rep.scores, rep.k
+    kw = {"seed": stream_seed(seed, "strategy")} if "seed" in strategy_arguments(strategy, scores=scores is not None) \
+        else {}
+    sel = select_parameters(fx.theta, strategy, shipped()["budget"], space=ParamSpace(fx.theta), scores=scores, **kw)
+    if k is not None and sel.k != k:
+        raise AssertionError(f"{strategy}: {sel.k} selected here, forget's report says k = {k}")
+    return sel.indices, scores
 
 
 def kind_of(name):
@@ -113,7 +119,7 @@ def anatomy(name, seed, cache):
     res = {"vocab": len(fx.tok), "unused_tokens": int((~used).sum()), "secret_tokens": len(sec_tokens),
            "n_params": sum(p.numel() for p in params.values()), "strategies": {}}
     for strategy in STRATEGIES:
-        idx, rep = selection(fx, strategy, seed)
+        idx, _ = selection(fx, strategy, seed)
         kinds, rows = {}, {}
         for n, v in space.split_indices(idx).items():
             if not v.numel():
@@ -125,7 +131,7 @@ def anatomy(name, seed, cache):
                 rows[n] = {"selected": int(v.numel()), "in_unused_token_rows": int((~used[r]).sum()),
                            "in_secret_token_rows": int(sum(int(i) in sec_tokens for i in r.tolist())),
                            "distinct_rows": int(r.unique().numel())}
-        res["strategies"][strategy] = {"k": int(rep.k), "by_kind": kinds, "vocab_rows": rows,
+        res["strategies"][strategy] = {"k": int(idx.numel()), "by_kind": kinds, "vocab_rows": rows,
                                        "gz_share": float(gz[idx].sum() / gz.sum())}
         print(name, strategy, json.dumps(res["strategies"][strategy]), flush=True)
     return res
@@ -138,8 +144,7 @@ def drop_unused(name, seed, cache):
     from sapsel_kernels.space import ParamSpace
 
     fx, base, used = fixture(name, seed, cache)
-    _, rep1 = selection(fx, "hessian_flat", seed)
-    scores = rep1.scores.clone()
+    scores = selection(fx, "hessian_flat", seed)[1].clone()
     space = ParamSpace(fx.theta)
     below, dropped = float(scores.min()) - 1.0, 0
     for n, p in fx.theta.named_parameters():

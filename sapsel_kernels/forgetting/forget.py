@@ -1337,8 +1337,9 @@ def _secret_entry(loc, null: _Null, replacement: str, before: Dict, after: Dict,
 
 # the search keeps the validation rise within 70% of the budget (the verdict reads the test windows): 80% let the test
 # windows rise 1-2.5 points past the validation windows the search stopped at; 60% left the 11M GPT-2 of the fixture
-# matrix (seed 0) at 14 of 16 secrets, 70% met all 16 there within +5% on unseen text (seed 1 at 70%: 15 of 16,
-# +5.0005%), and the small cells stayed within +3.2% (docs/forget.md, "The 11M model", "Issue 22's fixture matrix")
+# matrix (seed 0) at 14 of 16 secrets, 70% met all 16 there within +5% on unseen text (seeds 1 and 2: 15 of 16 at
+# +5.0005% and +4.85%), and the small cells stayed within +3.2% (docs/forget.md, "The 11M model", "Issue 22's fixture
+# matrix")
 STEER_MARGIN = 0.7
 MONITOR_REFRESH = 4  # the monitored candidates are re-scored every 4th check (and before the search may stop)
 ATTACK_CANDIDATES = 256  # candidates of the reported set that the attacks' exposure is measured on

@@ -1,4 +1,4 @@
-"""Where each strategy's S lies on issue 22's fixtures, and a causal check of why the flat reading fails on GPT-2.
+"""Where each strategy's S lies on issue 22's fixtures, and a causal check of why the flat reading failed on GPT-2 s0.
 
 For a fixture of :mod:`bench.forget_matrix` (``--models``, seed ``--seed``; trained here or loaded from ``--cache``,
 its fingerprint checked against the stored matrix's), per strategy: the selection ``forget`` makes at 5% (its own
@@ -16,9 +16,10 @@ every coordinate in an unused token's row put below all others, and scored by th
 (500 candidates, greedy and sampled extraction, unseen text, the 50-step relearning attack).
 
     python -m bench.selection_anatomy --models gpt2,llama --out bench/results/selection_anatomy \
-        --cache CACHE [--drop-unused gpt2]
+        --cache CACHE [--drop-unused gpt2] [--seed 1]
 
-Writes ``OUT/anatomy.json``, one entry per fixture, and with ``--drop-unused`` ``OUT/<model>_flat_drop_unused.json``.
+Writes ``OUT/anatomy.json``, one entry per fixture, and with ``--drop-unused``
+``OUT/<model>_s<seed>_flat_drop_unused.json``.
 """
 
 import argparse
@@ -57,7 +58,6 @@ def fixture(name, seed, cache):
     used = torch.zeros(len(fx.tok), dtype=torch.bool)
     used[ids.unique()] = True
     return fx, stored, used
-
 
 
 def secrets_gradient_sq(fx):

@@ -19,7 +19,9 @@ every coordinate in an unused token's row put below all others, and scored by th
         --cache CACHE [--drop-unused gpt2] [--seed 1]
 
 Writes ``OUT/anatomy.json``, one entry per fixture, and with ``--drop-unused``
-``OUT/<model>_s<seed>_flat_drop_unused.json``.
+``OUT/<model>_s<seed>_flat_drop_unused.json``. ``--exact-unused gpt2``: the exact diag H on the unused tokens' rows of
+the tied matrix, from the definition without the package (:func:`exact_unused_diag`), to
+``OUT/<model>_s<seed>_exact_unused_diag.json``.
 """
 
 import argparse
@@ -176,6 +178,27 @@ def drop_unused(name, seed, cache):
             "cost_vs_retrain": wall / base["retrain_s"]}
 
 
+def exact_unused_diag(name, seed, cache):
+    """Written from the definition, not with the package: the exact diag of the training loss's Hessian on the rows
+    of the tied token matrix whose tokens the text never has (tokenised whole here, not by the matrix's lines). For
+    such a token v, z_v = w_v·h with h independent of w_v, so d²L/dw_vj² = mean_t p_vt (1 − p_vt) h_tj² (h after the
+    final norm; the first 64 windows of 128 tokens). Beside it the same sum on the used rows: their output role only,
+    a lower bound of their diagonal."""
+    fx, _, _ = fixture(name, seed, cache)
+    ids = torch.tensor(fx.tok(fx.text)["input_ids"])
+    used = torch.zeros(len(fx.tok), dtype=torch.bool)
+    used[ids.unique()] = True
+    w = ids[: (len(ids) // 128) * 128].view(-1, 128)[:64]
+    with torch.no_grad():
+        out = fx.theta(w, output_hidden_states=True)
+        h = out.hidden_states[-1].double().reshape(-1, out.hidden_states[-1].shape[-1])
+        p = out.logits.double().softmax(-1).reshape(-1, len(fx.tok))
+    diag = (p * (1 - p)).T @ (h ** 2) / h.shape[0]
+    return {"unused_tokens": int((~used).sum()), "unused_rows_mean": float(diag[~used].mean()),
+            "unused_rows_max": float(diag[~used].max()), "used_rows_output_part_mean": float(diag[used].mean()),
+            "used_rows_output_part_median": float(diag[used].median())}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default="gpt2,llama")
@@ -184,11 +207,14 @@ def main(argv=None):
     ap.add_argument("--cache", required=True, help="where the fixtures' trained weights are (or go)")
     ap.add_argument("--drop-unused", default="", help="fixtures (comma list) to run the flat reading on without "
                                                       "the unused tokens' rows")
+    ap.add_argument("--exact-unused", default="", help="fixtures (comma list, tied heads) to compute the exact diag H "
+                                                      "on the unused tokens' rows for, from the definition")
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     names = [m for m in a.models.split(",") if m]
-    bad = [m for m in names + [m for m in a.drop_unused.split(",") if m] if m not in TRAIN_STEPS]
+    exact = [m for m in a.exact_unused.split(",") if m]
+    bad = [m for m in names + exact + [m for m in a.drop_unused.split(",") if m] if m not in TRAIN_STEPS]
     if bad:  # before anything is trained or written
         raise SystemExit(f"unknown fixture(s) {bad}; known: {sorted(TRAIN_STEPS)}")
     os.makedirs(a.out, exist_ok=True)
@@ -202,6 +228,11 @@ def main(argv=None):
         r = drop_unused(name, a.seed, a.cache)
         print(json.dumps(r), flush=True)
         with open(os.path.join(a.out, f"{name}_s{a.seed}_flat_drop_unused.json"), "w") as f:
+            json.dump(r, f, indent=1)
+    for name in exact:
+        r = exact_unused_diag(name, a.seed, a.cache)
+        print(name, json.dumps(r), flush=True)
+        with open(os.path.join(a.out, f"{name}_s{a.seed}_exact_unused_diag.json"), "w") as f:
             json.dump(r, f, indent=1)
 
 
